@@ -1,0 +1,68 @@
+//! The URL schemes parasol answers, each turning a request path into one [`ProxyRequest`].
+//!
+//! Every scheme verifies its signature before decoding anything else, and all schemes reduce a
+//! source to the same canonical URL, so one file reached through two schemes is one cache entry.
+
+pub mod native;
+
+use url::Url;
+
+use crate::cache::Key;
+use crate::error::ProxyError;
+
+/// Longest source URL accepted; longer ones are refused before parsing.
+pub const MAX_SOURCE_LEN: usize = 4096;
+
+/// A verified request for one source, in one rendition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyRequest {
+    /// The canonical source URL (parsed by the `url` crate, fragment removed).
+    pub source: Url,
+    /// A configured variant name, or `None` for the original.
+    pub variant: Option<String>,
+}
+
+impl ProxyRequest {
+    pub fn key(&self) -> Key {
+        Key::new(self.source.as_str(), self.variant.as_deref())
+    }
+}
+
+/// Parses and canonicalises a source URL: http(s) only, a host, no credentials, no fragment.
+pub fn parse_source(text: &str) -> Result<Url, ProxyError> {
+    if text.len() > MAX_SOURCE_LEN {
+        return Err(ProxyError::BadUrl("source URL too long"));
+    }
+    let mut url = Url::parse(text).map_err(|_| ProxyError::BadUrl("source is not a URL"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ProxyError::BadUrl(
+            "only http and https sources are proxied",
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(ProxyError::BadUrl("source URL has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ProxyError::BadUrl(
+            "source URLs with credentials are refused",
+        ));
+    }
+    url.set_fragment(None);
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_sources() {
+        let u = parse_source("HTTPS://Media.Example.TEST:443/a/../cat.jpg#frag").unwrap();
+        assert_eq!(u.as_str(), "https://media.example.test/cat.jpg");
+        assert!(parse_source("ftp://x.test/a").is_err());
+        assert!(parse_source("file:///etc/passwd").is_err());
+        assert!(parse_source("https://user:pw@x.test/a").is_err());
+        assert!(parse_source("javascript:alert(1)").is_err());
+        assert!(parse_source(&format!("https://x.test/{}", "a".repeat(5000))).is_err());
+    }
+}

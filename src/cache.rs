@@ -1,0 +1,90 @@
+//! The two storage tiers and what they hold.
+//!
+//! A cached object is an [`Entry`]: content hash, length, sniffed type and the response headers,
+//! built once at fill time so a hit only copies them. Small entries carry their body in memory;
+//! large ones name a blob on disk. Entries are found by [`Key`] (the canonical source URL plus
+//! variant) through the memory tier, then the on-disk [`index`], whose records point at
+//! content-addressed blobs in the [`disk`] store: two URLs with the same bytes share one blob.
+
+pub mod disk;
+pub mod index;
+pub mod memory;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, header};
+
+/// Names one cached rendition: blake3 of the canonical source URL and the variant name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(pub [u8; 32]);
+
+impl Key {
+    pub fn new(canonical_url: &str, variant: Option<&str>) -> Self {
+        let mut h = blake3::Hasher::new();
+        h.update(canonical_url.as_bytes());
+        // A NUL cannot occur in a serialised URL, so the pair is encoded unambiguously.
+        h.update(b"\0");
+        h.update(variant.unwrap_or("").as_bytes());
+        Key(*h.finalize().as_bytes())
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+/// One cached object, ready to serve.
+#[derive(Debug)]
+pub struct Entry {
+    /// blake3 of exactly the bytes served; also the blob's name and the ETag.
+    pub hash: blake3::Hash,
+    pub len: u64,
+    /// Type sniffed from the bytes, never the origin's claim.
+    pub content_type: HeaderValue,
+    /// Every header of a 200 response except Content-Length (which depends on the range).
+    pub headers: HeaderMap,
+    /// The body, when small enough for the memory tier; `None` means read the blob from disk.
+    pub body: Option<Bytes>,
+}
+
+/// Cache-Control of every successful response: the bytes behind a URL never change, because a
+/// different body gets a different content hash and the URL names the source, not the bytes.
+pub const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+
+/// Even a hostile file sent with a wrong type cannot run script on the instance's domain.
+pub const CSP: &str = "default-src 'none'; sandbox";
+
+impl Entry {
+    pub fn new(hash: blake3::Hash, len: u64, content_type: &str, body: Option<Bytes>) -> Self {
+        let content_type = HeaderValue::from_str(content_type)
+            .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
+        let mut headers = HeaderMap::with_capacity(8);
+        headers.insert(header::CONTENT_TYPE, content_type.clone());
+        let etag = format!("\"{}\"", hash.to_hex());
+        headers.insert(
+            header::ETAG,
+            HeaderValue::from_str(&etag).expect("hex is a valid header"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE));
+        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CSP),
+        );
+        headers.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        Self {
+            hash,
+            len,
+            content_type,
+            headers,
+            body,
+        }
+    }
+
+    /// The quoted ETag value, as sent.
+    pub fn etag(&self) -> &HeaderValue {
+        &self.headers[header::ETAG]
+    }
+}

@@ -1,0 +1,415 @@
+//! Configuration: a TOML file, then `PARASOL__SECTION__KEY` environment overrides, then
+//! validation, giving one [`Config`] the rest of the crate trusts.
+//!
+//! Every key is optional and every default works on a fresh machine. Unknown keys are an error
+//! (a typo such as `disk_byte` must not silently fall back to a default), and every error names
+//! the key it is about, as `cache.disk_bytes`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use url::Url;
+
+/// The file read when `--config` is not given, relative to the working directory.
+pub const DEFAULT_CONFIG_PATH: &str = "config/parasol.toml";
+
+/// Prefix of environment overrides: `PARASOL__CACHE__DISK_BYTES=20GiB` sets `cache.disk_bytes`.
+const ENV_PREFIX: &str = "PARASOL__";
+
+/// The whole configuration, one struct per TOML section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub signing: SigningConfig,
+    pub cache: CacheConfig,
+    pub fetch: FetchConfig,
+    pub policy: PolicyConfig,
+    pub media: MediaConfig,
+    pub audit: AuditConfig,
+}
+
+/// `[server]`: where parasol listens and how it names itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Viewer-facing listener. Loopback by default: a TLS-terminating nginx sits in front.
+    pub listen: SocketAddr,
+    /// Health, readiness and metrics, plus the bearer-protected `/admin/*` API. Kept on its own
+    /// port so that it is never exposed by accident together with the media routes.
+    pub admin_listen: SocketAddr,
+    /// The URL prefix viewers reach parasol at; `parasol sign` builds URLs under it.
+    pub public_base_url: Url,
+    /// Bearer token for `/admin/*` writes; empty means admin writes are refused.
+    #[serde(serialize_with = "redact_str")]
+    pub admin_token: String,
+    /// Longest time a viewer may take to send its request headers (slowloris guard).
+    pub header_timeout: Dur,
+    /// How long SIGTERM waits for in-flight responses before closing them.
+    pub shutdown_grace: Dur,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            public_base_url: Url::parse("http://127.0.0.1:8080/").expect("static URL parses"),
+            admin_token: String::new(),
+            header_timeout: Dur(Duration::from_secs(10)),
+            shutdown_grace: Dur(Duration::from_secs(20)),
+        }
+    }
+}
+
+/// `[signing]`: HMAC keys for native `/m/` URLs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SigningConfig {
+    /// The first key signs, every key verifies, so a key can be rotated without breaking URLs
+    /// already handed out. Empty: a key is generated once and kept in `<cache.dir>/signing.key`.
+    #[serde(serialize_with = "redact_list")]
+    pub keys: Vec<String>,
+}
+
+/// `[cache]`: the memory and disk tiers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Holds the blob store, the index, the generated signing key and (by default) the audit log.
+    pub dir: PathBuf,
+    /// Budget of the in-memory tier, weighed in body bytes.
+    pub memory_bytes: Size,
+    /// Objects larger than this are served from disk and never enter memory, so one video cannot
+    /// push out thousands of avatars.
+    pub memory_max_object_bytes: Size,
+    /// Budget of the disk tier.
+    pub disk_bytes: Size,
+    /// Larger origin bodies are refused with 413 (checked on Content-Length and while streaming).
+    pub max_object_bytes: Size,
+    /// Entries nobody asked for in this long may be dropped.
+    pub retention: Dur,
+    /// How long a failed fetch is remembered, so a dead origin is not hammered by every viewer.
+    pub negative_ttl: Dur,
+    /// fsync each blob before it is renamed into place. Off trades crash safety for fill speed.
+    pub fsync: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("cache"),
+            memory_bytes: Size(256 << 20),
+            memory_max_object_bytes: Size(8 << 20),
+            disk_bytes: Size(10 << 30),
+            max_object_bytes: Size(100 << 20),
+            retention: Dur(Duration::from_secs(30 * 86_400)),
+            negative_ttl: Dur(Duration::from_secs(30)),
+            fsync: true,
+        }
+    }
+}
+
+/// `[fetch]`: how parasol talks to origins.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FetchConfig {
+    /// The one User-Agent every origin sees; never the viewer's.
+    pub user_agent: String,
+    pub connect_timeout: Dur,
+    /// Total deadline of one origin fetch, headers and body: the only guard against an origin
+    /// that drips a byte at a time.
+    pub timeout: Dur,
+    pub max_redirects: u32,
+    /// CIDRs exempt from the private-address block (exact networks, e.g. `127.0.0.2/32`).
+    pub allow_networks: Vec<IpNet>,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            user_agent: concat!("parasol/", env!("CARGO_PKG_VERSION"), " (media proxy)").into(),
+            connect_timeout: Dur(Duration::from_secs(5)),
+            timeout: Dur(Duration::from_secs(30)),
+            max_redirects: 5,
+            allow_networks: Vec::new(),
+        }
+    }
+}
+
+/// `[policy]`: which origin domains may be fetched at all.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Suffix match on label boundaries: `threads.net` blocks `www.threads.net`.
+    pub blocked_domains: Vec<String>,
+    /// When non-empty, only these domains (and their subdomains) are fetched.
+    pub allowed_domains: Vec<String>,
+}
+
+/// `[media]`: what may be served.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaConfig {
+    /// MIME patterns (`image/*` or exact) of sniffed types that may be served. SVG, HTML and
+    /// script types are refused whatever this says.
+    pub allowed_types: Vec<String>,
+    /// Largest image (width × height) that will ever be decoded.
+    pub max_pixels: u64,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            allowed_types: vec!["image/*".into(), "video/*".into(), "audio/*".into()],
+            max_pixels: 40_000_000,
+        }
+    }
+}
+
+/// `[audit]`: the outbound request log.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// JSON lines file; default `<cache.dir>/outbound.jsonl`.
+    pub path: Option<PathBuf>,
+}
+
+/// A configuration problem, always naming the key or file it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+impl Config {
+    /// Loads `path`, or `config/parasol.toml` when present, or the built-in defaults; then
+    /// applies `PARASOL__*` overrides from the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (name, text) = match path {
+            Some(p) => (p.display().to_string(), read(p)?),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => (
+                DEFAULT_CONFIG_PATH.to_string(),
+                read(Path::new(DEFAULT_CONFIG_PATH))?,
+            ),
+            None => ("(built-in defaults)".to_string(), String::new()),
+        };
+        Self::from_sources(&name, &text, std::env::vars())
+    }
+
+    /// Parses TOML `text` (named `name` in errors), overlays `env` pairs whose names start with
+    /// `PARASOL__`, and validates. Tests call this directly with their own environment.
+    pub fn from_sources(
+        name: &str,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: name.to_string(),
+                    message: e.to_string(),
+                })?;
+        for (var, value) in env {
+            if let Some(rest) = var.strip_prefix(ENV_PREFIX) {
+                overlay(&mut table, &var, rest, &value)?;
+            }
+        }
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                ConfigError::Key {
+                    key: e.path().to_string(),
+                    message: e.into_inner().to_string(),
+                }
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field and value checks the types alone cannot express.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| {
+            Err(ConfigError::Key {
+                key: key.into(),
+                message,
+            })
+        };
+        for (i, key) in self.signing.keys.iter().enumerate() {
+            if key.len() < 32 {
+                return bad(
+                    &format!("signing.keys[{i}]"),
+                    "a key needs at least 32 bytes".into(),
+                );
+            }
+        }
+        if !matches!(self.server.public_base_url.scheme(), "http" | "https") {
+            return bad(
+                "server.public_base_url",
+                "must be an http or https URL".into(),
+            );
+        }
+        if self.cache.memory_bytes.0 == 0 || self.cache.max_object_bytes.0 == 0 {
+            return bad(
+                "cache",
+                "memory_bytes and max_object_bytes must be above zero".into(),
+            );
+        }
+        if self.fetch.user_agent.is_empty()
+            || http::HeaderValue::from_str(&self.fetch.user_agent).is_err()
+        {
+            return bad(
+                "fetch.user_agent",
+                "must be a non-empty header value".into(),
+            );
+        }
+        for (key, list) in [
+            ("policy.blocked_domains", &self.policy.blocked_domains),
+            ("policy.allowed_domains", &self.policy.allowed_domains),
+        ] {
+            if let Some(d) = list
+                .iter()
+                .find(|d| crate::policy::normalize_domain(d).is_none())
+            {
+                return bad(key, format!("{d:?} is not a domain name"));
+            }
+        }
+        for pattern in &self.media.allowed_types {
+            if !pattern.contains('/') {
+                return bad(
+                    "media.allowed_types",
+                    format!("{pattern:?} is not a MIME pattern"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the outbound audit log is written.
+    pub fn audit_path(&self) -> PathBuf {
+        self.audit
+            .path
+            .clone()
+            .unwrap_or_else(|| self.cache.dir.join("outbound.jsonl"))
+    }
+
+    /// The effective configuration as TOML, with every secret replaced by `<redacted>`.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Sets `section.key` in `table` from one environment variable. The value is read as a TOML
+/// value when it is one (`true`, `5`, `["127.0.0.2/32"]`) and as a string otherwise (`20GiB`).
+fn overlay(table: &mut toml::Table, var: &str, rest: &str, value: &str) -> Result<(), ConfigError> {
+    let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+    let [section, key] = path.as_slice() else {
+        return Err(ConfigError::Key {
+            key: var.into(),
+            message: "environment overrides take the form PARASOL__SECTION__KEY".into(),
+        });
+    };
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let section_table = table
+        .entry(section.clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    match section_table {
+        toml::Value::Table(t) => {
+            t.insert(key.clone(), parsed);
+            Ok(())
+        }
+        _ => Err(ConfigError::Key {
+            key: section.clone(),
+            message: "is not a section".into(),
+        }),
+    }
+}
+
+/// A byte count: an integer, or a string such as `256MiB`, `20 GiB`, `1.5GB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Size(pub u64);
+
+/// A duration: a string such as `500ms`, `30s`, `5m`, `2h`, `30d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumOrText {
+    Num(u64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match NumOrText::deserialize(d)? {
+            NumOrText::Num(n) => Ok(Size(n)),
+            NumOrText::Text(s) => s
+                .trim()
+                .parse::<bytesize::ByteSize>()
+                .map(|b| Size(b.as_u64()))
+                .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a size ({e})"))),
+        }
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let units = [(1u64 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+        match units.iter().find(|(n, _)| self.0 >= *n && self.0 % n == 0) {
+            Some((n, unit)) => write!(f, "{}{unit}", self.0 / n),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim())
+            .map(Dur)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration ({e})")))
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+fn redact_str<S: Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if v.is_empty() { "" } else { "<redacted>" })
+}
+
+fn redact_list<S: Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
+    let redacted: Vec<&str> = v.iter().map(|_| "<redacted>").collect();
+    redacted.serialize(s)
+}

@@ -1,0 +1,156 @@
+//! The one error type at the proxy's boundary: every failure maps to a status, a stable code
+//! (for logs, metrics and operators' alerts) and the party that caused it.
+//!
+//! Messages shown to viewers are fixed strings: they never contain the origin URL, a resolved
+//! address or an internal path, because an error page is served on the instance's own domain.
+
+use http::StatusCode;
+
+/// Who caused a failure; decides the log level and whether it is worth remembering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The request was malformed, unsigned or not allowed.
+    Viewer,
+    /// The origin failed, lied or sent something we refuse to serve.
+    Origin,
+    /// parasol itself failed (disk, overload, a bug).
+    Us,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Viewer => "viewer",
+            Cause::Origin => "origin",
+            Cause::Us => "us",
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    #[error("malformed proxy URL: {0}")]
+    BadUrl(&'static str),
+    #[error("bad signature")]
+    BadSignature,
+    #[error("unknown variant")]
+    UnknownVariant,
+    #[error("no such route")]
+    NoRoute,
+    #[error("request target too long")]
+    UriTooLong,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("destination refused: {0}")]
+    BlockedDestination(&'static str),
+    #[error("domain blocked by policy")]
+    BlockedDomain,
+    #[error("origin answered not found")]
+    NotFound,
+    #[error("object larger than the configured limit")]
+    TooLarge,
+    #[error("content type not allowed")]
+    UnsupportedType,
+    #[error("origin answered status {0}")]
+    OriginStatus(u16),
+    #[error("origin response invalid: {0}")]
+    OriginInvalid(&'static str),
+    #[error("origin unreachable")]
+    OriginUnreachable,
+    #[error("origin timed out")]
+    OriginTimeout,
+    #[error("overloaded")]
+    Overloaded,
+    #[error("internal error: {0}")]
+    Internal(std::sync::Arc<str>),
+}
+
+impl ProxyError {
+    /// Wraps a local failure (disk, index). The detail goes to the log, never to the viewer.
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        ProxyError::Internal(e.to_string().into())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        use ProxyError::*;
+        match self {
+            BadUrl(_) => StatusCode::BAD_REQUEST,
+            BadSignature | BlockedDestination(_) | BlockedDomain => StatusCode::FORBIDDEN,
+            UnknownVariant | NoRoute | NotFound => StatusCode::NOT_FOUND,
+            UriTooLong => StatusCode::URI_TOO_LONG,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            OriginStatus(_) | OriginInvalid(_) | OriginUnreachable => StatusCode::BAD_GATEWAY,
+            OriginTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A stable, machine-readable code: safe to alert on, never reworded.
+    pub fn code(&self) -> &'static str {
+        use ProxyError::*;
+        match self {
+            BadUrl(_) => "bad_url",
+            BadSignature => "bad_signature",
+            UnknownVariant => "unknown_variant",
+            NoRoute => "no_route",
+            UriTooLong => "uri_too_long",
+            MethodNotAllowed => "method_not_allowed",
+            BlockedDestination(_) => "blocked_destination",
+            BlockedDomain => "blocked_domain",
+            NotFound => "origin_not_found",
+            TooLarge => "too_large",
+            UnsupportedType => "unsupported_type",
+            OriginStatus(_) => "origin_status",
+            OriginInvalid(_) => "origin_invalid",
+            OriginUnreachable => "origin_unreachable",
+            OriginTimeout => "origin_timeout",
+            Overloaded => "overloaded",
+            Internal(_) => "internal",
+        }
+    }
+
+    pub fn cause(&self) -> Cause {
+        use ProxyError::*;
+        match self {
+            BadUrl(_) | BadSignature | UnknownVariant | NoRoute | UriTooLong => Cause::Viewer,
+            MethodNotAllowed => Cause::Viewer,
+            BlockedDestination(_) | BlockedDomain => Cause::Viewer,
+            NotFound | TooLarge | UnsupportedType | OriginStatus(_) | OriginInvalid(_) => {
+                Cause::Origin
+            }
+            OriginUnreachable | OriginTimeout => Cause::Origin,
+            Overloaded | Internal(_) => Cause::Us,
+        }
+    }
+
+    /// The text a viewer sees: fixed per kind, free of URLs, addresses and internal detail.
+    pub fn public_message(&self) -> &'static str {
+        use ProxyError::*;
+        match self {
+            BadUrl(why) => why,
+            BadSignature => "bad signature",
+            UnknownVariant => "unknown variant",
+            NoRoute => "not found",
+            UriTooLong => "request target too long",
+            MethodNotAllowed => "only GET and HEAD are allowed",
+            BlockedDestination(_) => "destination not allowed",
+            BlockedDomain => "domain blocked by this server's policy",
+            NotFound => "not found at origin",
+            TooLarge => "object too large",
+            UnsupportedType => "content type not allowed",
+            OriginStatus(_) | OriginInvalid(_) | OriginUnreachable => "origin failed",
+            OriginTimeout => "origin timed out",
+            Overloaded => "overloaded, try again later",
+            Internal(_) => "internal error",
+        }
+    }
+
+    /// Whether this failure is remembered in the negative cache: only what the origin did, so
+    /// a dead origin is not asked again by every viewer, while our own faults are retried.
+    pub fn is_negative_cacheable(&self) -> bool {
+        self.cause() == Cause::Origin
+    }
+}

@@ -1,0 +1,246 @@
+//! Talking to origins: one reqwest client that sends a fixed, minimal set of headers, checks
+//! every destination before connecting, follows redirects itself (so each hop is checked and
+//! audited), and maps failures onto [`ProxyError`].
+
+pub mod guard;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderMap, HeaderValue, header};
+use url::{Host, Url};
+
+use crate::audit::{AuditLog, Record, Trigger};
+use crate::config::FetchConfig;
+use crate::error::ProxyError;
+use crate::policy::Policy;
+use guard::{Guard, GuardedResolver, Lookup, Refused, is_local_name};
+
+/// What parasol asks origins for. Explicit `identity` encoding: bytes stay opaque and are
+/// stored exactly as the origin sent them, and no compression bomb is ever inflated.
+const ACCEPT: &str = "image/avif,image/webp,image/*,video/*,audio/*;q=0.9,*/*;q=0.5";
+
+/// The origin-facing client.
+pub struct Fetcher {
+    client: reqwest::Client,
+    guard: Arc<Guard>,
+    policy: Policy,
+    max_redirects: u32,
+    /// The complete outbound header set, built once; nothing from a viewer is ever added.
+    headers: HeaderMap,
+    audit: AuditLog,
+}
+
+/// An origin response whose status was 200 and whose body is still to be read; carries the
+/// audit record to complete once the body is done.
+pub struct Origin {
+    pub response: reqwest::Response,
+    pub pending: PendingRecord,
+}
+
+impl Fetcher {
+    pub fn new(
+        config: &FetchConfig,
+        policy: Policy,
+        lookup: Arc<dyn Lookup>,
+        audit: AuditLog,
+    ) -> Result<Self, ProxyError> {
+        let guard = Arc::new(Guard::new(config.allow_networks.clone()));
+        let resolver = GuardedResolver {
+            guard: guard.clone(),
+            lookup,
+        };
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .referer(false)
+            .dns_resolver(Arc::new(resolver))
+            .connect_timeout(config.connect_timeout.0)
+            .timeout(config.timeout.0)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(ProxyError::internal)?;
+        let mut headers = HeaderMap::new();
+        let user_agent = HeaderValue::from_str(&config.user_agent).map_err(ProxyError::internal)?;
+        headers.insert(header::USER_AGENT, user_agent);
+        headers.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT));
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        Ok(Self {
+            client,
+            guard,
+            policy,
+            max_redirects: config.max_redirects,
+            headers,
+            audit,
+        })
+    }
+
+    /// Checks that `url` may be fetched at all: scheme, credentials, IP literals, local names
+    /// and the domain policy. Runs before any DNS lookup or connection, for every hop.
+    pub fn check_destination(&self, url: &Url) -> Result<(), ProxyError> {
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ProxyError::BadUrl(
+                "only http and https sources are proxied",
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(ProxyError::BadUrl(
+                "source URLs with credentials are refused",
+            ));
+        }
+        match url.host() {
+            Some(Host::Ipv4(ip)) => self.guard.check(ip.into()).map_err(refused)?,
+            Some(Host::Ipv6(ip)) => self.guard.check(ip.into()).map_err(refused)?,
+            Some(Host::Domain(d)) if is_local_name(d) => {
+                return Err(ProxyError::BlockedDestination("localhost name"));
+            }
+            Some(Host::Domain(_)) => {}
+            None => return Err(ProxyError::BadUrl("source URL has no host")),
+        }
+        self.policy.check(url.host_str().unwrap_or_default())
+    }
+
+    /// GETs `url`, following up to `fetch.max_redirects` redirects, each re-checked. Returns
+    /// once a 200 arrives; every hop that ends otherwise is logged here.
+    pub async fn get(&self, url: &Url, trigger: Trigger) -> Result<Origin, ProxyError> {
+        let mut url = url.clone();
+        for hop in 0..=self.max_redirects {
+            self.check_destination(&url)?;
+            let request = self
+                .client
+                .get(url.clone())
+                .headers(self.headers.clone())
+                .build()
+                .map_err(|_| ProxyError::BadUrl("source URL cannot be requested"))?;
+            let mut pending = PendingRecord {
+                record: self.draft(&url, &request, trigger),
+                started: Instant::now(),
+            };
+            let response = match self.client.execute(request).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let err = map_reqwest(&e);
+                    pending.finish(&self.audit, None, 0, err.code()).await;
+                    return Err(err);
+                }
+            };
+            let status = response.status();
+            pending.record.addr = response.remote_addr().map(|a| a.to_string());
+            let origin = Origin { response, pending };
+            if status.is_redirection() && hop < self.max_redirects {
+                let next = origin
+                    .response
+                    .headers()
+                    .get(header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|loc| url.join(loc).ok());
+                origin.finish(&self.audit, 0, "redirect").await;
+                url = next.ok_or(ProxyError::OriginInvalid(
+                    "redirect without a usable Location",
+                ))?;
+                continue;
+            }
+            let err = match status.as_u16() {
+                200 => return Ok(origin),
+                404 | 410 => ProxyError::NotFound,
+                206 => ProxyError::OriginInvalid("partial content to a full request"),
+                _ if status.is_redirection() => ProxyError::OriginInvalid("too many redirects"),
+                s => ProxyError::OriginStatus(s),
+            };
+            origin.finish(&self.audit, 0, err.code()).await;
+            return Err(err);
+        }
+        Err(ProxyError::OriginInvalid("too many redirects"))
+    }
+
+    /// The audit record of one request, before it is sent.
+    fn draft(&self, url: &Url, request: &reqwest::Request, trigger: Trigger) -> Record {
+        let host = url.host_str().unwrap_or_default().to_string();
+        let mut headers: std::collections::BTreeMap<String, String> = request
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into(),
+                )
+            })
+            .collect();
+        // hyper adds Host itself; record it as it goes on the wire.
+        let host_header = match url.port() {
+            Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
+            None => host.clone(),
+        };
+        headers.insert("host".into(), host_header);
+        Record {
+            ts: Record::now(),
+            trigger,
+            method: request.method().to_string(),
+            url: url.to_string(),
+            host,
+            addr: None,
+            headers,
+            status: None,
+            bytes: 0,
+            ms: 0,
+            outcome: String::new(),
+        }
+    }
+}
+
+impl Origin {
+    /// Completes and writes this request's audit line once its body has been read (or not).
+    pub async fn finish(self, audit: &AuditLog, bytes: u64, outcome: &str) {
+        let status = self.response.status().as_u16();
+        self.pending
+            .finish(audit, Some(status), bytes, outcome)
+            .await;
+    }
+}
+
+/// The audit record of a response whose body is being read.
+pub struct PendingRecord {
+    record: Record,
+    started: Instant,
+}
+
+impl PendingRecord {
+    pub async fn finish(
+        mut self,
+        audit: &AuditLog,
+        status: Option<u16>,
+        bytes: u64,
+        outcome: &str,
+    ) {
+        self.record.status = status;
+        self.record.bytes = bytes;
+        self.record.ms = self.started.elapsed().as_millis() as u64;
+        self.record.outcome = outcome.to_string();
+        audit.record(self.record).await;
+    }
+}
+
+fn refused(r: Refused) -> ProxyError {
+    tracing::debug!(addr = %r.addr, reason = r.reason, "destination refused");
+    ProxyError::BlockedDestination(r.reason)
+}
+
+/// Maps a reqwest failure; a [`Refused`] raised by the resolver anywhere in the error chain
+/// becomes a 403, not a 502.
+pub fn map_reqwest(e: &reqwest::Error) -> ProxyError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<Refused>() {
+            return ProxyError::BlockedDestination(r.reason);
+        }
+        source = s.source();
+    }
+    if e.is_timeout() {
+        ProxyError::OriginTimeout
+    } else {
+        ProxyError::OriginUnreachable
+    }
+}

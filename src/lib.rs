@@ -1,0 +1,234 @@
+//! parasol: a caching media proxy for Fediverse instances.
+//!
+//! An instance rewrites remote media URLs to signed parasol URLs. parasol fetches each remote
+//! file once, stores it content-addressed (blake3) in memory and on disk, and serves it to the
+//! instance's viewers. The origin sees parasol's address and a fixed User-Agent at the time
+//! parasol chose to fetch; never a viewer's address, browser, cookies, language or time.
+//!
+//! # Layout
+//! - [`config`]: TOML + `PARASOL__*` environment → validated [`Config`].
+//! - [`error`]: the one boundary error, with status, stable code and who caused it.
+//! - [`signing`]: HMAC-SHA256 of native URLs, key rotation, the generated default key.
+//! - [`api`]: one module per URL scheme, each producing an [`api::ProxyRequest`].
+//! - [`policy`]: blocked and allowed origin domains.
+//! - [`fetch`]: the origin client; [`fetch::guard`] decides which addresses may be dialed.
+//! - [`cache`]: [`cache::Key`] and [`cache::Entry`]; memory tier, disk blobs, redb index.
+//! - [`media`]: content sniffing and the type allowlist.
+//! - [`proxy`]: the request lifecycle: lookup, coalesced fill, store.
+//! - [`response`]: 200/206/304/416 and error responses from an entry.
+//! - [`server`]: accept loops, graceful shutdown, viewer routing; [`admin`]: probes, metrics.
+//! - [`audit`]: the outbound request log. [`telemetry`]: logging and metric names.
+//!
+//! # Request lifecycle
+//! Hit: route → verify signature → key = blake3(canonical source URL, variant) → memory →
+//! response, whose headers were built once when the entry was filled.
+//!
+//! Miss: one leader task per key, spawned so that a viewer who disconnects cancels nothing:
+//! disk index → (absent) guarded fetch → stream to a temp file while hashing, sniffing and
+//! counting → validate → rename into place → index → publish to every waiting viewer.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod api;
+pub mod audit;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod fetch;
+pub mod media;
+pub mod policy;
+pub mod proxy;
+pub mod response;
+pub mod server;
+pub mod signing;
+pub mod telemetry;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::Config;
+use fetch::guard::{Lookup, SystemLookup};
+
+/// Why parasol could not start. Printed by `main` and exits non-zero.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cache directory {path}: {source}")]
+    CacheDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("signing key: {0}")]
+    Key(std::io::Error),
+    #[error("{0}")]
+    Index(#[from] cache::index::IndexError),
+    #[error("audit log {path}: {source}")]
+    Audit {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Setup(error::ProxyError),
+}
+
+/// Hooks for embedding and tests; the defaults are what the binary uses.
+#[derive(Clone)]
+pub struct Options {
+    /// Name resolution for origins. Tests map `*.test` names to loopback origins here.
+    pub lookup: Arc<dyn Lookup>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            lookup: Arc::new(SystemLookup),
+        }
+    }
+}
+
+/// The signing keys in effect: the configured ones, or the key generated once and kept in the
+/// cache directory (with a warning, since a key in the cache dir is lost with the cache).
+pub fn signing_keys(config: &Config) -> Result<Vec<String>, StartError> {
+    if !config.signing.keys.is_empty() {
+        return Ok(config.signing.keys.clone());
+    }
+    let (key, created) =
+        signing::load_or_generate_key(&config.cache.dir).map_err(StartError::Key)?;
+    let path = signing::generated_key_path(&config.cache.dir);
+    tracing::warn!(
+        path = %path.display(),
+        created,
+        "no signing.keys configured: using a generated key kept in the cache directory; \
+         set signing.keys to keep URLs valid if the cache is lost"
+    );
+    Ok(vec![key])
+}
+
+/// A proxy with its listeners bound and its stores open, ready to [`serve`](Bound::serve).
+pub struct Bound {
+    public: TcpListener,
+    admin: TcpListener,
+    proxy: Arc<proxy::Proxy>,
+    signer: signing::Signer,
+    audit_task: tokio::task::JoinHandle<()>,
+}
+
+impl Bound {
+    /// Opens the cache, index and audit log and binds both listeners.
+    pub async fn bind(config: Config, options: Options) -> Result<Bound, StartError> {
+        let dir = &config.cache.dir;
+        let cache_err = |source| StartError::CacheDir {
+            path: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(cache_err)?;
+        let signer = signing::Signer::new(signing_keys(&config)?);
+        let disk = cache::disk::BlobStore::open(dir, config.cache.fsync).map_err(cache_err)?;
+        let index = cache::index::Index::open(&dir.join("index.redb"))?;
+        let audit_path = config.audit_path();
+        let (audit, audit_task) = audit::AuditLog::start(&audit_path)
+            .await
+            .map_err(|source| StartError::Audit {
+                path: audit_path.display().to_string(),
+                source,
+            })?;
+        let policy = policy::Policy::new(&config.policy);
+        let fetcher = fetch::Fetcher::new(&config.fetch, policy, options.lookup, audit.clone())
+            .map_err(StartError::Setup)?;
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })
+        };
+        let public = bind(config.server.listen).await?;
+        let admin = bind(config.server.admin_listen).await?;
+        let proxy = Arc::new(proxy::Proxy::new(config, fetcher, audit, disk, index));
+        Ok(Bound {
+            public,
+            admin,
+            proxy,
+            signer,
+            audit_task,
+        })
+    }
+
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, drains in-flight requests for
+    /// up to `server.shutdown_grace`, and flushes the audit log.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let Bound {
+            public,
+            admin,
+            proxy,
+            signer,
+            audit_task,
+        } = self;
+        let server = &proxy.config.server;
+        let (header_timeout, grace) = (server.header_timeout.0, server.shutdown_grace.0);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let public_state = Arc::new(server::Public {
+            proxy: proxy.clone(),
+            signer,
+        });
+        let admin_state = Arc::new(admin::Admin {
+            proxy: proxy.clone(),
+            ready: AtomicBool::new(true),
+        });
+        let public_loop = tokio::spawn(server::serve(
+            public,
+            move |req| server::handle_public(public_state.clone(), req),
+            stop_rx.clone(),
+            header_timeout,
+            grace,
+        ));
+        let admin_for_loop = admin_state.clone();
+        let admin_loop = tokio::spawn(server::serve(
+            admin,
+            move |req| admin::handle(admin_for_loop.clone(), req),
+            stop_rx,
+            header_timeout,
+            grace,
+        ));
+        tracing::info!("parasol is serving");
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, draining in-flight requests");
+        admin_state.ready.store(false, Ordering::Release);
+        let _ = stop_tx.send(true);
+        let _ = public_loop.await;
+        let _ = admin_loop.await;
+        drop(admin_state);
+        drop(proxy);
+        // Fills still running hold the last audit handles; give them the grace period too.
+        let _ = tokio::time::timeout(grace, audit_task).await;
+        tracing::info!("stopped");
+    }
+}
+
+/// Runs the proxy with `config` until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let bound = Bound::bind(config, Options::default()).await?;
+    tracing::info!(public = %bound.public_addr(), admin = %bound.admin_addr(), "listening");
+    bound.serve(shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,343 @@
+//! The request lifecycle behind every URL scheme: memory, then negative cache, then one
+//! coalesced fill per key that checks the disk index and otherwise fetches from the origin.
+//!
+//! A fill runs on its own task, so a viewer who disconnects cancels nothing for the others;
+//! every viewer asking for the same key meanwhile waits on that one fill.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+
+use crate::api::ProxyRequest;
+use crate::audit::{AuditLog, Trigger};
+use crate::cache::disk::BlobStore;
+use crate::cache::index::{Index, Record};
+use crate::cache::memory::MemoryTier;
+use crate::cache::{Entry, Key};
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::fetch::Fetcher;
+use crate::media::{SNIFF_LEN, TypePolicy};
+use crate::telemetry::{CacheStatus, Metrics, OutcomeLabels};
+
+type FillResult = Result<(Arc<Entry>, CacheStatus), ProxyError>;
+
+/// Shared state of a running proxy.
+pub struct Proxy {
+    pub config: Config,
+    pub fetcher: Fetcher,
+    pub audit: AuditLog,
+    pub memory: MemoryTier,
+    /// Recent origin failures by key, so a dead origin is asked once per `cache.negative_ttl`
+    /// rather than once per viewer.
+    negative: moka::future::Cache<Key, ProxyError>,
+    pub disk: BlobStore,
+    pub index: Index,
+    types: TypePolicy,
+    /// Fills in progress. A std mutex: it is held only to look up or insert, never across await.
+    inflight: Mutex<HashMap<Key, watch::Receiver<Option<FillResult>>>>,
+    pub metrics: Metrics,
+}
+
+impl Proxy {
+    pub fn new(
+        config: Config,
+        fetcher: Fetcher,
+        audit: AuditLog,
+        disk: BlobStore,
+        index: Index,
+    ) -> Self {
+        let negative = moka::future::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(
+                config
+                    .cache
+                    .negative_ttl
+                    .0
+                    .max(std::time::Duration::from_millis(1)),
+            )
+            .build();
+        Self {
+            memory: MemoryTier::new(config.cache.memory_bytes.0),
+            types: TypePolicy::new(&config.media.allowed_types),
+            negative,
+            fetcher,
+            audit,
+            disk,
+            index,
+            inflight: Mutex::new(HashMap::new()),
+            metrics: Metrics::new(),
+            config,
+        }
+    }
+
+    /// Finds or fills the entry for `req`. Viewer-facing: errors come back with the cache
+    /// status that produced them, for the log line and metrics.
+    pub async fn get(
+        self: &Arc<Self>,
+        req: &ProxyRequest,
+        trigger: Trigger,
+    ) -> Result<(Arc<Entry>, CacheStatus), (ProxyError, CacheStatus)> {
+        let key = req.key();
+        if let Some(entry) = self.memory.get(&key).await {
+            return Ok((entry, CacheStatus::HitMemory));
+        }
+        if let Some(err) = self.negative.get(&key).await {
+            return Err((err, CacheStatus::Negative));
+        }
+        // Refuse what may never be fetched before waiting on anything.
+        self.fetcher
+            .check_destination(&req.source)
+            .map_err(|e| (e, CacheStatus::Bypass))?;
+        let (mut rx, leader) = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            match inflight.get(&key) {
+                Some(rx) => (rx.clone(), false),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(key, rx.clone());
+                    let this = self.clone();
+                    let req = req.clone();
+                    tokio::spawn(async move {
+                        let result = this.fill(key, &req, trigger).await;
+                        if let Err(e) = &result {
+                            if e.is_negative_cacheable() {
+                                this.negative.insert(key, e.clone()).await;
+                            }
+                        }
+                        // Publish before leaving the map, so a newcomer finds either the entry
+                        // in a tier or this fill, never neither.
+                        let _ = tx.send(Some(result));
+                        this.inflight
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&key);
+                    });
+                    (rx, true)
+                }
+            }
+        };
+        let outcome = match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().expect("waited for Some"),
+            Err(_) => Err(ProxyError::internal("fill task ended without a result")),
+        };
+        match outcome {
+            Ok((entry, status)) if leader => Ok((entry, status)),
+            Ok((entry, _)) => Ok((entry, CacheStatus::Coalesced)),
+            Err(e) => Err((
+                e,
+                if leader {
+                    CacheStatus::Miss
+                } else {
+                    CacheStatus::Coalesced
+                },
+            )),
+        }
+    }
+
+    /// The leader's work: the disk index first, then the origin.
+    async fn fill(&self, key: Key, req: &ProxyRequest, trigger: Trigger) -> FillResult {
+        if let Some(entry) = self.load_from_disk(key).await? {
+            self.memory.insert(key, entry.clone()).await;
+            return Ok((entry, CacheStatus::HitDisk));
+        }
+        let deadline = self.config.fetch.timeout.0;
+        let entry =
+            match tokio::time::timeout(deadline, self.fetch_and_store(key, req, trigger)).await {
+                Ok(result) => result?,
+                Err(_) => {
+                    self.metrics
+                        .origin
+                        .get_or_create(&OutcomeLabels {
+                            outcome: "origin_timeout",
+                        })
+                        .inc();
+                    return Err(ProxyError::OriginTimeout);
+                }
+            };
+        self.memory.insert(key, entry.clone()).await;
+        Ok((entry, CacheStatus::Miss))
+    }
+
+    /// Looks `key` up in the index and checks its blob. A record whose blob is missing or the
+    /// wrong size is dropped, and a small blob whose bytes no longer hash to its name is
+    /// deleted: both then count as a miss and are refetched, never served.
+    async fn load_from_disk(&self, key: Key) -> Result<Option<Arc<Entry>>, ProxyError> {
+        let Some(record) = self.index.get(key).await.map_err(ProxyError::internal)? else {
+            return Ok(None);
+        };
+        let Some(hash) = record.blake3() else {
+            self.index.remove(key).await.map_err(ProxyError::internal)?;
+            return Ok(None);
+        };
+        if self.disk.len(&hash).await != Some(record.len) {
+            self.index.remove(key).await.map_err(ProxyError::internal)?;
+            return Ok(None);
+        }
+        let body = if record.len <= self.config.cache.memory_max_object_bytes.0 {
+            let bytes = tokio::fs::read(self.disk.path(&hash))
+                .await
+                .map_err(ProxyError::internal)?;
+            if blake3::hash(&bytes) != hash {
+                tracing::warn!(blob = %hash.to_hex(), "blob does not match its hash; dropped");
+                self.disk.remove(&hash).await;
+                self.index.remove(key).await.map_err(ProxyError::internal)?;
+                return Ok(None);
+            }
+            Some(Bytes::from(bytes))
+        } else {
+            None
+        };
+        Ok(Some(Arc::new(Entry::new(
+            hash,
+            record.len,
+            &record.content_type,
+            body,
+        ))))
+    }
+
+    /// Fetches `req.source`, streams it into a temp blob while hashing, sniffing and counting,
+    /// then commits blob and index record. Anything refused leaves no file behind.
+    async fn fetch_and_store(
+        &self,
+        key: Key,
+        req: &ProxyRequest,
+        trigger: Trigger,
+    ) -> Result<Arc<Entry>, ProxyError> {
+        let started = Instant::now();
+        let origin = self
+            .fetcher
+            .get(&req.source, trigger)
+            .await
+            .inspect_err(|e| {
+                self.metrics
+                    .origin
+                    .get_or_create(&OutcomeLabels { outcome: e.code() })
+                    .inc();
+            })?;
+        let status = origin.response.status().as_u16();
+        let mut response = origin.response;
+        let mut received = 0u64;
+        let result = self
+            .store_body(key, req, &mut response, &mut received)
+            .await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.code(),
+        };
+        origin
+            .pending
+            .finish(&self.audit, Some(status), received, outcome)
+            .await;
+        self.metrics
+            .origin
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        self.metrics
+            .origin_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.bytes_fetched.inc_by(received);
+        result
+    }
+
+    async fn store_body(
+        &self,
+        key: Key,
+        req: &ProxyRequest,
+        response: &mut reqwest::Response,
+        received: &mut u64,
+    ) -> Result<Arc<Entry>, ProxyError> {
+        let max = self.config.cache.max_object_bytes.0;
+        let mem_max = self.config.cache.memory_max_object_bytes.0;
+        let declared = response.content_length();
+        if declared.is_some_and(|n| n > max) {
+            return Err(ProxyError::TooLarge);
+        }
+        let mut temp = self
+            .disk
+            .create_temp()
+            .await
+            .map_err(ProxyError::internal)?;
+        let mut hasher = blake3::Hasher::new();
+        let mut head = Vec::with_capacity(SNIFF_LEN);
+        let mut content_type = None;
+        // Small bodies are kept in memory as they stream, so the memory tier needs no re-read.
+        let mut in_memory = declared.is_none_or(|n| n <= mem_max).then(BytesMut::new);
+        while let Some(chunk) = response.chunk().await.map_err(body_error)? {
+            *received += chunk.len() as u64;
+            if *received > max {
+                return Err(ProxyError::TooLarge);
+            }
+            if content_type.is_none() {
+                let take = (SNIFF_LEN - head.len()).min(chunk.len());
+                head.extend_from_slice(&chunk[..take]);
+                if head.len() == SNIFF_LEN {
+                    content_type = Some(self.types.sniff(&head)?);
+                }
+            }
+            hasher.update(&chunk);
+            temp.file
+                .write_all(&chunk)
+                .await
+                .map_err(ProxyError::internal)?;
+            if let Some(buf) = &mut in_memory {
+                if (buf.len() + chunk.len()) as u64 > mem_max {
+                    in_memory = None;
+                } else {
+                    buf.extend_from_slice(&chunk);
+                }
+            }
+        }
+        if *received == 0 {
+            return Err(ProxyError::OriginInvalid("empty body"));
+        }
+        if declared.is_some_and(|n| n != *received) {
+            return Err(ProxyError::OriginInvalid(
+                "body shorter than Content-Length",
+            ));
+        }
+        let content_type = match content_type {
+            Some(t) => t,
+            None => self.types.sniff(&head)?,
+        };
+        let hash = hasher.finalize();
+        self.disk
+            .commit(temp, &hash)
+            .await
+            .map_err(ProxyError::internal)?;
+        let record = Record {
+            hash: hash.to_hex().to_string(),
+            len: *received,
+            content_type: content_type.to_string(),
+            url: req.source.to_string(),
+            stored_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        self.index
+            .put(key, &record)
+            .await
+            .map_err(ProxyError::internal)?;
+        let body = in_memory.map(BytesMut::freeze);
+        Ok(Arc::new(Entry::new(hash, *received, content_type, body)))
+    }
+
+    /// Drops an entry whose blob vanished under a served hit, so the next request refills it.
+    pub async fn forget(&self, key: Key) {
+        self.memory.remove(&key).await;
+        let _ = self.index.remove(key).await;
+    }
+}
+
+/// A body that ends early (reset, bad chunking) is invalid; one that stalls is a timeout.
+fn body_error(e: reqwest::Error) -> ProxyError {
+    if e.is_timeout() {
+        ProxyError::OriginTimeout
+    } else {
+        ProxyError::OriginInvalid("body cut short")
+    }
+}

@@ -1,0 +1,190 @@
+//! Turning a cached [`Entry`] (or an error) into an HTTP response: 200, 304 for a matching
+//! `If-None-Match`, 206/416 for a single `Range`, all answered from the cache. A viewer's
+//! conditional and range headers are read here and never forwarded anywhere.
+
+use std::io::SeekFrom;
+use std::ops::RangeInclusive;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::cache::Entry;
+use crate::cache::disk::BlobStore;
+use crate::error::ProxyError;
+
+/// Response body type of both listeners.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// Read size when streaming a blob from disk: large reads, few blocking-pool round trips.
+const DISK_CHUNK: usize = 256 * 1024;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// A short `text/plain`, never-cached error page.
+pub fn error(e: &ProxyError) -> Response<Body> {
+    let mut response = Response::new(full(format!("{}\n", e.public_message())));
+    *response.status_mut() = e.status();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(crate::cache::CSP),
+    );
+    h.insert("x-parasol-error", HeaderValue::from_static(e.code()));
+    if matches!(e, ProxyError::MethodNotAllowed) {
+        h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    }
+    response
+}
+
+/// Serves `entry` to a request with `method` and `headers`. Returns the response and the
+/// number of body bytes it will send.
+pub async fn serve(
+    entry: &Entry,
+    disk: &BlobStore,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<(Response<Body>, u64), ProxyError> {
+    if not_modified(entry, headers) {
+        let mut response = Response::new(empty());
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        let h = response.headers_mut();
+        for name in [
+            header::ETAG,
+            header::CACHE_CONTROL,
+            header::CONTENT_SECURITY_POLICY,
+        ] {
+            if let Some(v) = entry.headers.get(&name) {
+                h.insert(name, v.clone());
+            }
+        }
+        return Ok((response, 0));
+    }
+    let (status, range) = match wanted_range(entry, headers) {
+        Ok(None) => (StatusCode::OK, 0..=entry.len - 1),
+        Ok(Some(r)) => (StatusCode::PARTIAL_CONTENT, r),
+        Err(()) => return Ok((unsatisfiable(entry), 0)),
+    };
+    let len = range.end() - range.start() + 1;
+    let body = if method == Method::HEAD {
+        empty()
+    } else {
+        body(entry, disk, &range).await?
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.clone_from(&entry.headers);
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if status == StatusCode::PARTIAL_CONTENT {
+        let value = format!("bytes {}-{}/{}", range.start(), range.end(), entry.len);
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&value).expect("digits"),
+        );
+    }
+    let sent = if method == Method::HEAD { 0 } else { len };
+    Ok((response, sent))
+}
+
+async fn body(
+    entry: &Entry,
+    disk: &BlobStore,
+    range: &RangeInclusive<u64>,
+) -> Result<Body, ProxyError> {
+    let (start, end) = (*range.start(), *range.end());
+    if let Some(bytes) = &entry.body {
+        return Ok(full(bytes.slice(start as usize..=end as usize)));
+    }
+    let mut file = tokio::fs::File::open(disk.path(&entry.hash))
+        .await
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                ProxyError::internal("blob vanished")
+            } else {
+                ProxyError::internal(e)
+            }
+        })?;
+    if start > 0 {
+        file.seek(SeekFrom::Start(start))
+            .await
+            .map_err(ProxyError::internal)?;
+    }
+    let stream =
+        tokio_util::io::ReaderStream::with_capacity(file.take(end - start + 1), DISK_CHUNK);
+    Ok(StreamBody::new(stream.map_ok(hyper::body::Frame::data)).boxed_unsync())
+}
+
+/// `If-None-Match` naming this entry's ETag (weak comparison, as RFC 9110 asks for GET), or `*`.
+fn not_modified(entry: &Entry, headers: &HeaderMap) -> bool {
+    let etag = entry.etag().as_bytes();
+    headers.get_all(header::IF_NONE_MATCH).iter().any(|value| {
+        value.as_bytes().split(|b| *b == b',').any(|tag| {
+            let tag = tag.trim_ascii();
+            let tag = tag.strip_prefix(b"W/").unwrap_or(tag);
+            tag == b"*" || tag == etag
+        })
+    })
+}
+
+/// The single range to serve: `Ok(None)` for the whole body (no Range, an unparsable one,
+/// several ranges, or an `If-Range` that does not match), `Err` when unsatisfiable.
+fn wanted_range(entry: &Entry, headers: &HeaderMap) -> Result<Option<RangeInclusive<u64>>, ()> {
+    let Some(value) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    if let Some(if_range) = headers.get(header::IF_RANGE) {
+        if if_range != entry.etag() {
+            return Ok(None);
+        }
+    }
+    let Ok(parsed) = http_range_header::parse_range_header(value) else {
+        return Ok(None);
+    };
+    match parsed.validate(entry.len) {
+        Ok(ranges) if ranges.len() == 1 => Ok(ranges.into_iter().next()),
+        Ok(_) => Ok(None),
+        Err(_) => Err(()),
+    }
+}
+
+fn unsatisfiable(entry: &Entry) -> Response<Body> {
+    let mut response = error_like(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n");
+    let value = format!("bytes */{}", entry.len);
+    response.headers_mut().insert(
+        header::CONTENT_RANGE,
+        HeaderValue::from_str(&value).expect("digits"),
+    );
+    response
+}
+
+fn error_like(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut response = Response::new(full(text));
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

@@ -1,0 +1,175 @@
+//! Accept loops, graceful shutdown, and routing of viewer requests to the URL schemes.
+//!
+//! Each connection is served by hyper's HTTP/1.1 server with a header-read deadline (a
+//! slowloris guard) and `TCP_NODELAY` (small responses must not wait on Nagle). On shutdown the
+//! listeners close first, then in-flight connections get `server.shutdown_grace` to finish.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{self, ProxyRequest};
+use crate::audit::Trigger;
+use crate::error::ProxyError;
+use crate::proxy::Proxy;
+use crate::response::{self, Body};
+use crate::signing::Signer;
+use crate::telemetry::{CacheStatus, RequestLabels};
+
+/// Request targets longer than this are refused with 414 before routing.
+pub const MAX_URI_LEN: usize = 8192;
+
+/// State the viewer-facing routes need.
+pub struct Public {
+    pub proxy: Arc<Proxy>,
+    pub signer: Signer,
+}
+
+/// Runs an accept loop on `listener` until `shutdown` turns true, then drains.
+pub async fn serve<S, F>(
+    listener: TcpListener,
+    handler: S,
+    mut shutdown: watch::Receiver<bool>,
+    header_timeout: Duration,
+    grace: Duration,
+) where
+    S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _peer)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and similar: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let handler = handler.clone();
+                let service = service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = stopped(&mut shutdown) => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => tracing::warn!("shutdown grace period over; closing connections"),
+    }
+}
+
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Handles one viewer request.
+pub async fn handle_public(public: Arc<Public>, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let (route, result) = route(&public, &req).await;
+    let proxy = &public.proxy;
+    let (response, cache, sent) = match result {
+        Ok((response, cache, sent)) => (response, cache, sent),
+        Err((e, cache)) => {
+            log_error(&e, route, cache);
+            (response::error(&e), cache, 0)
+        }
+    };
+    proxy.metrics.cache_result(cache);
+    proxy.metrics.bytes_served.inc_by(sent);
+    let status = response.status().as_u16();
+    proxy
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels { route, status })
+        .inc();
+    tracing::debug!(
+        route,
+        status,
+        cache = cache.as_str(),
+        ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
+    response
+}
+
+type Routed = Result<(Response<Body>, CacheStatus, u64), (ProxyError, CacheStatus)>;
+
+async fn route(public: &Public, req: &Request<Incoming>) -> (&'static str, Routed) {
+    let bypass = |e| Err((e, CacheStatus::Bypass));
+    let path = req.uri().path();
+    if req.uri().to_string().len() > MAX_URI_LEN {
+        return ("none", bypass(ProxyError::UriTooLong));
+    }
+    let (route, parsed) = if path.starts_with(api::native::PREFIX) {
+        ("native", api::native::parse(path, &public.signer))
+    } else {
+        return ("none", bypass(ProxyError::NoRoute));
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return (route, bypass(ProxyError::MethodNotAllowed));
+    }
+    let request = match parsed {
+        Ok(r) => r,
+        Err(e) => return (route, bypass(e)),
+    };
+    (route, serve_request(public, &request, req).await)
+}
+
+async fn serve_request(public: &Public, request: &ProxyRequest, req: &Request<Incoming>) -> Routed {
+    if request.variant.is_some() {
+        // Variants come with the media variants work; until then none is configured.
+        return Err((ProxyError::UnknownVariant, CacheStatus::Bypass));
+    }
+    let proxy = &public.proxy;
+    let (entry, cache) = proxy.get(request, Trigger::View).await?;
+    match response::serve(&entry, &proxy.disk, req.method(), req.headers()).await {
+        Ok((response, sent)) => Ok((response, cache, sent)),
+        Err(e) => {
+            // The blob went away under us (deleted by hand, or evicted): forget the entry so
+            // the next request refills it.
+            proxy.forget(request.key()).await;
+            Err((e, cache))
+        }
+    }
+}
+
+fn log_error(e: &ProxyError, route: &str, cache: CacheStatus) {
+    match e.cause() {
+        crate::error::Cause::Us => {
+            tracing::error!(route, code = e.code(), cache = cache.as_str(), detail = %e, "request failed")
+        }
+        cause => tracing::debug!(
+            route,
+            code = e.code(),
+            cause = cause.as_str(),
+            cache = cache.as_str(),
+            "request refused"
+        ),
+    }
+}

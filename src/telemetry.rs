@@ -1,0 +1,178 @@
+//! Logging setup and the Prometheus metrics served on the admin port.
+//!
+//! Every cache decision is a label here and a `cache` field in the request's log line, so an
+//! operator can see why a request went to the origin. Logs and metrics never carry a viewer's
+//! address or a source URL at info level.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// How a request was answered with respect to the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    HitMemory,
+    HitDisk,
+    /// This request's fill fetched from the origin.
+    Miss,
+    /// Waited on another request's fill.
+    Coalesced,
+    /// Answered from the negative cache: the origin failed moments ago.
+    Negative,
+    /// Never looked up (refused before the cache: bad URL, signature, policy).
+    Bypass,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::HitMemory => "hit_memory",
+            CacheStatus::HitDisk => "hit_disk",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Coalesced => "coalesced",
+            CacheStatus::Negative => "negative",
+            CacheStatus::Bypass => "bypass",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    pub tier: &'static str,
+}
+
+/// All metrics, registered once at start.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub cache: Family<CacheLabels, Counter>,
+    pub origin: Family<OutcomeLabels, Counter>,
+    pub origin_seconds: Histogram,
+    pub bytes_served: Counter,
+    pub bytes_fetched: Counter,
+    pub cache_bytes: Family<TierLabels, Gauge>,
+    pub cache_entries: Family<TierLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("parasol");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Viewer requests by route and response status",
+            requests.clone(),
+        );
+        let cache = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "cache_results",
+            "Cache decisions: hit_memory, hit_disk, miss, coalesced, negative, bypass",
+            cache.clone(),
+        );
+        let origin = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "origin_fetches",
+            "Origin fetches by outcome (ok or error code)",
+            origin.clone(),
+        );
+        let buckets = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+        let origin_seconds = Histogram::new(buckets);
+        registry.register(
+            "origin_fetch_seconds",
+            "Time from sending an origin request to the last body byte",
+            origin_seconds.clone(),
+        );
+        let bytes_served = Counter::default();
+        registry.register(
+            "served_bytes",
+            "Body bytes sent to viewers",
+            bytes_served.clone(),
+        );
+        let bytes_fetched = Counter::default();
+        registry.register(
+            "fetched_bytes",
+            "Body bytes received from origins",
+            bytes_fetched.clone(),
+        );
+        let cache_bytes = Family::<TierLabels, Gauge>::default();
+        registry.register(
+            "cache_bytes",
+            "Bytes held per cache tier",
+            cache_bytes.clone(),
+        );
+        let cache_entries = Family::<TierLabels, Gauge>::default();
+        registry.register(
+            "cache_entries",
+            "Entries held per cache tier",
+            cache_entries.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            cache,
+            origin,
+            origin_seconds,
+            bytes_served,
+            bytes_fetched,
+            cache_bytes,
+            cache_entries,
+        }
+    }
+
+    pub fn cache_result(&self, status: CacheStatus) {
+        self.cache
+            .get_or_create(&CacheLabels {
+                result: status.as_str(),
+            })
+            .inc();
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Installs the global tracing subscriber: human-readable by default, JSON lines when
+/// `PARASOL_LOG_FORMAT=json`; filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if std::env::var("PARASOL_LOG_FORMAT").is_ok_and(|v| v == "json") {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
