@@ -1,0 +1,236 @@
+//! The `parasol` binary as an operator runs it: defaults, `sign`, `check-config`, SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::util::*;
+
+fn parasol(cwd: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_parasol"));
+    cmd.current_dir(cwd).env_remove("RUST_LOG");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PARASOL__") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+#[test]
+fn sign_uses_one_generated_key_kept_in_the_cache_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = || {
+        parasol(dir.path())
+            .args(["sign", "https://remote.test/media/cat.jpg"])
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let url = String::from_utf8(first.stdout.clone()).unwrap();
+    assert!(url.starts_with("http://127.0.0.1:8080/m/"), "{url}");
+    assert!(
+        String::from_utf8_lossy(&first.stderr).contains("generated key"),
+        "a warning says so"
+    );
+    assert!(dir.path().join("cache/signing.key").exists());
+    assert_eq!(
+        run().stdout,
+        first.stdout,
+        "the key is generated once and kept"
+    );
+    let bad = parasol(dir.path())
+        .args(["sign", "ftp://remote.test/x"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
+
+#[test]
+fn check_config_redacts_secrets_and_names_bad_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("p.toml");
+    std::fs::write(
+        &cfg,
+        "[signing]\nkeys = [\"super-secret-signing-key-0123456789\"]\n[server]\nadmin_token = \"tok-secret\"\n",
+    )
+    .unwrap();
+    let out = parasol(dir.path())
+        .args(["check-config", "--config", cfg.to_str().unwrap()])
+        .env("PARASOL__CACHE__DISK_BYTES", "20GiB")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success());
+    assert!(
+        !text.contains("super-secret") && !text.contains("tok-secret"),
+        "{text}"
+    );
+    assert!(text.contains("<redacted>"));
+    assert!(
+        text.contains("disk_bytes = \"20GiB\""),
+        "env override applied: {text}"
+    );
+
+    std::fs::write(&cfg, "[cache]\ndisk_byte = \"1GiB\"\n").unwrap();
+    let out = parasol(dir.path())
+        .args(["check-config", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("disk_byte"),
+        "names the bad key"
+    );
+
+    let out = parasol(dir.path())
+        .args(["check-config"])
+        .env("PARASOL__FETCH__TIMEOUT", "soon")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fetch.timeout"));
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/parasol.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let out = parasol(dir.path())
+        .args(["check-config", "--config", example.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A child parasol that is killed if the test fails before stopping it.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Running {
+    fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    async fn wait(mut self) -> std::process::ExitStatus {
+        let mut child = std::mem::replace(&mut self.0, Command::new("true").spawn().unwrap());
+        tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap()
+    }
+}
+
+/// Starts the binary with JSON logs and returns it with its two listening addresses.
+fn spawn_serving(cwd: &Path, envs: &[(&str, &str)]) -> (Running, SocketAddr, SocketAddr) {
+    let mut child = parasol(cwd)
+        .arg("serve")
+        .env("RUST_LOG", "parasol=debug")
+        .env("PARASOL_LOG_FORMAT", "json")
+        .env("PARASOL__SERVER__LISTEN", "127.0.0.1:0")
+        .env("PARASOL__SERVER__ADMIN_LISTEN", "127.0.0.1:0")
+        .envs(envs.iter().copied())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let child = Running(child);
+    let mut lines = BufReader::new(stderr).lines();
+    let addrs = loop {
+        let line = lines.next().expect("parasol logs before exiting").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["fields"]["message"] == "listening" {
+            let public = v["fields"]["public"].as_str().unwrap().parse().unwrap();
+            let admin = v["fields"]["admin"].as_str().unwrap().parse().unwrap();
+            break (public, admin);
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe; echo it for failures.
+    std::thread::spawn(move || lines.for_each(|l| eprintln!("child: {}", l.unwrap_or_default())));
+    (child, addrs.0, addrs.1)
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let origin = Origin::start("127.0.0.4").await;
+    let img = png_bytes(50_000, 30);
+    origin.route(
+        "/slow.png",
+        Route::ok(img.clone()).delay(Duration::from_millis(700)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let envs = [
+        ("PARASOL__FETCH__ALLOW_NETWORKS", "[\"127.0.0.4/32\"]"),
+        ("PARASOL__SIGNING__KEYS", &format!("[\"{KEY}\"]")),
+    ];
+    let (child, public, admin) = spawn_serving(dir.path(), &envs);
+    assert_eq!(get(&format!("http://{admin}/healthz")).await.status(), 200);
+    assert_eq!(get(&format!("http://{admin}/readyz")).await.status(), 200);
+    let metrics = get(&format!("http://{admin}/metrics"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("# HELP parasol_served_bytes"), "{metrics}");
+
+    let base = url::Url::parse(&format!("http://{public}/")).unwrap();
+    let signer = parasol::signing::Signer::new([KEY]);
+    let url = parasol::api::native::sign_url(&base, &signer, &origin.url("/slow.png"), None);
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    assert!(
+        eventually(|| origin.hits("/slow.png") == 1).await,
+        "the fill has started"
+    );
+    child.sigterm();
+    let r = in_flight.await.unwrap();
+    assert_eq!(r.status(), 200, "the in-flight request completes");
+    assert_eq!(body(r).await, img);
+    let status = child.wait().await;
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        client()
+            .get(format!("http://{public}/"))
+            .send()
+            .await
+            .is_err(),
+        "no longer listening"
+    );
+}
+
+#[tokio::test]
+async fn defaults_start_on_a_fresh_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, _public, admin) = spawn_serving(dir.path(), &[]);
+    assert_eq!(
+        get(&format!("http://{admin}/healthz"))
+            .await
+            .text()
+            .await
+            .unwrap(),
+        "ok\n"
+    );
+    assert!(dir.path().join("cache/signing.key").exists());
+    assert!(dir.path().join("cache/index.redb").exists());
+    child.sigterm();
+    assert!(child.wait().await.success());
+}

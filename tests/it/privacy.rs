@@ -1,0 +1,198 @@
+//! Nothing of the viewer reaches the origin, and only allowed destinations are dialed.
+
+use std::time::Duration;
+
+use parasol::fetch::guard::StaticLookup;
+
+use crate::util::*;
+
+/// Headers a browser or an intermediate proxy may send, each identifying the viewer.
+const VIEWER_HEADERS: [(&str, &str); 20] = [
+    ("x-forwarded-for", "203.0.113.77"),
+    ("x-real-ip", "203.0.113.77"),
+    ("forwarded", "for=203.0.113.77;proto=https"),
+    ("cookie", "session=viewer-session-cookie"),
+    ("authorization", "Bearer viewer-token"),
+    ("referer", "https://instance.test/@alice/123"),
+    ("accept-language", "de-CH,de;q=0.9"),
+    (
+        "user-agent",
+        "Mozilla/5.0 (ViewerBrowser) Gecko/20100101 Firefox/999.0",
+    ),
+    ("dnt", "1"),
+    ("sec-ch-ua", "\"ViewerBrand\";v=\"1\""),
+    ("sec-ch-ua-platform", "\"ViewerOS\""),
+    ("sec-ch-ua-mobile", "?0"),
+    ("sec-fetch-site", "same-origin"),
+    ("sec-gpc", "1"),
+    ("origin", "https://instance.test"),
+    ("x-client-ip", "203.0.113.77"),
+    ("cf-connecting-ip", "203.0.113.77"),
+    ("true-client-ip", "203.0.113.77"),
+    ("via", "1.1 viewer-proxy"),
+    ("x-request-id", "viewer-request-42"),
+];
+
+/// DESIGN.md §1.5: what may reach an origin.
+const OUTBOUND_ALLOWLIST: [&str; 5] = [
+    "host",
+    "user-agent",
+    "accept",
+    "accept-encoding",
+    "connection",
+];
+
+#[tokio::test]
+async fn origin_sees_none_of_the_viewers_headers() {
+    let origin = Origin::start("127.0.0.2").await;
+    let img = png_bytes(4_000, 20);
+    origin.route("/p.png", Route::ok(img.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.2/32"])).await;
+    let mut request = client().get(p.url(&origin.url("/p.png")));
+    for (k, v) in VIEWER_HEADERS {
+        request = request.header(k, v);
+    }
+    let r = request.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(body(r).await, img);
+
+    let seen = origin.seen();
+    assert_eq!(seen.len(), 1);
+    let headers = &seen[0].headers;
+    for name in headers.keys() {
+        assert!(
+            OUTBOUND_ALLOWLIST.contains(&name.as_str()),
+            "origin received {name}"
+        );
+    }
+    assert!(
+        headers["user-agent"]
+            .to_str()
+            .unwrap()
+            .starts_with("parasol/")
+    );
+    assert_eq!(headers["accept-encoding"], "identity");
+    let all: String = headers.values().map(|v| v.to_str().unwrap_or("")).collect();
+    // Values long enough to be distinctive (not "1" or "?0", which occur anywhere).
+    let distinctive = || {
+        VIEWER_HEADERS
+            .iter()
+            .map(|(_, v)| *v)
+            .filter(|v| v.len() > 4)
+    };
+    for value in distinctive() {
+        assert!(
+            !all.contains(value),
+            "viewer value {value:?} reached the origin"
+        );
+    }
+
+    // The audit log names exactly what was sent, and nothing of the viewer.
+    let log_path = dir.path().join("outbound.jsonl");
+    assert!(
+        eventually(|| std::fs::read_to_string(&log_path).is_ok_and(|s| s.lines().count() == 1))
+            .await
+    );
+    let line = std::fs::read_to_string(&log_path).unwrap();
+    let record: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(record["trigger"], "view");
+    assert_eq!(record["status"], 200);
+    assert_eq!(record["bytes"], 4_000);
+    assert_eq!(record["addr"], origin.addr.to_string());
+    let logged: Vec<&String> = record["headers"].as_object().unwrap().keys().collect();
+    for name in &logged {
+        assert!(
+            OUTBOUND_ALLOWLIST.contains(&name.as_str()),
+            "audit lists {name}"
+        );
+    }
+    for value in distinctive() {
+        assert!(
+            !line.contains(value),
+            "viewer value {value:?} is in the audit log"
+        );
+    }
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn loopback_origin_not_in_allow_networks_is_never_dialed() {
+    let allowed = Origin::start("127.0.0.2").await;
+    let forbidden = Origin::start("127.0.0.3").await;
+    forbidden.route("/secret.png", Route::ok(png_bytes(1_000, 21)));
+    // An allowed origin redirecting to the forbidden one, absolute and scheme-relative.
+    let target = forbidden.url("/secret.png");
+    allowed.route("/hop.png", Route::status(302).header("location", &target));
+    let relative = target.trim_start_matches("http:");
+    allowed.route("/hop2.png", Route::status(301).header("location", relative));
+    let dir = tempfile::tempdir().unwrap();
+    let lookup = StaticLookup::default()
+        .with("forbidden.test", &[ip("127.0.0.3")])
+        .with("private.test", &[ip("10.0.0.7")])
+        .with("mixed.test", &[ip("127.0.0.2"), ip("169.254.169.254")]);
+    let p = Parasol::start_with(config(dir.path(), &["127.0.0.2/32"]), lookup).await;
+    let port = forbidden.addr.port();
+    for source in [
+        target.clone(),
+        format!("http://forbidden.test:{port}/secret.png"),
+        format!("http://localhost:{port}/secret.png"),
+        format!("http://a.localhost:{port}/secret.png"),
+        format!("http://2130706435:{port}/secret.png"), // 127.0.0.3 in decimal
+        format!("http://[::ffff:127.0.0.3]:{port}/secret.png"),
+        format!("http://private.test:{port}/secret.png"),
+        format!("http://mixed.test:{port}/secret.png"),
+        allowed.url("/hop.png"),
+        allowed.url("/hop2.png"),
+    ] {
+        let r = get(&p.url(&source)).await;
+        assert_eq!(r.status(), 403, "{source}");
+        assert_eq!(
+            r.text().await.unwrap(),
+            "destination not allowed\n",
+            "{source}"
+        );
+    }
+    assert_eq!(
+        forbidden.connections(),
+        0,
+        "the forbidden origin was never connected to"
+    );
+    assert_eq!(p.blob_count(), 0);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn redirects_within_allowed_origins_are_followed_and_bounded() {
+    let origin = Origin::start("127.0.0.2").await;
+    let img = png_bytes(3_000, 22);
+    origin.route("/final.png", Route::ok(img.clone()));
+    origin.route("/r1", Route::status(301).header("location", "/r2"));
+    origin.route("/r2", Route::status(307).header("location", "/final.png"));
+    origin.route("/loop", Route::status(302).header("location", "/loop"));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.2/32"])).await;
+    assert_eq!(body(get(&p.url(&origin.url("/r1"))).await).await, img);
+    assert_eq!(get(&p.url(&origin.url("/loop"))).await.status(), 502);
+    assert_eq!(
+        origin.hits("/loop"),
+        6,
+        "one request plus fetch.max_redirects (5) hops"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_origin_times_out_with_504() {
+    let origin = Origin::start("127.0.0.2").await;
+    origin.route(
+        "/stuck.png",
+        Route::ok(png_bytes(100, 23)).delay(Duration::from_secs(30)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.2/32"]);
+    cfg.fetch.timeout = parasol::config::Dur(Duration::from_millis(300));
+    let p = Parasol::start(cfg).await;
+    assert_eq!(get(&p.url(&origin.url("/stuck.png"))).await.status(), 504);
+    p.stop().await;
+}

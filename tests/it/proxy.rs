@@ -1,0 +1,391 @@
+//! The core proxy end to end: signed URL in, cached media out.
+
+use std::time::Duration;
+
+use crate::util::*;
+
+#[tokio::test]
+async fn first_request_fetches_once_then_memory_serves() {
+    let origin = Origin::start("127.0.0.2").await;
+    let img = png_bytes(20_000, 1);
+    origin.route(
+        "/cat.png",
+        Route::ok(img.clone()).header("content-type", "image/png"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.2/32"])).await;
+    let url = p.url(&origin.url("/cat.png"));
+    for _ in 0..5 {
+        let r = get(&url).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(body(r).await, img);
+    }
+    assert_eq!(
+        origin.hits("/cat.png"),
+        1,
+        "later requests never reach the origin"
+    );
+    let metrics = get(&p.admin_url("/metrics")).await.text().await.unwrap();
+    assert!(
+        metrics.contains("parasol_cache_results_total{result=\"hit_memory\"} 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("parasol_cache_results_total{result=\"miss\"} 1"),
+        "{metrics}"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn response_headers_etag_is_blake3_and_type_is_sniffed() {
+    let origin = Origin::start("127.0.0.2").await;
+    let img = png_bytes(5_000, 2);
+    // The origin lies about the type and tries to set a cookie and leak its own headers.
+    origin.route(
+        "/lie.png",
+        Route::ok(img.clone())
+            .header("content-type", "text/html")
+            .header("set-cookie", "tracker=1")
+            .header("x-origin-secret", "s3cret")
+            .header("access-control-allow-origin", "*"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.2/32"])).await;
+    let r = get(&p.url(&origin.url("/lie.png"))).await;
+    assert_eq!(r.status(), 200);
+    let h = r.headers().clone();
+    assert_eq!(h["content-type"], "image/png");
+    assert_eq!(h["etag"].to_str().unwrap(), etag_of(&img));
+    assert_eq!(h["cache-control"], "public, max-age=31536000, immutable");
+    assert_eq!(h["content-length"], "5000");
+    assert_eq!(h["accept-ranges"], "bytes");
+    assert_eq!(h["content-security-policy"], "default-src 'none'; sandbox");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    for leaked in [
+        "set-cookie",
+        "x-origin-secret",
+        "access-control-allow-origin",
+    ] {
+        assert!(!h.contains_key(leaked), "{leaked} must not pass through");
+    }
+    assert_eq!(body(r).await, img);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn not_modified_and_ranges_come_from_cache() {
+    let origin = Origin::start("127.0.0.2").await;
+    let img = png_bytes(100_000, 3);
+    origin.route("/v.png", Route::ok(img.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.2/32"])).await;
+    let url = p.url(&origin.url("/v.png"));
+    let etag = etag_of(&img);
+
+    let r = client()
+        .get(&url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        304,
+        "a cold conditional request is filled, then answered 304"
+    );
+    assert_eq!(r.headers()["etag"].to_str().unwrap(), etag);
+    let r = client()
+        .get(&url)
+        .header("if-none-match", format!("W/{etag}, \"x\""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    let r = client()
+        .get(&url)
+        .header("if-none-match", "\"other\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let r = client()
+        .get(&url)
+        .header("range", "bytes=10-19")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.headers()["content-range"], "bytes 10-19/100000");
+    assert_eq!(body(r).await, img.slice(10..20));
+    let r = client()
+        .get(&url)
+        .header("range", "bytes=-5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(body(r).await, img.slice(99_995..));
+    let r = client()
+        .get(&url)
+        .header("range", "bytes=200000-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(r.headers()["content-range"], "bytes */100000");
+    let r = client()
+        .get(&url)
+        .header("range", "bytes=0-1,5-6")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "several ranges: the whole body");
+    let r = client()
+        .get(&url)
+        .header("range", "bytes=0-9")
+        .header("if-range", "\"stale\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "If-Range mismatch: the whole body");
+    let r = client().head(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "100000");
+
+    assert_eq!(origin.hits("/v.png"), 1);
+    for seen in origin.seen() {
+        for h in ["range", "if-none-match", "if-range", "if-modified-since"] {
+            assert!(!seen.headers.contains_key(h), "{h} reached the origin");
+        }
+    }
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn fifty_concurrent_cold_viewers_cause_one_origin_request() {
+    let origin = Origin::start("127.0.0.2").await;
+    let img = png_bytes(64 * 1024, 4);
+    origin.route(
+        "/hot.png",
+        Route::ok(img.clone()).delay(Duration::from_millis(300)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.2/32"])).await;
+    let url = p.url(&origin.url("/hot.png"));
+    let viewers: Vec<_> = (0..50)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { body(get(&url).await).await })
+        })
+        .collect();
+    for v in viewers {
+        assert_eq!(v.await.unwrap(), img);
+    }
+    assert_eq!(origin.hits("/hot.png"), 1);
+    let metrics = get(&p.admin_url("/metrics")).await.text().await.unwrap();
+    assert!(metrics.contains("result=\"coalesced\""), "{metrics}");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_viewer_who_disconnects_mid_fill_cancels_nothing() {
+    let origin = Origin::start("127.0.0.2").await;
+    let img = png_bytes(30_000, 5);
+    origin.route(
+        "/slow.png",
+        Route::ok(img.clone()).delay(Duration::from_millis(400)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.2/32"])).await;
+    let url = p.url(&origin.url("/slow.png"));
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    assert!(
+        impatient.get(&url).send().await.is_err(),
+        "the impatient viewer gives up"
+    );
+    // A second viewer arrives while the fill is still running, and gets the bytes.
+    let r = get(&url).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(body(r).await, img);
+    assert_eq!(
+        origin.hits("/slow.png"),
+        1,
+        "the abandoned fill was not restarted"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn restart_serves_from_disk_without_the_origin() {
+    let origin = Origin::start("127.0.0.2").await;
+    let small = png_bytes(2_000, 6);
+    let large = png_bytes(300_000, 7);
+    origin.route("/small.png", Route::ok(small.clone()));
+    origin.route("/large.png", Route::ok(large.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.2/32"]);
+    // Objects above 64 KiB stay on disk: the large one is streamed from its blob file.
+    cfg.cache.memory_max_object_bytes = parasol::config::Size(64 * 1024);
+    let p = Parasol::start(cfg.clone()).await;
+    let (small_url, large_url) = (origin.url("/small.png"), origin.url("/large.png"));
+    assert_eq!(body(get(&p.url(&small_url)).await).await, small);
+    assert_eq!(body(get(&p.url(&large_url)).await).await, large);
+    p.stop().await;
+    drop(origin); // the origin is gone for good
+
+    let p = Parasol::start(cfg).await;
+    let r = get(&p.url(&small_url)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["etag"].to_str().unwrap(), etag_of(&small));
+    assert_eq!(body(r).await, small);
+    let r = client()
+        .get(p.url(&large_url))
+        .header("range", "bytes=100000-100099")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(body(r).await, large.slice(100_000..100_100));
+    assert_eq!(body(get(&p.url(&large_url)).await).await, large);
+    let metrics = get(&p.admin_url("/metrics")).await.text().await.unwrap();
+    assert!(metrics.contains("result=\"hit_disk\""), "{metrics}");
+    assert!(
+        !metrics.contains("parasol_origin_fetches_total{"),
+        "no origin contact: {metrics}"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn identical_bytes_from_two_urls_are_stored_once() {
+    let origin = Origin::start("127.0.0.2").await;
+    let img = png_bytes(10_000, 8);
+    origin.route("/a.png", Route::ok(img.clone()));
+    origin.route("/copy-of-a.png", Route::ok(img.clone()));
+    origin.route("/b.png", Route::ok(png_bytes(10_000, 9)));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.2/32"])).await;
+    for path in ["/a.png", "/copy-of-a.png", "/b.png"] {
+        assert_eq!(get(&p.url(&origin.url(path))).await.status(), 200);
+    }
+    assert_eq!(p.blob_count(), 2);
+    assert_eq!(
+        files_under(&dir.path().join("tmp")),
+        0,
+        "no temp files left"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn bad_signatures_and_rotation() {
+    let origin = Origin::start("127.0.0.2").await;
+    origin.route("/r.png", Route::ok(png_bytes(1_000, 10)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.2/32"]);
+    let p = Parasol::start(cfg.clone()).await;
+    let good = p.url(&origin.url("/r.png"));
+    assert_eq!(get(&good).await.status(), 200);
+    let tampered = good.replacen("/m/", "/m/A", 1);
+    let r = get(&tampered).await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
+    // A URL signed for another source does not open this one.
+    let other = p.url(&origin.url("/other.png"));
+    let (g, o): (Vec<&str>, Vec<&str>) = (good.split('/').collect(), other.split('/').collect());
+    let mixed = format!("http://{}/m/{}/{}", p.public, o[4], g[5]);
+    assert_eq!(get(&mixed).await.status(), 403);
+    p.stop().await;
+
+    // Rotate: a new key signs, the old one still verifies URLs already handed out.
+    cfg.signing.keys = vec!["a-brand-new-key-a-brand-new-key-0000".into(), KEY.into()];
+    let p = Parasol::start(cfg).await;
+    let path = url::Url::parse(&good).unwrap().path().to_string();
+    let good = format!("http://{}{path}", p.public);
+    assert_eq!(
+        get(&good).await.status(),
+        200,
+        "old URL still works after rotation"
+    );
+    assert_eq!(origin.hits("/r.png"), 1);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_urls_and_methods() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &[])).await;
+    let base = format!("http://{}", p.public);
+    assert_eq!(get(&format!("{base}/")).await.status(), 404);
+    assert_eq!(get(&format!("{base}/m/")).await.status(), 400);
+    assert_eq!(get(&p.url("ftp://files.test/a.png")).await.status(), 400);
+    assert_eq!(get(&p.url("not a url")).await.status(), 400);
+    assert_eq!(
+        get(&format!("{base}/m/{}", "a".repeat(9000)))
+            .await
+            .status(),
+        414
+    );
+    let r = client()
+        .post(p.url("https://media.test/a.png"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "GET, HEAD");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn origin_failures_map_to_statuses_and_are_not_cached() {
+    let origin = Origin::start("127.0.0.2").await;
+    origin.route("/gone.png", Route::status(404));
+    origin.route("/broken.png", Route::status(500));
+    origin.route(
+        "/page.html",
+        Route::ok("<!doctype html><script>alert(1)</script>"),
+    );
+    origin.route("/empty.png", Route::ok(""));
+    origin.route("/big.png", Route::ok(png_bytes(50_000, 11)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.2/32"]);
+    cfg.cache.max_object_bytes = parasol::config::Size(40_000);
+    let p = Parasol::start(cfg).await;
+    for (path, status) in [
+        ("/gone.png", 404),
+        ("/broken.png", 502),
+        ("/page.html", 415),
+        ("/empty.png", 502),
+        ("/big.png", 413),
+    ] {
+        let r = get(&p.url(&origin.url(path))).await;
+        assert_eq!(r.status(), status, "{path}");
+        assert_eq!(r.headers()["cache-control"], "no-store", "{path}");
+        let text = r.text().await.unwrap();
+        assert!(
+            !text.contains("127.0.0.2"),
+            "error page reveals the origin: {text}"
+        );
+        // Asked again at once: the negative cache answers, the origin is not hammered.
+        assert_eq!(
+            get(&p.url(&origin.url(path))).await.status(),
+            status,
+            "{path}"
+        );
+        assert_eq!(origin.hits(path), 1, "{path}");
+    }
+    assert_eq!(p.blob_count(), 0, "nothing stored from a failed fetch");
+    assert_eq!(
+        files_under(&dir.path().join("tmp")),
+        0,
+        "no temp files left"
+    );
+    p.stop().await;
+}

@@ -1,0 +1,328 @@
+//! Test harness: a recording hyper origin on 127.0.0.x, an in-process parasol on port 0, a
+//! viewer client, and generated media.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use parasol::Config;
+use parasol::fetch::guard::{Lookup, StaticLookup};
+use parasol::signing::Signer;
+use tokio::net::TcpListener;
+
+/// Signing key used by every in-process test parasol.
+pub const KEY: &str = "test-key-0123456789-0123456789-0123456789";
+
+/// What the origin answers on one path.
+#[derive(Clone)]
+pub struct Route {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    /// Wait before answering: makes concurrent viewers overlap one fill.
+    pub delay: Duration,
+}
+
+impl Route {
+    pub fn ok(body: impl Into<Bytes>) -> Self {
+        Self {
+            status: 200,
+            headers: vec![],
+            body: body.into(),
+            delay: Duration::ZERO,
+        }
+    }
+    pub fn status(status: u16) -> Self {
+        Self {
+            status,
+            headers: vec![],
+            body: Bytes::from_static(b"nope"),
+            delay: Duration::ZERO,
+        }
+    }
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+/// One request as the origin saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub path: String,
+    pub headers: HeaderMap,
+}
+
+#[derive(Default)]
+struct OriginState {
+    routes: Mutex<HashMap<String, Route>>,
+    seen: Mutex<Vec<Seen>>,
+    connections: AtomicUsize,
+}
+
+/// A real HTTP/1.1 origin on a loopback address, recording every request.
+pub struct Origin {
+    pub addr: SocketAddr,
+    state: Arc<OriginState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Origin {
+    /// Starts an origin on `ip` (one of 127.0.0.2–127.0.0.254), port 0.
+    pub async fn start(ip: &str) -> Origin {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind test origin");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(OriginState::default());
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                st.connections.fetch_add(1, Ordering::SeqCst);
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| answer(st.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Origin { addr, state, task }
+    }
+
+    pub fn route(&self, path: &str, route: Route) {
+        self.state.routes.lock().unwrap().insert(path.into(), route);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Requests received for `path`.
+    pub fn hits(&self, path: &str) -> usize {
+        self.state
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path == path)
+            .count()
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    /// TCP connections accepted, whatever was sent on them.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+}
+
+async fn answer(
+    st: Arc<OriginState>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    st.seen.lock().unwrap().push(Seen {
+        path: path.clone(),
+        headers: req.headers().clone(),
+    });
+    let route = st
+        .routes
+        .lock()
+        .unwrap()
+        .get(&path)
+        .cloned()
+        .unwrap_or(Route::status(404));
+    if !route.delay.is_zero() {
+        tokio::time::sleep(route.delay).await;
+    }
+    let mut response = Response::new(Full::new(route.body.clone()));
+    *response.status_mut() = http::StatusCode::from_u16(route.status).unwrap();
+    for (k, v) in &route.headers {
+        response.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    Ok(response)
+}
+
+/// A config for an in-process parasol: ports 0, cache in `dir`, origins on `allow` reachable.
+pub fn config(dir: &Path, allow: &[&str]) -> Config {
+    let allow = allow
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let toml = format!(
+        r#"
+        [server]
+        listen = "127.0.0.1:0"
+        admin_listen = "127.0.0.1:0"
+        shutdown_grace = "2s"
+        [signing]
+        keys = ["{KEY}"]
+        [cache]
+        dir = "{}"
+        fsync = false
+        [fetch]
+        allow_networks = [{allow}]
+        timeout = "5s"
+        "#,
+        dir.display()
+    );
+    Config::from_sources("test", &toml, std::iter::empty()).expect("test config is valid")
+}
+
+/// An in-process parasol on loopback, port 0.
+pub struct Parasol {
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Parasol {
+    pub async fn start(config: Config) -> Parasol {
+        Self::start_with(config, StaticLookup::default()).await
+    }
+
+    /// Starts with a fixed name table, so `*.test` names resolve without DNS.
+    pub async fn start_with(config: Config, lookup: StaticLookup) -> Parasol {
+        let dir = config.cache.dir.clone();
+        let lookup: Arc<dyn Lookup> = Arc::new(lookup);
+        let bound = parasol::Bound::bind(config, parasol::Options { lookup })
+            .await
+            .expect("parasol binds");
+        let (public, admin) = (bound.public_addr(), bound.admin_addr());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(bound.serve(async move {
+            let _ = rx.await;
+        }));
+        Parasol {
+            public,
+            admin,
+            dir,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    /// The signed native URL for `source`.
+    pub fn url(&self, source: &str) -> String {
+        let base = url::Url::parse(&format!("http://{}/", self.public)).unwrap();
+        parasol::api::native::sign_url(&base, &Signer::new([KEY]), source, None)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Graceful shutdown; returns once the stores are closed and can be reopened.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task).await.expect("parasol task ends cleanly");
+    }
+
+    /// Blob files currently in the disk store.
+    pub fn blob_count(&self) -> usize {
+        files_under(&self.dir.join("blobs"))
+    }
+}
+
+pub fn files_under(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            if e.path().is_dir() {
+                files_under(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+/// A viewer: a plain HTTP client that never goes through a proxy.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+pub async fn get(url: &str) -> reqwest::Response {
+    client()
+        .get(url)
+        .send()
+        .await
+        .expect("request reaches parasol")
+}
+
+/// `n` bytes that sniff as PNG (signature and IHDR), the rest deterministic noise from `seed`.
+pub fn png_bytes(n: usize, seed: u64) -> Bytes {
+    let mut out = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(n);
+    Bytes::from(out)
+}
+
+/// blake3 hex of `body`, as parasol's ETag should carry it.
+pub fn etag_of(body: &[u8]) -> String {
+    format!("\"{}\"", blake3::hash(body).to_hex())
+}
+
+pub async fn body(response: reqwest::Response) -> Bytes {
+    response.bytes().await.expect("body arrives")
+}
+
+/// Waits (bounded) until `check` holds; for effects written by another task, such as the
+/// audit log. Returns whether it held.
+pub async fn eventually(mut check: impl FnMut() -> bool) -> bool {
+    for _ in 0..200 {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
