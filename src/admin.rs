@@ -1,63 +1,253 @@
-//! The admin listener: liveness, readiness and Prometheus metrics.
+//! The admin listener: liveness, readiness and Prometheus metrics, plus the bearer-protected
+//! write API: prefetch, purge and policy reload.
 //!
-//! Kept off the viewer-facing port so that probes and metrics are never exposed with the media
-//! routes, and so a load balancer can stop sending traffic (`/readyz` turns 503) while
-//! in-flight requests drain.
+//! Kept off the viewer-facing port so that probes, metrics and the API are never exposed with
+//! the media routes, and so a load balancer can stop sending traffic (`/readyz` turns 503)
+//! while in-flight requests drain.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
 
-use crate::proxy::Proxy;
+use crate::api::{ProxyRequest, parse_source};
+use crate::audit::Trigger;
+use crate::proxy::{Proxy, PurgeReport};
 use crate::response::{self, Body};
-use crate::telemetry::TierLabels;
+use crate::telemetry::{CacheStatus, TierLabels};
+
+/// Largest admin request body: a prefetch of a thousand long URLs fits.
+const MAX_BODY: usize = 4 << 20;
+/// Most URLs one prefetch request may name.
+const MAX_PREFETCH_URLS: usize = 1000;
+/// Prefetches fetched at once: enough to be quick, few enough that an admin call cannot
+/// flood origins or starve viewers' fills.
+const PREFETCH_CONCURRENCY: usize = 4;
 
 pub struct Admin {
     pub proxy: Arc<Proxy>,
     /// True from the moment both listeners accept until shutdown begins.
     pub ready: AtomicBool,
+    pub reloader: Reloader,
 }
 
-pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
-    match req.uri().path() {
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" if admin.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n".into()),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
-        "/metrics" => {
-            let proxy = &admin.proxy;
-            let (bytes, entries) = proxy.memory.usage().await;
-            let memory = TierLabels { tier: "memory" };
-            proxy
-                .metrics
-                .cache_bytes
-                .get_or_create(&memory)
-                .set(bytes as i64);
-            proxy
-                .metrics
-                .cache_entries
-                .get_or_create(&memory)
-                .set(entries as i64);
-            let mut response = text(StatusCode::OK, proxy.metrics.encode());
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            response
-        }
-        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+/// Re-reads the configuration and applies what can change without a restart: the domain
+/// policy. Shared by `POST /admin/reload` and SIGHUP.
+#[derive(Clone)]
+pub struct Reloader {
+    pub proxy: Arc<Proxy>,
+    /// The `--config` file the process started with (`None`: the default lookup).
+    pub config_path: Option<PathBuf>,
+}
+
+impl Reloader {
+    pub async fn reload(&self) -> Result<PurgeReport, String> {
+        let config = crate::Config::load(self.config_path.as_deref()).map_err(|e| e.to_string())?;
+        self.proxy.apply_policy(&config.policy).await.map_err(|e| e.to_string())
     }
 }
 
-fn text(status: StatusCode, body: String) -> Response<Body> {
+pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    match path.as_str() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if admin.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/metrics" => metrics(&admin.proxy).await,
+        "/admin/prefetch" | "/admin/purge" | "/admin/reload" => {
+            if req.method() != Method::POST {
+                let mut r = json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
+                r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+                return r;
+            }
+            if let Some(denied) = refuse(&admin.proxy.config.server.admin_token, req.headers()) {
+                return denied;
+            }
+            let Ok(body) = Limited::new(req.into_body(), MAX_BODY).collect().await else {
+                return json_error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+            };
+            let body = body.to_bytes();
+            match path.as_str() {
+                "/admin/prefetch" => prefetch(&admin.proxy, &body).await,
+                "/admin/purge" => purge(&admin.proxy, &body).await,
+                _ => match admin.reloader.reload().await {
+                    Ok(purged) => json(StatusCode::OK, &serde_json::json!({ "purged": purged })),
+                    Err(e) => json_error(StatusCode::BAD_REQUEST, &e),
+                },
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+async fn metrics(proxy: &Proxy) -> Response<Body> {
+    let m = &proxy.metrics;
+    let (bytes, entries) = proxy.memory.usage().await;
+    let memory = TierLabels { tier: "memory" };
+    m.cache_bytes.get_or_create(&memory).set(bytes as i64);
+    m.cache_entries.get_or_create(&memory).set(entries as i64);
+    if let Ok((entries, bytes)) = proxy.index.usage().await {
+        let disk = TierLabels { tier: "disk" };
+        m.cache_bytes.get_or_create(&disk).set(bytes as i64);
+        m.cache_entries.get_or_create(&disk).set(entries as i64);
+    }
+    let mut response = text(StatusCode::OK, m.encode());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// Admin writes need `Authorization: Bearer <server.admin_token>`, and are refused outright
+/// while no token is configured. The comparison is of blake3 digests, whose equality is
+/// constant-time, so response timing does not reveal how much of a guess was right.
+/// Returns the refusal to send, or `None` when the request is authorised.
+fn refuse(token: &str, headers: &HeaderMap) -> Option<Response<Body>> {
+    if token.is_empty() {
+        let msg = "admin writes are disabled: set server.admin_token";
+        return Some(json_error(StatusCode::FORBIDDEN, msg));
+    }
+    let offered = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if blake3::hash(offered.as_bytes()) != blake3::hash(token.as_bytes()) {
+        let mut r = json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return Some(r);
+    }
+    None
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrefetchBody {
+    urls: Vec<String>,
+}
+
+/// One URL's prefetch outcome.
+#[derive(Serialize)]
+struct Prefetched {
+    url: String,
+    /// `stored` (fetched now), `cached` (already held), or `error`.
+    outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'static str>,
+}
+
+async fn prefetch(proxy: &Arc<Proxy>, body: &[u8]) -> Response<Body> {
+    let req: PrefetchBody = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("expected {{\"urls\": [...]}}: {e}"),
+            );
+        }
+    };
+    if req.urls.len() > MAX_PREFETCH_URLS {
+        let msg = format!("at most {MAX_PREFETCH_URLS} URLs per request");
+        return json_error(StatusCode::PAYLOAD_TOO_LARGE, &msg);
+    }
+    let results: Vec<Prefetched> = futures_util::stream::iter(req.urls)
+        .map(|url| async move {
+            let outcome = match parse_source(&url) {
+                Ok(source) => {
+                    let request = ProxyRequest { source, variant: None };
+                    proxy.get(&request, Trigger::Prefetch).await.map_err(|(e, _)| e)
+                }
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok((_, CacheStatus::Miss)) => {
+                    Prefetched { url, outcome: "stored", status: None, code: None }
+                }
+                Ok(_) => Prefetched { url, outcome: "cached", status: None, code: None },
+                Err(e) => Prefetched {
+                    url,
+                    outcome: "error",
+                    status: Some(e.status().as_u16()),
+                    code: Some(e.code()),
+                },
+            }
+        })
+        .buffered(PREFETCH_CONCURRENCY)
+        .collect()
+        .await;
+    json(StatusCode::OK, &serde_json::json!({ "results": results }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeBody {
+    url: Option<String>,
+    domain: Option<String>,
+}
+
+async fn purge(proxy: &Proxy, body: &[u8]) -> Response<Body> {
+    let usage = "expected {\"url\": \"...\"} or {\"domain\": \"...\"}";
+    let req: PurgeBody = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("{usage}: {e}")),
+    };
+    let result = match (req.url, req.domain) {
+        (Some(url), None) => match parse_source(&url) {
+            Ok(source) => {
+                let canonical = source.to_string();
+                proxy.purge(move |r| r.url == canonical).await
+            }
+            Err(e) => return json_error(StatusCode::BAD_REQUEST, e.public_message()),
+        },
+        (None, Some(domain)) => match crate::policy::normalize_domain(&domain) {
+            Some(domain) => {
+                proxy
+                    .purge(move |r| {
+                        url::Url::parse(&r.url)
+                            .ok()
+                            .and_then(|u| u.host_str().map(|h| crate::policy::covers(&domain, h)))
+                            .unwrap_or(false)
+                    })
+                    .await
+            }
+            None => return json_error(StatusCode::BAD_REQUEST, "not a domain name"),
+        },
+        _ => return json_error(StatusCode::BAD_REQUEST, usage),
+    };
+    match result {
+        Ok(report) => json(StatusCode::OK, &serde_json::json!({ "purged": report })),
+        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, e.public_message()),
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    with_type(status, body.into(), "text/plain; charset=utf-8")
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut body = serde_json::to_vec(value).unwrap_or_default();
+    body.push(b'\n');
+    with_type(status, body.into(), "application/json")
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response<Body> {
+    json(status, &serde_json::json!({ "error": message }))
+}
+
+fn with_type(status: StatusCode, body: Bytes, content_type: &'static str) -> Response<Body> {
     let mut response = Response::new(response::full(body));
     *response.status_mut() = status;
     let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }

@@ -35,17 +35,13 @@ pub fn parse_source(text: &str) -> Result<Url, ProxyError> {
     }
     let mut url = Url::parse(text).map_err(|_| ProxyError::BadUrl("source is not a URL"))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(ProxyError::BadUrl(
-            "only http and https sources are proxied",
-        ));
+        return Err(ProxyError::BadUrl("only http and https sources are proxied"));
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(ProxyError::BadUrl("source URL has no host"));
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(ProxyError::BadUrl(
-            "source URLs with credentials are refused",
-        ));
+        return Err(ProxyError::BadUrl("source URLs with credentials are refused"));
     }
     url.set_fragment(None);
     Ok(url)

@@ -5,10 +5,11 @@
 //! anything the viewer sent never reach this module. Lines are written by one task fed through
 //! a channel, so the serving path never waits on the log file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -50,11 +51,36 @@ impl Record {
     }
 }
 
+/// Headers parasol may send to an origin (DESIGN.md §1.5). Anything else in a record is a
+/// violation: counted in `parasol_audit_violations_total` and flagged by `parasol audit`.
+pub const OUTBOUND_ALLOWLIST: [&str; 5] =
+    ["host", "user-agent", "accept", "accept-encoding", "connection"];
+
+/// Header names of `record` outside [`OUTBOUND_ALLOWLIST`].
+pub fn violations(record: &Record) -> Vec<&str> {
+    record
+        .headers
+        .keys()
+        .map(String::as_str)
+        .filter(|name| !OUTBOUND_ALLOWLIST.contains(&name.to_ascii_lowercase().as_str()))
+        .collect()
+}
+
 /// Handle for sending records to the writer task. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct AuditLog {
     tx: mpsc::Sender<Record>,
-    path: PathBuf,
+    violations: Counter,
+}
+
+/// Where and how much to log.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    pub path: PathBuf,
+    /// Rotate once the current file reaches this many bytes.
+    pub max_bytes: u64,
+    /// Rotated files kept (`path.1` newest … `path.keep` oldest).
+    pub keep: u32,
 }
 
 /// Records buffered before fills wait on the writer; fills are rare next to hits, so this only
@@ -62,40 +88,46 @@ pub struct AuditLog {
 const QUEUE: usize = 4096;
 
 impl AuditLog {
-    /// Opens (appending) the log at `path` and starts its writer task. The task ends, after
-    /// writing everything queued, when the last `AuditLog` handle is dropped.
-    pub async fn start(path: &Path) -> std::io::Result<(AuditLog, tokio::task::JoinHandle<()>)> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    /// Opens (appending) the log and starts its writer task. The task ends, after writing
+    /// everything queued, when the last `AuditLog` handle is dropped. `violations` counts
+    /// records that carry a header outside the allowlist (it should stay 0).
+    pub async fn start(
+        rotation: Rotation,
+        violations: Counter,
+    ) -> std::io::Result<(AuditLog, tokio::task::JoinHandle<()>)> {
+        if let Some(dir) = rotation.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(dir).await?;
         }
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .await?;
+        let file = open_append(&rotation.path).await?;
+        let written = file.metadata().await?.len();
         let (tx, rx) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(write_loop(file, rx, path.to_path_buf()));
-        Ok((
-            AuditLog {
-                tx,
-                path: path.to_path_buf(),
-            },
-            task,
-        ))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        let task = tokio::spawn(write_loop(file, written, rx, rotation));
+        Ok((AuditLog { tx, violations }, task))
     }
 
     pub async fn record(&self, record: Record) {
+        let bad = violations(&record);
+        if !bad.is_empty() {
+            self.violations.inc();
+            tracing::error!(headers = ?bad, host = %record.host, "outbound header outside the allowlist");
+        }
         if self.tx.send(record).await.is_err() {
             tracing::error!("audit writer has stopped; an outbound request went unlogged");
         }
     }
 }
 
-async fn write_loop(file: tokio::fs::File, mut rx: mpsc::Receiver<Record>, path: PathBuf) {
+async fn open_append(path: &Path) -> std::io::Result<tokio::fs::File> {
+    tokio::fs::OpenOptions::new().create(true).append(true).open(path).await
+}
+
+async fn write_loop(
+    file: tokio::fs::File,
+    mut written: u64,
+    mut rx: mpsc::Receiver<Record>,
+    rotation: Rotation,
+) {
+    let path = &rotation.path;
     let mut out = tokio::io::BufWriter::new(file);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
@@ -103,8 +135,19 @@ async fn write_loop(file: tokio::fs::File, mut rx: mpsc::Receiver<Record>, path:
         while let Some(record) = next {
             let mut line = serde_json::to_vec(&record).unwrap_or_default();
             line.push(b'\n');
-            if let Err(e) = out.write_all(&line).await {
-                tracing::error!(path = %path.display(), error = %e, "cannot write audit log");
+            if written > 0 && written + line.len() as u64 > rotation.max_bytes {
+                match rotate(&mut out, &rotation).await {
+                    Ok(()) => written = 0,
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), error = %e, "cannot rotate audit log")
+                    }
+                }
+            }
+            match out.write_all(&line).await {
+                Ok(()) => written += line.len() as u64,
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot write audit log")
+                }
             }
             next = rx.try_recv().ok();
         }
@@ -112,4 +155,85 @@ async fn write_loop(file: tokio::fs::File, mut rx: mpsc::Receiver<Record>, path:
             tracing::error!(path = %path.display(), error = %e, "cannot flush audit log");
         }
     }
+}
+
+/// `log.{keep-1}` → `log.{keep}`, …, `log` → `log.1`, then a fresh `log`.
+async fn rotate(
+    out: &mut tokio::io::BufWriter<tokio::fs::File>,
+    rotation: &Rotation,
+) -> std::io::Result<()> {
+    out.flush().await?;
+    let numbered = |n: u32| {
+        let mut name = rotation.path.clone().into_os_string();
+        name.push(format!(".{n}"));
+        PathBuf::from(name)
+    };
+    if rotation.keep == 0 {
+        tokio::fs::remove_file(&rotation.path).await?;
+    } else {
+        for n in (1..rotation.keep).rev() {
+            let _ = tokio::fs::rename(numbered(n), numbered(n + 1)).await;
+        }
+        tokio::fs::rename(&rotation.path, numbered(1)).await?;
+    }
+    *out = tokio::io::BufWriter::new(open_append(&rotation.path).await?);
+    Ok(())
+}
+
+/// What `parasol audit` reports for one origin host.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct HostSummary {
+    pub requests: u64,
+    pub bytes: u64,
+    pub header_names: BTreeSet<String>,
+    pub first: String,
+    pub last: String,
+}
+
+/// One request that carried a header outside the allowlist.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Violation {
+    pub line: usize,
+    pub host: String,
+    pub headers: Vec<String>,
+}
+
+/// The whole log, summarised.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub hosts: BTreeMap<String, HostSummary>,
+    pub violations: Vec<Violation>,
+    /// Line numbers that are not audit records (a truncated last line after a crash, say).
+    pub unreadable_lines: Vec<usize>,
+}
+
+/// Summarises an audit log read from `reader`.
+pub fn summarize(reader: impl std::io::BufRead) -> std::io::Result<Summary> {
+    let mut summary = Summary::default();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let Ok(record) = serde_json::from_str::<Record>(&line) else {
+            summary.unreadable_lines.push(i + 1);
+            continue;
+        };
+        let bad = violations(&record);
+        if !bad.is_empty() {
+            let headers = bad.into_iter().map(String::from).collect();
+            summary.violations.push(Violation { line: i + 1, host: record.host.clone(), headers });
+        }
+        let host = summary.hosts.entry(record.host.clone()).or_default();
+        host.requests += 1;
+        host.bytes += record.bytes;
+        host.header_names.extend(record.headers.keys().cloned());
+        if host.first.is_empty() || record.ts < host.first {
+            host.first = record.ts.clone();
+        }
+        if record.ts > host.last {
+            host.last = record.ts;
+        }
+    }
+    Ok(summary)
 }

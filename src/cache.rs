@@ -60,27 +60,12 @@ impl Entry {
         let mut headers = HeaderMap::with_capacity(8);
         headers.insert(header::CONTENT_TYPE, content_type.clone());
         let etag = format!("\"{}\"", hash.to_hex());
-        headers.insert(
-            header::ETAG,
-            HeaderValue::from_str(&etag).expect("hex is a valid header"),
-        );
+        headers.insert(header::ETAG, HeaderValue::from_str(&etag).expect("hex is a valid header"));
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE));
         headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-        headers.insert(
-            header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_static(CSP),
-        );
-        headers.insert(
-            header::X_CONTENT_TYPE_OPTIONS,
-            HeaderValue::from_static("nosniff"),
-        );
-        Self {
-            hash,
-            len,
-            content_type,
-            headers,
-            body,
-        }
+        headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+        headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+        Self { hash, len, content_type, headers, body }
     }
 
     /// The quoted ETag value, as sent.

@@ -172,21 +172,28 @@ impl Default for MediaConfig {
 }
 
 /// `[audit]`: the outbound request log.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuditConfig {
     /// JSON lines file; default `<cache.dir>/outbound.jsonl`.
     pub path: Option<PathBuf>,
+    /// The log is rotated (`.1`, `.2`, …) when it grows past this, so it cannot fill the disk.
+    pub max_bytes: Size,
+    /// Rotated files kept besides the current one; older ones are deleted.
+    pub keep: u32,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { path: None, max_bytes: Size(100 << 20), keep: 5 }
+    }
 }
 
 /// A configuration problem, always naming the key or file it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is not valid TOML: {message}")]
     Syntax { path: String, message: String },
     #[error("config key `{key}`: {message}")]
@@ -199,10 +206,9 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let (name, text) = match path {
             Some(p) => (p.display().to_string(), read(p)?),
-            None if Path::new(DEFAULT_CONFIG_PATH).exists() => (
-                DEFAULT_CONFIG_PATH.to_string(),
-                read(Path::new(DEFAULT_CONFIG_PATH))?,
-            ),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                (DEFAULT_CONFIG_PATH.to_string(), read(Path::new(DEFAULT_CONFIG_PATH))?)
+            }
             None => ("(built-in defaults)".to_string(), String::new()),
         };
         Self::from_sources(&name, &text, std::env::vars())
@@ -215,12 +221,9 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut table: toml::Table =
-            text.parse()
-                .map_err(|e: toml::de::Error| ConfigError::Syntax {
-                    path: name.to_string(),
-                    message: e.to_string(),
-                })?;
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::Syntax { path: name.to_string(), message: e.to_string() }
+        })?;
         for (var, value) in env {
             if let Some(rest) = var.strip_prefix(ENV_PREFIX) {
                 overlay(&mut table, &var, rest, &value)?;
@@ -228,10 +231,7 @@ impl Config {
         }
         let config: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                ConfigError::Key {
-                    key: e.path().to_string(),
-                    message: e.into_inner().to_string(),
-                }
+                ConfigError::Key { key: e.path().to_string(), message: e.into_inner().to_string() }
             })?;
         config.validate()?;
         Ok(config)
@@ -239,57 +239,34 @@ impl Config {
 
     /// Cross-field and value checks the types alone cannot express.
     fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, message: String| {
-            Err(ConfigError::Key {
-                key: key.into(),
-                message,
-            })
-        };
+        let bad = |key: &str, message: String| Err(ConfigError::Key { key: key.into(), message });
         for (i, key) in self.signing.keys.iter().enumerate() {
             if key.len() < 32 {
-                return bad(
-                    &format!("signing.keys[{i}]"),
-                    "a key needs at least 32 bytes".into(),
-                );
+                return bad(&format!("signing.keys[{i}]"), "a key needs at least 32 bytes".into());
             }
         }
         if !matches!(self.server.public_base_url.scheme(), "http" | "https") {
-            return bad(
-                "server.public_base_url",
-                "must be an http or https URL".into(),
-            );
+            return bad("server.public_base_url", "must be an http or https URL".into());
         }
         if self.cache.memory_bytes.0 == 0 || self.cache.max_object_bytes.0 == 0 {
-            return bad(
-                "cache",
-                "memory_bytes and max_object_bytes must be above zero".into(),
-            );
+            return bad("cache", "memory_bytes and max_object_bytes must be above zero".into());
         }
         if self.fetch.user_agent.is_empty()
             || http::HeaderValue::from_str(&self.fetch.user_agent).is_err()
         {
-            return bad(
-                "fetch.user_agent",
-                "must be a non-empty header value".into(),
-            );
+            return bad("fetch.user_agent", "must be a non-empty header value".into());
         }
         for (key, list) in [
             ("policy.blocked_domains", &self.policy.blocked_domains),
             ("policy.allowed_domains", &self.policy.allowed_domains),
         ] {
-            if let Some(d) = list
-                .iter()
-                .find(|d| crate::policy::normalize_domain(d).is_none())
-            {
+            if let Some(d) = list.iter().find(|d| crate::policy::normalize_domain(d).is_none()) {
                 return bad(key, format!("{d:?} is not a domain name"));
             }
         }
         for pattern in &self.media.allowed_types {
             if !pattern.contains('/') {
-                return bad(
-                    "media.allowed_types",
-                    format!("{pattern:?} is not a MIME pattern"),
-                );
+                return bad("media.allowed_types", format!("{pattern:?} is not a MIME pattern"));
             }
         }
         Ok(())
@@ -297,10 +274,7 @@ impl Config {
 
     /// Where the outbound audit log is written.
     pub fn audit_path(&self) -> PathBuf {
-        self.audit
-            .path
-            .clone()
-            .unwrap_or_else(|| self.cache.dir.join("outbound.jsonl"))
+        self.audit.path.clone().unwrap_or_else(|| self.cache.dir.join("outbound.jsonl"))
     }
 
     /// The effective configuration as TOML, with every secret replaced by `<redacted>`.
@@ -310,10 +284,8 @@ impl Config {
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })
 }
 
 /// Sets `section.key` in `table` from one environment variable. The value is read as a TOML
@@ -331,18 +303,14 @@ fn overlay(table: &mut toml::Table, var: &str, rest: &str, value: &str) -> Resul
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(value.to_string()));
-    let section_table = table
-        .entry(section.clone())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let section_table =
+        table.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
     match section_table {
         toml::Value::Table(t) => {
             t.insert(key.clone(), parsed);
             Ok(())
         }
-        _ => Err(ConfigError::Key {
-            key: section.clone(),
-            message: "is not a section".into(),
-        }),
+        _ => Err(ConfigError::Key { key: section.clone(), message: "is not a section".into() }),
     }
 }
 

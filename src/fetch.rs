@@ -4,7 +4,7 @@
 
 pub mod guard;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use http::{HeaderMap, HeaderValue, header};
@@ -24,7 +24,8 @@ const ACCEPT: &str = "image/avif,image/webp,image/*,video/*,audio/*;q=0.9,*/*;q=
 pub struct Fetcher {
     client: reqwest::Client,
     guard: Arc<Guard>,
-    policy: Policy,
+    /// Swapped whole on reload; readers clone the `Arc` and never hold the lock.
+    policy: RwLock<Arc<Policy>>,
     max_redirects: u32,
     /// The complete outbound header set, built once; nothing from a viewer is ever added.
     headers: HeaderMap,
@@ -46,10 +47,7 @@ impl Fetcher {
         audit: AuditLog,
     ) -> Result<Self, ProxyError> {
         let guard = Arc::new(Guard::new(config.allow_networks.clone()));
-        let resolver = GuardedResolver {
-            guard: guard.clone(),
-            lookup,
-        };
+        let resolver = GuardedResolver { guard: guard.clone(), lookup };
         let client = reqwest::Client::builder()
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
@@ -64,14 +62,11 @@ impl Fetcher {
         let user_agent = HeaderValue::from_str(&config.user_agent).map_err(ProxyError::internal)?;
         headers.insert(header::USER_AGENT, user_agent);
         headers.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT));
-        headers.insert(
-            header::ACCEPT_ENCODING,
-            HeaderValue::from_static("identity"),
-        );
+        headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         Ok(Self {
             client,
             guard,
-            policy,
+            policy: RwLock::new(Arc::new(policy)),
             max_redirects: config.max_redirects,
             headers,
             audit,
@@ -82,14 +77,10 @@ impl Fetcher {
     /// and the domain policy. Runs before any DNS lookup or connection, for every hop.
     pub fn check_destination(&self, url: &Url) -> Result<(), ProxyError> {
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(ProxyError::BadUrl(
-                "only http and https sources are proxied",
-            ));
+            return Err(ProxyError::BadUrl("only http and https sources are proxied"));
         }
         if !url.username().is_empty() || url.password().is_some() {
-            return Err(ProxyError::BadUrl(
-                "source URLs with credentials are refused",
-            ));
+            return Err(ProxyError::BadUrl("source URLs with credentials are refused"));
         }
         match url.host() {
             Some(Host::Ipv4(ip)) => self.guard.check(ip.into()).map_err(refused)?,
@@ -100,7 +91,15 @@ impl Fetcher {
             Some(Host::Domain(_)) => {}
             None => return Err(ProxyError::BadUrl("source URL has no host")),
         }
-        self.policy.check(url.host_str().unwrap_or_default())
+        self.policy().check(url.host_str().unwrap_or_default())
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
     }
 
     /// GETs `url`, following up to `fetch.max_redirects` redirects, each re-checked. Returns
@@ -138,9 +137,8 @@ impl Fetcher {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|loc| url.join(loc).ok());
                 origin.finish(&self.audit, 0, "redirect").await;
-                url = next.ok_or(ProxyError::OriginInvalid(
-                    "redirect without a usable Location",
-                ))?;
+                url =
+                    next.ok_or(ProxyError::OriginInvalid("redirect without a usable Location"))?;
                 continue;
             }
             let err = match status.as_u16() {
@@ -162,12 +160,7 @@ impl Fetcher {
         let mut headers: std::collections::BTreeMap<String, String> = request
             .headers()
             .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into(),
-                )
-            })
+            .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
             .collect();
         // hyper adds Host itself; record it as it goes on the wire.
         let host_header = match url.port() {
@@ -195,9 +188,7 @@ impl Origin {
     /// Completes and writes this request's audit line once its body has been read (or not).
     pub async fn finish(self, audit: &AuditLog, bytes: u64, outcome: &str) {
         let status = self.response.status().as_u16();
-        self.pending
-            .finish(audit, Some(status), bytes, outcome)
-            .await;
+        self.pending.finish(audit, Some(status), bytes, outcome).await;
     }
 }
 
@@ -238,9 +229,5 @@ pub fn map_reqwest(e: &reqwest::Error) -> ProxyError {
         }
         source = s.source();
     }
-    if e.is_timeout() {
-        ProxyError::OriginTimeout
-    } else {
-        ProxyError::OriginUnreachable
-    }
+    if e.is_timeout() { ProxyError::OriginTimeout } else { ProxyError::OriginUnreachable }
 }

@@ -59,24 +59,15 @@ use fetch::guard::{Lookup, SystemLookup};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cache directory {path}: {source}")]
-    CacheDir {
-        path: String,
-        source: std::io::Error,
-    },
+    CacheDir { path: String, source: std::io::Error },
     #[error("signing key: {0}")]
     Key(std::io::Error),
     #[error("{0}")]
     Index(#[from] cache::index::IndexError),
     #[error("audit log {path}: {source}")]
-    Audit {
-        path: String,
-        source: std::io::Error,
-    },
+    Audit { path: String, source: std::io::Error },
     #[error("{0}")]
     Setup(error::ProxyError),
 }
@@ -86,13 +77,14 @@ pub enum StartError {
 pub struct Options {
     /// Name resolution for origins. Tests map `*.test` names to loopback origins here.
     pub lookup: Arc<dyn Lookup>,
+    /// The config file to re-read on reload (SIGHUP, `POST /admin/reload`); `None` repeats
+    /// the default lookup (`config/parasol.toml` when present).
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self {
-            lookup: Arc::new(SystemLookup),
-        }
+        Self { lookup: Arc::new(SystemLookup), config_path: None }
     }
 }
 
@@ -121,80 +113,65 @@ pub struct Bound {
     proxy: Arc<proxy::Proxy>,
     signer: signing::Signer,
     audit_task: tokio::task::JoinHandle<()>,
+    config_path: Option<std::path::PathBuf>,
 }
 
 impl Bound {
     /// Opens the cache, index and audit log and binds both listeners.
     pub async fn bind(config: Config, options: Options) -> Result<Bound, StartError> {
         let dir = &config.cache.dir;
-        let cache_err = |source| StartError::CacheDir {
-            path: dir.display().to_string(),
-            source,
-        };
+        let cache_err = |source| StartError::CacheDir { path: dir.display().to_string(), source };
         std::fs::create_dir_all(dir).map_err(cache_err)?;
         let signer = signing::Signer::new(signing_keys(&config)?);
         let disk = cache::disk::BlobStore::open(dir, config.cache.fsync).map_err(cache_err)?;
         let index = cache::index::Index::open(&dir.join("index.redb"))?;
-        let audit_path = config.audit_path();
-        let (audit, audit_task) = audit::AuditLog::start(&audit_path)
-            .await
-            .map_err(|source| StartError::Audit {
-                path: audit_path.display().to_string(),
-                source,
-            })?;
+        let metrics = telemetry::Metrics::new();
+        let rotation = audit::Rotation {
+            path: config.audit_path(),
+            max_bytes: config.audit.max_bytes.0,
+            keep: config.audit.keep,
+        };
+        let audit_path = rotation.path.display().to_string();
+        let (audit, audit_task) =
+            audit::AuditLog::start(rotation, metrics.audit_violations.clone())
+                .await
+                .map_err(|source| StartError::Audit { path: audit_path, source })?;
         let policy = policy::Policy::new(&config.policy);
         let fetcher = fetch::Fetcher::new(&config.fetch, policy, options.lookup, audit.clone())
             .map_err(StartError::Setup)?;
         let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { addr, source })
+            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
         };
         let public = bind(config.server.listen).await?;
         let admin = bind(config.server.admin_listen).await?;
-        let proxy = Arc::new(proxy::Proxy::new(config, fetcher, audit, disk, index));
-        Ok(Bound {
-            public,
-            admin,
-            proxy,
-            signer,
-            audit_task,
-        })
+        let proxy = Arc::new(proxy::Proxy::new(config, fetcher, audit, disk, index, metrics));
+        Ok(Bound { public, admin, proxy, signer, audit_task, config_path: options.config_path })
     }
 
     pub fn public_addr(&self) -> SocketAddr {
-        self.public
-            .local_addr()
-            .expect("bound listener has an address")
+        self.public.local_addr().expect("bound listener has an address")
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin
-            .local_addr()
-            .expect("bound listener has an address")
+        self.admin.local_addr().expect("bound listener has an address")
+    }
+
+    /// Applies a re-read configuration's domain policy; hand it to a SIGHUP handler.
+    pub fn reloader(&self) -> admin::Reloader {
+        admin::Reloader { proxy: self.proxy.clone(), config_path: self.config_path.clone() }
     }
 
     /// Serves until `shutdown` completes, then stops accepting, drains in-flight requests for
     /// up to `server.shutdown_grace`, and flushes the audit log.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let Bound {
-            public,
-            admin,
-            proxy,
-            signer,
-            audit_task,
-        } = self;
+        let reloader = self.reloader();
+        let Bound { public, admin, proxy, signer, audit_task, .. } = self;
         let server = &proxy.config.server;
         let (header_timeout, grace) = (server.header_timeout.0, server.shutdown_grace.0);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let public_state = Arc::new(server::Public {
-            proxy: proxy.clone(),
-            signer,
-        });
-        let admin_state = Arc::new(admin::Admin {
-            proxy: proxy.clone(),
-            ready: AtomicBool::new(true),
-        });
+        let public_state = Arc::new(server::Public { proxy: proxy.clone(), signer });
+        let admin_state =
+            Arc::new(admin::Admin { proxy: proxy.clone(), ready: AtomicBool::new(true), reloader });
         let public_loop = tokio::spawn(server::serve(
             public,
             move |req| server::handle_public(public_state.clone(), req),
@@ -226,8 +203,12 @@ impl Bound {
 }
 
 /// Runs the proxy with `config` until `shutdown` completes.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let bound = Bound::bind(config, Options::default()).await?;
+pub async fn run(
+    config: Config,
+    options: Options,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let bound = Bound::bind(config, options).await?;
     tracing::info!(public = %bound.public_addr(), admin = %bound.admin_addr(), "listening");
     bound.serve(shutdown).await;
     Ok(())

@@ -8,11 +8,7 @@ use clap::{Parser, Subcommand};
 use parasol::Config;
 
 #[derive(Parser)]
-#[command(
-    name = "parasol",
-    version,
-    about = "A caching media proxy for Fediverse instances"
-)]
+#[command(name = "parasol", version, about = "A caching media proxy for Fediverse instances")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -41,12 +37,23 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Summarise the outbound audit log: per origin host, requests, bytes, headers sent.
+    /// Exits 1 if any request carried a header outside the outbound allowlist.
+    Audit {
+        /// Log file; default: the configured `audit.path`.
+        file: Option<PathBuf>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     parasol::telemetry::init_logging();
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("parasol: {e:#}");
             ExitCode::FAILURE
@@ -54,14 +61,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command.unwrap_or(Command::Serve { config: None }) {
-        Command::Serve { config } => serve(load(config.as_deref())?),
-        Command::Sign {
-            url,
-            variant,
-            config,
-        } => {
+        Command::Serve { config } => serve(config).map(|()| ExitCode::SUCCESS),
+        Command::Audit { file, json, config } => {
+            let file = match file {
+                Some(f) => f,
+                None => load(config.as_deref())?.audit_path(),
+            };
+            audit(&file, json)
+        }
+        Command::Sign { url, variant, config } => {
             let config = load(config.as_deref())?;
             let source = parasol::api::parse_source(&url)
                 .map_err(|e| anyhow::anyhow!("{url}: {}", e.public_message()))?;
@@ -71,12 +81,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "{}",
                 parasol::api::native::sign_url(base, &signer, source.as_str(), variant.as_deref())
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => {
             let config = load(config.as_deref())?;
             print!("{}", config.to_redacted_toml());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -85,9 +95,32 @@ fn load(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
     Ok(Config::load(path)?)
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = load(path.as_deref())?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(async move { Ok(parasol::run(config, shutdown_signal()).await?) })
+    runtime.block_on(async move {
+        let options = parasol::Options { config_path: path, ..Default::default() };
+        let bound = parasol::Bound::bind(config, options).await?;
+        tracing::info!(public = %bound.public_addr(), admin = %bound.admin_addr(), "listening");
+        reload_on_sighup(bound.reloader());
+        bound.serve(shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+/// SIGHUP re-reads the config file and applies its `[policy]` without a restart.
+fn reload_on_sighup(reloader: parasol::admin::Reloader) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+        while hup.recv().await.is_some() {
+            match reloader.reload().await {
+                Ok(purged) => tracing::info!(?purged, "configuration reloaded"),
+                Err(e) => tracing::error!(error = %e, "reload failed; keeping the running policy"),
+            }
+        }
+    });
 }
 
 /// Completes on SIGTERM or Ctrl-C.
@@ -110,5 +143,52 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// `parasol audit`: prints the per-host summary and every violation; exit 1 on a violation.
+fn audit(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+    let reader = std::fs::File::open(file)
+        .with_context(|| format!("cannot open audit log {}", file.display()))?;
+    let summary = parasol::audit::summarize(std::io::BufReader::new(reader))
+        .with_context(|| format!("cannot read audit log {}", file.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "{:<40} {:>9} {:>14}  {:<24} {:<24} headers",
+            "host", "requests", "bytes", "first", "last"
+        );
+        for (host, s) in &summary.hosts {
+            let names: Vec<&str> = s.header_names.iter().map(String::as_str).collect();
+            println!(
+                "{host:<40} {:>9} {:>14}  {:<24} {:<24} {}",
+                s.requests,
+                s.bytes,
+                s.first,
+                s.last,
+                names.join(",")
+            );
+        }
+        for line in &summary.unreadable_lines {
+            println!("line {line}: not an audit record (skipped)");
+        }
+        for v in &summary.violations {
+            println!(
+                "VIOLATION line {}: sent {} to {} (outside the outbound allowlist)",
+                v.line,
+                v.headers.join(", "),
+                v.host
+            );
+        }
+    }
+    if summary.violations.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "parasol: {} request(s) carried headers outside the allowlist",
+            summary.violations.len()
+        );
+        Ok(ExitCode::from(1))
     }
 }

@@ -10,12 +10,7 @@ pub const SNIFF_LEN: usize = 4096;
 
 /// Types never served as-is, even if an operator's pattern would admit them: they execute or
 /// embed script (SVG, HTML, XML) or are not media at all.
-const NEVER: &[&str] = &[
-    "image/svg+xml",
-    "text/html",
-    "application/xhtml+xml",
-    "text/xml",
-];
+const NEVER: &[&str] = &["image/svg+xml", "text/html", "application/xhtml+xml", "text/xml"];
 
 /// The compiled `media.allowed_types` patterns.
 #[derive(Debug, Clone)]
@@ -26,19 +21,12 @@ pub struct TypePolicy {
 
 impl TypePolicy {
     pub fn new(patterns: &[String]) -> Self {
-        Self {
-            patterns: patterns
-                .iter()
-                .map(|p| p.trim().to_ascii_lowercase())
-                .collect(),
-        }
+        Self { patterns: patterns.iter().map(|p| p.trim().to_ascii_lowercase()).collect() }
     }
 
     /// Sniffs `head` (the first bytes of the body) and returns the type to serve.
     pub fn sniff(&self, head: &[u8]) -> Result<&'static str, ProxyError> {
-        let mime = infer::get(head)
-            .map(|t| t.mime_type())
-            .ok_or(ProxyError::UnsupportedType)?;
+        let mime = infer::get(head).map(|t| t.mime_type()).ok_or(ProxyError::UnsupportedType)?;
         if NEVER.contains(&mime) || !self.allows(mime) {
             return Err(ProxyError::UnsupportedType);
         }
@@ -78,11 +66,7 @@ mod tests {
             b"%PDF-1.7\n",
             b"",
         ] {
-            assert!(
-                policy().sniff(body).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(body)
-            );
+            assert!(policy().sniff(body).is_err(), "{:?}", String::from_utf8_lossy(body));
         }
     }
 

@@ -19,10 +19,7 @@ pub struct Policy {
 impl Policy {
     pub fn new(config: &PolicyConfig) -> Self {
         let norm = |list: &[String]| list.iter().filter_map(|d| normalize_domain(d)).collect();
-        Self {
-            blocked: norm(&config.blocked_domains),
-            allowed: norm(&config.allowed_domains),
-        }
+        Self { blocked: norm(&config.blocked_domains), allowed: norm(&config.allowed_domains) }
     }
 
     /// Ok when `host` (a domain or an IP literal as the URL spells it) may be fetched.
@@ -38,12 +35,9 @@ impl Policy {
     }
 }
 
-/// Whether `domain` equals `host` or is a whole-label suffix of it.
-fn covers(domain: &str, host: &str) -> bool {
-    host == domain
-        || host
-            .strip_suffix(domain)
-            .is_some_and(|prefix| prefix.ends_with('.'))
+/// Whether `domain` (normalised) equals `host` or is a whole-label suffix of it.
+pub fn covers(domain: &str, host: &str) -> bool {
+    host == domain || host.strip_suffix(domain).is_some_and(|prefix| prefix.ends_with('.'))
 }
 
 /// Lowercases and checks a configured domain; `None` when it is not a plausible domain name.
@@ -52,8 +46,7 @@ pub fn normalize_domain(d: &str) -> Option<String> {
     let label_ok = |l: &str| {
         !l.is_empty()
             && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
     (!d.is_empty() && d.len() <= 253 && d.split('.').all(label_ok)).then_some(d)
 }

@@ -22,7 +22,19 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::fetch::Fetcher;
 use crate::media::{SNIFF_LEN, TypePolicy};
+use crate::policy::Policy;
 use crate::telemetry::{CacheStatus, Metrics, OutcomeLabels};
+
+/// What a purge removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PurgeReport {
+    /// Index entries (URL × variant) removed.
+    pub entries: u64,
+    /// Blobs deleted from disk (shared blobs stay while another entry names them).
+    pub blobs: u64,
+    /// Bytes those blobs held.
+    pub bytes: u64,
+}
 
 type FillResult = Result<(Arc<Entry>, CacheStatus), ProxyError>;
 
@@ -50,16 +62,11 @@ impl Proxy {
         audit: AuditLog,
         disk: BlobStore,
         index: Index,
+        metrics: Metrics,
     ) -> Self {
         let negative = moka::future::Cache::builder()
             .max_capacity(100_000)
-            .time_to_live(
-                config
-                    .cache
-                    .negative_ttl
-                    .0
-                    .max(std::time::Duration::from_millis(1)),
-            )
+            .time_to_live(config.cache.negative_ttl.0.max(std::time::Duration::from_millis(1)))
             .build();
         Self {
             memory: MemoryTier::new(config.cache.memory_bytes.0),
@@ -70,7 +77,7 @@ impl Proxy {
             disk,
             index,
             inflight: Mutex::new(HashMap::new()),
-            metrics: Metrics::new(),
+            metrics,
             config,
         }
     }
@@ -82,6 +89,9 @@ impl Proxy {
         req: &ProxyRequest,
         trigger: Trigger,
     ) -> Result<(Arc<Entry>, CacheStatus), (ProxyError, CacheStatus)> {
+        // Refused destinations and blocked domains are refused even when cached: a domain
+        // blocked a second ago is not served from memory.
+        self.fetcher.check_destination(&req.source).map_err(|e| (e, CacheStatus::Blocked))?;
         let key = req.key();
         if let Some(entry) = self.memory.get(&key).await {
             return Ok((entry, CacheStatus::HitMemory));
@@ -89,10 +99,6 @@ impl Proxy {
         if let Some(err) = self.negative.get(&key).await {
             return Err((err, CacheStatus::Negative));
         }
-        // Refuse what may never be fetched before waiting on anything.
-        self.fetcher
-            .check_destination(&req.source)
-            .map_err(|e| (e, CacheStatus::Bypass))?;
         let (mut rx, leader) = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             match inflight.get(&key) {
@@ -112,10 +118,7 @@ impl Proxy {
                         // Publish before leaving the map, so a newcomer finds either the entry
                         // in a tier or this fill, never neither.
                         let _ = tx.send(Some(result));
-                        this.inflight
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&key);
+                        this.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
                     });
                     (rx, true)
                 }
@@ -128,14 +131,11 @@ impl Proxy {
         match outcome {
             Ok((entry, status)) if leader => Ok((entry, status)),
             Ok((entry, _)) => Ok((entry, CacheStatus::Coalesced)),
-            Err(e) => Err((
-                e,
-                if leader {
-                    CacheStatus::Miss
-                } else {
-                    CacheStatus::Coalesced
-                },
-            )),
+            // A redirect into a refused destination is still a refusal, not an origin miss.
+            Err(e @ (ProxyError::BlockedDomain | ProxyError::BlockedDestination(_))) => {
+                Err((e, CacheStatus::Blocked))
+            }
+            Err(e) => Err((e, if leader { CacheStatus::Miss } else { CacheStatus::Coalesced })),
         }
     }
 
@@ -152,9 +152,7 @@ impl Proxy {
                 Err(_) => {
                     self.metrics
                         .origin
-                        .get_or_create(&OutcomeLabels {
-                            outcome: "origin_timeout",
-                        })
+                        .get_or_create(&OutcomeLabels { outcome: "origin_timeout" })
                         .inc();
                     return Err(ProxyError::OriginTimeout);
                 }
@@ -179,9 +177,8 @@ impl Proxy {
             return Ok(None);
         }
         let body = if record.len <= self.config.cache.memory_max_object_bytes.0 {
-            let bytes = tokio::fs::read(self.disk.path(&hash))
-                .await
-                .map_err(ProxyError::internal)?;
+            let bytes =
+                tokio::fs::read(self.disk.path(&hash)).await.map_err(ProxyError::internal)?;
             if blake3::hash(&bytes) != hash {
                 tracing::warn!(blob = %hash.to_hex(), "blob does not match its hash; dropped");
                 self.disk.remove(&hash).await;
@@ -192,12 +189,7 @@ impl Proxy {
         } else {
             None
         };
-        Ok(Some(Arc::new(Entry::new(
-            hash,
-            record.len,
-            &record.content_type,
-            body,
-        ))))
+        Ok(Some(Arc::new(Entry::new(hash, record.len, &record.content_type, body))))
     }
 
     /// Fetches `req.source`, streams it into a temp blob while hashing, sniffing and counting,
@@ -209,37 +201,20 @@ impl Proxy {
         trigger: Trigger,
     ) -> Result<Arc<Entry>, ProxyError> {
         let started = Instant::now();
-        let origin = self
-            .fetcher
-            .get(&req.source, trigger)
-            .await
-            .inspect_err(|e| {
-                self.metrics
-                    .origin
-                    .get_or_create(&OutcomeLabels { outcome: e.code() })
-                    .inc();
-            })?;
+        let origin = self.fetcher.get(&req.source, trigger).await.inspect_err(|e| {
+            self.metrics.origin.get_or_create(&OutcomeLabels { outcome: e.code() }).inc();
+        })?;
         let status = origin.response.status().as_u16();
         let mut response = origin.response;
         let mut received = 0u64;
-        let result = self
-            .store_body(key, req, &mut response, &mut received)
-            .await;
+        let result = self.store_body(key, req, &mut response, &mut received).await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(e) => e.code(),
         };
-        origin
-            .pending
-            .finish(&self.audit, Some(status), received, outcome)
-            .await;
-        self.metrics
-            .origin
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
-        self.metrics
-            .origin_seconds
-            .observe(started.elapsed().as_secs_f64());
+        origin.pending.finish(&self.audit, Some(status), received, outcome).await;
+        self.metrics.origin.get_or_create(&OutcomeLabels { outcome }).inc();
+        self.metrics.origin_seconds.observe(started.elapsed().as_secs_f64());
         self.metrics.bytes_fetched.inc_by(received);
         result
     }
@@ -257,11 +232,7 @@ impl Proxy {
         if declared.is_some_and(|n| n > max) {
             return Err(ProxyError::TooLarge);
         }
-        let mut temp = self
-            .disk
-            .create_temp()
-            .await
-            .map_err(ProxyError::internal)?;
+        let mut temp = self.disk.create_temp().await.map_err(ProxyError::internal)?;
         let mut hasher = blake3::Hasher::new();
         let mut head = Vec::with_capacity(SNIFF_LEN);
         let mut content_type = None;
@@ -280,10 +251,7 @@ impl Proxy {
                 }
             }
             hasher.update(&chunk);
-            temp.file
-                .write_all(&chunk)
-                .await
-                .map_err(ProxyError::internal)?;
+            temp.file.write_all(&chunk).await.map_err(ProxyError::internal)?;
             if let Some(buf) = &mut in_memory {
                 if (buf.len() + chunk.len()) as u64 > mem_max {
                     in_memory = None;
@@ -296,34 +264,71 @@ impl Proxy {
             return Err(ProxyError::OriginInvalid("empty body"));
         }
         if declared.is_some_and(|n| n != *received) {
-            return Err(ProxyError::OriginInvalid(
-                "body shorter than Content-Length",
-            ));
+            return Err(ProxyError::OriginInvalid("body shorter than Content-Length"));
         }
         let content_type = match content_type {
             Some(t) => t,
             None => self.types.sniff(&head)?,
         };
         let hash = hasher.finalize();
-        self.disk
-            .commit(temp, &hash)
-            .await
-            .map_err(ProxyError::internal)?;
+        self.disk.commit(temp, &hash).await.map_err(ProxyError::internal)?;
         let record = Record {
             hash: hash.to_hex().to_string(),
             len: *received,
             content_type: content_type.to_string(),
             url: req.source.to_string(),
-            stored_at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            stored_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         };
-        self.index
-            .put(key, &record)
-            .await
-            .map_err(ProxyError::internal)?;
+        self.index.put(key, &record).await.map_err(ProxyError::internal)?;
         let body = in_memory.map(BytesMut::freeze);
         Ok(Arc::new(Entry::new(hash, *received, content_type, body)))
+    }
+
+    /// Drops every entry whose record matches `doomed` from the index, the memory tier and,
+    /// when no other entry shares the bytes, the disk.
+    pub async fn purge(
+        &self,
+        doomed: impl Fn(&Record) -> bool + Send + 'static,
+    ) -> Result<PurgeReport, ProxyError> {
+        let purged = self.index.purge(doomed).await.map_err(ProxyError::internal)?;
+        let mut report = PurgeReport { entries: purged.removed.len() as u64, ..Default::default() };
+        let mut gone = std::collections::HashSet::new();
+        for (key, record) in &purged.removed {
+            self.memory.remove(key).await;
+            if purged.still_referenced.contains(&record.hash) || !gone.insert(&record.hash) {
+                continue;
+            }
+            if let Some(hash) = record.blake3() {
+                self.disk.remove(&hash).await;
+                report.blobs += 1;
+                report.bytes += record.len;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Applies a new `[policy]` and purges everything cached from domains it now refuses.
+    pub async fn apply_policy(
+        &self,
+        config: &crate::config::PolicyConfig,
+    ) -> Result<PurgeReport, ProxyError> {
+        let policy = Policy::new(config);
+        self.fetcher.set_policy(policy.clone());
+        let report = self
+            .purge(move |r| {
+                let host =
+                    url::Url::parse(&r.url).ok().and_then(|u| u.host_str().map(String::from));
+                host.is_none_or(|h| policy.check(&h).is_err())
+            })
+            .await?;
+        tracing::info!(
+            blocked = config.blocked_domains.len(),
+            allowed = config.allowed_domains.len(),
+            purged_entries = report.entries,
+            purged_bytes = report.bytes,
+            "domain policy applied"
+        );
+        Ok(report)
     }
 
     /// Drops an entry whose blob vanished under a served hit, so the next request refills it.

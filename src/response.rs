@@ -22,9 +22,7 @@ pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error
 const DISK_CHUNK: usize = 256 * 1024;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
 pub fn empty() -> Body {
@@ -36,19 +34,10 @@ pub fn error(e: &ProxyError) -> Response<Body> {
     let mut response = Response::new(full(format!("{}\n", e.public_message())));
     *response.status_mut() = e.status();
     let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(crate::cache::CSP),
-    );
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(crate::cache::CSP));
     h.insert("x-parasol-error", HeaderValue::from_static(e.code()));
     if matches!(e, ProxyError::MethodNotAllowed) {
         h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
@@ -68,11 +57,7 @@ pub async fn serve(
         let mut response = Response::new(empty());
         *response.status_mut() = StatusCode::NOT_MODIFIED;
         let h = response.headers_mut();
-        for name in [
-            header::ETAG,
-            header::CACHE_CONTROL,
-            header::CONTENT_SECURITY_POLICY,
-        ] {
+        for name in [header::ETAG, header::CACHE_CONTROL, header::CONTENT_SECURITY_POLICY] {
             if let Some(v) = entry.headers.get(&name) {
                 h.insert(name, v.clone());
             }
@@ -85,11 +70,7 @@ pub async fn serve(
         Err(()) => return Ok((unsatisfiable(entry), 0)),
     };
     let len = range.end() - range.start() + 1;
-    let body = if method == Method::HEAD {
-        empty()
-    } else {
-        body(entry, disk, &range).await?
-    };
+    let body = if method == Method::HEAD { empty() } else { body(entry, disk, &range).await? };
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let h = response.headers_mut();
@@ -97,10 +78,7 @@ pub async fn serve(
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if status == StatusCode::PARTIAL_CONTENT {
         let value = format!("bytes {}-{}/{}", range.start(), range.end(), entry.len);
-        h.insert(
-            header::CONTENT_RANGE,
-            HeaderValue::from_str(&value).expect("digits"),
-        );
+        h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&value).expect("digits"));
     }
     let sent = if method == Method::HEAD { 0 } else { len };
     Ok((response, sent))
@@ -115,19 +93,15 @@ async fn body(
     if let Some(bytes) = &entry.body {
         return Ok(full(bytes.slice(start as usize..=end as usize)));
     }
-    let mut file = tokio::fs::File::open(disk.path(&entry.hash))
-        .await
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                ProxyError::internal("blob vanished")
-            } else {
-                ProxyError::internal(e)
-            }
-        })?;
+    let mut file = tokio::fs::File::open(disk.path(&entry.hash)).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ProxyError::internal("blob vanished")
+        } else {
+            ProxyError::internal(e)
+        }
+    })?;
     if start > 0 {
-        file.seek(SeekFrom::Start(start))
-            .await
-            .map_err(ProxyError::internal)?;
+        file.seek(SeekFrom::Start(start)).await.map_err(ProxyError::internal)?;
     }
     let stream =
         tokio_util::io::ReaderStream::with_capacity(file.take(end - start + 1), DISK_CHUNK);
@@ -170,10 +144,9 @@ fn wanted_range(entry: &Entry, headers: &HeaderMap) -> Result<Option<RangeInclus
 fn unsatisfiable(entry: &Entry) -> Response<Body> {
     let mut response = error_like(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n");
     let value = format!("bytes */{}", entry.len);
-    response.headers_mut().insert(
-        header::CONTENT_RANGE,
-        HeaderValue::from_str(&value).expect("digits"),
-    );
+    response
+        .headers_mut()
+        .insert(header::CONTENT_RANGE, HeaderValue::from_str(&value).expect("digits"));
     response
 }
 
@@ -181,10 +154,7 @@ fn error_like(status: StatusCode, text: &'static str) -> Response<Body> {
     let mut response = Response::new(full(text));
     *response.status_mut() = status;
     let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }

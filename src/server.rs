@@ -47,9 +47,7 @@ pub async fn serve<S, F>(
 {
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+    builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -103,11 +101,7 @@ pub async fn handle_public(public: Arc<Public>, req: Request<Incoming>) -> Respo
     proxy.metrics.cache_result(cache);
     proxy.metrics.bytes_served.inc_by(sent);
     let status = response.status().as_u16();
-    proxy
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels { route, status })
-        .inc();
+    proxy.metrics.requests.get_or_create(&RequestLabels { route, status }).inc();
     tracing::debug!(
         route,
         status,

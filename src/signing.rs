@@ -33,9 +33,7 @@ impl std::fmt::Debug for Signer {
 impl Signer {
     /// `keys` must be non-empty; the configuration validated their length.
     pub fn new(keys: impl IntoIterator<Item = impl AsRef<[u8]>>) -> Self {
-        Self {
-            keys: keys.into_iter().map(|k| k.as_ref().to_vec()).collect(),
-        }
+        Self { keys: keys.into_iter().map(|k| k.as_ref().to_vec()).collect() }
     }
 
     /// Base64url (no padding) HMAC-SHA256 of `message` under the signing key.
@@ -52,9 +50,7 @@ impl Signer {
         if tag.len() != TAG_LEN {
             return false;
         }
-        self.keys.iter().fold(false, |ok, key| {
-            mac(key, message).verify_slice(&tag).is_ok() | ok
-        })
+        self.keys.iter().fold(false, |ok, key| mac(key, message).verify_slice(&tag).is_ok() | ok)
     }
 }
 
@@ -113,10 +109,8 @@ mod tests {
     #[test]
     fn rotation_old_key_verifies_new_key_signs() {
         let old = Signer::new(["old-key-old-key-old-key-old-key-0"]);
-        let rotated = Signer::new([
-            "new-key-new-key-new-key-new-key-1",
-            "old-key-old-key-old-key-old-key-0",
-        ]);
+        let rotated =
+            Signer::new(["new-key-new-key-new-key-new-key-1", "old-key-old-key-old-key-old-key-0"]);
         let sig = old.sign(b"aHR0cHM6Ly94LnRlc3Qv");
         assert!(rotated.verify(&sig, b"aHR0cHM6Ly94LnRlc3Qv"));
         assert_ne!(rotated.sign(b"aHR0cHM6Ly94LnRlc3Qv"), sig);
@@ -128,17 +122,11 @@ mod tests {
         let s = Signer::new(["k".repeat(32)]);
         let sig = s.sign(b"m");
         assert!(s.verify(&sig, b"m"));
-        assert!(
-            !s.verify(&format!("{sig}="), b"m"),
-            "padding is not canonical"
-        );
+        assert!(!s.verify(&format!("{sig}="), b"m"), "padding is not canonical");
         assert!(!s.verify(&sig[..20], b"m"), "truncated tag");
         let std_alphabet = sig.replace('-', "+").replace('_', "/");
         if std_alphabet != sig {
-            assert!(
-                !s.verify(&std_alphabet, b"m"),
-                "standard alphabet is refused"
-            );
+            assert!(!s.verify(&std_alphabet, b"m"), "standard alphabet is refused");
         }
     }
 }

@@ -22,7 +22,9 @@ pub enum CacheStatus {
     Coalesced,
     /// Answered from the negative cache: the origin failed moments ago.
     Negative,
-    /// Never looked up (refused before the cache: bad URL, signature, policy).
+    /// Refused by the destination guard or the domain policy, before any lookup.
+    Blocked,
+    /// Never looked up (refused before the cache: bad URL, signature, method).
     Bypass,
 }
 
@@ -34,6 +36,7 @@ impl CacheStatus {
             CacheStatus::Miss => "miss",
             CacheStatus::Coalesced => "coalesced",
             CacheStatus::Negative => "negative",
+            CacheStatus::Blocked => "blocked",
             CacheStatus::Bypass => "bypass",
         }
     }
@@ -71,6 +74,7 @@ pub struct Metrics {
     pub bytes_fetched: Counter,
     pub cache_bytes: Family<TierLabels, Gauge>,
     pub cache_entries: Family<TierLabels, Gauge>,
+    pub audit_violations: Counter,
 }
 
 impl Default for Metrics {
@@ -91,7 +95,7 @@ impl Metrics {
         let cache = Family::<CacheLabels, Counter>::default();
         registry.register(
             "cache_results",
-            "Cache decisions: hit_memory, hit_disk, miss, coalesced, negative, bypass",
+            "Cache decisions: hit_memory, hit_disk, miss, coalesced, negative, blocked, bypass",
             cache.clone(),
         );
         let origin = Family::<OutcomeLabels, Counter>::default();
@@ -108,11 +112,7 @@ impl Metrics {
             origin_seconds.clone(),
         );
         let bytes_served = Counter::default();
-        registry.register(
-            "served_bytes",
-            "Body bytes sent to viewers",
-            bytes_served.clone(),
-        );
+        registry.register("served_bytes", "Body bytes sent to viewers", bytes_served.clone());
         let bytes_fetched = Counter::default();
         registry.register(
             "fetched_bytes",
@@ -120,18 +120,17 @@ impl Metrics {
             bytes_fetched.clone(),
         );
         let cache_bytes = Family::<TierLabels, Gauge>::default();
-        registry.register(
-            "cache_bytes",
-            "Bytes held per cache tier",
-            cache_bytes.clone(),
-        );
+        registry.register("cache_bytes", "Bytes held per cache tier", cache_bytes.clone());
         let cache_entries = Family::<TierLabels, Gauge>::default();
+        registry.register("cache_entries", "Entries held per cache tier", cache_entries.clone());
+        let audit_violations = Counter::default();
         registry.register(
-            "cache_entries",
-            "Entries held per cache tier",
-            cache_entries.clone(),
+            "audit_violations",
+            "Outbound requests that carried a header outside the allowlist (should stay 0)",
+            audit_violations.clone(),
         );
         Self {
+            audit_violations,
             registry,
             requests,
             cache,
@@ -145,11 +144,7 @@ impl Metrics {
     }
 
     pub fn cache_result(&self, status: CacheStatus) {
-        self.cache
-            .get_or_create(&CacheLabels {
-                result: status.as_str(),
-            })
-            .inc();
+        self.cache.get_or_create(&CacheLabels { result: status.as_str() }).inc();
     }
 
     /// Prometheus text exposition of every metric.
@@ -167,9 +162,7 @@ impl Metrics {
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = if std::env::var("PARASOL_LOG_FORMAT").is_ok_and(|v| v == "json") {
         builder.json().try_init()
     } else {

@@ -16,9 +16,7 @@ pub const PREFIX: &str = "/m/";
 /// Parses `path` (which starts with [`PREFIX`]). The signature is checked before the source is
 /// decoded, so unsigned input is never parsed as a URL.
 pub fn parse(path: &str, signer: &Signer) -> Result<ProxyRequest, ProxyError> {
-    let rest = path
-        .strip_prefix(PREFIX)
-        .ok_or(ProxyError::BadUrl("not a native URL"))?;
+    let rest = path.strip_prefix(PREFIX).ok_or(ProxyError::BadUrl("not a native URL"))?;
     let mut parts = rest.split('/');
     let (Some(sig), Some(src64)) = (parts.next(), parts.next()) else {
         return Err(ProxyError::BadUrl("expected /m/<signature>/<source>"));
@@ -27,9 +25,7 @@ pub fn parse(path: &str, signer: &Signer) -> Result<ProxyRequest, ProxyError> {
         (None, _) => None,
         (Some(v), None) if is_variant_name(v) => Some(v.to_string()),
         _ => {
-            return Err(ProxyError::BadUrl(
-                "expected /m/<signature>/<source>/<variant>",
-            ));
+            return Err(ProxyError::BadUrl("expected /m/<signature>/<source>/<variant>"));
         }
     };
     if sig.is_empty() || src64.is_empty() {
@@ -42,17 +38,13 @@ pub fn parse(path: &str, signer: &Signer) -> Result<ProxyRequest, ProxyError> {
         .decode(src64)
         .map_err(|_| ProxyError::BadUrl("source is not base64url without padding"))?;
     let text = String::from_utf8(raw).map_err(|_| ProxyError::BadUrl("source is not UTF-8"))?;
-    Ok(ProxyRequest {
-        source: parse_source(&text)?,
-        variant,
-    })
+    Ok(ProxyRequest { source: parse_source(&text)?, variant })
 }
 
 fn is_variant_name(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= 32
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// The native URL for `source` under `base` (`server.public_base_url`).
@@ -85,51 +77,21 @@ mod tests {
         let req = parse(&path_of(&url), &signer()).unwrap();
         assert_eq!(req.source.as_str(), "https://remote.test/cat.jpg");
         assert_eq!(req.variant, None);
-        let url = sign_url(
-            &base,
-            &signer(),
-            "https://remote.test/cat.jpg",
-            Some("avatar"),
-        );
-        assert_eq!(
-            parse(&path_of(&url), &signer()).unwrap().variant.as_deref(),
-            Some("avatar")
-        );
+        let url = sign_url(&base, &signer(), "https://remote.test/cat.jpg", Some("avatar"));
+        assert_eq!(parse(&path_of(&url), &signer()).unwrap().variant.as_deref(), Some("avatar"));
     }
 
     #[test]
     fn signature_is_over_src64_and_checked_first() {
         let base = Url::parse("http://p.test").unwrap();
-        let good = path_of(&sign_url(
-            &base,
-            &signer(),
-            "https://remote.test/a.png",
-            None,
-        ));
-        let other = path_of(&sign_url(
-            &base,
-            &signer(),
-            "https://remote.test/b.png",
-            None,
-        ));
+        let good = path_of(&sign_url(&base, &signer(), "https://remote.test/a.png", None));
+        let other = path_of(&sign_url(&base, &signer(), "https://remote.test/b.png", None));
         let (g, o): (Vec<_>, Vec<_>) = (good.split('/').collect(), other.split('/').collect());
         let swapped = format!("/m/{}/{}", g[2], o[3]);
-        assert!(matches!(
-            parse(&swapped, &signer()),
-            Err(ProxyError::BadSignature)
-        ));
+        assert!(matches!(parse(&swapped, &signer()), Err(ProxyError::BadSignature)));
         // Garbage source with a garbage signature: refused as a bad signature, not parsed.
-        assert!(matches!(
-            parse("/m/AAAA/!!!", &signer()),
-            Err(ProxyError::BadSignature)
-        ));
-        assert!(matches!(
-            parse("/m/", &signer()),
-            Err(ProxyError::BadUrl(_))
-        ));
-        assert!(matches!(
-            parse(&format!("{good}/a/b"), &signer()),
-            Err(ProxyError::BadUrl(_))
-        ));
+        assert!(matches!(parse("/m/AAAA/!!!", &signer()), Err(ProxyError::BadSignature)));
+        assert!(matches!(parse("/m/", &signer()), Err(ProxyError::BadUrl(_))));
+        assert!(matches!(parse(&format!("{good}/a/b"), &signer()), Err(ProxyError::BadUrl(_))));
     }
 }

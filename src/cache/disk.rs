@@ -39,11 +39,7 @@ impl Drop for TempBlob {
 impl BlobStore {
     /// Opens the store under `dir`, creating it, and sweeps leftovers from the temp area.
     pub fn open(dir: &Path, fsync: bool) -> io::Result<Self> {
-        let store = Self {
-            blobs: dir.join("blobs"),
-            tmp: dir.join("tmp"),
-            fsync,
-        };
+        let store = Self { blobs: dir.join("blobs"), tmp: dir.join("tmp"), fsync };
         std::fs::create_dir_all(&store.blobs)?;
         let _ = std::fs::remove_dir_all(&store.tmp);
         std::fs::create_dir_all(&store.tmp)?;
@@ -53,21 +49,14 @@ impl BlobStore {
     /// `blobs/ab/cd/abcd…`: two levels of fan-out keep directories small at millions of blobs.
     pub fn path(&self, hash: &blake3::Hash) -> PathBuf {
         let hex = hash.to_hex();
-        self.blobs
-            .join(&hex[0..2])
-            .join(&hex[2..4])
-            .join(hex.as_str())
+        self.blobs.join(&hex[0..2]).join(&hex[2..4]).join(hex.as_str())
     }
 
     pub async fn create_temp(&self) -> io::Result<TempBlob> {
         let mut name = [0u8; 16];
         getrandom::fill(&mut name).map_err(|e| io::Error::other(e.to_string()))?;
         let path = self.tmp.join(hex::encode(name));
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .await?;
+        let file = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&path).await?;
         Ok(TempBlob {
             file: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file),
             path,
@@ -92,10 +81,7 @@ impl BlobStore {
 
     /// Size of the blob on disk, or `None` when it is missing.
     pub async fn len(&self, hash: &blake3::Hash) -> Option<u64> {
-        tokio::fs::metadata(self.path(hash))
-            .await
-            .ok()
-            .map(|m| m.len())
+        tokio::fs::metadata(self.path(hash)).await.ok().map(|m| m.len())
     }
 
     pub async fn remove(&self, hash: &blake3::Hash) {

@@ -8,7 +8,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use redb::{ReadableDatabase, TableDefinition};
+use std::collections::HashSet;
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::Key;
@@ -88,11 +90,72 @@ impl Index {
         let db = self.db.clone();
         blocking(move || {
             let txn = db.begin_write().map_err(err)?;
-            txn.open_table(ENTRIES)
-                .map_err(err)?
-                .remove(key.0.as_slice())
-                .map_err(err)?;
+            txn.open_table(ENTRIES).map_err(err)?.remove(key.0.as_slice()).map_err(err)?;
             txn.commit().map_err(err)
+        })
+        .await
+    }
+}
+
+/// What [`Index::purge`] removed, and which blobs remain referenced by other records (a blob is
+/// shared by every URL with the same bytes, so it may only go when no record names it).
+#[derive(Debug, Default)]
+pub struct Purged {
+    pub removed: Vec<(Key, Record)>,
+    pub still_referenced: HashSet<String>,
+}
+
+impl Index {
+    /// Removes, in one transaction, every record for which `doomed` is true.
+    pub async fn purge(
+        &self,
+        doomed: impl Fn(&Record) -> bool + Send + 'static,
+    ) -> Result<Purged, IndexError> {
+        let db = self.db.clone();
+        blocking(move || {
+            let mut purged = Purged::default();
+            let txn = db.begin_write().map_err(err)?;
+            {
+                let mut table = txn.open_table(ENTRIES).map_err(err)?;
+                table
+                    .retain(|k, v| {
+                        let Ok(record) = serde_json::from_slice::<Record>(v) else {
+                            return false; // unreadable: drop it, the object will be refetched
+                        };
+                        if doomed(&record) {
+                            let key = Key(k.try_into().unwrap_or([0; 32]));
+                            purged.removed.push((key, record));
+                            false
+                        } else {
+                            purged.still_referenced.insert(record.hash);
+                            true
+                        }
+                    })
+                    .map_err(err)?;
+            }
+            txn.commit().map_err(err)?;
+            Ok(purged)
+        })
+        .await
+    }
+
+    /// Number of records and bytes of the distinct blobs they name.
+    pub async fn usage(&self) -> Result<(u64, u64), IndexError> {
+        let db = self.db.clone();
+        blocking(move || {
+            let txn = db.begin_read().map_err(err)?;
+            let table = txn.open_table(ENTRIES).map_err(err)?;
+            let (mut entries, mut bytes, mut seen) = (0u64, 0u64, HashSet::new());
+            for item in table.iter().map_err(err)? {
+                let (_, v) = item.map_err(err)?;
+                entries += 1;
+                if let Ok(record) = serde_json::from_slice::<Record>(v.value()) {
+                    if seen.insert(record.hash) {
+                        bytes += record.len;
+                    }
+                }
+            }
+            Ok((entries, bytes))
         })
         .await
     }

@@ -121,11 +121,7 @@ impl Guard {
             IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
-        if self
-            .allow
-            .iter()
-            .any(|n| n.contains(&ip) || n.contains(&unwrapped))
-        {
+        if self.allow.iter().any(|n| n.contains(&ip) || n.contains(&unwrapped)) {
             return Ok(());
         }
         match special_purpose(ip) {
@@ -156,10 +152,7 @@ impl Lookup for SystemLookup {
     fn lookup(&self, host: &str) -> Pin<Box<dyn Future<Output = io::Result<Vec<IpAddr>>> + Send>> {
         let host = host.to_string();
         Box::pin(async move {
-            Ok(tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .map(|a| a.ip())
-                .collect())
+            Ok(tokio::net::lookup_host((host.as_str(), 0)).await?.map(|a| a.ip()).collect())
         })
     }
 }
@@ -177,10 +170,7 @@ impl StaticLookup {
 
 impl Lookup for StaticLookup {
     fn lookup(&self, host: &str) -> Pin<Box<dyn Future<Output = io::Result<Vec<IpAddr>>> + Send>> {
-        let found = self
-            .0
-            .get(&host.trim_end_matches('.').to_ascii_lowercase())
-            .cloned();
+        let found = self.0.get(&host.trim_end_matches('.').to_ascii_lowercase()).cloned();
         Box::pin(async move {
             found.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "name not in table"))
         })
@@ -199,10 +189,8 @@ impl reqwest::dns::Resolve for GuardedResolver {
         let this = self.clone();
         Box::pin(async move {
             if is_local_name(name.as_str()) {
-                let refused = Refused {
-                    addr: Ipv4Addr::LOCALHOST.into(),
-                    reason: "localhost name",
-                };
+                let refused =
+                    Refused { addr: Ipv4Addr::LOCALHOST.into(), reason: "localhost name" };
                 return Err(Box::new(refused) as Box<dyn std::error::Error + Send + Sync>);
             }
             let addrs = this.lookup.lookup(name.as_str()).await?;
@@ -210,10 +198,8 @@ impl reqwest::dns::Resolve for GuardedResolver {
                 this.guard.check(*ip)?;
             }
             if addrs.is_empty() {
-                return Err(
-                    Box::new(io::Error::new(io::ErrorKind::NotFound, "no addresses"))
-                        as Box<dyn std::error::Error + Send + Sync>,
-                );
+                return Err(Box::new(io::Error::new(io::ErrorKind::NotFound, "no addresses"))
+                    as Box<dyn std::error::Error + Send + Sync>);
             }
             let iter: reqwest::dns::Addrs =
                 Box::new(addrs.into_iter().map(|ip| SocketAddr::new(ip, 0)));
@@ -254,14 +240,8 @@ mod tests {
         ] {
             assert!(refused(s), "{s} must be refused");
         }
-        for s in [
-            "1.1.1.1",
-            "8.8.8.8",
-            "100.63.255.255",
-            "100.128.0.0",
-            "172.15.0.1",
-            "172.32.0.1",
-        ] {
+        for s in ["1.1.1.1", "8.8.8.8", "100.63.255.255", "100.128.0.0", "172.15.0.1", "172.32.0.1"]
+        {
             assert!(!refused(s), "{s} is public");
         }
     }
@@ -290,12 +270,7 @@ mod tests {
         ] {
             assert!(refused(s), "{s} must be refused");
         }
-        for s in [
-            "2606:4700::1111",
-            "2a00:1450:4001::200e",
-            "::ffff:8.8.8.8",
-            "64:ff9b::808:808",
-        ] {
+        for s in ["2606:4700::1111", "2a00:1450:4001::200e", "::ffff:8.8.8.8", "64:ff9b::808:808"] {
             assert!(!refused(s), "{s} is public");
         }
     }

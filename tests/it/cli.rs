@@ -23,33 +23,16 @@ fn parasol(cwd: &Path) -> Command {
 fn sign_uses_one_generated_key_kept_in_the_cache_dir() {
     let dir = tempfile::tempdir().unwrap();
     let run = || {
-        parasol(dir.path())
-            .args(["sign", "https://remote.test/media/cat.jpg"])
-            .output()
-            .unwrap()
+        parasol(dir.path()).args(["sign", "https://remote.test/media/cat.jpg"]).output().unwrap()
     };
     let first = run();
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
     let url = String::from_utf8(first.stdout.clone()).unwrap();
     assert!(url.starts_with("http://127.0.0.1:8080/m/"), "{url}");
-    assert!(
-        String::from_utf8_lossy(&first.stderr).contains("generated key"),
-        "a warning says so"
-    );
+    assert!(String::from_utf8_lossy(&first.stderr).contains("generated key"), "a warning says so");
     assert!(dir.path().join("cache/signing.key").exists());
-    assert_eq!(
-        run().stdout,
-        first.stdout,
-        "the key is generated once and kept"
-    );
-    let bad = parasol(dir.path())
-        .args(["sign", "ftp://remote.test/x"])
-        .output()
-        .unwrap();
+    assert_eq!(run().stdout, first.stdout, "the key is generated once and kept");
+    let bad = parasol(dir.path()).args(["sign", "ftp://remote.test/x"]).output().unwrap();
     assert!(!bad.status.success());
 }
 
@@ -69,15 +52,9 @@ fn check_config_redacts_secrets_and_names_bad_keys() {
         .unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(out.status.success());
-    assert!(
-        !text.contains("super-secret") && !text.contains("tok-secret"),
-        "{text}"
-    );
+    assert!(!text.contains("super-secret") && !text.contains("tok-secret"), "{text}");
     assert!(text.contains("<redacted>"));
-    assert!(
-        text.contains("disk_bytes = \"20GiB\""),
-        "env override applied: {text}"
-    );
+    assert!(text.contains("disk_bytes = \"20GiB\""), "env override applied: {text}");
 
     std::fs::write(&cfg, "[cache]\ndisk_byte = \"1GiB\"\n").unwrap();
     let out = parasol(dir.path())
@@ -85,10 +62,7 @@ fn check_config_redacts_secrets_and_names_bad_keys() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("disk_byte"),
-        "names the bad key"
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("disk_byte"), "names the bad key");
 
     let out = parasol(dir.path())
         .args(["check-config"])
@@ -107,11 +81,7 @@ fn the_example_config_is_valid() {
         .args(["check-config", "--config", example.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A child parasol that is killed if the test fails before stopping it.
@@ -126,18 +96,14 @@ impl Drop for Running {
 
 impl Running {
     fn sigterm(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status()
-            .unwrap();
+        let status =
+            Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status().unwrap();
         assert!(status.success());
     }
 
     async fn wait(mut self) -> std::process::ExitStatus {
         let mut child = std::mem::replace(&mut self.0, Command::new("true").spawn().unwrap());
-        tokio::task::spawn_blocking(move || child.wait().unwrap())
-            .await
-            .unwrap()
+        tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap()
     }
 }
 
@@ -174,10 +140,7 @@ fn spawn_serving(cwd: &Path, envs: &[(&str, &str)]) -> (Running, SocketAddr, Soc
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let origin = Origin::start("127.0.0.4").await;
     let img = png_bytes(50_000, 30);
-    origin.route(
-        "/slow.png",
-        Route::ok(img.clone()).delay(Duration::from_millis(700)),
-    );
+    origin.route("/slow.png", Route::ok(img.clone()).delay(Duration::from_millis(700)));
     let dir = tempfile::tempdir().unwrap();
     let envs = [
         ("PARASOL__FETCH__ALLOW_NETWORKS", "[\"127.0.0.4/32\"]"),
@@ -186,49 +149,28 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let (child, public, admin) = spawn_serving(dir.path(), &envs);
     assert_eq!(get(&format!("http://{admin}/healthz")).await.status(), 200);
     assert_eq!(get(&format!("http://{admin}/readyz")).await.status(), 200);
-    let metrics = get(&format!("http://{admin}/metrics"))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let metrics = get(&format!("http://{admin}/metrics")).await.text().await.unwrap();
     assert!(metrics.contains("# HELP parasol_served_bytes"), "{metrics}");
 
     let base = url::Url::parse(&format!("http://{public}/")).unwrap();
     let signer = parasol::signing::Signer::new([KEY]);
     let url = parasol::api::native::sign_url(&base, &signer, &origin.url("/slow.png"), None);
     let in_flight = tokio::spawn(async move { get(&url).await });
-    assert!(
-        eventually(|| origin.hits("/slow.png") == 1).await,
-        "the fill has started"
-    );
+    assert!(eventually(|| origin.hits("/slow.png") == 1).await, "the fill has started");
     child.sigterm();
     let r = in_flight.await.unwrap();
     assert_eq!(r.status(), 200, "the in-flight request completes");
     assert_eq!(body(r).await, img);
     let status = child.wait().await;
     assert!(status.success(), "exit status {status:?}");
-    assert!(
-        client()
-            .get(format!("http://{public}/"))
-            .send()
-            .await
-            .is_err(),
-        "no longer listening"
-    );
+    assert!(client().get(format!("http://{public}/")).send().await.is_err(), "no longer listening");
 }
 
 #[tokio::test]
 async fn defaults_start_on_a_fresh_directory() {
     let dir = tempfile::tempdir().unwrap();
     let (child, _public, admin) = spawn_serving(dir.path(), &[]);
-    assert_eq!(
-        get(&format!("http://{admin}/healthz"))
-            .await
-            .text()
-            .await
-            .unwrap(),
-        "ok\n"
-    );
+    assert_eq!(get(&format!("http://{admin}/healthz")).await.text().await.unwrap(), "ok\n");
     assert!(dir.path().join("cache/signing.key").exists());
     assert!(dir.path().join("cache/index.redb").exists());
     child.sigterm();

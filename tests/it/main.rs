@@ -1,6 +1,7 @@
 //! Integration tests, all in one binary (ripgrep's layout): real hyper origins on 127.0.0.x at
 //! port 0, parasol in process or as a child process, real files in temp dirs.
 
+mod admin;
 mod cli;
 mod privacy;
 mod proxy;

@@ -15,10 +15,7 @@ const VIEWER_HEADERS: [(&str, &str); 20] = [
     ("authorization", "Bearer viewer-token"),
     ("referer", "https://instance.test/@alice/123"),
     ("accept-language", "de-CH,de;q=0.9"),
-    (
-        "user-agent",
-        "Mozilla/5.0 (ViewerBrowser) Gecko/20100101 Firefox/999.0",
-    ),
+    ("user-agent", "Mozilla/5.0 (ViewerBrowser) Gecko/20100101 Firefox/999.0"),
     ("dnt", "1"),
     ("sec-ch-ua", "\"ViewerBrand\";v=\"1\""),
     ("sec-ch-ua-platform", "\"ViewerOS\""),
@@ -34,13 +31,8 @@ const VIEWER_HEADERS: [(&str, &str); 20] = [
 ];
 
 /// DESIGN.md §1.5: what may reach an origin.
-const OUTBOUND_ALLOWLIST: [&str; 5] = [
-    "host",
-    "user-agent",
-    "accept",
-    "accept-encoding",
-    "connection",
-];
+const OUTBOUND_ALLOWLIST: [&str; 5] =
+    ["host", "user-agent", "accept", "accept-encoding", "connection"];
 
 #[tokio::test]
 async fn origin_sees_none_of_the_viewers_headers() {
@@ -61,31 +53,15 @@ async fn origin_sees_none_of_the_viewers_headers() {
     assert_eq!(seen.len(), 1);
     let headers = &seen[0].headers;
     for name in headers.keys() {
-        assert!(
-            OUTBOUND_ALLOWLIST.contains(&name.as_str()),
-            "origin received {name}"
-        );
+        assert!(OUTBOUND_ALLOWLIST.contains(&name.as_str()), "origin received {name}");
     }
-    assert!(
-        headers["user-agent"]
-            .to_str()
-            .unwrap()
-            .starts_with("parasol/")
-    );
+    assert!(headers["user-agent"].to_str().unwrap().starts_with("parasol/"));
     assert_eq!(headers["accept-encoding"], "identity");
     let all: String = headers.values().map(|v| v.to_str().unwrap_or("")).collect();
     // Values long enough to be distinctive (not "1" or "?0", which occur anywhere).
-    let distinctive = || {
-        VIEWER_HEADERS
-            .iter()
-            .map(|(_, v)| *v)
-            .filter(|v| v.len() > 4)
-    };
+    let distinctive = || VIEWER_HEADERS.iter().map(|(_, v)| *v).filter(|v| v.len() > 4);
     for value in distinctive() {
-        assert!(
-            !all.contains(value),
-            "viewer value {value:?} reached the origin"
-        );
+        assert!(!all.contains(value), "viewer value {value:?} reached the origin");
     }
 
     // The audit log names exactly what was sent, and nothing of the viewer.
@@ -102,16 +78,10 @@ async fn origin_sees_none_of_the_viewers_headers() {
     assert_eq!(record["addr"], origin.addr.to_string());
     let logged: Vec<&String> = record["headers"].as_object().unwrap().keys().collect();
     for name in &logged {
-        assert!(
-            OUTBOUND_ALLOWLIST.contains(&name.as_str()),
-            "audit lists {name}"
-        );
+        assert!(OUTBOUND_ALLOWLIST.contains(&name.as_str()), "audit lists {name}");
     }
     for value in distinctive() {
-        assert!(
-            !line.contains(value),
-            "viewer value {value:?} is in the audit log"
-        );
+        assert!(!line.contains(value), "viewer value {value:?} is in the audit log");
     }
     p.stop().await;
 }
@@ -147,17 +117,9 @@ async fn loopback_origin_not_in_allow_networks_is_never_dialed() {
     ] {
         let r = get(&p.url(&source)).await;
         assert_eq!(r.status(), 403, "{source}");
-        assert_eq!(
-            r.text().await.unwrap(),
-            "destination not allowed\n",
-            "{source}"
-        );
+        assert_eq!(r.text().await.unwrap(), "destination not allowed\n", "{source}");
     }
-    assert_eq!(
-        forbidden.connections(),
-        0,
-        "the forbidden origin was never connected to"
-    );
+    assert_eq!(forbidden.connections(), 0, "the forbidden origin was never connected to");
     assert_eq!(p.blob_count(), 0);
     p.stop().await;
 }
@@ -174,21 +136,14 @@ async fn redirects_within_allowed_origins_are_followed_and_bounded() {
     let p = Parasol::start(config(dir.path(), &["127.0.0.2/32"])).await;
     assert_eq!(body(get(&p.url(&origin.url("/r1"))).await).await, img);
     assert_eq!(get(&p.url(&origin.url("/loop"))).await.status(), 502);
-    assert_eq!(
-        origin.hits("/loop"),
-        6,
-        "one request plus fetch.max_redirects (5) hops"
-    );
+    assert_eq!(origin.hits("/loop"), 6, "one request plus fetch.max_redirects (5) hops");
     p.stop().await;
 }
 
 #[tokio::test]
 async fn a_slow_origin_times_out_with_504() {
     let origin = Origin::start("127.0.0.2").await;
-    origin.route(
-        "/stuck.png",
-        Route::ok(png_bytes(100, 23)).delay(Duration::from_secs(30)),
-    );
+    origin.route("/stuck.png", Route::ok(png_bytes(100, 23)).delay(Duration::from_secs(30)));
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path(), &["127.0.0.2/32"]);
     cfg.fetch.timeout = parasol::config::Dur(Duration::from_millis(300));

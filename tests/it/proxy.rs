@@ -8,10 +8,7 @@ use crate::util::*;
 async fn first_request_fetches_once_then_memory_serves() {
     let origin = Origin::start("127.0.0.2").await;
     let img = png_bytes(20_000, 1);
-    origin.route(
-        "/cat.png",
-        Route::ok(img.clone()).header("content-type", "image/png"),
-    );
+    origin.route("/cat.png", Route::ok(img.clone()).header("content-type", "image/png"));
     let dir = tempfile::tempdir().unwrap();
     let p = Parasol::start(config(dir.path(), &["127.0.0.2/32"])).await;
     let url = p.url(&origin.url("/cat.png"));
@@ -20,20 +17,10 @@ async fn first_request_fetches_once_then_memory_serves() {
         assert_eq!(r.status(), 200);
         assert_eq!(body(r).await, img);
     }
-    assert_eq!(
-        origin.hits("/cat.png"),
-        1,
-        "later requests never reach the origin"
-    );
+    assert_eq!(origin.hits("/cat.png"), 1, "later requests never reach the origin");
     let metrics = get(&p.admin_url("/metrics")).await.text().await.unwrap();
-    assert!(
-        metrics.contains("parasol_cache_results_total{result=\"hit_memory\"} 4"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("parasol_cache_results_total{result=\"miss\"} 1"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("parasol_cache_results_total{result=\"hit_memory\"} 4"), "{metrics}");
+    assert!(metrics.contains("parasol_cache_results_total{result=\"miss\"} 1"), "{metrics}");
     p.stop().await;
 }
 
@@ -62,11 +49,7 @@ async fn response_headers_etag_is_blake3_and_type_is_sniffed() {
     assert_eq!(h["accept-ranges"], "bytes");
     assert_eq!(h["content-security-policy"], "default-src 'none'; sandbox");
     assert_eq!(h["x-content-type-options"], "nosniff");
-    for leaked in [
-        "set-cookie",
-        "x-origin-secret",
-        "access-control-allow-origin",
-    ] {
+    for leaked in ["set-cookie", "x-origin-secret", "access-control-allow-origin"] {
         assert!(!h.contains_key(leaked), "{leaked} must not pass through");
     }
     assert_eq!(body(r).await, img);
@@ -83,17 +66,8 @@ async fn not_modified_and_ranges_come_from_cache() {
     let url = p.url(&origin.url("/v.png"));
     let etag = etag_of(&img);
 
-    let r = client()
-        .get(&url)
-        .header("if-none-match", &etag)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status(),
-        304,
-        "a cold conditional request is filled, then answered 304"
-    );
+    let r = client().get(&url).header("if-none-match", &etag).send().await.unwrap();
+    assert_eq!(r.status(), 304, "a cold conditional request is filled, then answered 304");
     assert_eq!(r.headers()["etag"].to_str().unwrap(), etag);
     let r = client()
         .get(&url)
@@ -102,45 +76,20 @@ async fn not_modified_and_ranges_come_from_cache() {
         .await
         .unwrap();
     assert_eq!(r.status(), 304);
-    let r = client()
-        .get(&url)
-        .header("if-none-match", "\"other\"")
-        .send()
-        .await
-        .unwrap();
+    let r = client().get(&url).header("if-none-match", "\"other\"").send().await.unwrap();
     assert_eq!(r.status(), 200);
 
-    let r = client()
-        .get(&url)
-        .header("range", "bytes=10-19")
-        .send()
-        .await
-        .unwrap();
+    let r = client().get(&url).header("range", "bytes=10-19").send().await.unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.headers()["content-range"], "bytes 10-19/100000");
     assert_eq!(body(r).await, img.slice(10..20));
-    let r = client()
-        .get(&url)
-        .header("range", "bytes=-5")
-        .send()
-        .await
-        .unwrap();
+    let r = client().get(&url).header("range", "bytes=-5").send().await.unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(body(r).await, img.slice(99_995..));
-    let r = client()
-        .get(&url)
-        .header("range", "bytes=200000-")
-        .send()
-        .await
-        .unwrap();
+    let r = client().get(&url).header("range", "bytes=200000-").send().await.unwrap();
     assert_eq!(r.status(), 416);
     assert_eq!(r.headers()["content-range"], "bytes */100000");
-    let r = client()
-        .get(&url)
-        .header("range", "bytes=0-1,5-6")
-        .send()
-        .await
-        .unwrap();
+    let r = client().get(&url).header("range", "bytes=0-1,5-6").send().await.unwrap();
     assert_eq!(r.status(), 200, "several ranges: the whole body");
     let r = client()
         .get(&url)
@@ -167,10 +116,7 @@ async fn not_modified_and_ranges_come_from_cache() {
 async fn fifty_concurrent_cold_viewers_cause_one_origin_request() {
     let origin = Origin::start("127.0.0.2").await;
     let img = png_bytes(64 * 1024, 4);
-    origin.route(
-        "/hot.png",
-        Route::ok(img.clone()).delay(Duration::from_millis(300)),
-    );
+    origin.route("/hot.png", Route::ok(img.clone()).delay(Duration::from_millis(300)));
     let dir = tempfile::tempdir().unwrap();
     let p = Parasol::start(config(dir.path(), &["127.0.0.2/32"])).await;
     let url = p.url(&origin.url("/hot.png"));
@@ -193,31 +139,18 @@ async fn fifty_concurrent_cold_viewers_cause_one_origin_request() {
 async fn a_viewer_who_disconnects_mid_fill_cancels_nothing() {
     let origin = Origin::start("127.0.0.2").await;
     let img = png_bytes(30_000, 5);
-    origin.route(
-        "/slow.png",
-        Route::ok(img.clone()).delay(Duration::from_millis(400)),
-    );
+    origin.route("/slow.png", Route::ok(img.clone()).delay(Duration::from_millis(400)));
     let dir = tempfile::tempdir().unwrap();
     let p = Parasol::start(config(dir.path(), &["127.0.0.2/32"])).await;
     let url = p.url(&origin.url("/slow.png"));
-    let impatient = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_millis(50))
-        .build()
-        .unwrap();
-    assert!(
-        impatient.get(&url).send().await.is_err(),
-        "the impatient viewer gives up"
-    );
+    let impatient =
+        reqwest::Client::builder().no_proxy().timeout(Duration::from_millis(50)).build().unwrap();
+    assert!(impatient.get(&url).send().await.is_err(), "the impatient viewer gives up");
     // A second viewer arrives while the fill is still running, and gets the bytes.
     let r = get(&url).await;
     assert_eq!(r.status(), 200);
     assert_eq!(body(r).await, img);
-    assert_eq!(
-        origin.hits("/slow.png"),
-        1,
-        "the abandoned fill was not restarted"
-    );
+    assert_eq!(origin.hits("/slow.png"), 1, "the abandoned fill was not restarted");
     p.stop().await;
 }
 
@@ -255,10 +188,7 @@ async fn restart_serves_from_disk_without_the_origin() {
     assert_eq!(body(get(&p.url(&large_url)).await).await, large);
     let metrics = get(&p.admin_url("/metrics")).await.text().await.unwrap();
     assert!(metrics.contains("result=\"hit_disk\""), "{metrics}");
-    assert!(
-        !metrics.contains("parasol_origin_fetches_total{"),
-        "no origin contact: {metrics}"
-    );
+    assert!(!metrics.contains("parasol_origin_fetches_total{"), "no origin contact: {metrics}");
     p.stop().await;
 }
 
@@ -275,11 +205,7 @@ async fn identical_bytes_from_two_urls_are_stored_once() {
         assert_eq!(get(&p.url(&origin.url(path))).await.status(), 200);
     }
     assert_eq!(p.blob_count(), 2);
-    assert_eq!(
-        files_under(&dir.path().join("tmp")),
-        0,
-        "no temp files left"
-    );
+    assert_eq!(files_under(&dir.path().join("tmp")), 0, "no temp files left");
     p.stop().await;
 }
 
@@ -309,11 +235,7 @@ async fn bad_signatures_and_rotation() {
     let p = Parasol::start(cfg).await;
     let path = url::Url::parse(&good).unwrap().path().to_string();
     let good = format!("http://{}{path}", p.public);
-    assert_eq!(
-        get(&good).await.status(),
-        200,
-        "old URL still works after rotation"
-    );
+    assert_eq!(get(&good).await.status(), 200, "old URL still works after rotation");
     assert_eq!(origin.hits("/r.png"), 1);
     p.stop().await;
 }
@@ -327,17 +249,8 @@ async fn malformed_urls_and_methods() {
     assert_eq!(get(&format!("{base}/m/")).await.status(), 400);
     assert_eq!(get(&p.url("ftp://files.test/a.png")).await.status(), 400);
     assert_eq!(get(&p.url("not a url")).await.status(), 400);
-    assert_eq!(
-        get(&format!("{base}/m/{}", "a".repeat(9000)))
-            .await
-            .status(),
-        414
-    );
-    let r = client()
-        .post(p.url("https://media.test/a.png"))
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(get(&format!("{base}/m/{}", "a".repeat(9000))).await.status(), 414);
+    let r = client().post(p.url("https://media.test/a.png")).send().await.unwrap();
     assert_eq!(r.status(), 405);
     assert_eq!(r.headers()["allow"], "GET, HEAD");
     p.stop().await;
@@ -348,10 +261,7 @@ async fn origin_failures_map_to_statuses_and_are_not_cached() {
     let origin = Origin::start("127.0.0.2").await;
     origin.route("/gone.png", Route::status(404));
     origin.route("/broken.png", Route::status(500));
-    origin.route(
-        "/page.html",
-        Route::ok("<!doctype html><script>alert(1)</script>"),
-    );
+    origin.route("/page.html", Route::ok("<!doctype html><script>alert(1)</script>"));
     origin.route("/empty.png", Route::ok(""));
     origin.route("/big.png", Route::ok(png_bytes(50_000, 11)));
     let dir = tempfile::tempdir().unwrap();
@@ -369,23 +279,12 @@ async fn origin_failures_map_to_statuses_and_are_not_cached() {
         assert_eq!(r.status(), status, "{path}");
         assert_eq!(r.headers()["cache-control"], "no-store", "{path}");
         let text = r.text().await.unwrap();
-        assert!(
-            !text.contains("127.0.0.2"),
-            "error page reveals the origin: {text}"
-        );
+        assert!(!text.contains("127.0.0.2"), "error page reveals the origin: {text}");
         // Asked again at once: the negative cache answers, the origin is not hammered.
-        assert_eq!(
-            get(&p.url(&origin.url(path))).await.status(),
-            status,
-            "{path}"
-        );
+        assert_eq!(get(&p.url(&origin.url(path))).await.status(), status, "{path}");
         assert_eq!(origin.hits(path), 1, "{path}");
     }
     assert_eq!(p.blob_count(), 0, "nothing stored from a failed fetch");
-    assert_eq!(
-        files_under(&dir.path().join("tmp")),
-        0,
-        "no temp files left"
-    );
+    assert_eq!(files_under(&dir.path().join("tmp")), 0, "no temp files left");
     p.stop().await;
 }

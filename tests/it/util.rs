@@ -23,6 +23,9 @@ use tokio::net::TcpListener;
 /// Signing key used by every in-process test parasol.
 pub const KEY: &str = "test-key-0123456789-0123456789-0123456789";
 
+/// Bearer token of the admin API in every test config.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
 /// What the origin answers on one path.
 #[derive(Clone)]
 pub struct Route {
@@ -35,20 +38,10 @@ pub struct Route {
 
 impl Route {
     pub fn ok(body: impl Into<Bytes>) -> Self {
-        Self {
-            status: 200,
-            headers: vec![],
-            body: body.into(),
-            delay: Duration::ZERO,
-        }
+        Self { status: 200, headers: vec![], body: body.into(), delay: Duration::ZERO }
     }
     pub fn status(status: u16) -> Self {
-        Self {
-            status,
-            headers: vec![],
-            body: Bytes::from_static(b"nope"),
-            delay: Duration::ZERO,
-        }
+        Self { status, headers: vec![], body: Bytes::from_static(b"nope"), delay: Duration::ZERO }
     }
     pub fn header(mut self, name: &str, value: &str) -> Self {
         self.headers.push((name.into(), value.into()));
@@ -122,13 +115,7 @@ impl Origin {
 
     /// Requests received for `path`.
     pub fn hits(&self, path: &str) -> usize {
-        self.state
-            .seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.path == path)
-            .count()
+        self.state.seen.lock().unwrap().iter().filter(|s| s.path == path).count()
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -146,17 +133,8 @@ async fn answer(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
-    st.seen.lock().unwrap().push(Seen {
-        path: path.clone(),
-        headers: req.headers().clone(),
-    });
-    let route = st
-        .routes
-        .lock()
-        .unwrap()
-        .get(&path)
-        .cloned()
-        .unwrap_or(Route::status(404));
+    st.seen.lock().unwrap().push(Seen { path: path.clone(), headers: req.headers().clone() });
+    let route = st.routes.lock().unwrap().get(&path).cloned().unwrap_or(Route::status(404));
     if !route.delay.is_zero() {
         tokio::time::sleep(route.delay).await;
     }
@@ -173,17 +151,20 @@ async fn answer(
 
 /// A config for an in-process parasol: ports 0, cache in `dir`, origins on `allow` reachable.
 pub fn config(dir: &Path, allow: &[&str]) -> Config {
-    let allow = allow
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+    Config::from_sources("test", &config_toml(dir, allow, ""), std::iter::empty())
+        .expect("test config is valid")
+}
+
+/// The TOML behind [`config`], with `extra` appended (further sections).
+pub fn config_toml(dir: &Path, allow: &[&str], extra: &str) -> String {
+    let allow = allow.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
     let toml = format!(
         r#"
         [server]
         listen = "127.0.0.1:0"
         admin_listen = "127.0.0.1:0"
         shutdown_grace = "2s"
+        admin_token = "{ADMIN_TOKEN}"
         [signing]
         keys = ["{KEY}"]
         [cache]
@@ -192,10 +173,11 @@ pub fn config(dir: &Path, allow: &[&str]) -> Config {
         [fetch]
         allow_networks = [{allow}]
         timeout = "5s"
+        {extra}
         "#,
         dir.display()
     );
-    Config::from_sources("test", &toml, std::iter::empty()).expect("test config is valid")
+    toml
 }
 
 /// An in-process parasol on loopback, port 0.
@@ -214,23 +196,19 @@ impl Parasol {
 
     /// Starts with a fixed name table, so `*.test` names resolve without DNS.
     pub async fn start_with(config: Config, lookup: StaticLookup) -> Parasol {
-        let dir = config.cache.dir.clone();
         let lookup: Arc<dyn Lookup> = Arc::new(lookup);
-        let bound = parasol::Bound::bind(config, parasol::Options { lookup })
-            .await
-            .expect("parasol binds");
+        Self::start_opts(config, parasol::Options { lookup, config_path: None }).await
+    }
+
+    pub async fn start_opts(config: Config, options: parasol::Options) -> Parasol {
+        let dir = config.cache.dir.clone();
+        let bound = parasol::Bound::bind(config, options).await.expect("parasol binds");
         let (public, admin) = (bound.public_addr(), bound.admin_addr());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(bound.serve(async move {
             let _ = rx.await;
         }));
-        Parasol {
-            public,
-            admin,
-            dir,
-            stop: Some(tx),
-            task,
-        }
+        Parasol { public, admin, dir, stop: Some(tx), task }
     }
 
     /// The signed native URL for `source`.
@@ -261,16 +239,7 @@ pub fn files_under(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
-    entries
-        .flatten()
-        .map(|e| {
-            if e.path().is_dir() {
-                files_under(&e.path())
-            } else {
-                1
-            }
-        })
-        .sum()
+    entries.flatten().map(|e| if e.path().is_dir() { files_under(&e.path()) } else { 1 }).sum()
 }
 
 /// A viewer: a plain HTTP client that never goes through a proxy.
@@ -279,19 +248,13 @@ pub fn client() -> reqwest::Client {
 }
 
 pub async fn get(url: &str) -> reqwest::Response {
-    client()
-        .get(url)
-        .send()
-        .await
-        .expect("request reaches parasol")
+    client().get(url).send().await.expect("request reaches parasol")
 }
 
 /// `n` bytes that sniff as PNG (signature and IHDR), the rest deterministic noise from `seed`.
 pub fn png_bytes(n: usize, seed: u64) -> Bytes {
     let mut out = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     while out.len() < n {
         x ^= x << 13;
         x ^= x >> 7;
