@@ -106,13 +106,28 @@ impl AuditLog {
     }
 
     pub async fn record(&self, record: Record) {
-        let bad = violations(&record);
+        self.check(&record);
+        if self.tx.send(record).await.is_err() {
+            tracing::error!("audit writer has stopped; an outbound request went unlogged");
+        }
+    }
+
+    /// Queues `record` without waiting, for callers that cannot await (a `Drop`). Only a full
+    /// queue (the disk stalled for thousands of records) loses it, and that is logged.
+    pub fn record_now(&self, record: Record) {
+        self.check(&record);
+        if self.tx.try_send(record).is_err() {
+            tracing::error!(
+                "audit queue full or writer stopped; an outbound request went unlogged"
+            );
+        }
+    }
+
+    fn check(&self, record: &Record) {
+        let bad = violations(record);
         if !bad.is_empty() {
             self.violations.inc();
             tracing::error!(headers = ?bad, host = %record.host, "outbound header outside the allowlist");
-        }
-        if self.tx.send(record).await.is_err() {
-            tracing::error!("audit writer has stopped; an outbound request went unlogged");
         }
     }
 }

@@ -95,7 +95,8 @@ pub struct CacheConfig {
     pub retention: Dur,
     /// How long a failed fetch is remembered, so a dead origin is not hammered by every viewer.
     pub negative_ttl: Dur,
-    /// fsync each blob before it is renamed into place. Off trades crash safety for fill speed.
+    /// fsync each blob before it is renamed into place. Off trades crash safety for fill speed:
+    /// after a power cut a large blob may hold wrong bytes (small ones are re-hashed on load).
     pub fsync: bool,
 }
 
@@ -224,17 +225,39 @@ impl Config {
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             ConfigError::Syntax { path: name.to_string(), message: e.to_string() }
         })?;
+        // Overrides whose text was read as a TOML number, boolean or array: if the key turns
+        // out to want a string (`PARASOL__SERVER__ADMIN_TOKEN=123456`), the raw text is used.
+        let mut typed = Vec::new();
         for (var, value) in env {
             if let Some(rest) = var.strip_prefix(ENV_PREFIX) {
-                overlay(&mut table, &var, rest, &value)?;
+                if let Some(key) = overlay(&mut table, &var, rest, &value)? {
+                    typed.push((key, value));
+                }
             }
         }
-        let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                ConfigError::Key { key: e.path().to_string(), message: e.into_inner().to_string() }
-            })?;
-        config.validate()?;
-        Ok(config)
+        loop {
+            let error = match serde_path_to_error::deserialize(toml::Value::Table(table.clone())) {
+                Ok(config) => {
+                    let config: Config = config;
+                    config.validate()?;
+                    return Ok(config);
+                }
+                Err(e) => e,
+            };
+            let key = error.path().to_string();
+            match typed.iter().position(|((section, k), _)| key == format!("{section}.{k}")) {
+                Some(i) => {
+                    let ((section, k), value) = typed.swap_remove(i);
+                    if let Some(toml::Value::Table(t)) = table.get_mut(&section) {
+                        t.insert(k, toml::Value::String(value));
+                    }
+                }
+                None => {
+                    let message = error.into_inner().to_string();
+                    return Err(ConfigError::Key { key, message });
+                }
+            }
+        }
     }
 
     /// Cross-field and value checks the types alone cannot express.
@@ -290,7 +313,13 @@ fn read(path: &Path) -> Result<String, ConfigError> {
 
 /// Sets `section.key` in `table` from one environment variable. The value is read as a TOML
 /// value when it is one (`true`, `5`, `["127.0.0.2/32"]`) and as a string otherwise (`20GiB`).
-fn overlay(table: &mut toml::Table, var: &str, rest: &str, value: &str) -> Result<(), ConfigError> {
+/// Returns the `(section, key)` when the value was read as a non-string TOML value.
+fn overlay(
+    table: &mut toml::Table,
+    var: &str,
+    rest: &str,
+    value: &str,
+) -> Result<Option<(String, String)>, ConfigError> {
     let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
     let [section, key] = path.as_slice() else {
         return Err(ConfigError::Key {
@@ -305,10 +334,11 @@ fn overlay(table: &mut toml::Table, var: &str, rest: &str, value: &str) -> Resul
         .unwrap_or_else(|| toml::Value::String(value.to_string()));
     let section_table =
         table.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let was_typed = !parsed.is_str();
     match section_table {
         toml::Value::Table(t) => {
             t.insert(key.clone(), parsed);
-            Ok(())
+            Ok(was_typed.then(|| (section.clone(), key.clone())))
         }
         _ => Err(ConfigError::Key { key: section.clone(), message: "is not a section".into() }),
     }
@@ -380,4 +410,72 @@ fn redact_str<S: Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
 fn redact_list<S: Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
     let redacted: Vec<&str> = v.iter().map(|_| "<redacted>").collect();
     redacted.serialize(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let c = Config::from_sources("none", "", env(&[])).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.cache.memory_bytes, Size(256 << 20));
+        assert!(c.signing.keys.is_empty());
+    }
+
+    #[test]
+    fn sizes_durations_and_env_overrides() {
+        let text =
+            "[cache]\nmemory_bytes = \"64 MiB\"\nretention = \"2d\"\nmax_object_bytes = 1000\n";
+        let c = Config::from_sources(
+            "t",
+            text,
+            env(&[
+                ("PARASOL__CACHE__DISK_BYTES", "20GiB"),
+                ("PARASOL__FETCH__ALLOW_NETWORKS", "[\"127.0.0.2/32\"]"),
+                ("PARASOL__FETCH__MAX_REDIRECTS", "2"),
+                ("PARASOL__SERVER__ADMIN_TOKEN", "123456"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.cache.memory_bytes, Size(64 << 20));
+        assert_eq!(c.cache.retention, Dur(Duration::from_secs(2 * 86_400)));
+        assert_eq!(c.cache.max_object_bytes, Size(1000));
+        assert_eq!(c.cache.disk_bytes, Size(20 << 30));
+        assert_eq!(c.fetch.allow_networks, vec!["127.0.0.2/32".parse::<IpNet>().unwrap()]);
+        assert_eq!(c.fetch.max_redirects, 2);
+        assert_eq!(c.server.admin_token, "123456", "a numeric-looking string stays a string");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let key_of = |text: &str, e: &[(&str, &str)]| match Config::from_sources("t", text, env(e))
+        {
+            Err(ConfigError::Key { key, .. }) => key,
+            other => panic!("expected a key error, got {other:?}"),
+        };
+        assert_eq!(key_of("[cache]\ndisk_byte = 1\n", &[]), "cache.disk_byte");
+        assert_eq!(key_of("[cache]\ndisk_bytes = \"lots\"\n", &[]), "cache.disk_bytes");
+        assert_eq!(key_of("", &[("PARASOL__FETCH__TIMEOUT", "soon")]), "fetch.timeout");
+        assert_eq!(key_of("[signing]\nkeys = [\"short\"]\n", &[]), "signing.keys[0]");
+        assert_eq!(key_of("", &[("PARASOL__NOPE", "1")]), "PARASOL__NOPE");
+        assert!(matches!(
+            Config::from_sources("t", "[cache", env(&[])),
+            Err(ConfigError::Syntax { .. })
+        ));
+    }
+
+    #[test]
+    fn redacted_output_hides_secrets() {
+        let text = "[signing]\nkeys = [\"0123456789abcdef0123456789abcdef\"]\n[server]\nadmin_token = \"t\"\n";
+        let shown = Config::from_sources("t", text, env(&[])).unwrap().to_redacted_toml();
+        assert!(!shown.contains("0123456789abcdef") && !shown.contains("\"t\""), "{shown}");
+        assert!(shown.contains("<redacted>"));
+    }
 }

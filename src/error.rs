@@ -45,6 +45,8 @@ pub enum ProxyError {
     BlockedDestination(&'static str),
     #[error("domain blocked by policy")]
     BlockedDomain,
+    #[error("origin redirected to a refused destination")]
+    RedirectRefused,
     #[error("origin answered not found")]
     NotFound,
     #[error("object larger than the configured limit")]
@@ -75,7 +77,9 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadUrl(_) => StatusCode::BAD_REQUEST,
-            BadSignature | BlockedDestination(_) | BlockedDomain => StatusCode::FORBIDDEN,
+            BadSignature | BlockedDestination(_) | BlockedDomain | RedirectRefused => {
+                StatusCode::FORBIDDEN
+            }
             UnknownVariant | NoRoute | NotFound => StatusCode::NOT_FOUND,
             UriTooLong => StatusCode::URI_TOO_LONG,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -100,6 +104,7 @@ impl ProxyError {
             MethodNotAllowed => "method_not_allowed",
             BlockedDestination(_) => "blocked_destination",
             BlockedDomain => "blocked_domain",
+            RedirectRefused => "redirect_refused",
             NotFound => "origin_not_found",
             TooLarge => "too_large",
             UnsupportedType => "unsupported_type",
@@ -118,9 +123,8 @@ impl ProxyError {
             BadUrl(_) | BadSignature | UnknownVariant | NoRoute | UriTooLong => Cause::Viewer,
             MethodNotAllowed => Cause::Viewer,
             BlockedDestination(_) | BlockedDomain => Cause::Viewer,
-            NotFound | TooLarge | UnsupportedType | OriginStatus(_) | OriginInvalid(_) => {
-                Cause::Origin
-            }
+            NotFound | TooLarge | UnsupportedType | OriginStatus(_) | OriginInvalid(_)
+            | RedirectRefused => Cause::Origin,
             OriginUnreachable | OriginTimeout => Cause::Origin,
             Overloaded | Internal(_) => Cause::Us,
         }
@@ -138,6 +142,7 @@ impl ProxyError {
             MethodNotAllowed => "only GET and HEAD are allowed",
             BlockedDestination(_) => "destination not allowed",
             BlockedDomain => "domain blocked by this server's policy",
+            RedirectRefused => "destination not allowed",
             NotFound => "not found at origin",
             TooLarge => "object too large",
             UnsupportedType => "content type not allowed",

@@ -104,51 +104,63 @@ impl Fetcher {
 
     /// GETs `url`, following up to `fetch.max_redirects` redirects, each re-checked. Returns
     /// once a 200 arrives; every hop that ends otherwise is logged here.
+    ///
+    /// A hop the origin redirected to that is refused (private address, blocked domain,
+    /// non-http scheme) is the origin's doing: it is reported as [`ProxyError::RedirectRefused`]
+    /// and negative-cached, so every later view does not ask that origin again.
     pub async fn get(&self, url: &Url, trigger: Trigger) -> Result<Origin, ProxyError> {
         let mut url = url.clone();
         for hop in 0..=self.max_redirects {
-            self.check_destination(&url)?;
+            let by_origin = |e: ProxyError| match e {
+                ProxyError::BlockedDomain
+                | ProxyError::BlockedDestination(_)
+                | ProxyError::BadUrl(_)
+                    if hop > 0 =>
+                {
+                    ProxyError::RedirectRefused
+                }
+                e => e,
+            };
+            self.check_destination(&url).map_err(by_origin)?;
             let request = self
                 .client
                 .get(url.clone())
                 .headers(self.headers.clone())
                 .build()
-                .map_err(|_| ProxyError::BadUrl("source URL cannot be requested"))?;
-            let mut pending = PendingRecord {
-                record: self.draft(&url, &request, trigger),
-                started: Instant::now(),
-            };
+                .map_err(|_| by_origin(ProxyError::BadUrl("source URL cannot be requested")))?;
+            let mut pending = PendingRecord::new(self.draft(&url, &request, trigger), &self.audit);
             let response = match self.client.execute(request).await {
                 Ok(r) => r,
                 Err(e) => {
-                    let err = map_reqwest(&e);
-                    pending.finish(&self.audit, None, 0, err.code()).await;
+                    let err = by_origin(map_reqwest(&e));
+                    pending.finish(None, 0, err.code()).await;
                     return Err(err);
                 }
             };
             let status = response.status();
-            pending.record.addr = response.remote_addr().map(|a| a.to_string());
-            let origin = Origin { response, pending };
+            if let Some(record) = pending.record.as_mut() {
+                record.addr = response.remote_addr().map(|a| a.to_string());
+                record.status = Some(status.as_u16());
+            }
             if status.is_redirection() && hop < self.max_redirects {
-                let next = origin
-                    .response
+                let next = response
                     .headers()
                     .get(header::LOCATION)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|loc| url.join(loc).ok());
-                origin.finish(&self.audit, 0, "redirect").await;
+                pending.finish(None, 0, "redirect").await;
                 url =
                     next.ok_or(ProxyError::OriginInvalid("redirect without a usable Location"))?;
                 continue;
             }
             let err = match status.as_u16() {
-                200 => return Ok(origin),
+                200 => return Ok(Origin { response, pending }),
                 404 | 410 => ProxyError::NotFound,
                 206 => ProxyError::OriginInvalid("partial content to a full request"),
                 _ if status.is_redirection() => ProxyError::OriginInvalid("too many redirects"),
                 s => ProxyError::OriginStatus(s),
             };
-            origin.finish(&self.audit, 0, err.code()).await;
+            pending.finish(None, 0, err.code()).await;
             return Err(err);
         }
         Err(ProxyError::OriginInvalid("too many redirects"))
@@ -184,33 +196,41 @@ impl Fetcher {
     }
 }
 
-impl Origin {
-    /// Completes and writes this request's audit line once its body has been read (or not).
-    pub async fn finish(self, audit: &AuditLog, bytes: u64, outcome: &str) {
-        let status = self.response.status().as_u16();
-        self.pending.finish(audit, Some(status), bytes, outcome).await;
-    }
-}
-
-/// The audit record of a response whose body is being read.
+/// The audit record of a request in flight. Written by [`finish`](Self::finish); if the fill is
+/// dropped first (the total deadline fired, or shutdown), `Drop` writes it with outcome
+/// `origin_timeout`, so no request sent ever goes unlogged.
 pub struct PendingRecord {
-    record: Record,
+    record: Option<Record>,
     started: Instant,
+    audit: AuditLog,
 }
 
 impl PendingRecord {
-    pub async fn finish(
-        mut self,
-        audit: &AuditLog,
-        status: Option<u16>,
-        bytes: u64,
-        outcome: &str,
-    ) {
-        self.record.status = status;
-        self.record.bytes = bytes;
-        self.record.ms = self.started.elapsed().as_millis() as u64;
-        self.record.outcome = outcome.to_string();
-        audit.record(self.record).await;
+    fn new(record: Record, audit: &AuditLog) -> Self {
+        Self { record: Some(record), started: Instant::now(), audit: audit.clone() }
+    }
+
+    fn complete(&mut self, status: Option<u16>, bytes: u64, outcome: &str) -> Option<Record> {
+        let mut record = self.record.take()?;
+        record.status = record.status.or(status);
+        record.bytes = bytes;
+        record.ms = self.started.elapsed().as_millis() as u64;
+        record.outcome = outcome.to_string();
+        Some(record)
+    }
+
+    pub async fn finish(mut self, status: Option<u16>, bytes: u64, outcome: &str) {
+        if let Some(record) = self.complete(status, bytes, outcome) {
+            self.audit.record(record).await;
+        }
+    }
+}
+
+impl Drop for PendingRecord {
+    fn drop(&mut self) {
+        if let Some(record) = self.complete(None, 0, "origin_timeout") {
+            self.audit.record_now(record);
+        }
     }
 }
 

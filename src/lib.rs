@@ -168,14 +168,17 @@ impl Bound {
         let Bound { public, admin, proxy, signer, audit_task, .. } = self;
         let server = &proxy.config.server;
         let (header_timeout, grace) = (server.header_timeout.0, server.shutdown_grace.0);
-        let (stop_tx, stop_rx) = watch::channel(false);
+        // The admin listener outlives the public one, so probes see `/readyz` answer 503
+        // while viewers' requests drain, rather than a refused connection.
+        let (stop_public, public_rx) = watch::channel(false);
+        let (stop_admin, admin_rx) = watch::channel(false);
         let public_state = Arc::new(server::Public { proxy: proxy.clone(), signer });
         let admin_state =
             Arc::new(admin::Admin { proxy: proxy.clone(), ready: AtomicBool::new(true), reloader });
         let public_loop = tokio::spawn(server::serve(
             public,
             move |req| server::handle_public(public_state.clone(), req),
-            stop_rx.clone(),
+            public_rx,
             header_timeout,
             grace,
         ));
@@ -183,7 +186,7 @@ impl Bound {
         let admin_loop = tokio::spawn(server::serve(
             admin,
             move |req| admin::handle(admin_for_loop.clone(), req),
-            stop_rx,
+            admin_rx,
             header_timeout,
             grace,
         ));
@@ -191,8 +194,9 @@ impl Bound {
         shutdown.await;
         tracing::info!("shutting down: no new connections, draining in-flight requests");
         admin_state.ready.store(false, Ordering::Release);
-        let _ = stop_tx.send(true);
+        let _ = stop_public.send(true);
         let _ = public_loop.await;
+        let _ = stop_admin.send(true);
         let _ = admin_loop.await;
         drop(admin_state);
         drop(proxy);

@@ -25,6 +25,18 @@ use crate::media::{SNIFF_LEN, TypePolicy};
 use crate::policy::Policy;
 use crate::telemetry::{CacheStatus, Metrics, OutcomeLabels};
 
+/// Removes a key from the in-flight map when dropped.
+struct InflightSlot {
+    proxy: Arc<Proxy>,
+    key: Key,
+}
+
+impl Drop for InflightSlot {
+    fn drop(&mut self) {
+        self.proxy.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+    }
+}
+
 /// What a purge removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PurgeReport {
@@ -109,16 +121,19 @@ impl Proxy {
                     let this = self.clone();
                     let req = req.clone();
                     tokio::spawn(async move {
+                        // Leaves the map however the task ends, a panic included, so a key is
+                        // never stuck waiting on a fill that is gone.
+                        let slot = InflightSlot { proxy: this.clone(), key };
                         let result = this.fill(key, &req, trigger).await;
                         if let Err(e) = &result {
-                            if e.is_negative_cacheable() {
+                            if e.is_negative_cacheable() && !this.negative.contains_key(&key) {
                                 this.negative.insert(key, e.clone()).await;
                             }
                         }
                         // Publish before leaving the map, so a newcomer finds either the entry
                         // in a tier or this fill, never neither.
                         let _ = tx.send(Some(result));
-                        this.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                        drop(slot);
                     });
                     (rx, true)
                 }
@@ -132,15 +147,25 @@ impl Proxy {
             Ok((entry, status)) if leader => Ok((entry, status)),
             Ok((entry, _)) => Ok((entry, CacheStatus::Coalesced)),
             // A redirect into a refused destination is still a refusal, not an origin miss.
-            Err(e @ (ProxyError::BlockedDomain | ProxyError::BlockedDestination(_))) => {
-                Err((e, CacheStatus::Blocked))
-            }
+            Err(
+                e @ (ProxyError::BlockedDomain
+                | ProxyError::BlockedDestination(_)
+                | ProxyError::RedirectRefused),
+            ) => Err((e, CacheStatus::Blocked)),
             Err(e) => Err((e, if leader { CacheStatus::Miss } else { CacheStatus::Coalesced })),
         }
     }
 
     /// The leader's work: the disk index first, then the origin.
     async fn fill(&self, key: Key, req: &ProxyRequest, trigger: Trigger) -> FillResult {
+        // A fill that finished between this request's lookups and its leadership has already
+        // published: use it rather than fetch a second time.
+        if let Some(entry) = self.memory.get(&key).await {
+            return Ok((entry, CacheStatus::HitMemory));
+        }
+        if let Some(err) = self.negative.get(&key).await {
+            return Err(err);
+        }
         if let Some(entry) = self.load_from_disk(key).await? {
             self.memory.insert(key, entry.clone()).await;
             return Ok((entry, CacheStatus::HitDisk));
@@ -168,7 +193,7 @@ impl Proxy {
         let Some(record) = self.index.get(key).await.map_err(ProxyError::internal)? else {
             return Ok(None);
         };
-        let Some(hash) = record.blake3() else {
+        let (Some(hash), 1..) = (record.blake3(), record.len) else {
             self.index.remove(key).await.map_err(ProxyError::internal)?;
             return Ok(None);
         };
@@ -212,7 +237,7 @@ impl Proxy {
             Ok(_) => "ok",
             Err(e) => e.code(),
         };
-        origin.pending.finish(&self.audit, Some(status), received, outcome).await;
+        origin.pending.finish(Some(status), received, outcome).await;
         self.metrics.origin.get_or_create(&OutcomeLabels { outcome }).inc();
         self.metrics.origin_seconds.observe(started.elapsed().as_secs_f64());
         self.metrics.bytes_fetched.inc_by(received);

@@ -31,13 +31,8 @@ pub fn empty() -> Body {
 
 /// A short `text/plain`, never-cached error page.
 pub fn error(e: &ProxyError) -> Response<Body> {
-    let mut response = Response::new(full(format!("{}\n", e.public_message())));
-    *response.status_mut() = e.status();
+    let mut response = plain(e.status(), format!("{}\n", e.public_message()));
     let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(crate::cache::CSP));
     h.insert("x-parasol-error", HeaderValue::from_static(e.code()));
     if matches!(e, ProxyError::MethodNotAllowed) {
         h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
@@ -142,7 +137,7 @@ fn wanted_range(entry: &Entry, headers: &HeaderMap) -> Result<Option<RangeInclus
 }
 
 fn unsatisfiable(entry: &Entry) -> Response<Body> {
-    let mut response = error_like(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n");
+    let mut response = plain(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n");
     let value = format!("bytes */{}", entry.len);
     response
         .headers_mut()
@@ -150,11 +145,14 @@ fn unsatisfiable(entry: &Entry) -> Response<Body> {
     response
 }
 
-fn error_like(status: StatusCode, text: &'static str) -> Response<Body> {
+/// A short `text/plain` page that is never cached and never sniffed into something else.
+fn plain(status: StatusCode, text: impl Into<Bytes>) -> Response<Body> {
     let mut response = Response::new(full(text));
     *response.status_mut() = status;
     let h = response.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(crate::cache::CSP));
     response
 }

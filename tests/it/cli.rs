@@ -140,9 +140,15 @@ fn spawn_serving(cwd: &Path, envs: &[(&str, &str)]) -> (Running, SocketAddr, Soc
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let origin = Origin::start("127.0.0.4").await;
     let img = png_bytes(50_000, 30);
-    origin.route("/slow.png", Route::ok(img.clone()).delay(Duration::from_millis(700)));
+    origin.route("/slow.png", Route::ok(img.clone()).delay(Duration::from_millis(1500)));
+    // A proxy in the environment must be ignored: origins are contacted directly.
+    let env_proxy = Origin::start("127.0.0.5").await;
+    let proxy_url = format!("http://{}", env_proxy.addr);
     let dir = tempfile::tempdir().unwrap();
     let envs = [
+        ("HTTP_PROXY", proxy_url.as_str()),
+        ("http_proxy", proxy_url.as_str()),
+        ("ALL_PROXY", proxy_url.as_str()),
         ("PARASOL__FETCH__ALLOW_NETWORKS", "[\"127.0.0.4/32\"]"),
         ("PARASOL__SIGNING__KEYS", &format!("[\"{KEY}\"]")),
     ];
@@ -158,12 +164,17 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let in_flight = tokio::spawn(async move { get(&url).await });
     assert!(eventually(|| origin.hits("/slow.png") == 1).await, "the fill has started");
     child.sigterm();
+    // While the slow request drains: no new viewer connections, and probes see 503.
+    let refused = eventually(|| std::net::TcpStream::connect(public).is_err()).await;
+    assert!(refused, "the public listener closes at once");
+    assert!(!in_flight.is_finished(), "still draining");
+    assert_eq!(get(&format!("http://{admin}/readyz")).await.status(), 503);
     let r = in_flight.await.unwrap();
     assert_eq!(r.status(), 200, "the in-flight request completes");
     assert_eq!(body(r).await, img);
     let status = child.wait().await;
     assert!(status.success(), "exit status {status:?}");
-    assert!(client().get(format!("http://{public}/")).send().await.is_err(), "no longer listening");
+    assert_eq!(env_proxy.connections(), 0, "HTTP_PROXY was ignored");
 }
 
 #[tokio::test]

@@ -120,6 +120,9 @@ async fn loopback_origin_not_in_allow_networks_is_never_dialed() {
         assert_eq!(r.text().await.unwrap(), "destination not allowed\n", "{source}");
     }
     assert_eq!(forbidden.connections(), 0, "the forbidden origin was never connected to");
+    // A redirect into a refused destination is the origin's doing: remembered, not re-asked.
+    assert_eq!(get(&p.url(&allowed.url("/hop.png"))).await.status(), 403);
+    assert_eq!(allowed.hits("/hop.png"), 1);
     assert_eq!(p.blob_count(), 0);
     p.stop().await;
 }
@@ -149,5 +152,13 @@ async fn a_slow_origin_times_out_with_504() {
     cfg.fetch.timeout = parasol::config::Dur(Duration::from_millis(300));
     let p = Parasol::start(cfg).await;
     assert_eq!(get(&p.url(&origin.url("/stuck.png"))).await.status(), 504);
+    // The abandoned request is still in the audit log.
+    let log = dir.path().join("outbound.jsonl");
+    assert!(
+        eventually(|| std::fs::read_to_string(&log).is_ok_and(|s| s.contains("stuck.png"))).await
+    );
+    let line: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&log).unwrap().trim()).unwrap();
+    assert_eq!(line["outcome"], "origin_timeout");
     p.stop().await;
 }

@@ -113,6 +113,26 @@ async fn not_modified_and_ranges_come_from_cache() {
 }
 
 #[tokio::test]
+async fn a_cold_range_request_is_filled_whole_and_answered_206() {
+    let origin = Origin::start("127.0.0.2").await;
+    let img = png_bytes(50_000, 12);
+    origin.route("/cold.png", Route::ok(img.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.2/32"])).await;
+    let url = p.url(&origin.url("/cold.png"));
+    let r = client().get(&url).header("range", "bytes=10-19").send().await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.headers()["content-range"], "bytes 10-19/50000");
+    assert_eq!(body(r).await, img.slice(10..20));
+    let seen = origin.seen();
+    assert_eq!(seen.len(), 1);
+    assert!(!seen[0].headers.contains_key("range"), "the viewer's Range reached the origin");
+    assert_eq!(body(get(&url).await).await, img, "the whole object was stored");
+    assert_eq!(origin.hits("/cold.png"), 1);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_cold_viewers_cause_one_origin_request() {
     let origin = Origin::start("127.0.0.2").await;
     let img = png_bytes(64 * 1024, 4);
@@ -135,7 +155,7 @@ async fn fifty_concurrent_cold_viewers_cause_one_origin_request() {
     p.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_viewer_who_disconnects_mid_fill_cancels_nothing() {
     let origin = Origin::start("127.0.0.2").await;
     let img = png_bytes(30_000, 5);
