@@ -41,15 +41,18 @@ pub struct Admin {
 /// policy. Shared by `POST /admin/reload` and SIGHUP.
 #[derive(Clone)]
 pub struct Reloader {
-    pub proxy: Arc<Proxy>,
+    /// Weak, so a signal handler holding a `Reloader` does not keep the proxy (and with it the
+    /// audit writer and the index) alive after shutdown.
+    pub proxy: std::sync::Weak<Proxy>,
     /// The `--config` file the process started with (`None`: the default lookup).
     pub config_path: Option<PathBuf>,
 }
 
 impl Reloader {
     pub async fn reload(&self) -> Result<PurgeReport, String> {
+        let proxy = self.proxy.upgrade().ok_or("parasol is shutting down")?;
         let config = crate::Config::load(self.config_path.as_deref()).map_err(|e| e.to_string())?;
-        self.proxy.apply_policy(&config.policy).await.map_err(|e| e.to_string())
+        proxy.apply_policy(&config.policy).await.map_err(|e| e.to_string())
     }
 }
 

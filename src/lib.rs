@@ -158,7 +158,10 @@ impl Bound {
 
     /// Applies a re-read configuration's domain policy; hand it to a SIGHUP handler.
     pub fn reloader(&self) -> admin::Reloader {
-        admin::Reloader { proxy: self.proxy.clone(), config_path: self.config_path.clone() }
+        admin::Reloader {
+            proxy: Arc::downgrade(&self.proxy),
+            config_path: self.config_path.clone(),
+        }
     }
 
     /// Serves until `shutdown` completes, then stops accepting, drains in-flight requests for
