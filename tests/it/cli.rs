@@ -108,9 +108,17 @@ impl Running {
 }
 
 /// Starts the binary with JSON logs and returns it with its two listening addresses.
-fn spawn_serving(cwd: &Path, envs: &[(&str, &str)]) -> (Running, SocketAddr, SocketAddr) {
-    let mut child = parasol(cwd)
-        .arg("serve")
+fn spawn_serving(
+    cwd: &Path,
+    envs: &[(&str, &str)],
+    config: Option<&Path>,
+) -> (Running, SocketAddr, SocketAddr) {
+    let mut cmd = parasol(cwd);
+    cmd.arg("serve");
+    if let Some(file) = config {
+        cmd.arg("--config").arg(file);
+    }
+    let mut child = cmd
         .env("RUST_LOG", "parasol=debug")
         .env("PARASOL_LOG_FORMAT", "json")
         .env("PARASOL__SERVER__LISTEN", "127.0.0.1:0")
@@ -152,7 +160,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         ("PARASOL__FETCH__ALLOW_NETWORKS", "[\"127.0.0.4/32\"]"),
         ("PARASOL__SIGNING__KEYS", &format!("[\"{KEY}\"]")),
     ];
-    let (child, public, admin) = spawn_serving(dir.path(), &envs);
+    let (child, public, admin) = spawn_serving(dir.path(), &envs, None);
     assert_eq!(get(&format!("http://{admin}/healthz")).await.status(), 200);
     assert_eq!(get(&format!("http://{admin}/readyz")).await.status(), 200);
     let metrics = get(&format!("http://{admin}/metrics")).await.text().await.unwrap();
@@ -180,10 +188,50 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
 #[tokio::test]
 async fn defaults_start_on_a_fresh_directory() {
     let dir = tempfile::tempdir().unwrap();
-    let (child, _public, admin) = spawn_serving(dir.path(), &[]);
+    let (child, _public, admin) = spawn_serving(dir.path(), &[], None);
     assert_eq!(get(&format!("http://{admin}/healthz")).await.text().await.unwrap(), "ok\n");
     assert!(dir.path().join("cache/signing.key").exists());
     assert!(dir.path().join("cache/index.redb").exists());
+    child.sigterm();
+    assert!(child.wait().await.success());
+}
+
+#[tokio::test]
+async fn sighup_applies_a_new_block_list_from_the_config_file() {
+    let origin = Origin::start("127.0.0.6").await;
+    let img = png_bytes(9_000, 31);
+    origin.route("/m.png", Route::ok(img.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("parasol.toml");
+    let cache = dir.path().join("cache");
+    let allow = ["127.0.0.6/32"];
+    std::fs::write(&file, config_toml(&cache, &allow, "")).unwrap();
+    let (child, public, _admin) = spawn_serving(dir.path(), &[], Some(&file));
+    let base = url::Url::parse(&format!("http://{public}/")).unwrap();
+    let signer = parasol::signing::Signer::new([KEY]);
+    let url = parasol::api::native::sign_url(&base, &signer, &origin.url("/m.png"), None);
+    assert_eq!(body(get(&url).await).await, img);
+
+    std::fs::write(
+        &file,
+        config_toml(&cache, &allow, "[policy]\nblocked_domains = [\"127.0.0.6\"]"),
+    )
+    .unwrap();
+    let status = Command::new("kill").args(["-HUP", &child.0.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let mut blocked = false;
+    for _ in 0..200 {
+        if get(&url).await.status() == 403 {
+            blocked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(blocked, "SIGHUP applied the new policy without a restart");
+    // The new policy applies first, the purge of what it blocks follows.
+    let purged = eventually(|| files_under(&cache.join("blobs")) == 0).await;
+    assert!(purged, "SIGHUP purged what the new policy blocks");
+    assert_eq!(origin.hits("/m.png"), 1);
     child.sigterm();
     assert!(child.wait().await.success());
 }
