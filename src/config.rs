@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub header_timeout: Dur,
     /// How long SIGTERM waits for in-flight responses before closing them.
     pub shutdown_grace: Dur,
+    /// Open viewer connections at most; a connection beyond this gets a 503 and is closed.
+    pub max_connections: u32,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +64,7 @@ impl Default for ServerConfig {
             admin_token: String::new(),
             header_timeout: Dur(Duration::from_secs(10)),
             shutdown_grace: Dur(Duration::from_secs(20)),
+            max_connections: 10_000,
         }
     }
 }
@@ -125,9 +128,16 @@ pub struct FetchConfig {
     /// Total deadline of one origin fetch, headers and body: the only guard against an origin
     /// that drips a byte at a time.
     pub timeout: Dur,
+    /// Deadline for an origin's response headers, per request (redirect hops included).
+    pub header_timeout: Dur,
     pub max_redirects: u32,
     /// CIDRs exempt from the private-address block (exact networks, e.g. `127.0.0.2/32`).
     pub allow_networks: Vec<IpNet>,
+    /// Fills from one origin host at once; more wait their turn (within `fetch.timeout`), so a
+    /// burst of viewers cannot turn parasol into a flood against one origin.
+    pub max_per_origin: u32,
+    /// Fills in progress across all origins; beyond this a new fill is refused with 503.
+    pub max_fills: u32,
 }
 
 impl Default for FetchConfig {
@@ -136,8 +146,11 @@ impl Default for FetchConfig {
             user_agent: concat!("parasol/", env!("CARGO_PKG_VERSION"), " (media proxy)").into(),
             connect_timeout: Dur(Duration::from_secs(5)),
             timeout: Dur(Duration::from_secs(30)),
+            header_timeout: Dur(Duration::from_secs(10)),
             max_redirects: 5,
             allow_networks: Vec::new(),
+            max_per_origin: 8,
+            max_fills: 256,
         }
     }
 }

@@ -3,6 +3,8 @@
 //! audited), and maps failures onto [`ProxyError`].
 
 pub mod guard;
+pub mod limit;
+pub mod peer;
 
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
@@ -29,7 +31,19 @@ pub struct Fetcher {
     max_redirects: u32,
     /// The complete outbound header set, built once; nothing from a viewer is ever added.
     headers: HeaderMap,
+    /// The host viewers reach parasol at: a source there would be a request loop.
+    own_host: Option<String>,
+    header_timeout: std::time::Duration,
     audit: AuditLog,
+}
+
+/// parasol's own addresses, refused as destinations so a URL cannot make it fetch from itself.
+#[derive(Debug, Clone, Default)]
+pub struct OwnEndpoints {
+    /// The host of `server.public_base_url`.
+    pub host: Option<String>,
+    /// The bound listener addresses.
+    pub addrs: Vec<std::net::SocketAddr>,
 }
 
 /// An origin response whose status was 200 and whose body is still to be read; carries the
@@ -45,14 +59,16 @@ impl Fetcher {
         policy: Policy,
         lookup: Arc<dyn Lookup>,
         audit: AuditLog,
+        own: OwnEndpoints,
     ) -> Result<Self, ProxyError> {
-        let guard = Arc::new(Guard::new(config.allow_networks.clone()));
+        let guard = Arc::new(Guard::new(config.allow_networks.clone()).with_own(own.addrs));
         let resolver = GuardedResolver { guard: guard.clone(), lookup };
         let client = reqwest::Client::builder()
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .referer(false)
             .dns_resolver(Arc::new(resolver))
+            .connector_layer(peer::PeerCheckLayer { guard: guard.clone() })
             .connect_timeout(config.connect_timeout.0)
             .timeout(config.timeout.0)
             .tcp_nodelay(true)
@@ -64,6 +80,8 @@ impl Fetcher {
         headers.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT));
         headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         Ok(Self {
+            own_host: own.host.map(|h| h.to_ascii_lowercase()),
+            header_timeout: config.header_timeout.0,
             client,
             guard,
             policy: RwLock::new(Arc::new(policy)),
@@ -77,14 +95,18 @@ impl Fetcher {
     /// and the domain policy. Runs before any DNS lookup or connection, for every hop.
     pub fn check_destination(&self, url: &Url) -> Result<(), ProxyError> {
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(ProxyError::BadUrl("only http and https sources are proxied"));
+            return Err(ProxyError::BlockedDestination("not an http or https URL"));
         }
         if !url.username().is_empty() || url.password().is_some() {
-            return Err(ProxyError::BadUrl("source URLs with credentials are refused"));
+            return Err(ProxyError::BlockedDestination("credentials in the URL"));
+        }
+        let port = url.port_or_known_default().unwrap_or(80);
+        if self.own_host.as_deref().is_some_and(|own| url.host_str() == Some(own)) {
+            return Err(ProxyError::BlockedDestination("parasol's own host (loop)"));
         }
         match url.host() {
-            Some(Host::Ipv4(ip)) => self.guard.check(ip.into()).map_err(refused)?,
-            Some(Host::Ipv6(ip)) => self.guard.check(ip.into()).map_err(refused)?,
+            Some(Host::Ipv4(ip)) => self.guard.check_peer((ip, port).into()).map_err(refused)?,
+            Some(Host::Ipv6(ip)) => self.guard.check_peer((ip, port).into()).map_err(refused)?,
             Some(Host::Domain(d)) if is_local_name(d) => {
                 return Err(ProxyError::BlockedDestination("localhost name"));
             }
@@ -129,10 +151,16 @@ impl Fetcher {
                 .build()
                 .map_err(|_| by_origin(ProxyError::BadUrl("source URL cannot be requested")))?;
             let mut pending = PendingRecord::new(self.draft(&url, &request, trigger), &self.audit);
-            let response = match self.client.execute(request).await {
+            let sent =
+                tokio::time::timeout(self.header_timeout, self.client.execute(request)).await;
+            let outcome = match sent {
+                Ok(Ok(response)) => Ok(response),
+                Ok(Err(e)) => Err(by_origin(map_reqwest(&e))),
+                Err(_) => Err(ProxyError::OriginTimeout), // no response headers in time
+            };
+            let response = match outcome {
                 Ok(r) => r,
-                Err(e) => {
-                    let err = by_origin(map_reqwest(&e));
+                Err(err) => {
                     pending.finish(None, 0, err.code()).await;
                     return Err(err);
                 }

@@ -136,14 +136,19 @@ impl Bound {
             audit::AuditLog::start(rotation, metrics.audit_violations.clone())
                 .await
                 .map_err(|source| StartError::Audit { path: audit_path, source })?;
-        let policy = policy::Policy::new(&config.policy);
-        let fetcher = fetch::Fetcher::new(&config.fetch, policy, options.lookup, audit.clone())
-            .map_err(StartError::Setup)?;
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
         };
         let public = bind(config.server.listen).await?;
         let admin = bind(config.server.admin_listen).await?;
+        let own = fetch::OwnEndpoints {
+            host: config.server.public_base_url.host_str().map(String::from),
+            addrs: [&public, &admin].iter().filter_map(|l| l.local_addr().ok()).collect(),
+        };
+        let policy = policy::Policy::new(&config.policy);
+        let fetcher =
+            fetch::Fetcher::new(&config.fetch, policy, options.lookup, audit.clone(), own)
+                .map_err(StartError::Setup)?;
         let proxy = Arc::new(proxy::Proxy::new(config, fetcher, audit, disk, index, metrics));
         Ok(Bound { public, admin, proxy, signer, audit_task, config_path: options.config_path })
     }
@@ -170,7 +175,14 @@ impl Bound {
         let reloader = self.reloader();
         let Bound { public, admin, proxy, signer, audit_task, .. } = self;
         let server = &proxy.config.server;
-        let (header_timeout, grace) = (server.header_timeout.0, server.shutdown_grace.0);
+        let grace = server.shutdown_grace.0;
+        let limits = server::ConnLimits {
+            header_timeout: server.header_timeout.0,
+            grace,
+            max_connections: server.max_connections as usize,
+        };
+        // The admin port is for a few operators and probes; it gets its own small cap.
+        let admin_limits = server::ConnLimits { max_connections: 64, ..limits };
         // The admin listener outlives the public one, so probes see `/readyz` answer 503
         // while viewers' requests drain, rather than a refused connection.
         let (stop_public, public_rx) = watch::channel(false);
@@ -182,16 +194,14 @@ impl Bound {
             public,
             move |req| server::handle_public(public_state.clone(), req),
             public_rx,
-            header_timeout,
-            grace,
+            limits,
         ));
         let admin_for_loop = admin_state.clone();
         let admin_loop = tokio::spawn(server::serve(
             admin,
             move |req| admin::handle(admin_for_loop.clone(), req),
             admin_rx,
-            header_timeout,
-            grace,
+            admin_limits,
         ));
         tracing::info!("parasol is serving");
         shutdown.await;

@@ -21,6 +21,7 @@ use crate::cache::{Entry, Key};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::fetch::Fetcher;
+use crate::fetch::limit::FillLimits;
 use crate::media::{SNIFF_LEN, TypePolicy};
 use crate::policy::Policy;
 use crate::telemetry::{CacheStatus, Metrics, OutcomeLabels};
@@ -62,6 +63,7 @@ pub struct Proxy {
     pub disk: BlobStore,
     pub index: Index,
     types: TypePolicy,
+    pub limits: FillLimits,
     /// Fills in progress. A std mutex: it is held only to look up or insert, never across await.
     inflight: Mutex<HashMap<Key, watch::Receiver<Option<FillResult>>>>,
     pub metrics: Metrics,
@@ -83,6 +85,10 @@ impl Proxy {
         Self {
             memory: MemoryTier::new(config.cache.memory_bytes.0),
             types: TypePolicy::new(&config.media.allowed_types),
+            limits: FillLimits::new(
+                config.fetch.max_fills as usize,
+                config.fetch.max_per_origin as usize,
+            ),
             negative,
             fetcher,
             audit,
@@ -225,6 +231,8 @@ impl Proxy {
         req: &ProxyRequest,
         trigger: Trigger,
     ) -> Result<Arc<Entry>, ProxyError> {
+        let host = req.source.host_str().unwrap_or_default();
+        let _permit = self.limits.acquire(host).await?;
         let started = Instant::now();
         let origin = self.fetcher.get(&req.source, trigger).await.inspect_err(|e| {
             self.metrics.origin.get_or_create(&OutcomeLabels { outcome: e.code() }).inc();
@@ -256,6 +264,19 @@ impl Proxy {
         let declared = response.content_length();
         if declared.is_some_and(|n| n > max) {
             return Err(ProxyError::TooLarge);
+        }
+        // An HTTP/1 body delimited only by the connection closing cannot be told apart from
+        // one cut short, so it is refused rather than cached truncated.
+        let chunked = response
+            .headers()
+            .get_all(http::header::TRANSFER_ENCODING)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+        let http1 = response.version() <= http::Version::HTTP_11;
+        if http1 && declared.is_none() && !chunked {
+            return Err(ProxyError::OriginInvalid(
+                "body without Content-Length or chunked framing",
+            ));
         }
         let mut temp = self.disk.create_temp().await.map_err(ProxyError::internal)?;
         let mut hasher = blake3::Hasher::new();

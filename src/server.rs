@@ -39,13 +39,14 @@ pub async fn serve<S, F>(
     listener: TcpListener,
     handler: S,
     mut shutdown: watch::Receiver<bool>,
-    header_timeout: Duration,
-    grace: Duration,
+    limits: ConnLimits,
 ) where
     S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    let ConnLimits { header_timeout, grace, max_connections } = limits;
     let graceful = GracefulShutdown::new();
+    let open = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
     loop {
@@ -61,6 +62,10 @@ pub async fn serve<S, F>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let Ok(permit) = open.clone().try_acquire_owned() else {
+                    tokio::spawn(refuse_overloaded(stream));
+                    continue;
+                };
                 let handler = handler.clone();
                 let service = service_fn(move |req| {
                     let handler = handler.clone();
@@ -70,6 +75,7 @@ pub async fn serve<S, F>(
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     let _ = conn.await;
+                    drop(permit);
                 });
             }
             _ = stopped(&mut shutdown) => break,
@@ -80,6 +86,28 @@ pub async fn serve<S, F>(
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(grace) => tracing::warn!("shutdown grace period over; closing connections"),
     }
+}
+
+/// Limits of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Longest time a client may take to send its request headers (slowloris guard).
+    pub header_timeout: Duration,
+    /// How long in-flight connections may finish after shutdown begins.
+    pub grace: Duration,
+    /// Open connections at most; one more is answered 503 and closed.
+    pub max_connections: usize,
+}
+
+/// Answers a connection over `server.max_connections` with a fixed 503 and closes it, without
+/// reading its request: cheap enough to do under a flood.
+async fn refuse_overloaded(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    const BODY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
+        cache-control: no-store\r\nretry-after: 1\r\nconnection: close\r\n\
+        content-length: 29\r\n\r\noverloaded, try again later\r\n";
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(BODY)).await;
+    let _ = stream.shutdown().await;
 }
 
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {

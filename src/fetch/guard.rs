@@ -100,6 +100,9 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
 pub struct Guard {
     /// Operator-listed exceptions; the tests' origins on 127.0.0.x come in through here.
     allow: Vec<IpNet>,
+    /// parasol's own listeners: fetching from them would be a request loop, even where
+    /// `allow` admits their network.
+    own: Vec<SocketAddr>,
 }
 
 /// Error raised inside the resolver; found again in reqwest's error chain to answer 403.
@@ -112,7 +115,25 @@ pub struct Refused {
 
 impl Guard {
     pub fn new(allow: Vec<IpNet>) -> Self {
-        Self { allow }
+        Self { allow, own: Vec::new() }
+    }
+
+    /// Also refuse parasol's own listening addresses (`0.0.0.0:port` refuses that port on any
+    /// address).
+    pub fn with_own(mut self, own: Vec<SocketAddr>) -> Self {
+        self.own = own;
+        self
+    }
+
+    /// [`check`](Self::check) plus the loop check, for a destination whose port is known.
+    pub fn check_peer(&self, peer: SocketAddr) -> Result<(), Refused> {
+        let is_own = self.own.iter().any(|own| {
+            own.port() == peer.port() && (own.ip() == peer.ip() || own.ip().is_unspecified())
+        });
+        if is_own {
+            return Err(Refused { addr: peer.ip(), reason: "parasol's own listener (loop)" });
+        }
+        self.check(peer.ip())
     }
 
     /// Ok when parasol may connect to `ip`.
@@ -282,6 +303,46 @@ mod tests {
         assert!(g.check("::ffff:127.0.0.2".parse().unwrap()).is_ok());
         assert!(g.check("127.0.0.3".parse().unwrap()).is_err());
         assert!(g.check("127.0.0.1".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn own_listeners_are_refused_even_when_allowed() {
+        let g = Guard::new(vec!["127.0.0.0/8".parse().unwrap()])
+            .with_own(vec!["127.0.0.1:8080".parse().unwrap(), "0.0.0.0:9090".parse().unwrap()]);
+        assert!(g.check_peer("127.0.0.1:8080".parse().unwrap()).is_err());
+        assert!(g.check_peer("127.0.0.9:9090".parse().unwrap()).is_err());
+        assert!(g.check_peer("127.0.0.1:8081".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn url_crate_spellings_of_loopback_are_refused() {
+        // Every spelling the url crate accepts for an IPv4 host becomes the canonical address
+        // before the guard sees it.
+        for spelling in [
+            "http://2130706433/",
+            "http://0x7f000001/",
+            "http://0177.0.0.1/",
+            "http://127.1/",
+            "http://127.0.0.1./",
+            "http://0x7f.1/",
+            "http://[::ffff:7f00:1]/",
+            "http://[::1]/",
+            "http://[64:ff9b::7f00:1]/",
+            "http://[2002:7f00:1::]/",
+            "http://[2001:0:7f00:1::]/",
+            "http://0/",
+            "http://[::]/",
+            "http://169.254.169.254/",
+            "http://[fd00::1]/",
+        ] {
+            let url = url::Url::parse(spelling).unwrap();
+            let ip: IpAddr = match url.host().unwrap() {
+                url::Host::Ipv4(v4) => v4.into(),
+                url::Host::Ipv6(v6) => v6.into(),
+                url::Host::Domain(d) => panic!("{spelling} parsed as a domain {d}"),
+            };
+            assert!(Guard::default().check(ip).is_err(), "{spelling} -> {ip} must be refused");
+        }
     }
 
     #[test]

@@ -44,7 +44,7 @@ async fn prefetch_then_view_makes_one_origin_request_marked_prefetch() {
     let results = answer["results"].as_array().unwrap();
     assert_eq!(results[0]["outcome"], "stored");
     assert_eq!(results[1]["outcome"], "error");
-    assert_eq!(results[1]["status"], 400);
+    assert_eq!(results[1]["status"], 403);
     assert_eq!(results[2]["outcome"], "error");
     assert_eq!(results[2]["code"], "origin_not_found");
     let (_, again) =

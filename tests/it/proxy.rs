@@ -267,7 +267,8 @@ async fn malformed_urls_and_methods() {
     let base = format!("http://{}", p.public);
     assert_eq!(get(&format!("{base}/")).await.status(), 404);
     assert_eq!(get(&format!("{base}/m/")).await.status(), 400);
-    assert_eq!(get(&p.url("ftp://files.test/a.png")).await.status(), 400);
+    assert_eq!(get(&p.url("ftp://files.test/a.png")).await.status(), 403);
+    assert_eq!(get(&p.url("https://user:pw@files.test/a.png")).await.status(), 403);
     assert_eq!(get(&p.url("not a url")).await.status(), 400);
     assert_eq!(get(&format!("{base}/m/{}", "a".repeat(9000))).await.status(), 414);
     let r = client().post(p.url("https://media.test/a.png")).send().await.unwrap();

@@ -1,0 +1,70 @@
+//! Concurrency limits on fills: a global cap (beyond it, 503 at once) and a per-origin-host
+//! cap (beyond it, wait), so parasol can neither be exhausted by distinct cold URLs nor be used
+//! to flood one origin.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::ProxyError;
+
+pub struct FillLimits {
+    global: Arc<Semaphore>,
+    per_origin: usize,
+    /// One semaphore per host with fills in progress; removed when its last holder leaves, so
+    /// the map stays as small as the set of busy origins.
+    origins: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
+}
+
+/// Held for the duration of one fill.
+pub struct FillPermit {
+    _global: OwnedSemaphorePermit,
+    origin: Option<OwnedSemaphorePermit>,
+    host: String,
+    origins: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
+}
+
+impl Drop for FillPermit {
+    fn drop(&mut self) {
+        drop(self.origin.take());
+        let mut origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the map still holds it: nobody is filling from or waiting on this host.
+        if origins.get(&self.host).is_some_and(|s| Arc::strong_count(s) == 1) {
+            origins.remove(&self.host);
+        }
+    }
+}
+
+impl FillLimits {
+    pub fn new(max_fills: usize, per_origin: usize) -> Self {
+        Self {
+            global: Arc::new(Semaphore::new(max_fills.max(1))),
+            per_origin: per_origin.max(1),
+            origins: Arc::default(),
+        }
+    }
+
+    /// A global slot now or [`ProxyError::Overloaded`]; then a slot for `host`, waiting for
+    /// one if this host already has `fetch.max_per_origin` fills running.
+    pub async fn acquire(&self, host: &str) -> Result<FillPermit, ProxyError> {
+        let global = self.global.clone().try_acquire_owned().map_err(|_| ProxyError::Overloaded)?;
+        let semaphore = {
+            let mut origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = origins.entry(host.to_string());
+            entry.or_insert_with(|| Arc::new(Semaphore::new(self.per_origin))).clone()
+        };
+        let origin = semaphore.acquire_owned().await.map_err(|_| ProxyError::Overloaded)?;
+        Ok(FillPermit {
+            _global: global,
+            origin: Some(origin),
+            host: host.to_string(),
+            origins: self.origins.clone(),
+        })
+    }
+
+    /// Hosts with fills in progress or waiting (for tests and metrics).
+    pub fn busy_origins(&self) -> usize {
+        self.origins.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}

@@ -1,0 +1,72 @@
+//! The last check before a request byte is written: the address the socket actually connected
+//! to must pass the [`Guard`].
+//!
+//! The resolver and the URL check already refuse bad destinations; this layer catches whatever
+//! slips past them (a resolver bug, a reqwest path that skips the resolver), because it looks at
+//! the connected socket itself. It is a tower layer on reqwest's connector, reading the peer
+//! address hyper-util records in [`HttpInfo`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use hyper_util::client::legacy::connect::{Connection, HttpInfo};
+
+use super::guard::Guard;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Wraps the connector service with [`PeerCheck`].
+#[derive(Clone)]
+pub struct PeerCheckLayer {
+    pub guard: Arc<Guard>,
+}
+
+impl<S> tower_layer::Layer<S> for PeerCheckLayer {
+    type Service = PeerCheck<S>;
+
+    fn layer(&self, inner: S) -> PeerCheck<S> {
+        PeerCheck { inner, guard: self.guard.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct PeerCheck<S> {
+    inner: S,
+    guard: Arc<Guard>,
+}
+
+impl<S, R> tower_service::Service<R> for PeerCheck<S>
+where
+    S: tower_service::Service<R, Error = BoxError>,
+    S::Response: Connection + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        let connecting = self.inner.call(req);
+        let guard = self.guard.clone();
+        Box::pin(async move {
+            let conn = connecting.await?;
+            let mut extensions = http::Extensions::new();
+            conn.connected().get_extras(&mut extensions);
+            match extensions.get::<HttpInfo>() {
+                Some(info) => guard.check_peer(info.remote_addr())?,
+                // No peer address means we cannot prove the destination is allowed.
+                None => {
+                    let addr = std::net::Ipv4Addr::UNSPECIFIED.into();
+                    Err(super::guard::Refused { addr, reason: "connected peer unknown" })?
+                }
+            }
+            Ok(conn)
+        })
+    }
+}
