@@ -70,3 +70,48 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use tower_layer::Layer;
+    use tower_service::Service;
+
+    /// hyper-util's plain connector with its error boxed, as reqwest's connector stack has it.
+    #[derive(Clone)]
+    struct Boxed(HttpConnector);
+
+    impl Service<http::Uri> for Boxed {
+        type Response = <HttpConnector as Service<http::Uri>>::Response;
+        type Error = BoxError;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            self.0.poll_ready(cx).map_err(Into::into)
+        }
+
+        fn call(&mut self, uri: http::Uri) -> Self::Future {
+            let fut = self.0.call(uri);
+            Box::pin(async move { fut.await.map_err(Into::into) })
+        }
+    }
+
+    /// The resolver is bypassed entirely here (an IP literal, a bare connector): the layer alone
+    /// must refuse the connected loopback peer, and admit it once allowed.
+    #[tokio::test]
+    async fn refuses_a_connected_peer_outside_the_guard() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.10:0").await.unwrap();
+        let uri: http::Uri = format!("http://{}/", listener.local_addr().unwrap()).parse().unwrap();
+        let layer =
+            |allow: Vec<ipnet::IpNet>| PeerCheckLayer { guard: Arc::new(Guard::new(allow)) };
+
+        let mut refusing = layer(vec![]).layer(Boxed(HttpConnector::new()));
+        let err = refusing.call(uri.clone()).await.err().expect("refused");
+        assert!(err.downcast_ref::<super::super::guard::Refused>().is_some(), "{err}");
+
+        let mut allowing =
+            layer(vec!["127.0.0.10/32".parse().unwrap()]).layer(Boxed(HttpConnector::new()));
+        assert!(allowing.call(uri).await.is_ok());
+    }
+}

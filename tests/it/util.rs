@@ -65,6 +65,8 @@ struct OriginState {
     routes: Mutex<HashMap<String, Route>>,
     seen: Mutex<Vec<Seen>>,
     connections: AtomicUsize,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
 }
 
 /// A real HTTP/1.1 origin on a loopback address, recording every request.
@@ -122,6 +124,11 @@ impl Origin {
         self.state.seen.lock().unwrap().clone()
     }
 
+    /// Most requests this origin was answering at the same moment.
+    pub fn max_concurrent(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
     /// TCP connections accepted, whatever was sent on them.
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
@@ -135,9 +142,12 @@ async fn answer(
     let path = req.uri().path().to_string();
     st.seen.lock().unwrap().push(Seen { path: path.clone(), headers: req.headers().clone() });
     let route = st.routes.lock().unwrap().get(&path).cloned().unwrap_or(Route::status(404));
+    let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    st.max_in_flight.fetch_max(now, Ordering::SeqCst);
     if !route.delay.is_zero() {
         tokio::time::sleep(route.delay).await;
     }
+    st.in_flight.fetch_sub(1, Ordering::SeqCst);
     let mut response = Response::new(Full::new(route.body.clone()));
     *response.status_mut() = http::StatusCode::from_u16(route.status).unwrap();
     for (k, v) in &route.headers {
@@ -279,6 +289,19 @@ pub async fn body(response: reqwest::Response) -> Bytes {
 pub async fn eventually(mut check: impl FnMut() -> bool) -> bool {
     for _ in 0..200 {
         if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// [`eventually`] for a check that needs to await.
+pub async fn eventually_async<F: std::future::Future<Output = bool>>(
+    mut check: impl FnMut() -> F,
+) -> bool {
+    for _ in 0..200 {
+        if check().await {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -1,0 +1,286 @@
+//! Origins that lie, stall or misbehave at the byte level, and viewers that do the same.
+//! Each origin is a raw TCP server on loopback writing exactly the bytes a case needs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::util::*;
+
+/// What a raw origin does after reading a request for one path.
+#[derive(Clone)]
+enum Act {
+    /// Write these bytes, then close.
+    Bytes(Vec<u8>),
+    /// Write nothing and hold the connection open.
+    Silent,
+    /// Write the head, then one body byte every `interval`, forever.
+    Drip(Vec<u8>, Duration),
+    /// Write the head, then chunks of a chunked body forever.
+    Endless(Vec<u8>),
+    /// Write the head and part of the body, then reset the connection.
+    Reset(Vec<u8>),
+}
+
+struct RawOrigin {
+    addr: std::net::SocketAddr,
+    hits: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawOrigin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RawOrigin {
+    async fn start(ip: &str, acts: HashMap<String, Act>) -> RawOrigin {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (acts, counter) = (Arc::new(acts), hits.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(act(stream, acts.clone()));
+            }
+        });
+        RawOrigin { addr, hits, task }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+async fn act(mut stream: TcpStream, acts: Arc<HashMap<String, Act>>) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let Some(act) = acts.get(&path).cloned() else { return };
+    match act {
+        Act::Bytes(bytes) => {
+            let _ = stream.write_all(&bytes).await;
+        }
+        Act::Silent => tokio::time::sleep(Duration::from_secs(60)).await,
+        Act::Drip(head, interval) => {
+            let _ = stream.write_all(&head).await;
+            for _ in 0..10_000 {
+                if stream.write_all(b"x").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(interval).await;
+            }
+        }
+        Act::Endless(head) => {
+            let _ = stream.write_all(&head).await;
+            let chunk = [b"4000\r\n".as_slice(), &png_bytes(0x4000, 9), b"\r\n"].concat();
+            // Bounded: 16 KiB × 4096 = 64 MiB at most, far past the test's limit.
+            for _ in 0..4096 {
+                if stream.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        }
+        Act::Reset(bytes) => {
+            let _ = stream.write_all(&bytes).await;
+            let _ = stream.set_linger(Some(Duration::ZERO));
+            drop(stream);
+        }
+    }
+}
+
+fn head(extra: &str) -> Vec<u8> {
+    format!("HTTP/1.1 200 OK\r\ncontent-type: image/png\r\n{extra}\r\n").into_bytes()
+}
+
+fn with_body(head: Vec<u8>, body: &[u8]) -> Vec<u8> {
+    [head, body.to_vec()].concat()
+}
+
+#[tokio::test]
+async fn lying_and_stalling_origins_are_refused_and_nothing_is_cached() {
+    let png = png_bytes(20_000, 50);
+    let gzip_magic = [&[0x1f, 0x8b, 0x08, 0x00][..], &[0u8; 64]].concat();
+    let mut acts = HashMap::new();
+    let mut case = |path: &str, act: Act, status: u16| {
+        acts.insert(path.to_string(), act);
+        (path.to_string(), status)
+    };
+    let cases = vec![
+        case("/silent", Act::Silent, 504),
+        case("/drip", Act::Drip(head("content-length: 100000\r\n"), Duration::from_millis(50)), 504),
+        case("/short", Act::Bytes(with_body(head("content-length: 30000\r\n"), &png)), 502),
+        case(
+            "/bad-chunks",
+            Act::Bytes(with_body(head("transfer-encoding: chunked\r\n"), b"4e20\r\n\x89PNG")),
+            502,
+        ),
+        case("/close-delimited", Act::Bytes(with_body(head("connection: close\r\n"), &png)), 502),
+        case("/endless", Act::Endless(head("transfer-encoding: chunked\r\n")), 413),
+        case("/huge-length", Act::Bytes(head("content-length: 99999999999\r\n")), 413),
+        case("/reset", Act::Reset(with_body(head("content-length: 20000\r\n"), &png[..5000])), 502),
+        case(
+            "/gzip",
+            Act::Bytes(with_body(
+                head(&format!("content-encoding: gzip\r\ncontent-length: {}\r\n", gzip_magic.len())),
+                &gzip_magic,
+            )),
+            415,
+        ),
+        case(
+            "/partial",
+            Act::Bytes(with_body(
+                b"HTTP/1.1 206 Partial Content\r\ncontent-range: bytes 0-99/20000\r\ncontent-length: 100\r\n\r\n".to_vec(),
+                &png[..100],
+            )),
+            502,
+        ),
+        case(
+            "/huge-headers",
+            Act::Bytes(with_body(
+                head(&format!("x-junk: {}\r\ncontent-length: 4\r\n", "a".repeat(512 * 1024))),
+                b"\x89PNG",
+            )),
+            502,
+        ),
+        case("/empty", Act::Bytes(head("content-length: 0\r\n")), 502),
+        case(
+            "/html-as-png",
+            Act::Bytes(with_body(head("content-length: 30\r\n"), b"<html><script>x</script></html")),
+            415,
+        ),
+        case("/garbage", Act::Bytes(b"SSH-2.0-OpenSSH\r\n\r\n".to_vec()), 502),
+    ];
+    let origin = RawOrigin::start("127.0.0.7", acts).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.7/32"]);
+    cfg.fetch.header_timeout = parasol::config::Dur(Duration::from_millis(500));
+    cfg.fetch.timeout = parasol::config::Dur(Duration::from_millis(1500));
+    cfg.cache.max_object_bytes = parasol::config::Size(1 << 20);
+    let p = Parasol::start(cfg).await;
+    let viewers: Vec<_> = cases
+        .iter()
+        .map(|(path, _)| {
+            let url = p.url(&origin.url(path));
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    for ((path, status), viewer) in cases.iter().zip(viewers) {
+        let r = viewer.await.unwrap();
+        assert_eq!(r.status().as_u16(), *status, "{path}");
+        assert_eq!(r.headers()["cache-control"], "no-store", "{path}");
+        let text = r.text().await.unwrap();
+        assert!(!text.contains("127.0.0.7"), "{path}: the error names the origin: {text}");
+    }
+    assert_eq!(p.blob_count(), 0, "nothing from a lying origin is stored");
+    assert_eq!(files_under(&dir.path().join("tmp")), 0, "every temp file was removed");
+    // Asked again at once: answered from the negative cache, no new connection.
+    let before = origin.hits.load(Ordering::SeqCst);
+    for (path, status) in &cases {
+        assert_eq!(get(&p.url(&origin.url(path))).await.status().as_u16(), *status, "{path}");
+    }
+    assert_eq!(origin.hits.load(Ordering::SeqCst), before, "no retry storm");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn slowloris_viewers_are_cut_at_the_header_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &[]);
+    cfg.server.header_timeout = parasol::config::Dur(Duration::from_millis(300));
+    let p = Parasol::start(cfg).await;
+    let mut slow = TcpStream::connect(p.public).await.unwrap();
+    slow.write_all(b"GET /m/a/b HTTP/1.1\r\nHost: p.test\r\nX-Slow: ").await.unwrap();
+    let mut rest = Vec::new();
+    // Bounded wait: the server must end the connection long before this safety limit.
+    let read = tokio::time::timeout(Duration::from_secs(20), slow.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the connection was closed by parasol");
+    // Meanwhile and afterwards, a normal viewer is served.
+    assert_eq!(get(&format!("http://{}/", p.public)).await.status(), 404);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_get_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &[]);
+    cfg.server.max_connections = 2;
+    let p = Parasol::start(cfg).await;
+    // Two idle keep-alive connections hold both slots.
+    let _a = TcpStream::connect(p.public).await.unwrap();
+    let _b = TcpStream::connect(p.public).await.unwrap();
+    let mut c = TcpStream::connect(p.public).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    drop((_a, _b));
+    // Slots free up again once connections close.
+    let served = eventually_async(|| async {
+        client().get(format!("http://{}/", p.public)).send().await.is_ok_and(|r| r.status() == 404)
+    })
+    .await;
+    assert!(served);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fills_per_origin_are_capped_and_the_rest_wait() {
+    let origin = Origin::start("127.0.0.8").await;
+    for i in 0..6 {
+        origin.route(
+            &format!("/{i}.png"),
+            Route::ok(png_bytes(1_000, i)).delay(Duration::from_millis(150)),
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.8/32"]);
+    cfg.fetch.max_per_origin = 2;
+    let p = Parasol::start(cfg).await;
+    let viewers: Vec<_> = (0..6)
+        .map(|i| {
+            let url = p.url(&origin.url(&format!("/{i}.png")));
+            tokio::spawn(async move { get(&url).await.status() })
+        })
+        .collect();
+    for v in viewers {
+        assert_eq!(v.await.unwrap(), 200, "waiting fills are served, not refused");
+    }
+    assert_eq!(origin.max_concurrent(), 2, "never more than fetch.max_per_origin at once");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn fills_over_the_global_cap_get_503() {
+    let origin = Origin::start("127.0.0.9").await;
+    origin.route("/slow.png", Route::ok(png_bytes(1_000, 60)).delay(Duration::from_millis(500)));
+    origin.route("/next.png", Route::ok(png_bytes(1_000, 61)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.9/32"]);
+    cfg.fetch.max_fills = 1;
+    let p = Parasol::start(cfg).await;
+    let slow_url = p.url(&origin.url("/slow.png"));
+    let slow = tokio::spawn(async move { get(&slow_url).await.status() });
+    assert!(eventually(|| origin.hits("/slow.png") == 1).await);
+    let r = get(&p.url(&origin.url("/next.png"))).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(slow.await.unwrap(), 200);
+    assert_eq!(get(&p.url(&origin.url("/next.png"))).await.status(), 200, "not negative-cached");
+    p.stop().await;
+}
