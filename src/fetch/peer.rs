@@ -107,7 +107,7 @@ mod tests {
             |allow: Vec<ipnet::IpNet>| PeerCheckLayer { guard: Arc::new(Guard::new(allow)) };
 
         let mut refusing = layer(vec![]).layer(Boxed(HttpConnector::new()));
-        let err = refusing.call(uri.clone()).await.err().expect("refused");
+        let Err(err) = refusing.call(uri.clone()).await else { panic!("connected peer admitted") };
         assert!(err.downcast_ref::<super::super::guard::Refused>().is_some(), "{err}");
 
         let mut allowing =

@@ -96,7 +96,7 @@ async fn act(mut stream: TcpStream, acts: Arc<HashMap<String, Act>>) {
         }
         Act::Reset(bytes) => {
             let _ = stream.write_all(&bytes).await;
-            let _ = stream.set_linger(Some(Duration::ZERO));
+            let _ = stream.set_zero_linger();
             drop(stream);
         }
     }
