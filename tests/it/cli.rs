@@ -85,7 +85,7 @@ fn the_example_config_is_valid() {
 }
 
 /// A child parasol that is killed if the test fails before stopping it.
-struct Running(Child);
+pub(crate) struct Running(pub(crate) Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -95,20 +95,20 @@ impl Drop for Running {
 }
 
 impl Running {
-    fn sigterm(&self) {
+    pub(crate) fn sigterm(&self) {
         let status =
             Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status().unwrap();
         assert!(status.success());
     }
 
-    async fn wait(mut self) -> std::process::ExitStatus {
+    pub(crate) async fn wait(mut self) -> std::process::ExitStatus {
         let mut child = std::mem::replace(&mut self.0, Command::new("true").spawn().unwrap());
         tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap()
     }
 }
 
 /// Starts the binary with JSON logs and returns it with its two listening addresses.
-fn spawn_serving(
+pub(crate) fn spawn_serving(
     cwd: &Path,
     envs: &[(&str, &str)],
     config: Option<&Path>,

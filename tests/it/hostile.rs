@@ -284,3 +284,64 @@ async fn fills_over_the_global_cap_get_503() {
     assert_eq!(get(&p.url(&origin.url("/next.png"))).await.status(), 200, "not negative-cached");
     p.stop().await;
 }
+
+fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// A thousand viewers that request a cached 5 MiB file and then stop reading: parasol shares
+/// one copy of the bytes between them instead of buffering per reader, and once they leave
+/// its file descriptors return to where they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_slow_readers_share_one_copy() {
+    const READERS: usize = 1000;
+    let _ = rlimit::increase_nofile_limit(4 * READERS as u64);
+    let origin = Origin::start("127.0.0.11").await;
+    let big = png_bytes(5 << 20, 70);
+    origin.route("/big.png", Route::ok(big.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let keys = format!("[\"{KEY}\"]");
+    let envs = [
+        ("PARASOL__FETCH__ALLOW_NETWORKS", "[\"127.0.0.11/32\"]"),
+        ("PARASOL__SIGNING__KEYS", &keys),
+    ];
+    let (child, public, _admin) = crate::cli::spawn_serving(dir.path(), &envs, None);
+    let pid = child.0.id();
+    let base = url::Url::parse(&format!("http://{public}/")).unwrap();
+    let signer = parasol::signing::Signer::new([KEY]);
+    let url = parasol::api::native::sign_url(&base, &signer, &origin.url("/big.png"), None);
+    assert_eq!(body(get(&url).await).await, big, "warm the cache");
+    let (rss_before, fds_before) = (proc_status(pid, "VmRSS:"), open_fds(pid));
+
+    let path = url::Url::parse(&url).unwrap().path().to_string();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: p.test\r\n\r\n");
+    let mut readers = Vec::with_capacity(READERS);
+    for _ in 0..READERS {
+        let mut s = TcpStream::connect(public).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut first = [0u8; 12];
+        s.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200");
+        readers.push(s); // and never read again
+    }
+    assert!(open_fds(pid) >= fds_before + READERS, "all readers are connected");
+    let rss_during = proc_status(pid, "VmRSS:");
+    let grown_mib = rss_during.saturating_sub(rss_before) / 1024;
+    eprintln!("RSS {rss_before} KiB before, {rss_during} KiB with {READERS} slow readers");
+    // One copy per reader would be ~5,000 MiB; sharing costs socket and task state only.
+    assert!(grown_mib < 512, "RSS grew {grown_mib} MiB for {READERS} slow readers");
+
+    drop(readers);
+    let settled = eventually_async(|| async { open_fds(pid) <= fds_before + 4 }).await;
+    assert!(settled, "fds back to baseline: {} vs {fds_before}", open_fds(pid));
+    assert_eq!(body(get(&url).await).await, big, "still serving after the storm");
+    assert_eq!(origin.hits("/big.png"), 1);
+    child.sigterm();
+    assert!(child.wait().await.success());
+}
