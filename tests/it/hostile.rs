@@ -162,6 +162,15 @@ async fn lying_and_stalling_origins_are_refused_and_nothing_is_cached() {
             Act::Bytes(with_body(head("content-length: 30\r\n"), b"<html><script>x</script></html")),
             415,
         ),
+        case(
+            "/smuggled-type",
+            Act::Bytes(with_body(
+                b"HTTP/1.1 200 OK\r\ncontent-type: image/png, text/html\r\ncontent-length: 31\r\n\r\n"
+                    .to_vec(),
+                b"<html><script>x</script></html>",
+            )),
+            415,
+        ),
         case("/garbage", Act::Bytes(b"SSH-2.0-OpenSSH\r\n\r\n".to_vec()), 502),
     ];
     let origin = RawOrigin::start("127.0.0.7", acts).await;
@@ -330,7 +339,8 @@ async fn a_thousand_slow_readers_share_one_copy() {
         assert_eq!(&first, b"HTTP/1.1 200");
         readers.push(s); // and never read again
     }
-    assert!(open_fds(pid) >= fds_before + READERS, "all readers are connected");
+    // (The warm-up request's keep-alive connection may have closed meanwhile.)
+    assert!(open_fds(pid) + 2 >= fds_before + READERS, "all readers are connected");
     let rss_during = proc_status(pid, "VmRSS:");
     let grown_mib = rss_during.saturating_sub(rss_before) / 1024;
     eprintln!("RSS {rss_before} KiB before, {rss_during} KiB with {READERS} slow readers");

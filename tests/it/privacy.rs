@@ -96,6 +96,8 @@ async fn loopback_origin_not_in_allow_networks_is_never_dialed() {
     allowed.route("/hop.png", Route::status(302).header("location", &target));
     let relative = target.trim_start_matches("http:");
     allowed.route("/hop2.png", Route::status(301).header("location", relative));
+    allowed.route("/hop3.png", Route::status(307).header("location", &target));
+    allowed.route("/hop4.png", Route::status(308).header("location", "http://localhost/x.png"));
     let dir = tempfile::tempdir().unwrap();
     let lookup = StaticLookup::default()
         .with("forbidden.test", &[ip("127.0.0.3")])
@@ -109,11 +111,21 @@ async fn loopback_origin_not_in_allow_networks_is_never_dialed() {
         format!("http://localhost:{port}/secret.png"),
         format!("http://a.localhost:{port}/secret.png"),
         format!("http://2130706435:{port}/secret.png"), // 127.0.0.3 in decimal
+        format!("http://0x7f000003:{port}/secret.png"), // hex
+        format!("http://0177.0.0.3:{port}/secret.png"), // octal
+        format!("http://127.3:{port}/secret.png"),      // short form
+        format!("http://127.0.0.3.:{port}/secret.png"), // trailing dot
+        format!("http://[64:ff9b::7f00:3]:{port}/secret.png"), // NAT64
+        format!("http://[2002:7f00:3::]:{port}/secret.png"), // 6to4
+        format!("http://[2001:0:4136:e378:8000:63bf:80ff:fffc]:{port}/secret.png"), // Teredo
+        format!("http://[::127.0.0.3]:{port}/secret.png"), // IPv4-compatible
         format!("http://[::ffff:127.0.0.3]:{port}/secret.png"),
         format!("http://private.test:{port}/secret.png"),
         format!("http://mixed.test:{port}/secret.png"),
         allowed.url("/hop.png"),
         allowed.url("/hop2.png"),
+        allowed.url("/hop3.png"),
+        allowed.url("/hop4.png"),
     ] {
         let r = get(&p.url(&source)).await;
         assert_eq!(r.status(), 403, "{source}");
@@ -124,6 +136,63 @@ async fn loopback_origin_not_in_allow_networks_is_never_dialed() {
     assert_eq!(get(&p.url(&allowed.url("/hop.png"))).await.status(), 403);
     assert_eq!(allowed.hits("/hop.png"), 1);
     assert_eq!(p.blob_count(), 0);
+    p.stop().await;
+}
+
+/// Counts name lookups, answering every name with the test origin's address.
+#[derive(Default)]
+struct CountingLookup(std::sync::atomic::AtomicUsize);
+
+impl parasol::fetch::guard::Lookup for CountingLookup {
+    fn lookup(
+        &self,
+        _host: &str,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Vec<std::net::IpAddr>>> + Send>,
+    > {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { Ok(vec![ip("127.0.0.2")]) })
+    }
+}
+
+#[tokio::test]
+async fn bad_signatures_are_refused_before_any_lookup_or_connection() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let origin = Origin::start("127.0.0.2").await;
+    origin.route("/s.png", Route::ok(png_bytes(500, 24)));
+    let dir = tempfile::tempdir().unwrap();
+    let lookup = std::sync::Arc::new(CountingLookup::default());
+    let options = parasol::Options { lookup: lookup.clone(), config_path: None };
+    let p = Parasol::start_opts(config(dir.path(), &["127.0.0.2/32"]), options).await;
+    let source = format!("http://signed.test:{}/s.png", origin.addr.port());
+    let good = p.url(&source);
+    let parts: Vec<&str> = good.split('/').collect();
+    let (sig, src64) = (parts[4], parts[5]);
+    let other_sig = p.url(&format!("http://signed.test:{}/other.png", origin.addr.port()));
+    let other_sig = other_sig.split('/').nth(4).unwrap();
+    let raw = b64.decode(sig).unwrap();
+    let std_b64 = base64::engine::general_purpose::STANDARD.encode(&raw);
+    let mut flipped = raw.clone();
+    flipped[0] ^= 1;
+    let base = format!("http://{}", p.public);
+    for (what, path) in [
+        ("missing", format!("/m//{src64}")),
+        ("short", format!("/m/{}/{src64}", &sig[..20])),
+        ("wrong", format!("/m/{}/{src64}", b64.encode(&flipped))),
+        ("padded", format!("/m/{sig}=/{src64}")),
+        ("standard alphabet", format!("/m/{}/{src64}", std_b64.trim_end_matches('='))),
+        ("hex", format!("/m/{}/{src64}", hex::encode(&raw))),
+        ("another URL's MAC", format!("/m/{other_sig}/{src64}")),
+        ("padded source", format!("/m/{sig}/{src64}==")),
+    ] {
+        let status = get(&format!("{base}{path}")).await.status().as_u16();
+        assert!(status == 403 || status == 400, "{what}: {status}");
+    }
+    assert_eq!(lookup.0.load(std::sync::atomic::Ordering::SeqCst), 0, "no DNS lookup");
+    assert_eq!(origin.connections(), 0, "no connection");
+    assert_eq!(get(&good).await.status(), 200, "the genuine URL works");
+    assert_eq!(lookup.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     p.stop().await;
 }
 
