@@ -1,0 +1,276 @@
+//! S3-FIFO, the disk tier's admission and eviction policy (Yang et al., "FIFO queues are all
+//! you need for cache eviction", SOSP 2023).
+//!
+//! New objects enter a small FIFO (10% of the budget); only those asked for again while there
+//! move to the main FIFO, so a burst of one-hit wonders (a timeline scrolled once) cannot flush
+//! the hot set. Objects evicted from the small queue are remembered as "ghosts" and go straight
+//! to main if they come back. Main is a FIFO with second chances by a 2-bit frequency.
+//!
+//! Hits are recorded without a lock: every object has a [`Touch`] that cache entries share, and
+//! a hit is one relaxed atomic add. Only inserts and evictions take the policy's lock. On a
+//! Zipf(0.9) trace this beats LRU by several points of hit ratio (see `benches/eviction.rs`).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::Hash;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Per-object access record, shared by the policy and every cached entry of that object.
+#[derive(Debug, Default)]
+pub struct Touch {
+    /// Saturating access count, 0..=3.
+    freq: AtomicU8,
+    /// Unix seconds of the last access, for `cache.retention`.
+    last_access: AtomicU64,
+}
+
+impl Touch {
+    fn new() -> Self {
+        Self { freq: AtomicU8::new(0), last_access: AtomicU64::new(now_secs()) }
+    }
+
+    /// Records one access.
+    pub fn hit(&self) {
+        let _ = self
+            .freq
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| (f < 3).then_some(f + 1));
+        self.last_access.store(now_secs(), Ordering::Relaxed);
+    }
+
+    pub fn last_access(&self) -> u64 {
+        self.last_access.load(Ordering::Relaxed)
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Queue {
+    Small,
+    Main,
+}
+
+struct Slot {
+    touch: Arc<Touch>,
+    size: u64,
+    queue: Queue,
+}
+
+/// The policy over keys `K` weighing `size` bytes each, holding at most `capacity` bytes.
+pub struct S3Fifo<K> {
+    capacity: u64,
+    small: VecDeque<(K, Arc<Touch>)>,
+    main: VecDeque<(K, Arc<Touch>)>,
+    small_bytes: u64,
+    main_bytes: u64,
+    ghost: VecDeque<K>,
+    ghost_set: HashSet<K>,
+    /// Live objects. Queue entries whose key is absent here (or whose touch differs) were
+    /// removed and are skipped when they reach the head: removal stays O(1).
+    live: HashMap<K, Slot>,
+}
+
+impl<K: Hash + Eq + Clone> S3Fifo<K> {
+    pub fn new(capacity: u64) -> Self {
+        Self {
+            capacity,
+            small: VecDeque::new(),
+            main: VecDeque::new(),
+            small_bytes: 0,
+            main_bytes: 0,
+            ghost: VecDeque::new(),
+            ghost_set: HashSet::new(),
+            live: HashMap::new(),
+        }
+    }
+
+    /// Bytes held.
+    pub fn used(&self) -> u64 {
+        self.small_bytes + self.main_bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    pub fn touch(&self, key: &K) -> Option<Arc<Touch>> {
+        self.live.get(key).map(|s| s.touch.clone())
+    }
+
+    /// Adds `key` (or returns its existing touch) and evicts until the budget holds. Returns
+    /// the touch to record hits on and the evicted `(key, size)` pairs, oldest first.
+    pub fn insert(&mut self, key: K, size: u64) -> (Arc<Touch>, Vec<(K, u64)>) {
+        if let Some(slot) = self.live.get(&key) {
+            return (slot.touch.clone(), Vec::new());
+        }
+        let touch = Arc::new(Touch::new());
+        let queue = if self.ghost_set.remove(&key) { Queue::Main } else { Queue::Small };
+        match queue {
+            Queue::Small => {
+                self.small.push_back((key.clone(), touch.clone()));
+                self.small_bytes += size;
+            }
+            Queue::Main => {
+                self.main.push_back((key.clone(), touch.clone()));
+                self.main_bytes += size;
+            }
+        }
+        self.live.insert(key.clone(), Slot { touch: touch.clone(), size, queue });
+        let evicted = self.evict_to(self.capacity, Some(&key));
+        (touch, evicted)
+    }
+
+    /// Forgets `key` (purged or found corrupt). Returns its size if it was held.
+    pub fn remove(&mut self, key: &K) -> Option<u64> {
+        let slot = self.live.remove(key)?;
+        match slot.queue {
+            Queue::Small => self.small_bytes -= slot.size,
+            Queue::Main => self.main_bytes -= slot.size,
+        }
+        Some(slot.size)
+    }
+
+    /// Evicts until at most `target` bytes are held (used after a write failed for lack of
+    /// space). `keep` is never evicted: the object just inserted.
+    pub fn evict_to(&mut self, target: u64, keep: Option<&K>) -> Vec<(K, u64)> {
+        let mut evicted = Vec::new();
+        // Each round evicts, promotes or spends one frequency unit, so this ends; the guard
+        // bounds it anyway should every survivor be `keep`.
+        let mut rounds = 4 * (self.small.len() + self.main.len()) + 8;
+        while self.used() > target && rounds > 0 {
+            rounds -= 1;
+            if self.small_bytes > self.capacity / 10 || self.main.is_empty() {
+                self.evict_small(keep, &mut evicted);
+            } else {
+                self.evict_main(keep, &mut evicted);
+            }
+        }
+        evicted
+    }
+
+    /// Keys whose last access is older than `cutoff` (Unix seconds).
+    pub fn idle_since(&self, cutoff: u64) -> Vec<K> {
+        self.live
+            .iter()
+            .filter(|(_, s)| s.touch.last_access() < cutoff)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    fn is_live(&self, key: &K, touch: &Arc<Touch>) -> bool {
+        self.live.get(key).is_some_and(|s| Arc::ptr_eq(&s.touch, touch))
+    }
+
+    fn evict_small(&mut self, keep: Option<&K>, evicted: &mut Vec<(K, u64)>) {
+        let Some((key, touch)) = self.small.pop_front() else { return };
+        if !self.is_live(&key, &touch) {
+            return;
+        }
+        let size = self.live[&key].size;
+        if touch.freq.load(Ordering::Relaxed) > 1 || keep == Some(&key) {
+            // Asked for again while on probation: promote.
+            touch.freq.store(0, Ordering::Relaxed);
+            self.small_bytes -= size;
+            self.main_bytes += size;
+            if let Some(slot) = self.live.get_mut(&key) {
+                slot.queue = Queue::Main;
+            }
+            self.main.push_back((key, touch));
+        } else {
+            self.small_bytes -= size;
+            self.live.remove(&key);
+            self.remember_ghost(key.clone());
+            evicted.push((key, size));
+        }
+    }
+
+    fn evict_main(&mut self, keep: Option<&K>, evicted: &mut Vec<(K, u64)>) {
+        let Some((key, touch)) = self.main.pop_front() else { return };
+        if !self.is_live(&key, &touch) {
+            return;
+        }
+        let freq = touch.freq.load(Ordering::Relaxed);
+        if freq > 0 || keep == Some(&key) {
+            touch.freq.store(freq.saturating_sub(1), Ordering::Relaxed);
+            self.main.push_back((key, touch));
+        } else {
+            let size = self.live.remove(&key).map_or(0, |s| s.size);
+            self.main_bytes -= size;
+            evicted.push((key, size));
+        }
+    }
+
+    fn remember_ghost(&mut self, key: K) {
+        // As many ghosts as live objects: enough to recognise a quick return.
+        let limit = self.live.len().max(1024);
+        while self.ghost.len() >= limit {
+            if let Some(old) = self.ghost.pop_front() {
+                self.ghost_set.remove(&old);
+            }
+        }
+        if self.ghost_set.insert(key.clone()) {
+            self.ghost.push_back(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stays_within_budget_and_keeps_what_is_asked_for_again() {
+        let mut c = S3Fifo::new(1000);
+        let (hot, _) = c.insert("hot".to_string(), 100);
+        hot.hit();
+        hot.hit();
+        let mut evicted = Vec::new();
+        for i in 0..100 {
+            let (_, e) = c.insert(format!("cold{i}"), 100);
+            evicted.extend(e);
+            assert!(c.used() <= 1000);
+            hot.hit();
+        }
+        assert!(
+            c.touch(&"hot".into()).is_some(),
+            "the hot object survived a flood of one-hit wonders"
+        );
+        assert!(evicted.iter().all(|(k, s)| k != "hot" && *s == 100));
+        assert_eq!(c.used(), 100 * c.len() as u64);
+    }
+
+    #[test]
+    fn removal_and_explicit_eviction() {
+        let mut c = S3Fifo::new(10_000);
+        for i in 0..10u32 {
+            c.insert(i, 1000);
+        }
+        assert_eq!(c.used(), 10_000);
+        assert_eq!(c.remove(&3), Some(1000));
+        assert_eq!(c.remove(&3), None);
+        assert_eq!(c.used(), 9_000);
+        let evicted = c.evict_to(4_000, None);
+        assert_eq!(c.used(), 4_000);
+        assert!(!evicted.iter().any(|(k, _)| *k == 3), "a removed key is not evicted again");
+        // A ghost that returns goes to main and survives the next probation round.
+        let (k, _) = evicted[0];
+        c.insert(k, 1000);
+        assert!(c.touch(&k).is_some());
+    }
+
+    #[test]
+    fn an_object_larger_than_the_budget_is_kept_alone_then_evicted() {
+        let mut c = S3Fifo::new(100);
+        let (_, evicted) = c.insert("big", 500);
+        assert!(evicted.is_empty(), "the object just inserted is not evicted at once");
+        let (_, evicted) = c.insert("next", 10);
+        assert_eq!(evicted, vec![("big", 500)]);
+    }
+}
