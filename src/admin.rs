@@ -95,11 +95,10 @@ async fn metrics(proxy: &Proxy) -> Response<Body> {
     let memory = TierLabels { tier: "memory" };
     m.cache_bytes.get_or_create(&memory).set(bytes as i64);
     m.cache_entries.get_or_create(&memory).set(entries as i64);
-    if let Ok((entries, bytes)) = proxy.index.usage().await {
-        let disk = TierLabels { tier: "disk" };
-        m.cache_bytes.get_or_create(&disk).set(bytes as i64);
-        m.cache_entries.get_or_create(&disk).set(entries as i64);
-    }
+    let (bytes, blobs) = proxy.budget.usage();
+    let disk = TierLabels { tier: "disk" };
+    m.cache_bytes.get_or_create(&disk).set(bytes as i64);
+    m.cache_entries.get_or_create(&disk).set(blobs as i64);
     let mut response = text(StatusCode::OK, m.encode());
     response.headers_mut().insert(
         header::CONTENT_TYPE,

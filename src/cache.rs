@@ -6,6 +6,7 @@
 //! variant) through the memory tier, then the on-disk [`index`], whose records point at
 //! content-addressed blobs in the [`disk`] store: two URLs with the same bytes share one blob.
 
+pub mod budget;
 pub mod disk;
 pub mod evict;
 pub mod index;
@@ -45,6 +46,8 @@ pub struct Entry {
     pub headers: HeaderMap,
     /// The body, when small enough for the memory tier; `None` means read the blob from disk.
     pub body: Option<Bytes>,
+    /// The blob's access record in the disk budget: a memory hit keeps the disk copy warm too.
+    pub touch: Option<std::sync::Arc<evict::Touch>>,
 }
 
 /// Cache-Control of every successful response: the bytes behind a URL never change, because a
@@ -66,7 +69,19 @@ impl Entry {
         headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
         headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-        Self { hash, len, content_type, headers, body }
+        Self { hash, len, content_type, headers, body, touch: None }
+    }
+
+    pub fn with_touch(mut self, touch: std::sync::Arc<evict::Touch>) -> Self {
+        self.touch = Some(touch);
+        self
+    }
+
+    /// Records a hit for eviction and retention.
+    pub fn hit(&self) {
+        if let Some(touch) = &self.touch {
+            touch.hit();
+        }
     }
 
     /// The quoted ETag value, as sent.

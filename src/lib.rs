@@ -149,7 +149,12 @@ impl Bound {
         let fetcher =
             fetch::Fetcher::new(&config.fetch, policy, options.lookup, audit.clone(), own)
                 .map_err(StartError::Setup)?;
+        let started = std::time::SystemTime::now();
         let proxy = Arc::new(proxy::Proxy::new(config, fetcher, audit, disk, index, metrics));
+        let entries = proxy.load_budget().await.map_err(StartError::Setup)?;
+        let (bytes, blobs) = proxy.budget.usage();
+        tracing::info!(entries, blobs, bytes, "disk cache loaded");
+        tokio::spawn(proxy::Proxy::maintain(Arc::downgrade(&proxy), started));
         Ok(Bound { public, admin, proxy, signer, audit_task, config_path: options.config_path })
     }
 

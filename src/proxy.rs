@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::api::ProxyRequest;
 use crate::audit::{AuditLog, Trigger};
+use crate::cache::budget::{DiskBudget, Victim};
 use crate::cache::disk::BlobStore;
 use crate::cache::index::{Index, Record};
 use crate::cache::memory::MemoryTier;
@@ -64,6 +65,8 @@ pub struct Proxy {
     pub index: Index,
     types: TypePolicy,
     pub limits: FillLimits,
+    /// What is on disk and what to evict: `cache.disk_bytes` by S3-FIFO.
+    pub budget: DiskBudget,
     /// Fills in progress. A std mutex: it is held only to look up or insert, never across await.
     inflight: Mutex<HashMap<Key, watch::Receiver<Option<FillResult>>>>,
     pub metrics: Metrics,
@@ -85,6 +88,7 @@ impl Proxy {
         Self {
             memory: MemoryTier::new(config.cache.memory_bytes.0),
             types: TypePolicy::new(&config.media.allowed_types),
+            budget: DiskBudget::new(config.cache.disk_bytes.0),
             limits: FillLimits::new(
                 config.fetch.max_fills as usize,
                 config.fetch.max_per_origin as usize,
@@ -112,6 +116,7 @@ impl Proxy {
         self.fetcher.check_destination(&req.source).map_err(|e| (e, CacheStatus::Blocked))?;
         let key = req.key();
         if let Some(entry) = self.memory.get(&key).await {
+            entry.hit();
             return Ok((entry, CacheStatus::HitMemory));
         }
         if let Some(err) = self.negative.get(&key).await {
@@ -204,23 +209,56 @@ impl Proxy {
             return Ok(None);
         };
         if self.disk.len(&hash).await != Some(record.len) {
-            self.index.remove(key).await.map_err(ProxyError::internal)?;
+            self.drop_blob(&hash, "blob missing or of the wrong size").await;
             return Ok(None);
         }
         let body = if record.len <= self.config.cache.memory_max_object_bytes.0 {
             let bytes =
                 tokio::fs::read(self.disk.path(&hash)).await.map_err(ProxyError::internal)?;
             if blake3::hash(&bytes) != hash {
-                tracing::warn!(blob = %hash.to_hex(), "blob does not match its hash; dropped");
-                self.disk.remove(&hash).await;
-                self.index.remove(key).await.map_err(ProxyError::internal)?;
+                self.drop_blob(&hash, "blob does not match its hash").await;
                 return Ok(None);
             }
             Some(Bytes::from(bytes))
         } else {
             None
         };
-        Ok(Some(Arc::new(Entry::new(hash, record.len, &record.content_type, body))))
+        let (touch, victims) = match self.budget.touch(hash.as_bytes()) {
+            Some(touch) => (touch, Vec::new()),
+            None => self.budget.admit(*hash.as_bytes(), record.len, key),
+        };
+        touch.hit();
+        self.drop_victims(victims).await;
+        let entry = Entry::new(hash, record.len, &record.content_type, body).with_touch(touch);
+        Ok(Some(Arc::new(entry)))
+    }
+
+    /// Deletes a blob that cannot be served (corrupt, truncated, vanished) with every index
+    /// record and memory entry naming it, so the next request refetches it.
+    pub async fn drop_blob(&self, hash: &blake3::Hash, why: &str) {
+        tracing::warn!(blob = %hash.to_hex(), why, "dropping blob");
+        self.metrics.blobs_dropped.inc();
+        let keys = self.budget.drop_blob(hash.as_bytes());
+        self.remove_keys(keys).await;
+        self.disk.remove(hash).await;
+    }
+
+    /// Evicts blobs chosen by the disk budget, with every key naming them.
+    async fn drop_victims(&self, victims: Vec<Victim>) {
+        for victim in victims {
+            self.metrics.evictions.inc();
+            self.remove_keys(victim.keys).await;
+            self.disk.remove(&blake3::Hash::from_bytes(victim.hash)).await;
+        }
+    }
+
+    async fn remove_keys(&self, keys: Vec<Key>) {
+        for key in &keys {
+            self.memory.remove(key).await;
+        }
+        if let Err(e) = self.index.remove_many(keys).await {
+            tracing::error!(error = %e, "cannot remove index records");
+        }
     }
 
     /// Fetches `req.source`, streams it into a temp blob while hashing, sniffing and counting,
@@ -326,8 +364,10 @@ impl Proxy {
             stored_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         };
         self.index.put(key, &record).await.map_err(ProxyError::internal)?;
+        let (touch, victims) = self.budget.admit(*hash.as_bytes(), *received, key);
+        self.drop_victims(victims).await;
         let body = in_memory.map(BytesMut::freeze);
-        Ok(Arc::new(Entry::new(hash, *received, content_type, body)))
+        Ok(Arc::new(Entry::new(hash, *received, content_type, body).with_touch(touch)))
     }
 
     /// Drops every entry whose record matches `doomed` from the index, the memory tier and,
@@ -338,13 +378,11 @@ impl Proxy {
     ) -> Result<PurgeReport, ProxyError> {
         let purged = self.index.purge(doomed).await.map_err(ProxyError::internal)?;
         let mut report = PurgeReport { entries: purged.removed.len() as u64, ..Default::default() };
-        let mut gone = std::collections::HashSet::new();
         for (key, record) in &purged.removed {
             self.memory.remove(key).await;
-            if purged.still_referenced.contains(&record.hash) || !gone.insert(&record.hash) {
-                continue;
-            }
-            if let Some(hash) = record.blake3() {
+            let Some(hash) = record.blake3() else { continue };
+            // The blob goes only with the last key naming it: identical bytes are shared.
+            if self.budget.forget(hash.as_bytes(), key) {
                 self.disk.remove(&hash).await;
                 report.blobs += 1;
                 report.bytes += record.len;
@@ -377,10 +415,71 @@ impl Proxy {
         Ok(report)
     }
 
-    /// Drops an entry whose blob vanished under a served hit, so the next request refills it.
-    pub async fn forget(&self, key: Key) {
-        self.memory.remove(&key).await;
-        let _ = self.index.remove(key).await;
+    /// Rebuilds the disk budget from the index (records only, no blob is read), oldest first,
+    /// evicting at once if `cache.disk_bytes` shrank since the last run.
+    pub async fn load_budget(&self) -> Result<usize, ProxyError> {
+        let mut records = self.index.all().await.map_err(ProxyError::internal)?;
+        records.sort_by_key(|(_, r)| r.stored_at);
+        let count = records.len();
+        let mut victims = Vec::new();
+        for (key, record) in records {
+            if let Some(hash) = record.blake3() {
+                victims.extend(self.budget.admit(*hash.as_bytes(), record.len, key).1);
+            }
+        }
+        self.drop_victims(victims).await;
+        Ok(count)
+    }
+
+    /// Background upkeep until the proxy is dropped: once, reconcile the budget with the blob
+    /// files actually on disk; then, periodically, drop what `cache.retention` says nobody
+    /// wanted for too long. Holds the proxy weakly so it never delays shutdown.
+    pub async fn maintain(this: std::sync::Weak<Proxy>, started: SystemTime) {
+        if let Some(proxy) = this.upgrade() {
+            proxy.reconcile_disk(started).await;
+        }
+        let retention = match this.upgrade() {
+            Some(p) => p.config.cache.retention.0,
+            None => return,
+        };
+        let every = (retention / 4)
+            .clamp(std::time::Duration::from_millis(250), std::time::Duration::from_secs(600));
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(proxy) = this.upgrade() else { return };
+            let cutoff = crate::cache::evict::now_secs().saturating_sub(retention.as_secs());
+            let idle = proxy.budget.idle_since(cutoff);
+            if !idle.is_empty() {
+                tracing::info!(blobs = idle.len(), "retention: dropping blobs nobody asked for");
+                proxy.drop_victims(idle).await;
+            }
+        }
+    }
+
+    /// Deletes blob files the budget does not know (left by a crash between rename and index
+    /// commit), and drops blobs whose file is missing or of another size than recorded. Files
+    /// written since `started` are left alone: their fill may not have committed yet.
+    async fn reconcile_disk(&self, started: SystemTime) {
+        let files = match self.disk.list().await {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list the blob store");
+                return;
+            }
+        };
+        let mut orphans = 0;
+        for file in files {
+            if file.modified >= started {
+                continue;
+            }
+            if !self.budget.holds(file.hash.as_bytes()) {
+                self.disk.remove(&file.hash).await;
+                orphans += 1;
+            }
+        }
+        if orphans > 0 {
+            tracing::warn!(orphans, "removed blob files no index record named");
+        }
     }
 }
 

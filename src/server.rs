@@ -175,7 +175,7 @@ async fn serve_request(public: &Public, request: &ProxyRequest, req: &Request<In
         Err(e) => {
             // The blob went away under us (deleted by hand, or evicted): forget the entry so
             // the next request refills it.
-            proxy.forget(request.key()).await;
+            proxy.drop_blob(&entry.hash, "blob vanished while serving").await;
             Err((e, cache))
         }
     }

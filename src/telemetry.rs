@@ -75,6 +75,8 @@ pub struct Metrics {
     pub cache_bytes: Family<TierLabels, Gauge>,
     pub cache_entries: Family<TierLabels, Gauge>,
     pub audit_violations: Counter,
+    pub evictions: Counter,
+    pub blobs_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -129,7 +131,21 @@ impl Metrics {
             "Outbound requests that carried a header outside the allowlist (should stay 0)",
             audit_violations.clone(),
         );
+        let evictions = Counter::default();
+        registry.register(
+            "evictions",
+            "Blobs evicted from disk to stay within cache.disk_bytes or cache.retention",
+            evictions.clone(),
+        );
+        let blobs_dropped = Counter::default();
+        registry.register(
+            "blobs_dropped",
+            "Blobs deleted because their bytes no longer matched their hash or size (refetched on demand)",
+            blobs_dropped.clone(),
+        );
         Self {
+            evictions,
+            blobs_dropped,
             audit_violations,
             registry,
             requests,

@@ -13,6 +13,14 @@ use tokio::io::AsyncWriteExt;
 /// Write buffer of a fill: large writes keep the number of blocking file calls low.
 const WRITE_BUFFER: usize = 256 * 1024;
 
+/// One blob file found on disk.
+#[derive(Debug, Clone)]
+pub struct BlobFile {
+    pub hash: blake3::Hash,
+    pub len: u64,
+    pub modified: std::time::SystemTime,
+}
+
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     blobs: PathBuf,
@@ -82,6 +90,31 @@ impl BlobStore {
     /// Size of the blob on disk, or `None` when it is missing.
     pub async fn len(&self, hash: &blake3::Hash) -> Option<u64> {
         tokio::fs::metadata(self.path(hash)).await.ok().map(|m| m.len())
+    }
+
+    /// Every blob file, with its modification time; skips anything not named like a blob.
+    pub async fn list(&self) -> io::Result<Vec<BlobFile>> {
+        let root = self.blobs.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for a in std::fs::read_dir(&root)?.flatten() {
+                for b in std::fs::read_dir(a.path())?.flatten() {
+                    for f in std::fs::read_dir(b.path())?.flatten() {
+                        let name = f.file_name();
+                        let Some(hash) = name.to_str().and_then(|n| blake3::Hash::from_hex(n).ok())
+                        else {
+                            continue;
+                        };
+                        let meta = f.metadata()?;
+                        let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+                        out.push(BlobFile { hash, len: meta.len(), modified });
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     pub async fn remove(&self, hash: &blake3::Hash) {

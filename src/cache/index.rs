@@ -8,8 +8,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use std::collections::HashSet;
-
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -97,12 +95,10 @@ impl Index {
     }
 }
 
-/// What [`Index::purge`] removed, and which blobs remain referenced by other records (a blob is
-/// shared by every URL with the same bytes, so it may only go when no record names it).
+/// What [`Index::purge`] removed.
 #[derive(Debug, Default)]
 pub struct Purged {
     pub removed: Vec<(Key, Record)>,
-    pub still_referenced: HashSet<String>,
 }
 
 impl Index {
@@ -127,7 +123,6 @@ impl Index {
                             purged.removed.push((key, record));
                             false
                         } else {
-                            purged.still_referenced.insert(record.hash);
                             true
                         }
                     })
@@ -139,23 +134,42 @@ impl Index {
         .await
     }
 
-    /// Number of records and bytes of the distinct blobs they name.
-    pub async fn usage(&self) -> Result<(u64, u64), IndexError> {
+    /// Every record, for rebuilding the disk budget at start (records only: no blob is read).
+    pub async fn all(&self) -> Result<Vec<(Key, Record)>, IndexError> {
         let db = self.db.clone();
         blocking(move || {
             let txn = db.begin_read().map_err(err)?;
             let table = txn.open_table(ENTRIES).map_err(err)?;
-            let (mut entries, mut bytes, mut seen) = (0u64, 0u64, HashSet::new());
+            let mut out = Vec::new();
             for item in table.iter().map_err(err)? {
-                let (_, v) = item.map_err(err)?;
-                entries += 1;
-                if let Ok(record) = serde_json::from_slice::<Record>(v.value()) {
-                    if seen.insert(record.hash) {
-                        bytes += record.len;
-                    }
+                let (k, v) = item.map_err(err)?;
+                let (Ok(key), Ok(record)) =
+                    (<[u8; 32]>::try_from(k.value()), serde_json::from_slice::<Record>(v.value()))
+                else {
+                    continue; // unreadable records are dropped by the next purge or refetch
+                };
+                out.push((Key(key), record));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Removes several records in one transaction (the keys of an evicted blob).
+    pub async fn remove_many(&self, keys: Vec<Key>) -> Result<(), IndexError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let db = self.db.clone();
+        blocking(move || {
+            let txn = db.begin_write().map_err(err)?;
+            {
+                let mut table = txn.open_table(ENTRIES).map_err(err)?;
+                for key in &keys {
+                    table.remove(key.0.as_slice()).map_err(err)?;
                 }
             }
-            Ok((entries, bytes))
+            txn.commit().map_err(err)
         })
         .await
     }

@@ -1,0 +1,147 @@
+//! The disk tier's byte budget: which blobs are on disk, which index keys name each one, and
+//! which to evict when `cache.disk_bytes` is exceeded, by [`S3Fifo`].
+//!
+//! Blobs are shared by content, so the policy works on blob hashes and a victim carries every
+//! key that names it; evicting a blob drops all those index records and memory entries. The
+//! budget is rebuilt from the index at start and corrected against what is actually on disk by
+//! a background walk of the blob directory, so it cannot drift from the files.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::Key;
+use super::evict::{S3Fifo, Touch};
+
+/// A blob to delete, with every key that named it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Victim {
+    pub hash: [u8; 32],
+    pub len: u64,
+    pub keys: Vec<Key>,
+}
+
+struct Inner {
+    policy: S3Fifo<[u8; 32]>,
+    keys: HashMap<[u8; 32], Vec<Key>>,
+}
+
+pub struct DiskBudget {
+    capacity: u64,
+    inner: Mutex<Inner>,
+}
+
+impl DiskBudget {
+    pub fn new(capacity: u64) -> Self {
+        let inner = Inner { policy: S3Fifo::new(capacity), keys: HashMap::new() };
+        Self { capacity, inner: Mutex::new(inner) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Bytes of distinct blobs held, and their number.
+    pub fn usage(&self) -> (u64, usize) {
+        let inner = self.lock();
+        (inner.policy.used(), inner.policy.len())
+    }
+
+    /// Records that `key` names blob `hash` of `len` bytes. Returns the blob's access record and
+    /// the blobs to evict to stay within the budget.
+    pub fn admit(&self, hash: [u8; 32], len: u64, key: Key) -> (Arc<Touch>, Vec<Victim>) {
+        let mut inner = self.lock();
+        let keys = inner.keys.entry(hash).or_default();
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+        let (touch, evicted) = inner.policy.insert(hash, len);
+        let victims = collect(&mut inner, evicted);
+        (touch, victims)
+    }
+
+    /// The access record of a blob on disk, if it is known.
+    pub fn touch(&self, hash: &[u8; 32]) -> Option<Arc<Touch>> {
+        self.lock().policy.touch(hash)
+    }
+
+    /// Forgets that `key` names `hash` (purged, or its record was dropped). When no key is left
+    /// the blob leaves the budget; returns whether it did, so the caller deletes the file.
+    pub fn forget(&self, hash: &[u8; 32], key: &Key) -> bool {
+        let mut inner = self.lock();
+        let Some(keys) = inner.keys.get_mut(hash) else { return false };
+        keys.retain(|k| k != key);
+        if keys.is_empty() {
+            inner.keys.remove(hash);
+            inner.policy.remove(hash);
+            return true;
+        }
+        false
+    }
+
+    /// Drops a blob outright (corrupt, or its file vanished), with every key naming it.
+    pub fn drop_blob(&self, hash: &[u8; 32]) -> Vec<Key> {
+        let mut inner = self.lock();
+        inner.policy.remove(hash);
+        inner.keys.remove(hash).unwrap_or_default()
+    }
+
+    /// Evicts until at most `target` bytes are held: after the disk ran out of space.
+    pub fn evict_to(&self, target: u64) -> Vec<Victim> {
+        let mut inner = self.lock();
+        let evicted = inner.policy.evict_to(target, None);
+        collect(&mut inner, evicted)
+    }
+
+    /// Blobs nobody asked for since `cutoff` (Unix seconds): `cache.retention`.
+    pub fn idle_since(&self, cutoff: u64) -> Vec<Victim> {
+        let mut inner = self.lock();
+        let idle = inner.policy.idle_since(cutoff);
+        let evicted: Vec<([u8; 32], u64)> =
+            idle.into_iter().filter_map(|h| inner.policy.remove(&h).map(|len| (h, len))).collect();
+        collect(&mut inner, evicted)
+    }
+
+    /// Whether a blob is accounted for (the start-up walk deletes files that are not).
+    pub fn holds(&self, hash: &[u8; 32]) -> bool {
+        self.lock().keys.contains_key(hash)
+    }
+}
+
+fn collect(inner: &mut Inner, evicted: Vec<([u8; 32], u64)>) -> Vec<Victim> {
+    evicted
+        .into_iter()
+        .map(|(hash, len)| Victim { hash, len, keys: inner.keys.remove(&hash).unwrap_or_default() })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_blobs_leave_with_their_last_key() {
+        let b = DiskBudget::new(1000);
+        let (k1, k2) = (Key::new("http://a.test/1", None), Key::new("http://b.test/1", None));
+        b.admit([1; 32], 400, k1);
+        b.admit([1; 32], 400, k2);
+        assert_eq!(b.usage(), (400, 1), "one blob for two keys");
+        assert!(!b.forget(&[1; 32], &k1));
+        assert!(b.forget(&[1; 32], &k2));
+        assert_eq!(b.usage(), (0, 0));
+    }
+
+    #[test]
+    fn victims_carry_all_their_keys() {
+        let b = DiskBudget::new(1000);
+        let (k1, k2) = (Key::new("http://a.test/1", None), Key::new("http://b.test/1", None));
+        b.admit([1; 32], 600, k1);
+        b.admit([1; 32], 600, k2);
+        let (_, victims) = b.admit([2; 32], 600, Key::new("http://c.test/2", None));
+        assert_eq!(victims, vec![Victim { hash: [1; 32], len: 600, keys: vec![k1, k2] }]);
+        assert!(b.usage().0 <= 1000);
+    }
+}
