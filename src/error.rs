@@ -63,6 +63,8 @@ pub enum ProxyError {
     OriginTimeout,
     #[error("overloaded")]
     Overloaded,
+    #[error("cache storage full")]
+    StorageFull,
     #[error("internal error: {0}")]
     Internal(std::sync::Arc<str>),
 }
@@ -87,7 +89,7 @@ impl ProxyError {
             UnsupportedType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             OriginStatus(_) | OriginInvalid(_) | OriginUnreachable => StatusCode::BAD_GATEWAY,
             OriginTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Overloaded | StorageFull => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -113,6 +115,7 @@ impl ProxyError {
             OriginUnreachable => "origin_unreachable",
             OriginTimeout => "origin_timeout",
             Overloaded => "overloaded",
+            StorageFull => "storage_full",
             Internal(_) => "internal",
         }
     }
@@ -126,7 +129,7 @@ impl ProxyError {
             NotFound | TooLarge | UnsupportedType | OriginStatus(_) | OriginInvalid(_)
             | RedirectRefused => Cause::Origin,
             OriginUnreachable | OriginTimeout => Cause::Origin,
-            Overloaded | Internal(_) => Cause::Us,
+            Overloaded | StorageFull | Internal(_) => Cause::Us,
         }
     }
 
@@ -148,7 +151,7 @@ impl ProxyError {
             UnsupportedType => "content type not allowed",
             OriginStatus(_) | OriginInvalid(_) | OriginUnreachable => "origin failed",
             OriginTimeout => "origin timed out",
-            Overloaded => "overloaded, try again later",
+            Overloaded | StorageFull => "overloaded, try again later",
             Internal(_) => "internal error",
         }
     }

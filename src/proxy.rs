@@ -279,6 +279,19 @@ impl Proxy {
         let mut response = origin.response;
         let mut received = 0u64;
         let result = self.store_body(key, req, &mut response, &mut received).await;
+        if matches!(result, Err(ProxyError::StorageFull)) {
+            // The disk filled before the budget did (other files share it, or disk_bytes is
+            // set too high): make room for about twice this object, so the next try fits.
+            let (used, _) = self.budget.usage();
+            let room =
+                (2 * response.content_length().unwrap_or(received).max(received)).max(1 << 20);
+            let victims = self.budget.evict_to(used.saturating_sub(room));
+            tracing::warn!(
+                freed = victims.iter().map(|v| v.len).sum::<u64>(),
+                "disk full: evicted to make room"
+            );
+            self.drop_victims(victims).await;
+        }
         let outcome = match &result {
             Ok(_) => "ok",
             Err(e) => e.code(),
@@ -316,7 +329,7 @@ impl Proxy {
                 "body without Content-Length or chunked framing",
             ));
         }
-        let mut temp = self.disk.create_temp().await.map_err(ProxyError::internal)?;
+        let mut temp = self.disk.create_temp().await.map_err(storage_error)?;
         let mut hasher = blake3::Hasher::new();
         let mut head = Vec::with_capacity(SNIFF_LEN);
         let mut content_type = None;
@@ -335,7 +348,7 @@ impl Proxy {
                 }
             }
             hasher.update(&chunk);
-            temp.file.write_all(&chunk).await.map_err(ProxyError::internal)?;
+            temp.file.write_all(&chunk).await.map_err(storage_error)?;
             if let Some(buf) = &mut in_memory {
                 if (buf.len() + chunk.len()) as u64 > mem_max {
                     in_memory = None;
@@ -355,7 +368,7 @@ impl Proxy {
             None => self.types.sniff(&head)?,
         };
         let hash = hasher.finalize();
-        self.disk.commit(temp, &hash).await.map_err(ProxyError::internal)?;
+        self.disk.commit(temp, &hash).await.map_err(storage_error)?;
         let record = Record {
             hash: hash.to_hex().to_string(),
             len: *received,
@@ -480,6 +493,16 @@ impl Proxy {
         if orphans > 0 {
             tracing::warn!(orphans, "removed blob files no index record named");
         }
+    }
+}
+
+/// A write that failed for lack of space is [`ProxyError::StorageFull`] (503, and eviction);
+/// any other local I/O failure is internal.
+fn storage_error(e: std::io::Error) -> ProxyError {
+    if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) {
+        ProxyError::StorageFull
+    } else {
+        ProxyError::internal(e)
     }
 }
 

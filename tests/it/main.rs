@@ -3,6 +3,7 @@
 
 mod admin;
 mod cli;
+mod durability;
 mod hostile;
 mod privacy;
 mod proxy;

@@ -1,0 +1,221 @@
+//! The disk store: bounded size, integrity, retention, full disks and crashes.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::util::*;
+
+/// Bytes of blob files actually on disk.
+fn blob_bytes(dir: &Path) -> u64 {
+    fn walk(dir: &Path) -> u64 {
+        let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+        entries
+            .flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => walk(&e.path()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    walk(&dir.join("blobs"))
+}
+
+fn blob_path(dir: &Path, body: &[u8]) -> std::path::PathBuf {
+    let hex = blake3::hash(body).to_hex().to_string();
+    dir.join("blobs").join(&hex[0..2]).join(&hex[2..4]).join(&hex)
+}
+
+async fn metric(p: &Parasol, name: &str) -> u64 {
+    let text = get(&p.admin_url("/metrics")).await.text().await.unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+#[tokio::test]
+async fn the_disk_store_stays_within_its_budget_after_three_times_over() {
+    const OBJECT: usize = 20 * 1024;
+    const BUDGET: u64 = 200 * 1024;
+    let origin = Origin::start("127.0.0.12").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.12/32"]);
+    cfg.cache.disk_bytes = parasol::config::Size(BUDGET);
+    let p = Parasol::start(cfg).await;
+    let mut bodies = Vec::new();
+    for i in 0..30u64 {
+        let path = format!("/{i}.png");
+        let body = png_bytes(OBJECT, 100 + i);
+        origin.route(&path, Route::ok(body.clone()));
+        assert_eq!(get(&p.url(&origin.url(&path))).await.status(), 200);
+        let on_disk = blob_bytes(dir.path());
+        assert!(on_disk <= BUDGET + OBJECT as u64, "{on_disk} bytes on disk after {i}");
+        bodies.push((path, body));
+    }
+    assert!(metric(&p, "parasol_evictions_total").await >= 19);
+    let bytes = metric(&p, "parasol_cache_bytes{tier=\"disk\"}").await;
+    assert_eq!(bytes, blob_bytes(dir.path()), "the metric is what is on disk");
+    p.stop().await;
+    // After a restart the survivors are served without the origin, and evicted ones refetched.
+    let p = Parasol::start(config_with_budget(dir.path(), BUDGET)).await;
+    for (path, body) in bodies.iter().rev().take(5) {
+        assert_eq!(&body_of(&p, &origin, path).await, body);
+        assert_eq!(origin.hits(path), 1, "{path} survived on disk");
+    }
+    p.stop().await;
+}
+
+fn config_with_budget(dir: &Path, budget: u64) -> parasol::Config {
+    let mut cfg = config(dir, &["127.0.0.12/32", "127.0.0.13/32"]);
+    cfg.cache.disk_bytes = parasol::config::Size(budget);
+    cfg
+}
+
+async fn body_of(p: &Parasol, origin: &Origin, path: &str) -> bytes::Bytes {
+    let r = get(&p.url(&origin.url(path))).await;
+    assert_eq!(r.status(), 200, "{path}");
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    let body = body(r).await;
+    assert_eq!(etag, etag_of(&body), "the ETag names the bytes served");
+    body
+}
+
+#[tokio::test]
+async fn corrupt_or_truncated_blobs_are_never_served_and_are_refetched() {
+    let origin = Origin::start("127.0.0.13").await;
+    let small = png_bytes(10_000, 200);
+    let large = png_bytes(300_000, 201);
+    origin.route("/small.png", Route::ok(small.clone()));
+    origin.route("/large.png", Route::ok(large.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config_with_budget(dir.path(), 10 << 20);
+    cfg.cache.memory_max_object_bytes = parasol::config::Size(64 * 1024);
+    let p = Parasol::start(cfg.clone()).await;
+    assert_eq!(body_of(&p, &origin, "/small.png").await, small);
+    assert_eq!(body_of(&p, &origin, "/large.png").await, large);
+    p.stop().await;
+
+    // Bit rot in the small blob (same length), and the large one cut short.
+    let small_blob = blob_path(dir.path(), &small);
+    let mut rotten = std::fs::read(&small_blob).unwrap();
+    rotten[5000] ^= 0xff;
+    std::fs::write(&small_blob, rotten).unwrap();
+    let large_blob = blob_path(dir.path(), &large);
+    std::fs::OpenOptions::new().write(true).open(&large_blob).unwrap().set_len(100_000).unwrap();
+
+    let p = Parasol::start(cfg).await;
+    assert_eq!(body_of(&p, &origin, "/small.png").await, small, "refetched, not served rotten");
+    assert_eq!(body_of(&p, &origin, "/large.png").await, large, "refetched, not served short");
+    assert_eq!(origin.hits("/small.png"), 2);
+    assert_eq!(origin.hits("/large.png"), 2);
+    assert_eq!(metric(&p, "parasol_blobs_dropped_total").await, 2);
+    assert_eq!(std::fs::read(&small_blob).unwrap(), small.to_vec(), "the blob was rewritten");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn retention_drops_what_nobody_asked_for() {
+    let origin = Origin::start("127.0.0.12").await;
+    let img = png_bytes(5_000, 202);
+    origin.route("/old.png", Route::ok(img.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config_with_budget(dir.path(), 10 << 20);
+    cfg.cache.retention = parasol::config::Dur(Duration::from_secs(1));
+    let p = Parasol::start(cfg).await;
+    assert_eq!(body_of(&p, &origin, "/old.png").await, img);
+    let mut gone = false;
+    for _ in 0..100 {
+        if p.blob_count() == 0 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the idle blob was dropped");
+    assert_eq!(body_of(&p, &origin, "/old.png").await, img);
+    assert_eq!(origin.hits("/old.png"), 2, "and refetched when asked for again");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn orphan_blob_files_are_removed_at_start() {
+    let origin = Origin::start("127.0.0.12").await;
+    let img = png_bytes(4_000, 203);
+    origin.route("/kept.png", Route::ok(img.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config_with_budget(dir.path(), 10 << 20)).await;
+    assert_eq!(body_of(&p, &origin, "/kept.png").await, img);
+    p.stop().await;
+    // A blob no index record names, as a crash between rename and index commit leaves.
+    let orphan = png_bytes(4_000, 204);
+    let orphan_path = blob_path(dir.path(), &orphan);
+    std::fs::create_dir_all(orphan_path.parent().unwrap()).unwrap();
+    std::fs::write(&orphan_path, &orphan).unwrap();
+    // Its mtime must predate the next start for the sweep to judge it.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let p = Parasol::start(config_with_budget(dir.path(), 10 << 20)).await;
+    assert!(eventually(|| !orphan_path.exists()).await, "the orphan was removed");
+    assert!(blob_path(dir.path(), &img).exists(), "the indexed blob stays");
+    assert_eq!(body_of(&p, &origin, "/kept.png").await, img);
+    assert_eq!(origin.hits("/kept.png"), 1);
+    p.stop().await;
+}
+
+/// Mounts a small tmpfs at `at`; false where this process may not mount (not root).
+fn mount_tmpfs(at: &Path, size: &str) -> bool {
+    std::fs::create_dir_all(at).unwrap();
+    Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(at)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_one_fill_cleanly_evicts_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    if !mount_tmpfs(&cache, "6m") {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root); ENOSPC not exercised");
+        return;
+    }
+    let _unmount = Unmount(cache.clone());
+    let origin = Origin::start("127.0.0.13").await;
+    // The configured budget is far above the 6 MiB the file system really has.
+    let p = Parasol::start(config_with_budget(&cache, 1 << 30)).await;
+    let (mut full, mut served) = (0, 0);
+    for i in 0..12u64 {
+        let path = format!("/big{i}.png");
+        let expected = png_bytes(1 << 20, 300 + i);
+        origin.route(&path, Route::ok(expected.clone()));
+        // Each object is served at the first or second try; a try that hits ENOSPC is a clean
+        // 503 that leaves no temp file and makes room.
+        for _ in 0..2 {
+            let r = get(&p.url(&origin.url(&path))).await;
+            if r.status() == 200 {
+                assert_eq!(body(r).await, expected);
+                served += 1;
+                break;
+            }
+            assert_eq!(r.status(), 503, "{path}");
+            assert_eq!(r.headers()["x-parasol-error"], "storage_full");
+            full += 1;
+        }
+        assert_eq!(files_under(&cache.join("tmp")), 0, "no partial file left");
+    }
+    assert_eq!(served, 12, "every object was served once there was room");
+    assert!(full >= 1, "the disk did fill up");
+    assert!(metric(&p, "parasol_evictions_total").await >= 1);
+    p.stop().await;
+}
