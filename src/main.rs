@@ -37,6 +37,12 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Check every cached blob against its hash and repair the store (run with parasol
+    /// stopped): corrupt, short or missing blobs and orphan files are removed.
+    Verify {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Summarise the outbound audit log: per origin host, requests, bytes, headers sent.
     /// Exits 1 if any request carried a header outside the outbound allowlist.
     Audit {
@@ -64,6 +70,19 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command.unwrap_or(Command::Serve { config: None }) {
         Command::Serve { config } => serve(config).map(|()| ExitCode::SUCCESS),
+        Command::Verify { config } => {
+            let config = load(config.as_deref())?;
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let report = runtime
+                .block_on(parasol::cache::verify::verify(&config.cache.dir))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", config.cache.dir.display()))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if report.fixed_anything() {
+                eprintln!("parasol: repaired the store; removed entries are refetched on demand");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Audit { file, json, config } => {
             let file = match file {
                 Some(f) => f,

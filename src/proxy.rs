@@ -451,6 +451,7 @@ impl Proxy {
         if let Some(proxy) = this.upgrade() {
             proxy.reconcile_disk(started).await;
         }
+        tokio::spawn(Self::scrub(this.clone()));
         let retention = match this.upgrade() {
             Some(p) => p.config.cache.retention.0,
             None => return,
@@ -466,6 +467,42 @@ impl Proxy {
                 tracing::info!(blobs = idle.len(), "retention: dropping blobs nobody asked for");
                 proxy.drop_victims(idle).await;
             }
+        }
+    }
+
+    /// Re-hashes every large blob (those served straight from their file, never re-hashed on
+    /// load) once at start and then daily, one at a time, dropping any that no longer match.
+    async fn scrub(this: std::sync::Weak<Proxy>) {
+        const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+        loop {
+            let Some(proxy) = this.upgrade() else { return };
+            let large = proxy.config.cache.memory_max_object_bytes.0;
+            let records = proxy.index.all().await.unwrap_or_default();
+            drop(proxy);
+            let mut seen = std::collections::HashSet::new();
+            let (mut checked, mut dropped) = (0u64, 0u64);
+            for (_, record) in records.into_iter().filter(|(_, r)| r.len > large) {
+                let Some(hash) = record.blake3().filter(|h| seen.insert(*h)) else { continue };
+                let Some(proxy) = this.upgrade() else { return };
+                let path = proxy.disk.path(&hash);
+                let result =
+                    tokio::task::spawn_blocking(move || crate::cache::verify::hash_file(&path))
+                        .await;
+                match result {
+                    Ok(Ok((actual, len))) if actual == hash && len == record.len => checked += 1,
+                    // Gone meanwhile (evicted, purged): nothing to do.
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    _ => {
+                        proxy.drop_blob(&hash, "scrub: blob does not match its hash").await;
+                        dropped += 1;
+                    }
+                }
+                drop(proxy);
+                // Yield the disk to viewers between blobs.
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            tracing::info!(checked, dropped, "scrub of large blobs done");
+            tokio::time::sleep(DAY).await;
         }
     }
 

@@ -306,3 +306,84 @@ async fn sigkill_during_two_hundred_fills_loses_entries_but_never_serves_wrong_b
     child.sigterm();
     assert!(child.wait().await.success());
 }
+
+#[tokio::test]
+async fn the_background_scrub_catches_rot_in_large_blobs_before_anyone_asks() {
+    let origin = Origin::start("127.0.0.13").await;
+    let large = png_bytes(200_000, 500);
+    origin.route("/video.png", Route::ok(large.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config_with_budget(dir.path(), 10 << 20);
+    cfg.cache.memory_max_object_bytes = parasol::config::Size(64 * 1024);
+    let p = Parasol::start(cfg.clone()).await;
+    assert_eq!(body_of(&p, &origin, "/video.png").await, large);
+    p.stop().await;
+    let blob = blob_path(dir.path(), &large);
+    let mut rotten = std::fs::read(&blob).unwrap();
+    rotten[150_000] ^= 0x01; // same length: only hashing can tell
+    std::fs::write(&blob, rotten).unwrap();
+    let p = Parasol::start(cfg).await;
+    assert!(eventually(|| !blob.exists()).await, "the scrub dropped the rotten blob");
+    assert_eq!(body_of(&p, &origin, "/video.png").await, large);
+    assert_eq!(origin.hits("/video.png"), 2);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn parasol_verify_repairs_the_store_offline() {
+    let origin = Origin::start("127.0.0.13").await;
+    let (a, b, c) = (png_bytes(8_000, 510), png_bytes(150_000, 511), png_bytes(9_000, 512));
+    origin.route("/a.png", Route::ok(a.clone()));
+    origin.route("/b.png", Route::ok(b.clone()));
+    origin.route("/c.png", Route::ok(c.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let cfg = config_with_budget(&cache, 10 << 20);
+    let p = Parasol::start(cfg.clone()).await;
+    for path in ["/a.png", "/b.png", "/c.png"] {
+        assert_eq!(get(&p.url(&origin.url(path))).await.status(), 200);
+    }
+    let run_verify = || {
+        Command::new(env!("CARGO_BIN_EXE_parasol"))
+            .arg("verify")
+            .env("PARASOL__CACHE__DIR", &cache)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let busy = run_verify();
+    assert!(!busy.status.success(), "refuses to run beside a live parasol");
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("is parasol running"));
+    p.stop().await;
+
+    let mut rotten = std::fs::read(blob_path(&cache, &a)).unwrap();
+    rotten[100] ^= 0x80;
+    std::fs::write(blob_path(&cache, &a), rotten).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(blob_path(&cache, &b))
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    let orphan = png_bytes(1_000, 513);
+    std::fs::create_dir_all(blob_path(&cache, &orphan).parent().unwrap()).unwrap();
+    std::fs::write(blob_path(&cache, &orphan), &orphan).unwrap();
+
+    let out = run_verify();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["records"], 3);
+    assert_eq!(report["corrupt_blobs_removed"], 2);
+    assert_eq!(report["records_removed"], 2);
+    assert_eq!(report["orphans_removed"], 1);
+    let again: serde_json::Value = serde_json::from_slice(&run_verify().stdout).unwrap();
+    assert_eq!(again["records_removed"], 0, "a second run finds nothing: {again}");
+    assert_eq!(again["blobs_checked"], 1);
+
+    let p = Parasol::start(cfg).await;
+    assert_eq!(body_of(&p, &origin, "/a.png").await, a);
+    assert_eq!(body_of(&p, &origin, "/b.png").await, b);
+    assert_eq!(body_of(&p, &origin, "/c.png").await, c);
+    assert_eq!((origin.hits("/a.png"), origin.hits("/b.png"), origin.hits("/c.png")), (2, 2, 1));
+    p.stop().await;
+}

@@ -1,0 +1,109 @@
+//! Whole-store integrity: `parasol verify` (offline) and the background scrub of large blobs.
+//!
+//! Small blobs are re-hashed on every load from disk; large ones are streamed to viewers
+//! straight from the file, so they are checked here instead: every byte is hashed and compared
+//! with the blob's name. Whatever does not match is deleted with every index record naming
+//! it, and is refetched on the next request.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::Key;
+use super::disk::BlobStore;
+use super::index::Index;
+
+/// blake3 and length of a file, read in large blocks (blocking: run it off the runtime).
+pub fn hash_file(path: &Path) -> std::io::Result<(blake3::Hash, u64)> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok((hasher.finalize(), len));
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+}
+
+/// What a verification found and fixed.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct Report {
+    pub records: u64,
+    pub blobs_checked: u64,
+    pub bytes_hashed: u64,
+    /// Records removed because their blob was missing, short, long or corrupt.
+    pub records_removed: u64,
+    /// Blob files deleted because their bytes did not match their name.
+    pub corrupt_blobs_removed: u64,
+    /// Blob files no record named.
+    pub orphans_removed: u64,
+}
+
+impl Report {
+    pub fn fixed_anything(&self) -> bool {
+        self.records_removed + self.corrupt_blobs_removed + self.orphans_removed > 0
+    }
+}
+
+/// Checks every record and blob of the store in `dir` and repairs what is wrong. Takes the
+/// index's lock, so it refuses to run beside a live parasol on the same directory.
+pub async fn verify(dir: &Path) -> Result<Report, String> {
+    let index = Index::open(&dir.join("index.redb"))
+        .map_err(|e| format!("{e} (is parasol running on this cache directory?)"))?;
+    let store = BlobStore::open(dir, false).map_err(|e| e.to_string())?;
+    let records = index.all().await.map_err(|e| e.to_string())?;
+    let mut report = Report { records: records.len() as u64, ..Report::default() };
+    let mut by_blob: HashMap<String, (u64, Vec<Key>)> = HashMap::new();
+    let mut doomed: Vec<Key> = Vec::new();
+    for (key, record) in records {
+        match record.blake3() {
+            Some(_) if record.len > 0 => {
+                let slot = by_blob.entry(record.hash.clone()).or_insert((record.len, Vec::new()));
+                if slot.0 == record.len {
+                    slot.1.push(key);
+                } else {
+                    doomed.push(key); // two sizes for one content name: this record lies
+                }
+            }
+            _ => doomed.push(key),
+        }
+    }
+    for (hex, (len, keys)) in &by_blob {
+        let Ok(hash) = blake3::Hash::from_hex(hex) else { continue };
+        let path = store.path(&hash);
+        let checked = tokio::task::spawn_blocking(move || hash_file(&path))
+            .await
+            .map_err(|e| e.to_string())?;
+        let good = match checked {
+            Ok((actual, actual_len)) => {
+                report.blobs_checked += 1;
+                report.bytes_hashed += actual_len;
+                actual == hash && actual_len == *len
+            }
+            Err(_) => false, // missing or unreadable
+        };
+        if !good {
+            if store.len(&hash).await.is_some() {
+                report.corrupt_blobs_removed += 1;
+            }
+            store.remove(&hash).await;
+            doomed.extend(keys.iter().copied());
+        }
+    }
+    report.records_removed = doomed.len() as u64;
+    index.remove_many(doomed).await.map_err(|e| e.to_string())?;
+    let named: HashSet<&String> = by_blob.keys().collect();
+    for file in store.list().await.map_err(|e| e.to_string())? {
+        if !named.contains(&file.hash.to_hex().to_string()) {
+            store.remove(&file.hash).await;
+            report.orphans_removed += 1;
+        }
+    }
+    Ok(report)
+}
