@@ -176,16 +176,21 @@ async fn bad_signatures_are_refused_before_any_lookup_or_connection() {
     let mut flipped = raw.clone();
     flipped[0] ^= 1;
     let base = format!("http://{}", p.public);
-    for (what, path) in [
+    let std_sig = std_b64.trim_end_matches('=').to_string();
+    let mut cases = vec![
         ("missing", format!("/m//{src64}")),
         ("short", format!("/m/{}/{src64}", &sig[..20])),
         ("wrong", format!("/m/{}/{src64}", b64.encode(&flipped))),
         ("padded", format!("/m/{sig}=/{src64}")),
-        ("standard alphabet", format!("/m/{}/{src64}", std_b64.trim_end_matches('='))),
         ("hex", format!("/m/{}/{src64}", hex::encode(&raw))),
         ("another URL's MAC", format!("/m/{other_sig}/{src64}")),
         ("padded source", format!("/m/{sig}/{src64}==")),
-    ] {
+    ];
+    // Only a different spelling when the tag has a character the two alphabets disagree on.
+    if std_sig != sig {
+        cases.push(("standard alphabet", format!("/m/{std_sig}/{src64}")));
+    }
+    for (what, path) in cases {
         let status = get(&format!("{base}{path}")).await.status().as_u16();
         assert!(status == 403 || status == 400, "{what}: {status}");
     }
