@@ -118,22 +118,29 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = load(path.as_deref())?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        let shutdown = shutdown_signal()?;
+        let hangups = sighup()?;
         let options = parasol::Options { config_path: path, ..Default::default() };
         let bound = parasol::Bound::bind(config, options).await?;
         tracing::info!(public = %bound.public_addr(), admin = %bound.admin_addr(), "listening");
-        reload_on_sighup(bound.reloader());
-        bound.serve(shutdown_signal()).await;
+        reload_on(hangups, bound.reloader());
+        bound.serve(shutdown).await;
         Ok(())
     })
 }
 
-/// SIGHUP re-reads the config file and applies its `[policy]` without a restart.
-fn reload_on_sighup(reloader: parasol::admin::Reloader) {
-    #[cfg(unix)]
+/// SIGHUP, registered before the listeners open (its default action would end the process).
+#[cfg(unix)]
+fn sighup() -> anyhow::Result<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    signal(SignalKind::hangup()).context("cannot handle SIGHUP")
+}
+
+/// Each SIGHUP re-reads the config file and applies its `[policy]` without a restart.
+#[cfg(unix)]
+fn reload_on(mut hangups: tokio::signal::unix::Signal, reloader: parasol::admin::Reloader) {
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
-        while hup.recv().await.is_some() {
+        while hangups.recv().await.is_some() {
             match reloader.reload().await {
                 Ok(purged) => tracing::info!(?purged, "configuration reloaded"),
                 Err(e) => tracing::error!(error = %e, "reload failed; keeping the running policy"),
@@ -142,27 +149,34 @@ fn reload_on_sighup(reloader: parasol::admin::Reloader) {
     });
 }
 
-/// Completes on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+#[cfg(not(unix))]
+fn sighup() -> anyhow::Result<()> {
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn reload_on(_: (), _: parasol::admin::Reloader) {}
+
+/// Registers for SIGTERM and SIGINT now (before the listeners open, so an early signal is not
+/// lost to the default action) and returns a future that completes on either.
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
         let _ = tokio::signal::ctrl_c().await;
-    }
+    })
 }
 
 /// `parasol audit`: prints the per-host summary and every violation; exit 1 on a violation.
