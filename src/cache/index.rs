@@ -155,6 +155,23 @@ impl Index {
         .await
     }
 
+    /// Writes several records in one transaction (bulk import, and building large test stores).
+    pub async fn put_many(&self, records: Vec<(Key, Record)>) -> Result<(), IndexError> {
+        let db = self.db.clone();
+        blocking(move || {
+            let txn = db.begin_write().map_err(err)?;
+            {
+                let mut table = txn.open_table(ENTRIES).map_err(err)?;
+                for (key, record) in &records {
+                    let value = serde_json::to_vec(record).map_err(err)?;
+                    table.insert(key.0.as_slice(), value.as_slice()).map_err(err)?;
+                }
+            }
+            txn.commit().map_err(err)
+        })
+        .await
+    }
+
     /// Removes several records in one transaction (the keys of an evicted blob).
     pub async fn remove_many(&self, keys: Vec<Key>) -> Result<(), IndexError> {
         if keys.is_empty() {
