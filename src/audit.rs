@@ -151,12 +151,12 @@ async fn write_loop(
             let mut line = serde_json::to_vec(&record).unwrap_or_default();
             line.push(b'\n');
             if written > 0 && written + line.len() as u64 > rotation.max_bytes {
-                match rotate(&mut out, &rotation).await {
-                    Ok(()) => written = 0,
-                    Err(e) => {
-                        tracing::error!(path = %path.display(), error = %e, "cannot rotate audit log")
-                    }
+                // Reset either way: a failed rotation is retried after another max_bytes, not on
+                // every line (which would shift the rotated files once per record).
+                if let Err(e) = rotate(&mut out, &rotation).await {
+                    tracing::error!(path = %path.display(), error = %e, "cannot rotate audit log");
                 }
+                written = 0;
             }
             match out.write_all(&line).await {
                 Ok(()) => written += line.len() as u64,

@@ -116,6 +116,18 @@ fn load(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
 
 fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = load(path.as_deref())?;
+    // Every viewer connection and every blob streamed holds a descriptor; the usual soft limit
+    // of 1024 would run out long before server.max_connections.
+    let wanted = u64::from(config.server.max_connections) * 2 + 1024;
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(limit) if limit < wanted => tracing::warn!(
+            limit,
+            wanted,
+            "open-file limit is below what server.max_connections needs; raise it or lower max_connections"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let shutdown = shutdown_signal()?;
@@ -181,9 +193,23 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 
 /// `parasol audit`: prints the per-host summary and every violation; exit 1 on a violation.
 fn audit(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
-    let reader = std::fs::File::open(file)
-        .with_context(|| format!("cannot open audit log {}", file.display()))?;
-    let summary = parasol::audit::summarize(std::io::BufReader::new(reader))
+    // Rotated files first (oldest, highest number), then the current one, as one stream.
+    let mut files: Vec<PathBuf> = (1..=1000)
+        .map(|n| PathBuf::from(format!("{}.{n}", file.display())))
+        .take_while(|p| p.exists())
+        .collect();
+    files.reverse();
+    files.push(file.to_path_buf());
+    let mut text = Vec::new();
+    for f in &files {
+        let mut bytes =
+            std::fs::read(f).with_context(|| format!("cannot open audit log {}", f.display()))?;
+        if !bytes.is_empty() && !bytes.ends_with(b"\n") {
+            bytes.push(b'\n');
+        }
+        text.extend_from_slice(&bytes);
+    }
+    let summary = parasol::audit::summarize(text.as_slice())
         .with_context(|| format!("cannot read audit log {}", file.display()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -214,6 +240,13 @@ fn audit(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
                 v.host
             );
         }
+    }
+    if !summary.unreadable_lines.is_empty() {
+        eprintln!(
+            "parasol: {} line(s) are not audit records; the log cannot be vouched for",
+            summary.unreadable_lines.len()
+        );
+        return Ok(ExitCode::from(1));
     }
     if summary.violations.is_empty() {
         Ok(ExitCode::SUCCESS)

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
@@ -48,6 +48,14 @@ pub struct PurgeReport {
     pub blobs: u64,
     /// Bytes those blobs held.
     pub bytes: u64,
+}
+
+/// A body received in full into a temp blob, not yet stored.
+struct Received {
+    temp: crate::cache::disk::TempBlob,
+    hash: blake3::Hash,
+    len: u64,
+    content_type: &'static str,
 }
 
 type FillResult = Result<(Arc<Entry>, CacheStatus), ProxyError>;
@@ -181,18 +189,7 @@ impl Proxy {
             self.memory.insert(key, entry.clone()).await;
             return Ok((entry, CacheStatus::HitDisk));
         }
-        let deadline = self.config.fetch.timeout.0;
-        let entry =
-            match tokio::time::timeout(deadline, self.fetch_and_store(key, req, trigger)).await {
-                Ok(result) => result?,
-                Err(_) => {
-                    self.metrics
-                        .origin
-                        .get_or_create(&OutcomeLabels { outcome: "origin_timeout" })
-                        .inc();
-                    return Err(ProxyError::OriginTimeout);
-                }
-            };
+        let entry = self.fetch_and_store(key, req, trigger).await?;
         self.memory.insert(key, entry.clone()).await;
         Ok((entry, CacheStatus::Miss))
     }
@@ -248,7 +245,8 @@ impl Proxy {
         for victim in victims {
             self.metrics.evictions.inc();
             self.remove_keys(victim.keys).await;
-            self.disk.remove(&blake3::Hash::from_bytes(victim.hash)).await;
+            let path = self.disk.path(&blake3::Hash::from_bytes(victim.hash));
+            self.budget.remove_if_unheld(&victim.hash, &path);
         }
     }
 
@@ -261,57 +259,71 @@ impl Proxy {
         }
     }
 
-    /// Fetches `req.source`, streams it into a temp blob while hashing, sniffing and counting,
-    /// then commits blob and index record. Anything refused leaves no file behind.
+    /// Fetches `req.source` and stores it. `fetch.timeout` bounds the origin's part (waiting
+    /// for a per-origin slot, headers, body); storing what arrived in time always runs to the
+    /// end, so a deadline can never leave a blob on disk that the budget does not count.
     async fn fetch_and_store(
         &self,
         key: Key,
         req: &ProxyRequest,
         trigger: Trigger,
     ) -> Result<Arc<Entry>, ProxyError> {
+        let deadline = tokio::time::Instant::now() + self.config.fetch.timeout.0;
         let host = req.source.host_str().unwrap_or_default();
-        let _permit = self.limits.acquire(host).await?;
+        let result = tokio::time::timeout_at(deadline, async {
+            let permit = self.limits.acquire(host).await?;
+            self.receive(req, trigger).await.map(|received| (permit, received))
+        })
+        .await
+        .unwrap_or_else(|_| {
+            self.metrics.origin.get_or_create(&OutcomeLabels { outcome: "origin_timeout" }).inc();
+            Err(ProxyError::OriginTimeout)
+        });
+        let result = match result {
+            Ok((_permit, received)) => self.store(key, req, received).await,
+            Err(e) => Err(e),
+        };
+        if let Err(ProxyError::StorageFull) = result {
+            // The disk filled before the budget did (other files share it, or disk_bytes is
+            // set too high): make room for a few objects like this one, so the next try fits.
+            let (used, _) = self.budget.usage();
+            let room = self.config.cache.max_object_bytes.0.clamp(1 << 20, 64 << 20);
+            let victims = self.budget.evict_to(used.saturating_sub(room));
+            let freed: u64 = victims.iter().map(|v| v.len).sum();
+            tracing::warn!(freed, "disk full: evicted to make room");
+            self.drop_victims(victims).await;
+        }
+        result
+    }
+
+    /// Streams the origin's body into a temp blob while hashing, sniffing and counting; anything
+    /// refused leaves no file behind (the temp blob removes itself when dropped).
+    async fn receive(&self, req: &ProxyRequest, trigger: Trigger) -> Result<Received, ProxyError> {
         let started = Instant::now();
         let origin = self.fetcher.get(&req.source, trigger).await.inspect_err(|e| {
             self.metrics.origin.get_or_create(&OutcomeLabels { outcome: e.code() }).inc();
         })?;
         let status = origin.response.status().as_u16();
         let mut response = origin.response;
-        let mut received = 0u64;
-        let result = self.store_body(key, req, &mut response, &mut received).await;
-        if matches!(result, Err(ProxyError::StorageFull)) {
-            // The disk filled before the budget did (other files share it, or disk_bytes is
-            // set too high): make room for about twice this object, so the next try fits.
-            let (used, _) = self.budget.usage();
-            let room =
-                (2 * response.content_length().unwrap_or(received).max(received)).max(1 << 20);
-            let victims = self.budget.evict_to(used.saturating_sub(room));
-            tracing::warn!(
-                freed = victims.iter().map(|v| v.len).sum::<u64>(),
-                "disk full: evicted to make room"
-            );
-            self.drop_victims(victims).await;
-        }
+        let mut count = 0u64;
+        let result = self.read_body(&mut response, &mut count).await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(e) => e.code(),
         };
-        origin.pending.finish(Some(status), received, outcome).await;
+        origin.pending.finish(Some(status), count, outcome).await;
         self.metrics.origin.get_or_create(&OutcomeLabels { outcome }).inc();
         self.metrics.origin_seconds.observe(started.elapsed().as_secs_f64());
-        self.metrics.bytes_fetched.inc_by(received);
+        self.metrics.bytes_fetched.inc_by(count);
         result
     }
 
-    async fn store_body(
+    async fn read_body(
         &self,
-        key: Key,
-        req: &ProxyRequest,
         response: &mut reqwest::Response,
         received: &mut u64,
-    ) -> Result<Arc<Entry>, ProxyError> {
+    ) -> Result<Received, ProxyError> {
         let max = self.config.cache.max_object_bytes.0;
-        let mem_max = self.config.cache.memory_max_object_bytes.0;
         let declared = response.content_length();
         if declared.is_some_and(|n| n > max) {
             return Err(ProxyError::TooLarge);
@@ -333,8 +345,6 @@ impl Proxy {
         let mut hasher = blake3::Hasher::new();
         let mut head = Vec::with_capacity(SNIFF_LEN);
         let mut content_type = None;
-        // Small bodies are kept in memory as they stream, so the memory tier needs no re-read.
-        let mut in_memory = declared.is_none_or(|n| n <= mem_max).then(BytesMut::new);
         while let Some(chunk) = response.chunk().await.map_err(body_error)? {
             *received += chunk.len() as u64;
             if *received > max {
@@ -349,13 +359,6 @@ impl Proxy {
             }
             hasher.update(&chunk);
             temp.file.write_all(&chunk).await.map_err(storage_error)?;
-            if let Some(buf) = &mut in_memory {
-                if (buf.len() + chunk.len()) as u64 > mem_max {
-                    in_memory = None;
-                } else {
-                    buf.extend_from_slice(&chunk);
-                }
-            }
         }
         if *received == 0 {
             return Err(ProxyError::OriginInvalid("empty body"));
@@ -367,20 +370,50 @@ impl Proxy {
             Some(t) => t,
             None => self.types.sniff(&head)?,
         };
-        let hash = hasher.finalize();
-        self.disk.commit(temp, &hash).await.map_err(storage_error)?;
+        Ok(Received { temp, hash: hasher.finalize(), len: *received, content_type })
+    }
+
+    /// Makes a received blob durable and findable: budget first (so a concurrent eviction of
+    /// the same bytes, which deletes only blobs the budget no longer holds, cannot delete
+    /// it), then the rename into place, then the index record.
+    async fn store(
+        &self,
+        key: Key,
+        req: &ProxyRequest,
+        r: Received,
+    ) -> Result<Arc<Entry>, ProxyError> {
+        let Received { temp, hash, len, content_type } = r;
+        let (touch, victims) = self.budget.admit(*hash.as_bytes(), len, key);
         let record = Record {
             hash: hash.to_hex().to_string(),
-            len: *received,
+            len,
             content_type: content_type.to_string(),
             url: req.source.to_string(),
             stored_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         };
-        self.index.put(key, &record).await.map_err(ProxyError::internal)?;
-        let (touch, victims) = self.budget.admit(*hash.as_bytes(), *received, key);
+        let stored = match self.disk.commit(temp, &hash).await {
+            Ok(_) => self.index.put(key, &record).await.map_err(ProxyError::internal),
+            Err(e) => Err(storage_error(e)),
+        };
+        if let Err(e) = stored {
+            if self.budget.forget(hash.as_bytes(), &key) {
+                self.budget.remove_if_unheld(hash.as_bytes(), &self.disk.path(&hash));
+            }
+            self.drop_victims(victims).await;
+            return Err(e);
+        }
         self.drop_victims(victims).await;
-        let body = in_memory.map(BytesMut::freeze);
-        Ok(Arc::new(Entry::new(hash, *received, content_type, body).with_touch(touch)))
+        // Small bodies go to the memory tier, read back from the page cache: no fill ever
+        // holds a whole body in memory while it streams.
+        let body = if len <= self.config.cache.memory_max_object_bytes.0 {
+            match tokio::fs::read(self.disk.path(&hash)).await {
+                Ok(bytes) if bytes.len() as u64 == len => Some(Bytes::from(bytes)),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        Ok(Arc::new(Entry::new(hash, len, content_type, body).with_touch(touch)))
     }
 
     /// Drops every entry whose record matches `doomed` from the index, the memory tier and,
@@ -395,8 +428,8 @@ impl Proxy {
             self.memory.remove(key).await;
             let Some(hash) = record.blake3() else { continue };
             // The blob goes only with the last key naming it: identical bytes are shared.
-            if self.budget.forget(hash.as_bytes(), key) {
-                self.disk.remove(&hash).await;
+            let last = self.budget.forget(hash.as_bytes(), key);
+            if self.budget.remove_if_unheld(hash.as_bytes(), &self.disk.path(&hash)) || last {
                 report.blobs += 1;
                 report.bytes += record.len;
             }
@@ -490,12 +523,13 @@ impl Proxy {
                         .await;
                 match result {
                     Ok(Ok((actual, len))) if actual == hash && len == record.len => checked += 1,
-                    // Gone meanwhile (evicted, purged): nothing to do.
-                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    _ => {
+                    Ok(Ok(_)) => {
                         proxy.drop_blob(&hash, "scrub: blob does not match its hash").await;
                         dropped += 1;
                     }
+                    // Gone meanwhile (evicted, purged) or unreadable for now (no file
+                    // descriptor free): judged on load or on the next pass, never dropped here.
+                    Ok(Err(_)) | Err(_) => {}
                 }
                 drop(proxy);
                 // Yield the disk to viewers between blobs.
@@ -522,8 +556,7 @@ impl Proxy {
             if file.modified >= started {
                 continue;
             }
-            if !self.budget.holds(file.hash.as_bytes()) {
-                self.disk.remove(&file.hash).await;
+            if self.budget.remove_if_unheld(file.hash.as_bytes(), &self.disk.path(&file.hash)) {
                 orphans += 1;
             }
         }

@@ -173,9 +173,11 @@ async fn serve_request(public: &Public, request: &ProxyRequest, req: &Request<In
     match response::serve(&entry, &proxy.disk, req.method(), req.headers()).await {
         Ok((response, sent)) => Ok((response, cache, sent)),
         Err(e) => {
-            // The blob went away under us (deleted by hand, or evicted): forget the entry so
-            // the next request refills it.
-            proxy.drop_blob(&entry.hash, "blob vanished while serving").await;
+            // Only a blob that is really gone is forgotten (deleted by hand, or evicted): any
+            // other failure (out of file descriptors, say) must not wipe good cached bytes.
+            if proxy.disk.len(&entry.hash).await.is_none() {
+                proxy.drop_blob(&entry.hash, "blob vanished while serving").await;
+            }
             Err((e, cache))
         }
     }

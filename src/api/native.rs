@@ -28,7 +28,7 @@ pub fn parse(path: &str, signer: &Signer) -> Result<ProxyRequest, ProxyError> {
             return Err(ProxyError::BadUrl("expected /m/<signature>/<source>/<variant>"));
         }
     };
-    if sig.is_empty() || src64.is_empty() {
+    if src64.is_empty() {
         return Err(ProxyError::BadUrl("expected /m/<signature>/<source>"));
     }
     if !signer.verify(sig, src64.as_bytes()) {

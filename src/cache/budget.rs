@@ -105,9 +105,12 @@ impl DiskBudget {
         collect(&mut inner, evicted)
     }
 
-    /// Whether a blob is accounted for (the start-up walk deletes files that are not).
-    pub fn holds(&self, hash: &[u8; 32]) -> bool {
-        self.lock().keys.contains_key(hash)
+    /// Deletes the blob file at `path` unless the budget holds `hash`; returns whether a file
+    /// was deleted. Runs under the budget's lock, and fills admit a blob before renaming it
+    /// into place, so this can never delete a blob a concurrent fill has just stored.
+    pub fn remove_if_unheld(&self, hash: &[u8; 32], path: &std::path::Path) -> bool {
+        let inner = self.lock();
+        !inner.keys.contains_key(hash) && std::fs::remove_file(path).is_ok()
     }
 }
 

@@ -97,15 +97,17 @@ impl BlobStore {
         let root = self.blobs.clone();
         tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
-            for a in std::fs::read_dir(&root)?.flatten() {
-                for b in std::fs::read_dir(a.path())?.flatten() {
-                    for f in std::fs::read_dir(b.path())?.flatten() {
+            // Anything that is not a directory where one is expected is skipped, not fatal.
+            let dirs = |p: &std::path::Path| std::fs::read_dir(p).into_iter().flatten().flatten();
+            for a in dirs(&root) {
+                for b in dirs(&a.path()) {
+                    for f in dirs(&b.path()) {
                         let name = f.file_name();
                         let Some(hash) = name.to_str().and_then(|n| blake3::Hash::from_hex(n).ok())
                         else {
                             continue;
                         };
-                        let meta = f.metadata()?;
+                        let Ok(meta) = f.metadata() else { continue };
                         let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
                         out.push(BlobFile { hash, len: meta.len(), modified });
                     }

@@ -68,6 +68,9 @@ pub struct S3Fifo<K> {
     main_bytes: u64,
     ghost: VecDeque<K>,
     ghost_set: HashSet<K>,
+    /// Queue entries left behind by [`remove`](Self::remove); the queues are compacted when
+    /// they outnumber live objects, so removals cannot grow memory without bound.
+    stale: usize,
     /// Live objects. Queue entries whose key is absent here (or whose touch differs) were
     /// removed and are skipped when they reach the head: removal stays O(1).
     live: HashMap<K, Slot>,
@@ -83,6 +86,7 @@ impl<K: Hash + Eq + Clone> S3Fifo<K> {
             main_bytes: 0,
             ghost: VecDeque::new(),
             ghost_set: HashSet::new(),
+            stale: 0,
             live: HashMap::new(),
         }
     }
@@ -133,6 +137,15 @@ impl<K: Hash + Eq + Clone> S3Fifo<K> {
         match slot.queue {
             Queue::Small => self.small_bytes -= slot.size,
             Queue::Main => self.main_bytes -= slot.size,
+        }
+        self.stale += 1;
+        if self.stale > self.live.len() + 1024 {
+            let live = &self.live;
+            let keep =
+                |(k, t): &(K, Arc<Touch>)| live.get(k).is_some_and(|s| Arc::ptr_eq(&s.touch, t));
+            self.small.retain(keep);
+            self.main.retain(keep);
+            self.stale = 0;
         }
         Some(slot.size)
     }

@@ -45,16 +45,17 @@ impl FillLimits {
         }
     }
 
-    /// A global slot now or [`ProxyError::Overloaded`]; then a slot for `host`, waiting for
-    /// one if this host already has `fetch.max_per_origin` fills running.
+    /// A slot for `host`, waiting for one if this host already has `fetch.max_per_origin`
+    /// fills running; then a global slot now or [`ProxyError::Overloaded`]. In this order, fills
+    /// queued behind one slow origin hold no global slot, so they cannot starve other origins.
     pub async fn acquire(&self, host: &str) -> Result<FillPermit, ProxyError> {
-        let global = self.global.clone().try_acquire_owned().map_err(|_| ProxyError::Overloaded)?;
         let semaphore = {
             let mut origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
             let entry = origins.entry(host.to_string());
             entry.or_insert_with(|| Arc::new(Semaphore::new(self.per_origin))).clone()
         };
         let origin = semaphore.acquire_owned().await.map_err(|_| ProxyError::Overloaded)?;
+        let global = self.global.clone().try_acquire_owned().map_err(|_| ProxyError::Overloaded)?;
         Ok(FillPermit {
             _global: global,
             origin: Some(origin),
