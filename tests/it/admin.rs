@@ -316,4 +316,13 @@ async fn audit_log_rotates_within_its_size_bound() {
         .collect();
     assert!(sizes.iter().all(|s| *s <= 1500), "{sizes:?}");
     assert!(!Path::new(&format!("{}.3", log.display())).exists(), "only `keep` rotated files");
+    // `parasol audit` reads the rotated files with the current one.
+    let kept_lines: usize = ["", ".1", ".2"]
+        .iter()
+        .map(|s| std::fs::read_to_string(format!("{}{s}", log.display())).unwrap().lines().count())
+        .sum();
+    let out = parasol_audit(&log, true);
+    assert!(out.status.success());
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["hosts"]["127.0.0.2"]["requests"], kept_lines as u64);
 }

@@ -355,3 +355,34 @@ async fn a_thousand_slow_readers_share_one_copy() {
     child.sigterm();
     assert!(child.wait().await.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fills_queued_behind_a_slow_origin_do_not_starve_other_origins() {
+    let slow = Origin::start("127.0.0.15").await;
+    for i in 0..4 {
+        slow.route(
+            &format!("/{i}.png"),
+            Route::ok(png_bytes(500, i)).delay(Duration::from_millis(600)),
+        );
+    }
+    let fast = Origin::start("127.0.0.16").await;
+    fast.route("/ok.png", Route::ok(png_bytes(500, 80)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.15/32", "127.0.0.16/32"]);
+    cfg.fetch.max_fills = 2;
+    cfg.fetch.max_per_origin = 1;
+    let p = Parasol::start(cfg).await;
+    let queued: Vec<_> = (0..4)
+        .map(|i| {
+            let url = p.url(&slow.url(&format!("/{i}.png")));
+            tokio::spawn(async move { get(&url).await.status() })
+        })
+        .collect();
+    assert!(eventually(|| slow.seen().len() == 1).await, "one slow fill runs, three queue");
+    assert_eq!(get(&p.url(&fast.url("/ok.png"))).await.status(), 200, "the other origin is served");
+    for q in queued {
+        assert_eq!(q.await.unwrap(), 200);
+    }
+    assert_eq!(slow.max_concurrent(), 1);
+    p.stop().await;
+}
