@@ -11,8 +11,10 @@
 //! - [`signing`]: HMAC-SHA256 of native URLs, key rotation, the generated default key.
 //! - [`api`]: one module per URL scheme, each producing an [`api::ProxyRequest`].
 //! - [`policy`]: blocked and allowed origin domains.
-//! - [`fetch`]: the origin client; [`fetch::guard`] decides which addresses may be dialed.
-//! - [`cache`]: [`cache::Key`] and [`cache::Entry`]; memory tier, disk blobs, redb index.
+//! - [`fetch`]: the origin client; [`fetch::guard`] decides which addresses may be dialed,
+//!   [`fetch::peer`] re-checks the connected socket, [`fetch::limit`] caps fills.
+//! - [`cache`]: [`cache::Key`] and [`cache::Entry`]; memory tier, disk blobs, redb index,
+//!   the disk budget ([`cache::budget`], S3-FIFO in [`cache::evict`]), [`cache::verify`].
 //! - [`media`]: content sniffing and the type allowlist.
 //! - [`proxy`]: the request lifecycle: lookup, coalesced fill, store.
 //! - [`response`]: 200/206/304/416 and error responses from an entry.
@@ -25,7 +27,11 @@
 //!
 //! Miss: one leader task per key, spawned so that a viewer who disconnects cancels nothing:
 //! disk index → (absent) guarded fetch → stream to a temp file while hashing, sniffing and
-//! counting → validate → rename into place → index → publish to every waiting viewer.
+//! counting → validate → admit to the disk budget → rename into place → index → evict what
+//! the budget no longer holds → publish to every waiting viewer.
+//!
+//! Background: at start the budget is rebuilt from the index and reconciled with the blob
+//! files; retention drops idle blobs; a scrub re-hashes large blobs daily.
 
 #![forbid(unsafe_code)]
 
