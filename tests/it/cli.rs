@@ -166,9 +166,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let metrics = get(&format!("http://{admin}/metrics")).await.text().await.unwrap();
     assert!(metrics.contains("# HELP parasol_served_bytes"), "{metrics}");
 
-    let base = url::Url::parse(&format!("http://{public}/")).unwrap();
-    let signer = parasol::signing::Signer::new([KEY]);
-    let url = parasol::api::native::sign_url(&base, &signer, &origin.url("/slow.png"), None);
+    let url = signed_url(public, &origin.url("/slow.png"));
     let in_flight = tokio::spawn(async move { get(&url).await });
     assert!(eventually(|| origin.hits("/slow.png") == 1).await, "the fill has started");
     child.sigterm();
@@ -207,9 +205,7 @@ async fn sighup_applies_a_new_block_list_from_the_config_file() {
     let allow = ["127.0.0.6/32"];
     std::fs::write(&file, config_toml(&cache, &allow, "")).unwrap();
     let (child, public, _admin) = spawn_serving(dir.path(), &[], Some(&file));
-    let base = url::Url::parse(&format!("http://{public}/")).unwrap();
-    let signer = parasol::signing::Signer::new([KEY]);
-    let url = parasol::api::native::sign_url(&base, &signer, &origin.url("/m.png"), None);
+    let url = signed_url(public, &origin.url("/m.png"));
     assert_eq!(body(get(&url).await).await, img);
 
     std::fs::write(

@@ -243,11 +243,7 @@ async fn sigkill_during_two_hundred_fills_loses_entries_but_never_serves_wrong_b
         ("PARASOL__FETCH__MAX_PER_ORIGIN", "200"),
     ];
     let (child, public, _) = crate::cli::spawn_serving(dir.path(), &envs, None);
-    let signed = |public: std::net::SocketAddr, path: &str| {
-        let base = url::Url::parse(&format!("http://{public}/")).unwrap();
-        let signer = parasol::signing::Signer::new([KEY]);
-        parasol::api::native::sign_url(&base, &signer, &origin.url(path), None)
-    };
+    let signed = |public, path: &str| signed_url(public, &origin.url(path));
     let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let viewers: Vec<_> = expected
         .iter()

@@ -322,9 +322,7 @@ async fn a_thousand_slow_readers_share_one_copy() {
     ];
     let (child, public, _admin) = crate::cli::spawn_serving(dir.path(), &envs, None);
     let pid = child.0.id();
-    let base = url::Url::parse(&format!("http://{public}/")).unwrap();
-    let signer = parasol::signing::Signer::new([KEY]);
-    let url = parasol::api::native::sign_url(&base, &signer, &origin.url("/big.png"), None);
+    let url = signed_url(public, &origin.url("/big.png"));
     assert_eq!(body(get(&url).await).await, big, "warm the cache");
     let (rss_before, fds_before) = (proc_status(pid, "VmRSS:"), open_fds(pid));
 

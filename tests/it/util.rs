@@ -223,8 +223,7 @@ impl Parasol {
 
     /// The signed native URL for `source`.
     pub fn url(&self, source: &str) -> String {
-        let base = url::Url::parse(&format!("http://{}/", self.public)).unwrap();
-        parasol::api::native::sign_url(&base, &Signer::new([KEY]), source, None)
+        signed_url(self.public, source)
     }
 
     pub fn admin_url(&self, path: &str) -> String {
@@ -243,6 +242,12 @@ impl Parasol {
     pub fn blob_count(&self) -> usize {
         files_under(&self.dir.join("blobs"))
     }
+}
+
+/// The native URL for `source` on a parasol listening at `public`, signed with [`KEY`].
+pub fn signed_url(public: SocketAddr, source: &str) -> String {
+    let base = url::Url::parse(&format!("http://{public}/")).unwrap();
+    parasol::api::native::sign_url(&base, &Signer::new([KEY]), source, None)
 }
 
 pub fn files_under(dir: &Path) -> usize {
