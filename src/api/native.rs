@@ -21,6 +21,14 @@ pub fn parse(path: &str, signer: &Signer) -> Result<ProxyRequest, ProxyError> {
     let (Some(sig), Some(src64)) = (parts.next(), parts.next()) else {
         return Err(ProxyError::BadUrl("expected /m/<signature>/<source>"));
     };
+    if src64.is_empty() {
+        return Err(ProxyError::BadUrl("expected /m/<signature>/<source>"));
+    }
+    // The signature first: a mangled one (a `/` from the standard base64 alphabet shifts the
+    // segments) is a bad signature, whatever the rest of the path looks like.
+    if !signer.verify(sig, src64.as_bytes()) {
+        return Err(ProxyError::BadSignature);
+    }
     let variant = match (parts.next(), parts.next()) {
         (None, _) => None,
         (Some(v), None) if is_variant_name(v) => Some(v.to_string()),
@@ -28,12 +36,6 @@ pub fn parse(path: &str, signer: &Signer) -> Result<ProxyRequest, ProxyError> {
             return Err(ProxyError::BadUrl("expected /m/<signature>/<source>/<variant>"));
         }
     };
-    if src64.is_empty() {
-        return Err(ProxyError::BadUrl("expected /m/<signature>/<source>"));
-    }
-    if !signer.verify(sig, src64.as_bytes()) {
-        return Err(ProxyError::BadSignature);
-    }
     let raw = URL_SAFE_NO_PAD
         .decode(src64)
         .map_err(|_| ProxyError::BadUrl("source is not base64url without padding"))?;
