@@ -64,7 +64,7 @@ impl Default for ServerConfig {
             admin_token: String::new(),
             header_timeout: Dur(Duration::from_secs(10)),
             shutdown_grace: Dur(Duration::from_secs(20)),
-            max_connections: 10_000,
+            max_connections: 4096,
         }
     }
 }
