@@ -30,6 +30,9 @@ pub struct Config {
     pub fetch: FetchConfig,
     pub policy: PolicyConfig,
     pub media: MediaConfig,
+    /// Server-defined renditions by name; the five Misskey-compatible presets are always
+    /// there unless redefined.
+    pub variants: std::collections::BTreeMap<String, VariantConfig>,
     pub audit: AuditConfig,
 }
 
@@ -185,6 +188,46 @@ impl Default for MediaConfig {
     }
 }
 
+/// One `[variants.NAME]` preset: fit the image within `width` × `height` (either may be
+/// omitted), never enlarging, and encode it as `format`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VariantConfig {
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    /// `webp` (lossless), `png` or `jpeg`.
+    pub format: String,
+    /// JPEG quality, 1–100.
+    pub quality: u8,
+}
+
+impl Default for VariantConfig {
+    fn default() -> Self {
+        Self { width: None, height: None, format: "webp".into(), quality: 80 }
+    }
+}
+
+/// The presets Misskey's `mediaProxy` asks for. An animation's `static` rendition is its first
+/// frame; every variant is a still image (the decoder reads the first frame).
+pub fn default_variants() -> std::collections::BTreeMap<String, VariantConfig> {
+    let v = |w: Option<u32>, h: Option<u32>, format: &str| VariantConfig {
+        width: w,
+        height: h,
+        format: format.into(),
+        ..VariantConfig::default()
+    };
+    [
+        ("avatar", v(Some(320), Some(320), "webp")),
+        ("preview", v(Some(200), Some(200), "webp")),
+        ("static", v(Some(498), Some(422), "webp")),
+        ("emoji", v(None, Some(128), "webp")),
+        ("badge", v(Some(96), Some(96), "png")),
+    ]
+    .into_iter()
+    .map(|(name, spec)| (name.to_string(), spec))
+    .collect()
+}
+
 /// `[audit]`: the outbound request log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -251,7 +294,10 @@ impl Config {
         loop {
             let error = match serde_path_to_error::deserialize(toml::Value::Table(table.clone())) {
                 Ok(config) => {
-                    let config: Config = config;
+                    let mut config: Config = config;
+                    for (name, spec) in default_variants() {
+                        config.variants.entry(name).or_insert(spec);
+                    }
                     config.validate()?;
                     return Ok(config);
                 }
@@ -298,6 +344,28 @@ impl Config {
         ] {
             if let Some(d) = list.iter().find(|d| crate::policy::normalize_domain(d).is_none()) {
                 return bad(key, format!("{d:?} is not a domain name"));
+            }
+        }
+        for (name, v) in &self.variants {
+            let key = format!("variants.{name}");
+            let name_ok = !name.is_empty()
+                && name.len() <= 32
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !name_ok {
+                return bad(&key, "names are 1-32 letters, digits, '-' or '_'".into());
+            }
+            if !matches!(v.format.as_str(), "webp" | "png" | "jpeg") {
+                return bad(
+                    &format!("{key}.format"),
+                    format!("{:?}: use webp, png or jpeg", v.format),
+                );
+            }
+            let dim_ok = |d: Option<u32>| d.is_none_or(|d| (1..=8192).contains(&d));
+            if (v.width.is_none() && v.height.is_none()) || !dim_ok(v.width) || !dim_ok(v.height) {
+                return bad(&key, "needs width and/or height, each 1-8192".into());
+            }
+            if !(1..=100).contains(&v.quality) {
+                return bad(&format!("{key}.quality"), "must be 1-100".into());
             }
         }
         for pattern in &self.media.allowed_types {

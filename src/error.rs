@@ -53,6 +53,8 @@ pub enum ProxyError {
     TooLarge,
     #[error("content type not allowed")]
     UnsupportedType,
+    #[error("image cannot be rendered: {0}")]
+    BadImage(&'static str),
     #[error("origin answered status {0}")]
     OriginStatus(u16),
     #[error("origin response invalid: {0}")]
@@ -86,7 +88,7 @@ impl ProxyError {
             UriTooLong => StatusCode::URI_TOO_LONG,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            UnsupportedType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            UnsupportedType | BadImage(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             OriginStatus(_) | OriginInvalid(_) | OriginUnreachable => StatusCode::BAD_GATEWAY,
             OriginTimeout => StatusCode::GATEWAY_TIMEOUT,
             Overloaded | StorageFull => StatusCode::SERVICE_UNAVAILABLE,
@@ -110,6 +112,7 @@ impl ProxyError {
             NotFound => "origin_not_found",
             TooLarge => "too_large",
             UnsupportedType => "unsupported_type",
+            BadImage(_) => "bad_image",
             OriginStatus(_) => "origin_status",
             OriginInvalid(_) => "origin_invalid",
             OriginUnreachable => "origin_unreachable",
@@ -126,8 +129,8 @@ impl ProxyError {
             BadUrl(_) | BadSignature | UnknownVariant | NoRoute | UriTooLong => Cause::Viewer,
             MethodNotAllowed => Cause::Viewer,
             BlockedDestination(_) | BlockedDomain => Cause::Viewer,
-            NotFound | TooLarge | UnsupportedType | OriginStatus(_) | OriginInvalid(_)
-            | RedirectRefused => Cause::Origin,
+            NotFound | TooLarge | UnsupportedType | BadImage(_) | OriginStatus(_)
+            | OriginInvalid(_) | RedirectRefused => Cause::Origin,
             OriginUnreachable | OriginTimeout => Cause::Origin,
             Overloaded | StorageFull | Internal(_) => Cause::Us,
         }
@@ -149,6 +152,7 @@ impl ProxyError {
             NotFound => "not found at origin",
             TooLarge => "object too large",
             UnsupportedType => "content type not allowed",
+            BadImage(_) => "image cannot be rendered",
             OriginStatus(_) | OriginInvalid(_) | OriginUnreachable => "origin failed",
             OriginTimeout => "origin timed out",
             Overloaded | StorageFull => "overloaded, try again later",

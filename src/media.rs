@@ -3,6 +3,8 @@
 //! `media.allowed_types`. Types that can run script in a browser are refused whatever the
 //! configuration says.
 
+pub mod variants;
+
 use crate::error::ProxyError;
 
 /// Bytes collected before sniffing: every signature `infer` knows sits well inside this.

@@ -73,6 +73,10 @@ pub struct Proxy {
     pub index: Index,
     types: TypePolicy,
     pub limits: FillLimits,
+    /// One render per core at a time; renders run on blocking threads.
+    render_cpu: tokio::sync::Semaphore,
+    /// Renders running or waiting; beyond it a render is refused with 503, not queued.
+    render_queue: tokio::sync::Semaphore,
     /// What is on disk and what to evict: `cache.disk_bytes` by S3-FIFO.
     pub budget: DiskBudget,
     /// Fills in progress. A std mutex: it is held only to look up or insert, never across await.
@@ -97,6 +101,8 @@ impl Proxy {
             memory: MemoryTier::new(config.cache.memory_bytes.0),
             types: TypePolicy::new(&config.media.allowed_types),
             budget: DiskBudget::new(config.cache.disk_bytes.0),
+            render_cpu: tokio::sync::Semaphore::new(cores()),
+            render_queue: tokio::sync::Semaphore::new(cores() * 8),
             limits: FillLimits::new(
                 config.fetch.max_fills as usize,
                 config.fetch.max_per_origin as usize,
@@ -123,6 +129,32 @@ impl Proxy {
         // blocked a second ago is not served from memory.
         self.fetcher.check_destination(&req.source).map_err(|e| (e, CacheStatus::Blocked))?;
         let key = req.key();
+        let req = req.clone();
+        self.lookup_or_fill(key, move |this| async move {
+            // A fill that finished between this request's lookups and its leadership has
+            // already published: use it rather than fetch a second time.
+            if let Some(entry) = this.memory.get(&key).await {
+                return Ok((entry, CacheStatus::HitMemory));
+            }
+            if let Some(err) = this.negative.get(&key).await {
+                return Err(err);
+            }
+            this.fill(key, &req, trigger).await
+        })
+        .await
+    }
+
+    /// Memory, then the negative cache, then one fill per key on its own task, which every
+    /// concurrent caller for `key` waits on.
+    async fn lookup_or_fill<F, Fut>(
+        self: &Arc<Self>,
+        key: Key,
+        fill: F,
+    ) -> Result<(Arc<Entry>, CacheStatus), (ProxyError, CacheStatus)>
+    where
+        F: FnOnce(Arc<Self>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = FillResult> + Send + 'static,
+    {
         if let Some(entry) = self.memory.get(&key).await {
             entry.hit();
             return Ok((entry, CacheStatus::HitMemory));
@@ -138,12 +170,11 @@ impl Proxy {
                     let (tx, rx) = watch::channel(None);
                     inflight.insert(key, rx.clone());
                     let this = self.clone();
-                    let req = req.clone();
                     tokio::spawn(async move {
                         // Leaves the map however the task ends, a panic included, so a key is
                         // never stuck waiting on a fill that is gone.
                         let slot = InflightSlot { proxy: this.clone(), key };
-                        let result = this.fill(key, &req, trigger).await;
+                        let result = fill(this.clone()).await;
                         if let Err(e) = &result {
                             if e.is_negative_cacheable() && !this.negative.contains_key(&key) {
                                 this.negative.insert(key, e.clone()).await;
@@ -175,16 +206,74 @@ impl Proxy {
         }
     }
 
+    /// The rendition `name` of the original `req`, keyed by the original's content (so one
+    /// picture reached through two URLs is rendered once) and coalesced like fetches.
+    pub async fn get_variant(
+        self: &Arc<Self>,
+        req: &ProxyRequest,
+        name: &str,
+        trigger: Trigger,
+    ) -> Result<(Arc<Entry>, CacheStatus), (ProxyError, CacheStatus)> {
+        let spec = self.config.variants.get(name).cloned();
+        let spec = spec.ok_or((ProxyError::UnknownVariant, CacheStatus::Bypass))?;
+        let original_req = ProxyRequest { source: req.source.clone(), variant: None };
+        let (original, status) = self.get(&original_req, trigger).await?;
+        if !original.content_type.to_str().is_ok_and(|t| t.starts_with("image/")) {
+            // Video and audio have no renditions: the original is served.
+            return Ok((original, status));
+        }
+        let key = Key::new(&format!("blake3:{}", original.hash.to_hex()), Some(name));
+        let url = req.source.to_string();
+        self.lookup_or_fill(key, move |this| async move {
+            if let Some(entry) = this.load_from_disk(key).await? {
+                this.memory.insert(key, entry.clone()).await;
+                return Ok((entry, CacheStatus::HitDisk));
+            }
+            let entry = this.render_and_store(key, &url, &original, &spec).await?;
+            this.memory.insert(key, entry.clone()).await;
+            Ok((entry, CacheStatus::Miss))
+        })
+        .await
+    }
+
+    /// Renders on a blocking thread under the CPU semaphore; beyond the queue bound, 503.
+    async fn render_and_store(
+        &self,
+        key: Key,
+        url: &str,
+        original: &Entry,
+        spec: &crate::config::VariantConfig,
+    ) -> Result<Arc<Entry>, ProxyError> {
+        let _queued = self.render_queue.try_acquire().map_err(|_| ProxyError::Overloaded)?;
+        let _cpu = self.render_cpu.acquire().await.map_err(|_| ProxyError::Overloaded)?;
+        let source = match &original.body {
+            Some(bytes) => bytes.clone(),
+            None => Bytes::from(
+                tokio::fs::read(self.disk.path(&original.hash))
+                    .await
+                    .map_err(ProxyError::internal)?,
+            ),
+        };
+        let (spec, max_pixels) = (spec.clone(), self.config.media.max_pixels);
+        self.metrics.renders.inc();
+        let rendered = tokio::task::spawn_blocking(move || {
+            crate::media::variants::render(&source, &spec, max_pixels)
+        })
+        .await
+        .map_err(|_| ProxyError::internal("render task failed"))??;
+        let mut temp = self.disk.create_temp().await.map_err(storage_error)?;
+        temp.file.write_all(&rendered.bytes).await.map_err(storage_error)?;
+        let received = Received {
+            temp,
+            hash: blake3::hash(&rendered.bytes),
+            len: rendered.bytes.len() as u64,
+            content_type: rendered.content_type,
+        };
+        self.store(key, url, received).await
+    }
+
     /// The leader's work: the disk index first, then the origin.
     async fn fill(&self, key: Key, req: &ProxyRequest, trigger: Trigger) -> FillResult {
-        // A fill that finished between this request's lookups and its leadership has already
-        // published: use it rather than fetch a second time.
-        if let Some(entry) = self.memory.get(&key).await {
-            return Ok((entry, CacheStatus::HitMemory));
-        }
-        if let Some(err) = self.negative.get(&key).await {
-            return Err(err);
-        }
         if let Some(entry) = self.load_from_disk(key).await? {
             self.memory.insert(key, entry.clone()).await;
             return Ok((entry, CacheStatus::HitDisk));
@@ -280,7 +369,7 @@ impl Proxy {
             Err(ProxyError::OriginTimeout)
         });
         let result = match result {
-            Ok((_permit, received)) => self.store(key, req, received).await,
+            Ok((_permit, received)) => self.store(key, req.source.as_str(), received).await,
             Err(e) => Err(e),
         };
         if let Err(ProxyError::StorageFull) = result {
@@ -376,19 +465,14 @@ impl Proxy {
     /// Makes a received blob durable and findable: budget first (so a concurrent eviction of
     /// the same bytes, which deletes only blobs the budget no longer holds, cannot delete
     /// it), then the rename into place, then the index record.
-    async fn store(
-        &self,
-        key: Key,
-        req: &ProxyRequest,
-        r: Received,
-    ) -> Result<Arc<Entry>, ProxyError> {
+    async fn store(&self, key: Key, url: &str, r: Received) -> Result<Arc<Entry>, ProxyError> {
         let Received { temp, hash, len, content_type } = r;
         let (touch, victims) = self.budget.admit(*hash.as_bytes(), len, key);
         let record = Record {
             hash: hash.to_hex().to_string(),
             len,
             content_type: content_type.to_string(),
-            url: req.source.to_string(),
+            url: url.to_string(),
             stored_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         };
         let stored = match self.disk.commit(temp, &hash).await {
@@ -564,6 +648,10 @@ impl Proxy {
             tracing::warn!(orphans, "removed blob files no index record named");
         }
     }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// A write that failed for lack of space is [`ProxyError::StorageFull`] (503, and eviction);

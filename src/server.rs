@@ -164,12 +164,11 @@ async fn route(public: &Public, req: &Request<Incoming>) -> (&'static str, Route
 }
 
 async fn serve_request(public: &Public, request: &ProxyRequest, req: &Request<Incoming>) -> Routed {
-    if request.variant.is_some() {
-        // Variants come with the media variants work; until then none is configured.
-        return Err((ProxyError::UnknownVariant, CacheStatus::Bypass));
-    }
     let proxy = &public.proxy;
-    let (entry, cache) = proxy.get(request, Trigger::View).await?;
+    let (entry, cache) = match &request.variant {
+        Some(name) => proxy.get_variant(request, name, Trigger::View).await?,
+        None => proxy.get(request, Trigger::View).await?,
+    };
     match response::serve(&entry, &proxy.disk, req.method(), req.headers()).await {
         Ok((response, sent)) => Ok((response, cache, sent)),
         Err(e) => {

@@ -76,6 +76,7 @@ pub struct Metrics {
     pub cache_entries: Family<TierLabels, Gauge>,
     pub audit_violations: Counter,
     pub evictions: Counter,
+    pub renders: Counter,
     pub blobs_dropped: Counter,
 }
 
@@ -137,6 +138,12 @@ impl Metrics {
             "Blobs evicted from disk to stay within cache.disk_bytes or cache.retention",
             evictions.clone(),
         );
+        let renders = Counter::default();
+        registry.register(
+            "renders",
+            "Variant renditions computed (decode, resize, encode)",
+            renders.clone(),
+        );
         let blobs_dropped = Counter::default();
         registry.register(
             "blobs_dropped",
@@ -144,6 +151,7 @@ impl Metrics {
             blobs_dropped.clone(),
         );
         Self {
+            renders,
             evictions,
             blobs_dropped,
             audit_violations,

@@ -8,3 +8,4 @@ mod hostile;
 mod privacy;
 mod proxy;
 mod util;
+mod variants;
