@@ -177,6 +177,9 @@ pub struct MediaConfig {
     pub allowed_types: Vec<String>,
     /// Largest image (width × height) that will ever be decoded.
     pub max_pixels: u64,
+    /// Remove EXIF (GPS included), XMP, IPTC and text chunks from JPEG, PNG and WebP originals
+    /// before they are stored, without re-encoding; the orientation is kept.
+    pub strip_metadata: bool,
 }
 
 impl Default for MediaConfig {
@@ -184,6 +187,7 @@ impl Default for MediaConfig {
         Self {
             allowed_types: vec!["image/*".into(), "video/*".into(), "audio/*".into()],
             max_pixels: 40_000_000,
+            strip_metadata: true,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! `media.allowed_types`. Types that can run script in a browser are refused whatever the
 //! configuration says.
 
+pub mod strip;
 pub mod variants;
 
 use crate::error::ProxyError;

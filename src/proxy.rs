@@ -369,7 +369,10 @@ impl Proxy {
             Err(ProxyError::OriginTimeout)
         });
         let result = match result {
-            Ok((_permit, received)) => self.store(key, req.source.as_str(), received).await,
+            Ok((_permit, received)) => match self.strip_metadata(received).await {
+                Ok(received) => self.store(key, req.source.as_str(), received).await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         if let Err(ProxyError::StorageFull) = result {
@@ -383,6 +386,27 @@ impl Proxy {
             self.drop_victims(victims).await;
         }
         result
+    }
+
+    /// Replaces a received JPEG, PNG or WebP by a copy without metadata (`media.strip_metadata`),
+    /// so the bytes stored, hashed and served (and their ETag) carry no GPS position.
+    async fn strip_metadata(&self, mut r: Received) -> Result<Received, ProxyError> {
+        const LARGEST: u64 = 64 << 20;
+        let strippable = matches!(r.content_type, "image/jpeg" | "image/png" | "image/webp");
+        if !self.config.media.strip_metadata || !strippable || r.len > LARGEST {
+            return Ok(r);
+        }
+        let bytes = Bytes::from(r.temp.read_back().await.map_err(storage_error)?);
+        let content_type = r.content_type;
+        let stripped =
+            tokio::task::spawn_blocking(move || crate::media::strip::strip(&bytes, content_type))
+                .await
+                .map_err(|_| ProxyError::internal("strip task failed"))?;
+        let Some(stripped) = stripped else { return Ok(r) };
+        let mut temp = self.disk.create_temp().await.map_err(storage_error)?;
+        temp.file.write_all(&stripped).await.map_err(storage_error)?;
+        let (hash, len) = (blake3::hash(&stripped), stripped.len() as u64);
+        Ok(Received { temp, hash, len, content_type })
     }
 
     /// Streams the origin's body into a temp blob while hashing, sniffing and counting; anything

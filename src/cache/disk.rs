@@ -36,6 +36,14 @@ pub struct TempBlob {
     committed: bool,
 }
 
+impl TempBlob {
+    /// Everything written so far.
+    pub async fn read_back(&mut self) -> io::Result<Vec<u8>> {
+        self.file.flush().await?;
+        tokio::fs::read(&self.path).await
+    }
+}
+
 impl Drop for TempBlob {
     fn drop(&mut self) {
         if !self.committed {

@@ -149,3 +149,82 @@ async fn one_render_for_concurrent_requests_and_for_the_same_picture_at_two_urls
     assert!(metrics.contains("parasol_renders_total 1"), "{metrics}");
     p.stop().await;
 }
+
+/// A big-endian TIFF EXIF block with IFD0 { Orientation, GPSInfo -> { GPSLatitudeRef "N" } }.
+fn exif_with_gps(orientation: u16) -> Vec<u8> {
+    let mut b = b"MM\0\x2a\0\0\0\x08".to_vec();
+    b.extend_from_slice(&2u16.to_be_bytes());
+    b.extend_from_slice(&[0x01, 0x12, 0, 3, 0, 0, 0, 1]);
+    b.extend_from_slice(&orientation.to_be_bytes());
+    b.extend_from_slice(&[0, 0]);
+    b.extend_from_slice(&[0x88, 0x25, 0, 4, 0, 0, 0, 1]);
+    b.extend_from_slice(&38u32.to_be_bytes()); // GPS IFD right after IFD0 (8 + 2 + 24 + 4)
+    b.extend_from_slice(&0u32.to_be_bytes());
+    b.extend_from_slice(&1u16.to_be_bytes());
+    b.extend_from_slice(&[0x00, 0x01, 0, 2, 0, 0, 0, 2, b'N', 0, 0, 0]);
+    b.extend_from_slice(&0u32.to_be_bytes());
+    b
+}
+
+#[tokio::test]
+async fn originals_lose_their_gps_but_keep_their_orientation() {
+    use img_parts::ImageEXIF;
+    let plain = gradient_jpeg(300, 200);
+    let mut jpeg = img_parts::jpeg::Jpeg::from_bytes(plain.into()).unwrap();
+    jpeg.set_exif(Some(exif_with_gps(6).into()));
+    let mut tagged = Vec::new();
+    jpeg.encoder().write_to(&mut tagged).unwrap();
+    assert!(tagged.windows(2).any(|w| w == [0x88, 0x25]), "the fixture carries a GPS pointer");
+
+    let origin = Origin::start("127.0.0.17").await;
+    origin.route("/holiday.jpg", Route::ok(tagged.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.17/32"])).await;
+    let r = get(&p.url(&origin.url("/holiday.jpg"))).await;
+    assert_eq!(r.status(), 200);
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    let served = body(r).await;
+    assert_eq!(etag, etag_of(&served), "the ETag is of the stripped bytes");
+    assert!(served.len() < tagged.len());
+    let exif = img_parts::jpeg::Jpeg::from_bytes(served.clone())
+        .unwrap()
+        .exif()
+        .expect("orientation kept");
+    assert!(!exif.windows(2).any(|w| w == [0x88, 0x25]), "no GPS pointer left");
+    assert!(exif.windows(2).any(|w| w == [0x01, 0x12]), "orientation tag kept");
+    let pixels = image::load_from_memory(&served).unwrap();
+    assert_eq!((pixels.width(), pixels.height()), (300, 200), "pixels untouched");
+
+    // The variant applies the orientation (6: rotate 90°), so it is portrait.
+    let (_, avatar) =
+        decoded(&body(get(&variant_url(&p, &origin.url("/holiday.jpg"), "avatar")).await).await);
+    assert_eq!((avatar.width(), avatar.height()), (200, 300));
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn png_text_chunks_are_removed_from_originals() {
+    let plain = encode(&DynamicImage::ImageRgb8(RgbImage::new(40, 30)), ImageFormat::Png);
+    let mut png = img_parts::png::Png::from_bytes(plain.into()).unwrap();
+    let note = bytes::Bytes::from_static(b"Comment\0taken at home, 52.1N 4.3E");
+    png.chunks_mut().insert(1, img_parts::png::PngChunk::new(*b"tEXt", note));
+    let mut tagged = Vec::new();
+    png.encoder().write_to(&mut tagged).unwrap();
+    let origin = Origin::start("127.0.0.17").await;
+    origin.route("/shot.png", Route::ok(tagged));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.17/32"])).await;
+    let served = body(get(&p.url(&origin.url("/shot.png"))).await).await;
+    assert!(!served.windows(4).any(|w| w == b"52.1"), "the text chunk is gone");
+    assert_eq!(image::load_from_memory(&served).unwrap().width(), 40);
+    p.stop().await;
+
+    // With strip_metadata off, the original is served byte for byte.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.17/32"]);
+    cfg.media.strip_metadata = false;
+    let p = Parasol::start(cfg).await;
+    let served = body(get(&p.url(&origin.url("/shot.png"))).await).await;
+    assert!(served.windows(4).any(|w| w == b"52.1"));
+    p.stop().await;
+}

@@ -1,0 +1,115 @@
+//! Metadata stripping of originals served as-is, without re-encoding a pixel: a photo's EXIF
+//! can carry the GPS position of its author's home, the camera's serial number, the time.
+//!
+//! - JPEG: APP1 (EXIF, XMP), APP13 (IPTC) and comments are removed. The one EXIF field a
+//!   browser needs, the orientation, is kept in a minimal EXIF block written here, so a
+//!   portrait photo is not shown sideways.
+//! - PNG: text chunks (`tEXt`, `zTXt`, `iTXt`), `eXIf` and `tIME` are removed.
+//! - WebP: `EXIF` and `XMP ` chunks are removed.
+//!
+//! Colour profiles (ICC) stay: they are not personal and dropping them changes colours.
+
+use bytes::Bytes;
+use img_parts::ImageEXIF;
+use img_parts::jpeg::{Jpeg, markers};
+use img_parts::png::Png;
+use img_parts::webp::WebP;
+
+/// Returns `bytes` without metadata, or `None` when nothing was removed (or the format is not
+/// one this strips, or it cannot be parsed, in which case the original is served unchanged:
+/// the sniffer already vouched for its type).
+pub fn strip(bytes: &Bytes, content_type: &str) -> Option<Bytes> {
+    let out = match content_type {
+        "image/jpeg" => strip_jpeg(bytes.clone())?,
+        "image/png" => strip_png(bytes.clone())?,
+        "image/webp" => strip_webp(bytes.clone())?,
+        _ => return None,
+    };
+    (out.len() != bytes.len() || out != *bytes).then_some(out)
+}
+
+fn strip_jpeg(bytes: Bytes) -> Option<Bytes> {
+    let mut jpeg = Jpeg::from_bytes(bytes).ok()?;
+    let orientation = jpeg.exif().and_then(|exif| orientation_of(&exif));
+    jpeg.segments_mut()
+        .retain(|s| !matches!(s.marker(), markers::APP1 | markers::APP13 | markers::COM));
+    if let Some(o) = orientation.filter(|o| (2..=8).contains(o)) {
+        jpeg.set_exif(Some(minimal_exif(o)));
+    }
+    let mut out = Vec::new();
+    jpeg.encoder().write_to(&mut out).ok()?;
+    Some(Bytes::from(out))
+}
+
+fn strip_png(bytes: Bytes) -> Option<Bytes> {
+    let mut png = Png::from_bytes(bytes).ok()?;
+    const PRIVATE: [&[u8; 4]; 5] = [b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"];
+    png.chunks_mut().retain(|c| !PRIVATE.contains(&&c.kind()));
+    let mut out = Vec::new();
+    png.encoder().write_to(&mut out).ok()?;
+    Some(Bytes::from(out))
+}
+
+fn strip_webp(bytes: Bytes) -> Option<Bytes> {
+    let mut webp = WebP::from_bytes(bytes).ok()?;
+    webp.set_exif(None);
+    webp.remove_chunks_by_id(*b"XMP ");
+    let mut out = Vec::new();
+    webp.encoder().write_to(&mut out).ok()?;
+    Some(Bytes::from(out))
+}
+
+/// The Orientation tag (0x0112) of IFD0 in a TIFF-structured EXIF block. Parsed by hand: it is
+/// one fixed-layout lookup, and an EXIF crate would parse far more hostile input than needed.
+fn orientation_of(exif: &[u8]) -> Option<u16> {
+    let tiff = exif.strip_prefix(b"Exif\0\0").unwrap_or(exif);
+    let big = match tiff.get(0..2)? {
+        b"MM" => true,
+        b"II" => false,
+        _ => return None,
+    };
+    let u16_at = |i: usize| {
+        let b = tiff.get(i..i + 2)?;
+        Some(if big { u16::from_be_bytes([b[0], b[1]]) } else { u16::from_le_bytes([b[0], b[1]]) })
+    };
+    let u32_at = |i: usize| {
+        let b = tiff.get(i..i + 4)?;
+        let a = [b[0], b[1], b[2], b[3]];
+        Some(if big { u32::from_be_bytes(a) } else { u32::from_le_bytes(a) })
+    };
+    let ifd = u32_at(4)? as usize;
+    let count = u16_at(ifd)? as usize;
+    (0..count.min(512)).find_map(|n| {
+        let entry = ifd + 2 + n * 12;
+        (u16_at(entry)? == 0x0112).then(|| u16_at(entry + 8)).flatten()
+    })
+}
+
+/// An EXIF block holding only an Orientation tag (big-endian TIFF, one IFD0 entry), without
+/// the `Exif\0\0` prefix (img-parts adds it in the APP1 segment).
+pub fn minimal_exif(orientation: u16) -> Bytes {
+    let mut b = Vec::with_capacity(32);
+    b.extend_from_slice(b"MM\0\x2a\0\0\0\x08"); // TIFF header, IFD0 at offset 8
+    b.extend_from_slice(&1u16.to_be_bytes()); // one entry
+    b.extend_from_slice(&0x0112u16.to_be_bytes()); // Orientation
+    b.extend_from_slice(&3u16.to_be_bytes()); // SHORT
+    b.extend_from_slice(&1u32.to_be_bytes()); // count 1
+    b.extend_from_slice(&orientation.to_be_bytes());
+    b.extend_from_slice(&[0, 0]); // value padding
+    b.extend_from_slice(&0u32.to_be_bytes()); // no next IFD
+    Bytes::from(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orientation_round_trips_through_the_minimal_block() {
+        for o in 1..=8 {
+            assert_eq!(orientation_of(&minimal_exif(o)), Some(o));
+        }
+        assert_eq!(orientation_of(b"Exif\0\0garbage"), None);
+        assert_eq!(orientation_of(b""), None);
+    }
+}
