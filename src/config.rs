@@ -199,9 +199,9 @@ impl Default for MediaConfig {
 pub struct VariantConfig {
     pub width: Option<u32>,
     pub height: Option<u32>,
-    /// `webp` (lossless), `png` or `jpeg`.
+    /// `webp` (lossy), `png` or `jpeg`.
     pub format: String,
-    /// JPEG quality, 1–100.
+    /// WebP and JPEG quality, 1–100.
     pub quality: u8,
 }
 
