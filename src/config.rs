@@ -180,6 +180,9 @@ pub struct MediaConfig {
     /// Remove EXIF (GPS included), XMP, IPTC and text chunks from JPEG, PNG and WebP originals
     /// before they are stored, without re-encoding; the orientation is kept.
     pub strip_metadata: bool,
+    /// SVG is never served as-is: `rasterize` draws it to PNG (no script, no network, no
+    /// files), `refuse` answers 415.
+    pub svg: String,
 }
 
 impl Default for MediaConfig {
@@ -188,6 +191,7 @@ impl Default for MediaConfig {
             allowed_types: vec!["image/*".into(), "video/*".into(), "audio/*".into()],
             max_pixels: 40_000_000,
             strip_metadata: true,
+            svg: "rasterize".into(),
         }
     }
 }
@@ -371,6 +375,9 @@ impl Config {
             if !(1..=100).contains(&v.quality) {
                 return bad(&format!("{key}.quality"), "must be 1-100".into());
             }
+        }
+        if !matches!(self.media.svg.as_str(), "rasterize" | "refuse") {
+            return bad("media.svg", format!("{:?}: use rasterize or refuse", self.media.svg));
         }
         for pattern in &self.media.allowed_types {
             if !pattern.contains('/') {

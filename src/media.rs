@@ -4,6 +4,7 @@
 //! configuration says.
 
 pub mod strip;
+pub mod svg;
 pub mod variants;
 
 use crate::error::ProxyError;
@@ -20,15 +21,33 @@ const NEVER: &[&str] = &["image/svg+xml", "text/html", "application/xhtml+xml", 
 pub struct TypePolicy {
     /// `image/*` style patterns or exact types, lowercase.
     patterns: Vec<String>,
+    /// `media.svg = "rasterize"`: SVG is admitted, to be drawn to PNG before storing.
+    rasterize_svg: bool,
 }
+
+/// The sniffed type of an SVG document awaiting rasterisation.
+pub const SVG: &str = "image/svg+xml";
 
 impl TypePolicy {
     pub fn new(patterns: &[String]) -> Self {
-        Self { patterns: patterns.iter().map(|p| p.trim().to_ascii_lowercase()).collect() }
+        Self {
+            patterns: patterns.iter().map(|p| p.trim().to_ascii_lowercase()).collect(),
+            rasterize_svg: false,
+        }
+    }
+
+    pub fn rasterizing_svg(mut self, on: bool) -> Self {
+        self.rasterize_svg = on;
+        self
     }
 
     /// Sniffs `head` (the first bytes of the body) and returns the type to serve.
     pub fn sniff(&self, head: &[u8]) -> Result<&'static str, ProxyError> {
+        // SVG is text (infer calls it XML); it is only ever admitted to be rasterised, never
+        // served as-is.
+        if self.rasterize_svg && svg::looks_like_svg(head) {
+            return Ok(SVG);
+        }
         let mime = infer::get(head).map(|t| t.mime_type()).ok_or(ProxyError::UnsupportedType)?;
         if NEVER.contains(&mime) || !self.allows(mime) {
             return Err(ProxyError::UnsupportedType);

@@ -99,7 +99,8 @@ impl Proxy {
             .build();
         Self {
             memory: MemoryTier::new(config.cache.memory_bytes.0),
-            types: TypePolicy::new(&config.media.allowed_types),
+            types: TypePolicy::new(&config.media.allowed_types)
+                .rasterizing_svg(config.media.svg == "rasterize"),
             budget: DiskBudget::new(config.cache.disk_bytes.0),
             render_cpu: tokio::sync::Semaphore::new(cores()),
             render_queue: tokio::sync::Semaphore::new(cores() * 8),
@@ -261,14 +262,7 @@ impl Proxy {
         })
         .await
         .map_err(|_| ProxyError::internal("render task failed"))??;
-        let mut temp = self.disk.create_temp().await.map_err(storage_error)?;
-        temp.file.write_all(&rendered.bytes).await.map_err(storage_error)?;
-        let received = Received {
-            temp,
-            hash: blake3::hash(&rendered.bytes),
-            len: rendered.bytes.len() as u64,
-            content_type: rendered.content_type,
-        };
+        let received = self.received_from(rendered.bytes, rendered.content_type).await?;
         self.store(key, url, received).await
     }
 
@@ -369,7 +363,7 @@ impl Proxy {
             Err(ProxyError::OriginTimeout)
         });
         let result = match result {
-            Ok((_permit, received)) => match self.strip_metadata(received).await {
+            Ok((_permit, received)) => match self.prepare(received).await {
                 Ok(received) => self.store(key, req.source.as_str(), received).await,
                 Err(e) => Err(e),
             },
@@ -388,6 +382,44 @@ impl Proxy {
         result
     }
 
+    /// What is stored is what may be served: an SVG becomes a PNG, metadata is stripped.
+    async fn prepare(&self, received: Received) -> Result<Received, ProxyError> {
+        let received = self.rasterize_svg(received).await?;
+        self.strip_metadata(received).await
+    }
+
+    /// Replaces a received SVG (admitted only with `media.svg = "rasterize"`) by its PNG
+    /// rendering; the SVG itself is never stored or served.
+    async fn rasterize_svg(&self, mut r: Received) -> Result<Received, ProxyError> {
+        if r.content_type != crate::media::SVG {
+            return Ok(r);
+        }
+        if r.len > crate::media::svg::MAX_SVG_BYTES {
+            return Err(ProxyError::BadImage("SVG too large to render"));
+        }
+        let svg = r.temp.read_back().await.map_err(storage_error)?;
+        let max_pixels = self.config.media.max_pixels;
+        let _cpu = self.render_cpu.acquire().await.map_err(|_| ProxyError::Overloaded)?;
+        self.metrics.renders.inc();
+        let png =
+            tokio::task::spawn_blocking(move || crate::media::svg::rasterize(&svg, max_pixels))
+                .await
+                .map_err(|_| ProxyError::internal("render task failed"))??;
+        self.received_from(png, "image/png").await
+    }
+
+    /// A temp blob holding `bytes`, ready to store.
+    async fn received_from(
+        &self,
+        bytes: Vec<u8>,
+        content_type: &'static str,
+    ) -> Result<Received, ProxyError> {
+        let mut temp = self.disk.create_temp().await.map_err(storage_error)?;
+        temp.file.write_all(&bytes).await.map_err(storage_error)?;
+        let (hash, len) = (blake3::hash(&bytes), bytes.len() as u64);
+        Ok(Received { temp, hash, len, content_type })
+    }
+
     /// Replaces a received JPEG, PNG or WebP by a copy without metadata (`media.strip_metadata`),
     /// so the bytes stored, hashed and served (and their ETag) carry no GPS position.
     async fn strip_metadata(&self, mut r: Received) -> Result<Received, ProxyError> {
@@ -403,10 +435,7 @@ impl Proxy {
                 .await
                 .map_err(|_| ProxyError::internal("strip task failed"))?;
         let Some(stripped) = stripped else { return Ok(r) };
-        let mut temp = self.disk.create_temp().await.map_err(storage_error)?;
-        temp.file.write_all(&stripped).await.map_err(storage_error)?;
-        let (hash, len) = (blake3::hash(&stripped), stripped.len() as u64);
-        Ok(Received { temp, hash, len, content_type })
+        self.received_from(stripped.to_vec(), content_type).await
     }
 
     /// Streams the origin's body into a temp blob while hashing, sniffing and counting; anything

