@@ -105,6 +105,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn webp_exif_is_removed() {
+        let img = image::DynamicImage::ImageRgb8(image::RgbImage::new(8, 8));
+        let mut plain = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut plain, image::ImageFormat::WebP).unwrap();
+        let mut webp = WebP::from_bytes(plain.into_inner().into()).unwrap();
+        webp.set_exif(Some(Bytes::from_static(b"MM\0\x2aGPS-secret-home")));
+        let mut tagged = Vec::new();
+        webp.encoder().write_to(&mut tagged).unwrap();
+        let tagged = Bytes::from(tagged);
+        assert!(tagged.windows(6).any(|w| w == b"secret"));
+        let stripped = strip(&tagged, "image/webp").expect("something removed");
+        assert!(!stripped.windows(6).any(|w| w == b"secret"));
+        assert!(image::load_from_memory(&stripped).is_ok(), "still a valid WebP");
+        assert_eq!(strip(&stripped, "image/webp"), None, "nothing left to remove");
+    }
+
+    #[test]
     fn orientation_round_trips_through_the_minimal_block() {
         for o in 1..=8 {
             assert_eq!(orientation_of(&minimal_exif(o)), Some(o));
