@@ -3,6 +3,9 @@
 //! Every scheme verifies its signature before decoding anything else, and all schemes reduce a
 //! source to the same canonical URL, so one file reached through two schemes is one cache entry.
 
+pub mod akkoma;
+pub mod camo;
+pub mod misskey;
 pub mod native;
 
 use url::Url;

@@ -33,6 +33,7 @@ pub struct Config {
     /// Server-defined renditions by name; the five Misskey-compatible presets are always
     /// there unless redefined.
     pub variants: std::collections::BTreeMap<String, VariantConfig>,
+    pub compat: CompatConfig,
     pub audit: AuditConfig,
 }
 
@@ -236,6 +237,38 @@ pub fn default_variants() -> std::collections::BTreeMap<String, VariantConfig> {
     .collect()
 }
 
+/// `[compat]`: the URL schemes of other media proxies, each off until configured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompatConfig {
+    /// GitHub camo / go-camo key: enables `/camo/…`.
+    #[serde(serialize_with = "redact_str")]
+    pub camo_key: String,
+    /// Akkoma/Pleroma `media_proxy` secret (the instance's `secret_key_base`): enables
+    /// `/proxy/<sig>/<url>/<filename>`.
+    #[serde(serialize_with = "redact_str")]
+    pub akkoma_secret: String,
+    /// The variant `/proxy/preview/…` serves.
+    pub akkoma_preview_variant: String,
+    /// Misskey's unsigned `/proxy/<name>.webp?url=…`.
+    pub misskey: bool,
+    /// Origin fills per source host per minute through the unsigned Misskey route; beyond it,
+    /// 503 (cached objects are still served).
+    pub misskey_fills_per_minute: u32,
+}
+
+impl Default for CompatConfig {
+    fn default() -> Self {
+        Self {
+            camo_key: String::new(),
+            akkoma_secret: String::new(),
+            akkoma_preview_variant: "preview".into(),
+            misskey: false,
+            misskey_fills_per_minute: 120,
+        }
+    }
+}
+
 /// `[audit]`: the outbound request log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -375,6 +408,15 @@ impl Config {
             if !(1..=100).contains(&v.quality) {
                 return bad(&format!("{key}.quality"), "must be 1-100".into());
             }
+        }
+        if !self.compat.akkoma_secret.is_empty()
+            && !self.variants.contains_key(&self.compat.akkoma_preview_variant)
+        {
+            let v = &self.compat.akkoma_preview_variant;
+            return bad(
+                "compat.akkoma_preview_variant",
+                format!("{v:?} is not a configured variant"),
+            );
         }
         if !matches!(self.media.svg.as_str(), "rasterize" | "refuse") {
             return bad("media.svg", format!("{:?}: use rasterize or refuse", self.media.svg));

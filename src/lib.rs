@@ -198,7 +198,8 @@ impl Bound {
         // while viewers' requests drain, rather than a refused connection.
         let (stop_public, public_rx) = watch::channel(false);
         let (stop_admin, admin_rx) = watch::channel(false);
-        let public_state = Arc::new(server::Public { proxy: proxy.clone(), signer });
+        let misskey_rate = server::HostRate::new(proxy.config.compat.misskey_fills_per_minute);
+        let public_state = Arc::new(server::Public { proxy: proxy.clone(), signer, misskey_rate });
         let admin_state =
             Arc::new(admin::Admin { proxy: proxy.clone(), ready: AtomicBool::new(true), reloader });
         let public_loop = tokio::spawn(server::serve(

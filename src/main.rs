@@ -26,9 +26,13 @@ enum Command {
     Sign {
         /// The remote media URL.
         url: String,
-        /// A configured variant (e.g. avatar, preview).
+        /// A configured variant (e.g. avatar, preview); with `--scheme akkoma`, any variant
+        /// selects Akkoma's `/proxy/preview/` form.
         #[arg(long)]
         variant: Option<String>,
+        /// URL scheme: native, camo (needs compat.camo_key), akkoma (needs compat.akkoma_secret).
+        #[arg(long, default_value = "native")]
+        scheme: String,
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -90,16 +94,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             audit(&file, json)
         }
-        Command::Sign { url, variant, config } => {
+        Command::Sign { url, variant, scheme, config } => {
             let config = load(config.as_deref())?;
             let source = parasol::api::parse_source(&url)
                 .map_err(|e| anyhow::anyhow!("{url}: {}", e.public_message()))?;
-            let signer = parasol::signing::Signer::new(parasol::signing_keys(&config)?);
             let base = &config.server.public_base_url;
-            println!(
-                "{}",
-                parasol::api::native::sign_url(base, &signer, source.as_str(), variant.as_deref())
-            );
+            let compat = &config.compat;
+            let signed = match scheme.as_str() {
+                "native" => {
+                    let signer = parasol::signing::Signer::new(parasol::signing_keys(&config)?);
+                    parasol::api::native::sign_url(
+                        base,
+                        &signer,
+                        source.as_str(),
+                        variant.as_deref(),
+                    )
+                }
+                "camo" if !compat.camo_key.is_empty() => parasol::api::camo::sign_url(
+                    base.as_str(),
+                    compat.camo_key.as_bytes(),
+                    source.as_str(),
+                ),
+                "akkoma" if !compat.akkoma_secret.is_empty() => parasol::api::akkoma::sign_url(
+                    base.as_str(),
+                    compat.akkoma_secret.as_bytes(),
+                    &source,
+                    variant.is_some(),
+                ),
+                "camo" => anyhow::bail!("--scheme camo needs compat.camo_key"),
+                "akkoma" => anyhow::bail!("--scheme akkoma needs compat.akkoma_secret"),
+                other => anyhow::bail!("unknown --scheme {other:?}: use native, camo or akkoma"),
+            };
+            println!("{signed}");
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => {

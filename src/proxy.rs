@@ -145,6 +145,12 @@ impl Proxy {
         .await
     }
 
+    /// Whether `req` is held in memory or on disk (no fill needed).
+    pub async fn is_cached(&self, req: &ProxyRequest) -> bool {
+        let key = req.key();
+        self.memory.get(&key).await.is_some() || self.index.get(key).await.ok().flatten().is_some()
+    }
+
     /// Memory, then the negative cache, then one fill per key on its own task, which every
     /// concurrent caller for `key` waits on.
     async fn lookup_or_fill<F, Fut>(

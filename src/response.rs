@@ -40,6 +40,28 @@ pub fn error(e: &ProxyError) -> Response<Body> {
     response
 }
 
+/// A permanent redirect to another parasol path (never to an origin).
+pub fn redirect(location: &str) -> Response<Body> {
+    let mut response = plain(StatusCode::MOVED_PERMANENTLY, "moved\n");
+    if let Ok(value) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+/// Misskey's `fallback=1`: a placeholder image, cached briefly, instead of an error.
+pub fn placeholder(png: Bytes) -> Response<Body> {
+    let len = png.len();
+    let mut response = Response::new(full(png));
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=300"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(crate::cache::CSP));
+    response
+}
+
 /// Serves `entry` to a request with `method` and `headers`. Returns the response and the
 /// number of body bytes it will send.
 pub async fn serve(

@@ -32,6 +32,34 @@ pub const MAX_URI_LEN: usize = 8192;
 pub struct Public {
     pub proxy: Arc<Proxy>,
     pub signer: Signer,
+    pub misskey_rate: HostRate,
+}
+
+/// Fixed one-minute windows of events per host.
+pub struct HostRate {
+    per_minute: u32,
+    windows: std::sync::Mutex<std::collections::HashMap<String, (u64, u32)>>,
+}
+
+impl HostRate {
+    pub fn new(per_minute: u32) -> Self {
+        Self { per_minute, windows: Default::default() }
+    }
+
+    /// Counts one event for `host`; false when its minute's budget is spent.
+    pub fn allow(&self, host: &str) -> bool {
+        let minute = crate::cache::evict::now_secs() / 60;
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        if windows.len() > 10_000 {
+            windows.retain(|_, (m, _)| *m == minute);
+        }
+        let (m, count) = windows.entry(host.to_string()).or_insert((minute, 0));
+        if *m != minute {
+            (*m, *count) = (minute, 0);
+        }
+        *count += 1;
+        *count <= self.per_minute
+    }
 }
 
 /// Runs an accept loop on `listener` until `shutdown` turns true, then drains.
@@ -142,25 +170,79 @@ pub async fn handle_public(public: Arc<Public>, req: Request<Incoming>) -> Respo
 
 type Routed = Result<(Response<Body>, CacheStatus, u64), (ProxyError, CacheStatus)>;
 
+/// What a request path names, once its scheme has verified it.
+enum Target {
+    Request(ProxyRequest),
+    /// Akkoma URL with the wrong filename: 301 to the canonical one.
+    Redirect(String),
+    Misskey(api::misskey::MisskeyRequest),
+}
+
 async fn route(public: &Public, req: &Request<Incoming>) -> (&'static str, Routed) {
     let bypass = |e| Err((e, CacheStatus::Bypass));
-    let path = req.uri().path();
+    let (path, query) = (req.uri().path(), req.uri().query());
     if req.uri().to_string().len() > MAX_URI_LEN {
         return ("none", bypass(ProxyError::UriTooLong));
     }
+    let compat = &public.proxy.config.compat;
     let (route, parsed) = if path.starts_with(api::native::PREFIX) {
-        ("native", api::native::parse(path, &public.signer))
+        ("native", api::native::parse(path, &public.signer).map(Target::Request))
+    } else if path.starts_with(api::camo::PREFIX) && !compat.camo_key.is_empty() {
+        let key = compat.camo_key.as_bytes();
+        ("camo", api::camo::parse(path, query, key).map(Target::Request))
+    } else if compat.misskey && api::misskey::matches(path, query) {
+        ("misskey", api::misskey::parse(query).map(Target::Misskey))
+    } else if path.starts_with(api::akkoma::PREFIX) && !compat.akkoma_secret.is_empty() {
+        let (key, preview) = (compat.akkoma_secret.as_bytes(), &compat.akkoma_preview_variant);
+        let parsed = api::akkoma::parse(path, key, preview).map(|p| match p {
+            api::akkoma::Parsed::Request(r) => Target::Request(r),
+            api::akkoma::Parsed::Redirect(location) => Target::Redirect(location),
+        });
+        ("akkoma", parsed)
     } else {
         return ("none", bypass(ProxyError::NoRoute));
     };
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return (route, bypass(ProxyError::MethodNotAllowed));
     }
-    let request = match parsed {
-        Ok(r) => r,
-        Err(e) => return (route, bypass(e)),
-    };
-    (route, serve_request(public, &request, req).await)
+    match parsed {
+        Err(e) => (route, bypass(e)),
+        Ok(Target::Request(request)) => (route, serve_request(public, &request, req).await),
+        Ok(Target::Redirect(location)) => {
+            (route, Ok((response::redirect(&location), CacheStatus::Bypass, 0)))
+        }
+        Ok(Target::Misskey(m)) => {
+            let result = match misskey_allowed(public, &m.request).await {
+                Ok(()) => serve_request(public, &m.request, req).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(_) if m.fallback => {
+                    let placeholder = response::placeholder(api::misskey::placeholder_png());
+                    (route, Ok((placeholder, CacheStatus::Bypass, 0)))
+                }
+                other => (route, other),
+            }
+        }
+    }
+}
+
+/// The unsigned Misskey route may cause at most `compat.misskey_fills_per_minute` origin
+/// fills per source host; what is already cached is always served.
+async fn misskey_allowed(
+    public: &Public,
+    request: &ProxyRequest,
+) -> Result<(), (ProxyError, CacheStatus)> {
+    let original = ProxyRequest { source: request.source.clone(), variant: None };
+    if public.proxy.is_cached(&original).await {
+        return Ok(());
+    }
+    let host = request.source.host_str().unwrap_or_default();
+    if public.misskey_rate.allow(host) {
+        Ok(())
+    } else {
+        Err((ProxyError::Overloaded, CacheStatus::Bypass))
+    }
 }
 
 async fn serve_request(public: &Public, request: &ProxyRequest, req: &Request<Incoming>) -> Routed {

@@ -3,6 +3,7 @@
 
 mod admin;
 mod cli;
+mod compat;
 mod durability;
 mod hostile;
 mod privacy;

@@ -1,0 +1,203 @@
+//! The camo, Akkoma and Misskey front doors, checked against an independent implementation
+//! of each signature (Python's hmac/base64, run from the test).
+
+use std::process::Command;
+
+use crate::util::*;
+
+const CAMO_KEY: &str = "camo-test-key";
+const AKKOMA_SECRET: &str = "akkoma-secret-key-base-for-tests";
+
+/// Runs a Python snippet with `URL` and `KEY` in its environment and returns its stdout.
+fn python(script: &str, url: &str, key: &str) -> String {
+    let out = Command::new("python3").args(["-c", script]).env("URL", url).env("KEY", key).output();
+    let out = out.expect("python3 is on the machine");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// camo: hex HMAC-SHA1(key, url) and hex(url), as GitHub camo's README describes.
+fn camo_path(url: &str) -> String {
+    python(
+        "import hmac,hashlib,os;u=os.environ['URL'].encode();k=os.environ['KEY'].encode();\
+         print('/camo/'+hmac.new(k,u,hashlib.sha1).hexdigest()+'/'+u.hex())",
+        url,
+        CAMO_KEY,
+    )
+}
+
+/// Akkoma: url64 = base64url(url) without padding; sig = base64url(HMAC-SHA1(secret, url64))
+/// without padding (Pleroma.Web.MediaProxy.encode_url/1).
+fn akkoma_path(url: &str, filename: &str) -> String {
+    let path = python(
+        "import hmac,hashlib,base64,os;u=os.environ['URL'].encode();k=os.environ['KEY'].encode();\
+         b=base64.urlsafe_b64encode(u).rstrip(b'=');\
+         s=base64.urlsafe_b64encode(hmac.new(k,b,hashlib.sha1).digest()).rstrip(b'=');\
+         print('/proxy/'+s.decode()+'/'+b.decode()+'/')",
+        url,
+        AKKOMA_SECRET,
+    );
+    format!("{path}{filename}")
+}
+
+fn compat_config(dir: &std::path::Path, allow: &[&str]) -> parasol::Config {
+    let mut cfg = config(dir, allow);
+    cfg.compat.camo_key = CAMO_KEY.into();
+    cfg.compat.akkoma_secret = AKKOMA_SECRET.into();
+    cfg.compat.misskey = true;
+    cfg
+}
+
+#[tokio::test]
+async fn every_scheme_serves_the_same_cache_entry() {
+    let origin = Origin::start("127.0.0.18").await;
+    let img = png_bytes(6_000, 600);
+    origin.route("/media/cat.png", Route::ok(img.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(compat_config(dir.path(), &["127.0.0.18/32"])).await;
+    let src = origin.url("/media/cat.png");
+    let base = format!("http://{}", p.public);
+    let camo = camo_path(&src);
+    let (digest, hexurl) = camo.trim_start_matches("/camo/").split_once('/').unwrap();
+    let query_form = format!("/camo/{digest}?url={}", form_encode(&src));
+    let paths = [
+        camo.clone(),
+        query_form,
+        akkoma_path(&src, "cat.png"),
+        p.url(&src).trim_start_matches(&base).to_string(),
+        format!("/proxy/cat.webp?url={}", form_encode(&src)),
+    ];
+    for path in &paths {
+        let r = get(&format!("{base}{path}")).await;
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(body(r).await, img, "{path}");
+    }
+    assert_eq!(origin.hits("/media/cat.png"), 1, "one origin request for all five URLs");
+
+    // Bad signatures, per scheme.
+    let flipped = format!(
+        "/camo/{}{}/{hexurl}",
+        &digest[..39],
+        if digest.ends_with('0') { "1" } else { "0" }
+    );
+    assert_eq!(get(&format!("{base}{flipped}")).await.status(), 403);
+    let other = camo_path(&origin.url("/media/other.png"));
+    let other_digest = other.trim_start_matches("/camo/").split_once('/').unwrap().0;
+    assert_eq!(get(&format!("{base}/camo/{other_digest}/{hexurl}")).await.status(), 403);
+    let akkoma = akkoma_path(&src, "cat.png");
+    let forged = akkoma.replacen("/proxy/", "/proxy/A", 1);
+    assert_eq!(get(&format!("{base}{forged}")).await.status(), 403);
+    p.stop().await;
+}
+
+fn form_encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+#[tokio::test]
+async fn akkoma_filenames_redirect_and_preview_is_a_variant() {
+    let origin = Origin::start("127.0.0.18").await;
+    let img = image::DynamicImage::ImageRgb8(image::RgbImage::new(800, 400));
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    origin.route("/a/photo.png", Route::ok(png.into_inner()));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(compat_config(dir.path(), &["127.0.0.18/32"])).await;
+    let src = origin.url("/a/photo.png");
+    let base = format!("http://{}", p.public);
+    let no_redirects = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let wrong = akkoma_path(&src, "wrong.jpg");
+    let r = no_redirects.get(format!("{base}{wrong}")).send().await.unwrap();
+    assert_eq!(r.status(), 301);
+    assert_eq!(r.headers()["location"].to_str().unwrap(), akkoma_path(&src, "photo.png"));
+    let preview = akkoma_path(&src, "photo.png").replacen("/proxy/", "/proxy/preview/", 1);
+    let r = get(&format!("{base}{preview}")).await;
+    assert_eq!(r.status(), 200);
+    let thumb = image::load_from_memory(&body(r).await).unwrap();
+    assert_eq!((thumb.width(), thumb.height()), (200, 100), "the preview preset");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn misskey_presets_fallback_and_rate_limit() {
+    let origin = Origin::start("127.0.0.18").await;
+    let img = image::DynamicImage::ImageRgb8(image::RgbImage::new(640, 640));
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let png = png.into_inner();
+    for i in 0..4 {
+        origin.route(&format!("/u/{i}.png"), Route::ok(png.clone()));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = compat_config(dir.path(), &["127.0.0.18/32"]);
+    cfg.compat.misskey_fills_per_minute = 2;
+    let p = Parasol::start(cfg).await;
+    let base = format!("http://{}", p.public);
+    let misskey = |path: &str, flags: &str| {
+        format!("{base}/proxy/x.webp?url={}{flags}", form_encode(&origin.url(path)))
+    };
+
+    let r = get(&misskey("/u/0.png", "&avatar=1")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/webp");
+    let avatar = image::load_from_memory(&body(r).await).unwrap();
+    assert_eq!((avatar.width(), avatar.height()), (320, 320));
+
+    // A missing image: 404, or with fallback=1 a placeholder cached for five minutes.
+    assert_eq!(get(&misskey("/missing.png", "&emoji=1")).await.status(), 404);
+    let r = get(&misskey("/gone.png", "&emoji=1&fallback=1")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["cache-control"], "max-age=300");
+    assert_eq!(r.headers()["content-type"], "image/png");
+
+    // Two fills this minute for this host are spent (0.png and missing.png); gone.png's came
+    // back as a fallback. A fourth cold URL is refused, cached ones are still served.
+    assert_eq!(get(&misskey("/u/1.png", "")).await.status(), 503);
+    assert_eq!(origin.hits("/u/1.png"), 0);
+    assert_eq!(get(&misskey("/u/0.png", "&static=1")).await.status(), 200, "cached: served");
+    // The signed native scheme is not rate-limited.
+    assert_eq!(get(&p.url(&origin.url("/u/2.png"))).await.status(), 200);
+    p.stop().await;
+
+    // Off by default: the unsigned route does not exist.
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.18/32"])).await;
+    let r = get(&format!(
+        "http://{}/proxy/x.webp?url={}",
+        p.public,
+        form_encode(&origin.url("/u/3.png"))
+    ))
+    .await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(origin.hits("/u/3.png"), 0);
+    p.stop().await;
+}
+
+#[test]
+fn sign_prints_each_scheme_like_the_independent_implementation() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("p.toml");
+    std::fs::write(
+        &cfg,
+        format!("[compat]\ncamo_key = \"{CAMO_KEY}\"\nakkoma_secret = \"{AKKOMA_SECRET}\"\n"),
+    )
+    .unwrap();
+    let sign = |scheme: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_parasol"))
+            .args(["sign", "https://remote.test/media/cat.jpg", "--scheme", scheme, "--config"])
+            .arg(&cfg)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let src = "https://remote.test/media/cat.jpg";
+    assert_eq!(sign("camo"), format!("http://127.0.0.1:8080{}", camo_path(src)));
+    assert_eq!(sign("akkoma"), format!("http://127.0.0.1:8080{}", akkoma_path(src, "cat.jpg")));
+    assert!(sign("native").starts_with("http://127.0.0.1:8080/m/"));
+}
