@@ -16,7 +16,8 @@
 //! - [`cache`]: [`cache::Key`] and [`cache::Entry`]; memory tier, disk blobs, redb index,
 //!   the disk budget ([`cache::budget`], S3-FIFO in [`cache::evict`]), [`cache::verify`].
 //! - [`media`]: content sniffing and the type allowlist.
-//! - [`proxy`]: the request lifecycle: lookup, coalesced fill, store.
+//! - [`proxy`]: the request lifecycle: lookup, coalesced fill; `proxy/store.rs` receives and
+//!   stores bodies and renditions, `proxy/upkeep.rs` purges, evicts and runs background upkeep.
 //! - [`response`]: 200/206/304/416 and error responses from an entry.
 //! - [`server`]: accept loops, graceful shutdown, viewer routing; [`admin`]: probes, metrics.
 //! - [`audit`]: the outbound request log. [`telemetry`]: logging and metric names.
