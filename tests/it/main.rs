@@ -8,5 +8,6 @@ mod durability;
 mod hostile;
 mod privacy;
 mod proxy;
+mod recipes;
 mod util;
 mod variants;

@@ -1,0 +1,129 @@
+//! The TLS nginx recipe (`config/recipes/nginx-tls.conf`) run for real in front of parasol:
+//! Debian's nginx (installed by `.ci/run`), a throwaway self-signed certificate, loopback only.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use crate::util::*;
+
+struct Nginx(Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The recipe with its listen address, certificate and upstream pointed at this test.
+fn adapted_recipe(dir: &Path, port: u16, upstream: std::net::SocketAddr) -> String {
+    let recipe = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/recipes/nginx-tls.conf"),
+    )
+    .unwrap();
+    recipe
+        .replace("listen 443 ssl", &format!("listen 127.0.0.1:{port} ssl"))
+        .replace(
+            "/etc/letsencrypt/live/media.example.social/fullchain.pem",
+            &dir.join("cert.pem").display().to_string(),
+        )
+        .replace(
+            "/etc/letsencrypt/live/media.example.social/privkey.pem",
+            &dir.join("key.pem").display().to_string(),
+        )
+        .replace("127.0.0.1:8080", &upstream.to_string())
+}
+
+#[tokio::test]
+async fn the_tls_nginx_recipe_fronts_parasol() {
+    // `.ci/run` installs nginx, and under CI a missing nginx is a failure. A developer
+    // without it gets a loud skip rather than a red `cargo test`.
+    if Command::new("nginx").arg("-v").output().is_err() && std::env::var_os("CI").is_none() {
+        eprintln!("SKIPPED: nginx is not installed (apt-get install nginx-light, or run .ci/run)");
+        return;
+    }
+    let origin = Origin::start("127.0.0.19").await;
+    let img = png_bytes(30_000, 700);
+    origin.route("/pic.png", Route::ok(img.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(&dir.path().join("cache"), &["127.0.0.19/32"])).await;
+
+    let work = dir.path();
+    let cert = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .args(["-days", "1", "-subj", "/CN=media.example.social", "-keyout"])
+        .arg(work.join("key.pem"))
+        .arg("-out")
+        .arg(work.join("cert.pem"))
+        .output()
+        .expect("openssl is installed");
+    assert!(cert.status.success(), "{}", String::from_utf8_lossy(&cert.stderr));
+    let port = free_port();
+    let temp = |name: &str| work.join(name).display().to_string();
+    let conf = format!(
+        "daemon off;\nmaster_process off;\npid {};\nerror_log {} warn;\nevents {{}}\nhttp {{\n access_log off;\n \
+         client_body_temp_path {};\n proxy_temp_path {};\n fastcgi_temp_path {};\n \
+         uwsgi_temp_path {};\n scgi_temp_path {};\n{}\n}}\n",
+        temp("nginx.pid"),
+        temp("error.log"),
+        temp("t1"),
+        temp("t2"),
+        temp("t3"),
+        temp("t4"),
+        temp("t5"),
+        adapted_recipe(work, port, p.public)
+    );
+    std::fs::write(work.join("nginx.conf"), conf).unwrap();
+    let nginx = |args: &[&str]| {
+        let mut cmd = Command::new("nginx");
+        cmd.args(args).arg("-p").arg(work).arg("-c").arg(work.join("nginx.conf"));
+        cmd
+    };
+    let check = nginx(&["-t"]).output().expect("nginx is installed (.ci/run installs nginx-light)");
+    assert!(check.status.success(), "nginx -t: {}", String::from_utf8_lossy(&check.stderr));
+    // One process (master_process off), so killing it leaves no worker behind.
+    let _running = Nginx(nginx(&[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+
+    let viewer =
+        reqwest::Client::builder().no_proxy().danger_accept_invalid_certs(true).build().unwrap();
+    let path = url::Url::parse(&p.url(&origin.url("/pic.png"))).unwrap().path().to_string();
+    let front = format!("https://127.0.0.1:{port}");
+    let served = eventually_async(|| async {
+        viewer.get(format!("{front}{path}")).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(served, "the media route is served through nginx");
+    let r = viewer
+        .get(format!("{front}{path}"))
+        .header("x-forwarded-for", "203.0.113.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-security-policy"], "default-src 'none'; sandbox");
+    assert_eq!(r.bytes().await.unwrap(), img);
+    assert_eq!(
+        viewer.get(format!("{front}/metrics")).send().await.unwrap().status(),
+        404,
+        "admin never exposed"
+    );
+    assert_eq!(origin.hits("/pic.png"), 1);
+    for seen in origin.seen() {
+        assert!(
+            !seen.headers.contains_key("x-forwarded-for"),
+            "nothing of the viewer reaches the origin"
+        );
+    }
+    p.stop().await;
+}
