@@ -201,3 +201,70 @@ fn sign_prints_each_scheme_like_the_independent_implementation() {
     assert_eq!(sign("akkoma"), format!("http://127.0.0.1:8080{}", akkoma_path(src, "cat.jpg")));
     assert!(sign("native").starts_with("http://127.0.0.1:8080/m/"));
 }
+
+/// Debian's camo (installed by `.ci/run`) and parasol given the same camo URLs: the same bytes
+/// for a good signature, and both refuse a bad one (camo 404, parasol 403, by design).
+#[tokio::test]
+async fn debian_camo_and_parasol_agree_on_the_same_signed_urls() {
+    if !std::path::Path::new("/usr/share/camo/server.js").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have Debian's camo (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: Debian's camo is not installed (apt-get install camo)");
+        return;
+    }
+    let origin = Origin::start("127.0.0.20").await;
+    let img = png_bytes(12_000, 800);
+    origin.route("/c.png", Route::ok(img.clone()).header("content-type", "image/png"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // camo listens on every address; this wrapper binds it to loopback only.
+    let wrapper = "const http=require('http');const l=http.Server.prototype.listen;\
+        http.Server.prototype.listen=function(p){return l.call(this,p,'127.0.0.1')};\
+        require('/usr/share/camo/server.js');";
+    let camo = Command::new("node")
+        .args(["-e", wrapper])
+        .env("CAMO_KEY", CAMO_KEY)
+        .env("PORT", port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("node runs");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _camo = Kill(camo);
+    assert!(
+        eventually(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await,
+        "camo starts"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(compat_config(dir.path(), &["127.0.0.20/32"])).await;
+    let src = origin.url("/c.png");
+    let signed = parasol::api::camo::sign_url("", CAMO_KEY.as_bytes(), &src);
+    let tail = signed.trim_start_matches("/camo"); // "/<digest>/<hexurl>"
+    let digest = tail.split('/').nth(1).unwrap().to_string();
+    let query_tail = format!("/{digest}?url={}", form_encode(&src));
+    // camo 2.3 under Node 20 needs an Accept-Encoding header.
+    let fetch = |url: String| async move {
+        let r = client().get(url).header("accept-encoding", "identity").send().await.unwrap();
+        (r.status().as_u16(), r.bytes().await.unwrap())
+    };
+    for t in [tail.to_string(), query_tail] {
+        let (camo_status, camo_body) = fetch(format!("http://127.0.0.1:{port}{t}")).await;
+        let (our_status, our_body) = fetch(format!("http://{}/camo{t}", p.public)).await;
+        assert_eq!((camo_status, our_status), (200, 200), "{t}");
+        assert_eq!(camo_body, img, "camo serves the image");
+        assert_eq!(our_body, camo_body, "the same bytes from both");
+    }
+    let bad = tail.replacen(&digest[..4], if &digest[..4] == "0000" { "1111" } else { "0000" }, 1);
+    let (camo_status, _) = fetch(format!("http://127.0.0.1:{port}{bad}")).await;
+    let (our_status, _) = fetch(format!("http://{}/camo{bad}", p.public)).await;
+    assert_eq!((camo_status, our_status), (404, 403), "both refuse a bad digest");
+    p.stop().await;
+}
