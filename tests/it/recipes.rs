@@ -20,9 +20,9 @@ fn free_port() -> u16 {
 }
 
 /// The recipe with its listen address, certificate and upstream pointed at this test.
-fn adapted_recipe(dir: &Path, port: u16, upstream: std::net::SocketAddr) -> String {
+fn adapted_recipe(name: &str, dir: &Path, port: u16, upstream: std::net::SocketAddr) -> String {
     let recipe = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/recipes/nginx-tls.conf"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/recipes").join(name),
     )
     .unwrap();
     recipe
@@ -40,17 +40,27 @@ fn adapted_recipe(dir: &Path, port: u16, upstream: std::net::SocketAddr) -> Stri
 
 #[tokio::test]
 async fn the_tls_nginx_recipe_fronts_parasol() {
+    nginx_recipe_fronts_parasol("nginx-tls.conf", "127.0.0.19").await;
+}
+
+#[tokio::test]
+async fn the_mastodon_nginx_recipe_fronts_parasol() {
+    nginx_recipe_fronts_parasol("nginx-mastodon.conf", "127.0.0.21").await;
+}
+
+async fn nginx_recipe_fronts_parasol(recipe: &str, origin_ip: &str) {
     // `.ci/run` installs nginx, and under CI a missing nginx is a failure. A developer
     // without it gets a loud skip rather than a red `cargo test`.
     if Command::new("nginx").arg("-v").output().is_err() && std::env::var_os("CI").is_none() {
         eprintln!("SKIPPED: nginx is not installed (apt-get install nginx-light, or run .ci/run)");
         return;
     }
-    let origin = Origin::start("127.0.0.19").await;
+    let origin = Origin::start(origin_ip).await;
     let img = png_bytes(30_000, 700);
     origin.route("/pic.png", Route::ok(img.clone()));
     let dir = tempfile::tempdir().unwrap();
-    let p = Parasol::start(config(&dir.path().join("cache"), &["127.0.0.19/32"])).await;
+    let allow = format!("{origin_ip}/32");
+    let p = Parasol::start(config(&dir.path().join("cache"), &[allow.as_str()])).await;
 
     let work = dir.path();
     let cert = Command::new("openssl")
@@ -83,7 +93,7 @@ async fn the_tls_nginx_recipe_fronts_parasol() {
         temp("t3"),
         temp("t4"),
         temp("t5"),
-        adapted_recipe(work, port, p.public)
+        adapted_recipe(recipe, work, port, p.public)
     );
     std::fs::write(work.join("nginx.conf"), conf).unwrap();
     let nginx = |args: &[&str]| {
