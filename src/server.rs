@@ -181,7 +181,11 @@ enum Target {
 async fn route(public: &Public, req: &Request<Incoming>) -> (&'static str, Routed) {
     let bypass = |e| Err((e, CacheStatus::Bypass));
     let (path, query) = (req.uri().path(), req.uri().query());
-    if req.uri().to_string().len() > MAX_URI_LEN {
+    // Measured without formatting the URI: this runs on every request.
+    let uri = req.uri();
+    let target_len = uri.path_and_query().map_or(0, |pq| pq.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len());
+    if target_len > MAX_URI_LEN {
         return ("none", bypass(ProxyError::UriTooLong));
     }
     let compat = &public.proxy.config.compat;

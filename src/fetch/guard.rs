@@ -155,8 +155,9 @@ impl Guard {
 /// Whether a host name is one that must never be resolved: `localhost` and `*.localhost`
 /// (RFC 6761 lets resolvers answer loopback for them without asking DNS).
 pub fn is_local_name(host: &str) -> bool {
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    host == "localhost" || host.ends_with(".localhost")
+    let h = host.trim_end_matches('.').as_bytes();
+    h.eq_ignore_ascii_case(b"localhost")
+        || (h.len() > 10 && h[h.len() - 10..].eq_ignore_ascii_case(b".localhost"))
 }
 
 /// Resolves names to addresses. Injectable so tests can map `*.test` names to loopback

@@ -168,7 +168,7 @@ async fn blocked_domains_never_reach_the_origin_also_via_redirect() {
     assert_eq!(origin.hits("/hop"), 1);
     let r = get(&p.url(&format!("http://notthreads.test:{port}/cat.png"))).await;
     assert_eq!(r.status(), 200, "suffix match is on whole labels");
-    let metrics = get(&p.admin_url("/metrics")).await.text().await.unwrap();
+    let metrics = p.metrics().await;
     assert!(metrics.contains("parasol_cache_results_total{result=\"blocked\"} 2"), "{metrics}");
     assert!(metrics.contains("parasol_audit_violations_total 0"), "{metrics}");
     p.stop().await;

@@ -28,7 +28,7 @@ fn blob_path(dir: &Path, body: &[u8]) -> std::path::PathBuf {
 }
 
 async fn metric(p: &Parasol, name: &str) -> u64 {
-    let text = get(&p.admin_url("/metrics")).await.text().await.unwrap();
+    let text = p.metrics().await;
     text.lines()
         .find(|l| l.starts_with(name))
         .and_then(|l| l.rsplit(' ').next())

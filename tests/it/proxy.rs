@@ -18,7 +18,7 @@ async fn first_request_fetches_once_then_memory_serves() {
         assert_eq!(body(r).await, img);
     }
     assert_eq!(origin.hits("/cat.png"), 1, "later requests never reach the origin");
-    let metrics = get(&p.admin_url("/metrics")).await.text().await.unwrap();
+    let metrics = p.metrics().await;
     assert!(metrics.contains("parasol_cache_results_total{result=\"hit_memory\"} 4"), "{metrics}");
     assert!(metrics.contains("parasol_cache_results_total{result=\"miss\"} 1"), "{metrics}");
     p.stop().await;
@@ -150,7 +150,7 @@ async fn fifty_concurrent_cold_viewers_cause_one_origin_request() {
         assert_eq!(v.await.unwrap(), img);
     }
     assert_eq!(origin.hits("/hot.png"), 1);
-    let metrics = get(&p.admin_url("/metrics")).await.text().await.unwrap();
+    let metrics = p.metrics().await;
     assert!(metrics.contains("result=\"coalesced\""), "{metrics}");
     p.stop().await;
 }
@@ -206,7 +206,7 @@ async fn restart_serves_from_disk_without_the_origin() {
     assert_eq!(r.status(), 206);
     assert_eq!(body(r).await, large.slice(100_000..100_100));
     assert_eq!(body(get(&p.url(&large_url)).await).await, large);
-    let metrics = get(&p.admin_url("/metrics")).await.text().await.unwrap();
+    let metrics = p.metrics().await;
     assert!(metrics.contains("result=\"hit_disk\""), "{metrics}");
     assert!(!metrics.contains("parasol_origin_fetches_total{"), "no origin contact: {metrics}");
     p.stop().await;

@@ -226,6 +226,11 @@ impl Parasol {
         signed_url(self.public, source)
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        get(&self.admin_url("/metrics")).await.text().await.unwrap()
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
     }

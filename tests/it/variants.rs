@@ -115,7 +115,7 @@ async fn bombs_and_broken_images_get_a_clear_415() {
         assert_eq!(r.headers()["x-parasol-error"], "bad_image", "{path}");
         assert_eq!(get(&variant_url(&p, &origin.url(path), "avatar")).await.status(), 415);
     }
-    let metrics = get(&p.admin_url("/metrics")).await.text().await.unwrap();
+    let metrics = p.metrics().await;
     assert!(
         metrics.contains("parasol_renders_total 2"),
         "each tried once (then negative-cached): {metrics}"
@@ -145,7 +145,7 @@ async fn one_render_for_concurrent_requests_and_for_the_same_picture_at_two_urls
     assert!(bodies.windows(2).all(|w| w[0] == w[1]));
     let copy = body(get(&variant_url(&p, &origin.url("/copy-of-a.jpg"), "preview")).await).await;
     assert_eq!(copy, bodies[0], "same picture, same rendition");
-    let metrics = get(&p.admin_url("/metrics")).await.text().await.unwrap();
+    let metrics = p.metrics().await;
     assert!(metrics.contains("parasol_renders_total 1"), "{metrics}");
     p.stop().await;
 }
