@@ -37,15 +37,9 @@ pub fn parse_source(text: &str) -> Result<Url, ProxyError> {
         return Err(ProxyError::BadUrl("source URL too long"));
     }
     let mut url = Url::parse(text).map_err(|_| ProxyError::BadUrl("source is not a URL"))?;
-    // A well-formed URL parasol will not fetch is refused (403), not malformed (400).
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(ProxyError::BlockedDestination("not an http or https URL"));
-    }
+    crate::fetch::check_form(&url)?;
     if url.host_str().is_none_or(str::is_empty) {
         return Err(ProxyError::BadUrl("source URL has no host"));
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(ProxyError::BlockedDestination("credentials in the URL"));
     }
     url.set_fragment(None);
     Ok(url)

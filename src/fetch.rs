@@ -94,12 +94,7 @@ impl Fetcher {
     /// Checks that `url` may be fetched at all: scheme, credentials, IP literals, local names
     /// and the domain policy. Runs before any DNS lookup or connection, for every hop.
     pub fn check_destination(&self, url: &Url) -> Result<(), ProxyError> {
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(ProxyError::BlockedDestination("not an http or https URL"));
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err(ProxyError::BlockedDestination("credentials in the URL"));
-        }
+        check_form(url)?;
         let port = url.port_or_known_default().unwrap_or(80);
         if self.own_host.as_deref().is_some_and(|own| url.host_str() == Some(own)) {
             return Err(ProxyError::BlockedDestination("parasol's own host (loop)"));
@@ -260,6 +255,18 @@ impl Drop for PendingRecord {
             self.audit.record_now(record);
         }
     }
+}
+
+/// A well-formed URL parasol will not fetch, whoever wrote it: only http(s), no credentials.
+/// Shared by source parsing and every redirect hop. Refused (403), not malformed (400).
+pub fn check_form(url: &Url) -> Result<(), ProxyError> {
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ProxyError::BlockedDestination("not an http or https URL"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ProxyError::BlockedDestination("credentials in the URL"));
+    }
+    Ok(())
 }
 
 fn refused(r: Refused) -> ProxyError {
