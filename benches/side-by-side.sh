@@ -1,132 +1,351 @@
 #!/usr/bin/env bash
-# Side-by-side load bench: parasol vs nginx proxy_cache vs Varnish, same origin, same load,
-# one run. Each server is pinned to core 0 and wrk to core 1; workloads are interleaved and
-# repeated (median of ROUNDS). Writes BENCHMARKS.md. Every process it starts is stopped by PID.
+# Side-by-side load bench: parasol vs nginx proxy_cache vs Varnish (and camo and uncached nginx
+# on the miss path), same origin, same load, one run. Each server is pinned to core 0 and the
+# load generator to core 1; throughput workloads are interleaved and repeated (median of
+# ROUNDS). Writes BENCHMARKS.md. Every process it starts is stopped by PID.
 #
-#   benches/side-by-side.sh            # ROUNDS=3 DURATION=4s by default
+#   benches/side-by-side.sh     # about 8 minutes on 2 cores; ROUNDS=3 DURATION=3s by default
 #
-# First cut: W1 (hits of 4/60/64/70 KiB) and W2 (200 KiB hits). Peers' settings are in
-# benches/peers/ (nginx 1.22 and Varnish 7.1 from Debian's packages, installed when missing).
+# W1 hits of 4/60/64/70 KiB, W2 200 KiB hits, W3 random 1 MiB Ranges of a 20 MiB video,
+# W4 Zipf(0.9) over 20,000 x 64 KiB with 256 MiB (20%) for each cache, W5 50 and 500 viewers
+# on one cold URL of a 300 ms origin, W6 the miss path (parasol vs camo vs nginx without cache),
+# W8 restart with a warm store. Peers' settings are in benches/peers/ (nginx 1.22, Varnish 7.1,
+# camo 2.3 and wrk from Debian's packages, installed when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-4s}
+DURATION=${DURATION:-3s}
 CONNS=${CONNS:-64}
+W4_WARM=${W4_WARM:-15s}
+W4_MEASURE=${W4_MEASURE:-15s}
+BENCH_STARTED=$(date +%s)
 
 need=()
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v varnishd >/dev/null || need+=(varnish)
 command -v wrk >/dev/null || need+=(wrk)
+[ -f /usr/share/camo/server.js ] || need+=(camo)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 cargo build --release -q
+ulimit -n 65536 2>/dev/null || true
 
 WORK=$(mktemp -d /tmp/parasol-bench.XXXXXX)
 chmod 755 "$WORK"   # varnishd drops privileges and must read its VCL
-PIDS=()
+declare -A PID      # server -> PID (the master process for nginx and Varnish)
+OTHER_PIDS=()
 cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  pkill -F "$WORK/varnishd.pid" 2>/dev/null || true
+  for pid in "${PID[@]}" "${OTHER_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  rm -rf "$WORK"
 }
 trap cleanup EXIT
-mkdir -p "$WORK"/{www,logs,ngx_tmp,ngx_cache,ngx_cache_z,varnish}
+mkdir -p "$WORK"/{www/z,logs,ngx_tmp,ngx_cache,ngx_cache_z}
 for f in origin.conf nginx_cache.conf varnish.vcl; do
   sed "s#@WORK@#$WORK#g" "benches/peers/$f" > "$WORK/$f"
   chmod 644 "$WORK/$f"
 done
+TOOLS="python3 benches/peers/tools.py"
+LUA=benches/peers/load.lua
 
-# Media files: JPEG signature, then noise (parasol sniffs the type from the bytes).
+echo "generating media under $WORK ..." >&2
+# JPEG signature, then noise: parasol sniffs the type from the bytes.
 SIZES=(4 60 64 70 200)
-for kib in "${SIZES[@]}"; do
-  python3 -c "import os,sys; sys.stdout.buffer.write(b'\xff\xd8\xff\xe0'+os.urandom($kib*1024-4))" > "$WORK/www/${kib}k.jpg"
-done
+python3 - "$WORK/www" "${SIZES[@]}" <<'PY'
+import os, sys
+root, sizes = sys.argv[1], sys.argv[2:]
+for kib in sizes:
+    open(f"{root}/{kib}k.jpg", "wb").write(b"\xff\xd8\xff\xe0" + os.urandom(int(kib) * 1024 - 4))
+# ISO BMFF signature ("ftyp"), then noise: 20 MiB of "video".
+open(f"{root}/video.mp4", "wb").write(b"\x00\x00\x00\x18ftypmp42" + os.urandom(20 * 1024 * 1024 - 12))
+noise = os.urandom(64 * 1024 + 20000 * 8)
+for i in range(20000):  # distinct bytes per key, cheaply: a different window of one noise block
+    open(f"{root}/z/{i}.jpg", "wb").write(b"\xff\xd8\xff\xe0" + noise[i * 8 : i * 8 + 64 * 1024 - 4])
+PY
 
-taskset -c 0 nginx -p "$WORK" -c "$WORK/origin.conf" -g 'daemon off;' & PIDS+=($!)
-taskset -c 0 nginx -p "$WORK" -c "$WORK/nginx_cache.conf" -g 'daemon off;' & PIDS+=($!)
-taskset -c 0 varnishd -F -a 127.0.0.1:18083 -f "$WORK/varnish.vcl" -s malloc,256m \
-  -n "$WORK/varnish" -P "$WORK/varnishd.pid" >/dev/null 2>&1 & PIDS+=($!)
+# ---- processes -------------------------------------------------------------------------------
+start_nginx_origin() { taskset -c 0 nginx -p "$WORK" -c "$WORK/origin.conf" -g 'daemon off;' & OTHER_PIDS+=($!); }
+start_nginx() { taskset -c 0 nginx -p "$WORK" -c "$WORK/nginx_cache.conf" -g 'daemon off;' & PID[nginx]=$!; }
+start_varnish() { # name port
+  mkdir -p "$WORK/$1"
+  taskset -c 0 varnishd -F -a "127.0.0.1:$2" -f "$WORK/varnish.vcl" -s malloc,256m -n "$WORK/$1" \
+    >/dev/null 2>&1 & PID[$1]=$!
+}
 KEY=bench-key-0123456789-0123456789-0123
-cat > "$WORK/parasol.toml" <<TOML
+CAMO_KEY=bench-camo-key-0123456789
+parasol_config() { # name port admin_port extra-cache-lines
+  cat > "$WORK/$1.toml" <<TOML
 [server]
-listen = "127.0.0.1:18084"
-admin_listen = "127.0.0.1:18094"
+listen = "127.0.0.1:$2"
+admin_listen = "127.0.0.1:$3"
+# parasol's loop guard refuses sources on its own public host, so it is named
+# parasol.bench.invalid here; the bench requests its loopback port directly.
 public_base_url = "http://parasol.bench.invalid/"
 [signing]
 keys = ["$KEY"]
 [cache]
-dir = "$WORK/parasol-cache"
+dir = "$WORK/$1-cache"
+$4
 [fetch]
 allow_networks = ["127.0.0.1/32"]
 TOML
-# parasol's loop guard refuses sources on its own public host, so it is named
-# parasol.bench.invalid in signed URLs, rewritten below to its loopback port.
-RUST_LOG=warn taskset -c 0 target/release/parasol serve --config "$WORK/parasol.toml" 2>"$WORK/logs/parasol.err" & PIDS+=($!)
-for port in 18081 18082 18083 18084; do
-  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done
-done
-
-url_for() { # server size -> URL
-  local path="/${2}k.jpg"
-  case "$1" in
-    nginx) echo "http://127.0.0.1:18082$path" ;;
-    varnish) echo "http://127.0.0.1:18083$path" ;;
-    parasol) target/release/parasol sign --config "$WORK/parasol.toml" "http://127.0.0.1:18081$path" 2>/dev/null \
-               | sed 's#^http://parasol.bench.invalid#http://127.0.0.1:18084#' ;;
-  esac
 }
-
-# wrk from core 1; prints "req/s p50_ms p99_ms".
-load() {
-  taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" --latency -H 'Accept-Encoding: identity' "$1" 2>/dev/null |
-    awk '/Requests\/sec/ {rps=$2} /^ +50%/ {p50=$2} /^ +99%/ {p99=$2}
-         function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
-         END { printf "%.0f %.2f %.2f\n", rps, ms(p50), ms(p99) }'
+start_parasol() { # name
+  RUST_LOG=warn taskset -c 0 target/release/parasol serve --config "$WORK/$1.toml" \
+    2>>"$WORK/logs/$1.err" & PID[$1]=$!
 }
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
-SERVERS=(parasol nginx varnish)
+parasol_config parasol 18084 18094 ""
+# W4/W8: the same 256 MiB for each cache, so hit ratios compare at equal bytes.
+parasol_config parasol-z 18087 18097 $'disk_bytes = "256 MiB"\nmemory_bytes = "32 MiB"'
+start_nginx_origin
+$TOOLS slow-origin 18085 "$WORK/logs/origin_slow.log" & OTHER_PIDS+=($!)
+start_nginx
+start_varnish varnish 18083
+start_varnish varnish-z 18088
+start_parasol parasol
+start_parasol parasol-z
+CAMO_KEY=$CAMO_KEY PORT=18086 CAMO_LENGTH_LIMIT=52428800 taskset -c 0 node benches/peers/camo_run.js \
+  >/dev/null 2>&1 & PID[camo]=$!
+for port in 18081 18082 18083 18084 18085 18086 18087 18088; do wait_port $port; done
+
+# ---- measurement -----------------------------------------------------------------------------
+# CPU clock ticks used so far by a server: its process and its children (nginx and Varnish
+# workers), all threads included.
+cpu_ticks() {
+  local total=0 p f
+  for p in "$1" $(pgrep -P "$1"); do
+    f=$(cut -d')' -f2 "/proc/$p/stat" 2>/dev/null) || continue
+    set -- $f
+    total=$((total + ${12} + ${13}))   # utime, stime (fields 14 and 15 of stat)
+  done
+  echo "$total"
+}
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+# run SERVER URL [env...]: wrk on core 1; prints "req/s p50_ms p99_ms requests bytes cpu_us".
+run() {
+  local server=$1 url=$2; shift 2
+  local before after
+  before=$(cpu_ticks "${PID[$server]}")
+  local script=(); [ $# -gt 0 ] && script=(-s "$LUA")
+  env "$@" taskset -c 1 wrk -t1 -c"$CONNS" -d"${WRK_DURATION:-$DURATION}" --latency "${script[@]}" \
+    -H 'Accept-Encoding: identity' "$url" 2>"$WORK/wrk.err" > "$WORK/wrk.out" || true
+  grep -h warning "$WORK/wrk.err" >&2 || true
+  after=$(cpu_ticks "${PID[$server]}")
+  awk -v cpu=$(( (after - before) * TICK_US )) '
+    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+    function size(v) { if (v ~ /GB$/) return v * 1073741824; if (v ~ /MB$/) return v * 1048576; if (v ~ /KB$/) return v * 1024; return v + 0 }
+    /Requests\/sec/ { rps = $2 } /^ +50%/ { p50 = $2 } /^ +99%/ { p99 = $2 }
+    / requests in / { n = $1; b = $5; sub(/,$/, "", b); sub(/ read$/, "", b) }
+    END { printf "%.0f %.2f %.2f %d %.0f %d\n", rps, ms(p50), ms(p99), n, size(b), cpu }' "$WORK/wrk.out"
+}
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
+sign_path() { $TOOLS sign "$KEY" "$1"; }   # source URL -> parasol's /m/ path
+parasol_url() { echo "http://127.0.0.1:$1$(sign_path "http://127.0.0.1:18081$2")"; }   # port path
+
+# ---- W1-W3: hits -----------------------------------------------------------------------------
+HIT_SERVERS=(parasol nginx varnish)
+HIT_WORKLOADS=(4k 60k 64k 70k 200k video)
 declare -A URL
-for kib in "${SIZES[@]}"; do
-  for s in "${SERVERS[@]}"; do
-    URL[$s.$kib]=$(url_for "$s" "$kib")
-    curl -s -o /dev/null -H 'Accept-Encoding: identity' "${URL[$s.$kib]}"   # warm: fill once
-    curl -s -o /dev/null -H 'Accept-Encoding: identity' "${URL[$s.$kib]}"
+for w in "${HIT_WORKLOADS[@]}"; do
+  file="/$w.jpg"; [ "$w" = video ] && file=/video.mp4
+  URL[parasol.$w]=$(parasol_url 18084 "$file")
+  URL[nginx.$w]="http://127.0.0.1:18082$file"
+  URL[varnish.$w]="http://127.0.0.1:18083$file"
+  for s in "${HIT_SERVERS[@]}"; do   # warm: fill once, then a hit
+    curl -sf -o /dev/null -H 'Accept-Encoding: identity' "${URL[$s.$w]}"
+    curl -sf -o /dev/null -H 'Accept-Encoding: identity' "${URL[$s.$w]}"
   done
 done
-
-declare -A RPS P50 P99
+declare -A R   # workload.server.field -> values of every round
+record() { # key "rps p50 p99 n bytes cpu"
+  local k=$1 rps p50 p99 n bytes cpu
+  read -r rps p50 p99 n bytes cpu <<< "$2"
+  R[$k.rps]+="$rps "; R[$k.p50]+="$p50 "; R[$k.p99]+="$p99 "
+  R[$k.cpu_req]+="$(awk -v c="$cpu" -v n="$n" 'BEGIN { printf "%.1f", n ? c / n : 0 }') "
+  R[$k.cpu_gb]+="$(awk -v c="$cpu" -v b="$bytes" 'BEGIN { printf "%.3f", b ? c / 1e6 / (b / 1e9) : 0 }') "
+}
+echo "W1-W3: hits, $ROUNDS rounds x $DURATION ..." >&2
 for round in $(seq "$ROUNDS"); do
-  for kib in "${SIZES[@]}"; do
-    for s in "${SERVERS[@]}"; do   # interleaved: every server sees the same machine state
-      read -r rps p50 p99 < <(load "${URL[$s.$kib]}")
-      RPS[$s.$kib]+="$rps "; P50[$s.$kib]+="$p50 "; P99[$s.$kib]+="$p99 "
+  for w in "${HIT_WORKLOADS[@]}"; do
+    mode=seq; [ "$w" = video ] && mode=range
+    for s in "${HIT_SERVERS[@]}"; do   # interleaved: every server sees the same machine state
+      if [ "$mode" = range ]; then
+        record "$w.$s" "$(run "$s" "${URL[$s.$w]}" MODE=range SEED=$round)"
+      else   # no script: wrk's fastest request loop
+        record "$w.$s" "$(run "$s" "${URL[$s.$w]}")"
+      fi
     done
   done
 done
 
+# ---- W6: the miss path -----------------------------------------------------------------------
+echo "W6: miss path, $ROUNDS rounds x $DURATION ..." >&2
+declare -A MISS_BASE=([parasol]=http://127.0.0.1:18084 [nginx-pass]=http://127.0.0.1:18082 [camo]=http://127.0.0.1:18086)
+PID[nginx-pass]=${PID[nginx]}
+MISS_SERVERS=(parasol nginx-pass camo)
+for round in $(seq "$ROUNDS"); do
+  $TOOLS paths miss-parasol "$WORK/miss.parasol" 100000 "$KEY" http://127.0.0.1:18081 "r$round"
+  $TOOLS paths miss-plain "$WORK/miss.nginx-pass" 100000 /pass "r$round"
+  $TOOLS paths miss-camo "$WORK/miss.camo" 100000 "$CAMO_KEY" http://127.0.0.1:18081 "r$round"
+  for s in "${MISS_SERVERS[@]}"; do
+    record "miss.$s" "$(run "$s" "${MISS_BASE[$s]}/" MODE=seq PATHS="$WORK/miss.$s")"
+  done
+done
+
+# ---- W5: many viewers, one cold URL of a 300 ms origin ---------------------------------------
+echo "W5: cold bursts ..." >&2
+declare -A W5
+for round in $(seq "$ROUNDS"); do
+  for n in 50 500; do
+    for s in "${HIT_SERVERS[@]}"; do
+      src="/slowpy/w5-$s-$n-$round.jpg"
+      case $s in
+        parasol) port=18084; path=$(sign_path "http://127.0.0.1:18085$src") ;;
+        nginx) port=18082; path=$src ;;
+        varnish) port=18083; path=$src ;;
+      esac
+      read -r ok p50 p99 max < <($TOOLS burst "$n" 127.0.0.1 "$port" "$path")
+      fills=$(grep -c "^$src\$" "$WORK/logs/origin_slow.log" || true)
+      W5[$s.$n.ok]+="$ok "; W5[$s.$n.p50]+="$p50 "; W5[$s.$n.p99]+="$p99 "; W5[$s.$n.fills]+="$fills "
+    done
+  done
+done
+
+# ---- W4: Zipf over 20,000 x 64 KiB at 20% ----------------------------------------------------
+echo "W4: Zipf, $W4_WARM warm + $W4_MEASURE measured per server ..." >&2
+$TOOLS paths zipf-parasol "$WORK/zipf.parasol-z" 20000 "$KEY" http://127.0.0.1:18081
+$TOOLS paths zipf-plain "$WORK/zipf.plain" 20000
+cp "$WORK/zipf.plain" "$WORK/zipf.nginx"; cp "$WORK/zipf.plain" "$WORK/zipf.varnish-z"
+declare -A ZBASE=([parasol-z]=http://127.0.0.1:18087 [nginx]=http://127.0.0.1:18082 [varnish-z]=http://127.0.0.1:18088)
+ZIPF_SERVERS=(parasol-z nginx varnish-z)
+origin_z() { wc -l < "$WORK/logs/origin_z.log" 2>/dev/null || echo 0; }
+held() { # bytes the cache holds for W4
+  case $1 in
+    parasol-z) du -sb "$WORK/parasol-z-cache/blobs" | cut -f1 ;;
+    nginx) du -sb "$WORK/ngx_cache_z" | cut -f1 ;;
+    varnish-z) varnishstat -n "$WORK/varnish-z" -1 -f SMA.s0.g_bytes | awk '{print $2}' ;;
+  esac
+}
+zipf_phase() { # server duration -> "hit_ratio rps cpu_us_per_req"
+  local s=$1 o0 o1 out
+  o0=$(origin_z); sleep 1.2   # nginx flushes its access log every second
+  out=$(WRK_DURATION=$2 run "$s" "${ZBASE[$s]}/" MODE=zipf PATHS="$WORK/zipf.$s" SEED=7)
+  sleep 1.2; o1=$(origin_z)
+  read -r rps _ _ n _ cpu <<< "$out"
+  awk -v n="$n" -v f="$((o1 - o0))" -v rps="$rps" -v cpu="$cpu" \
+    'BEGIN { printf "%.1f %d %.1f\n", 100 * (1 - f / n), rps, cpu / n }'
+}
+declare -A Z
+for s in "${ZIPF_SERVERS[@]}"; do
+  zipf_phase "$s" "$W4_WARM" >/dev/null
+  Z[$s]=$(zipf_phase "$s" "$W4_MEASURE")
+  Z[$s.held]=$(held "$s")
+done
+
+# ---- W8: restart with a warm store -----------------------------------------------------------
+echo "W8: restarts ..." >&2
+declare -A W8
+for s in "${ZIPF_SERVERS[@]}"; do
+  pid=${PID[$s]}
+  kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+  t0=$(date +%s%N)
+  case $s in
+    parasol-z) start_parasol parasol-z; port=18087 ;;
+    nginx) start_nginx; port=18082 ;;
+    varnish-z) start_varnish varnish-z 18088; port=18088 ;;
+  esac
+  first=$(head -1 "$WORK/zipf.$s")
+  for _ in $(seq 400); do
+    curl -sf -o /dev/null -H 'Accept-Encoding: identity' "http://127.0.0.1:$port$first" && break
+    sleep 0.01
+  done
+  W8[$s.ready_ms]=$(( ($(date +%s%N) - t0) / 1000000 ))
+  W8[$s]=$(zipf_phase "$s" "$W4_MEASURE")
+done
+
+# ---- report ----------------------------------------------------------------------------------
+m() { echo ${R[$1]} | median; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
+label() {
+  case $1 in
+    4k|60k|64k|70k) echo "W1 ${1%k} KiB hit" ;; 200k) echo "W2 200 KiB hit" ;;
+    video) echo "W3 1 MiB Range of 20 MiB" ;; miss) echo "W6 64 KiB miss" ;;
+  esac
+}
+table() { # workload servers...
+  local w=$1; shift
+  local best=0 best_cpu=0 s r
+  for s in "${@:2}"; do
+    r=$(m "$w.$s.rps"); awk -v a="$r" -v b="$best" 'BEGIN { exit !(a > b) }' && best=$r
+  done
+  for s in "$@"; do
+    r=$(m "$w.$s.rps")
+    local rr="" cr=""
+    if [ "$s" = parasol ]; then
+      rr=$(ratio "$r" "$best")
+    fi
+    echo "| $(label "$w") | $s | $r | $(m "$w.$s.p50") | $(m "$w.$s.p99") | $(m "$w.$s.cpu_req") | $(m "$w.$s.cpu_gb") | $rr |"
+  done
+}
 {
   echo "# Side-by-side benchmark"
   echo
-  echo "\`benches/side-by-side.sh\` on $(nproc) cores, $(date -u +%Y-%m-%d): each server pinned to core 0,"
-  echo "wrk (1 thread, $CONNS connections, $DURATION) on core 1, cache hits over HTTP/1.1 on loopback,"
-  echo "median of $ROUNDS interleaved rounds. Peers: $(nginx -v 2>&1 | sed 's/.*\///'), Varnish $(varnishd -V 2>&1 | sed -n 's/.*varnish-\([0-9.]*\).*/\1/p' | head -1)."
+  echo "\`benches/side-by-side.sh\` on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')),"
+  echo "$(date -u +%Y-%m-%d). Each server pinned to core 0, wrk (1 thread, $CONNS connections) on core 1,"
+  echo "HTTP/1.1 on loopback. Throughput rows are the median of $ROUNDS interleaved rounds of $DURATION."
+  echo "Peers from Debian's packages: nginx $(nginx -v 2>&1 | sed 's/.*\///'), Varnish"
+  echo "$(varnishd -V 2>&1 | sed -n 's/.*varnish-\([0-9.]*\).*/\1/p' | head -1), camo $(dpkg-query -W -f '${Version}' camo 2>/dev/null || echo '?'). Settings: \`benches/peers/\`."
+  echo "Server CPU is user + system time of the server's processes during the run."
   echo
-  echo "| workload | server | req/s | p50 ms | p99 ms | parasol / best peer (req/s) |"
+  echo "## Hits and the miss path"
+  echo
+  echo "| workload | server | req/s | p50 ms | p99 ms | CPU µs/req | CPU s/GB | parasol / best peer |"
+  echo "|---|---|---|---|---|---|---|---|"
+  for w in "${HIT_WORKLOADS[@]}"; do table "$w" "${HIT_SERVERS[@]}"; done
+  table miss "${MISS_SERVERS[@]}"
+  echo
+  echo "W6 ratios: parasol / camo $(ratio "$(m miss.parasol.rps)" "$(m miss.camo.rps)"), parasol / nginx-pass $(ratio "$(m miss.parasol.rps)" "$(m miss.nginx-pass.rps)")."
+  echo "W6: every request is a URL the cache has not seen (64 KiB objects from a local nginx origin);"
+  echo "parasol also verifies, hashes and stores each one (fsync on), camo and \`nginx-pass\` store nothing."
+  echo
+  echo "## W4: Zipf(0.9) over 20,000 x 64 KiB, each cache limited to 256 MiB (20%)"
+  echo
+  echo "$W4_WARM of warm-up, then $W4_MEASURE measured; hit ratio = 1 - origin requests / requests."
+  echo
+  echo "| server | hit ratio % | bytes held | req/s | CPU µs/req |"
+  echo "|---|---|---|---|---|"
+  for s in "${ZIPF_SERVERS[@]}"; do
+    read -r hr rps cpu <<< "${Z[$s]}"
+    echo "| $s | $hr | $(numfmt --to=iec-i --suffix=B "${Z[$s.held]}") | $rps | $cpu |"
+  done
+  echo
+  echo "## W5: one cold URL, origin answers after 300 ms"
+  echo
+  echo "Median of $ROUNDS rounds; every connection is open before the requests are sent at once."
+  echo
+  echo "| viewers | server | origin fills (each round) | complete | waiter p50 ms | waiter p99 ms |"
   echo "|---|---|---|---|---|---|"
-  for kib in "${SIZES[@]}"; do
-    best=0
-    for s in nginx varnish; do
-      m=$(echo ${RPS[$s.$kib]} | tr ' ' '\n' | median); [ "$m" -gt "$best" ] && best=$m
-    done
-    for s in "${SERVERS[@]}"; do
-      r=$(echo ${RPS[$s.$kib]} | tr ' ' '\n' | median)
-      p50=$(echo ${P50[$s.$kib]} | tr ' ' '\n' | median)
-      p99=$(echo ${P99[$s.$kib]} | tr ' ' '\n' | median)
-      ratio=""
-      [ "$s" = parasol ] && ratio=$(awk -v a="$r" -v b="$best" 'BEGIN { printf "%.2fx", a/b }')
-      echo "| W$([ "$kib" = 200 ] && echo 2 || echo 1) ${kib} KiB hit | $s | $r | $p50 | $p99 | $ratio |"
+  for n in 50 500; do
+    for s in "${HIT_SERVERS[@]}"; do
+      echo "| $n | $s | ${W5[$s.$n.fills]% } | $(echo ${W5[$s.$n.ok]} | median) | $(echo ${W5[$s.$n.p50]} | median) | $(echo ${W5[$s.$n.p99]} | median) |"
     done
   done
+  echo
+  echo "## W8: restart with the W4 store warm"
+  echo
+  echo "Stopped with SIGTERM, started again; ready = until the first object is served. Then"
+  echo "$W4_MEASURE of the W4 load."
+  echo
+  echo "| server | ready ms | hit ratio % after restart | req/s |"
+  echo "|---|---|---|---|"
+  for s in "${ZIPF_SERVERS[@]}"; do
+    read -r hr rps _ <<< "${W8[$s]}"
+    echo "| $s | ${W8[$s.ready_ms]} | $hr | $rps |"
+  done
+  echo
+  echo "Whole run: $(( $(date +%s) - BENCH_STARTED )) s."
 } | tee BENCHMARKS.md

@@ -50,13 +50,23 @@ pub struct PurgeReport {
     pub bytes: u64,
 }
 
-/// A body received in full into a temp blob, not yet stored.
+/// A body received in full, not yet stored.
 struct Received {
-    temp: crate::cache::disk::TempBlob,
+    body: Held,
     hash: blake3::Hash,
     len: u64,
     content_type: &'static str,
 }
+
+/// Where a received body waits to be stored: small ones in memory (written to disk in one
+/// blocking call, and kept for the memory tier), larger ones streamed into a temp blob.
+enum Held {
+    Memory(Bytes),
+    Disk(crate::cache::disk::TempBlob),
+}
+
+/// Bodies up to this size are received in memory; larger ones stream to disk as they arrive.
+const IN_MEMORY_FILL: u64 = 1 << 20;
 
 type FillResult = Result<(Arc<Entry>, CacheStatus), ProxyError>;
 
@@ -265,19 +275,26 @@ impl Proxy {
             self.index.remove(key).await.map_err(ProxyError::internal)?;
             return Ok(None);
         };
-        if self.disk.len(&hash).await != Some(record.len) {
-            self.drop_blob(&hash, "blob missing or of the wrong size").await;
-            return Ok(None);
-        }
         let body = if record.len <= self.config.cache.memory_max_object_bytes.0 {
-            let bytes =
-                tokio::fs::read(self.disk.path(&hash)).await.map_err(ProxyError::internal)?;
-            if blake3::hash(&bytes) != hash {
+            // Small blobs: one blocking read, then the length and the hash are checked.
+            let bytes = match self.disk.read(&hash).await {
+                Ok(bytes) => bytes,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    self.drop_blob(&hash, "blob missing").await;
+                    return Ok(None);
+                }
+                Err(e) => return Err(ProxyError::internal(e)),
+            };
+            if bytes.len() as u64 != record.len || blake3::hash(&bytes) != hash {
                 self.drop_blob(&hash, "blob does not match its hash").await;
                 return Ok(None);
             }
-            Some(Bytes::from(bytes))
+            Some(bytes)
         } else {
+            if self.disk.len(&hash).await != Some(record.len) {
+                self.drop_blob(&hash, "blob missing or of the wrong size").await;
+                return Ok(None);
+            }
             None
         };
         let (touch, victims) = match self.budget.touch(hash.as_bytes()) {

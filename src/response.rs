@@ -2,14 +2,11 @@
 //! `If-None-Match`, 206/416 for a single `Range`, all answered from the cache. A viewer's
 //! conditional and range headers are read here and never forwarded anywhere.
 
-use std::io::SeekFrom;
 use std::ops::RangeInclusive;
 
 use bytes::Bytes;
-use futures_util::TryStreamExt;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::cache::Entry;
 use crate::cache::disk::BlobStore;
@@ -18,8 +15,12 @@ use crate::error::ProxyError;
 /// Response body type of both listeners.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
 
-/// Read size when streaming a blob from disk: large reads, few blocking-pool round trips.
-const DISK_CHUNK: usize = 256 * 1024;
+/// Read size when streaming a blob from disk: large reads, few blocking-pool round trips, and
+/// a bounded buffer per viewer.
+const DISK_CHUNK: u64 = 256 * 1024;
+
+/// Ranges up to this size are read from disk in one blocking call and sent as one buffer.
+const SINGLE_READ: u64 = 1 << 20;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
@@ -110,19 +111,38 @@ async fn body(
     if let Some(bytes) = &entry.body {
         return Ok(full(bytes.slice(start as usize..=end as usize)));
     }
-    let mut file = tokio::fs::File::open(disk.path(&entry.hash)).await.map_err(|e| {
+    let vanished = |e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::NotFound {
             ProxyError::internal("blob vanished")
         } else {
             ProxyError::internal(e)
         }
-    })?;
-    if start > 0 {
-        file.seek(SeekFrom::Start(start)).await.map_err(ProxyError::internal)?;
+    };
+    let len = end - start + 1;
+    if len <= SINGLE_READ {
+        // One blocking call reads the whole range: the common Range request of a video.
+        let bytes = disk.read_range(&entry.hash, start, len as usize).await.map_err(vanished)?;
+        return Ok(full(bytes));
     }
-    let stream =
-        tokio_util::io::ReaderStream::with_capacity(file.take(end - start + 1), DISK_CHUNK);
-    Ok(StreamBody::new(stream.map_ok(hyper::body::Frame::data)).boxed_unsync())
+    let file = disk.open_blob(&entry.hash).await.map_err(vanished)?;
+    let chunks = futures_util::stream::try_unfold(start, move |offset| {
+        let file = file.clone();
+        async move {
+            if offset > end {
+                return Ok(None);
+            }
+            let n = (end - offset + 1).min(DISK_CHUNK) as usize;
+            let chunk = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0; n];
+                file.read_exact_at(&mut buf, offset).map(|()| Bytes::from(buf))
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            Ok(Some((hyper::body::Frame::data(chunk), offset + n as u64)))
+        }
+    });
+    Ok(StreamBody::new(chunks).boxed_unsync())
 }
 
 /// `If-None-Match` naming this entry's ETag (weak comparison, as RFC 9110 asks for GET), or `*`.

@@ -68,10 +68,14 @@ impl BlobStore {
         self.blobs.join(&hex[0..2]).join(&hex[2..4]).join(hex.as_str())
     }
 
-    pub async fn create_temp(&self) -> io::Result<TempBlob> {
+    fn temp_path(&self) -> io::Result<PathBuf> {
         let mut name = [0u8; 16];
         getrandom::fill(&mut name).map_err(|e| io::Error::other(e.to_string()))?;
-        let path = self.tmp.join(hex::encode(name));
+        Ok(self.tmp.join(hex::encode(name)))
+    }
+
+    pub async fn create_temp(&self) -> io::Result<TempBlob> {
+        let path = self.temp_path()?;
         let file = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&path).await?;
         Ok(TempBlob {
             file: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file),
@@ -80,19 +84,93 @@ impl BlobStore {
         })
     }
 
-    /// Makes the temp blob durable (when `cache.fsync`) and renames it to its content name.
-    pub async fn commit(&self, mut temp: TempBlob, hash: &blake3::Hash) -> io::Result<PathBuf> {
+    /// Makes the temp blob durable (when `sync` and `cache.fsync`) and renames it to its
+    /// content name.
+    pub async fn commit(
+        &self,
+        mut temp: TempBlob,
+        hash: &blake3::Hash,
+        sync: bool,
+    ) -> io::Result<PathBuf> {
         temp.file.flush().await?;
-        if self.fsync {
+        if sync && self.fsync {
             temp.file.get_ref().sync_all().await?;
         }
-        let dest = self.path(hash);
-        if let Some(parent) = dest.parent() {
-            tokio::fs::create_dir_all(parent).await?;
-        }
-        tokio::fs::rename(&temp.path, &dest).await?;
+        let (from, dest) = (temp.path.clone(), self.path(hash));
+        let placed = dest.clone();
+        tokio::task::spawn_blocking(move || rename_into_place(&from, &dest))
+            .await
+            .map_err(io::Error::other)??;
         temp.committed = true;
-        Ok(dest)
+        Ok(placed)
+    }
+
+    /// Stores `bytes` as the blob `hash` in one blocking call: temp file, write, fsync (when
+    /// `sync` and `cache.fsync`), rename. A failure leaves no file behind.
+    pub async fn write(
+        &self,
+        hash: &blake3::Hash,
+        bytes: bytes::Bytes,
+        sync: bool,
+    ) -> io::Result<PathBuf> {
+        let (temp, dest) = (self.temp_path()?, self.path(hash));
+        let sync = sync && self.fsync;
+        tokio::task::spawn_blocking(move || {
+            let written = (|| {
+                use std::io::Write;
+                let mut file =
+                    std::fs::OpenOptions::new().write(true).create_new(true).open(&temp)?;
+                file.write_all(&bytes)?;
+                if sync {
+                    file.sync_all()?;
+                }
+                rename_into_place(&temp, &dest)
+            })();
+            if written.is_err() {
+                let _ = std::fs::remove_file(&temp);
+            }
+            written.map(|()| dest)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// The whole blob, read on a blocking thread in one call.
+    pub async fn read(&self, hash: &blake3::Hash) -> io::Result<bytes::Bytes> {
+        let path = self.path(hash);
+        tokio::task::spawn_blocking(move || std::fs::read(path).map(bytes::Bytes::from))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    /// The blob opened for reading, to be read in chunks with `FileExt::read_exact_at`.
+    pub async fn open_blob(
+        &self,
+        hash: &blake3::Hash,
+    ) -> io::Result<std::sync::Arc<std::fs::File>> {
+        let path = self.path(hash);
+        tokio::task::spawn_blocking(move || std::fs::File::open(path).map(std::sync::Arc::new))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    /// `len` bytes of the blob from `offset`, read on a blocking thread in one call.
+    pub async fn read_range(
+        &self,
+        hash: &blake3::Hash,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<bytes::Bytes> {
+        let path = self.path(hash);
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::File::open(path)?;
+            let mut buf = vec![0; len];
+            file.read_exact_at(&mut buf, offset)?;
+            Ok(bytes::Bytes::from(buf))
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     /// Size of the blob on disk, or `None` when it is missing.
@@ -129,5 +207,19 @@ impl BlobStore {
 
     pub async fn remove(&self, hash: &blake3::Hash) {
         let _ = tokio::fs::remove_file(self.path(hash)).await;
+    }
+}
+
+/// Renames `from` to `dest`, creating the fan-out directories the first time one is needed
+/// (rather than asking for them on every fill).
+fn rename_into_place(from: &Path, dest: &Path) -> io::Result<()> {
+    match std::fs::rename(from, dest) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::rename(from, dest)
+        }
+        other => other,
     }
 }

@@ -3,7 +3,11 @@
 //! redb is an embedded, pure-Rust, crash-safe B-tree with ACID transactions: an index record is
 //! committed only after its blob has been renamed into place, so after a crash every record
 //! names a blob that was complete. It takes a file lock, so two parasol processes cannot share
-//! one cache directory by accident. Its calls block, so they run on tokio's blocking pool.
+//! one cache directory by accident. Its calls block, so reads run on tokio's blocking pool.
+//!
+//! Writes go through one writer thread that commits whatever has queued up in a single
+//! transaction (group commit): under a burst of fills, one fsync makes many records durable,
+//! and each caller is answered only once its record is committed.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -37,9 +41,66 @@ impl Record {
 #[derive(Clone)]
 pub struct Index {
     db: Arc<redb::Database>,
+    writes: std::sync::mpsc::Sender<Write>,
 }
 
-#[derive(Debug, thiserror::Error)]
+/// One queued change and whoever waits for its commit.
+struct Write {
+    change: Change,
+    done: tokio::sync::oneshot::Sender<Result<(), IndexError>>,
+}
+
+enum Change {
+    Put(Key, Vec<u8>),
+    Remove(Vec<Key>),
+}
+
+/// Most changes in one transaction; a larger queue is committed in several.
+const MAX_BATCH: usize = 1024;
+
+/// The writer thread: waits for a change, takes everything else queued, commits it all at once.
+/// It holds the database only while committing, so dropping the last [`Index`] closes the
+/// file (and its lock) at once; the thread ends when the channel closes.
+fn write_loop(db: std::sync::Weak<redb::Database>, queue: std::sync::mpsc::Receiver<Write>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(write) => batch.push(write),
+                Err(_) => break,
+            }
+        }
+        let result = match db.upgrade() {
+            Some(db) => commit(&db, &batch),
+            None => Err(IndexError("closed".into())),
+        };
+        for write in batch {
+            let _ = write.done.send(result.clone());
+        }
+    }
+}
+
+fn commit(db: &redb::Database, batch: &[Write]) -> Result<(), IndexError> {
+    let txn = db.begin_write().map_err(err)?;
+    {
+        let mut table = txn.open_table(ENTRIES).map_err(err)?;
+        for write in batch {
+            match &write.change {
+                Change::Put(key, value) => {
+                    table.insert(key.0.as_slice(), value.as_slice()).map_err(err)?;
+                }
+                Change::Remove(keys) => {
+                    for key in keys {
+                        table.remove(key.0.as_slice()).map_err(err)?;
+                    }
+                }
+            }
+        }
+    }
+    txn.commit().map_err(err)
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("cache index: {0}")]
 pub struct IndexError(String);
 
@@ -53,7 +114,21 @@ impl Index {
         let txn = db.begin_write().map_err(err)?;
         txn.open_table(ENTRIES).map_err(err)?;
         txn.commit().map_err(err)?;
-        Ok(Self { db: Arc::new(db) })
+        let db = Arc::new(db);
+        let (writes, queue) = std::sync::mpsc::channel();
+        let weak = Arc::downgrade(&db);
+        std::thread::Builder::new()
+            .name("parasol-index".into())
+            .spawn(move || write_loop(weak, queue))
+            .map_err(err)?;
+        Ok(Self { db, writes })
+    }
+
+    /// Queues `change` for the writer thread and waits until it is committed.
+    async fn write(&self, change: Change) -> Result<(), IndexError> {
+        let (done, committed) = tokio::sync::oneshot::channel();
+        self.writes.send(Write { change, done }).map_err(|_| IndexError("closed".into()))?;
+        committed.await.map_err(|_| IndexError("writer stopped".into()))?
     }
 
     pub async fn get(&self, key: Key) -> Result<Option<Record>, IndexError> {
@@ -71,27 +146,12 @@ impl Index {
     }
 
     pub async fn put(&self, key: Key, record: &Record) -> Result<(), IndexError> {
-        let db = self.db.clone();
         let value = serde_json::to_vec(record).map_err(err)?;
-        blocking(move || {
-            let txn = db.begin_write().map_err(err)?;
-            txn.open_table(ENTRIES)
-                .map_err(err)?
-                .insert(key.0.as_slice(), value.as_slice())
-                .map_err(err)?;
-            txn.commit().map_err(err)
-        })
-        .await
+        self.write(Change::Put(key, value)).await
     }
 
     pub async fn remove(&self, key: Key) -> Result<(), IndexError> {
-        let db = self.db.clone();
-        blocking(move || {
-            let txn = db.begin_write().map_err(err)?;
-            txn.open_table(ENTRIES).map_err(err)?.remove(key.0.as_slice()).map_err(err)?;
-            txn.commit().map_err(err)
-        })
-        .await
+        self.write(Change::Remove(vec![key])).await
     }
 }
 
@@ -177,18 +237,7 @@ impl Index {
         if keys.is_empty() {
             return Ok(());
         }
-        let db = self.db.clone();
-        blocking(move || {
-            let txn = db.begin_write().map_err(err)?;
-            {
-                let mut table = txn.open_table(ENTRIES).map_err(err)?;
-                for key in &keys {
-                    table.remove(key.0.as_slice()).map_err(err)?;
-                }
-            }
-            txn.commit().map_err(err)
-        })
-        .await
+        self.write(Change::Remove(keys)).await
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
-use super::{Proxy, Received};
+use super::{Held, IN_MEMORY_FILL, Proxy, Received};
 use crate::api::ProxyRequest;
 use crate::audit::Trigger;
 use crate::cache::index::Record;
@@ -101,7 +101,7 @@ impl Proxy {
         if r.len > crate::media::svg::MAX_SVG_BYTES {
             return Err(ProxyError::BadImage("SVG too large to render"));
         }
-        let svg = r.temp.read_back().await.map_err(storage_error)?;
+        let svg = r.bytes().await.map_err(storage_error)?;
         let max_pixels = self.config.media.max_pixels;
         let _cpu = self.render_cpu.acquire().await.map_err(|_| ProxyError::Overloaded)?;
         self.metrics.renders.inc();
@@ -112,16 +112,14 @@ impl Proxy {
         self.received_from(png, "image/png").await
     }
 
-    /// A temp blob holding `bytes`, ready to store.
+    /// `bytes`, hashed and ready to store.
     pub(super) async fn received_from(
         &self,
         bytes: Vec<u8>,
         content_type: &'static str,
     ) -> Result<Received, ProxyError> {
-        let mut temp = self.disk.create_temp().await.map_err(storage_error)?;
-        temp.file.write_all(&bytes).await.map_err(storage_error)?;
         let (hash, len) = (blake3::hash(&bytes), bytes.len() as u64);
-        Ok(Received { temp, hash, len, content_type })
+        Ok(Received { body: Held::Memory(Bytes::from(bytes)), hash, len, content_type })
     }
 
     /// Replaces a received JPEG, PNG or WebP by a copy without metadata (`media.strip_metadata`),
@@ -132,12 +130,19 @@ impl Proxy {
         if !self.config.media.strip_metadata || !strippable || r.len > LARGEST {
             return Ok(r);
         }
-        let bytes = Bytes::from(r.temp.read_back().await.map_err(storage_error)?);
         let content_type = r.content_type;
-        let stripped =
-            tokio::task::spawn_blocking(move || crate::media::strip::strip(&bytes, content_type))
+        let stripped = match &r.body {
+            // Small and in memory: parsing the segments costs less than a thread hop.
+            Held::Memory(bytes) => crate::media::strip::strip(bytes, content_type),
+            Held::Disk(_) => {
+                let bytes = r.bytes().await.map_err(storage_error)?;
+                tokio::task::spawn_blocking(move || {
+                    crate::media::strip::strip(&bytes, content_type)
+                })
                 .await
-                .map_err(|_| ProxyError::internal("strip task failed"))?;
+                .map_err(|_| ProxyError::internal("strip task failed"))?
+            }
+        };
         let Some(stripped) = stripped else { return Ok(r) };
         self.received_from(stripped.to_vec(), content_type).await
     }
@@ -191,7 +196,16 @@ impl Proxy {
                 "body without Content-Length or chunked framing",
             ));
         }
-        let mut temp = self.disk.create_temp().await.map_err(storage_error)?;
+        // Small bodies (by their declared length, or so far) are held in memory; a body that
+        // grows past the bound spills into a temp blob and streams on from there.
+        let mut memory = declared
+            .filter(|&n| n <= IN_MEMORY_FILL)
+            .map(|n| Vec::with_capacity(n as usize))
+            .or_else(|| declared.is_none().then(Vec::new));
+        let mut temp = match memory {
+            Some(_) => None,
+            None => Some(self.disk.create_temp().await.map_err(storage_error)?),
+        };
         let mut hasher = blake3::Hasher::new();
         let mut head = Vec::with_capacity(SNIFF_LEN);
         let mut content_type = None;
@@ -208,7 +222,17 @@ impl Proxy {
                 }
             }
             hasher.update(&chunk);
-            temp.file.write_all(&chunk).await.map_err(storage_error)?;
+            match (&mut memory, &mut temp) {
+                (Some(held), _) if *received <= IN_MEMORY_FILL => held.extend_from_slice(&chunk),
+                (Some(held), _) => {
+                    let mut spill = self.disk.create_temp().await.map_err(storage_error)?;
+                    spill.file.write_all(held).await.map_err(storage_error)?;
+                    spill.file.write_all(&chunk).await.map_err(storage_error)?;
+                    (memory, temp) = (None, Some(spill));
+                }
+                (None, Some(t)) => t.file.write_all(&chunk).await.map_err(storage_error)?,
+                (None, None) => unreachable!("a body is held in memory or in a temp blob"),
+            }
         }
         if *received == 0 {
             return Err(ProxyError::OriginInvalid("empty body"));
@@ -220,7 +244,12 @@ impl Proxy {
             Some(t) => t,
             None => self.types.sniff(&head)?,
         };
-        Ok(Received { temp, hash: hasher.finalize(), len: *received, content_type })
+        let body = match (memory, temp) {
+            (Some(held), _) => Held::Memory(Bytes::from(held)),
+            (None, Some(t)) => Held::Disk(t),
+            (None, None) => unreachable!("a body is held in memory or in a temp blob"),
+        };
+        Ok(Received { body, hash: hasher.finalize(), len: *received, content_type })
     }
 
     /// Makes a received blob durable and findable: budget first (so a concurrent eviction of
@@ -232,7 +261,7 @@ impl Proxy {
         url: &str,
         r: Received,
     ) -> Result<Arc<Entry>, ProxyError> {
-        let Received { temp, hash, len, content_type } = r;
+        let Received { body, hash, len, content_type } = r;
         let (touch, victims) = self.budget.admit(*hash.as_bytes(), len, key);
         let record = Record {
             hash: hash.to_hex().to_string(),
@@ -241,7 +270,16 @@ impl Proxy {
             url: url.to_string(),
             stored_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         };
-        let stored = match self.disk.commit(temp, &hash).await {
+        // Blobs up to memory_max_object_bytes are re-hashed on every load from disk, so a torn
+        // one after a power cut is refetched, never served: only larger ones need the fsync.
+        let durable = self.config.cache.fsync && len > self.config.cache.memory_max_object_bytes.0;
+        let (written, in_memory) = match body {
+            Held::Memory(bytes) => {
+                (self.disk.write(&hash, bytes.clone(), durable).await, Some(bytes))
+            }
+            Held::Disk(temp) => (self.disk.commit(temp, &hash, durable).await, None),
+        };
+        let stored = match written {
             Ok(_) => self.index.put(key, &record).await.map_err(ProxyError::internal),
             Err(e) => Err(storage_error(e)),
         };
@@ -253,17 +291,27 @@ impl Proxy {
             return Err(e);
         }
         self.drop_victims(victims).await;
-        // Small bodies go to the memory tier, read back from the page cache: no fill ever
-        // holds a whole body in memory while it streams.
-        let body = if len <= self.config.cache.memory_max_object_bytes.0 {
-            match tokio::fs::read(self.disk.path(&hash)).await {
-                Ok(bytes) if bytes.len() as u64 == len => Some(Bytes::from(bytes)),
+        // Bodies small enough for the memory tier go there: kept from the fill, or read back
+        // from the page cache when they streamed to disk.
+        let body = match in_memory {
+            _ if len > self.config.cache.memory_max_object_bytes.0 => None,
+            Some(bytes) => Some(bytes),
+            None => match self.disk.read(&hash).await {
+                Ok(bytes) if bytes.len() as u64 == len => Some(bytes),
                 _ => None,
-            }
-        } else {
-            None
+            },
         };
         Ok(Arc::new(Entry::new(hash, len, content_type, body).with_touch(touch)))
+    }
+}
+
+impl Received {
+    /// The whole body, from memory or read back from its temp blob.
+    async fn bytes(&mut self) -> std::io::Result<Bytes> {
+        match &mut self.body {
+            Held::Memory(bytes) => Ok(bytes.clone()),
+            Held::Disk(temp) => temp.read_back().await.map(Bytes::from),
+        }
     }
 }
 
