@@ -18,6 +18,8 @@ DURATION=${DURATION:-3s}
 CONNS=${CONNS:-64}
 W4_WARM=${W4_WARM:-15s}
 W4_MEASURE=${W4_MEASURE:-15s}
+WORKLOADS=${WORKLOADS:-hits miss burst zipf}   # a subset for quicker runs, e.g. WORKLOADS=zipf
+want() { [[ " $WORKLOADS " == *" $1 "* ]]; }
 BENCH_STARTED=$(date +%s)
 
 need=()
@@ -29,6 +31,10 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 cargo build --release -q
+PORTS=(18081 18082 18083 18084 18085 18086 18087 18088 18094 18097)
+for port in "${PORTS[@]}"; do   # a leftover server would be measured instead of ours
+  if (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then echo "port $port is in use: stop what listens there" >&2; exit 1; fi
+done
 ulimit -n 65536 2>/dev/null || true
 
 WORK=$(mktemp -d /tmp/parasol-bench.XXXXXX)
@@ -38,7 +44,7 @@ OTHER_PIDS=()
 cleanup() {
   for pid in "${PID[@]}" "${OTHER_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$WORK"
+  [ -n "${KEEP:-}" ] && echo "kept $WORK" >&2 || rm -rf "$WORK"
 }
 trap cleanup EXIT
 mkdir -p "$WORK"/{www/z,logs,ngx_tmp,ngx_cache,ngx_cache_z}
@@ -149,8 +155,8 @@ parasol_url() { echo "http://127.0.0.1:$1$(sign_path "http://127.0.0.1:18081$2")
 # ---- W1-W3: hits -----------------------------------------------------------------------------
 HIT_SERVERS=(parasol nginx varnish)
 HIT_WORKLOADS=(4k 60k 64k 70k 200k video)
-declare -A URL
-for w in "${HIT_WORKLOADS[@]}"; do
+declare -A URL R
+want hits && for w in "${HIT_WORKLOADS[@]}"; do
   file="/$w.jpg"; [ "$w" = video ] && file=/video.mp4
   URL[parasol.$w]=$(parasol_url 18084 "$file")
   URL[nginx.$w]="http://127.0.0.1:18082$file"
@@ -160,7 +166,7 @@ for w in "${HIT_WORKLOADS[@]}"; do
     curl -sf -o /dev/null -H 'Accept-Encoding: identity' "${URL[$s.$w]}"
   done
 done
-declare -A R   # workload.server.field -> values of every round
+# R: workload.server.field -> values of every round
 record() { # key "rps p50 p99 n bytes cpu"
   local k=$1 rps p50 p99 n bytes cpu
   read -r rps p50 p99 n bytes cpu <<< "$2"
@@ -168,6 +174,7 @@ record() { # key "rps p50 p99 n bytes cpu"
   R[$k.cpu_req]+="$(awk -v c="$cpu" -v n="$n" 'BEGIN { printf "%.1f", n ? c / n : 0 }') "
   R[$k.cpu_gb]+="$(awk -v c="$cpu" -v b="$bytes" 'BEGIN { printf "%.3f", b ? c / 1e6 / (b / 1e9) : 0 }') "
 }
+if want hits; then
 echo "W1-W3: hits, $ROUNDS rounds x $DURATION ..." >&2
 for round in $(seq "$ROUNDS"); do
   for w in "${HIT_WORKLOADS[@]}"; do
@@ -182,7 +189,10 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
+fi
+
 # ---- W6: the miss path -----------------------------------------------------------------------
+if want miss; then
 echo "W6: miss path, $ROUNDS rounds x $DURATION ..." >&2
 declare -A MISS_BASE=([parasol]=http://127.0.0.1:18084 [nginx-pass]=http://127.0.0.1:18082 [camo]=http://127.0.0.1:18086)
 PID[nginx-pass]=${PID[nginx]}
@@ -196,7 +206,10 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
+fi
+
 # ---- W5: many viewers, one cold URL of a 300 ms origin ---------------------------------------
+if want burst; then
 echo "W5: cold bursts ..." >&2
 declare -A W5
 for round in $(seq "$ROUNDS"); do
@@ -215,7 +228,10 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
+fi
+
 # ---- W4: Zipf over 20,000 x 64 KiB at 20% ----------------------------------------------------
+if want zipf; then
 echo "W4: Zipf, $W4_WARM warm + $W4_MEASURE measured per server ..." >&2
 $TOOLS paths zipf-parasol "$WORK/zipf.parasol-z" 20000 "$KEY" http://127.0.0.1:18081
 $TOOLS paths zipf-plain "$WORK/zipf.plain" 20000
@@ -267,6 +283,8 @@ for s in "${ZIPF_SERVERS[@]}"; do
   W8[$s]=$(zipf_phase "$s" "$W4_MEASURE")
 done
 
+fi
+
 # ---- report ----------------------------------------------------------------------------------
 m() { echo ${R[$1]} | median; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
@@ -301,17 +319,22 @@ table() { # workload servers...
   echo "$(varnishd -V 2>&1 | sed -n 's/.*varnish-\([0-9.]*\).*/\1/p' | head -1), camo $(dpkg-query -W -f '${Version}' camo 2>/dev/null || echo '?'). Settings: \`benches/peers/\`."
   echo "Server CPU is user + system time of the server's processes during the run."
   echo
+  if want hits || want miss; then
   echo "## Hits and the miss path"
   echo
   echo "| workload | server | req/s | p50 ms | p99 ms | CPU µs/req | CPU s/GB | parasol / best peer |"
   echo "|---|---|---|---|---|---|---|---|"
-  for w in "${HIT_WORKLOADS[@]}"; do table "$w" "${HIT_SERVERS[@]}"; done
+  if want hits; then for w in "${HIT_WORKLOADS[@]}"; do table "$w" "${HIT_SERVERS[@]}"; done; fi
+  if want miss; then
   table miss "${MISS_SERVERS[@]}"
   echo
   echo "W6 ratios: parasol / camo $(ratio "$(m miss.parasol.rps)" "$(m miss.camo.rps)"), parasol / nginx-pass $(ratio "$(m miss.parasol.rps)" "$(m miss.nginx-pass.rps)")."
   echo "W6: every request is a URL the cache has not seen (64 KiB objects from a local nginx origin);"
-  echo "parasol also verifies, hashes and stores each one (fsync on), camo and \`nginx-pass\` store nothing."
+  echo "parasol also verifies, hashes and stores each one, camo and \`nginx-pass\` store nothing."
+  fi
   echo
+  fi
+  if want zipf; then
   echo "## W4: Zipf(0.9) over 20,000 x 64 KiB, each cache limited to 256 MiB (20%)"
   echo
   echo "$W4_WARM of warm-up, then $W4_MEASURE measured; hit ratio = 1 - origin requests / requests."
@@ -323,6 +346,8 @@ table() { # workload servers...
     echo "| $s | $hr | $(numfmt --to=iec-i --suffix=B "${Z[$s.held]}") | $rps | $cpu |"
   done
   echo
+  fi
+  if want burst; then
   echo "## W5: one cold URL, origin answers after 300 ms"
   echo
   echo "Median of $ROUNDS rounds; every connection is open before the requests are sent at once."
@@ -335,6 +360,8 @@ table() { # workload servers...
     done
   done
   echo
+  fi
+  if want zipf; then
   echo "## W8: restart with the W4 store warm"
   echo
   echo "Stopped with SIGTERM, started again; ready = until the first object is served. Then"
@@ -347,5 +374,6 @@ table() { # workload servers...
     echo "| $s | ${W8[$s.ready_ms]} | $hr | $rps |"
   done
   echo
+  fi
   echo "Whole run: $(( $(date +%s) - BENCH_STARTED )) s."
-} | tee BENCHMARKS.md
+} | tee "${OUT:-BENCHMARKS.md}"

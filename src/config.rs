@@ -102,8 +102,9 @@ pub struct CacheConfig {
     pub retention: Dur,
     /// How long a failed fetch is remembered, so a dead origin is not hammered by every viewer.
     pub negative_ttl: Dur,
-    /// fsync each blob before it is renamed into place. Off trades crash safety for fill speed:
-    /// after a power cut a large blob may hold wrong bytes (small ones are re-hashed on load).
+    /// fsync each blob above `memory_max_object_bytes` before it is renamed into place (smaller
+    /// ones are re-hashed on every load, so a torn one is refetched, never served). Off trades
+    /// crash safety for fill speed: after a power cut a large blob may hold wrong bytes.
     pub fsync: bool,
 }
 

@@ -6,8 +6,10 @@
 //! one cache directory by accident. Its calls block, so reads run on tokio's blocking pool.
 //!
 //! Writes go through one writer thread that commits whatever has queued up in a single
-//! transaction (group commit): under a burst of fills, one fsync makes many records durable,
-//! and each caller is answered only once its record is committed.
+//! transaction (group commit), and each caller is answered once its record is committed.
+//! Commits become durable (fsync) at most [`DURABLE_EVERY`] apart, and at shutdown: a crash
+//! may forget the records of the last half second, which costs one refetch each, never a
+//! wrong byte, since a record is only written once its blob is in place.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -41,8 +43,28 @@ impl Record {
 #[derive(Clone)]
 pub struct Index {
     db: Arc<redb::Database>,
-    writes: std::sync::mpsc::Sender<Write>,
+    writer: Arc<Writer>,
 }
+
+/// The writer thread's queue. When the last [`Index`] goes, everything committed is made
+/// durable before the database closes.
+struct Writer {
+    queue: std::sync::mpsc::Sender<Write>,
+    db: Arc<redb::Database>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Ok(txn) = self.db.begin_write() {
+            if let Err(e) = txn.commit() {
+                tracing::error!(error = %e, "cannot make the cache index durable");
+            }
+        }
+    }
+}
+
+/// Longest time a committed record waits to become durable.
+pub const DURABLE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// One queued change and whoever waits for its commit.
 struct Write {
@@ -62,26 +84,58 @@ const MAX_BATCH: usize = 1024;
 /// It holds the database only while committing, so dropping the last [`Index`] closes the
 /// file (and its lock) at once; the thread ends when the channel closes.
 fn write_loop(db: std::sync::Weak<redb::Database>, queue: std::sync::mpsc::Receiver<Write>) {
-    while let Ok(first) = queue.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+    use std::sync::mpsc::RecvTimeoutError;
+    use std::time::Instant;
+    let mut last_durable = Instant::now();
+    let mut pending = false; // commits made since the last durable one
+    loop {
+        let first = if pending {
+            let left = DURABLE_EVERY.saturating_sub(last_durable.elapsed());
+            match queue.recv_timeout(left) {
+                Ok(write) => Some(write),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match queue.recv() {
+                Ok(write) => Some(write),
+                Err(_) => return,
+            }
+        };
+        let mut batch: Vec<Write> = first.into_iter().collect();
+        while (1..MAX_BATCH).contains(&batch.len()) {
             match queue.try_recv() {
                 Ok(write) => batch.push(write),
                 Err(_) => break,
             }
         }
+        let durable = last_durable.elapsed() >= DURABLE_EVERY;
         let result = match db.upgrade() {
-            Some(db) => commit(&db, &batch),
+            Some(db) => commit(&db, &batch, durable),
             None => Err(IndexError("closed".into())),
         };
+        if durable {
+            // A failed durable commit is retried an interval later, not in a tight loop.
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "cannot commit the cache index");
+            }
+            (last_durable, pending) = (Instant::now(), result.is_err());
+        } else if !batch.is_empty() {
+            pending = true;
+        }
         for write in batch {
             let _ = write.done.send(result.clone());
         }
     }
 }
 
-fn commit(db: &redb::Database, batch: &[Write]) -> Result<(), IndexError> {
-    let txn = db.begin_write().map_err(err)?;
+/// Applies `batch` in one transaction; `durable` makes it, and every commit before it,
+/// survive a power cut.
+fn commit(db: &redb::Database, batch: &[Write], durable: bool) -> Result<(), IndexError> {
+    let mut txn = db.begin_write().map_err(err)?;
+    if !durable {
+        txn.set_durability(redb::Durability::None).map_err(err)?;
+    }
     {
         let mut table = txn.open_table(ENTRIES).map_err(err)?;
         for write in batch {
@@ -115,19 +169,19 @@ impl Index {
         txn.open_table(ENTRIES).map_err(err)?;
         txn.commit().map_err(err)?;
         let db = Arc::new(db);
-        let (writes, queue) = std::sync::mpsc::channel();
+        let (queue, writes) = std::sync::mpsc::channel();
         let weak = Arc::downgrade(&db);
         std::thread::Builder::new()
             .name("parasol-index".into())
-            .spawn(move || write_loop(weak, queue))
+            .spawn(move || write_loop(weak, writes))
             .map_err(err)?;
-        Ok(Self { db, writes })
+        Ok(Self { writer: Arc::new(Writer { queue, db: db.clone() }), db })
     }
 
     /// Queues `change` for the writer thread and waits until it is committed.
     async fn write(&self, change: Change) -> Result<(), IndexError> {
         let (done, committed) = tokio::sync::oneshot::channel();
-        self.writes.send(Write { change, done }).map_err(|_| IndexError("closed".into()))?;
+        self.writer.queue.send(Write { change, done }).map_err(|_| IndexError("closed".into()))?;
         committed.await.map_err(|_| IndexError("writer stopped".into()))?
     }
 

@@ -24,7 +24,7 @@ fn blob_bytes(dir: &Path) -> u64 {
 
 fn blob_path(dir: &Path, body: &[u8]) -> std::path::PathBuf {
     let hex = blake3::hash(body).to_hex().to_string();
-    dir.join("blobs").join(&hex[0..2]).join(&hex[2..4]).join(&hex)
+    dir.join("blobs").join(&hex[0..2]).join(&hex)
 }
 
 async fn metric(p: &Parasol, name: &str) -> u64 {
@@ -234,7 +234,7 @@ async fn sigkill_during_two_hundred_fills_loses_entries_but_never_serves_wrong_b
         let path = format!("/k{i}.png");
         let body = png_bytes(20_000 + i as usize * 97, 400 + i);
         // Staggered delays: at the kill some fills are done, some mid-body, some not started.
-        origin.route(&path, Route::ok(body.clone()).delay(Duration::from_millis(i * 5)));
+        origin.route(&path, Route::ok(body.clone()).delay(Duration::from_millis(i * 12)));
         expected.push((path, body));
     }
     let dir = tempfile::tempdir().unwrap();
@@ -260,9 +260,11 @@ async fn sigkill_during_two_hundred_fills_loses_entries_but_never_serves_wrong_b
             })
         })
         .collect();
-    // Kill once some fills are complete while most are still running.
+    // Kill once some fills are complete, and durable (the index syncs every DURABLE_EVERY),
+    // while most are still running.
     let started = eventually(|| done.load(std::sync::atomic::Ordering::SeqCst) >= 10).await;
     assert!(started, "fills under way");
+    tokio::time::sleep(parasol::cache::index::DURABLE_EVERY * 3 / 2).await;
     let mut child = child;
     child.0.kill().unwrap(); // SIGKILL
     let _ = child.0.wait();
