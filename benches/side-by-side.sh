@@ -39,12 +39,24 @@ ulimit -n 65536 2>/dev/null || true
 
 WORK=$(mktemp -d /tmp/parasol-bench.XXXXXX)
 chmod 755 "$WORK"   # varnishd drops privileges and must read its VCL
+# Caches and media live on a fresh ext4 file system of their own when we may mount one: an
+# old file system full of recently deleted inodes (earlier runs) makes every file creation
+# scan for a free inode, which was seen to take 65% of a cache's CPU on the miss path.
+MOUNTED=
+if [ "$(id -u)" = 0 ] && truncate -s 16G "$WORK.img" && mkfs.ext4 -q -F "$WORK.img" 2>/dev/null \
+   && mount -o loop "$WORK.img" "$WORK" 2>/dev/null; then
+  MOUNTED=1; chmod 755 "$WORK"
+else
+  rm -f "$WORK.img"; echo "note: cannot mount a fresh file system; using $WORK as it is" >&2
+fi
 declare -A PID      # server -> PID (the master process for nginx and Varnish)
 OTHER_PIDS=()
 cleanup() {
   for pid in "${PID[@]}" "${OTHER_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  [ -n "${KEEP:-}" ] && echo "kept $WORK" >&2 || rm -rf "$WORK"
+  if [ -n "${KEEP:-}" ]; then echo "kept $WORK" >&2; return; fi
+  if [ -n "$MOUNTED" ]; then umount "$WORK" && rm -f "$WORK.img"; fi
+  rm -rf "$WORK"
 }
 trap cleanup EXIT
 mkdir -p "$WORK"/{www/z,logs,ngx_tmp,ngx_cache,ngx_cache_z}
@@ -55,6 +67,9 @@ done
 TOOLS="python3 benches/peers/tools.py"
 LUA=benches/peers/load.lua
 
+# Flushes dirty pages and waits for the disk: one workload's writes (a gigabyte of fills) would
+# otherwise be written back during the next one, stalling every process that writes a log.
+settle() { sync; sleep 0.5; }
 echo "generating media under $WORK ..." >&2
 # JPEG signature, then noise: parasol sniffs the type from the bytes.
 SIZES=(4 60 64 70 200)
@@ -64,11 +79,14 @@ root, sizes = sys.argv[1], sys.argv[2:]
 for kib in sizes:
     open(f"{root}/{kib}k.jpg", "wb").write(b"\xff\xd8\xff\xe0" + os.urandom(int(kib) * 1024 - 4))
 # ISO BMFF signature ("ftyp"), then noise: 20 MiB of "video".
+open(f"{root}/u.jpg", "wb").write(b"\xff\xd8\xff\xe0PARASOL-BENCH-MARKER" + os.urandom(64 * 1024 - 24))
 open(f"{root}/video.mp4", "wb").write(b"\x00\x00\x00\x18ftypmp42" + os.urandom(20 * 1024 * 1024 - 12))
 noise = os.urandom(64 * 1024 + 20000 * 8)
 for i in range(20000):  # distinct bytes per key, cheaply: a different window of one noise block
     open(f"{root}/z/{i}.jpg", "wb").write(b"\xff\xd8\xff\xe0" + noise[i * 8 : i * 8 + 64 * 1024 - 4])
 PY
+
+settle   # (defined below) the media just written must not be flushed during a measurement
 
 # ---- processes -------------------------------------------------------------------------------
 start_nginx_origin() { taskset -c 0 nginx -p "$WORK" -c "$WORK/origin.conf" -g 'daemon off;' & OTHER_PIDS+=($!); }
@@ -103,7 +121,7 @@ start_parasol() { # name
 }
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
-parasol_config parasol 18084 18094 ""
+parasol_config parasol 18084 18094 'disk_bytes = "4 GiB"'
 # W4/W8: the same 256 MiB for each cache, so hit ratios compare at equal bytes.
 parasol_config parasol-z 18087 18097 $'disk_bytes = "256 MiB"\nmemory_bytes = "32 MiB"'
 start_nginx_origin
@@ -114,7 +132,7 @@ start_varnish varnish-z 18088
 start_parasol parasol
 start_parasol parasol-z
 CAMO_KEY=$CAMO_KEY PORT=18086 CAMO_LENGTH_LIMIT=52428800 taskset -c 0 node benches/peers/camo_run.js \
-  >/dev/null 2>&1 & PID[camo]=$!
+  >"$WORK/logs/camo.log" 2>&1 & PID[camo]=$!
 for port in 18081 18082 18083 18084 18085 18086 18087 18088; do wait_port $port; done
 
 # ---- measurement -----------------------------------------------------------------------------
@@ -140,6 +158,7 @@ run() {
   env "$@" taskset -c 1 wrk -t1 -c"$CONNS" -d"${WRK_DURATION:-$DURATION}" --latency "${script[@]}" \
     -H 'Accept-Encoding: identity' "$url" 2>"$WORK/wrk.err" > "$WORK/wrk.out" || true
   grep -h warning "$WORK/wrk.err" >&2 || true
+  { echo "== $server $url $*"; cat "$WORK/wrk.out" "$WORK/wrk.err"; } >> "$WORK/logs/wrk.log"
   after=$(cpu_ticks "${PID[$server]}")
   awk -v cpu=$(( (after - before) * TICK_US )) '
     function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
@@ -203,6 +222,7 @@ for round in $(seq "$ROUNDS"); do
   $TOOLS paths miss-camo "$WORK/miss.camo" 100000 "$CAMO_KEY" http://127.0.0.1:18081 "r$round"
   for s in "${MISS_SERVERS[@]}"; do
     record "miss.$s" "$(run "$s" "${MISS_BASE[$s]}/" MODE=seq PATHS="$WORK/miss.$s")"
+    settle
   done
 done
 
@@ -239,27 +259,41 @@ cp "$WORK/zipf.plain" "$WORK/zipf.nginx"; cp "$WORK/zipf.plain" "$WORK/zipf.varn
 declare -A ZBASE=([parasol-z]=http://127.0.0.1:18087 [nginx]=http://127.0.0.1:18082 [varnish-z]=http://127.0.0.1:18088)
 ZIPF_SERVERS=(parasol-z nginx varnish-z)
 origin_z() { wc -l < "$WORK/logs/origin_z.log" 2>/dev/null || echo 0; }
-held() { # bytes the cache holds for W4
+held() { # bytes of cached objects the cache holds for W4 (files only, not directories)
   case $1 in
-    parasol-z) du -sb "$WORK/parasol-z-cache/blobs" | cut -f1 ;;
-    nginx) du -sb "$WORK/ngx_cache_z" | cut -f1 ;;
+    parasol-z) find "$WORK/parasol-z-cache/blobs" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}' ;;
+    nginx) find "$WORK/ngx_cache_z" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}' ;;
     varnish-z) varnishstat -n "$WORK/varnish-z" -1 -f SMA.s0.g_bytes | awk '{print $2}' ;;
   esac
 }
-zipf_phase() { # server duration -> "hit_ratio rps cpu_us_per_req"
-  local s=$1 o0 o1 out
-  o0=$(origin_z); sleep 1.2   # nginx flushes its access log every second
-  out=$(WRK_DURATION=$2 run "$s" "${ZBASE[$s]}/" MODE=zipf PATHS="$WORK/zipf.$s" SEED=7)
-  sleep 1.2; o1=$(origin_z)
+# The most a cache held while loaded (nginx enforces max_size late), sampled every second
+# from the load generator's core until the file $2 appears.
+peak_held() {
+  local max=0 b
+  while [ ! -e "$2" ]; do
+    b=$(taskset -c 1 bash -c "$(declare -f held); WORK=$WORK held $1")
+    [ "${b:-0}" -gt "$max" ] && max=$b
+    sleep 1
+  done
+  echo "$max"
+}
+zipf_phase() { # server duration seed -> "hit_ratio rps cpu_us_per_req peak_bytes_held"
+  local s=$1 o0 o1 out peak
+  rm -f "$WORK/zipf.done"
+  o0=$(origin_z)
+  peak_held "$s" "$WORK/zipf.done" > "$WORK/zipf.peak" &
+  out=$(WRK_DURATION=$2 run "$s" "${ZBASE[$s]}/" MODE=zipf PATHS="$WORK/zipf.$s" SEED=$3)
+  touch "$WORK/zipf.done"; wait $!
+  o1=$(origin_z)
+  settle
   read -r rps _ _ n _ cpu <<< "$out"
-  awk -v n="$n" -v f="$((o1 - o0))" -v rps="$rps" -v cpu="$cpu" \
-    'BEGIN { printf "%.1f %d %.1f\n", 100 * (1 - f / n), rps, cpu / n }'
+  awk -v n="$n" -v f="$((o1 - o0))" -v rps="$rps" -v cpu="$cpu" -v held="$(cat "$WORK/zipf.peak")" \
+    'BEGIN { printf "%.1f %d %.1f %d\n", 100 * (1 - f / n), rps, cpu / n, held }'
 }
 declare -A Z
 for s in "${ZIPF_SERVERS[@]}"; do
-  zipf_phase "$s" "$W4_WARM" >/dev/null
-  Z[$s]=$(zipf_phase "$s" "$W4_MEASURE")
-  Z[$s.held]=$(held "$s")
+  zipf_phase "$s" "$W4_WARM" 1 >/dev/null
+  Z[$s]=$(zipf_phase "$s" "$W4_MEASURE" 2)
 done
 
 # ---- W8: restart with a warm store -----------------------------------------------------------
@@ -280,7 +314,7 @@ for s in "${ZIPF_SERVERS[@]}"; do
     sleep 0.01
   done
   W8[$s.ready_ms]=$(( ($(date +%s%N) - t0) / 1000000 ))
-  W8[$s]=$(zipf_phase "$s" "$W4_MEASURE")
+  W8[$s]=$(zipf_phase "$s" "$W4_MEASURE" 3)
 done
 
 fi
@@ -329,7 +363,7 @@ table() { # workload servers...
   table miss "${MISS_SERVERS[@]}"
   echo
   echo "W6 ratios: parasol / camo $(ratio "$(m miss.parasol.rps)" "$(m miss.camo.rps)"), parasol / nginx-pass $(ratio "$(m miss.parasol.rps)" "$(m miss.nginx-pass.rps)")."
-  echo "W6: every request is a URL the cache has not seen (64 KiB objects from a local nginx origin);"
+  echo "W6: every request is a URL the cache has not seen, with bytes of its own (64 KiB from a local nginx origin);"
   echo "parasol also verifies, hashes and stores each one, camo and \`nginx-pass\` store nothing."
   fi
   echo
@@ -337,13 +371,14 @@ table() { # workload servers...
   if want zipf; then
   echo "## W4: Zipf(0.9) over 20,000 x 64 KiB, each cache limited to 256 MiB (20%)"
   echo
-  echo "$W4_WARM of warm-up, then $W4_MEASURE measured; hit ratio = 1 - origin requests / requests."
+  echo "$W4_WARM of warm-up, then $W4_MEASURE measured (other random draws); hit ratio = 1 - origin requests /"
+  echo "requests; bytes held = cached object files (or Varnish's storage), the peak of 1 s samples."
   echo
-  echo "| server | hit ratio % | bytes held | req/s | CPU µs/req |"
+  echo "| server | hit ratio % | peak bytes held | req/s | CPU µs/req |"
   echo "|---|---|---|---|---|"
   for s in "${ZIPF_SERVERS[@]}"; do
-    read -r hr rps cpu <<< "${Z[$s]}"
-    echo "| $s | $hr | $(numfmt --to=iec-i --suffix=B "${Z[$s.held]}") | $rps | $cpu |"
+    read -r hr rps cpu peak <<< "${Z[$s]}"
+    echo "| $s | $hr | $(numfmt --to=iec-i --suffix=B "$peak") | $rps | $cpu |"
   done
   echo
   fi

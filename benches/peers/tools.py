@@ -41,8 +41,8 @@ def paths(kind: str, out: str, args: list) -> None:
     """KIND is one of:
     zipf-plain N                 /z/<i>.jpg for i in 0..N
     zipf-parasol N KEY ORIGIN    the same sources, signed for parasol
-    miss-parasol N KEY ORIGIN TAG  N distinct sources (?miss=TAG-i over 64 KiB objects)
-    miss-plain N PREFIX TAG        PREFIX/z/<i % 20000>.jpg?miss=TAG-i (nginx /pass/)
+    miss-parasol N KEY ORIGIN TAG  N distinct sources /u/TAG-i.jpg (64 KiB, distinct bytes)
+    miss-plain N PREFIX TAG        PREFIX/u/TAG-i.jpg (nginx /pass/)
     miss-camo N KEY ORIGIN TAG     the same sources in camo's form
     """
     n = int(args[0])
@@ -53,11 +53,11 @@ def paths(kind: str, out: str, args: list) -> None:
             elif kind == "zipf-parasol":
                 line = parasol_path(args[1], f"{args[2]}/z/{i}.jpg")
             elif kind == "miss-parasol":
-                line = parasol_path(args[1], f"{args[2]}/z/{i % 20000}.jpg?miss={args[3]}-{i}")
+                line = parasol_path(args[1], f"{args[2]}/u/{args[3]}-{i}.jpg")
             elif kind == "miss-plain":
-                line = f"{args[1]}/z/{i % 20000}.jpg?miss={args[2]}-{i}"
+                line = f"{args[1]}/u/{args[2]}-{i}.jpg"
             elif kind == "miss-camo":
-                line = camo_path(args[1], f"{args[2]}/z/{i % 20000}.jpg?miss={args[3]}-{i}")
+                line = camo_path(args[1], f"{args[2]}/u/{args[3]}-{i}.jpg")
             else:
                 sys.exit(f"unknown kind {kind}")
             f.write(line + "\n")

@@ -112,7 +112,8 @@ impl BlobStore {
     }
 
     /// Stores `bytes` as the blob `hash` in one blocking call: temp file, write, fsync (when
-    /// `sync` and `cache.fsync`), rename. A failure leaves no file behind.
+    /// `sync` and `cache.fsync`), rename. A failure leaves no file behind. `sync` is asked for
+    /// blobs served without re-hashing; the others are not rewritten when already present.
     pub async fn write(
         &self,
         hash: &blake3::Hash,
@@ -120,8 +121,15 @@ impl BlobStore {
         sync: bool,
     ) -> io::Result<PathBuf> {
         let (temp, dest) = (self.temp_path()?, self.path(hash));
+        let verified_on_load = !sync;
         let sync = sync && self.fsync;
         tokio::task::spawn_blocking(move || {
+            // The same bytes under another URL (an emoji on many servers): already stored.
+            // Skipped only for blobs re-hashed on every load, so a rotten copy is not trusted.
+            let present = std::fs::metadata(&dest).is_ok_and(|m| m.len() == bytes.len() as u64);
+            if verified_on_load && present {
+                return Ok(dest);
+            }
             let written = (|| {
                 use std::io::Write;
                 let mut file =
