@@ -98,7 +98,7 @@ start_varnish() { # name port
 }
 KEY=bench-key-0123456789-0123456789-0123
 CAMO_KEY=bench-camo-key-0123456789
-parasol_config() { # name port admin_port extra-cache-lines
+parasol_config() { # name port admin_port extra-cache-lines extra-fetch-lines
   cat > "$WORK/$1.toml" <<TOML
 [server]
 listen = "127.0.0.1:$2"
@@ -113,6 +113,7 @@ dir = "$WORK/$1-cache"
 $4
 [fetch]
 allow_networks = ["127.0.0.1/32"]
+${5:-}
 TOML
 }
 start_parasol() { # name
@@ -121,9 +122,10 @@ start_parasol() { # name
 }
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
-parasol_config parasol 18084 18094 'disk_bytes = "4 GiB"'
+# max_per_origin: the peers put no cap on fills per origin; parasol's default is 8.
+parasol_config parasol 18084 18094 'disk_bytes = "4 GiB"' 'max_per_origin = 64'
 # W4/W8: the same 256 MiB for each cache, so hit ratios compare at equal bytes.
-parasol_config parasol-z 18087 18097 $'disk_bytes = "256 MiB"\nmemory_bytes = "32 MiB"'
+parasol_config parasol-z 18087 18097 $'disk_bytes = "256 MiB"\nmemory_bytes = "32 MiB"' 'max_per_origin = 64'
 start_nginx_origin
 $TOOLS slow-origin 18085 "$WORK/logs/origin_slow.log" & OTHER_PIDS+=($!)
 start_nginx
@@ -364,7 +366,8 @@ table() { # workload servers...
   echo
   echo "W6 ratios: parasol / camo $(ratio "$(m miss.parasol.rps)" "$(m miss.camo.rps)"), parasol / nginx-pass $(ratio "$(m miss.parasol.rps)" "$(m miss.nginx-pass.rps)")."
   echo "W6: every request is a URL the cache has not seen, with bytes of its own (64 KiB from a local nginx origin);"
-  echo "parasol also verifies, hashes and stores each one, camo and \`nginx-pass\` store nothing."
+  echo "parasol also verifies, hashes and stores each one, camo and \`nginx-pass\` store nothing. parasol runs"
+  echo "with \`fetch.max_per_origin = 64\` here (default 8), as the peers cap nothing per origin."
   fi
   echo
   fi
