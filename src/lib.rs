@@ -173,6 +173,17 @@ impl Bound {
         self.admin.local_addr().expect("bound listener has an address")
     }
 
+    /// The state behind the public listener's routes (for benches that call
+    /// [`server::handle_public`] directly).
+    pub fn public_state(&self) -> Arc<server::Public> {
+        let rate = self.proxy.config.compat.misskey_fills_per_minute;
+        Arc::new(server::Public {
+            proxy: self.proxy.clone(),
+            signer: self.signer.clone(),
+            misskey_rate: server::HostRate::new(rate),
+        })
+    }
+
     /// Applies a re-read configuration's domain policy; hand it to a SIGHUP handler.
     pub fn reloader(&self) -> admin::Reloader {
         admin::Reloader {
@@ -185,7 +196,8 @@ impl Bound {
     /// up to `server.shutdown_grace`, and flushes the audit log.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let reloader = self.reloader();
-        let Bound { public, admin, proxy, signer, audit_task, .. } = self;
+        let public_state = self.public_state();
+        let Bound { public, admin, proxy, audit_task, .. } = self;
         let server = &proxy.config.server;
         let grace = server.shutdown_grace.0;
         let limits = server::ConnLimits {
@@ -199,8 +211,6 @@ impl Bound {
         // while viewers' requests drain, rather than a refused connection.
         let (stop_public, public_rx) = watch::channel(false);
         let (stop_admin, admin_rx) = watch::channel(false);
-        let misskey_rate = server::HostRate::new(proxy.config.compat.misskey_fills_per_minute);
-        let public_state = Arc::new(server::Public { proxy: proxy.clone(), signer, misskey_rate });
         let admin_state =
             Arc::new(admin::Admin { proxy: proxy.clone(), ready: AtomicBool::new(true), reloader });
         let public_loop = tokio::spawn(server::serve(

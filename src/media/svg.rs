@@ -18,17 +18,21 @@ const MAX_SIDE: f32 = 1024.0;
 /// Whether `head` (the start of a body no binary signature matched) is an SVG document:
 /// optional BOM, whitespace, XML declaration, comments or doctype, then `<svg`.
 pub fn looks_like_svg(head: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(head);
-    let mut rest = text.trim_start_matches('\u{feff}').trim_start();
+    // Bytes, not text: this runs on every fill, and a binary head fails at its first byte.
+    let mut rest = head.strip_prefix("\u{feff}".as_bytes()).unwrap_or(head).trim_ascii_start();
     loop {
-        if rest.starts_with("<svg") {
+        if rest.starts_with(b"<svg") {
             return true;
         }
-        let skip = ["<?", "<!--", "<!"].iter().find(|p| rest.starts_with(**p));
-        let Some(prefix) = skip else { return false };
-        let close = if *prefix == "<!--" { "-->" } else { ">" };
-        let Some(end) = rest.find(close) else { return false };
-        rest = rest[end + close.len()..].trim_start();
+        let close: &[u8] = if rest.starts_with(b"<!--") {
+            b"-->"
+        } else if rest.starts_with(b"<?") || rest.starts_with(b"<!") {
+            b">"
+        } else {
+            return false;
+        };
+        let Some(end) = rest.windows(close.len()).position(|w| w == close) else { return false };
+        rest = rest[end + close.len()..].trim_ascii_start();
     }
 }
 
@@ -75,6 +79,8 @@ mod tests {
         assert!(!looks_like_svg(b"<html><svg></svg></html>"));
         assert!(!looks_like_svg(b"<?xml version='1.0'?><feed/>"));
         assert!(!looks_like_svg(b"<!-- never closed <svg>"));
+        assert!(!looks_like_svg(b"\xff\xd8\xff\xe0<svg>"), "a binary head");
+        assert!(!looks_like_svg(b""));
     }
 
     #[test]
