@@ -133,9 +133,7 @@ async fn body(
             }
             let n = (end - offset + 1).min(DISK_CHUNK) as usize;
             let chunk = tokio::task::spawn_blocking(move || {
-                use std::os::unix::fs::FileExt;
-                let mut buf = vec![0; n];
-                file.read_exact_at(&mut buf, offset).map(|()| Bytes::from(buf))
+                crate::cache::disk::read_exact_at(&file, offset, n).map(Bytes::from)
             })
             .await
             .map_err(std::io::Error::other)??;

@@ -157,7 +157,8 @@ impl BlobStore {
             .map_err(io::Error::other)?
     }
 
-    /// The blob opened for reading, to be read in chunks with `FileExt::read_exact_at`.
+    /// The blob opened for reading, to be read in chunks with [`read_exact_at`] (one reader
+    /// at a time: it seeks).
     pub async fn open_blob(
         &self,
         hash: &blake3::Hash,
@@ -177,11 +178,8 @@ impl BlobStore {
     ) -> io::Result<bytes::Bytes> {
         let path = self.path(hash);
         tokio::task::spawn_blocking(move || {
-            use std::os::unix::fs::FileExt;
             let file = std::fs::File::open(path)?;
-            let mut buf = vec![0; len];
-            file.read_exact_at(&mut buf, offset)?;
-            Ok(bytes::Bytes::from(buf))
+            read_exact_at(&file, offset, len).map(bytes::Bytes::from)
         })
         .await
         .map_err(io::Error::other)?
@@ -234,4 +232,19 @@ fn rename_into_place(from: &Path, dest: &Path) -> io::Result<()> {
         }
         other => other,
     }
+}
+
+/// `len` bytes of `file` from `offset` into a new buffer that is not zeroed first (reads go
+/// straight into the spare capacity): for a 1 MiB Range, zeroing and its page faults were
+/// measured at a quarter of the CPU.
+pub fn read_exact_at(file: &std::fs::File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = file;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut buf = Vec::with_capacity(len);
+    file.take(len as u64).read_to_end(&mut buf)?;
+    if buf.len() != len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(buf)
 }
