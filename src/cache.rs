@@ -11,6 +11,7 @@ pub mod disk;
 pub mod evict;
 pub mod index;
 pub mod memory;
+pub mod shared;
 pub mod verify;
 
 use bytes::Bytes;

@@ -35,6 +35,7 @@ pub struct Config {
     pub variants: std::collections::BTreeMap<String, VariantConfig>,
     pub compat: CompatConfig,
     pub audit: AuditConfig,
+    pub shared: SharedConfig,
 }
 
 /// `[server]`: where parasol listens and how it names itself.
@@ -270,6 +271,44 @@ impl Default for CompatConfig {
     }
 }
 
+/// `[shared]`: an S3-compatible bucket (AWS S3, Garage, MinIO, Ceph RGW, R2) that several
+/// parasol nodes share. Off until `endpoint` is set. Blobs keep their blake3 names there, so any
+/// node can serve what another fetched: a node that lost its disk refills from the bucket, not
+/// from the origin. The bucket is the operator's own storage, so it is not subject to
+/// `fetch.allow_networks` and its requests are not in the outbound audit log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SharedConfig {
+    /// `http(s)://host:port` of the S3 API; empty turns the shared tier off.
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub access_key_id: String,
+    #[serde(serialize_with = "redact_str")]
+    pub secret_access_key: String,
+    /// Prefix of every object name, so one bucket can hold other things too.
+    pub prefix: String,
+    /// Longest wait for one request to the bucket; beyond it parasol goes on without it.
+    pub timeout: Dur,
+    /// `bucket.host` addressing instead of `host/bucket` (AWS needs it for new buckets).
+    pub virtual_hosted_style: bool,
+}
+
+impl Default for SharedConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            bucket: String::new(),
+            region: "us-east-1".into(),
+            access_key_id: String::new(),
+            secret_access_key: String::new(),
+            prefix: "parasol/".into(),
+            timeout: Dur(Duration::from_secs(5)),
+            virtual_hosted_style: false,
+        }
+    }
+}
+
 /// `[audit]`: the outbound request log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -418,6 +457,22 @@ impl Config {
                 "compat.akkoma_preview_variant",
                 format!("{v:?} is not a configured variant"),
             );
+        }
+        if !self.shared.endpoint.is_empty() {
+            let ok = Url::parse(&self.shared.endpoint)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+            if !ok {
+                return bad(
+                    "shared.endpoint",
+                    format!("{:?} is not an http(s) URL", self.shared.endpoint),
+                );
+            }
+            if self.shared.bucket.is_empty() {
+                return bad("shared.bucket", "must be set when shared.endpoint is".into());
+            }
+            if self.shared.timeout.0.is_zero() {
+                return bad("shared.timeout", "must be above zero".into());
+            }
         }
         if !matches!(self.media.svg.as_str(), "rasterize" | "refuse") {
             return bad("media.svg", format!("{:?}: use rasterize or refuse", self.media.svg));
@@ -604,6 +659,25 @@ mod tests {
             Config::from_sources("t", "[cache", env(&[])),
             Err(ConfigError::Syntax { .. })
         ));
+    }
+
+    #[test]
+    fn shared_tier_settings_are_checked_and_its_secret_hidden() {
+        let key_of = |text: &str| match Config::from_sources("t", text, env(&[])) {
+            Err(ConfigError::Key { key, .. }) => key,
+            other => panic!("{text}: {other:?}"),
+        };
+        assert_eq!(
+            key_of("[shared]\nendpoint = \"ftp://s3.test\"\nbucket = \"b\"\n"),
+            "shared.endpoint"
+        );
+        assert_eq!(key_of("[shared]\nendpoint = \"http://s3.test:3900\"\n"), "shared.bucket");
+        let text = "[shared]\nendpoint = \"http://s3.test:3900\"\nbucket = \"b\"\n\
+                    secret_access_key = \"s3cr3t-value\"\n";
+        let config = Config::from_sources("t", text, env(&[])).unwrap();
+        assert!(!config.to_redacted_toml().contains("s3cr3t-value"));
+        let off = Config::from_sources("t", "", env(&[])).unwrap();
+        assert!(off.shared.endpoint.is_empty(), "off by default");
     }
 
     #[test]

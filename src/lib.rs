@@ -157,7 +157,11 @@ impl Bound {
             fetch::Fetcher::new(&config.fetch, policy, options.lookup, audit.clone(), own)
                 .map_err(StartError::Setup)?;
         let started = std::time::SystemTime::now();
-        let proxy = Arc::new(proxy::Proxy::new(config, fetcher, audit, disk, index, metrics));
+        let shared = cache::shared::SharedTier::from_config(&config.shared)
+            .map_err(|e| StartError::Setup(error::ProxyError::internal(e)))?;
+        let proxy = Arc::new(
+            proxy::Proxy::new(config, fetcher, audit, disk, index, metrics).with_shared(shared),
+        );
         let entries = proxy.load_budget().await.map_err(StartError::Setup)?;
         let (bytes, blobs) = proxy.budget.usage();
         tracing::info!(entries, blobs, bytes, "disk cache loaded");

@@ -92,6 +92,8 @@ pub struct Proxy {
     /// Fills in progress. A std mutex: it is held only to look up or insert, never across await.
     inflight: Mutex<HashMap<Key, watch::Receiver<Option<FillResult>>>>,
     pub metrics: Metrics,
+    /// The bucket several nodes share (`[shared]`), between this node's disk and the origin.
+    pub shared: Option<crate::cache::shared::SharedTier>,
 }
 
 impl Proxy {
@@ -126,7 +128,13 @@ impl Proxy {
             inflight: Mutex::new(HashMap::new()),
             metrics,
             config,
+            shared: None,
         }
+    }
+
+    pub fn with_shared(mut self, shared: Option<crate::cache::shared::SharedTier>) -> Self {
+        self.shared = shared;
+        self
     }
 
     /// Finds or fills the entry for `req`. Viewer-facing: errors come back with the cache
@@ -259,9 +267,89 @@ impl Proxy {
             self.memory.insert(key, entry.clone()).await;
             return Ok((entry, CacheStatus::HitDisk));
         }
+        if let Some(entry) = self.load_from_shared(key).await {
+            self.memory.insert(key, entry.clone()).await;
+            return Ok((entry, CacheStatus::HitShared));
+        }
         let entry = self.fetch_and_store(key, req, trigger).await?;
         self.memory.insert(key, entry.clone()).await;
+        self.publish(key, req.source.as_str(), &entry);
         Ok((entry, CacheStatus::Miss))
+    }
+
+    /// Asks the shared bucket for `key` and stores what it has on this node. Any failure of
+    /// the bucket is a miss here (counted and logged): the origin is asked instead.
+    async fn load_from_shared(&self, key: Key) -> Option<Arc<Entry>> {
+        let shared = self.shared.as_ref()?;
+        let found = match shared.lookup(&key).await {
+            Ok(found) => found,
+            Err(e) => {
+                self.metrics.shared_result("lookup", "error");
+                shared.warn("lookup", &e);
+                return None;
+            }
+        };
+        let Some((record, bytes)) = found else {
+            self.metrics.shared_result("lookup", "miss");
+            return None;
+        };
+        // The bucket's word on the type is not taken either: sniffed again, as from an origin.
+        let head = &bytes[..bytes.len().min(crate::media::SNIFF_LEN)];
+        let Ok(content_type) = self.types.sniff(head) else {
+            self.metrics.shared_result("lookup", "error");
+            return None;
+        };
+        let (hash, len) = (blake3::hash(&bytes), bytes.len() as u64);
+        let received = Received { body: Held::Memory(bytes), hash, len, content_type };
+        match self.store(key, &record.url, received).await {
+            Ok(entry) => {
+                self.metrics.shared_result("lookup", "hit");
+                Some(entry)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot store a blob from the shared tier");
+                None
+            }
+        }
+    }
+
+    /// Uploads a fill to the shared bucket in the background, so other nodes need not ask the
+    /// origin. Bounded: when too many uploads wait, this one is skipped (and counted).
+    fn publish(&self, key: Key, url: &str, entry: &Arc<Entry>) {
+        let Some(shared) = self.shared.clone() else { return };
+        let Some(slot) = shared.upload_slot() else {
+            self.metrics.shared_result("publish", "skipped");
+            return;
+        };
+        let record = crate::cache::index::Record {
+            hash: entry.hash.to_hex().to_string(),
+            len: entry.len,
+            content_type: entry.content_type.to_str().unwrap_or_default().to_string(),
+            url: url.to_string(),
+            stored_at: crate::cache::evict::now_secs(),
+        };
+        let (body, disk, hash) = (entry.body.clone(), self.disk.clone(), entry.hash);
+        let counts = self.metrics.shared.clone();
+        let count = move |outcome| {
+            counts.get_or_create(&crate::telemetry::SharedLabels { op: "publish", outcome }).inc();
+        };
+        tokio::spawn(async move {
+            let _slot = slot;
+            let bytes = match body {
+                Some(bytes) => bytes,
+                None => match disk.read(&hash).await {
+                    Ok(bytes) => bytes,
+                    Err(_) => return, // evicted meanwhile: nothing to share
+                },
+            };
+            match shared.publish(&key, &record, bytes).await {
+                Ok(()) => count("ok"),
+                Err(e) => {
+                    count("error");
+                    shared.warn("publish", &e);
+                }
+            }
+        });
     }
 
     /// Looks `key` up in the index and checks its blob. A record whose blob is missing or the

@@ -16,6 +16,8 @@ use prometheus_client::registry::Registry;
 pub enum CacheStatus {
     HitMemory,
     HitDisk,
+    /// Not on this node, found in the shared bucket: no origin request.
+    HitShared,
     /// This request's fill fetched from the origin.
     Miss,
     /// Waited on another request's fill.
@@ -33,6 +35,7 @@ impl CacheStatus {
         match self {
             CacheStatus::HitMemory => "hit_memory",
             CacheStatus::HitDisk => "hit_disk",
+            CacheStatus::HitShared => "hit_shared",
             CacheStatus::Miss => "miss",
             CacheStatus::Coalesced => "coalesced",
             CacheStatus::Negative => "negative",
@@ -59,6 +62,14 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SharedLabels {
+    /// `lookup` (a local miss asks the bucket) or `publish` (a fill is uploaded).
+    pub op: &'static str,
+    /// `hit`, `miss`, `ok`, `error` or `skipped` (too many uploads waiting).
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TierLabels {
     pub tier: &'static str,
 }
@@ -78,6 +89,7 @@ pub struct Metrics {
     pub evictions: Counter,
     pub renders: Counter,
     pub blobs_dropped: Counter,
+    pub shared: Family<SharedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -150,7 +162,14 @@ impl Metrics {
             "Blobs deleted because their bytes no longer matched their hash or size (refetched on demand)",
             blobs_dropped.clone(),
         );
+        let shared = Family::<SharedLabels, Counter>::default();
+        registry.register(
+            "shared_tier",
+            "Calls to the shared bucket ([shared]) by operation and outcome",
+            shared.clone(),
+        );
         Self {
+            shared,
             renders,
             evictions,
             blobs_dropped,
@@ -165,6 +184,10 @@ impl Metrics {
             cache_bytes,
             cache_entries,
         }
+    }
+
+    pub fn shared_result(&self, op: &'static str, outcome: &'static str) {
+        self.shared.get_or_create(&SharedLabels { op, outcome }).inc();
     }
 
     pub fn cache_result(&self, status: CacheStatus) {

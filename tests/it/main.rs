@@ -9,5 +9,6 @@ mod hostile;
 mod privacy;
 mod proxy;
 mod recipes;
+mod shared;
 mod util;
 mod variants;

@@ -1,0 +1,176 @@
+//! The shared tier: an object store (S3-compatible through the `object_store` crate) that several
+//! parasol nodes read and write, below each node's own disk and above the origin.
+//!
+//! Names are content addresses, so any node can serve what another fetched and two nodes that
+//! fetch the same file write one object (a conditional create; a second writer finds it there):
+//! - `<prefix>blobs/<blake3 hex>`: the bytes, exactly as served;
+//! - `<prefix>keys/<key hex>`: the index record of one URL, naming its blob.
+//!
+//! Nothing read from the bucket is trusted: a blob must hash to its name and sniff as an
+//! allowed type before it is stored locally. Every call has a deadline; a bucket that fails or
+//! stalls costs a metric and a log line, and parasol goes on from its disk or the origin.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use super::Key;
+use super::index::Record;
+use crate::config::SharedConfig;
+
+/// Uploads waiting or running at once; beyond it a fill is not published (and counted).
+const MAX_PENDING_UPLOADS: usize = 64;
+
+#[derive(Clone)]
+pub struct SharedTier {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    timeout: Duration,
+    uploads: Arc<tokio::sync::Semaphore>,
+    last_warning: Arc<AtomicU64>,
+}
+
+/// Why a call to the bucket did not give an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    #[error("shared tier timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("shared tier: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("shared tier: unreadable record: {0}")]
+    Record(String),
+}
+
+impl SharedTier {
+    /// The tier `config` describes, or `None` when `shared.endpoint` is empty.
+    pub fn from_config(config: &SharedConfig) -> Result<Option<Self>, SharedError> {
+        if config.endpoint.is_empty() {
+            return Ok(None);
+        }
+        let store = object_store::aws::AmazonS3Builder::new()
+            // Client options first: setting them replaces allow_http as well.
+            .with_client_options(
+                object_store::ClientOptions::new()
+                    .with_timeout(config.timeout.0)
+                    .with_connect_timeout(config.timeout.0),
+            )
+            .with_endpoint(&config.endpoint)
+            .with_allow_http(config.endpoint.starts_with("http://"))
+            .with_virtual_hosted_style_request(config.virtual_hosted_style)
+            .with_bucket_name(&config.bucket)
+            .with_region(&config.region)
+            .with_access_key_id(&config.access_key_id)
+            .with_secret_access_key(&config.secret_access_key)
+            // One try: a slow bucket must not hold a viewer; the origin is the fallback.
+            .with_retry(object_store::RetryConfig {
+                max_retries: 0,
+                retry_timeout: config.timeout.0,
+                ..Default::default()
+            })
+            .build()?;
+        Ok(Some(Self::new(Arc::new(store), &config.prefix, config.timeout.0)))
+    }
+
+    /// A tier over any object store (tests use a local directory or memory).
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: &str, timeout: Duration) -> Self {
+        Self {
+            store,
+            prefix: prefix.to_string(),
+            timeout,
+            uploads: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_UPLOADS)),
+            last_warning: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn blob_path(&self, hash: &blake3::Hash) -> Path {
+        Path::from(format!("{}blobs/{}", self.prefix, hash.to_hex()))
+    }
+
+    fn key_path(&self, key: &Key) -> Path {
+        Path::from(format!("{}keys/{}", self.prefix, key.to_hex()))
+    }
+
+    async fn timed<T>(
+        &self,
+        call: impl Future<Output = Result<T, object_store::Error>>,
+    ) -> Result<T, SharedError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(SharedError::Timeout(self.timeout)),
+        }
+    }
+
+    /// The bytes of `path`, or `None` when there is no such object.
+    async fn get(&self, path: &Path) -> Result<Option<Bytes>, SharedError> {
+        let result = self
+            .timed(async {
+                match self.store.get(path).await {
+                    Ok(got) => got.bytes().await.map(Some),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        Ok(result)
+    }
+
+    /// The record and verified bytes of `key`, or `None` when the bucket does not have them
+    /// (or has something that does not hash to its name, which is then not used).
+    pub async fn lookup(&self, key: &Key) -> Result<Option<(Record, Bytes)>, SharedError> {
+        let Some(raw) = self.get(&self.key_path(key)).await? else { return Ok(None) };
+        let record: Record =
+            serde_json::from_slice(&raw).map_err(|e| SharedError::Record(e.to_string()))?;
+        let hash = record.blake3().ok_or_else(|| SharedError::Record("bad hash".into()))?;
+        let Some(bytes) = self.get(&self.blob_path(&hash)).await? else { return Ok(None) };
+        if bytes.len() as u64 != record.len || blake3::hash(&bytes) != hash {
+            return Err(SharedError::Record(format!("blob {hash} does not match its name")));
+        }
+        Ok(Some((record, bytes)))
+    }
+
+    /// Writes the blob (once: a conditional create, so a second node's copy is not rewritten)
+    /// and then the record that names it.
+    pub async fn publish(
+        &self,
+        key: &Key,
+        record: &Record,
+        bytes: Bytes,
+    ) -> Result<(), SharedError> {
+        let hash = record.blake3().ok_or_else(|| SharedError::Record("bad hash".into()))?;
+        let create = PutOptions::from(PutMode::Create);
+        let blob = self.blob_path(&hash);
+        let put = self.store.put_opts(&blob, PutPayload::from(bytes), create);
+        match self.timed(put).await {
+            Ok(_) | Err(SharedError::Store(object_store::Error::AlreadyExists { .. })) => {}
+            Err(e) => return Err(e),
+        }
+        let value = serde_json::to_vec(record).map_err(|e| SharedError::Record(e.to_string()))?;
+        let path = self.key_path(key);
+        self.timed(self.store.put(&path, PutPayload::from(value))).await?;
+        Ok(())
+    }
+
+    /// A slot for one background upload, or `None` when too many are waiting already.
+    pub fn upload_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.uploads.clone().try_acquire_owned().ok()
+    }
+
+    /// Logs a failure of the tier, at most once every ten seconds (a bucket that is down
+    /// would otherwise log once per fill).
+    pub fn warn(&self, what: &str, error: &SharedError) {
+        let now = crate::cache::evict::now_secs();
+        let last = self.last_warning.load(Ordering::Relaxed);
+        if now >= last + 10
+            && self
+                .last_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(%error, what, "shared tier unavailable: serving from this node and the origin");
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The shared tier against a real S3 server: s3s-fs (`cargo install s3s-fs --features binary`,
+//! which `.ci/run` does), started here on loopback with a temp directory as its storage.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use crate::util::*;
+
+const ACCESS: &str = "parasol-test";
+const SECRET: &str = "parasol-test-secret";
+const BUCKET: &str = "media";
+
+/// A running s3s-fs; killed when dropped.
+struct S3 {
+    child: Child,
+    port: u16,
+    root: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl S3 {
+    /// Starts s3s-fs, or returns `None` (a loud skip) where it is not installed; under CI a
+    /// missing s3s-fs is a failure.
+    async fn start() -> Option<S3> {
+        let found = Command::new("s3s-fs").arg("--help").stdout(Stdio::null()).status().is_ok();
+        if !found {
+            assert!(std::env::var_os("CI").is_none(), "CI must have s3s-fs (.ci/run installs it)");
+            eprintln!("SKIPPED: s3s-fs is not installed (cargo install s3s-fs --features binary)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        std::fs::create_dir(root.join(BUCKET)).unwrap(); // a bucket is a directory of the root
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("s3s-fs")
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", ACCESS, "--secret-key", SECRET])
+            .arg(&root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("s3s-fs starts");
+        let s3 = S3 { child, port, root, _dir: dir };
+        let up = eventually(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
+        assert!(up, "s3s-fs listens");
+        Some(s3)
+    }
+
+    fn config(&self) -> String {
+        format!(
+            "[shared]\nendpoint = \"http://127.0.0.1:{}\"\nbucket = \"{BUCKET}\"\n\
+             access_key_id = \"{ACCESS}\"\nsecret_access_key = \"{SECRET}\"\ntimeout = \"2s\"\n",
+            self.port
+        )
+    }
+
+    /// Where s3s-fs keeps the object `name` of the bucket.
+    fn object(&self, name: &str) -> PathBuf {
+        self.root.join(BUCKET).join(name)
+    }
+}
+
+fn node_config(dir: &std::path::Path, s3: &S3) -> parasol::Config {
+    let toml = config_toml(dir, &["127.0.0.23/32", "127.0.0.24/32"], &s3.config());
+    parasol::Config::from_sources("test", &toml, std::iter::empty()).unwrap()
+}
+
+/// The value of the first metric line starting with `prefix`, or 0.
+async fn metric(p: &Parasol, prefix: &str) -> u64 {
+    let text = p.metrics().await;
+    let line = text.lines().find(|l| l.starts_with(prefix));
+    line.and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+const PUBLISHED: &str = "parasol_shared_tier_total{op=\"publish\",outcome=\"ok\"}";
+
+#[tokio::test]
+async fn a_node_with_an_empty_disk_refills_from_the_bucket_without_the_origin() {
+    let Some(s3) = S3::start().await else { return };
+    let origin = Origin::start("127.0.0.23").await;
+    let png = png_bytes(30_000, 91);
+    origin.route("/a.png", Route::ok(png.clone()));
+    let source = origin.url("/a.png");
+
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Parasol::start(node_config(dir_a.path(), &s3)).await;
+    let r = get(&a.url(&source)).await;
+    assert_eq!(r.status(), 200);
+    assert!(body(r).await == png);
+    let a_ref = &a;
+    let published = eventually_async(|| async move { metric(a_ref, PUBLISHED).await == 1 }).await;
+    assert!(published, "node A uploads its fill");
+    // The blob is in the bucket under its content name, byte for byte.
+    let hash = blake3::hash(&png).to_hex().to_string();
+    let stored = std::fs::read(s3.object(&format!("parasol/blobs/{hash}"))).unwrap();
+    assert!(stored == png[..], "the bucket holds the bytes under their blake3 name");
+
+    // Node B has never seen the URL and has an empty disk: the bucket serves it, not the origin.
+    let b = Parasol::start(node_config(dir_b.path(), &s3)).await;
+    let r = get(&b.url(&source)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["etag"].to_str().unwrap(), etag_of(&png));
+    assert!(body(r).await == png);
+    assert_eq!(origin.hits("/a.png"), 1, "one origin request across both nodes");
+    assert_eq!(metric(&b, "parasol_cache_results_total{result=\"hit_shared\"}").await, 1);
+    // B keeps its own copy: asked again, it is a local hit.
+    assert_eq!(get(&b.url(&source)).await.status(), 200);
+    assert_eq!(metric(&b, "parasol_cache_results_total{result=\"hit_shared\"}").await, 1);
+    b.stop().await;
+
+    // Node A loses its disk and restarts: it refills from the bucket.
+    a.stop().await;
+    std::fs::remove_dir_all(dir_a.path()).unwrap();
+    let a = Parasol::start(node_config(dir_a.path(), &s3)).await;
+    let r = get(&a.url(&source)).await;
+    assert_eq!(r.status(), 200);
+    assert!(body(r).await == png);
+    assert_eq!(origin.hits("/a.png"), 1, "a lost disk costs no origin request");
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn the_bucket_going_down_costs_a_metric_not_an_error() {
+    let Some(s3) = S3::start().await else { return };
+    let origin = Origin::start("127.0.0.24").await;
+    let (x, y) = (png_bytes(12_000, 92), png_bytes(13_000, 93));
+    origin.route("/x.png", Route::ok(x.clone()));
+    origin.route("/y.png", Route::ok(y.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = node_config(dir.path(), &s3);
+    let p = Parasol::start(cfg.clone()).await;
+    assert_eq!(get(&p.url(&origin.url("/x.png"))).await.status(), 200);
+    let p_ref = &p;
+    assert!(eventually_async(|| async move { metric(p_ref, PUBLISHED).await == 1 }).await);
+
+    drop(s3); // the bucket is gone mid-run
+    // What this node holds is served as before.
+    let r = get(&p.url(&origin.url("/x.png"))).await;
+    assert_eq!(r.status(), 200);
+    assert!(body(r).await == x);
+    // A new URL is fetched from the origin and served; only its upload fails.
+    let r = get(&p.url(&origin.url("/y.png"))).await;
+    assert_eq!(r.status(), 200);
+    assert!(body(r).await == y);
+    let failed = "parasol_shared_tier_total{op=\"publish\",outcome=\"error\"}";
+    assert!(eventually_async(|| async move { metric(p_ref, failed).await == 1 }).await);
+    p.stop().await;
+
+    // A node with an empty disk and a dead bucket falls back to the origin.
+    let empty = tempfile::tempdir().unwrap();
+    let mut cfg = cfg;
+    cfg.cache.dir = empty.path().to_path_buf();
+    let q = Parasol::start(cfg).await;
+    let r = get(&q.url(&origin.url("/x.png"))).await;
+    assert_eq!(r.status(), 200);
+    assert!(body(r).await == x);
+    assert_eq!(origin.hits("/x.png"), 2);
+    let lookup_failed = "parasol_shared_tier_total{op=\"lookup\",outcome=\"error\"}";
+    assert_eq!(metric(&q, lookup_failed).await, 1);
+    q.stop().await;
+}
+
+#[tokio::test]
+async fn the_tier_writes_once_reads_back_and_trusts_nothing_it_reads() {
+    use parasol::cache::Key;
+    use parasol::cache::index::Record;
+    use parasol::cache::shared::SharedTier;
+    let Some(s3) = S3::start().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = node_config(dir.path(), &s3);
+    let tier = SharedTier::from_config(&cfg.shared).unwrap().expect("configured");
+    let bytes = bytes::Bytes::from(png_bytes(5_000, 94));
+    let hash = blake3::hash(&bytes);
+    let record = |url: &str| Record {
+        hash: hash.to_hex().to_string(),
+        len: bytes.len() as u64,
+        content_type: "image/png".into(),
+        url: url.into(),
+        stored_at: 1,
+    };
+    let (k1, k2) = (Key::new("http://a.test/1.png", None), Key::new("http://b.test/2.png", None));
+    assert!(tier.lookup(&k1).await.unwrap().is_none(), "nothing there yet");
+    tier.publish(&k1, &record("http://a.test/1.png"), bytes.clone()).await.unwrap();
+    // A second node publishing the same bytes under another URL: the blob exists, which is fine.
+    tier.publish(&k2, &record("http://b.test/2.png"), bytes.clone()).await.unwrap();
+    let (got, body) = tier.lookup(&k2).await.unwrap().expect("found");
+    assert_eq!((got.url.as_str(), body), ("http://b.test/2.png", bytes.clone()));
+    let blobs = std::fs::read_dir(s3.object("parasol/blobs")).unwrap().count();
+    assert_eq!(blobs, 1, "one object for the same bytes");
+
+    // Bytes in the bucket that no longer match their name are refused, not served.
+    let path = s3.object(&format!("parasol/blobs/{}", hash.to_hex()));
+    let mut rotten = std::fs::read(&path).unwrap();
+    rotten[100] ^= 1;
+    std::fs::write(&path, rotten).unwrap();
+    assert!(tier.lookup(&k1).await.is_err(), "a rotten blob is an error, never bytes");
+}
