@@ -49,10 +49,7 @@ async fn the_mastodon_nginx_recipe_fronts_parasol() {
 }
 
 async fn nginx_recipe_fronts_parasol(recipe: &str, origin_ip: &str) {
-    // `.ci/run` installs nginx, and under CI a missing nginx is a failure. A developer
-    // without it gets a loud skip rather than a red `cargo test`.
-    if Command::new("nginx").arg("-v").output().is_err() && std::env::var_os("CI").is_none() {
-        eprintln!("SKIPPED: nginx is not installed (apt-get install nginx-light, or run .ci/run)");
+    if nginx_missing() {
         return;
     }
     let origin = Origin::start(origin_ip).await;
@@ -63,48 +60,8 @@ async fn nginx_recipe_fronts_parasol(recipe: &str, origin_ip: &str) {
     let p = Parasol::start(config(&dir.path().join("cache"), &[allow.as_str()])).await;
 
     let work = dir.path();
-    let cert = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ])
-        .args(["-days", "1", "-subj", "/CN=media.example.social", "-keyout"])
-        .arg(work.join("key.pem"))
-        .arg("-out")
-        .arg(work.join("cert.pem"))
-        .output()
-        .expect("openssl is installed");
-    assert!(cert.status.success(), "{}", String::from_utf8_lossy(&cert.stderr));
     let port = free_port();
-    let temp = |name: &str| work.join(name).display().to_string();
-    let conf = format!(
-        "daemon off;\nmaster_process off;\npid {};\nerror_log {} warn;\nevents {{}}\nhttp {{\n access_log off;\n \
-         client_body_temp_path {};\n proxy_temp_path {};\n fastcgi_temp_path {};\n \
-         uwsgi_temp_path {};\n scgi_temp_path {};\n{}\n}}\n",
-        temp("nginx.pid"),
-        temp("error.log"),
-        temp("t1"),
-        temp("t2"),
-        temp("t3"),
-        temp("t4"),
-        temp("t5"),
-        adapted_recipe(recipe, work, port, p.public)
-    );
-    std::fs::write(work.join("nginx.conf"), conf).unwrap();
-    let nginx = |args: &[&str]| {
-        let mut cmd = Command::new("nginx");
-        cmd.args(args).arg("-p").arg(work).arg("-c").arg(work.join("nginx.conf"));
-        cmd
-    };
-    let check = nginx(&["-t"]).output().expect("nginx is installed (.ci/run installs nginx-light)");
-    assert!(check.status.success(), "nginx -t: {}", String::from_utf8_lossy(&check.stderr));
-    // One process (master_process off), so killing it leaves no worker behind.
-    let _running = Nginx(nginx(&[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    let _running = start_nginx(work, &adapted_recipe(recipe, work, port, p.public));
 
     let viewer =
         reqwest::Client::builder().no_proxy().danger_accept_invalid_certs(true).build().unwrap();
@@ -136,4 +93,146 @@ async fn nginx_recipe_fronts_parasol(recipe: &str, origin_ip: &str) {
         );
     }
     p.stop().await;
+}
+
+/// Writes a throwaway certificate and an nginx.conf holding `server_block` into `work`, checks
+/// it with `nginx -t` and starts nginx as one process (killed when the guard drops).
+fn start_nginx(work: &Path, server_block: &str) -> Nginx {
+    let cert = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .args(["-days", "1", "-subj", "/CN=media.example.social", "-keyout"])
+        .arg(work.join("key.pem"))
+        .arg("-out")
+        .arg(work.join("cert.pem"))
+        .output()
+        .expect("openssl is installed");
+    assert!(cert.status.success(), "{}", String::from_utf8_lossy(&cert.stderr));
+    let temp = |name: &str| work.join(name).display().to_string();
+    let conf = format!(
+        "daemon off;\nmaster_process off;\npid {};\nerror_log {} warn;\nevents {{}}\nhttp {{\n access_log off;\n \
+         client_body_temp_path {};\n proxy_temp_path {};\n fastcgi_temp_path {};\n \
+         uwsgi_temp_path {};\n scgi_temp_path {};\n{}\n}}\n",
+        temp("nginx.pid"),
+        temp("error.log"),
+        temp("t1"),
+        temp("t2"),
+        temp("t3"),
+        temp("t4"),
+        temp("t5"),
+        server_block
+    );
+    std::fs::write(work.join("nginx.conf"), conf).unwrap();
+    let nginx = |args: &[&str]| {
+        let mut cmd = Command::new("nginx");
+        cmd.args(args).arg("-p").arg(work).arg("-c").arg(work.join("nginx.conf"));
+        cmd
+    };
+    let check = nginx(&["-t"]).output().expect("nginx is installed (.ci/run installs nginx-light)");
+    assert!(check.status.success(), "nginx -t: {}", String::from_utf8_lossy(&check.stderr));
+    // One process (master_process off), so killing it leaves no worker behind.
+    Nginx(nginx(&[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
+}
+
+fn nginx_missing() -> bool {
+    // `.ci/run` installs nginx, and under CI a missing nginx is a failure. A developer
+    // without it gets a loud skip rather than a red `cargo test`.
+    if Command::new("nginx").arg("-v").output().is_err() && std::env::var_os("CI").is_none() {
+        eprintln!("SKIPPED: nginx is not installed (apt-get install nginx-light, or run .ci/run)");
+        return true;
+    }
+    false
+}
+
+/// The cluster recipe in front of two nodes: every source URL (and its variants) is fetched
+/// from the origin by one node only (a rendition on its original's node), both nodes take a
+/// share, and when one node stops its URLs move to the other, each fetched at most once more
+/// (with `[shared]`, not even that: see the shared tier's tests).
+#[tokio::test]
+async fn the_cluster_nginx_recipe_routes_each_source_to_one_node() {
+    if nginx_missing() {
+        return;
+    }
+    let origin = Origin::start("127.0.0.25").await;
+    const N: usize = 40;
+    for i in 1..N {
+        origin.route(&format!("/p{i}.png"), Route::ok(png_bytes(3_000 + i, 800 + i as u64)));
+    }
+    // A decodable picture, for its rendition.
+    origin.route("/p0.png", Route::ok(crate::variants::gradient_jpeg(64, 48)));
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        Parasol::start(config(&dir.path().join("a"), &["127.0.0.25/32"])).await,
+        Parasol::start(config(&dir.path().join("b"), &["127.0.0.25/32"])).await,
+    );
+    let recipe = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/recipes/nginx-cluster.conf"),
+    )
+    .unwrap();
+    let port = free_port();
+    let work = dir.path();
+    let block = recipe
+        .replace("listen 443 ssl", &format!("listen 127.0.0.1:{port} ssl"))
+        .replace(
+            "/etc/letsencrypt/live/media.example.social/fullchain.pem",
+            &work.join("cert.pem").display().to_string(),
+        )
+        .replace(
+            "/etc/letsencrypt/live/media.example.social/privkey.pem",
+            &work.join("key.pem").display().to_string(),
+        )
+        .replace("127.0.0.1:8081", &a.public.to_string())
+        .replace("127.0.0.1:8082", &b.public.to_string());
+    let _running = start_nginx(work, &block);
+    let viewer =
+        reqwest::Client::builder().no_proxy().danger_accept_invalid_certs(true).build().unwrap();
+    let front = format!("https://127.0.0.1:{port}");
+    let up = eventually(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
+    assert!(up, "nginx listens");
+    let path_of = |i: usize, variant: Option<&str>| {
+        let base = url::Url::parse("http://media.example.social/").unwrap();
+        let signer = parasol::signing::Signer::new([KEY]);
+        let source = origin.url(&format!("/p{i}.png"));
+        let signed = parasol::api::native::sign_url(&base, &signer, &source, variant);
+        url::Url::parse(&signed).unwrap().path().to_string()
+    };
+    for round in 0..2 {
+        for i in 0..N {
+            let r = viewer.get(format!("{front}{}", path_of(i, None))).send().await.unwrap();
+            assert_eq!(r.status(), 200, "p{i} round {round}");
+        }
+    }
+    let r = viewer.get(format!("{front}{}", path_of(0, Some("avatar")))).send().await.unwrap();
+    assert_eq!(r.status(), 200, "a variant");
+    for i in 0..N {
+        assert_eq!(origin.hits(&format!("/p{i}.png")), 1, "p{i}: one node fetched it, once");
+    }
+    let misses = |text: String| {
+        text.lines()
+            .find(|l| l.starts_with("parasol_cache_results_total{result=\"miss\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0) as usize
+    };
+    let (ma, mb) = (misses(a.metrics().await), misses(b.metrics().await));
+    // 40 originals and one rendition: the variant's node had the original already.
+    assert_eq!(ma + mb, N + 1, "every fill happened once, on one node ({ma} + {mb})");
+    assert!(ma > 0 && mb > 0, "both nodes take a share ({ma} / {mb})");
+
+    // Node B leaves: its URLs move to A, which fetches each once; A's own stay cached.
+    b.stop().await;
+    for i in 0..N {
+        let r = viewer.get(format!("{front}{}", path_of(i, None))).send().await.unwrap();
+        assert_eq!(r.status(), 200, "p{i} after a node left");
+    }
+    for i in 0..N {
+        assert!(origin.hits(&format!("/p{i}.png")) <= 2, "p{i}: at most one more fetch");
+    }
+    a.stop().await;
 }

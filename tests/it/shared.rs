@@ -178,7 +178,7 @@ async fn the_tier_writes_once_reads_back_and_trusts_nothing_it_reads() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = node_config(dir.path(), &s3);
     let tier = SharedTier::from_config(&cfg.shared).unwrap().expect("configured");
-    let bytes = bytes::Bytes::from(png_bytes(5_000, 94));
+    let bytes = png_bytes(5_000, 94);
     let hash = blake3::hash(&bytes);
     let record = |url: &str| Record {
         hash: hash.to_hex().to_string(),

@@ -13,7 +13,7 @@ fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
     out.into_inner()
 }
 
-fn gradient_jpeg(w: u32, h: u32) -> Vec<u8> {
+pub fn gradient_jpeg(w: u32, h: u32) -> Vec<u8> {
     let img = RgbImage::from_fn(w, h, |x, y| Rgb([(x % 256) as u8, (y % 256) as u8, 128]));
     encode(&DynamicImage::ImageRgb8(img), ImageFormat::Jpeg)
 }
