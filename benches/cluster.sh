@@ -73,8 +73,9 @@ for n in 1 2; do
   id=$(garage -c "$WORK/g$n/garage.toml" node id -q 2>/dev/null)
   g node connect "$id" >/dev/null
 done
-sleep 1
-for id in $(g status 2>/dev/null | awk '/^[0-9a-f]{16} / {print $1}'); do
+node_ids() { g status 2>/dev/null | awk '$1 ~ /^[0-9a-f]+$/ && length($1) == 16 {print $1}'; }
+for _ in $(seq 100); do [ "$(node_ids | wc -l)" -eq 3 ] && break; sleep 0.1; done
+for id in $(node_ids); do
   g layout assign -z dc1 -c 1G "$id" >/dev/null
 done
 g layout apply --version 1 >/dev/null

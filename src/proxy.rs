@@ -317,7 +317,7 @@ impl Proxy {
     /// origin. Bounded: when too many uploads wait, this one is skipped (and counted).
     fn publish(&self, key: Key, url: &str, entry: &Arc<Entry>) {
         let Some(shared) = self.shared.clone() else { return };
-        let Some(slot) = shared.upload_slot() else {
+        let Some(ticket) = shared.upload_ticket() else {
             self.metrics.shared_result("publish", "skipped");
             return;
         };
@@ -334,7 +334,8 @@ impl Proxy {
             counts.get_or_create(&crate::telemetry::SharedLabels { op: "publish", outcome }).inc();
         };
         tokio::spawn(async move {
-            let _slot = slot;
+            let _ticket = ticket;
+            let Some(_slot) = shared.upload_slot().await else { return };
             let bytes = match body {
                 Some(bytes) => bytes,
                 None => match disk.read(&hash).await {

@@ -23,15 +23,31 @@ use super::index::Record;
 use crate::config::SharedConfig;
 
 /// Uploads waiting or running at once; beyond it a fill is not published (and counted).
-const MAX_PENDING_UPLOADS: usize = 64;
+/// Waiting uploads of small objects hold the same bytes as the memory tier.
+const MAX_PENDING_UPLOADS: usize = 4096;
+
+/// Uploads running at once.
+const MAX_RUNNING_UPLOADS: usize = 16;
 
 #[derive(Clone)]
 pub struct SharedTier {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     timeout: Duration,
-    uploads: Arc<tokio::sync::Semaphore>,
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+    running: Arc<tokio::sync::Semaphore>,
     last_warning: Arc<AtomicU64>,
+}
+
+/// One upload waiting or running; leaves the queue when dropped.
+pub struct UploadTicket {
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for UploadTicket {
+    fn drop(&mut self) {
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Why a call to the bucket did not give an answer.
@@ -81,7 +97,8 @@ impl SharedTier {
             store,
             prefix: prefix.to_string(),
             timeout,
-            uploads: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_UPLOADS)),
+            pending: Arc::default(),
+            running: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING_UPLOADS)),
             last_warning: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -154,9 +171,18 @@ impl SharedTier {
         Ok(())
     }
 
-    /// A slot for one background upload, or `None` when too many are waiting already.
-    pub fn upload_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.uploads.clone().try_acquire_owned().ok()
+    /// A place in the upload queue, or `None` when too many uploads wait already.
+    pub fn upload_ticket(&self) -> Option<UploadTicket> {
+        if self.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_UPLOADS {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(UploadTicket { pending: self.pending.clone() })
+    }
+
+    /// Waits for one of the running-upload slots.
+    pub async fn upload_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.running.clone().acquire_owned().await.ok()
     }
 
     /// Logs a failure of the tier, at most once every ten seconds (a bucket that is down
