@@ -281,36 +281,76 @@ impl Proxy {
     /// the bucket is a miss here (counted and logged): the origin is asked instead.
     async fn load_from_shared(&self, key: Key) -> Option<Arc<Entry>> {
         let shared = self.shared.as_ref()?;
-        let found = match shared.lookup(&key).await {
-            Ok(found) => found,
+        let outcome = match self.receive_shared(shared, key).await {
+            Ok(Some((url, received))) => match self.store(key, &url, received).await {
+                Ok(entry) => {
+                    self.metrics.shared_result("lookup", "hit");
+                    return Some(entry);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot store a blob from the shared tier");
+                    "error"
+                }
+            },
+            Ok(None) => "miss",
             Err(e) => {
-                self.metrics.shared_result("lookup", "error");
                 shared.warn("lookup", &e);
-                return None;
+                "error"
             }
         };
-        let Some((record, bytes)) = found else {
-            self.metrics.shared_result("lookup", "miss");
-            return None;
+        self.metrics.shared_result("lookup", outcome);
+        None
+    }
+
+    /// The record and body of `key` from the bucket, checked as an origin's answer is: no
+    /// longer than `cache.max_object_bytes`, hashing to its name, sniffing as an allowed type.
+    /// Small bodies come into memory, larger ones stream into a temp blob.
+    async fn receive_shared(
+        &self,
+        shared: &crate::cache::shared::SharedTier,
+        key: Key,
+    ) -> Result<Option<(String, Received)>, crate::cache::shared::SharedError> {
+        use crate::cache::shared::SharedError;
+        let bad = |what: &str| SharedError::Record(what.to_string());
+        let Some(record) = shared.record(&key).await? else { return Ok(None) };
+        let hash = record.blake3().ok_or_else(|| bad("bad hash"))?;
+        if record.len == 0 || record.len > self.config.cache.max_object_bytes.0 {
+            return Err(bad("size out of bounds"));
+        }
+        let Some(mut stream) = shared.blob(&hash).await? else { return Ok(None) };
+        let mut memory =
+            (record.len <= IN_MEMORY_FILL).then(|| Vec::with_capacity(record.len as usize));
+        let mut temp = match memory {
+            Some(_) => None,
+            None => Some(self.disk.create_temp().await?),
         };
-        // The bucket's word on the type is not taken either: sniffed again, as from an origin.
-        let head = &bytes[..bytes.len().min(crate::media::SNIFF_LEN)];
-        let Ok(content_type) = self.types.sniff(head) else {
-            self.metrics.shared_result("lookup", "error");
-            return None;
-        };
-        let (hash, len) = (blake3::hash(&bytes), bytes.len() as u64);
-        let received = Received { body: Held::Memory(bytes), hash, len, content_type };
-        match self.store(key, &record.url, received).await {
-            Ok(entry) => {
-                self.metrics.shared_result("lookup", "hit");
-                Some(entry)
+        let (mut hasher, mut head, mut len) = (blake3::Hasher::new(), Vec::new(), 0u64);
+        while let Some(chunk) = shared.next_chunk(&mut stream).await? {
+            len += chunk.len() as u64;
+            if len > record.len {
+                return Err(bad("blob longer than its record"));
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot store a blob from the shared tier");
-                None
+            let take = crate::media::SNIFF_LEN.saturating_sub(head.len()).min(chunk.len());
+            head.extend_from_slice(&chunk[..take]);
+            hasher.update(&chunk);
+            match (&mut memory, &mut temp) {
+                (Some(held), _) => held.extend_from_slice(&chunk),
+                (None, Some(t)) => tokio::io::AsyncWriteExt::write_all(&mut t.file, &chunk).await?,
+                (None, None) => unreachable!("a body is held in memory or in a temp blob"),
             }
         }
+        if len != record.len || hasher.finalize() != hash {
+            let _ = shared.remove_blob(&hash).await;
+            return Err(bad("blob does not match its name"));
+        }
+        // The bucket's word on the type is not taken either: sniffed again, as from an origin.
+        let content_type = self.types.sniff(&head).map_err(|_| bad("not an allowed type"))?;
+        let body = match (memory, temp) {
+            (Some(held), _) => Held::Memory(Bytes::from(held)),
+            (None, Some(t)) => Held::Disk(t),
+            (None, None) => unreachable!("a body is held in memory or in a temp blob"),
+        };
+        Ok(Some((record.url, Received { body, hash, len, content_type })))
     }
 
     /// Uploads a fill to the shared bucket in the background, so other nodes need not ask the
@@ -336,14 +376,12 @@ impl Proxy {
         tokio::spawn(async move {
             let _ticket = ticket;
             let Some(_slot) = shared.upload_slot().await else { return };
-            let bytes = match body {
-                Some(bytes) => bytes,
-                None => match disk.read(&hash).await {
-                    Ok(bytes) => bytes,
-                    Err(_) => return, // evicted meanwhile: nothing to share
-                },
+            let published = match body {
+                Some(bytes) => shared.publish(&key, &record, bytes).await,
+                // Large: uploaded in parts from the file (evicted meanwhile: an error, counted).
+                None => shared.publish_file(&key, &record, disk.path(&hash)).await,
             };
-            match shared.publish(&key, &record, bytes).await {
+            match published {
                 Ok(()) => count("ok"),
                 Err(e) => {
                     count("error");

@@ -59,7 +59,15 @@ pub enum SharedError {
     Store(#[from] object_store::Error),
     #[error("shared tier: unreadable record: {0}")]
     Record(String),
+    #[error("shared tier: local file: {0}")]
+    Io(#[from] std::io::Error),
 }
+
+/// The chunks of one blob as the bucket sends them.
+pub type BlobStream = futures_util::stream::BoxStream<'static, Result<Bytes, object_store::Error>>;
+
+/// Part size of a multipart upload (S3's minimum is 5 MiB).
+const PART: usize = 8 << 20;
 
 impl SharedTier {
     /// The tier `config` describes, or `None` when `shared.endpoint` is empty.
@@ -135,18 +143,57 @@ impl SharedTier {
         Ok(result)
     }
 
-    /// The record and verified bytes of `key`, or `None` when the bucket does not have them
-    /// (or has something that does not hash to its name, which is then not used).
-    pub async fn lookup(&self, key: &Key) -> Result<Option<(Record, Bytes)>, SharedError> {
+    /// The record of `key`, or `None` when the bucket has none.
+    pub async fn record(&self, key: &Key) -> Result<Option<Record>, SharedError> {
         let Some(raw) = self.get(&self.key_path(key)).await? else { return Ok(None) };
         let record: Record =
             serde_json::from_slice(&raw).map_err(|e| SharedError::Record(e.to_string()))?;
+        Ok(Some(record))
+    }
+
+    /// The blob `hash` as a stream of chunks (read each with [`SharedTier::next_chunk`]), or
+    /// `None` when the bucket does not have it.
+    pub async fn blob(&self, hash: &blake3::Hash) -> Result<Option<BlobStream>, SharedError> {
+        let path = self.blob_path(hash);
+        let got = self
+            .timed(async {
+                match self.store.get(&path).await {
+                    Ok(got) => Ok(Some(got.into_stream())),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        Ok(got)
+    }
+
+    /// The next chunk of `stream`; a bucket that stalls for `shared.timeout` is an error.
+    pub async fn next_chunk(&self, stream: &mut BlobStream) -> Result<Option<Bytes>, SharedError> {
+        use futures_util::StreamExt;
+        match tokio::time::timeout(self.timeout, stream.next()).await {
+            Ok(Some(chunk)) => Ok(Some(chunk?)),
+            Ok(None) => Ok(None),
+            Err(_) => Err(SharedError::Timeout(self.timeout)),
+        }
+    }
+
+    /// The record and verified bytes of `key`, in memory, or `None` when the bucket does not
+    /// have them. Bytes that do not hash to their name are an error, never returned.
+    pub async fn lookup(&self, key: &Key) -> Result<Option<(Record, Bytes)>, SharedError> {
+        let Some(record) = self.record(key).await? else { return Ok(None) };
         let hash = record.blake3().ok_or_else(|| SharedError::Record("bad hash".into()))?;
-        let Some(bytes) = self.get(&self.blob_path(&hash)).await? else { return Ok(None) };
+        let Some(mut stream) = self.blob(&hash).await? else { return Ok(None) };
+        let mut bytes = Vec::new();
+        while let Some(chunk) = self.next_chunk(&mut stream).await? {
+            if (bytes.len() + chunk.len()) as u64 > record.len {
+                return Err(SharedError::Record(format!("blob {hash} is longer than its record")));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         if bytes.len() as u64 != record.len || blake3::hash(&bytes) != hash {
             return Err(SharedError::Record(format!("blob {hash} does not match its name")));
         }
-        Ok(Some((record, bytes)))
+        Ok(Some((record, Bytes::from(bytes))))
     }
 
     /// Writes the blob (once: a conditional create, so a second node's copy is not rewritten)
@@ -165,6 +212,62 @@ impl SharedTier {
             Ok(_) | Err(SharedError::Store(object_store::Error::AlreadyExists { .. })) => {}
             Err(e) => return Err(e),
         }
+        self.put_record(key, record).await
+    }
+
+    /// Like [`SharedTier::publish`] for a blob read from `file` in parts (a multipart upload,
+    /// so a large video is never held in memory whole). Skipped when the blob is there already.
+    pub async fn publish_file(
+        &self,
+        key: &Key,
+        record: &Record,
+        file: std::path::PathBuf,
+    ) -> Result<(), SharedError> {
+        use tokio::io::AsyncReadExt;
+        let hash = record.blake3().ok_or_else(|| SharedError::Record("bad hash".into()))?;
+        let blob = self.blob_path(&hash);
+        let present = match self.timed(self.store.head(&blob)).await {
+            Ok(meta) => meta.size == record.len,
+            Err(SharedError::Store(object_store::Error::NotFound { .. })) => false,
+            Err(e) => return Err(e),
+        };
+        if !present {
+            let mut file = tokio::fs::File::open(&file).await?;
+            let upload = self.timed(self.store.put_multipart(&blob)).await?;
+            let mut parts = object_store::WriteMultipart::new_with_chunk_size(upload, PART);
+            let written: Result<(), SharedError> = async {
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let n = file.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    parts.write(&buf[..n]);
+                    self.timed(parts.wait_for_capacity(2)).await?;
+                }
+                Ok(())
+            }
+            .await;
+            match written {
+                Ok(()) => {
+                    self.timed(parts.finish()).await?;
+                }
+                Err(e) => {
+                    let _ = self.timed(parts.abort()).await;
+                    return Err(e);
+                }
+            }
+        }
+        self.put_record(key, record).await
+    }
+
+    /// Deletes a blob found rotten, so the next node to fetch it from the origin writes it
+    /// again (a conditional create would otherwise keep the rotten copy forever).
+    pub async fn remove_blob(&self, hash: &blake3::Hash) -> Result<(), SharedError> {
+        self.timed(self.store.delete(&self.blob_path(hash))).await
+    }
+
+    async fn put_record(&self, key: &Key, record: &Record) -> Result<(), SharedError> {
         let value = serde_json::to_vec(record).map_err(|e| SharedError::Record(e.to_string()))?;
         let path = self.key_path(key);
         self.timed(self.store.put(&path, PutPayload::from(value))).await?;

@@ -68,7 +68,9 @@ impl S3 {
 }
 
 fn node_config(dir: &std::path::Path, s3: &S3) -> parasol::Config {
-    let toml = config_toml(dir, &["127.0.0.23/32", "127.0.0.24/32"], &s3.config());
+    // Objects above 1 MiB are served from disk and uploaded in parts.
+    let toml = config_toml(dir, &["127.0.0.23/32", "127.0.0.24/32"], &s3.config())
+        .replace("fsync = false", "fsync = false\nmemory_max_object_bytes = \"1 MiB\"");
     parasol::Config::from_sources("test", &toml, std::iter::empty()).unwrap()
 }
 
@@ -89,6 +91,8 @@ async fn a_node_with_an_empty_disk_refills_from_the_bucket_without_the_origin() 
     let origin = Origin::start("127.0.0.23").await;
     let png = png_bytes(30_000, 91);
     origin.route("/a.png", Route::ok(png.clone()));
+    let big = png_bytes(3 << 20, 95);
+    origin.route("/big.png", Route::ok(big.clone()));
     let source = origin.url("/a.png");
 
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -97,8 +101,10 @@ async fn a_node_with_an_empty_disk_refills_from_the_bucket_without_the_origin() 
     assert_eq!(r.status(), 200);
     assert!(body(r).await == png);
     let a_ref = &a;
-    let published = eventually_async(|| async move { metric(a_ref, PUBLISHED).await == 1 }).await;
-    assert!(published, "node A uploads its fill");
+    let r = get(&a.url(&origin.url("/big.png"))).await;
+    assert!(body(r).await == big);
+    let published = eventually_async(|| async move { metric(a_ref, PUBLISHED).await == 2 }).await;
+    assert!(published, "node A uploads its fills (the large one in parts)");
     // The blob is in the bucket under its content name, byte for byte.
     let hash = blake3::hash(&png).to_hex().to_string();
     let stored = std::fs::read(s3.object(&format!("parasol/blobs/{hash}"))).unwrap();
@@ -112,9 +118,16 @@ async fn a_node_with_an_empty_disk_refills_from_the_bucket_without_the_origin() 
     assert!(body(r).await == png);
     assert_eq!(origin.hits("/a.png"), 1, "one origin request across both nodes");
     assert_eq!(metric(&b, "parasol_cache_results_total{result=\"hit_shared\"}").await, 1);
-    // B keeps its own copy: asked again, it is a local hit.
+    // A large one streams from the bucket into B's disk store.
+    let r = get(&b.url(&origin.url("/big.png"))).await;
+    assert_eq!(r.headers()["etag"].to_str().unwrap(), etag_of(&big));
+    assert!(body(r).await == big);
+    assert_eq!(origin.hits("/big.png"), 1);
+    assert_eq!(metric(&b, "parasol_cache_results_total{result=\"hit_shared\"}").await, 2);
+    // B keeps its own copies: asked again, they are local hits.
     assert_eq!(get(&b.url(&source)).await.status(), 200);
-    assert_eq!(metric(&b, "parasol_cache_results_total{result=\"hit_shared\"}").await, 1);
+    assert_eq!(get(&b.url(&origin.url("/big.png"))).await.status(), 200);
+    assert_eq!(metric(&b, "parasol_cache_results_total{result=\"hit_shared\"}").await, 2);
     b.stop().await;
 
     // Node A loses its disk and restarts: it refills from the bucket.
@@ -203,4 +216,37 @@ async fn the_tier_writes_once_reads_back_and_trusts_nothing_it_reads() {
     rotten[100] ^= 1;
     std::fs::write(&path, rotten).unwrap();
     assert!(tier.lookup(&k1).await.is_err(), "a rotten blob is an error, never bytes");
+}
+
+/// Rotten bytes in the bucket are never served: the node asks the origin instead, and its
+/// upload repairs the bucket.
+#[tokio::test]
+async fn a_rotten_blob_in_the_bucket_sends_the_node_to_the_origin() {
+    let Some(s3) = S3::start().await else { return };
+    let origin = Origin::start("127.0.0.23").await;
+    let png = png_bytes(20_000, 96);
+    origin.route("/r.png", Route::ok(png.clone()));
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Parasol::start(node_config(dir_a.path(), &s3)).await;
+    assert_eq!(get(&a.url(&origin.url("/r.png"))).await.status(), 200);
+    let a_ref = &a;
+    assert!(eventually_async(|| async move { metric(a_ref, PUBLISHED).await == 1 }).await);
+    let path = s3.object(&format!("parasol/blobs/{}", blake3::hash(&png).to_hex()));
+    let mut rotten = std::fs::read(&path).unwrap();
+    rotten[5_000] ^= 0x20;
+    std::fs::write(&path, rotten).unwrap();
+
+    let b = Parasol::start(node_config(dir_b.path(), &s3)).await;
+    let r = get(&b.url(&origin.url("/r.png"))).await;
+    assert_eq!(r.status(), 200);
+    assert!(body(r).await == png, "the origin's bytes, not the bucket's");
+    assert_eq!(origin.hits("/r.png"), 2);
+    let failed = "parasol_shared_tier_total{op=\"lookup\",outcome=\"error\"}";
+    assert_eq!(metric(&b, failed).await, 1);
+    // The rotten copy was deleted, and B's upload put the right bytes back.
+    let b_ref = &b;
+    assert!(eventually_async(|| async move { metric(b_ref, PUBLISHED).await == 1 }).await);
+    assert!(std::fs::read(&path).unwrap() == png[..], "the bucket is repaired");
+    a.stop().await;
+    b.stop().await;
 }
