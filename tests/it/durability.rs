@@ -27,15 +27,6 @@ fn blob_path(dir: &Path, body: &[u8]) -> std::path::PathBuf {
     dir.join("blobs").join(&hex[0..2]).join(&hex)
 }
 
-async fn metric(p: &Parasol, name: &str) -> u64 {
-    let text = p.metrics().await;
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
 #[tokio::test]
 async fn the_disk_store_stays_within_its_budget_after_three_times_over() {
     const OBJECT: usize = 20 * 1024;
@@ -55,8 +46,8 @@ async fn the_disk_store_stays_within_its_budget_after_three_times_over() {
         assert!(on_disk <= BUDGET + OBJECT as u64, "{on_disk} bytes on disk after {i}");
         bodies.push((path, body));
     }
-    assert!(metric(&p, "parasol_evictions_total").await >= 19);
-    let bytes = metric(&p, "parasol_cache_bytes{tier=\"disk\"}").await;
+    assert!(p.metric("parasol_evictions_total").await >= 19);
+    let bytes = p.metric("parasol_cache_bytes{tier=\"disk\"}").await;
     assert_eq!(bytes, blob_bytes(dir.path()), "the metric is what is on disk");
     p.stop().await;
     // After a restart the survivors are served without the origin, and evicted ones refetched.
@@ -111,7 +102,7 @@ async fn corrupt_or_truncated_blobs_are_never_served_and_are_refetched() {
     assert_eq!(body_of(&p, &origin, "/large.png").await, large, "refetched, not served short");
     assert_eq!(origin.hits("/small.png"), 2);
     assert_eq!(origin.hits("/large.png"), 2);
-    assert_eq!(metric(&p, "parasol_blobs_dropped_total").await, 2);
+    assert_eq!(p.metric("parasol_blobs_dropped_total").await, 2);
     assert_eq!(std::fs::read(&small_blob).unwrap(), small.to_vec(), "the blob was rewritten");
     p.stop().await;
 }
@@ -218,7 +209,7 @@ async fn a_full_disk_fails_one_fill_cleanly_evicts_and_recovers() {
     }
     assert_eq!(served, 12, "every object was served once there was room");
     assert!(full >= 1, "the disk did fill up");
-    assert!(metric(&p, "parasol_evictions_total").await >= 1);
+    assert!(p.metric("parasol_evictions_total").await >= 1);
     p.stop().await;
 }
 

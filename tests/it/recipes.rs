@@ -214,13 +214,8 @@ async fn the_cluster_nginx_recipe_routes_each_source_to_one_node() {
     for i in 0..N {
         assert_eq!(origin.hits(&format!("/p{i}.png")), 1, "p{i}: one node fetched it, once");
     }
-    let misses = |text: String| {
-        text.lines()
-            .find(|l| l.starts_with("parasol_cache_results_total{result=\"miss\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0) as usize
-    };
-    let (ma, mb) = (misses(a.metrics().await), misses(b.metrics().await));
+    let miss = "parasol_cache_results_total{result=\"miss\"}";
+    let (ma, mb) = (a.metric(miss).await as usize, b.metric(miss).await as usize);
     // 40 originals and one rendition: the variant's node had the original already.
     assert_eq!(ma + mb, N + 1, "every fill happened once, on one node ({ma} + {mb})");
     assert!(ma > 0 && mb > 0, "both nodes take a share ({ma} / {mb})");

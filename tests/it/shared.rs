@@ -74,15 +74,6 @@ fn node_config(dir: &std::path::Path, s3: &S3) -> parasol::Config {
     parasol::Config::from_sources("test", &toml, std::iter::empty()).unwrap()
 }
 
-/// The value of the first metric line starting with `prefix`, or 0.
-async fn metric(p: &Parasol, prefix: &str) -> u64 {
-    let text = p.metrics().await;
-    let line = text.lines().find(|l| l.starts_with(prefix));
-    line.and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
 const PUBLISHED: &str = "parasol_shared_tier_total{op=\"publish\",outcome=\"ok\"}";
 
 #[tokio::test]
@@ -103,7 +94,7 @@ async fn a_node_with_an_empty_disk_refills_from_the_bucket_without_the_origin() 
     let a_ref = &a;
     let r = get(&a.url(&origin.url("/big.png"))).await;
     assert!(body(r).await == big);
-    let published = eventually_async(|| async move { metric(a_ref, PUBLISHED).await == 2 }).await;
+    let published = eventually_async(|| async move { a_ref.metric(PUBLISHED).await == 2 }).await;
     assert!(published, "node A uploads its fills (the large one in parts)");
     // The blob is in the bucket under its content name, byte for byte.
     let hash = blake3::hash(&png).to_hex().to_string();
@@ -117,17 +108,17 @@ async fn a_node_with_an_empty_disk_refills_from_the_bucket_without_the_origin() 
     assert_eq!(r.headers()["etag"].to_str().unwrap(), etag_of(&png));
     assert!(body(r).await == png);
     assert_eq!(origin.hits("/a.png"), 1, "one origin request across both nodes");
-    assert_eq!(metric(&b, "parasol_cache_results_total{result=\"hit_shared\"}").await, 1);
+    assert_eq!(b.metric("parasol_cache_results_total{result=\"hit_shared\"}").await, 1);
     // A large one streams from the bucket into B's disk store.
     let r = get(&b.url(&origin.url("/big.png"))).await;
     assert_eq!(r.headers()["etag"].to_str().unwrap(), etag_of(&big));
     assert!(body(r).await == big);
     assert_eq!(origin.hits("/big.png"), 1);
-    assert_eq!(metric(&b, "parasol_cache_results_total{result=\"hit_shared\"}").await, 2);
+    assert_eq!(b.metric("parasol_cache_results_total{result=\"hit_shared\"}").await, 2);
     // B keeps its own copies: asked again, they are local hits.
     assert_eq!(get(&b.url(&source)).await.status(), 200);
     assert_eq!(get(&b.url(&origin.url("/big.png"))).await.status(), 200);
-    assert_eq!(metric(&b, "parasol_cache_results_total{result=\"hit_shared\"}").await, 2);
+    assert_eq!(b.metric("parasol_cache_results_total{result=\"hit_shared\"}").await, 2);
     b.stop().await;
 
     // Node A loses its disk and restarts: it refills from the bucket.
@@ -153,7 +144,7 @@ async fn the_bucket_going_down_costs_a_metric_not_an_error() {
     let p = Parasol::start(cfg.clone()).await;
     assert_eq!(get(&p.url(&origin.url("/x.png"))).await.status(), 200);
     let p_ref = &p;
-    assert!(eventually_async(|| async move { metric(p_ref, PUBLISHED).await == 1 }).await);
+    assert!(eventually_async(|| async move { p_ref.metric(PUBLISHED).await == 1 }).await);
 
     drop(s3); // the bucket is gone mid-run
     // What this node holds is served as before.
@@ -165,7 +156,7 @@ async fn the_bucket_going_down_costs_a_metric_not_an_error() {
     assert_eq!(r.status(), 200);
     assert!(body(r).await == y);
     let failed = "parasol_shared_tier_total{op=\"publish\",outcome=\"error\"}";
-    assert!(eventually_async(|| async move { metric(p_ref, failed).await == 1 }).await);
+    assert!(eventually_async(|| async move { p_ref.metric(failed).await == 1 }).await);
     p.stop().await;
 
     // A node with an empty disk and a dead bucket falls back to the origin.
@@ -178,7 +169,7 @@ async fn the_bucket_going_down_costs_a_metric_not_an_error() {
     assert!(body(r).await == x);
     assert_eq!(origin.hits("/x.png"), 2);
     let lookup_failed = "parasol_shared_tier_total{op=\"lookup\",outcome=\"error\"}";
-    assert_eq!(metric(&q, lookup_failed).await, 1);
+    assert_eq!(q.metric(lookup_failed).await, 1);
     q.stop().await;
 }
 
@@ -230,7 +221,7 @@ async fn a_rotten_blob_in_the_bucket_sends_the_node_to_the_origin() {
     let a = Parasol::start(node_config(dir_a.path(), &s3)).await;
     assert_eq!(get(&a.url(&origin.url("/r.png"))).await.status(), 200);
     let a_ref = &a;
-    assert!(eventually_async(|| async move { metric(a_ref, PUBLISHED).await == 1 }).await);
+    assert!(eventually_async(|| async move { a_ref.metric(PUBLISHED).await == 1 }).await);
     let path = s3.object(&format!("parasol/blobs/{}", blake3::hash(&png).to_hex()));
     let mut rotten = std::fs::read(&path).unwrap();
     rotten[5_000] ^= 0x20;
@@ -242,10 +233,10 @@ async fn a_rotten_blob_in_the_bucket_sends_the_node_to_the_origin() {
     assert!(body(r).await == png, "the origin's bytes, not the bucket's");
     assert_eq!(origin.hits("/r.png"), 2);
     let failed = "parasol_shared_tier_total{op=\"lookup\",outcome=\"error\"}";
-    assert_eq!(metric(&b, failed).await, 1);
+    assert_eq!(b.metric(failed).await, 1);
     // The rotten copy was deleted, and B's upload put the right bytes back.
     let b_ref = &b;
-    assert!(eventually_async(|| async move { metric(b_ref, PUBLISHED).await == 1 }).await);
+    assert!(eventually_async(|| async move { b_ref.metric(PUBLISHED).await == 1 }).await);
     assert!(std::fs::read(&path).unwrap() == png[..], "the bucket is repaired");
     a.stop().await;
     b.stop().await;

@@ -231,6 +231,14 @@ impl Parasol {
         get(&self.admin_url("/metrics")).await.text().await.unwrap()
     }
 
+    /// The value of the first `/metrics` line starting with `prefix`, or 0.
+    pub async fn metric(&self, prefix: &str) -> u64 {
+        let text = self.metrics().await;
+        let line = text.lines().find(|l| l.starts_with(prefix));
+        let value = line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<f64>().ok());
+        value.map_or(0, |v| v as u64)
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
     }
