@@ -318,12 +318,7 @@ impl Proxy {
             return Err(bad("size out of bounds"));
         }
         let Some(mut stream) = shared.blob(&hash).await? else { return Ok(None) };
-        let mut memory =
-            (record.len <= IN_MEMORY_FILL).then(|| Vec::with_capacity(record.len as usize));
-        let mut temp = match memory {
-            Some(_) => None,
-            None => Some(self.disk.create_temp().await?),
-        };
+        let mut sink = store::Sink::new(&self.disk, Some(record.len)).await?;
         let (mut hasher, mut head, mut len) = (blake3::Hasher::new(), Vec::new(), 0u64);
         while let Some(chunk) = shared.next_chunk(&mut stream).await? {
             len += chunk.len() as u64;
@@ -333,11 +328,7 @@ impl Proxy {
             let take = crate::media::SNIFF_LEN.saturating_sub(head.len()).min(chunk.len());
             head.extend_from_slice(&chunk[..take]);
             hasher.update(&chunk);
-            match (&mut memory, &mut temp) {
-                (Some(held), _) => held.extend_from_slice(&chunk),
-                (None, Some(t)) => tokio::io::AsyncWriteExt::write_all(&mut t.file, &chunk).await?,
-                (None, None) => unreachable!("a body is held in memory or in a temp blob"),
-            }
+            sink.push(&self.disk, &chunk).await?;
         }
         if len != record.len || hasher.finalize() != hash {
             let _ = shared.remove_blob(&hash).await;
@@ -345,12 +336,7 @@ impl Proxy {
         }
         // The bucket's word on the type is not taken either: sniffed again, as from an origin.
         let content_type = self.types.sniff(&head).map_err(|_| bad("not an allowed type"))?;
-        let body = match (memory, temp) {
-            (Some(held), _) => Held::Memory(Bytes::from(held)),
-            (None, Some(t)) => Held::Disk(t),
-            (None, None) => unreachable!("a body is held in memory or in a temp blob"),
-        };
-        Ok(Some((record.url, Received { body, hash, len, content_type })))
+        Ok(Some((record.url, Received { body: sink.finish(), hash, len, content_type })))
     }
 
     /// Uploads a fill to the shared bucket in the background, so other nodes need not ask the

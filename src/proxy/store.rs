@@ -198,14 +198,7 @@ impl Proxy {
         }
         // Small bodies (by their declared length, or so far) are held in memory; a body that
         // grows past the bound spills into a temp blob and streams on from there.
-        let mut memory = declared
-            .filter(|&n| n <= IN_MEMORY_FILL)
-            .map(|n| Vec::with_capacity(n as usize))
-            .or_else(|| declared.is_none().then(Vec::new));
-        let mut temp = match memory {
-            Some(_) => None,
-            None => Some(self.disk.create_temp().await.map_err(storage_error)?),
-        };
+        let mut sink = Sink::new(&self.disk, declared).await.map_err(storage_error)?;
         let mut hasher = blake3::Hasher::new();
         let mut head = Vec::with_capacity(SNIFF_LEN);
         let mut content_type = None;
@@ -222,17 +215,7 @@ impl Proxy {
                 }
             }
             hasher.update(&chunk);
-            match (&mut memory, &mut temp) {
-                (Some(held), _) if *received <= IN_MEMORY_FILL => held.extend_from_slice(&chunk),
-                (Some(held), _) => {
-                    let mut spill = self.disk.create_temp().await.map_err(storage_error)?;
-                    spill.file.write_all(held).await.map_err(storage_error)?;
-                    spill.file.write_all(&chunk).await.map_err(storage_error)?;
-                    (memory, temp) = (None, Some(spill));
-                }
-                (None, Some(t)) => t.file.write_all(&chunk).await.map_err(storage_error)?,
-                (None, None) => unreachable!("a body is held in memory or in a temp blob"),
-            }
+            sink.push(&self.disk, &chunk).await.map_err(storage_error)?;
         }
         if *received == 0 {
             return Err(ProxyError::OriginInvalid("empty body"));
@@ -244,12 +227,7 @@ impl Proxy {
             Some(t) => t,
             None => self.types.sniff(&head)?,
         };
-        let body = match (memory, temp) {
-            (Some(held), _) => Held::Memory(Bytes::from(held)),
-            (None, Some(t)) => Held::Disk(t),
-            (None, None) => unreachable!("a body is held in memory or in a temp blob"),
-        };
-        Ok(Received { body, hash: hasher.finalize(), len: *received, content_type })
+        Ok(Received { body: sink.finish(), hash: hasher.finalize(), len: *received, content_type })
     }
 
     /// Makes a received blob durable and findable: budget first (so a concurrent eviction of
@@ -302,6 +280,56 @@ impl Proxy {
             },
         };
         Ok(Arc::new(Entry::new(hash, len, content_type, body).with_touch(touch)))
+    }
+}
+
+/// Where a body goes while it arrives: memory, while it is small (by its declared length, or so
+/// far); a temp blob once it is larger, spilling what memory held.
+pub(super) struct Sink {
+    memory: Option<Vec<u8>>,
+    temp: Option<crate::cache::disk::TempBlob>,
+}
+
+impl Sink {
+    pub(super) async fn new(
+        disk: &crate::cache::disk::BlobStore,
+        declared: Option<u64>,
+    ) -> std::io::Result<Self> {
+        Ok(match declared {
+            None => Sink { memory: Some(Vec::new()), temp: None },
+            Some(n) if n <= IN_MEMORY_FILL => {
+                Sink { memory: Some(Vec::with_capacity(n as usize)), temp: None }
+            }
+            Some(_) => Sink { memory: None, temp: Some(disk.create_temp().await?) },
+        })
+    }
+
+    pub(super) async fn push(
+        &mut self,
+        disk: &crate::cache::disk::BlobStore,
+        chunk: &[u8],
+    ) -> std::io::Result<()> {
+        if let Some(held) = &mut self.memory {
+            if (held.len() + chunk.len()) as u64 <= IN_MEMORY_FILL {
+                held.extend_from_slice(chunk);
+                return Ok(());
+            }
+            let mut spill = disk.create_temp().await?;
+            spill.file.write_all(held).await?;
+            (self.memory, self.temp) = (None, Some(spill));
+        }
+        match &mut self.temp {
+            Some(t) => t.file.write_all(chunk).await,
+            None => unreachable!("a body is held in memory or in a temp blob"),
+        }
+    }
+
+    pub(super) fn finish(self) -> Held {
+        match (self.memory, self.temp) {
+            (Some(held), _) => Held::Memory(Bytes::from(held)),
+            (None, Some(t)) => Held::Disk(t),
+            (None, None) => unreachable!("a body is held in memory or in a temp blob"),
+        }
     }
 }
 
