@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 use tokio::io::AsyncWriteExt;
 
+/// Written beside `blobs/` once the store has the one-level layout.
+const LAYOUT_MARKER: &str = "blobs.layout-1";
+
 /// Write buffer of a fill: large writes keep the number of blocking file calls low.
 const WRITE_BUFFER: usize = 256 * 1024;
 
@@ -57,12 +60,37 @@ impl BlobStore {
     pub fn open(dir: &Path, fsync: bool) -> io::Result<Self> {
         let store = Self { blobs: dir.join("blobs"), tmp: dir.join("tmp"), fsync };
         std::fs::create_dir_all(&store.blobs)?;
+        let marker = dir.join(LAYOUT_MARKER);
+        if !marker.exists() {
+            store.move_two_level_blobs()?;
+        }
         for prefix in 0..=255u8 {
             std::fs::create_dir_all(store.blobs.join(hex::encode([prefix])))?;
         }
+        std::fs::write(&marker, b"1\n")?;
         let _ = std::fs::remove_dir_all(&store.tmp);
         std::fs::create_dir_all(&store.tmp)?;
         Ok(store)
+    }
+
+    /// Stores written before the one-level layout kept blobs in `blobs/ab/cd/`: moves them up
+    /// once (the layout marker then skips this at every later start).
+    fn move_two_level_blobs(&self) -> io::Result<()> {
+        let dirs = |p: &Path| std::fs::read_dir(p).into_iter().flatten().flatten();
+        let mut moved = 0u64;
+        for a in dirs(&self.blobs) {
+            for b in dirs(&a.path()).filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+                for f in dirs(&b.path()) {
+                    std::fs::rename(f.path(), a.path().join(f.file_name()))?;
+                    moved += 1;
+                }
+                std::fs::remove_dir(b.path())?;
+            }
+        }
+        if moved > 0 {
+            tracing::info!(moved, "moved blobs to the one-level layout");
+        }
+        Ok(())
     }
 
     /// `blobs/ab/abcd…`: one level of 256 directories, made at open. Ten million blobs are

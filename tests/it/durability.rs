@@ -378,3 +378,31 @@ async fn parasol_verify_repairs_the_store_offline() {
     assert_eq!((origin.hits("/a.png"), origin.hits("/b.png"), origin.hits("/c.png")), (2, 2, 1));
     p.stop().await;
 }
+
+/// A store written with the earlier two-level layout (`blobs/ab/cd/<hash>`) is moved to the
+/// one-level layout at start, once, and its entries are served without the origin.
+#[tokio::test]
+async fn a_store_in_the_two_level_layout_is_moved_and_kept() {
+    let origin = Origin::start("127.0.0.13").await;
+    let png = png_bytes(9_000, 97);
+    origin.route("/old.png", Route::ok(png.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &["127.0.0.13/32"]);
+    let p = Parasol::start(cfg.clone()).await;
+    assert_eq!(get(&p.url(&origin.url("/old.png"))).await.status(), 200);
+    p.stop().await;
+    // Put the blob where the old layout had it, and forget the layout.
+    let one = blob_path(dir.path(), &png);
+    let hex = blake3::hash(&png).to_hex().to_string();
+    let two = dir.path().join("blobs").join(&hex[0..2]).join(&hex[2..4]).join(&hex);
+    std::fs::create_dir_all(two.parent().unwrap()).unwrap();
+    std::fs::rename(&one, &two).unwrap();
+    std::fs::remove_file(dir.path().join("blobs.layout-1")).unwrap();
+
+    let p = Parasol::start(cfg).await;
+    assert!(one.exists() && !two.parent().unwrap().exists(), "moved up, old directory gone");
+    let r = get(&p.url(&origin.url("/old.png"))).await;
+    assert!(body(r).await == png);
+    assert_eq!(origin.hits("/old.png"), 1, "served from the moved blob");
+    p.stop().await;
+}
