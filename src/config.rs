@@ -56,6 +56,9 @@ pub struct ServerConfig {
     pub header_timeout: Dur,
     /// How long SIGTERM waits for in-flight responses before closing them.
     pub shutdown_grace: Dur,
+    /// Longest time a response may make no progress because the viewer stopped reading; the
+    /// connection is then closed. A slow reader that keeps reading is never cut.
+    pub send_timeout: Dur,
     /// Open viewer connections at most; a connection beyond this gets a 503 and is closed.
     pub max_connections: u32,
 }
@@ -69,6 +72,7 @@ impl Default for ServerConfig {
             admin_token: String::new(),
             header_timeout: Dur(Duration::from_secs(10)),
             shutdown_grace: Dur(Duration::from_secs(20)),
+            send_timeout: Dur(Duration::from_secs(60)),
             max_connections: 4096,
         }
     }
@@ -410,6 +414,9 @@ impl Config {
         }
         if !matches!(self.server.public_base_url.scheme(), "http" | "https") {
             return bad("server.public_base_url", "must be an http or https URL".into());
+        }
+        if self.server.send_timeout.0.is_zero() || self.server.header_timeout.0.is_zero() {
+            return bad("server", "header_timeout and send_timeout must be above zero".into());
         }
         if self.cache.memory_bytes.0 == 0 || self.cache.max_object_bytes.0 == 0 {
             return bad("cache", "memory_bytes and max_object_bytes must be above zero".into());

@@ -208,6 +208,7 @@ impl Bound {
             header_timeout: server.header_timeout.0,
             grace,
             max_connections: server.max_connections as usize,
+            send_timeout: server.send_timeout.0,
         };
         // The admin port is for a few operators and probes; it gets its own small cap.
         let admin_limits = server::ConnLimits { max_connections: 64, ..limits };

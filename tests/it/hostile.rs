@@ -456,3 +456,34 @@ async fn bodies_of_every_size_and_framing_are_stored_and_served_byte_exact() {
     assert_eq!(origin.hits.load(Ordering::SeqCst), cases.len(), "one origin request per URL");
     assert_eq!(files_under(&dir.path().join("tmp")), 0, "no temp file left");
 }
+
+/// A viewer who stops reading mid-response is disconnected after `server.send_timeout` without
+/// progress, rather than holding the connection and its response forever.
+#[tokio::test]
+async fn a_viewer_who_stops_reading_is_cut_at_the_send_deadline() {
+    let origin = Origin::start("127.0.0.22").await;
+    let big = png_bytes(16 << 20, 98);
+    origin.route("/big.png", Route::ok(big.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.22/32"]);
+    cfg.server.send_timeout = parasol::config::Dur(Duration::from_millis(500));
+    let p = Parasol::start(cfg).await;
+    let url = p.url(&origin.url("/big.png"));
+    assert!(body(get(&url).await).await == big, "cached, and a reader that reads gets it all");
+
+    let path = url::Url::parse(&url).unwrap().path().to_string();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(p.public).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: p.test\r\nConnection: close\r\n\r\n");
+    stalled.write_all(request.as_bytes()).await.unwrap();
+    // Stop reading well past the deadline, then see what is left.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), stalled.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the connection ends");
+    assert!(got.len() < big.len(), "cut short: {} of {} bytes", got.len(), big.len());
+    // Others are served meanwhile and afterwards.
+    assert!(body(get(&url).await).await == big);
+    p.stop().await;
+}
