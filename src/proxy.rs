@@ -302,41 +302,44 @@ impl Proxy {
         None
     }
 
-    /// The record and body of `key` from the bucket, checked as an origin's answer is: no
-    /// longer than `cache.max_object_bytes`, hashing to its name, sniffing as an allowed type.
-    /// Small bodies come into memory, larger ones stream into a temp blob.
+    /// The record and body of `key` from the bucket (verified by the tier), sniffed as an
+    /// origin's answer is. Small bodies come into memory, larger ones stream into a temp blob.
     async fn receive_shared(
         &self,
         shared: &crate::cache::shared::SharedTier,
         key: Key,
     ) -> Result<Option<(String, Received)>, crate::cache::shared::SharedError> {
-        use crate::cache::shared::SharedError;
-        let bad = |what: &str| SharedError::Record(what.to_string());
-        let Some(record) = shared.record(&key).await? else { return Ok(None) };
-        let hash = record.blake3().ok_or_else(|| bad("bad hash"))?;
-        if record.len == 0 || record.len > self.config.cache.max_object_bytes.0 {
-            return Err(bad("size out of bounds"));
+        /// The fill's body sink (made once the length is known), keeping the first bytes for
+        /// the sniffer.
+        struct Into<'a> {
+            sink: Option<store::Sink>,
+            disk: &'a crate::cache::disk::BlobStore,
+            head: Vec<u8>,
         }
-        let Some(mut stream) = shared.blob(&hash).await? else { return Ok(None) };
-        let mut sink = store::Sink::new(&self.disk, Some(record.len)).await?;
-        let (mut hasher, mut head, mut len) = (blake3::Hasher::new(), Vec::new(), 0u64);
-        while let Some(chunk) = shared.next_chunk(&mut stream).await? {
-            len += chunk.len() as u64;
-            if len > record.len {
-                return Err(bad("blob longer than its record"));
+        impl crate::cache::shared::ChunkSink for Into<'_> {
+            async fn begin(&mut self, len: u64) -> std::io::Result<()> {
+                self.sink = Some(store::Sink::new(self.disk, Some(len)).await?);
+                Ok(())
             }
-            let take = crate::media::SNIFF_LEN.saturating_sub(head.len()).min(chunk.len());
-            head.extend_from_slice(&chunk[..take]);
-            hasher.update(&chunk);
-            sink.push(&self.disk, &chunk).await?;
+
+            async fn push(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+                let take = crate::media::SNIFF_LEN.saturating_sub(self.head.len()).min(chunk.len());
+                self.head.extend_from_slice(&chunk[..take]);
+                let sink = self.sink.as_mut().expect("begin comes first");
+                sink.push(self.disk, chunk).await
+            }
         }
-        if len != record.len || hasher.finalize() != hash {
-            let _ = shared.remove_blob(&hash).await;
-            return Err(bad("blob does not match its name"));
-        }
+        let max = self.config.cache.max_object_bytes.0;
+        let mut into = Into { sink: None, disk: &self.disk, head: Vec::new() };
+        let Some(record) = shared.download(&key, max, &mut into).await? else { return Ok(None) };
+        let Some(sink) = into.sink else { return Ok(None) };
         // The bucket's word on the type is not taken either: sniffed again, as from an origin.
-        let content_type = self.types.sniff(&head).map_err(|_| bad("not an allowed type"))?;
-        Ok(Some((record.url, Received { body: sink.finish(), hash, len, content_type })))
+        let not_allowed =
+            |_| crate::cache::shared::SharedError::Record("not an allowed type".into());
+        let content_type = self.types.sniff(&into.head).map_err(not_allowed)?;
+        let hash = record.blake3().expect("download checked the hash");
+        let received = Received { body: sink.finish(), hash, len: record.len, content_type };
+        Ok(Some((record.url, received)))
     }
 
     /// Uploads a fill to the shared bucket in the background, so other nodes need not ask the
@@ -347,18 +350,11 @@ impl Proxy {
             self.metrics.shared_result("publish", "skipped");
             return;
         };
-        let record = crate::cache::index::Record {
-            hash: entry.hash.to_hex().to_string(),
-            len: entry.len,
-            content_type: entry.content_type.to_str().unwrap_or_default().to_string(),
-            url: url.to_string(),
-            stored_at: crate::cache::evict::now_secs(),
-        };
+        let content_type = entry.content_type.to_str().unwrap_or_default();
+        let record = crate::cache::index::Record::new(&entry.hash, entry.len, content_type, url);
         let (body, disk, hash) = (entry.body.clone(), self.disk.clone(), entry.hash);
-        let counts = self.metrics.shared.clone();
-        let count = move |outcome| {
-            counts.get_or_create(&crate::telemetry::SharedLabels { op: "publish", outcome }).inc();
-        };
+        let ok = self.metrics.shared_counter("publish", "ok");
+        let failed = self.metrics.shared_counter("publish", "error");
         tokio::spawn(async move {
             let _ticket = ticket;
             let Some(_slot) = shared.upload_slot().await else { return };
@@ -368,9 +364,11 @@ impl Proxy {
                 None => shared.publish_file(&key, &record, disk.path(&hash)).await,
             };
             match published {
-                Ok(()) => count("ok"),
+                Ok(()) => {
+                    ok.inc();
+                }
                 Err(e) => {
-                    count("error");
+                    failed.inc();
                     shared.warn("publish", &e);
                 }
             }

@@ -187,7 +187,12 @@ impl Metrics {
     }
 
     pub fn shared_result(&self, op: &'static str, outcome: &'static str) {
-        self.shared.get_or_create(&SharedLabels { op, outcome }).inc();
+        self.shared_counter(op, outcome).inc();
+    }
+
+    /// The counter behind [`Metrics::shared_result`], for a task that outlives the borrow.
+    pub fn shared_counter(&self, op: &'static str, outcome: &'static str) -> Counter {
+        self.shared.get_or_create(&SharedLabels { op, outcome }).clone()
     }
 
     pub fn cache_result(&self, status: CacheStatus) {

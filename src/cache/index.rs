@@ -35,6 +35,17 @@ pub struct Record {
 }
 
 impl Record {
+    /// The record of a blob stored now for `url`.
+    pub fn new(hash: &blake3::Hash, len: u64, content_type: &str, url: &str) -> Self {
+        Record {
+            hash: hash.to_hex().to_string(),
+            len,
+            content_type: content_type.to_string(),
+            url: url.to_string(),
+            stored_at: super::evict::now_secs(),
+        }
+    }
+
     pub fn blake3(&self) -> Option<blake3::Hash> {
         blake3::Hash::from_hex(&self.hash).ok()
     }

@@ -66,6 +66,25 @@ pub enum SharedError {
 /// The chunks of one blob as the bucket sends them.
 pub type BlobStream = futures_util::stream::BoxStream<'static, Result<Bytes, object_store::Error>>;
 
+/// Where [`SharedTier::download`] puts a blob's chunks as they arrive.
+pub trait ChunkSink {
+    /// Called once with the record's length, before the first chunk.
+    fn begin(&mut self, len: u64) -> impl Future<Output = std::io::Result<()>> + Send;
+    fn push(&mut self, chunk: &[u8]) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+impl ChunkSink for Vec<u8> {
+    async fn begin(&mut self, len: u64) -> std::io::Result<()> {
+        self.reserve(len as usize);
+        Ok(())
+    }
+
+    async fn push(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        self.extend_from_slice(chunk);
+        Ok(())
+    }
+}
+
 /// Part size of a multipart upload (S3's minimum is 5 MiB).
 const PART: usize = 8 << 20;
 
@@ -151,9 +170,8 @@ impl SharedTier {
         Ok(Some(record))
     }
 
-    /// The blob `hash` as a stream of chunks (read each with [`SharedTier::next_chunk`]), or
-    /// `None` when the bucket does not have it.
-    pub async fn blob(&self, hash: &blake3::Hash) -> Result<Option<BlobStream>, SharedError> {
+    /// The blob `hash` as a stream of chunks, or `None` when the bucket does not have it.
+    async fn blob(&self, hash: &blake3::Hash) -> Result<Option<BlobStream>, SharedError> {
         let path = self.blob_path(hash);
         let got = self
             .timed(async {
@@ -168,7 +186,7 @@ impl SharedTier {
     }
 
     /// The next chunk of `stream`; a bucket that stalls for `shared.timeout` is an error.
-    pub async fn next_chunk(&self, stream: &mut BlobStream) -> Result<Option<Bytes>, SharedError> {
+    async fn next_chunk(&self, stream: &mut BlobStream) -> Result<Option<Bytes>, SharedError> {
         use futures_util::StreamExt;
         match tokio::time::timeout(self.timeout, stream.next()).await {
             Ok(Some(chunk)) => Ok(Some(chunk?)),
@@ -177,23 +195,46 @@ impl SharedTier {
         }
     }
 
-    /// The record and verified bytes of `key`, in memory, or `None` when the bucket does not
-    /// have them. Bytes that do not hash to their name are an error, never returned.
-    pub async fn lookup(&self, key: &Key) -> Result<Option<(Record, Bytes)>, SharedError> {
+    /// Streams the blob of `key` into `sink` and returns its record, or `None` when the bucket
+    /// does not have it. Nothing is trusted: a record longer than `max_len` is refused before
+    /// any byte is read, and bytes that are longer than their record or do not hash to their
+    /// name are an error; such a blob is deleted, so the next upload writes it again (a
+    /// conditional create would otherwise keep the rotten copy forever).
+    pub async fn download<S: ChunkSink>(
+        &self,
+        key: &Key,
+        max_len: u64,
+        sink: &mut S,
+    ) -> Result<Option<Record>, SharedError> {
+        let bad = |what: String| SharedError::Record(what);
         let Some(record) = self.record(key).await? else { return Ok(None) };
-        let hash = record.blake3().ok_or_else(|| SharedError::Record("bad hash".into()))?;
+        let hash = record.blake3().ok_or_else(|| bad("bad hash".into()))?;
+        if record.len == 0 || record.len > max_len {
+            return Err(bad(format!("blob {hash}: size {} out of bounds", record.len)));
+        }
         let Some(mut stream) = self.blob(&hash).await? else { return Ok(None) };
-        let mut bytes = Vec::new();
+        sink.begin(record.len).await?;
+        let (mut hasher, mut len) = (blake3::Hasher::new(), 0u64);
         while let Some(chunk) = self.next_chunk(&mut stream).await? {
-            if (bytes.len() + chunk.len()) as u64 > record.len {
-                return Err(SharedError::Record(format!("blob {hash} is longer than its record")));
+            len += chunk.len() as u64;
+            if len > record.len {
+                break;
             }
-            bytes.extend_from_slice(&chunk);
+            hasher.update(&chunk);
+            sink.push(&chunk).await?;
         }
-        if bytes.len() as u64 != record.len || blake3::hash(&bytes) != hash {
-            return Err(SharedError::Record(format!("blob {hash} does not match its name")));
+        if len != record.len || hasher.finalize() != hash {
+            let _ = self.timed(self.store.delete(&self.blob_path(&hash))).await;
+            return Err(bad(format!("blob {hash} does not match its name")));
         }
-        Ok(Some((record, Bytes::from(bytes))))
+        Ok(Some(record))
+    }
+
+    /// The record and verified bytes of `key`, in memory (see [`SharedTier::download`]).
+    pub async fn lookup(&self, key: &Key) -> Result<Option<(Record, Bytes)>, SharedError> {
+        let mut bytes = Vec::new();
+        let record = self.download(key, u64::MAX, &mut bytes).await?;
+        Ok(record.map(|r| (r, Bytes::from(bytes))))
     }
 
     /// Writes the blob (once: a conditional create, so a second node's copy is not rewritten)
@@ -259,12 +300,6 @@ impl SharedTier {
             }
         }
         self.put_record(key, record).await
-    }
-
-    /// Deletes a blob found rotten, so the next node to fetch it from the origin writes it
-    /// again (a conditional create would otherwise keep the rotten copy forever).
-    pub async fn remove_blob(&self, hash: &blake3::Hash) -> Result<(), SharedError> {
-        self.timed(self.store.delete(&self.blob_path(hash))).await
     }
 
     async fn put_record(&self, key: &Key, record: &Record) -> Result<(), SharedError> {

@@ -2,7 +2,7 @@
 //! metadata stripped), and store it (budget, rename, index); and the same for renditions.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
@@ -241,13 +241,7 @@ impl Proxy {
     ) -> Result<Arc<Entry>, ProxyError> {
         let Received { body, hash, len, content_type } = r;
         let (touch, victims) = self.budget.admit(*hash.as_bytes(), len, key);
-        let record = Record {
-            hash: hash.to_hex().to_string(),
-            len,
-            content_type: content_type.to_string(),
-            url: url.to_string(),
-            stored_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        };
+        let record = Record::new(&hash, len, content_type, url);
         // Blobs up to memory_max_object_bytes are re-hashed on every load from disk, so a torn
         // one after a power cut is refetched, never served: only larger ones need the fsync.
         let durable = self.config.cache.fsync && len > self.config.cache.memory_max_object_bytes.0;
