@@ -72,7 +72,15 @@ fn hot_path(c: &mut Criterion) {
         );
         let config = parasol::Config::from_sources("bench", &toml, std::iter::empty()).unwrap();
         let base = config.server.public_base_url.clone();
-        let bound = parasol::Bound::bind(config, parasol::Options::default()).await.unwrap();
+        let bound = parasol::Bound::bind(
+            config,
+            parasol::Options {
+                worker_exe: env!("CARGO_BIN_EXE_parasol").into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
         let state = bound.public_state();
         let signer = parasol::signing::Signer::new([KEY]);
         let path = |file: &str| {

@@ -62,8 +62,15 @@ async fn main() {
     let (mut ready, mut first_hit) = (Vec::new(), Vec::new());
     for run in 0..3 {
         let t = Instant::now();
-        let bound =
-            parasol::Bound::bind(config(dir.path()), parasol::Options::default()).await.unwrap();
+        let bound = parasol::Bound::bind(
+            config(dir.path()),
+            parasol::Options {
+                worker_exe: env!("CARGO_BIN_EXE_parasol").into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
         ready.push(t.elapsed());
         let base = url::Url::parse(&format!("http://{}/", bound.public_addr())).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -10,12 +10,33 @@ pub mod budget;
 pub mod disk;
 pub mod evict;
 pub mod index;
+pub mod inflight;
 pub mod memory;
 pub mod shared;
 pub mod verify;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, header};
+
+/// Where a body goes chunk by chunk as it arrives: from the shared bucket
+/// ([`shared::SharedTier::download`]) or from a media worker's reply.
+pub trait ChunkSink {
+    /// Called once with the record's length, before the first chunk.
+    fn begin(&mut self, len: u64) -> impl Future<Output = std::io::Result<()>> + Send;
+    fn push(&mut self, chunk: &[u8]) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+impl ChunkSink for Vec<u8> {
+    async fn begin(&mut self, len: u64) -> std::io::Result<()> {
+        self.reserve(len as usize);
+        Ok(())
+    }
+
+    async fn push(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        self.extend_from_slice(chunk);
+        Ok(())
+    }
+}
 
 /// Names one cached rendition: blake3 of the canonical source URL and the variant name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

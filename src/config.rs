@@ -190,6 +190,22 @@ pub struct MediaConfig {
     /// SVG is never served as-is: `rasterize` draws it to PNG (no script, no network, no
     /// files), `refuse` answers 415.
     pub svg: String,
+    /// Media worker processes (every decode, render and strip runs in one); default: one per
+    /// core.
+    pub workers: u32,
+    /// Media jobs that may wait for a worker; beyond it a job is refused with 503 `media_busy`.
+    pub queue: u32,
+    /// Address-space limit of each worker, enforced by the kernel. A job that needs more
+    /// kills its worker and answers 422 `media_too_costly`.
+    pub worker_memory: Size,
+    /// Wall-clock deadline of one job; past it the worker is killed (422 `media_too_costly`).
+    /// The kernel also limits each job to about this much CPU time.
+    pub job_timeout: Dur,
+    /// Jobs a worker runs before it is replaced by a fresh process.
+    pub worker_jobs: u32,
+    /// Bytes that fills and media results may hold in memory at once; past it, bodies go to
+    /// temp files on disk as they arrive.
+    pub inflight_bytes: Size,
 }
 
 impl Default for MediaConfig {
@@ -199,6 +215,12 @@ impl Default for MediaConfig {
             max_pixels: 40_000_000,
             strip_metadata: true,
             svg: "rasterize".into(),
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
+            queue: 128,
+            worker_memory: Size(512 << 20),
+            job_timeout: Dur(Duration::from_secs(10)),
+            worker_jobs: 1000,
+            inflight_bytes: Size(256 << 20),
         }
     }
 }
@@ -210,33 +232,61 @@ impl Default for MediaConfig {
 pub struct VariantConfig {
     pub width: Option<u32>,
     pub height: Option<u32>,
-    /// `webp` (lossy), `png` or `jpeg`.
-    pub format: String,
+    pub format: VariantFormat,
     /// WebP and JPEG quality, 1–100.
     pub quality: u8,
 }
 
 impl Default for VariantConfig {
     fn default() -> Self {
-        Self { width: None, height: None, format: "webp".into(), quality: 80 }
+        Self { width: None, height: None, format: VariantFormat::Webp, quality: 80 }
+    }
+}
+
+/// The encoding of a rendition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VariantFormat {
+    Webp,
+    Png,
+    Jpeg,
+}
+
+impl VariantFormat {
+    pub fn mime_type(self) -> &'static str {
+        match self {
+            VariantFormat::Webp => "image/webp",
+            VariantFormat::Png => "image/png",
+            VariantFormat::Jpeg => "image/jpeg",
+        }
+    }
+
+    /// The file extension (and the name in the config).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VariantFormat::Webp => "webp",
+            VariantFormat::Png => "png",
+            VariantFormat::Jpeg => "jpeg",
+        }
     }
 }
 
 /// The presets Misskey's `mediaProxy` asks for. An animation's `static` rendition is its first
 /// frame; every variant is a still image (the decoder reads the first frame).
 pub fn default_variants() -> std::collections::BTreeMap<String, VariantConfig> {
-    let v = |w: Option<u32>, h: Option<u32>, format: &str| VariantConfig {
+    use VariantFormat::{Png, Webp};
+    let v = |w: Option<u32>, h: Option<u32>, format| VariantConfig {
         width: w,
         height: h,
-        format: format.into(),
+        format,
         ..VariantConfig::default()
     };
     [
-        ("avatar", v(Some(320), Some(320), "webp")),
-        ("preview", v(Some(200), Some(200), "webp")),
-        ("static", v(Some(498), Some(422), "webp")),
-        ("emoji", v(None, Some(128), "webp")),
-        ("badge", v(Some(96), Some(96), "png")),
+        ("avatar", v(Some(320), Some(320), Webp)),
+        ("preview", v(Some(200), Some(200), Webp)),
+        ("static", v(Some(498), Some(422), Webp)),
+        ("emoji", v(None, Some(128), Webp)),
+        ("badge", v(Some(96), Some(96), Png)),
     ]
     .into_iter()
     .map(|(name, spec)| (name.to_string(), spec))
@@ -442,12 +492,6 @@ impl Config {
             if !name_ok {
                 return bad(&key, "names are 1-32 letters, digits, '-' or '_'".into());
             }
-            if !matches!(v.format.as_str(), "webp" | "png" | "jpeg") {
-                return bad(
-                    &format!("{key}.format"),
-                    format!("{:?}: use webp, png or jpeg", v.format),
-                );
-            }
             let dim_ok = |d: Option<u32>| d.is_none_or(|d| (1..=8192).contains(&d));
             if (v.width.is_none() && v.height.is_none()) || !dim_ok(v.width) || !dim_ok(v.height) {
                 return bad(&key, "needs width and/or height, each 1-8192".into());
@@ -483,6 +527,19 @@ impl Config {
         }
         if !matches!(self.media.svg.as_str(), "rasterize" | "refuse") {
             return bad("media.svg", format!("{:?}: use rasterize or refuse", self.media.svg));
+        }
+        let media = &self.media;
+        if !(1..=256).contains(&media.workers) {
+            return bad("media.workers", "must be 1-256".into());
+        }
+        if media.worker_memory.0 < 64 << 20 {
+            return bad("media.worker_memory", "must be at least 64 MiB".into());
+        }
+        if media.job_timeout.0 < Duration::from_millis(100) || media.worker_jobs == 0 {
+            return bad("media", "job_timeout must be at least 100 ms, worker_jobs above 0".into());
+        }
+        if media.inflight_bytes.0 < 1 << 20 {
+            return bad("media.inflight_bytes", "must be at least 1 MiB".into());
         }
         for pattern in &self.media.allowed_types {
             if !pattern.contains('/') {

@@ -54,7 +54,11 @@ pub enum ProxyError {
     #[error("content type not allowed")]
     UnsupportedType,
     #[error("image cannot be rendered: {0}")]
-    BadImage(&'static str),
+    BadImage(std::sync::Arc<str>),
+    #[error("media work over its limits: {0}")]
+    MediaTooCostly(std::sync::Arc<str>),
+    #[error("media workers busy")]
+    MediaBusy,
     #[error("origin answered status {0}")]
     OriginStatus(u16),
     #[error("origin response invalid: {0}")]
@@ -77,6 +81,11 @@ impl ProxyError {
         ProxyError::Internal(e.to_string().into())
     }
 
+    /// A decoder's refusal of a file (unreadable, over the limits read from its header).
+    pub fn bad_image(why: &str) -> Self {
+        ProxyError::BadImage(why.into())
+    }
+
     pub fn status(&self) -> StatusCode {
         use ProxyError::*;
         match self {
@@ -89,9 +98,10 @@ impl ProxyError {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedType | BadImage(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            MediaTooCostly(_) => StatusCode::UNPROCESSABLE_ENTITY,
             OriginStatus(_) | OriginInvalid(_) | OriginUnreachable => StatusCode::BAD_GATEWAY,
             OriginTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Overloaded | StorageFull => StatusCode::SERVICE_UNAVAILABLE,
+            Overloaded | StorageFull | MediaBusy => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -113,6 +123,8 @@ impl ProxyError {
             TooLarge => "too_large",
             UnsupportedType => "unsupported_type",
             BadImage(_) => "bad_image",
+            MediaTooCostly(_) => "media_too_costly",
+            MediaBusy => "media_busy",
             OriginStatus(_) => "origin_status",
             OriginInvalid(_) => "origin_invalid",
             OriginUnreachable => "origin_unreachable",
@@ -131,8 +143,10 @@ impl ProxyError {
             BlockedDestination(_) | BlockedDomain => Cause::Viewer,
             NotFound | TooLarge | UnsupportedType | BadImage(_) | OriginStatus(_)
             | OriginInvalid(_) | RedirectRefused => Cause::Origin,
+            // The file did it: a decoder ran out of time or memory on it, or died.
+            MediaTooCostly(_) => Cause::Origin,
             OriginUnreachable | OriginTimeout => Cause::Origin,
-            Overloaded | StorageFull | Internal(_) => Cause::Us,
+            Overloaded | StorageFull | MediaBusy | Internal(_) => Cause::Us,
         }
     }
 
@@ -153,9 +167,10 @@ impl ProxyError {
             TooLarge => "object too large",
             UnsupportedType => "content type not allowed",
             BadImage(_) => "image cannot be rendered",
+            MediaTooCostly(_) => "image too costly to render",
             OriginStatus(_) | OriginInvalid(_) | OriginUnreachable => "origin failed",
             OriginTimeout => "origin timed out",
-            Overloaded | StorageFull => "overloaded, try again later",
+            Overloaded | StorageFull | MediaBusy => "overloaded, try again later",
             Internal(_) => "internal error",
         }
     }

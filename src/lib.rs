@@ -15,9 +15,12 @@
 //!   [`fetch::peer`] re-checks the connected socket, [`fetch::limit`] caps fills.
 //! - [`cache`]: [`cache::Key`] and [`cache::Entry`]; memory tier, disk blobs, redb index,
 //!   the disk budget ([`cache::budget`], S3-FIFO in [`cache::evict`]), [`cache::verify`].
-//! - [`media`]: content sniffing and the type allowlist.
+//! - [`media`]: content sniffing and the type allowlist; [`media::worker`] runs every decode,
+//!   render and metadata strip in sandboxed worker processes (`parasol media-worker`) under
+//!   kernel limits, and `media/{variants,svg,strip}.rs` is what runs inside them.
 //! - [`proxy`]: the request lifecycle: lookup, coalesced fill; `proxy/store.rs` receives and
-//!   stores bodies and renditions, `proxy/upkeep.rs` purges, evicts and runs background upkeep.
+//!   stores bodies (within the in-flight budget, [`cache::inflight`]), `proxy/prepare.rs`
+//!   hands media work to the worker pool, `proxy/upkeep.rs` purges, evicts and runs upkeep.
 //! - [`response`]: 200/206/304/416 and error responses from an entry.
 //! - [`server`]: accept loops, graceful shutdown, viewer routing; [`admin`]: probes, metrics.
 //! - [`audit`]: the outbound request log. [`telemetry`]: logging and metric names.
@@ -27,9 +30,11 @@
 //! response, whose headers were built once when the entry was filled.
 //!
 //! Miss: one leader task per key, spawned so that a viewer who disconnects cancels nothing:
-//! disk index → (absent) guarded fetch → stream to a temp file while hashing, sniffing and
-//! counting → validate → admit to the disk budget → rename into place → index → evict what
-//! the budget no longer holds → publish to every waiting viewer.
+//! disk index → (absent) guarded fetch → stream to memory or a temp file while hashing,
+//! sniffing and counting → release the fill slot → a media worker rasterises SVG and strips
+//! metadata → admit to the disk budget → rename into place → index → evict what the budget
+//! no longer holds → publish to every waiting viewer. A variant is a second fill keyed by the
+//! original's content: the original's bytes go to a worker, the rendition comes back.
 //!
 //! Background: at start the budget is rebuilt from the index and reconciled with the blob
 //! files; retention drops idle blobs; a scrub re-hashes large blobs daily.
@@ -77,6 +82,8 @@ pub enum StartError {
     Audit { path: String, source: std::io::Error },
     #[error("{0}")]
     Setup(error::ProxyError),
+    #[error("media worker: {0}")]
+    Media(error::ProxyError),
 }
 
 /// Hooks for embedding and tests; the defaults are what the binary uses.
@@ -87,12 +94,42 @@ pub struct Options {
     /// The config file to re-read on reload (SIGHUP, `POST /admin/reload`); `None` repeats
     /// the default lookup (`config/parasol.toml` when present).
     pub config_path: Option<std::path::PathBuf>,
+    /// The `parasol` binary started as the media workers. The binary itself by default
+    /// (`/proc/self/exe`, which stays the running version across an upgrade on disk); a test
+    /// or an embedding program names the built `parasol` binary here.
+    pub worker_exe: std::path::PathBuf,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { lookup: Arc::new(SystemLookup), config_path: None }
+        Self {
+            lookup: Arc::new(SystemLookup),
+            config_path: None,
+            worker_exe: std::path::PathBuf::from("/proc/self/exe"),
+        }
     }
+}
+
+/// The media worker pool `config` asks for, starting `exe` as its workers.
+pub fn media_pool(
+    config: &Config,
+    exe: std::path::PathBuf,
+    metrics: &telemetry::Metrics,
+) -> media::worker::MediaPool {
+    let m = &config.media;
+    let pool = media::worker::PoolConfig {
+        exe,
+        workers: m.workers as usize,
+        queue: m.queue as usize,
+        limits: media::worker::Limits {
+            memory: m.worker_memory.0,
+            cpu_seconds: m.job_timeout.0.as_secs() + 1,
+            jobs: m.worker_jobs,
+        },
+        job_timeout: m.job_timeout.0,
+        max_input: config.cache.max_object_bytes.0,
+    };
+    media::worker::MediaPool::new(pool, metrics.media_jobs.clone())
 }
 
 /// The signing keys in effect: the configured ones, or the key generated once and kept in the
@@ -159,8 +196,12 @@ impl Bound {
         let started = std::time::SystemTime::now();
         let shared = cache::shared::SharedTier::from_config(&config.shared)
             .map_err(|e| StartError::Setup(error::ProxyError::internal(e)))?;
+        let media = media_pool(&config, options.worker_exe, &metrics);
+        let landlock = media.warm().await.map_err(StartError::Media)?;
+        tracing::info!(workers = config.media.workers, landlock, "media workers sandboxed");
         let proxy = Arc::new(
-            proxy::Proxy::new(config, fetcher, audit, disk, index, metrics).with_shared(shared),
+            proxy::Proxy::new(config, fetcher, audit, disk, index, metrics, media)
+                .with_shared(shared),
         );
         let entries = proxy.load_budget().await.map_err(StartError::Setup)?;
         let (bytes, blobs) = proxy.budget.usage();

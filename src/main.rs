@@ -47,6 +47,31 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// A media worker (started by the server; not for operators), or with `--self-check`,
+    /// a check from inside a real worker that its sandbox refuses files, sockets and programs.
+    #[command(hide = true)]
+    MediaWorker {
+        /// Start one worker as the server would, try what its sandbox must refuse, print the
+        /// findings as JSON and exit 0 only if everything was refused.
+        #[arg(long)]
+        self_check: bool,
+        /// With --self-check: the file the worker tries to open.
+        #[arg(long, default_value = "/etc/hostname")]
+        open: PathBuf,
+        /// With --self-check: the address the worker tries to connect to.
+        #[arg(long, default_value = "127.0.0.1:9")]
+        connect: std::net::SocketAddr,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value_t = 512 << 20)]
+        memory: u64,
+        #[arg(long, default_value_t = 11)]
+        cpu_seconds: u64,
+        #[arg(long, default_value_t = 1000)]
+        jobs: u32,
+        #[arg(long, default_value_t = 100 << 20)]
+        max_input: u64,
+    },
     /// Summarise the outbound audit log: per origin host, requests, bytes, headers sent.
     /// Exits 1 if any request carried a header outside the outbound allowlist.
     Audit {
@@ -61,8 +86,23 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // A worker starts nothing else (no runtime, no logging setup): it raises its sandbox
+    // first thing and then only reads jobs.
+    if let Some(Command::MediaWorker {
+        self_check: false,
+        memory,
+        cpu_seconds,
+        jobs,
+        max_input,
+        ..
+    }) = cli.command
+    {
+        let limits = parasol::media::worker::Limits { memory, cpu_seconds, jobs };
+        return parasol::media::worker::child::run(limits, max_input);
+    }
     parasol::telemetry::init_logging();
-    match run(Cli::parse()) {
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("parasol: {e:#}");
@@ -128,6 +168,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{signed}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::MediaWorker { open, connect, config, .. } => {
+            let config = load(config.as_deref())?;
+            let metrics = parasol::telemetry::Metrics::new();
+            let exe = parasol::Options::default().worker_exe;
+            let pool = parasol::media_pool(&config, exe, &metrics);
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let report = runtime
+                .block_on(pool.self_check(open, connect))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(if report.is_sandboxed() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
         Command::CheckConfig { config } => {
             let config = load(config.as_deref())?;
             print!("{}", config.to_redacted_toml());
@@ -155,7 +208,8 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let grace = config.server.shutdown_grace.0;
+    let served = runtime.block_on(async move {
         let shutdown = shutdown_signal()?;
         let hangups = sighup()?;
         let options = parasol::Options { config_path: path, ..Default::default() };
@@ -164,7 +218,11 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         reload_on(hangups, bound.reloader());
         bound.serve(shutdown).await;
         Ok(())
-    })
+    });
+    // Whatever is still running (a fill waiting on its origin, a job on a stuck worker, whose
+    // process is killed as its task is dropped) does not hold the exit past the grace period.
+    runtime.shutdown_timeout(grace);
+    served
 }
 
 /// SIGHUP, registered before the listeners open (its default action would end the process).

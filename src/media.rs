@@ -2,10 +2,15 @@
 //! origin's Content-Type, which a hostile origin controls) and must be on
 //! `media.allowed_types`. Types that can run script in a browser are refused whatever the
 //! configuration says.
+//!
+//! Sniffing reads a few magic bytes and is all the server itself does with a file's contents;
+//! everything that parses one (decoding, rendering, rasterising, stripping metadata) runs in
+//! a sandboxed worker process ([`worker`]).
 
 pub mod strip;
 pub mod svg;
 pub mod variants;
+pub mod worker;
 
 use crate::error::ProxyError;
 

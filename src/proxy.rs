@@ -4,8 +4,11 @@
 //! A fill runs on its own task, so a viewer who disconnects cancels nothing for the others;
 //! every viewer asking for the same key meanwhile waits on that one fill.
 
+mod prepare;
 mod store;
 mod upkeep;
+
+pub(crate) use store::storage_error;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,6 +21,7 @@ use crate::audit::{AuditLog, Trigger};
 use crate::cache::budget::DiskBudget;
 use crate::cache::disk::BlobStore;
 use crate::cache::index::Index;
+use crate::cache::inflight::InflightBudget;
 use crate::cache::memory::MemoryTier;
 use crate::cache::{Entry, Key};
 use crate::config::Config;
@@ -25,6 +29,7 @@ use crate::error::ProxyError;
 use crate::fetch::Fetcher;
 use crate::fetch::limit::FillLimits;
 use crate::media::TypePolicy;
+use crate::media::worker::MediaPool;
 use crate::telemetry::{CacheStatus, Metrics};
 
 /// Removes a key from the in-flight map when dropped.
@@ -59,9 +64,10 @@ struct Received {
 }
 
 /// Where a received body waits to be stored: small ones in memory (written to disk in one
-/// blocking call, and kept for the memory tier), larger ones streamed into a temp blob.
+/// blocking call, and kept for the memory tier) under a hold on the in-flight budget, larger
+/// ones (or any, while the budget is spent) streamed into a temp blob.
 enum Held {
-    Memory(Bytes),
+    Memory(Bytes, Option<crate::cache::inflight::Hold>),
     Disk(crate::cache::disk::TempBlob),
 }
 
@@ -83,10 +89,10 @@ pub struct Proxy {
     pub index: Index,
     types: TypePolicy,
     pub limits: FillLimits,
-    /// One render per core at a time; renders run on blocking threads.
-    render_cpu: tokio::sync::Semaphore,
-    /// Renders running or waiting; beyond it a render is refused with 503, not queued.
-    render_queue: tokio::sync::Semaphore,
+    /// Every decode, render and strip runs here, in sandboxed worker processes.
+    pub media: MediaPool,
+    /// Bytes held in memory by fills and media results (`media.inflight_bytes`).
+    pub body_budget: InflightBudget,
     /// What is on disk and what to evict: `cache.disk_bytes` by S3-FIFO.
     pub budget: DiskBudget,
     /// Fills in progress. A std mutex: it is held only to look up or insert, never across await.
@@ -104,6 +110,7 @@ impl Proxy {
         disk: BlobStore,
         index: Index,
         metrics: Metrics,
+        media: MediaPool,
     ) -> Self {
         let negative = moka::future::Cache::builder()
             .max_capacity(100_000)
@@ -114,8 +121,8 @@ impl Proxy {
             types: TypePolicy::new(&config.media.allowed_types)
                 .rasterizing_svg(config.media.svg == "rasterize"),
             budget: DiskBudget::new(config.cache.disk_bytes.0),
-            render_cpu: tokio::sync::Semaphore::new(cores()),
-            render_queue: tokio::sync::Semaphore::new(cores() * 8),
+            media,
+            body_budget: InflightBudget::new(config.media.inflight_bytes.0),
             limits: FillLimits::new(
                 config.fetch.max_fills as usize,
                 config.fetch.max_per_origin as usize,
@@ -309,36 +316,17 @@ impl Proxy {
         shared: &crate::cache::shared::SharedTier,
         key: Key,
     ) -> Result<Option<(String, Received)>, crate::cache::shared::SharedError> {
-        /// The fill's body sink (made once the length is known), keeping the first bytes for
-        /// the sniffer.
-        struct Into<'a> {
-            sink: Option<store::Sink>,
-            disk: &'a crate::cache::disk::BlobStore,
-            head: Vec<u8>,
-        }
-        impl crate::cache::shared::ChunkSink for Into<'_> {
-            async fn begin(&mut self, len: u64) -> std::io::Result<()> {
-                self.sink = Some(store::Sink::new(self.disk, Some(len)).await?);
-                Ok(())
-            }
-
-            async fn push(&mut self, chunk: &[u8]) -> std::io::Result<()> {
-                let take = crate::media::SNIFF_LEN.saturating_sub(self.head.len()).min(chunk.len());
-                self.head.extend_from_slice(&chunk[..take]);
-                let sink = self.sink.as_mut().expect("begin comes first");
-                sink.push(self.disk, chunk).await
-            }
-        }
         let max = self.config.cache.max_object_bytes.0;
-        let mut into = Into { sink: None, disk: &self.disk, head: Vec::new() };
-        let Some(record) = shared.download(&key, max, &mut into).await? else { return Ok(None) };
-        let Some(sink) = into.sink else { return Ok(None) };
+        let mut sink = store::Sink::new(&self.disk, &self.body_budget);
+        let Some(record) = shared.download(&key, max, &mut sink).await? else { return Ok(None) };
         // The bucket's word on the type is not taken either: sniffed again, as from an origin.
         let not_allowed =
             |_| crate::cache::shared::SharedError::Record("not an allowed type".into());
-        let content_type = self.types.sniff(&into.head).map_err(not_allowed)?;
-        let hash = record.blake3().expect("download checked the hash");
-        let received = Received { body: sink.finish(), hash, len: record.len, content_type };
+        let content_type = self.types.sniff(sink.head()).map_err(not_allowed)?;
+        let received = sink.finish(content_type);
+        if received.hash != record.blake3().expect("download checked the hash") {
+            return Err(crate::cache::shared::SharedError::Record("hash mismatch".into()));
+        }
         Ok(Some((record.url, received)))
     }
 
@@ -417,8 +405,4 @@ impl Proxy {
         let entry = Entry::new(hash, record.len, &record.content_type, body).with_touch(touch);
         Ok(Some(Arc::new(entry)))
     }
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get())
 }

@@ -88,6 +88,7 @@ pub struct Metrics {
     pub audit_violations: Counter,
     pub evictions: Counter,
     pub renders: Counter,
+    pub media_jobs: Family<OutcomeLabels, Counter>,
     pub blobs_dropped: Counter,
     pub shared: Family<SharedLabels, Counter>,
 }
@@ -156,6 +157,13 @@ impl Metrics {
             "Variant renditions computed (decode, resize, encode)",
             renders.clone(),
         );
+        let media_jobs = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "media_jobs",
+            "Media worker jobs by outcome: ok, unchanged, refused (decoder said no), too_costly \
+             (timeout, memory, CPU, crash), remembered (a known too-costly file), busy, error",
+            media_jobs.clone(),
+        );
         let blobs_dropped = Counter::default();
         registry.register(
             "blobs_dropped",
@@ -171,6 +179,7 @@ impl Metrics {
         Self {
             shared,
             renders,
+            media_jobs,
             evictions,
             blobs_dropped,
             audit_violations,

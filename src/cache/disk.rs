@@ -45,6 +45,13 @@ impl TempBlob {
         self.file.flush().await?;
         tokio::fs::read(&self.path).await
     }
+
+    /// The file's path once everything written so far has reached it, for a reader (a media
+    /// job streamed from it).
+    pub async fn flushed_path(&mut self) -> io::Result<&Path> {
+        self.file.flush().await?;
+        Ok(&self.path)
+    }
 }
 
 impl Drop for TempBlob {

@@ -64,26 +64,9 @@ pub enum SharedError {
 }
 
 /// The chunks of one blob as the bucket sends them.
+pub use super::ChunkSink;
+
 pub type BlobStream = futures_util::stream::BoxStream<'static, Result<Bytes, object_store::Error>>;
-
-/// Where [`SharedTier::download`] puts a blob's chunks as they arrive.
-pub trait ChunkSink {
-    /// Called once with the record's length, before the first chunk.
-    fn begin(&mut self, len: u64) -> impl Future<Output = std::io::Result<()>> + Send;
-    fn push(&mut self, chunk: &[u8]) -> impl Future<Output = std::io::Result<()>> + Send;
-}
-
-impl ChunkSink for Vec<u8> {
-    async fn begin(&mut self, len: u64) -> std::io::Result<()> {
-        self.reserve(len as usize);
-        Ok(())
-    }
-
-    async fn push(&mut self, chunk: &[u8]) -> std::io::Result<()> {
-        self.extend_from_slice(chunk);
-        Ok(())
-    }
-}
 
 /// Part size of a multipart upload (S3's minimum is 5 MiB).
 const PART: usize = 8 << 20;

@@ -39,7 +39,7 @@ pub fn looks_like_svg(head: &[u8]) -> bool {
 /// Draws `svg` to a PNG fitting within 1024 × 1024 (never above `max_pixels`).
 pub fn rasterize(svg: &[u8], max_pixels: u64) -> Result<Vec<u8>, ProxyError> {
     if svg.len() as u64 > MAX_SVG_BYTES {
-        return Err(ProxyError::BadImage("SVG too large to render"));
+        return Err(ProxyError::bad_image("SVG too large to render"));
     }
     let options = resvg::usvg::Options {
         image_href_resolver: resvg::usvg::ImageHrefResolver {
@@ -49,15 +49,15 @@ pub fn rasterize(svg: &[u8], max_pixels: u64) -> Result<Vec<u8>, ProxyError> {
         ..resvg::usvg::Options::default()
     };
     let tree = resvg::usvg::Tree::from_data(svg, &options)
-        .map_err(|_| ProxyError::BadImage("unreadable SVG"))?;
+        .map_err(|_| ProxyError::bad_image("unreadable SVG"))?;
     let size = tree.size();
     let scale = (MAX_SIDE / size.width().max(size.height())).min(1.0);
     let (w, h) = ((size.width() * scale).ceil() as u32, (size.height() * scale).ceil() as u32);
     if w == 0 || h == 0 || u64::from(w) * u64::from(h) > max_pixels {
-        return Err(ProxyError::BadImage("SVG dimensions out of range"));
+        return Err(ProxyError::bad_image("SVG dimensions out of range"));
     }
     let mut pixmap = resvg::tiny_skia::Pixmap::new(w, h)
-        .ok_or(ProxyError::BadImage("SVG dimensions out of range"))?;
+        .ok_or_else(|| ProxyError::bad_image("SVG dimensions out of range"))?;
     resvg::render(
         &tree,
         resvg::tiny_skia::Transform::from_scale(scale, scale),

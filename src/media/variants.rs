@@ -5,7 +5,7 @@
 //! Decoding hostile files is the dangerous part, so the size is read from the header first and
 //! refused above `media.max_pixels` before any pixel is decoded, and the decoder runs with
 //! `image::Limits` (dimensions and an allocation cap) as a second line. Animations give their
-//! first frame. Callers run [`render`] on a blocking thread under a CPU semaphore.
+//! first frame. Runs only inside a media worker (`media::worker`), under its limits.
 
 use std::io::Cursor;
 
@@ -13,7 +13,7 @@ use fast_image_resize::images::Image;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{DynamicImage, ImageDecoder, ImageEncoder, ImageReader};
 
-use crate::config::VariantConfig;
+use crate::config::{VariantConfig, VariantFormat};
 use crate::error::ProxyError;
 
 /// Largest single dimension ever decoded, whatever `max_pixels` allows.
@@ -35,23 +35,23 @@ pub fn render(
     max_pixels: u64,
 ) -> Result<Rendered, ProxyError> {
     if !looks_complete(source) {
-        return Err(ProxyError::BadImage("truncated image"));
+        return Err(ProxyError::bad_image("truncated image"));
     }
     let probe = ImageReader::new(Cursor::new(source))
         .with_guessed_format()
-        .map_err(|_| ProxyError::BadImage("unreadable"))?;
-    let (w, h) = probe.into_dimensions().map_err(|_| ProxyError::BadImage("unreadable header"))?;
+        .map_err(|_| ProxyError::bad_image("unreadable"))?;
+    let (w, h) = probe.into_dimensions().map_err(|_| ProxyError::bad_image("unreadable header"))?;
     if w == 0
         || h == 0
         || w > MAX_DIMENSION
         || h > MAX_DIMENSION
         || u64::from(w) * u64::from(h) > max_pixels
     {
-        return Err(ProxyError::BadImage("image dimensions over the limit"));
+        return Err(ProxyError::bad_image("image dimensions over the limit"));
     }
     let mut reader = ImageReader::new(Cursor::new(source))
         .with_guessed_format()
-        .map_err(|_| ProxyError::BadImage("unreadable"))?;
+        .map_err(|_| ProxyError::bad_image("unreadable"))?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(w);
     limits.max_image_height = Some(h);
@@ -59,14 +59,14 @@ pub fn render(
     limits.max_alloc = Some(max_pixels.saturating_mul(4).saturating_add(64 << 20));
     reader.limits(limits);
     let mut decoder =
-        reader.into_decoder().map_err(|_| ProxyError::BadImage("unsupported image"))?;
+        reader.into_decoder().map_err(|_| ProxyError::bad_image("unsupported image"))?;
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(decoder)
-        .map_err(|_| ProxyError::BadImage("corrupt or truncated image"))?;
+        .map_err(|_| ProxyError::bad_image("corrupt or truncated image"))?;
     img.apply_orientation(orientation);
 
     let (tw, th) = target_size(img.width(), img.height(), spec);
-    let keep_alpha = img.color().has_alpha() && spec.format != "jpeg";
+    let keep_alpha = img.color().has_alpha() && spec.format != VariantFormat::Jpeg;
     let src = if keep_alpha {
         DynamicImage::ImageRgba8(img.to_rgba8())
     } else {
@@ -82,25 +82,19 @@ pub fn render(
     let color =
         if keep_alpha { image::ExtendedColorType::Rgba8 } else { image::ExtendedColorType::Rgb8 };
     let mut bytes = Vec::new();
-    let encoded = match spec.format.as_str() {
-        "png" => {
+    let encoded = match spec.format {
+        VariantFormat::Png => {
             image::codecs::png::PngEncoder::new(&mut bytes).write_image(dst.buffer(), tw, th, color)
         }
-        "jpeg" => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, spec.quality)
+        VariantFormat::Jpeg => {
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, spec.quality)
+                .write_image(dst.buffer(), tw, th, color)
+        }
+        VariantFormat::Webp => image::codecs::webp::WebPEncoder::new_lossless(&mut bytes)
             .write_image(dst.buffer(), tw, th, color),
-        _ => image::codecs::webp::WebPEncoder::new_lossless(&mut bytes).write_image(
-            dst.buffer(),
-            tw,
-            th,
-            color,
-        ),
     };
     encoded.map_err(|_| ProxyError::internal("encode failed"))?;
-    let content_type = match spec.format.as_str() {
-        "png" => "image/png",
-        "jpeg" => "image/jpeg",
-        _ => "image/webp",
-    };
+    let content_type = spec.format.mime_type();
     Ok(Rendered { bytes, content_type, width: tw, height: th })
 }
 
@@ -134,7 +128,8 @@ mod tests {
     use super::*;
 
     fn spec(w: Option<u32>, h: Option<u32>, format: &str) -> VariantConfig {
-        VariantConfig { width: w, height: h, format: format.into(), quality: 80 }
+        let format = serde_json::from_value(serde_json::json!(format)).unwrap();
+        VariantConfig { width: w, height: h, format, quality: 80 }
     }
 
     #[test]

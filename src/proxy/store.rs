@@ -1,5 +1,5 @@
-//! The fill's storing half: receive an origin body into a temp blob, prepare it (SVG to PNG,
-//! metadata stripped), and store it (budget, rename, index); and the same for renditions.
+//! The fill's storing half: receive an origin body (into memory within the in-flight budget,
+//! else a temp blob) and store it (budget, rename, index); the same for renditions.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,42 +10,15 @@ use tokio::io::AsyncWriteExt;
 use super::{Held, IN_MEMORY_FILL, Proxy, Received};
 use crate::api::ProxyRequest;
 use crate::audit::Trigger;
+use crate::cache::disk::{BlobStore, TempBlob};
 use crate::cache::index::Record;
+use crate::cache::inflight::{Hold, InflightBudget};
 use crate::cache::{Entry, Key};
 use crate::error::ProxyError;
 use crate::media::SNIFF_LEN;
 use crate::telemetry::OutcomeLabels;
 
 impl Proxy {
-    /// Renders on a blocking thread under the CPU semaphore; beyond the queue bound, 503.
-    pub(super) async fn render_and_store(
-        &self,
-        key: Key,
-        url: &str,
-        original: &Entry,
-        spec: &crate::config::VariantConfig,
-    ) -> Result<Arc<Entry>, ProxyError> {
-        let _queued = self.render_queue.try_acquire().map_err(|_| ProxyError::Overloaded)?;
-        let _cpu = self.render_cpu.acquire().await.map_err(|_| ProxyError::Overloaded)?;
-        let source = match &original.body {
-            Some(bytes) => bytes.clone(),
-            None => Bytes::from(
-                tokio::fs::read(self.disk.path(&original.hash))
-                    .await
-                    .map_err(ProxyError::internal)?,
-            ),
-        };
-        let (spec, max_pixels) = (spec.clone(), self.config.media.max_pixels);
-        self.metrics.renders.inc();
-        let rendered = tokio::task::spawn_blocking(move || {
-            crate::media::variants::render(&source, &spec, max_pixels)
-        })
-        .await
-        .map_err(|_| ProxyError::internal("render task failed"))??;
-        let received = self.received_from(rendered.bytes, rendered.content_type).await?;
-        self.store(key, url, received).await
-    }
-
     /// Fetches `req.source` and stores it. `fetch.timeout` bounds the origin's part (waiting
     /// for a per-origin slot, headers, body); storing what arrived in time always runs to the
     /// end, so a deadline can never leave a blob on disk that the budget does not count.
@@ -67,7 +40,15 @@ impl Proxy {
             Err(ProxyError::OriginTimeout)
         });
         let result = match result {
-            Ok((_permit, received)) => match self.prepare(received).await {
+            // The origin's part is over: its fill slot goes back before a media worker sees
+            // the body, so slow or stuck media jobs never hold fills from other viewers.
+            Ok((permit, received)) => match self
+                .prepare({
+                    drop(permit);
+                    received
+                })
+                .await
+            {
                 Ok(received) => self.store(key, req.source.as_str(), received).await,
                 Err(e) => Err(e),
             },
@@ -84,67 +65,6 @@ impl Proxy {
             self.drop_victims(victims).await;
         }
         result
-    }
-
-    /// What is stored is what may be served: an SVG becomes a PNG, metadata is stripped.
-    pub(super) async fn prepare(&self, received: Received) -> Result<Received, ProxyError> {
-        let received = self.rasterize_svg(received).await?;
-        self.strip_metadata(received).await
-    }
-
-    /// Replaces a received SVG (admitted only with `media.svg = "rasterize"`) by its PNG
-    /// rendering; the SVG itself is never stored or served.
-    pub(super) async fn rasterize_svg(&self, mut r: Received) -> Result<Received, ProxyError> {
-        if r.content_type != crate::media::SVG {
-            return Ok(r);
-        }
-        if r.len > crate::media::svg::MAX_SVG_BYTES {
-            return Err(ProxyError::BadImage("SVG too large to render"));
-        }
-        let svg = r.bytes().await.map_err(storage_error)?;
-        let max_pixels = self.config.media.max_pixels;
-        let _cpu = self.render_cpu.acquire().await.map_err(|_| ProxyError::Overloaded)?;
-        self.metrics.renders.inc();
-        let png =
-            tokio::task::spawn_blocking(move || crate::media::svg::rasterize(&svg, max_pixels))
-                .await
-                .map_err(|_| ProxyError::internal("render task failed"))??;
-        self.received_from(png, "image/png").await
-    }
-
-    /// `bytes`, hashed and ready to store.
-    pub(super) async fn received_from(
-        &self,
-        bytes: Vec<u8>,
-        content_type: &'static str,
-    ) -> Result<Received, ProxyError> {
-        let (hash, len) = (blake3::hash(&bytes), bytes.len() as u64);
-        Ok(Received { body: Held::Memory(Bytes::from(bytes)), hash, len, content_type })
-    }
-
-    /// Replaces a received JPEG, PNG or WebP by a copy without metadata (`media.strip_metadata`),
-    /// so the bytes stored, hashed and served (and their ETag) carry no GPS position.
-    pub(super) async fn strip_metadata(&self, mut r: Received) -> Result<Received, ProxyError> {
-        const LARGEST: u64 = 64 << 20;
-        let strippable = matches!(r.content_type, "image/jpeg" | "image/png" | "image/webp");
-        if !self.config.media.strip_metadata || !strippable || r.len > LARGEST {
-            return Ok(r);
-        }
-        let content_type = r.content_type;
-        let stripped = match &r.body {
-            // Small and in memory: parsing the segments costs less than a thread hop.
-            Held::Memory(bytes) => crate::media::strip::strip(bytes, content_type),
-            Held::Disk(_) => {
-                let bytes = r.bytes().await.map_err(storage_error)?;
-                tokio::task::spawn_blocking(move || {
-                    crate::media::strip::strip(&bytes, content_type)
-                })
-                .await
-                .map_err(|_| ProxyError::internal("strip task failed"))?
-            }
-        };
-        let Some(stripped) = stripped else { return Ok(r) };
-        self.received_from(stripped.to_vec(), content_type).await
     }
 
     /// Streams the origin's body into a temp blob while hashing, sniffing and counting; anything
@@ -196,26 +116,20 @@ impl Proxy {
                 "body without Content-Length or chunked framing",
             ));
         }
-        // Small bodies (by their declared length, or so far) are held in memory; a body that
-        // grows past the bound spills into a temp blob and streams on from there.
-        let mut sink = Sink::new(&self.disk, declared).await.map_err(storage_error)?;
-        let mut hasher = blake3::Hasher::new();
-        let mut head = Vec::with_capacity(SNIFF_LEN);
+        // Small bodies (by their declared length, or so far) are held in memory while the
+        // in-flight budget has room; others stream into a temp blob.
+        let mut sink = Sink::new(&self.disk, &self.body_budget);
+        sink.start(declared).await.map_err(storage_error)?;
         let mut content_type = None;
         while let Some(chunk) = response.chunk().await.map_err(body_error)? {
             *received += chunk.len() as u64;
             if *received > max {
                 return Err(ProxyError::TooLarge);
             }
-            if content_type.is_none() {
-                let take = (SNIFF_LEN - head.len()).min(chunk.len());
-                head.extend_from_slice(&chunk[..take]);
-                if head.len() == SNIFF_LEN {
-                    content_type = Some(self.types.sniff(&head)?);
-                }
+            sink.push_chunk(&chunk).await.map_err(storage_error)?;
+            if content_type.is_none() && sink.head().len() == SNIFF_LEN {
+                content_type = Some(self.types.sniff(sink.head())?);
             }
-            hasher.update(&chunk);
-            sink.push(&self.disk, &chunk).await.map_err(storage_error)?;
         }
         if *received == 0 {
             return Err(ProxyError::OriginInvalid("empty body"));
@@ -225,9 +139,9 @@ impl Proxy {
         }
         let content_type = match content_type {
             Some(t) => t,
-            None => self.types.sniff(&head)?,
+            None => self.types.sniff(sink.head())?,
         };
-        Ok(Received { body: sink.finish(), hash: hasher.finalize(), len: *received, content_type })
+        Ok(sink.finish(content_type))
     }
 
     /// Makes a received blob durable and findable: budget first (so a concurrent eviction of
@@ -246,7 +160,9 @@ impl Proxy {
         // one after a power cut is refetched, never served: only larger ones need the fsync.
         let durable = self.config.cache.fsync && len > self.config.cache.memory_max_object_bytes.0;
         let (written, in_memory) = match body {
-            Held::Memory(bytes) => {
+            // The in-flight hold ends here: from now on the bytes count against the memory
+            // tier (or are dropped).
+            Held::Memory(bytes, _hold) => {
                 (self.disk.write(&hash, bytes.clone(), durable).await, Some(bytes))
             }
             Held::Disk(temp) => (self.disk.commit(temp, &hash, durable).await, None),
@@ -277,69 +193,108 @@ impl Proxy {
     }
 }
 
-/// Where a body goes while it arrives: memory, while it is small (by its declared length, or so
-/// far); a temp blob once it is larger, spilling what memory held.
-pub(super) struct Sink {
-    memory: Option<Vec<u8>>,
-    temp: Option<crate::cache::disk::TempBlob>,
+/// Where a body goes while it arrives, hashed and with its first bytes kept for the sniffer:
+/// memory while it is small (by its declared length, or so far) and the in-flight budget has
+/// room; a temp blob otherwise, spilling what memory held.
+pub(crate) struct Sink {
+    disk: BlobStore,
+    budget: InflightBudget,
+    /// The body so far, the budget's hold on it, and the most that hold covers.
+    memory: Option<(Vec<u8>, Hold, usize)>,
+    temp: Option<TempBlob>,
+    hasher: blake3::Hasher,
+    head: Vec<u8>,
+    len: u64,
 }
 
 impl Sink {
-    pub(super) async fn new(
-        disk: &crate::cache::disk::BlobStore,
-        declared: Option<u64>,
-    ) -> std::io::Result<Self> {
-        Ok(match declared {
-            None => Sink { memory: Some(Vec::new()), temp: None },
-            Some(n) if n <= IN_MEMORY_FILL => {
-                Sink { memory: Some(Vec::with_capacity(n as usize)), temp: None }
-            }
-            Some(_) => Sink { memory: None, temp: Some(disk.create_temp().await?) },
-        })
+    pub(crate) fn new(disk: &BlobStore, budget: &InflightBudget) -> Self {
+        Sink {
+            disk: disk.clone(),
+            budget: budget.clone(),
+            memory: None,
+            temp: None,
+            hasher: blake3::Hasher::new(),
+            head: Vec::with_capacity(SNIFF_LEN),
+            len: 0,
+        }
     }
 
-    pub(super) async fn push(
-        &mut self,
-        disk: &crate::cache::disk::BlobStore,
-        chunk: &[u8],
-    ) -> std::io::Result<()> {
-        if let Some(held) = &mut self.memory {
-            if (held.len() + chunk.len()) as u64 <= IN_MEMORY_FILL {
+    /// Chooses memory or disk for a body of `declared` length (when known).
+    pub(crate) async fn start(&mut self, declared: Option<u64>) -> std::io::Result<()> {
+        let want = declared.unwrap_or(IN_MEMORY_FILL);
+        let hold = (want <= IN_MEMORY_FILL).then(|| self.budget.try_hold(want)).flatten();
+        match hold {
+            Some(hold) => {
+                self.memory = Some((Vec::with_capacity(want as usize), hold, want as usize))
+            }
+            None => self.temp = Some(self.disk.create_temp().await?),
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn push_chunk(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        let take = SNIFF_LEN.saturating_sub(self.head.len()).min(chunk.len());
+        self.head.extend_from_slice(&chunk[..take]);
+        self.hasher.update(chunk);
+        self.len += chunk.len() as u64;
+        if let Some((held, _, most)) = &mut self.memory {
+            if held.len() + chunk.len() <= *most {
                 held.extend_from_slice(chunk);
                 return Ok(());
             }
-            let mut spill = disk.create_temp().await?;
+            // Larger than it said, or than memory takes: spill, and give the room back.
+            let mut spill = self.disk.create_temp().await?;
             spill.file.write_all(held).await?;
             (self.memory, self.temp) = (None, Some(spill));
         }
         match &mut self.temp {
             Some(t) => t.file.write_all(chunk).await,
-            None => unreachable!("a body is held in memory or in a temp blob"),
+            None => Err(std::io::Error::other("a body sink used before start")),
         }
     }
 
-    pub(super) fn finish(self) -> Held {
-        match (self.memory, self.temp) {
-            (Some(held), _) => Held::Memory(Bytes::from(held)),
+    /// The first bytes received (up to [`SNIFF_LEN`]).
+    pub(crate) fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    pub(crate) fn finish(self, content_type: &'static str) -> Received {
+        let body = match (self.memory, self.temp) {
+            (Some((held, hold, _)), _) => Held::Memory(Bytes::from(held), Some(hold)),
             (None, Some(t)) => Held::Disk(t),
-            (None, None) => unreachable!("a body is held in memory or in a temp blob"),
-        }
+            (None, None) => Held::Memory(Bytes::new(), None),
+        };
+        Received { body, hash: self.hasher.finalize(), len: self.len, content_type }
+    }
+}
+
+impl crate::cache::ChunkSink for Sink {
+    async fn begin(&mut self, len: u64) -> std::io::Result<()> {
+        self.start(Some(len)).await
+    }
+
+    async fn push(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        self.push_chunk(chunk).await
     }
 }
 
 impl Received {
-    /// The whole body, from memory or read back from its temp blob.
-    async fn bytes(&mut self) -> std::io::Result<Bytes> {
-        match &mut self.body {
-            Held::Memory(bytes) => Ok(bytes.clone()),
-            Held::Disk(temp) => temp.read_back().await.map(Bytes::from),
-        }
+    /// The body as a media job's input: the bytes in memory, or the temp blob's file.
+    pub(super) async fn input(&mut self) -> std::io::Result<crate::media::worker::Input> {
+        use crate::media::worker::Input;
+        Ok(match &mut self.body {
+            Held::Memory(bytes, _) => Input::Memory(bytes.clone()),
+            Held::Disk(temp) => {
+                Input::File { path: temp.flushed_path().await?.to_path_buf(), len: self.len }
+            }
+        })
     }
 }
 
 /// A write that failed for lack of space is [`ProxyError::StorageFull`] (503, and eviction);
 /// any other local I/O failure is internal.
-pub(super) fn storage_error(e: std::io::Error) -> ProxyError {
+pub(crate) fn storage_error(e: std::io::Error) -> ProxyError {
     if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) {
         ProxyError::StorageFull
     } else {

@@ -185,8 +185,7 @@ async fn reload_applies_a_new_block_list_and_purges_what_it_blocks() {
     let cache = dir.path().join("cache");
     std::fs::write(&file, config_toml(&cache, &["127.0.0.2/32"], "")).unwrap();
     let cfg = parasol::Config::load(Some(&file)).unwrap();
-    let options =
-        parasol::Options { lookup: std::sync::Arc::new(lookup), config_path: Some(file.clone()) };
+    let options = options(std::sync::Arc::new(lookup), Some(file.clone()));
     let p = Parasol::start_opts(cfg, options).await;
     let source = format!("http://media.threads.test:{}/p.png", origin.addr.port());
     assert_eq!(body(get(&p.url(&source)).await).await, img);

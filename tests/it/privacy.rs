@@ -163,7 +163,7 @@ async fn bad_signatures_are_refused_before_any_lookup_or_connection() {
     origin.route("/s.png", Route::ok(png_bytes(500, 24)));
     let dir = tempfile::tempdir().unwrap();
     let lookup = std::sync::Arc::new(CountingLookup::default());
-    let options = parasol::Options { lookup: lookup.clone(), config_path: None };
+    let options = options(lookup.clone(), None);
     let p = Parasol::start_opts(config(dir.path(), &["127.0.0.2/32"]), options).await;
     let source = format!("http://signed.test:{}/s.png", origin.addr.port());
     let good = p.url(&source);

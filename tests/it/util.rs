@@ -190,6 +190,12 @@ pub fn config_toml(dir: &Path, allow: &[&str], extra: &str) -> String {
     toml
 }
 
+/// The options of an in-process parasol: its media workers are the built `parasol` binary
+/// (the test binary itself cannot be one).
+pub fn options(lookup: Arc<dyn Lookup>, config_path: Option<PathBuf>) -> parasol::Options {
+    parasol::Options { lookup, config_path, worker_exe: env!("CARGO_BIN_EXE_parasol").into() }
+}
+
 /// An in-process parasol on loopback, port 0.
 pub struct Parasol {
     pub public: SocketAddr,
@@ -207,7 +213,7 @@ impl Parasol {
     /// Starts with a fixed name table, so `*.test` names resolve without DNS.
     pub async fn start_with(config: Config, lookup: StaticLookup) -> Parasol {
         let lookup: Arc<dyn Lookup> = Arc::new(lookup);
-        Self::start_opts(config, parasol::Options { lookup, config_path: None }).await
+        Self::start_opts(config, options(lookup, None)).await
     }
 
     pub async fn start_opts(config: Config, options: parasol::Options) -> Parasol {

@@ -1,0 +1,126 @@
+//! Inside a media worker: raise the sandbox, say so, then take jobs from stdin and answer each
+//! on stdout until the server closes the pipe. This is the only code in parasol that calls a
+//! decoder, and it runs only in a process started as `parasol media-worker`.
+//!
+//! A job that runs out of memory aborts the process, one that runs out of CPU is killed by the
+//! kernel, one that runs too long is killed by the server: in every case the worker is gone
+//! and the server starts another. A decoder that panics is answered as a refusal and the
+//! worker retires, since its state is no longer trusted.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::process::ExitCode;
+
+use bytes::Bytes;
+
+use super::protocol::{self, Reply, SelfReport, Task};
+use super::sandbox::{self, Limits};
+use crate::error::ProxyError;
+
+/// Runs a worker until its input ends. `max_input`: largest job body accepted.
+pub fn run(limits: Limits, max_input: u64) -> ExitCode {
+    let mut out = BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    let entered = match sandbox::enter(&limits) {
+        Ok(entered) => entered,
+        Err(why) => {
+            let _ = protocol::write_frame(&mut out, &Reply::Unsafe { why }, &[]);
+            return ExitCode::from(3);
+        }
+    };
+    let ready = Reply::Ready {
+        version: env!("CARGO_PKG_VERSION").into(),
+        landlock: entered.landlock.clone(),
+    };
+    if protocol::write_frame(&mut out, &ready, &[]).is_err() {
+        return ExitCode::FAILURE;
+    }
+    let mut input = BufReader::with_capacity(1 << 16, std::io::stdin().lock());
+    loop {
+        let (task, body): (Task, Vec<u8>) = match protocol::read_frame(&mut input, max_input) {
+            Ok(Some(job)) => job,
+            Ok(None) => return ExitCode::SUCCESS,
+            Err(_) => return ExitCode::FAILURE,
+        };
+        if sandbox::arm_cpu(limits.cpu_seconds).is_err() {
+            // The lifetime budget is spent: exit, and the server's next worker takes this on.
+            return ExitCode::FAILURE;
+        }
+        let outcome = std::panic::catch_unwind(|| execute(&task, body, &entered, &limits));
+        let (reply, result) = outcome.unwrap_or_else(|_| {
+            let reply = Reply::Refused { reason: "decoder panicked".into(), retire: true };
+            (reply, Vec::new())
+        });
+        let retire = matches!(reply, Reply::Refused { retire: true, .. });
+        if protocol::write_frame(&mut out, &reply, &result).is_err() || retire {
+            let _ = out.flush();
+            return ExitCode::FAILURE;
+        }
+    }
+}
+
+fn execute(
+    task: &Task,
+    body: Vec<u8>,
+    entered: &sandbox::Entered,
+    limits: &Limits,
+) -> (Reply, Vec<u8>) {
+    let refused = |e: ProxyError| {
+        let reason = match e {
+            ProxyError::BadImage(why) => why.to_string(),
+            other => other.to_string(),
+        };
+        (Reply::Refused { reason, retire: false }, Vec::new())
+    };
+    match task {
+        Task::Render { spec, max_pixels } => {
+            match crate::media::variants::render(&body, spec, *max_pixels) {
+                Ok(r) => (Reply::Done { width: r.width, height: r.height }, r.bytes),
+                Err(e) => refused(e),
+            }
+        }
+        Task::Rasterize { max_pixels } => match crate::media::svg::rasterize(&body, *max_pixels) {
+            Ok(png) => (Reply::Done { width: 0, height: 0 }, png),
+            Err(e) => refused(e),
+        },
+        Task::Strip { content_type } => {
+            match crate::media::strip::strip(&Bytes::from(body), content_type) {
+                Some(stripped) => (Reply::Done { width: 0, height: 0 }, stripped.to_vec()),
+                None => (Reply::Unchanged, Vec::new()),
+            }
+        }
+        Task::SelfCheck { open, connect } => {
+            (Reply::Report(self_check(open, *connect, entered, limits)), Vec::new())
+        }
+    }
+}
+
+/// Tries, from inside the sandbox, each thing it must refuse.
+fn self_check(
+    open: &std::path::Path,
+    connect: std::net::SocketAddr,
+    entered: &sandbox::Entered,
+    limits: &Limits,
+) -> SelfReport {
+    fn verdict<T, E: std::fmt::Display>(r: Result<T, E>, done: &str) -> String {
+        match r {
+            Ok(_) => done.to_string(),
+            Err(e) => format!("refused: {e}"),
+        }
+    }
+    use nix::sys::resource::Resource;
+    let timeout = std::time::Duration::from_secs(2);
+    let mut allocation: Vec<u8> = Vec::new();
+    let allocate = verdict(allocation.try_reserve_exact(limits.memory as usize), "allocated");
+    drop(allocation);
+    SelfReport {
+        open: verdict(std::fs::File::open(open), "opened"),
+        connect: verdict(std::net::TcpStream::connect_timeout(&connect, timeout), "connected"),
+        exec: verdict(std::process::Command::new("/bin/true").status(), "ran /bin/true"),
+        thread: verdict(std::thread::Builder::new().spawn(|| ()), "started a thread"),
+        allocate,
+        descriptors: entered.descriptors.clone(),
+        environment: std::env::vars_os().count(),
+        landlock: entered.landlock.clone(),
+        address_space: sandbox::limit(Resource::RLIMIT_AS),
+        cpu_seconds: sandbox::limit(Resource::RLIMIT_CPU),
+    }
+}

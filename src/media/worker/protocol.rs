@@ -1,0 +1,199 @@
+//! What passes between the server and a media worker over the worker's stdin and stdout: one
+//! job, then one reply, each a frame of
+//!
+//! ```text
+//! u32 LE header length | header (JSON) | u64 LE body length | body bytes
+//! ```
+//!
+//! The header says what to do (or what came of it); the body is the file, or the result. JSON
+//! for the header because it is small, already a dependency and readable in a hex dump; the
+//! body is raw so a 50 MiB photo is not escaped. Both sides bound every length before they
+//! allocate: the server trusts a worker no more than the file it is chewing on.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::VariantConfig;
+
+/// Largest header either side accepts. Headers are a few hundred bytes.
+pub const MAX_HEADER: u32 = 64 << 10;
+
+/// What a worker is asked to do with the body of a job.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "task", rename_all = "snake_case")]
+pub enum Task {
+    /// Decode the body, fit it to the preset, encode it as the preset says.
+    Render { spec: VariantConfig, max_pixels: u64 },
+    /// Draw an SVG document to a PNG.
+    Rasterize { max_pixels: u64 },
+    /// Remove personal metadata from a JPEG, PNG or WebP without re-encoding it.
+    Strip { content_type: String },
+    /// Try what the sandbox must refuse, from inside a worker, and report what happened.
+    SelfCheck { open: PathBuf, connect: SocketAddr },
+}
+
+impl Task {
+    /// A short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Task::Render { .. } => "render",
+            Task::Rasterize { .. } => "rasterize",
+            Task::Strip { .. } => "strip",
+            Task::SelfCheck { .. } => "self_check",
+        }
+    }
+}
+
+/// A worker's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    /// Sent once, right after start: the sandbox is in place and jobs may come.
+    Ready { version: String, landlock: String },
+    /// The sandbox could not be installed; the worker exits after saying so.
+    Unsafe { why: String },
+    /// The job's result is the body.
+    Done { width: u32, height: u32 },
+    /// Nothing to change (a strip that found no metadata): the input stands. No body.
+    Unchanged,
+    /// The decoder refused the file (unreadable, over the limits its header declares).
+    /// `retire`: the worker will exit after this reply (a decoder panicked; its state is
+    /// not trusted for another job).
+    Refused { reason: String, retire: bool },
+    /// What a [`Task::SelfCheck`] saw.
+    Report(SelfReport),
+}
+
+/// The self-check's findings: each probe is `refused: <error>` or what it managed to do.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SelfReport {
+    pub open: String,
+    pub connect: String,
+    pub exec: String,
+    pub thread: String,
+    /// An allocation the size of the memory limit.
+    pub allocate: String,
+    /// Descriptors open in the worker once the sandbox was in place.
+    pub descriptors: Vec<i32>,
+    /// Environment variables the worker was started with.
+    pub environment: usize,
+    pub landlock: String,
+    /// Soft and hard address-space limit, bytes.
+    pub address_space: (u64, u64),
+    /// Soft and hard CPU-time limit, seconds.
+    pub cpu_seconds: (u64, u64),
+}
+
+impl SelfReport {
+    /// Whether every probe that must fail did, and the process holds only its pipes.
+    pub fn is_sandboxed(&self) -> bool {
+        let refused = |s: &str| s.starts_with("refused");
+        [&self.open, &self.connect, &self.exec, &self.thread, &self.allocate]
+            .iter()
+            .all(|s| refused(s))
+            && self.descriptors.iter().all(|fd| (0..=2).contains(fd))
+            && self.environment == 0
+    }
+}
+
+/// Writes one frame (blocking; the worker's side).
+pub fn write_frame(out: &mut impl Write, header: &impl Serialize, body: &[u8]) -> io::Result<()> {
+    let header = serde_json::to_vec(header).map_err(io::Error::other)?;
+    out.write_all(&(header.len() as u32).to_le_bytes())?;
+    out.write_all(&header)?;
+    out.write_all(&(body.len() as u64).to_le_bytes())?;
+    out.write_all(body)?;
+    out.flush()
+}
+
+/// Reads one frame (blocking; the worker's side). `None` at a clean end of input: the server
+/// closed the pipe, which is how it retires a worker.
+pub fn read_frame<H: serde::de::DeserializeOwned>(
+    input: &mut impl Read,
+    max_body: u64,
+) -> io::Result<Option<(H, Vec<u8>)>> {
+    let mut len = [0u8; 4];
+    match input.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let header_len = u32::from_le_bytes(len);
+    if header_len > MAX_HEADER {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "frame header too long"));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    input.read_exact(&mut header)?;
+    let header = serde_json::from_slice(&header)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut len = [0u8; 8];
+    input.read_exact(&mut len)?;
+    let body_len = u64::from_le_bytes(len);
+    if body_len > max_body {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "frame body too long"));
+    }
+    let mut body = Vec::new();
+    body.try_reserve_exact(body_len as usize).map_err(io::Error::other)?;
+    input.take(body_len).read_to_end(&mut body)?;
+    if body.len() as u64 != body_len {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "frame body cut short"));
+    }
+    Ok(Some((header, body)))
+}
+
+/// The server's side: the header of a frame, leaving the body length and body to the caller,
+/// which streams them.
+pub async fn read_header<H: serde::de::DeserializeOwned>(
+    input: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> io::Result<(H, u64)> {
+    use tokio::io::AsyncReadExt;
+    let header_len = input.read_u32_le().await?;
+    if header_len > MAX_HEADER {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "frame header too long"));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    input.read_exact(&mut header).await?;
+    let header = serde_json::from_slice(&header)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let body_len = input.read_u64_le().await?;
+    Ok((header, body_len))
+}
+
+/// The server's side: the header and body length of a job; the caller writes the body.
+pub async fn write_header(
+    out: &mut (impl tokio::io::AsyncWrite + Unpin),
+    header: &impl Serialize,
+    body_len: u64,
+) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let header = serde_json::to_vec(header).map_err(io::Error::other)?;
+    let mut frame = Vec::with_capacity(header.len() + 12);
+    frame.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&header);
+    frame.extend_from_slice(&body_len.to_le_bytes());
+    out.write_all(&frame).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_lengths_are_bounded() {
+        let task = Task::Strip { content_type: "image/png".into() };
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &task, b"body").unwrap();
+        let (back, body): (Task, Vec<u8>) =
+            read_frame(&mut wire.as_slice(), 1 << 20).unwrap().unwrap();
+        assert_eq!((back, body.as_slice()), (task, &b"body"[..]));
+        assert!(read_frame::<Task>(&mut &b""[..], 10).unwrap().is_none(), "clean end");
+        assert!(read_frame::<Task>(&mut wire.as_slice(), 3).is_err(), "body over the bound");
+        let mut huge = (MAX_HEADER + 1).to_le_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        assert!(read_frame::<Task>(&mut huge.as_slice(), 10).is_err(), "header over the bound");
+        assert!(read_frame::<Task>(&mut &wire[..wire.len() - 1], 1 << 20).is_err(), "cut short");
+    }
+}

@@ -1,0 +1,190 @@
+//! The walls a media worker raises around itself before it reads its first job. A worker needs
+//! its two pipes, memory and the CPU; it gets nothing else:
+//!
+//! 1. it dies with the server (`PR_SET_PDEATHSIG`), so a crashed server leaves no workers;
+//! 2. kernel limits: address space (`media.worker_memory`), CPU time per job (re-armed before
+//!    each job; past it the kernel sends `SIGXCPU`), no core dumps, no file writes;
+//! 3. every descriptor but stdin, stdout and stderr is closed, and no new one can be opened
+//!    (`RLIMIT_NOFILE` 3);
+//! 4. Landlock, where the kernel has it: no file system access, no TCP, no signals or abstract
+//!    sockets outside the worker;
+//! 5. a seccomp filter that allows only the calls a decoder needs (read and write on its
+//!    pipes, memory, futexes, clocks, exit) and makes every other fail with `EPERM`: no
+//!    `open`, `socket`, `connect`, `execve`, `fork`, `clone`, `ptrace`, `kill` of another
+//!    process, and no new executable memory.
+//!
+//! The server starts the worker with an empty environment, `/` as its directory and its own
+//! process group, so none of the server's state leaks in either.
+
+use std::collections::BTreeMap;
+
+use nix::sys::resource::{Resource, UsageWho, getrlimit, getrusage, setrlimit};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// The limits the server asks a worker to live under (passed on its command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Address-space limit, bytes.
+    pub memory: u64,
+    /// CPU seconds one job may use.
+    pub cpu_seconds: u64,
+    /// Jobs before the server retires the worker: bounds the CPU the worker may use in all.
+    pub jobs: u32,
+}
+
+/// What [`enter`] managed.
+#[derive(Debug, Clone)]
+pub struct Entered {
+    /// Landlock's verdict: `fully enforced`, `partially enforced` or why it is not.
+    pub landlock: String,
+    /// Descriptors still open once the sandbox is in place (0, 1, 2).
+    pub descriptors: Vec<i32>,
+}
+
+/// Raises every wall, in the order that keeps each possible: limits first, inherited
+/// descriptors closed while `/proc` can still list them, Landlock while a descriptor may
+/// still be made, then seccomp (which forbids most of the above). Any failure is reported and the worker must not take jobs.
+pub fn enter(limits: &Limits) -> Result<Entered, String> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
+    let set = |resource, soft, hard| {
+        setrlimit(resource, soft, hard).map_err(|e| format!("setrlimit {resource:?}: {e}"))
+    };
+    set(Resource::RLIMIT_AS, limits.memory, limits.memory)?;
+    set(Resource::RLIMIT_CORE, 0, 0)?;
+    set(Resource::RLIMIT_FSIZE, 0, 0)?;
+    let lifetime = limits.cpu_seconds.saturating_mul(u64::from(limits.jobs) + 1);
+    set(Resource::RLIMIT_CPU, limits.cpu_seconds, lifetime)?;
+    // Landlock's ruleset is a descriptor of its own (closed once applied), and once applied
+    // /proc/self/fd can no longer be listed: close and list first.
+    let descriptors = close_inherited()?;
+    let landlock = landlock()?;
+    set(Resource::RLIMIT_NOFILE, 3, 3)?;
+    let filter = filter()?;
+    seccompiler::apply_filter(&filter).map_err(|e| format!("seccomp: {e}"))?;
+    Ok(Entered { landlock, descriptors })
+}
+
+/// Before each job: this job may use `seconds` of CPU from now, whatever earlier ones used.
+pub fn arm_cpu(seconds: u64) -> Result<(), String> {
+    let usage = getrusage(UsageWho::RUSAGE_SELF).map_err(|e| format!("getrusage: {e}"))?;
+    let used = (usage.user_time().tv_sec() + usage.system_time().tv_sec() + 1) as u64;
+    let (_, hard) = getrlimit(Resource::RLIMIT_CPU).map_err(|e| format!("getrlimit: {e}"))?;
+    let soft = used.saturating_add(seconds);
+    if soft >= hard {
+        return Err("the worker's lifetime CPU budget is spent".into());
+    }
+    setrlimit(Resource::RLIMIT_CPU, soft, hard).map_err(|e| format!("setrlimit CPU: {e}"))
+}
+
+/// Soft and hard limits of `resource`, for the self-check.
+pub fn limit(resource: Resource) -> (u64, u64) {
+    getrlimit(resource).unwrap_or((0, 0))
+}
+
+fn landlock() -> Result<String, String> {
+    use landlock::{ABI, Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetStatus, Scope};
+    let abi = ABI::V6;
+    let err = |e: landlock::RulesetError| format!("landlock: {e}");
+    // Best effort (the crate's default): a kernel without Landlock, or an older ABI, enforces
+    // what it can; seccomp below holds either way.
+    let status = Ruleset::default()
+        .handle_access(AccessFs::from_all(abi))
+        .map_err(err)?
+        .handle_access(AccessNet::from_all(abi))
+        .map_err(err)?
+        .scope(Scope::from_all(abi))
+        .map_err(err)?
+        .create()
+        .map_err(err)?
+        .restrict_self()
+        .map_err(err)?;
+    Ok(match status.ruleset {
+        RulesetStatus::FullyEnforced => "fully enforced".into(),
+        RulesetStatus::PartiallyEnforced => "partially enforced".into(),
+        RulesetStatus::NotEnforced => "not available in this kernel".into(),
+    })
+}
+
+/// Closes every descriptor above 2. The server opens everything close-on-exec, so normally
+/// there is none; this makes it so whatever a library or a future change leaks.
+fn close_inherited() -> Result<Vec<i32>, String> {
+    let listed: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map_err(|e| format!("/proc/self/fd: {e}"))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    // The directory listing's own descriptor is in the list and already closed: EBADF.
+    for fd in listed.iter().copied().filter(|fd| *fd > 2) {
+        let _ = nix::unistd::close(fd);
+    }
+    let left: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map_err(|e| format!("/proc/self/fd: {e}"))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    // Again, the listing's own descriptor (the highest) was open only while listing.
+    let mut left: Vec<i32> = left.into_iter().filter(|fd| *fd <= 2).collect();
+    left.sort_unstable();
+    Ok(left)
+}
+
+/// The seccomp allowlist. Everything not named fails with `EPERM` rather than killing the
+/// worker, so a decoder that tries something unexpected reports an error the server can see.
+fn filter() -> Result<BpfProgram, String> {
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| format!("seccomp: {e}"))?;
+    let own_pid = std::process::id() as u64;
+    let cond = |arg, op, value| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value)
+            .map_err(|e| format!("seccomp: {e}"))
+    };
+    let rule = |conditions| SeccompRule::new(conditions).map_err(|e| format!("seccomp: {e}"));
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = [
+        libc::SYS_read,
+        libc::SYS_write,
+        libc::SYS_readv,
+        libc::SYS_writev,
+        libc::SYS_close,
+        libc::SYS_munmap,
+        libc::SYS_mremap,
+        libc::SYS_madvise,
+        libc::SYS_brk,
+        libc::SYS_futex,
+        libc::SYS_sched_yield,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_rt_sigaction,
+        libc::SYS_sigaltstack,
+        libc::SYS_getrandom,
+        libc::SYS_clock_gettime,
+        libc::SYS_clock_getres,
+        libc::SYS_getrusage,
+        libc::SYS_getpid,
+        libc::SYS_gettid,
+        libc::SYS_restart_syscall,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+    ]
+    .into_iter()
+    .map(|nr| (nr, Vec::new()))
+    .collect();
+    // Memory, but never executable: a decoder exploit cannot map new code.
+    let no_exec = || cond(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0);
+    rules.insert(libc::SYS_mmap, vec![rule(vec![no_exec()?])?]);
+    rules.insert(libc::SYS_mprotect, vec![rule(vec![no_exec()?])?]);
+    // Its own limits only (pid 0): the CPU limit is re-armed before each job.
+    rules.insert(libc::SYS_prlimit64, vec![rule(vec![cond(0, SeccompCmpOp::Eq, 0)?])?]);
+    // abort() signals itself; no other process may be signalled.
+    rules.insert(libc::SYS_tgkill, vec![rule(vec![cond(0, SeccompCmpOp::Eq, own_pid)?])?]);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Allow,
+        arch,
+    )
+    .map_err(|e| format!("seccomp: {e}"))?;
+    filter.try_into().map_err(|e: seccompiler::BackendError| format!("seccomp: {e}"))
+}

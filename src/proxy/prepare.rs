@@ -1,0 +1,99 @@
+//! Media work of a fill and of a rendition, each a job for the media worker pool: an SVG is
+//! drawn to a PNG, an original loses its metadata, a variant is rendered. The server only
+//! moves bytes: it hands a worker the file (from memory, or streamed from its blob) and
+//! receives the result like an origin body, sniffed again, since a worker that a hostile file
+//! took over is trusted no more than the file.
+
+use std::sync::Arc;
+
+use super::store::Sink;
+use super::{Proxy, Received};
+use crate::cache::{Entry, Key};
+use crate::error::ProxyError;
+use crate::media::worker::protocol::Task;
+use crate::media::worker::{Input, Outcome};
+
+impl Proxy {
+    /// What is stored is what may be served: an SVG becomes a PNG, metadata is stripped.
+    pub(super) async fn prepare(&self, received: Received) -> Result<Received, ProxyError> {
+        let received = self.rasterize_svg(received).await?;
+        self.strip_metadata(received).await
+    }
+
+    /// Replaces a received SVG (admitted only with `media.svg = "rasterize"`) by its PNG
+    /// rendering; the SVG itself is never stored or served.
+    async fn rasterize_svg(&self, mut r: Received) -> Result<Received, ProxyError> {
+        if r.content_type != crate::media::SVG {
+            return Ok(r);
+        }
+        if r.len > crate::media::svg::MAX_SVG_BYTES {
+            return Err(ProxyError::bad_image("SVG too large to render"));
+        }
+        let task = Task::Rasterize { max_pixels: self.config.media.max_pixels };
+        self.metrics.renders.inc();
+        let input = r.input().await.map_err(super::storage_error)?;
+        let png = self.run_job(&task, input, &r.hash, "image/png").await?;
+        png.ok_or_else(|| ProxyError::internal("rasterising answered unchanged"))
+    }
+
+    /// Replaces a received JPEG, PNG or WebP by a copy without metadata (`media.strip_metadata`),
+    /// so the bytes stored, hashed and served (and their ETag) carry no GPS position.
+    async fn strip_metadata(&self, mut r: Received) -> Result<Received, ProxyError> {
+        const LARGEST: u64 = 64 << 20;
+        let strippable = matches!(r.content_type, "image/jpeg" | "image/png" | "image/webp");
+        if !self.config.media.strip_metadata || !strippable || r.len > LARGEST {
+            return Ok(r);
+        }
+        let task = Task::Strip { content_type: r.content_type.into() };
+        let input = r.input().await.map_err(super::storage_error)?;
+        let stripped = self.run_job(&task, input, &r.hash, r.content_type).await?;
+        Ok(stripped.unwrap_or(r))
+    }
+
+    /// Renders the cached `original` as `spec` in a worker and stores the result under `key`.
+    pub(super) async fn render_and_store(
+        &self,
+        key: Key,
+        url: &str,
+        original: &Entry,
+        spec: &crate::config::VariantConfig,
+    ) -> Result<Arc<Entry>, ProxyError> {
+        let input = match &original.body {
+            Some(bytes) => Input::Memory(bytes.clone()),
+            None => Input::File { path: self.disk.path(&original.hash), len: original.len },
+        };
+        let task = Task::Render { spec: spec.clone(), max_pixels: self.config.media.max_pixels };
+        self.metrics.renders.inc();
+        let rendered = self.run_job(&task, input, &original.hash, spec.format.mime_type()).await?;
+        let rendered = rendered.ok_or_else(|| ProxyError::internal("render answered unchanged"))?;
+        self.store(key, url, rendered).await
+    }
+
+    /// Runs `task` on `input` (the file hashing to `content`) and receives the result, which
+    /// must sniff as `expect`. `None`: the worker found nothing to change.
+    async fn run_job(
+        &self,
+        task: &Task,
+        input: Input,
+        content: &blake3::Hash,
+        expect: &'static str,
+    ) -> Result<Option<Received>, ProxyError> {
+        let mut sink = Sink::new(&self.disk, &self.body_budget);
+        match self.media.run(task, input, Some(content), &mut sink).await? {
+            Outcome::Unchanged => Ok(None),
+            Outcome::Done { .. } => {
+                let sniffed = infer::get(sink.head()).map(|t| t.mime_type());
+                if sniffed != Some(expect) {
+                    tracing::warn!(
+                        task = task.name(),
+                        ?sniffed,
+                        expect,
+                        "media worker result refused"
+                    );
+                    return Err(ProxyError::bad_image("the result is not of the type asked for"));
+                }
+                Ok(Some(sink.finish(expect)))
+            }
+        }
+    }
+}
