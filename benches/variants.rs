@@ -37,7 +37,8 @@ fn presets(c: &mut Criterion) {
         if vips {
             let size =
                 format!("{}x{}", spec.width.unwrap_or(100_000), spec.height.unwrap_or(100_000));
-            let out = dir.path().join(format!("{name}.{}[Q={}]", spec.format.as_str(), spec.quality));
+            let out =
+                dir.path().join(format!("{name}.{}[Q={}]", spec.format.as_str(), spec.quality));
             group.bench_function(format!("vipsthumbnail/{name}"), |b| {
                 b.iter(|| {
                     let status = Command::new("vipsthumbnail")

@@ -6,6 +6,7 @@ mod cli;
 mod compat;
 mod durability;
 mod hostile;
+mod media;
 mod privacy;
 mod proxy;
 mod recipes;

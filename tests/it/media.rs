@@ -1,0 +1,447 @@
+//! Hostile media against the real binary: every file here is made by the test, small, and
+//! built to cost a decoder too much memory or time. parasol runs as a child process, so the
+//! server's own memory (and its media workers, its children) can be read from `/proc`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::cli::{Running, spawn_serving};
+use crate::util::*;
+
+/// One 1 MiB entity referenced 255 times by a second, that one four times in the document:
+/// a gigabyte of text from a 1 MiB file. A comment inside the DOCTYPE hides it from a naive
+/// sniffer, as an attacker would.
+fn entity_bomb() -> Vec<u8> {
+    let a = "A".repeat(1 << 20);
+    let b = "&a;".repeat(255);
+    format!(
+        "<?xml version=\"1.0\"?>\n<!DOCTYPE svg [<!-- ><svg -->\n<!ENTITY a \"{a}\">\n\
+         <!ENTITY b \"{b}\">\n]>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"64\" \
+         height=\"64\"><text>&b;&b;&b;&b;</text></svg>"
+    )
+    .into_bytes()
+}
+
+/// Three hundred bytes that ask the renderer for four billion octaves of noise.
+fn turbulence(seed: u32) -> Vec<u8> {
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"512\" height=\"512\"><filter id=\"f\">\
+         <feTurbulence baseFrequency=\"0.05\" seed=\"{seed}\" numOctaves=\"4000000000\"/>\
+         </filter><rect width=\"512\" height=\"512\" filter=\"url(#f)\"/></svg>"
+    )
+    .into_bytes()
+}
+
+/// A valid PNG header declaring `w` × `h` RGBA over a small zlib stream of zeros.
+fn png_declaring(w: u32, h: u32) -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let start = out.len();
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        let crc = crc32fast::hash(&out[start..]);
+        out.extend_from_slice(&crc.to_be_bytes());
+    }
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 6, 0, 0, 0]); // 8-bit RGBA
+    chunk(&mut png, b"IHDR", &ihdr);
+    let zeros = vec![0u8; 4 << 20];
+    chunk(&mut png, b"IDAT", &miniz_oxide::deflate::compress_to_vec_zlib(&zeros, 9));
+    chunk(&mut png, b"IEND", &[]);
+    png
+}
+
+/// A GIF of `frames` frames of `side` × `side` pixels each. One frame's LZW data is encoded
+/// once and repeated, so the file is small and quick to make.
+fn gif_of_frames(frames: usize, side: u16) -> Vec<u8> {
+    let pixels = vec![1u8; usize::from(side) * usize::from(side)];
+    let lzw = weezl::encode::Encoder::new(weezl::BitOrder::Lsb, 2).encode(&pixels).unwrap();
+    let mut gif = b"GIF89a".to_vec();
+    gif.extend_from_slice(&side.to_le_bytes());
+    gif.extend_from_slice(&side.to_le_bytes());
+    gif.extend_from_slice(&[0xf1, 0, 0]); // global colour table of 4 entries
+    gif.extend_from_slice(&[0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255]);
+    gif.extend_from_slice(&[0x21, 0xff, 11]);
+    gif.extend_from_slice(b"NETSCAPE2.0");
+    gif.extend_from_slice(&[3, 1, 0, 0, 0]); // loop forever
+    for _ in 0..frames {
+        gif.extend_from_slice(&[0x21, 0xf9, 4, 0, 2, 0, 0, 0]); // 20 ms a frame
+        gif.push(0x2c);
+        gif.extend_from_slice(&[0, 0, 0, 0]);
+        gif.extend_from_slice(&side.to_le_bytes());
+        gif.extend_from_slice(&side.to_le_bytes());
+        gif.extend_from_slice(&[0, 2]); // no local table; LZW minimum code size 2
+        for block in lzw.chunks(255) {
+            gif.push(block.len() as u8);
+            gif.extend_from_slice(block);
+        }
+        gif.push(0);
+    }
+    gif.push(0x3b);
+    gif
+}
+
+/// `VmRSS` of `pid` in KiB, or 0 once it is gone.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap_or("VmRSS: 0 kB");
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// The processes whose parent is `pid` (its media workers).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return vec![] };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<_>>())
+        .collect()
+}
+
+/// CPU time (user + system, in clock ticks) `pid` has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_name = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    field(11) + field(12)
+}
+
+/// Samples the peak RSS of a server and of its workers every 20 ms until dropped.
+struct Peaks {
+    stop: Arc<AtomicBool>,
+    server: Arc<AtomicU64>,
+    worker: Arc<AtomicU64>,
+}
+
+impl Peaks {
+    fn watch(pid: u32) -> Peaks {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (server, worker) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (s, w, halt) = (server.clone(), worker.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                s.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                for child in children(pid) {
+                    w.fetch_max(rss_kib(child), Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Peaks { stop, server, worker }
+    }
+
+    fn server_mib(&self) -> u64 {
+        self.server.load(Ordering::Relaxed) / 1024
+    }
+
+    fn worker_mib(&self) -> u64 {
+        self.worker.load(Ordering::Relaxed) / 1024
+    }
+}
+
+impl Drop for Peaks {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A child parasol reaching origins on `allow`, with `[media]` settings from `media`.
+fn serve(dir: &Path, allow: &str, media: &[(&str, &str)]) -> (Running, SocketAddr, SocketAddr) {
+    let keys = format!("[\"{KEY}\"]");
+    let allow = format!("[\"{allow}\"]");
+    let mut envs: Vec<(String, String)> = vec![
+        ("PARASOL__FETCH__ALLOW_NETWORKS".into(), allow),
+        ("PARASOL__SIGNING__KEYS".into(), keys),
+        ("PARASOL__SERVER__SHUTDOWN_GRACE".into(), "2s".into()),
+        ("PARASOL__CACHE__FSYNC".into(), "false".into()),
+    ];
+    for (k, v) in media {
+        envs.push((format!("PARASOL__MEDIA__{}", k.to_ascii_uppercase()), v.to_string()));
+    }
+    let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    spawn_serving(dir, &envs, None)
+}
+
+/// GET with a deadline: a test never waits on a hung server for longer than `within`.
+async fn get_within(url: &str, within: Duration) -> reqwest::Response {
+    tokio::time::timeout(within, get(url)).await.expect("answered within the deadline")
+}
+
+async fn metric(admin: SocketAddr, prefix: &str) -> u64 {
+    let text = get(&format!("http://{admin}/metrics")).await.text().await.unwrap();
+    let line = text.lines().find(|l| l.starts_with(prefix));
+    line.and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+fn jobs(outcome: &str) -> String {
+    format!("parasol_media_jobs_total{{outcome=\"{outcome}\"}}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn svg_bombs_cost_a_worker_not_the_server() {
+    let origin = Origin::start("127.0.0.40").await;
+    let bomb = entity_bomb();
+    origin.route("/entities.svg", Route::ok(bomb.clone()));
+    origin.route("/same-entities.svg", Route::ok(bomb));
+    origin.route("/noise.svg", Route::ok(turbulence(1)));
+    origin.route("/photo.jpg", Route::ok(crate::variants::gradient_jpeg(640, 480)));
+    let dir = tempfile::tempdir().unwrap();
+    let (child, public, admin) = serve(dir.path(), "127.0.0.40/32", &[("job_timeout", "3s")]);
+    let pid = child.0.id();
+    let before = rss_kib(pid) / 1024;
+    let peaks = Peaks::watch(pid);
+    let deadline = Duration::from_secs(20);
+
+    let started = Instant::now();
+    let r = get_within(&signed_url(public, &origin.url("/entities.svg")), deadline).await;
+    assert_eq!(r.status(), 422, "the entity bomb");
+    assert_eq!(r.headers()["x-parasol-error"], "media_too_costly");
+    let r = get_within(&signed_url(public, &origin.url("/noise.svg")), deadline).await;
+    assert_eq!(r.status(), 422, "the endless filter");
+    assert_eq!(r.headers()["x-parasol-error"], "media_too_costly");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(15), "both answered within their deadlines: {took:?}");
+
+    // The same bytes at another URL: the verdict is remembered, no worker is tried again.
+    let too_costly = metric(admin, &jobs("too_costly")).await;
+    assert_eq!(too_costly, 2);
+    let r = get_within(&signed_url(public, &origin.url("/same-entities.svg")), deadline).await;
+    assert_eq!(r.status(), 422);
+    assert_eq!(metric(admin, &jobs("remembered")).await, 1);
+    assert_eq!(metric(admin, &jobs("too_costly")).await, too_costly);
+
+    // Workers replaced: a real photo renders right after.
+    let avatar = format!("{}/avatar", signed_url(public, &origin.url("/photo.jpg")));
+    assert_eq!(get_within(&avatar, deadline).await.status(), 200);
+    let (server, worker) = (peaks.server_mib(), peaks.worker_mib());
+    drop(peaks);
+    eprintln!("server RSS {before} MiB, peak {server} MiB; worker peak {worker} MiB");
+    assert!(server < before + 64, "the server's memory stayed flat: {before} -> {server} MiB");
+    assert!(worker <= 512, "a worker never held more than its limit: {worker} MiB");
+    child.sigterm();
+    assert!(child.wait().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_bombs_are_refused_or_cost_only_their_worker() {
+    let origin = Origin::start("127.0.0.41").await;
+    origin.route("/huge.png", Route::ok(png_declaring(30_000, 30_000)));
+    origin.route("/big.png", Route::ok(png_declaring(16_000, 16_000)));
+    origin.route("/frames.gif", Route::ok(gif_of_frames(250, 800)));
+    let dir = tempfile::tempdir().unwrap();
+    // max_pixels raised so that 16000 x 16000 RGBA (1 GiB) passes the header check and only
+    // the worker's memory limit stands in its way.
+    let (child, public, admin) = serve(dir.path(), "127.0.0.41/32", &[("max_pixels", "300000000")]);
+    let pid = child.0.id();
+    let before = rss_kib(pid) / 1024;
+    let peaks = Peaks::watch(pid);
+    let deadline = Duration::from_secs(20);
+    let variant =
+        |path: &str, name: &str| format!("{}/{name}", signed_url(public, &origin.url(path)));
+
+    let started = Instant::now();
+    let r = get_within(&variant("/huge.png", "avatar"), deadline).await;
+    assert_eq!(r.status(), 415, "refused from its header, before any pixel is decoded");
+    assert_eq!(r.headers()["x-parasol-error"], "bad_image");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(metric(admin, &jobs("refused")).await, 1);
+
+    let r = get_within(&variant("/big.png", "avatar"), deadline).await;
+    assert_eq!(r.status(), 422, "a gigabyte of pixels is more than a worker may hold");
+    assert_eq!(r.headers()["x-parasol-error"], "media_too_costly");
+
+    let started = Instant::now();
+    let r = get_within(&variant("/frames.gif", "static"), deadline).await;
+    assert_eq!(r.status(), 200, "the first of 250 frames");
+    let img = image::load_from_memory(&body(r).await).unwrap();
+    assert_eq!((img.width(), img.height()), (422, 422));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let (server, worker) = (peaks.server_mib(), peaks.worker_mib());
+    drop(peaks);
+    eprintln!("server RSS {before} MiB, peak {server} MiB; worker peak {worker} MiB");
+    assert!(server < before + 64, "the server's memory stayed flat: {before} -> {server} MiB");
+    assert!(worker <= 512, "a worker never held more than its limit: {worker} MiB");
+    child.sigterm();
+    assert!(child.wait().await.success());
+}
+
+/// Waits (bounded) for a worker of `pid` to be burning CPU, and returns it.
+async fn busy_worker(pid: u32) -> u32 {
+    for _ in 0..200 {
+        for worker in children(pid) {
+            let before = cpu_ticks(worker);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if cpu_ticks(worker) > before {
+                return worker;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no worker got busy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_job_fails_that_job_cleanly_and_the_next_gets_a_fresh_one() {
+    let origin = Origin::start("127.0.0.42").await;
+    origin.route("/noise.svg", Route::ok(turbulence(2)));
+    origin.route("/photo.jpg", Route::ok(crate::variants::gradient_jpeg(640, 480)));
+    let dir = tempfile::tempdir().unwrap();
+    let media = [("workers", "1"), ("job_timeout", "60s")];
+    let (child, public, admin) = serve(dir.path(), "127.0.0.42/32", &media);
+    let pid = child.0.id();
+    let url = signed_url(public, &origin.url("/noise.svg"));
+    let stuck = tokio::spawn(async move { get_within(&url, Duration::from_secs(30)).await });
+    let worker = busy_worker(pid).await;
+    let killed = Instant::now();
+    assert!(Command::new("kill").args(["-KILL", &worker.to_string()]).status().unwrap().success());
+    let r = stuck.await.unwrap();
+    assert!(killed.elapsed() < Duration::from_secs(10), "answered once its worker died");
+    assert_eq!(r.status(), 422);
+    assert_eq!(r.headers()["x-parasol-error"], "media_too_costly");
+    let avatar = format!("{}/avatar", signed_url(public, &origin.url("/photo.jpg")));
+    assert_eq!(get_within(&avatar, Duration::from_secs(20)).await.status(), 200);
+    assert!(!children(pid).contains(&worker), "the killed worker is gone");
+    assert_eq!(metric(admin, &jobs("too_costly")).await, 1);
+    child.sigterm();
+    assert!(child.wait().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_stuck_job_exits_within_the_grace_period() {
+    let origin = Origin::start("127.0.0.43").await;
+    origin.route("/noise.svg", Route::ok(turbulence(3)));
+    let dir = tempfile::tempdir().unwrap();
+    let (child, public, _admin) = serve(dir.path(), "127.0.0.43/32", &[("job_timeout", "120s")]);
+    let pid = child.0.id();
+    let url = signed_url(public, &origin.url("/noise.svg"));
+    let _stuck = tokio::spawn(async move { get(&url).await });
+    let worker = busy_worker(pid).await;
+    let signalled = Instant::now();
+    child.sigterm();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
+    let took = signalled.elapsed();
+    assert!(status.is_ok(), "parasol exited");
+    // Grace is 2 s; the rest is slack for a loaded machine, far below the job's 120 s.
+    assert!(took < Duration::from_secs(8), "exited {took:?} after SIGTERM");
+    assert!(
+        eventually(|| !Path::new(&format!("/proc/{worker}")).exists()).await,
+        "its worker did not outlive it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_jobs_hold_no_fill_slot_and_other_traffic_is_served_meanwhile() {
+    let origin = Origin::start("127.0.0.44").await;
+    origin.route("/noise-1.svg", Route::ok(turbulence(4)));
+    origin.route("/noise-2.svg", Route::ok(turbulence(5)));
+    origin.route("/cached.png", Route::ok(png_bytes(20_000, 80)));
+    origin.route("/photo.jpg", Route::ok(crate::variants::gradient_jpeg(800, 600)));
+    for n in 0..5 {
+        origin.route(&format!("/new-{n}.png"), Route::ok(png_bytes(30_000, 81 + n)));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.44/32"]);
+    cfg.fetch.max_fills = 1;
+    cfg.media.workers = 3;
+    cfg.media.job_timeout = parasol::config::Dur(Duration::from_secs(8));
+    let p = Parasol::start(cfg).await;
+    let quick = Duration::from_secs(5);
+    assert_eq!(get_within(&p.url(&origin.url("/cached.png")), quick).await.status(), 200);
+    let stuck: Vec<_> = ["/noise-1.svg", "/noise-2.svg"]
+        .iter()
+        .map(|path| {
+            let url = p.url(&origin.url(path));
+            tokio::spawn(async move { get_within(&url, Duration::from_secs(30)).await })
+        })
+        .collect();
+    assert!(eventually(|| origin.hits("/noise-1.svg") + origin.hits("/noise-2.svg") == 2).await);
+    // Two workers are stuck and their fills are over: a hit, misses (one fill slot in all)
+    // and a render are served as if nothing were wrong.
+    let started = Instant::now();
+    let hit = get_within(&p.url(&origin.url("/cached.png")), quick).await;
+    assert_eq!(hit.status(), 200);
+    for n in 0..5 {
+        let r = get_within(&p.url(&origin.url(&format!("/new-{n}.png"))), quick).await;
+        assert_eq!(r.status(), 200, "miss {n} while two jobs are stuck");
+    }
+    let avatar = format!("{}/avatar", p.url(&origin.url("/photo.jpg")));
+    assert_eq!(get_within(&avatar, quick).await.status(), 200);
+    assert!(started.elapsed() < quick, "served meanwhile, not after");
+    assert!(stuck.iter().all(|s| !s.is_finished()), "the bombs were still running");
+    for s in stuck {
+        assert_eq!(s.await.unwrap().status(), 422);
+    }
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_media_busy_at_once() {
+    let origin = Origin::start("127.0.0.45").await;
+    origin.route("/noise.svg", Route::ok(turbulence(6)));
+    origin.route("/photo.jpg", Route::ok(crate::variants::gradient_jpeg(320, 240)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.45/32"]);
+    cfg.media.workers = 1;
+    cfg.media.queue = 0;
+    cfg.media.job_timeout = parasol::config::Dur(Duration::from_secs(4));
+    let p = Parasol::start(cfg).await;
+    // The original is cached before the one worker gets stuck.
+    assert_eq!(get(&p.url(&origin.url("/photo.jpg"))).await.status(), 200);
+    let url = p.url(&origin.url("/noise.svg"));
+    let stuck = tokio::spawn(async move { get_within(&url, Duration::from_secs(30)).await });
+    assert!(eventually(|| origin.hits("/noise.svg") == 1).await);
+    let avatar = format!("{}/avatar", p.url(&origin.url("/photo.jpg")));
+    let mut busy = false;
+    for _ in 0..100 {
+        let r = get_within(&avatar, Duration::from_secs(2)).await;
+        if r.status() == 503 {
+            assert_eq!(r.headers()["x-parasol-error"], "media_busy");
+            busy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(busy, "a render beyond the queue is refused, not queued");
+    assert_eq!(stuck.await.unwrap().status(), 422);
+    assert_eq!(get_within(&avatar, Duration::from_secs(10)).await.status(), 200, "not remembered");
+    assert!(p.metric(&jobs("busy")).await >= 1);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn the_self_check_proves_the_sandbox_from_inside_a_real_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret.txt");
+    std::fs::write(&secret, "a file a worker must never read").unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_parasol"))
+        .current_dir(dir.path())
+        .env("PARASOL_SECRET_IN_THE_SERVER_ENV", "must not reach the worker")
+        .args(["media-worker", "--self-check", "--open"])
+        .arg(&secret)
+        .args(["--connect", &listener.local_addr().unwrap().to_string()])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    eprintln!("{report:#}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the self-check passed");
+    for probe in ["open", "connect", "exec", "thread", "allocate"] {
+        let verdict = report[probe].as_str().unwrap();
+        assert!(verdict.starts_with("refused"), "{probe}: {verdict}");
+    }
+    assert_eq!(report["descriptors"], serde_json::json!([0, 1, 2]));
+    assert_eq!(report["environment"], 0, "an empty environment");
+    assert_eq!(report["address_space"][0], 512u64 << 20);
+    assert!(listener.accept().is_err(), "nothing connected to the listener");
+}
