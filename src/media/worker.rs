@@ -22,6 +22,7 @@ pub mod child;
 pub mod protocol;
 pub mod sandbox;
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Mutex;
@@ -30,7 +31,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::Semaphore;
 
@@ -39,6 +40,9 @@ use crate::error::ProxyError;
 use crate::telemetry::OutcomeLabels;
 use protocol::{Reply, SelfReport, Task};
 pub use sandbox::Limits;
+
+/// Capacity asked for each worker pipe.
+const PIPE_BYTES: i32 = 1 << 20;
 
 /// How the pool runs its workers; from `[media]`.
 #[derive(Debug, Clone)]
@@ -317,6 +321,11 @@ impl MediaPool {
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             return Err(cannot(&"no pipes"));
         };
+        // 1 MiB pipes (the default is 64 KiB): a 4 MB photo crosses in four wake-ups, not 64.
+        // Best effort: the system's pipe-max-size may be lower.
+        for fd in [stdin.as_fd(), stdout.as_fd()] {
+            let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
+        }
         let mut stdout = BufReader::with_capacity(1 << 16, stdout);
         let hello = protocol::read_header::<Reply>(&mut stdout);
         match tokio::time::timeout(Duration::from_secs(10), hello).await {
@@ -343,10 +352,20 @@ async fn exchange<S: ChunkSink>(
     sink: &mut S,
     max_output: u64,
 ) -> Result<Reply, Failure> {
-    protocol::write_header(&mut worker.stdin, task, input.len()).await.map_err(Failure::Send)?;
     match input {
-        Input::Memory(bytes) => worker.stdin.write_all(bytes).await.map_err(Failure::Send)?,
+        // Header and file in one write: the worker wakes once for a small job.
+        Input::Memory(bytes) if bytes.len() <= PIPE_BYTES as usize => {
+            let frame = protocol::job_frame(task, bytes).map_err(Failure::Send)?;
+            worker.stdin.write_all(&frame).await.map_err(Failure::Send)?
+        }
+        Input::Memory(bytes) => {
+            protocol::write_header(&mut worker.stdin, task, input.len())
+                .await
+                .map_err(Failure::Send)?;
+            worker.stdin.write_all(bytes).await.map_err(Failure::Send)?
+        }
         Input::File { path, len } => {
+            protocol::write_header(&mut worker.stdin, task, *len).await.map_err(Failure::Send)?;
             let file = tokio::fs::File::open(path).await.map_err(Failure::Input)?;
             let mut file = file.take(*len);
             let mut buf = vec![0u8; 1 << 16];
@@ -375,20 +394,18 @@ async fn exchange<S: ChunkSink>(
     }
     if expects_body {
         sink.begin(body_len).await.map_err(Failure::Sink)?;
-        let mut body = (&mut worker.stdout).take(body_len);
-        let mut buf = vec![0u8; 1 << 16];
-        let mut received = 0u64;
-        loop {
-            let n = body.read(&mut buf).await.map_err(Failure::Reply)?;
-            if n == 0 {
-                break;
+        // Straight from the reader's buffer: no copy of our own.
+        let mut left = body_len;
+        while left > 0 {
+            let chunk = worker.stdout.fill_buf().await.map_err(Failure::Reply)?;
+            if chunk.is_empty() {
+                let cut = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "reply cut short");
+                return Err(Failure::Reply(cut));
             }
-            received += n as u64;
-            sink.push(&buf[..n]).await.map_err(Failure::Sink)?;
-        }
-        if received != body_len {
-            let cut = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "reply cut short");
-            return Err(Failure::Reply(cut));
+            let n = chunk.len().min(left as usize);
+            sink.push(&chunk[..n]).await.map_err(Failure::Sink)?;
+            worker.stdout.consume(n);
+            left -= n as u64;
         }
     }
     Ok(reply)

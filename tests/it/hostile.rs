@@ -487,3 +487,61 @@ async fn a_viewer_who_stops_reading_is_cut_at_the_send_deadline() {
     assert!(body(get(&url).await).await == big);
     p.stop().await;
 }
+
+/// Twenty fills of 900 KB at once, each stalled halfway until the test lets the origin finish:
+/// with `media.inflight_bytes` at 2 MiB only two bodies wait in memory and the rest stream to
+/// temp blobs on disk; with the default budget all twenty are held in memory. Either way every
+/// body arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_held_in_memory_stay_within_the_inflight_budget() {
+    const FILLS: usize = 20;
+    const LEN: usize = 900_000;
+    for (budget, spilled) in [(Some(2u64 << 20), FILLS - 2), (None, 0)] {
+        let listener = TcpListener::bind(("127.0.0.12", 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (release, released) = tokio::sync::watch::channel(false);
+        let origin = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut released = released.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let n = stream.read(&mut buf).await.unwrap_or(0);
+                    let line = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let seed: u64 =
+                        line.split(['/', '.']).nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+                    let body = png_bytes(LEN, seed);
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {LEN}\r\n\r\n");
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    let _ = stream.write_all(&body[..LEN / 2]).await;
+                    let _ = released.wait_for(|r| *r).await;
+                    let _ = stream.write_all(&body[LEN / 2..]).await;
+                });
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), &["127.0.0.12/32"]);
+        cfg.fetch.max_per_origin = FILLS as u32;
+        if let Some(budget) = budget {
+            cfg.media.inflight_bytes = parasol::config::Size(budget);
+        }
+        let p = Parasol::start(cfg).await;
+        let viewers: Vec<_> = (0..FILLS)
+            .map(|n| {
+                let url = p.url(&format!("http://{addr}/{n}.png"));
+                tokio::spawn(async move { body(get(&url).await).await })
+            })
+            .collect();
+        let tmp = dir.path().join("tmp");
+        let all_spilled = eventually(|| files_under(&tmp) >= spilled).await;
+        // Give the fills that stay in memory time to show up as files if they were going to.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(all_spilled, "{budget:?}: {} temp blobs", files_under(&tmp));
+        assert_eq!(files_under(&tmp), spilled, "{budget:?}: bodies beyond the budget spill");
+        release.send(true).unwrap();
+        for (n, v) in viewers.into_iter().enumerate() {
+            assert_eq!(v.await.unwrap(), png_bytes(LEN, n as u64), "{budget:?}: body {n}");
+        }
+        p.stop().await;
+        origin.abort();
+    }
+}

@@ -162,6 +162,13 @@ pub async fn read_header<H: serde::de::DeserializeOwned>(
     Ok((header, body_len))
 }
 
+/// The server's side: a whole job frame in one buffer, for one write.
+pub fn job_frame(header: &impl Serialize, body: &[u8]) -> io::Result<Vec<u8>> {
+    let mut frame = Vec::with_capacity(body.len() + 512);
+    write_frame(&mut frame, header, body)?;
+    Ok(frame)
+}
+
 /// The server's side: the header and body length of a job; the caller writes the body.
 pub async fn write_header(
     out: &mut (impl tokio::io::AsyncWrite + Unpin),
