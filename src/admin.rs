@@ -99,6 +99,8 @@ async fn metrics(proxy: &Proxy) -> Response<Body> {
     let disk = TierLabels { tier: "disk" };
     m.cache_bytes.get_or_create(&disk).set(bytes as i64);
     m.cache_entries.get_or_create(&disk).set(blobs as i64);
+    let held = proxy.config.media.inflight_bytes.0.saturating_sub(proxy.body_budget.available());
+    m.inflight_bytes.set(held as i64);
     let mut response = text(StatusCode::OK, m.encode());
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -131,7 +131,11 @@ pub fn media_pool(
         job_timeout: m.job_timeout.0,
         max_input: config.cache.max_object_bytes.0,
     };
-    media::worker::MediaPool::new(pool, metrics.media_jobs.clone())
+    let pool_metrics = media::worker::PoolMetrics {
+        jobs: metrics.media_jobs.clone(),
+        running: metrics.media_running.clone(),
+    };
+    media::worker::MediaPool::new(pool, pool_metrics)
 }
 
 /// The signing keys in effect: the configured ones, or the key generated once and kept in the

@@ -89,6 +89,8 @@ pub struct Metrics {
     pub evictions: Counter,
     pub renders: Counter,
     pub media_jobs: Family<OutcomeLabels, Counter>,
+    pub media_running: Gauge,
+    pub inflight_bytes: Gauge,
     pub blobs_dropped: Counter,
     pub shared: Family<SharedLabels, Counter>,
 }
@@ -161,8 +163,21 @@ impl Metrics {
         registry.register(
             "media_jobs",
             "Media worker jobs by outcome: ok, unchanged, refused (decoder said no), too_costly \
-             (timeout, memory, CPU, crash), remembered (a known too-costly file), busy, error",
+             (timeout, memory, CPU, crash), remembered (a known too-costly file), busy (queue \
+             full), starved (over the deadline without using the CPU), error",
             media_jobs.clone(),
+        );
+        let media_running = Gauge::default();
+        registry.register(
+            "media_jobs_running",
+            "Media jobs on a worker now (at most media.workers)",
+            media_running.clone(),
+        );
+        let inflight_bytes = Gauge::default();
+        registry.register(
+            "inflight_bytes",
+            "Bytes of bodies held in memory on their way into the cache (media.inflight_bytes)",
+            inflight_bytes.clone(),
         );
         let blobs_dropped = Counter::default();
         registry.register(
@@ -180,6 +195,8 @@ impl Metrics {
             shared,
             renders,
             media_jobs,
+            media_running,
+            inflight_bytes,
             evictions,
             blobs_dropped,
             audit_violations,

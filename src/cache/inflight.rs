@@ -35,7 +35,7 @@ impl InflightBudget {
         Some(Hold { _permit: permit })
     }
 
-    /// Bytes of the budget free now (for metrics and tests).
+    /// Bytes of the budget free now (`parasol_inflight_bytes` is the budget less this).
     pub fn available(&self) -> u64 {
         self.permits.available_permits() as u64 * UNIT
     }

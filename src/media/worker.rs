@@ -31,6 +31,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::Semaphore;
@@ -87,10 +88,13 @@ pub enum Outcome {
 /// One running worker process and its pipes.
 struct Worker {
     child: Child,
+    pid: u32,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
     /// Jobs done so far; the worker is retired at `limits.jobs`.
     jobs: u32,
+    /// Its CPU time (clock ticks) when it last went idle: an idle worker uses none.
+    idle_ticks: u64,
 }
 
 /// How an exchange with a worker failed.
@@ -101,8 +105,28 @@ enum Failure {
     Input(std::io::Error),
     /// The sink refused the output (disk full, say).
     Sink(std::io::Error),
-    /// The reply did not arrive whole: the worker died or broke the protocol mid-job.
+    /// No reply came: the worker died (or broke the protocol) while on the job.
+    NoReply(std::io::Error),
+    /// The reply began but did not arrive whole.
     Reply(std::io::Error),
+}
+
+/// The pool's metrics.
+#[derive(Clone, Default)]
+pub struct PoolMetrics {
+    /// `parasol_media_jobs_total{outcome}`.
+    pub jobs: Family<OutcomeLabels, Counter>,
+    /// `parasol_media_jobs_running`: jobs on a worker now.
+    pub running: Gauge,
+}
+
+/// Counts a job as running while it holds a worker.
+struct RunningJob<'a>(&'a Gauge);
+
+impl Drop for RunningJob<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 pub struct MediaPool {
@@ -113,14 +137,17 @@ pub struct MediaPool {
     running: Semaphore,
     /// Workers between jobs. A std mutex: held only to push or pop.
     idle: Mutex<Vec<Worker>>,
-    /// Files whose job ran out of time or memory or killed its worker, by blake3, with why.
+    /// Files whose job ran out of time or memory or killed its worker, by blake3 of the
+    /// file and the kind of task, with why. A render verdict covers every preset: they all
+    /// decode the same pixels.
     verdicts: moka::future::Cache<[u8; 32], std::sync::Arc<str>>,
-    /// `parasol_media_jobs_total{outcome}`.
-    jobs: Family<OutcomeLabels, Counter>,
+    metrics: PoolMetrics,
+    /// Clock ticks per second, for reading workers' CPU time from `/proc`.
+    ticks: u64,
 }
 
 impl MediaPool {
-    pub fn new(config: PoolConfig, jobs: Family<OutcomeLabels, Counter>) -> Self {
+    pub fn new(config: PoolConfig, metrics: PoolMetrics) -> Self {
         let workers = config.workers.max(1);
         Self {
             admitted: Semaphore::new(workers + config.queue),
@@ -130,7 +157,11 @@ impl MediaPool {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(86_400))
                 .build(),
-            jobs,
+            metrics,
+            ticks: nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+                .ok()
+                .flatten()
+                .map_or(100, |t| t.max(1) as u64),
             config,
         }
     }
@@ -153,15 +184,20 @@ impl MediaPool {
         content: Option<&blake3::Hash>,
         sink: &mut S,
     ) -> Result<Outcome, ProxyError> {
-        if let Some(hash) = content {
-            if let Some(why) = self.verdicts.get(hash.as_bytes()).await {
+        let verdict = content.map(|hash| {
+            let mut key = blake3::Hasher::new();
+            key.update(hash.as_bytes()).update(task.name().as_bytes());
+            *key.finalize().as_bytes()
+        });
+        if let Some(key) = &verdict {
+            if let Some(why) = self.verdicts.get(key).await {
                 self.count("remembered");
                 return Err(ProxyError::MediaTooCostly(why));
             }
         }
         let result = self.submit(task, &input, sink).await;
-        if let (Err(ProxyError::MediaTooCostly(why)), Some(hash)) = (&result, content) {
-            self.verdicts.insert(*hash.as_bytes(), why.clone()).await;
+        if let (Err(ProxyError::MediaTooCostly(why)), Some(key)) = (&result, verdict) {
+            self.verdicts.insert(key, why.clone()).await;
         }
         match result? {
             Reply::Done { width, height } => Ok(Outcome::Done { width, height }),
@@ -178,7 +214,7 @@ impl MediaPool {
     ) -> Result<SelfReport, ProxyError> {
         let task = Task::SelfCheck { open, connect };
         match self.submit(&task, &Input::Memory(Bytes::new()), &mut Vec::new()).await? {
-            Reply::Report(report) => Ok(report),
+            Reply::Report(report) => Ok(*report),
             other => Err(ProxyError::internal(format!("media worker answered {other:?}"))),
         }
     }
@@ -197,11 +233,15 @@ impl MediaPool {
             self.count("busy");
             return Err(ProxyError::MediaBusy);
         };
-        let _running = self.running.acquire().await.map_err(|_| ProxyError::MediaBusy)?;
-        // A worker kept idle may have died meanwhile (an operator, the OOM killer): when the
-        // job cannot even be sent, it is sent once more to a fresh worker.
-        for fresh in [false, true] {
-            let mut worker = match self.take_idle().filter(|_| !fresh) {
+        let _slot = self.running.acquire().await.map_err(|_| ProxyError::MediaBusy)?;
+        self.metrics.running.inc();
+        let _running = RunningJob(&self.metrics.running);
+        // A second worker is tried when the first could not take the job (gone while idle,
+        // or retired), or died on it after earlier jobs (its own history, say a heap grown by
+        // them, may be what ran out): only a fresh worker's failure is the file's.
+        let mut fresh = false;
+        loop {
+            let mut worker = match if fresh { None } else { self.take_idle() } {
                 Some(worker) => worker,
                 None => match self.spawn().await {
                     Ok((worker, _)) => worker,
@@ -211,32 +251,61 @@ impl MediaPool {
                     }
                 },
             };
-            let exchange = exchange(&mut worker, task, input, sink, self.config.max_input);
+            let started = self.cpu_ticks(worker.pid);
+            let reused = worker.jobs > 0;
+            let max = self.config.max_input;
+            let exchange = exchange(&mut worker, task, input, sink, max);
             let failure = match tokio::time::timeout(self.config.job_timeout, exchange).await {
+                Ok(Ok(Reply::Retired)) if !fresh => {
+                    fresh = true;
+                    continue;
+                }
                 Ok(Ok(reply)) => {
                     worker.jobs += 1;
-                    let retire = matches!(reply, Reply::Refused { retire: true, .. })
-                        || worker.jobs >= self.config.limits.jobs;
+                    let retire =
+                        matches!(reply, Reply::Refused { retire: true, .. } | Reply::Retired)
+                            || worker.jobs >= self.config.limits.jobs;
                     if !retire {
+                        worker.idle_ticks = self.cpu_ticks(worker.pid);
                         self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(worker);
                     }
                     return self.answer(task, reply);
                 }
-                Ok(Err(Failure::Send(_))) if !fresh => continue,
-                Ok(Err(failure)) => failure,
-                Err(_) => {
-                    let _ = worker.child.start_kill();
-                    self.count("too_costly");
-                    tracing::warn!(
-                        task = task.name(),
-                        "media job over media.job_timeout: worker killed"
-                    );
-                    return Err(ProxyError::MediaTooCostly("over media.job_timeout".into()));
+                Ok(Err(Failure::Send(_))) if !fresh => {
+                    fresh = true;
+                    continue;
                 }
+                Ok(Err(Failure::NoReply(e))) if reused && !fresh => {
+                    tracing::debug!(task = task.name(), error = %e, "worker died; trying a fresh one");
+                    fresh = true;
+                    continue;
+                }
+                Ok(Err(failure)) => failure,
+                Err(_) => return Err(self.overran(task, worker, started)),
             };
             return Err(self.failed(task, worker, failure).await);
         }
-        unreachable!("the second attempt always returns")
+    }
+
+    /// A job past `media.job_timeout`: its worker is killed. The file is blamed only if the
+    /// worker spent at least half the deadline on the CPU; a worker that was starved of it
+    /// (a machine too busy, its input slow to arrive) says nothing about the file.
+    fn overran(&self, task: &Task, mut worker: Worker, started: u64) -> ProxyError {
+        let used = self.cpu_ticks(worker.pid).saturating_sub(started);
+        let _ = worker.child.start_kill();
+        let deadline = self.config.job_timeout.as_secs_f64();
+        if (used as f64 / self.ticks as f64) < deadline / 2.0 {
+            self.count("starved");
+            tracing::warn!(
+                task = task.name(),
+                used,
+                "media job over media.job_timeout without using the CPU: overloaded"
+            );
+            return ProxyError::MediaBusy;
+        }
+        self.count("too_costly");
+        tracing::warn!(task = task.name(), "media job over media.job_timeout: worker killed");
+        ProxyError::MediaTooCostly("over media.job_timeout".into())
     }
 
     /// Maps a worker's reply to the caller's result, counting it.
@@ -255,7 +324,7 @@ impl MediaPool {
                 self.count("unchanged");
                 Ok(reply)
             }
-            Reply::Ready { .. } | Reply::Unsafe { .. } => {
+            Reply::Ready { .. } | Reply::Unsafe { .. } | Reply::Retired => {
                 self.count("error");
                 Err(ProxyError::internal("media worker answered out of turn"))
             }
@@ -264,19 +333,22 @@ impl MediaPool {
 
     /// A job that did not get its reply: whose fault, and what the viewer gets.
     async fn failed(&self, task: &Task, mut worker: Worker, failure: Failure) -> ProxyError {
-        let _ = worker.child.start_kill();
         match failure {
             Failure::Input(e) | Failure::Sink(e) => {
+                let _ = worker.child.start_kill();
                 self.count("error");
                 crate::proxy::storage_error(e)
             }
-            Failure::Send(e) | Failure::Reply(e) => {
-                // Died on its own, or broke the protocol (then it was just killed, above).
+            Failure::Send(e) | Failure::NoReply(e) | Failure::Reply(e) => {
+                // Died on its own (its status says how), or is alive and broke the protocol.
                 let status =
-                    tokio::time::timeout(Duration::from_secs(2), worker.child.wait()).await;
+                    tokio::time::timeout(Duration::from_secs(1), worker.child.wait()).await;
                 let why = match status {
                     Ok(Ok(status)) => death(status),
-                    _ => format!("broke the protocol: {e}"),
+                    _ => {
+                        let _ = worker.child.start_kill();
+                        format!("broke the protocol: {e}")
+                    }
                 };
                 self.count("too_costly");
                 tracing::warn!(task = task.name(), why, "media worker failed mid-job");
@@ -285,14 +357,36 @@ impl MediaPool {
         }
     }
 
+    /// An idle worker that is alive and has not used the CPU since its last job.
     fn take_idle(&self) -> Option<Worker> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(mut worker) = idle.pop() {
-            if matches!(worker.child.try_wait(), Ok(None)) {
-                return Some(worker);
+        loop {
+            let mut worker = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
+            if !matches!(worker.child.try_wait(), Ok(None)) {
+                continue;
             }
+            let spent = self.cpu_ticks(worker.pid).saturating_sub(worker.idle_ticks);
+            if spent > self.ticks / 2 {
+                // Nothing legitimate runs in a worker between jobs.
+                tracing::warn!(
+                    pid = worker.pid,
+                    spent,
+                    "media worker used the CPU while idle: killed"
+                );
+                let _ = worker.child.start_kill();
+                continue;
+            }
+            return Some(worker);
         }
-        None
+    }
+
+    /// CPU time (user and system, clock ticks) of process `pid`, 0 when unreadable.
+    fn cpu_ticks(&self, pid: u32) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The name may hold spaces and parentheses: fields are counted after its last ')'.
+        let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let mut fields = rest.split_whitespace().skip(11);
+        let mut next = || fields.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        next() + next()
     }
 
     /// Starts a worker and waits for it to report its sandbox in place.
@@ -309,7 +403,7 @@ impl MediaPool {
             .current_dir("/")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             // Its own process group: a Ctrl-C meant for the server does not kill the jobs
             // it is draining.
@@ -318,9 +412,13 @@ impl MediaPool {
             ProxyError::internal(format!("cannot start media worker {}: {e}", exe.display()))
         };
         let mut child = cmd.spawn().map_err(|e| cannot(&e))?;
-        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        let pid = child.id().unwrap_or(0);
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
             return Err(cannot(&"no pipes"));
         };
+        tokio::spawn(relay_stderr(pid, stderr));
         // 1 MiB pipes (the default is 64 KiB): a 4 MB photo crosses in four wake-ups, not 64.
         // Best effort: the system's pipe-max-size may be lower.
         for fd in [stdin.as_fd(), stdout.as_fd()] {
@@ -330,7 +428,7 @@ impl MediaPool {
         let hello = protocol::read_header::<Reply>(&mut stdout);
         match tokio::time::timeout(Duration::from_secs(10), hello).await {
             Ok(Ok((Reply::Ready { landlock, .. }, 0))) => {
-                Ok((Worker { child, stdin, stdout, jobs: 0 }, landlock))
+                Ok((Worker { child, pid, stdin, stdout, jobs: 0, idle_ticks: 0 }, landlock))
             }
             Ok(Ok((Reply::Unsafe { why }, _))) => Err(cannot(&format!("sandbox: {why}"))),
             Ok(Ok((other, _))) => Err(cannot(&format!("unexpected greeting {other:?}"))),
@@ -340,7 +438,31 @@ impl MediaPool {
     }
 
     fn count(&self, outcome: &'static str) {
-        self.jobs.get_or_create(&OutcomeLabels { outcome }).inc();
+        self.metrics.jobs.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+}
+
+/// What a worker writes to stderr (a panic message, normally nothing) goes to the log, a
+/// bounded amount: a worker a file took over could otherwise flood or forge the server's log,
+/// so each line is cut at 300 bytes, escaped, and marked as the worker's.
+async fn relay_stderr(pid: u32, mut stderr: tokio::process::ChildStderr) {
+    const LINES: usize = 32;
+    let (mut buf, mut line, mut logged) = (vec![0u8; 4096], Vec::new(), 0);
+    while let Ok(n @ 1..) = stderr.read(&mut buf).await {
+        for &b in &buf[..n] {
+            if b != b'\n' {
+                if line.len() < 300 {
+                    line.push(b);
+                }
+                continue;
+            }
+            if logged < LINES {
+                let text = String::from_utf8_lossy(&line).escape_debug().to_string();
+                tracing::warn!(worker = pid, text, "media worker stderr");
+                logged += 1;
+            }
+            line.clear();
+        }
     }
 }
 
@@ -386,7 +508,7 @@ async fn exchange<S: ChunkSink>(
     }
     worker.stdin.flush().await.map_err(Failure::Send)?;
     let (reply, body_len): (Reply, u64) =
-        protocol::read_header(&mut worker.stdout).await.map_err(Failure::Reply)?;
+        protocol::read_header(&mut worker.stdout).await.map_err(Failure::NoReply)?;
     let expects_body = matches!(reply, Reply::Done { .. });
     if (body_len > 0 && !expects_body) || body_len > max_output {
         let stray = std::io::Error::new(std::io::ErrorKind::InvalidData, "a body out of bounds");

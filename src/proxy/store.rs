@@ -225,8 +225,11 @@ impl Sink {
         let want = declared.unwrap_or(IN_MEMORY_FILL);
         let hold = (want <= IN_MEMORY_FILL).then(|| self.budget.try_hold(want)).flatten();
         match hold {
+            // A body of unknown length grows as it arrives: memory reserved for the worst case
+            // would stay with the bytes into the memory tier, which weighs only their length.
             Some(hold) => {
-                self.memory = Some((Vec::with_capacity(want as usize), hold, want as usize))
+                let room = declared.map_or(0, |n| n as usize);
+                self.memory = Some((Vec::with_capacity(room), hold, want as usize))
             }
             None => self.temp = Some(self.disk.create_temp().await?),
         }
@@ -261,7 +264,11 @@ impl Sink {
 
     pub(crate) fn finish(self, content_type: &'static str) -> Received {
         let body = match (self.memory, self.temp) {
-            (Some((held, hold, _)), _) => Held::Memory(Bytes::from(held), Some(hold)),
+            (Some((mut held, hold, _)), _) => {
+                // What the memory tier keeps is exactly what it weighs.
+                held.shrink_to_fit();
+                Held::Memory(Bytes::from(held), Some(hold))
+            }
             (None, Some(t)) => Held::Disk(t),
             (None, None) => Held::Memory(Bytes::new(), None),
         };
@@ -308,5 +315,31 @@ fn body_error(e: reqwest::Error) -> ProxyError {
         ProxyError::OriginTimeout
     } else {
         ProxyError::OriginInvalid("body cut short")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a small body of unknown length keeps allocated is its size, not the 1 MiB the
+    /// budget holds for it: the memory tier weighs entries by length.
+    #[tokio::test]
+    async fn a_body_of_unknown_length_keeps_only_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = BlobStore::open(dir.path(), false).unwrap();
+        let budget = InflightBudget::new(4 << 20);
+        let mut sink = Sink::new(&disk, &budget);
+        sink.start(None).await.unwrap();
+        sink.push_chunk(&[7u8; 150]).await.unwrap();
+        sink.push_chunk(&[8u8; 50]).await.unwrap();
+        assert_eq!(budget.available(), 3 << 20, "1 MiB held while it arrives");
+        let received = sink.finish("image/gif");
+        let Held::Memory(bytes, hold) = received.body else { panic!("small: held in memory") };
+        assert_eq!((received.len, bytes.len()), (200, 200));
+        drop(hold);
+        assert_eq!(budget.available(), 4 << 20, "the hold ends with the body");
+        let back: Vec<u8> = bytes.into();
+        assert!(back.capacity() < 4096, "allocation of {} bytes", back.capacity());
     }
 }

@@ -504,9 +504,14 @@ async fn bodies_held_in_memory_stay_within_the_inflight_budget() {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let mut released = released.clone();
                 tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    let n = stream.read(&mut buf).await.unwrap_or(0);
-                    let line = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let (mut head, mut buf) = (Vec::new(), [0u8; 4096]);
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let line = String::from_utf8_lossy(&head).to_string();
                     let seed: u64 =
                         line.split(['/', '.']).nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
                     let body = png_bytes(LEN, seed);
@@ -544,4 +549,61 @@ async fn bodies_held_in_memory_stay_within_the_inflight_budget() {
         p.stop().await;
         origin.abort();
     }
+}
+
+/// Bodies of unknown length (chunked) are received into memory that grows as they arrive
+/// (the unit test `proxy::store::tests` checks the allocation itself): a hundred of them
+/// leave the server's memory where it was, all stay in the memory tier, and once they are
+/// stored the in-flight budget is whole again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_chunked_bodies_cost_their_size_in_memory() {
+    const FILES: u64 = 100;
+    let listener = TcpListener::bind(("127.0.0.13", 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let origin = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut head, mut buf) = (Vec::new(), [0u8; 4096]);
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&head).to_string();
+                let seed: u64 =
+                    line.split(['/', '.']).nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+                let mut body = b"GIF89a".to_vec();
+                body.extend_from_slice(&png_bytes(194, seed)[..]);
+                // `chunked` writes the head (transfer-encoding: chunked), then the chunks.
+                let _ = stream.write_all(&chunked(&body, 64)).await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let envs = [
+        ("PARASOL__FETCH__ALLOW_NETWORKS", "[\"127.0.0.13/32\"]"),
+        ("PARASOL__SIGNING__KEYS", &format!("[\"{KEY}\"]")),
+        ("PARASOL__CACHE__FSYNC", "false"),
+    ];
+    let (child, public, admin) = crate::cli::spawn_serving(dir.path(), &envs, None);
+    let pid = child.0.id();
+    let first = signed_url(public, &format!("http://{addr}/{FILES}.gif"));
+    assert_eq!(get(&first).await.status(), 200);
+    let before = proc_status(pid, "VmRSS:");
+    for n in 0..FILES {
+        let r = get(&signed_url(public, &format!("http://{addr}/{n}.gif"))).await;
+        assert_eq!(r.status(), 200, "file {n}");
+        assert_eq!(body(r).await.len(), 200);
+    }
+    let after = proc_status(pid, "VmRSS:");
+    let grown = after.saturating_sub(before) / 1024;
+    eprintln!("RSS {} -> {} MiB", before / 1024, after / 1024);
+    assert!(grown < 64, "{FILES} small files grew the server by {grown} MiB");
+    let text = get(&format!("http://{admin}/metrics")).await.text().await.unwrap();
+    assert!(text.contains("\nparasol_inflight_bytes 0\n"), "the budget is whole again");
+    assert!(text.contains("parasol_cache_entries{tier=\"memory\"} 101"), "all in memory");
+    child.sigterm();
+    assert!(child.wait().await.success());
+    origin.abort();
 }

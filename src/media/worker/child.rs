@@ -42,8 +42,10 @@ pub fn run(limits: Limits, max_input: u64) -> ExitCode {
             Err(_) => return ExitCode::FAILURE,
         };
         if sandbox::arm_cpu(limits.cpu_seconds).is_err() {
-            // The lifetime budget is spent: exit, and the server's next worker takes this on.
-            return ExitCode::FAILURE;
+            // The lifetime budget is spent: say so and exit; the server sends the job to a
+            // fresh worker.
+            let _ = protocol::write_frame(&mut out, &Reply::Retired, &[]);
+            return ExitCode::SUCCESS;
         }
         let outcome = std::panic::catch_unwind(|| execute(&task, body, &entered, &limits));
         let (reply, result) = outcome.unwrap_or_else(|_| {
@@ -110,7 +112,7 @@ fn execute(
             }
         }
         Task::SelfCheck { open, connect } => {
-            (Reply::Report(self_check(open, *connect, entered, limits)), Vec::new())
+            (Reply::Report(Box::new(self_check(open, *connect, entered, limits))), Vec::new())
         }
     }
 }
@@ -128,8 +130,11 @@ fn self_check(
             Err(e) => format!("refused: {e}"),
         }
     }
-    use nix::sys::resource::Resource;
+    use nix::sys::resource::{Resource, setrlimit};
+    use std::os::fd::AsFd;
     let timeout = std::time::Duration::from_secs(2);
+    let (_, hard_as) = sandbox::limit(Resource::RLIMIT_AS);
+    let mut byte = [0u8; 1];
     let mut allocation: Vec<u8> = Vec::new();
     let allocate = verdict(allocation.try_reserve_exact(limits.memory as usize), "allocated");
     drop(allocation);
@@ -139,6 +144,13 @@ fn self_check(
         exec: verdict(std::process::Command::new("/bin/true").status(), "ran /bin/true"),
         thread: verdict(std::thread::Builder::new().spawn(|| ()), "started a thread"),
         allocate,
+        signal_parent: verdict(nix::sys::signal::kill(nix::unistd::getppid(), None), "signalled"),
+        raise_limit: verdict(
+            setrlimit(Resource::RLIMIT_AS, hard_as.saturating_add(1 << 20), hard_as + (1 << 20)),
+            "raised",
+        ),
+        read_stdout: verdict(nix::unistd::read(std::io::stdout().as_fd(), &mut byte), "read"),
+        uid: entered.uid,
         descriptors: entered.descriptors.clone(),
         environment: std::env::vars_os().count(),
         landlock: entered.landlock.clone(),

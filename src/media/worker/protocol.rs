@@ -63,8 +63,11 @@ pub enum Reply {
     /// `retire`: the worker will exit after this reply (a decoder panicked; its state is
     /// not trusted for another job).
     Refused { reason: String, retire: bool },
+    /// The worker did not run the job and is exiting: its lifetime CPU budget is spent. The
+    /// server sends the job to a fresh worker.
+    Retired,
     /// What a [`Task::SelfCheck`] saw.
-    Report(SelfReport),
+    Report(Box<SelfReport>),
 }
 
 /// The self-check's findings: each probe is `refused: <error>` or what it managed to do.
@@ -76,6 +79,14 @@ pub struct SelfReport {
     pub thread: String,
     /// An allocation the size of the memory limit.
     pub allocate: String,
+    /// A signal (0, the existence probe) to the server.
+    pub signal_parent: String,
+    /// Raising its own address-space limit.
+    pub raise_limit: String,
+    /// Reading from stdout (a worker reads only its jobs, on stdin).
+    pub read_stdout: String,
+    /// The user the worker runs as.
+    pub uid: u32,
     /// Descriptors open in the worker once the sandbox was in place.
     pub descriptors: Vec<i32>,
     /// Environment variables the worker was started with.
@@ -88,14 +99,25 @@ pub struct SelfReport {
 }
 
 impl SelfReport {
-    /// Whether every probe that must fail did, and the process holds only its pipes.
+    /// Whether every probe that must fail did, and the process holds only its pipes, has no
+    /// environment and is not root.
     pub fn is_sandboxed(&self) -> bool {
         let refused = |s: &str| s.starts_with("refused");
-        [&self.open, &self.connect, &self.exec, &self.thread, &self.allocate]
-            .iter()
-            .all(|s| refused(s))
+        [
+            &self.open,
+            &self.connect,
+            &self.exec,
+            &self.thread,
+            &self.allocate,
+            &self.signal_parent,
+            &self.raise_limit,
+            &self.read_stdout,
+        ]
+        .iter()
+        .all(|s| refused(s))
             && self.descriptors.iter().all(|fd| (0..=2).contains(fd))
             && self.environment == 0
+            && self.uid != 0
     }
 }
 

@@ -1,20 +1,25 @@
 //! The walls a media worker raises around itself before it reads its first job. A worker needs
-//! its two pipes, memory and the CPU; it gets nothing else:
+//! its pipes, memory and the CPU; it gets nothing else:
 //!
-//! 1. it dies with the server (`PR_SET_PDEATHSIG`), so a crashed server leaves no workers;
+//! 1. it is the first process the kernel kills when memory runs out (`oom_score_adj` 1000);
 //! 2. kernel limits: address space (`media.worker_memory`), CPU time per job (re-armed before
-//!    each job; past it the kernel sends `SIGXCPU`), no core dumps, no file writes;
+//!    each job; past it the kernel sends `SIGXCPU`) and in all (a few jobs' worth, then the
+//!    worker retires), no core dumps, no file writes;
 //! 3. every descriptor but stdin, stdout and stderr is closed, and no new one can be opened
 //!    (`RLIMIT_NOFILE` 3);
 //! 4. Landlock, where the kernel has it: no file system access, no TCP, no signals or abstract
 //!    sockets outside the worker;
-//! 5. a seccomp filter that allows only the calls a decoder needs (read and write on its
-//!    pipes, memory, futexes, clocks, exit) and makes every other fail with `EPERM`: no
-//!    `open`, `socket`, `connect`, `execve`, `fork`, `clone`, `ptrace`, `kill` of another
-//!    process, and no new executable memory.
+//! 5. started as root, it becomes `nobody` (uid and gid 65534, no groups, no capabilities),
+//!    so no limit above can be lifted; then it dies with the server (`PR_SET_PDEATHSIG`, set
+//!    after the change of user, which would clear it);
+//! 6. a seccomp filter that allows only the calls a decoder needs (read on stdin, write on
+//!    stdout and stderr, memory, futexes, clocks, its own CPU limit, exit) and makes every
+//!    other fail with `EPERM`: no `open`, `socket`, `connect`, `execve`, `fork`, `clone`,
+//!    `ptrace`, `kill` of another process, and no new executable memory.
 //!
-//! The server starts the worker with an empty environment, `/` as its directory and its own
-//! process group, so none of the server's state leaks in either.
+//! The server starts the worker with an empty environment, `/` as its directory, stderr on a
+//! pipe of its own (read by the server, a bounded number of lines) and its own process
+//! group, so none of the server's state leaks in either.
 
 use std::collections::BTreeMap;
 
@@ -42,30 +47,57 @@ pub struct Entered {
     pub landlock: String,
     /// Descriptors still open once the sandbox is in place (0, 1, 2).
     pub descriptors: Vec<i32>,
+    /// The user it runs as from then on.
+    pub uid: u32,
 }
 
 /// Raises every wall, in the order that keeps each possible: limits first, inherited
 /// descriptors closed while `/proc` can still list them, Landlock while a descriptor may
-/// still be made, then seccomp (which forbids most of the above). Any failure is reported and the worker must not take jobs.
+/// still be made, the change of user, then seccomp (which forbids most of the above).
 pub fn enter(limits: &Limits) -> Result<Entered, String> {
-    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-        .map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
+    // The kernel's choice when memory runs out: a worker, never the server. Raising one's
+    // own score needs no privilege.
+    std::fs::write("/proc/self/oom_score_adj", "1000")
+        .map_err(|e| format!("/proc/self/oom_score_adj: {e}"))?;
     let set = |resource, soft, hard| {
         setrlimit(resource, soft, hard).map_err(|e| format!("setrlimit {resource:?}: {e}"))
     };
     set(Resource::RLIMIT_AS, limits.memory, limits.memory)?;
     set(Resource::RLIMIT_CORE, 0, 0)?;
     set(Resource::RLIMIT_FSIZE, 0, 0)?;
-    let lifetime = limits.cpu_seconds.saturating_mul(u64::from(limits.jobs) + 1);
-    set(Resource::RLIMIT_CPU, limits.cpu_seconds, lifetime)?;
+    set(Resource::RLIMIT_CPU, limits.cpu_seconds, lifetime_cpu(limits))?;
     // Landlock's ruleset is a descriptor of its own (closed once applied), and once applied
     // /proc/self/fd can no longer be listed: close and list first.
     let descriptors = close_inherited()?;
     let landlock = landlock()?;
+    drop_root()?;
+    let uid = nix::unistd::geteuid().as_raw();
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
     set(Resource::RLIMIT_NOFILE, 3, 3)?;
     let filter = filter()?;
     seccompiler::apply_filter(&filter).map_err(|e| format!("seccomp: {e}"))?;
-    Ok(Entered { landlock, descriptors })
+    Ok(Entered { landlock, descriptors, uid })
+}
+
+/// CPU seconds a worker may use in its life: four jobs at their limit. A worker that has
+/// used that much retires (its next job goes to a fresh one), so even a worker whose decoder
+/// was taken over cannot burn the CPU for long.
+fn lifetime_cpu(limits: &Limits) -> u64 {
+    limits.cpu_seconds.saturating_mul(4)
+}
+
+/// Started as root: become `nobody`, with no groups. Otherwise nothing to drop.
+fn drop_root() -> Result<(), String> {
+    use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let (uid, gid) = (Uid::from_raw(65534), Gid::from_raw(65534));
+    setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
+    setresgid(gid, gid, gid).map_err(|e| format!("setresgid: {e}"))?;
+    setresuid(uid, uid, uid).map_err(|e| format!("setresuid: {e}"))?;
+    Ok(())
 }
 
 /// Before each job: this job may use `seconds` of CPU from now, whatever earlier ones used.
@@ -74,7 +106,7 @@ pub fn arm_cpu(seconds: u64) -> Result<(), String> {
     let used = (usage.user_time().tv_sec() + usage.system_time().tv_sec() + 1) as u64;
     let (_, hard) = getrlimit(Resource::RLIMIT_CPU).map_err(|e| format!("getrlimit: {e}"))?;
     let soft = used.saturating_add(seconds);
-    if soft >= hard {
+    if soft > hard {
         return Err("the worker's lifetime CPU budget is spent".into());
     }
     setrlimit(Resource::RLIMIT_CPU, soft, hard).map_err(|e| format!("setrlimit CPU: {e}"))
@@ -143,10 +175,6 @@ fn filter() -> Result<BpfProgram, String> {
     };
     let rule = |conditions| SeccompRule::new(conditions).map_err(|e| format!("seccomp: {e}"));
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = [
-        libc::SYS_read,
-        libc::SYS_write,
-        libc::SYS_readv,
-        libc::SYS_writev,
         libc::SYS_close,
         libc::SYS_munmap,
         libc::SYS_mremap,
@@ -156,7 +184,6 @@ fn filter() -> Result<BpfProgram, String> {
         libc::SYS_sched_yield,
         libc::SYS_rt_sigreturn,
         libc::SYS_rt_sigprocmask,
-        libc::SYS_rt_sigaction,
         libc::SYS_sigaltstack,
         libc::SYS_getrandom,
         libc::SYS_clock_gettime,
@@ -171,12 +198,25 @@ fn filter() -> Result<BpfProgram, String> {
     .into_iter()
     .map(|nr| (nr, Vec::new()))
     .collect();
+    // Jobs come in on stdin; replies go out on stdout, panics on stderr. Nothing else.
+    let fd = |n: u64| cond(0, SeccompCmpOp::Eq, n);
+    rules.insert(libc::SYS_read, vec![rule(vec![fd(0)?])?]);
+    rules.insert(libc::SYS_write, vec![rule(vec![fd(1)?])?, rule(vec![fd(2)?])?]);
+    rules.insert(libc::SYS_writev, vec![rule(vec![fd(1)?])?, rule(vec![fd(2)?])?]);
     // Memory, but never executable: a decoder exploit cannot map new code.
     let no_exec = || cond(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0);
     rules.insert(libc::SYS_mmap, vec![rule(vec![no_exec()?])?]);
     rules.insert(libc::SYS_mprotect, vec![rule(vec![no_exec()?])?]);
-    // Its own limits only (pid 0): the CPU limit is re-armed before each job.
-    rules.insert(libc::SYS_prlimit64, vec![rule(vec![cond(0, SeccompCmpOp::Eq, 0)?])?]);
+    // Its own limits only (pid 0): any may be read (no new limit given), only the CPU limit
+    // set, as it is before each job, and never above the hard limit (no privilege left).
+    let cpu = libc::RLIMIT_CPU as u64;
+    rules.insert(
+        libc::SYS_prlimit64,
+        vec![
+            rule(vec![cond(0, SeccompCmpOp::Eq, 0)?, cond(2, SeccompCmpOp::Eq, 0)?])?,
+            rule(vec![cond(0, SeccompCmpOp::Eq, 0)?, cond(1, SeccompCmpOp::Eq, cpu)?])?,
+        ],
+    );
     // abort() signals itself; no other process may be signalled.
     rules.insert(libc::SYS_tgkill, vec![rule(vec![cond(0, SeccompCmpOp::Eq, own_pid)?])?]);
     let filter = SeccompFilter::new(
