@@ -127,6 +127,9 @@ async fn bench(rounds: usize) {
     println!("|---|---|---|---|---|---|---|");
     let sources = [("4000x3000 JPEG", photo(), rounds), ("128 px emoji", emoji(), rounds * 20)];
     let only = std::env::var("SOURCE").unwrap_or_default();
+    if "strip".contains(only.as_str()) {
+        strips(&pool, rounds * 40).await;
+    }
     for (name, source, n) in sources {
         if !name.contains(only.as_str()) {
             continue;
@@ -146,5 +149,52 @@ async fn bench(rounds: usize) {
                 cost * 100.0,
             );
         }
+    }
+}
+
+/// The miss path's media job: stripping a fill's metadata. Before media workers it ran in
+/// process without a thread hop for bodies in memory. A 64 KiB PNG-looking body with nothing
+/// to strip (the side-by-side bench's miss) and a 60 KiB JPEG with EXIF.
+async fn strips(pool: &MediaPool, n: usize) {
+    let mut noise = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
+    let mut x = 0x2545f4914f6cdd1du64;
+    while noise.len() < 64 << 10 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        noise.extend_from_slice(&x.to_le_bytes());
+    }
+    let img = RgbImage::from_fn(300, 200, |x, y| Rgb([x as u8, y as u8, 90]));
+    let mut jpeg = Cursor::new(Vec::new());
+    DynamicImage::ImageRgb8(img).write_to(&mut jpeg, ImageFormat::Jpeg).unwrap();
+    let mut jpeg = img_parts::jpeg::Jpeg::from_bytes(jpeg.into_inner().into()).unwrap();
+    img_parts::ImageEXIF::set_exif(&mut jpeg, Some(Bytes::from(vec![b'M'; 2000])));
+    let mut tagged = Vec::new();
+    jpeg.encoder().write_to(&mut tagged).unwrap();
+    for (name, body, ct) in [
+        ("64 KiB PNG, nothing to strip", noise, "image/png"),
+        ("JPEG with EXIF", tagged, "image/jpeg"),
+    ] {
+        let body = Bytes::from(body);
+        let task = Task::Strip { content_type: ct.into() };
+        let local = || {
+            let body = body.clone();
+            async move { parasol::media::strip::strip(&body, ct).map_or(0, |b| b.len()) }
+        };
+        let remote = || {
+            let (body, task) = (body.clone(), task.clone());
+            async move {
+                let mut out = Vec::new();
+                pool.run(&task, Input::Memory(body), None, &mut out).await.unwrap();
+                out.len()
+            }
+        };
+        let [(l, lr), (r, rr)] = measure(n, local, remote).await;
+        println!(
+            "| strip | {name} | {:.3} ms | {:.3} ms | {:+.3} ms | {lr:.0}/s | {rr:.0}/s |",
+            l.as_secs_f64() * 1e3,
+            r.as_secs_f64() * 1e3,
+            (r.as_secs_f64() - l.as_secs_f64()) * 1e3,
+        );
     }
 }

@@ -39,7 +39,7 @@ use tokio::sync::Semaphore;
 use crate::cache::ChunkSink;
 use crate::error::ProxyError;
 use crate::telemetry::OutcomeLabels;
-use protocol::{Reply, SelfReport, Task};
+use protocol::{Answer, Reply, SelfReport, Task};
 pub use sandbox::Limits;
 
 /// Capacity asked for each worker pipe.
@@ -93,8 +93,8 @@ struct Worker {
     stdout: BufReader<ChildStdout>,
     /// Jobs done so far; the worker is retired at `limits.jobs`.
     jobs: u32,
-    /// Its CPU time (clock ticks) when it last went idle: an idle worker uses none.
-    idle_ticks: u64,
+    /// The CPU time it reported with its last reply (milliseconds).
+    cpu_ms: u64,
 }
 
 /// How an exchange with a worker failed.
@@ -251,22 +251,22 @@ impl MediaPool {
                     }
                 },
             };
-            let started = self.cpu_ticks(worker.pid);
+            let started = worker.cpu_ms;
             let reused = worker.jobs > 0;
             let max = self.config.max_input;
             let exchange = exchange(&mut worker, task, input, sink, max);
             let failure = match tokio::time::timeout(self.config.job_timeout, exchange).await {
-                Ok(Ok(Reply::Retired)) if !fresh => {
+                Ok(Ok(Answer { reply: Reply::Retired, .. })) if !fresh => {
                     fresh = true;
                     continue;
                 }
-                Ok(Ok(reply)) => {
+                Ok(Ok(Answer { reply, cpu_ms })) => {
                     worker.jobs += 1;
+                    worker.cpu_ms = cpu_ms;
                     let retire =
                         matches!(reply, Reply::Refused { retire: true, .. } | Reply::Retired)
                             || worker.jobs >= self.config.limits.jobs;
                     if !retire {
-                        worker.idle_ticks = self.cpu_ticks(worker.pid);
                         self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(worker);
                     }
                     return self.answer(task, reply);
@@ -288,17 +288,17 @@ impl MediaPool {
     }
 
     /// A job past `media.job_timeout`: its worker is killed. The file is blamed only if the
-    /// worker spent at least half the deadline on the CPU; a worker that was starved of it
-    /// (a machine too busy, its input slow to arrive) says nothing about the file.
-    fn overran(&self, task: &Task, mut worker: Worker, started: u64) -> ProxyError {
-        let used = self.cpu_ticks(worker.pid).saturating_sub(started);
+    /// worker had at least a fifth of the deadline on the CPU and still did not finish: a
+    /// file that needs that much is too costly, while a worker starved of the CPU (a machine
+    /// too busy, perhaps on purpose, or input slow to arrive) says nothing about the file.
+    fn overran(&self, task: &Task, mut worker: Worker, started_ms: u64) -> ProxyError {
+        let used_ms = (self.cpu_ticks(worker.pid) * 1000 / self.ticks).saturating_sub(started_ms);
         let _ = worker.child.start_kill();
-        let deadline = self.config.job_timeout.as_secs_f64();
-        if (used as f64 / self.ticks as f64) < deadline / 2.0 {
+        if (used_ms as u128) < self.config.job_timeout.as_millis() / 5 {
             self.count("starved");
             tracing::warn!(
                 task = task.name(),
-                used,
+                used_ms,
                 "media job over media.job_timeout without using the CPU: overloaded"
             );
             return ProxyError::MediaBusy;
@@ -357,29 +357,19 @@ impl MediaPool {
         }
     }
 
-    /// An idle worker that is alive and has not used the CPU since its last job.
+    /// An idle worker that is still alive. (One that spins while idle, which nothing
+    /// legitimate does, is stopped by its lifetime CPU limit: four jobs' worth.)
     fn take_idle(&self) -> Option<Worker> {
         loop {
             let mut worker = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
-            if !matches!(worker.child.try_wait(), Ok(None)) {
-                continue;
+            if matches!(worker.child.try_wait(), Ok(None)) {
+                return Some(worker);
             }
-            let spent = self.cpu_ticks(worker.pid).saturating_sub(worker.idle_ticks);
-            if spent > self.ticks / 2 {
-                // Nothing legitimate runs in a worker between jobs.
-                tracing::warn!(
-                    pid = worker.pid,
-                    spent,
-                    "media worker used the CPU while idle: killed"
-                );
-                let _ = worker.child.start_kill();
-                continue;
-            }
-            return Some(worker);
         }
     }
 
-    /// CPU time (user and system, clock ticks) of process `pid`, 0 when unreadable.
+    /// CPU time (user and system, clock ticks) of process `pid`, 0 when unreadable. Read
+    /// only when a job overran.
     fn cpu_ticks(&self, pid: u32) -> u64 {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         // The name may hold spaces and parentheses: fields are counted after its last ')'.
@@ -425,13 +415,15 @@ impl MediaPool {
             let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
         }
         let mut stdout = BufReader::with_capacity(1 << 16, stdout);
-        let hello = protocol::read_header::<Reply>(&mut stdout);
+        let hello = protocol::read_header::<Answer>(&mut stdout);
         match tokio::time::timeout(Duration::from_secs(10), hello).await {
-            Ok(Ok((Reply::Ready { landlock, .. }, 0))) => {
-                Ok((Worker { child, pid, stdin, stdout, jobs: 0, idle_ticks: 0 }, landlock))
+            Ok(Ok((Answer { reply: Reply::Ready { landlock, .. }, cpu_ms }, 0))) => {
+                Ok((Worker { child, pid, stdin, stdout, jobs: 0, cpu_ms }, landlock))
             }
-            Ok(Ok((Reply::Unsafe { why }, _))) => Err(cannot(&format!("sandbox: {why}"))),
-            Ok(Ok((other, _))) => Err(cannot(&format!("unexpected greeting {other:?}"))),
+            Ok(Ok((Answer { reply: Reply::Unsafe { why }, .. }, _))) => {
+                Err(cannot(&format!("sandbox: {why}")))
+            }
+            Ok(Ok((other, _))) => Err(cannot(&format!("unexpected greeting {:?}", other.reply))),
             Ok(Err(e)) => Err(cannot(&e)),
             Err(_) => Err(cannot(&"no greeting within 10 s")),
         }
@@ -473,7 +465,7 @@ async fn exchange<S: ChunkSink>(
     input: &Input,
     sink: &mut S,
     max_output: u64,
-) -> Result<Reply, Failure> {
+) -> Result<Answer, Failure> {
     match input {
         // Header and file in one write: the worker wakes once for a small job.
         Input::Memory(bytes) if bytes.len() <= PIPE_BYTES as usize => {
@@ -507,9 +499,9 @@ async fn exchange<S: ChunkSink>(
         }
     }
     worker.stdin.flush().await.map_err(Failure::Send)?;
-    let (reply, body_len): (Reply, u64) =
+    let (answer, body_len): (Answer, u64) =
         protocol::read_header(&mut worker.stdout).await.map_err(Failure::NoReply)?;
-    let expects_body = matches!(reply, Reply::Done { .. });
+    let expects_body = matches!(answer.reply, Reply::Done { .. });
     if (body_len > 0 && !expects_body) || body_len > max_output {
         let stray = std::io::Error::new(std::io::ErrorKind::InvalidData, "a body out of bounds");
         return Err(Failure::Reply(stray));
@@ -530,7 +522,7 @@ async fn exchange<S: ChunkSink>(
             left -= n as u64;
         }
     }
-    Ok(reply)
+    Ok(answer)
 }
 
 /// Why a worker process ended, in words for the log and the error.

@@ -359,14 +359,15 @@ async fn stuck_jobs_hold_no_fill_slot_and_other_traffic_is_served_meanwhile() {
     let p = Parasol::start(cfg).await;
     let quick = Duration::from_secs(5);
     assert_eq!(get_within(&p.url(&origin.url("/cached.png")), quick).await.status(), 200);
-    let stuck: Vec<_> = ["/noise-1.svg", "/noise-2.svg"]
-        .iter()
-        .map(|path| {
-            let url = p.url(&origin.url(path));
-            tokio::spawn(async move { get_within(&url, Duration::from_secs(30)).await })
-        })
-        .collect();
-    assert!(eventually(|| origin.hits("/noise-1.svg") + origin.hits("/noise-2.svg") == 2).await);
+    // One after the other: with one fill slot, a second fill while the first is fetching
+    // would get 503. Each is on a worker (the gauge says so) once its fill is over.
+    let mut stuck = Vec::new();
+    for (n, path) in ["/noise-1.svg", "/noise-2.svg"].iter().enumerate() {
+        let url = p.url(&origin.url(path));
+        stuck.push(tokio::spawn(async move { get_within(&url, Duration::from_secs(30)).await }));
+        let on_worker = || async { p.metric("parasol_media_jobs_running").await == n as u64 + 1 };
+        assert!(eventually_async(on_worker).await, "bomb {n} is on a worker");
+    }
     // Two workers are stuck and their fills are over: a hit, misses (one fill slot in all)
     // and a render are served as if nothing were wrong.
     let started = Instant::now();
@@ -450,4 +451,31 @@ async fn the_self_check_proves_the_sandbox_from_inside_a_real_worker() {
     assert_eq!(report["address_space"][0], 512u64 << 20);
     assert_ne!(report["uid"], 0, "never root");
     assert!(listener.accept().is_err(), "nothing connected to the listener");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_starved_of_the_cpu_is_not_blamed_on_its_file() {
+    let origin = Origin::start("127.0.0.46").await;
+    origin.route("/noise.svg", Route::ok(turbulence(7)));
+    let dir = tempfile::tempdir().unwrap();
+    let media = [("workers", "1"), ("job_timeout", "3s")];
+    let (child, public, admin) = serve(dir.path(), "127.0.0.46/32", &media);
+    let url = signed_url(public, &origin.url("/noise.svg"));
+    let first = {
+        let url = url.clone();
+        tokio::spawn(async move { get_within(&url, Duration::from_secs(20)).await })
+    };
+    // Stopped at once, its worker uses no CPU until the deadline: the machine, not the file.
+    let worker = busy_worker(child.0.id()).await;
+    assert!(Command::new("kill").args(["-STOP", &worker.to_string()]).status().unwrap().success());
+    let r = first.await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-parasol-error"], "media_busy");
+    assert_eq!(metric(admin, &jobs("starved")).await, 1);
+    // Not remembered, not negative-cached: the next viewer gets a real try, and the verdict.
+    let r = get_within(&url, Duration::from_secs(20)).await;
+    assert_eq!(r.status(), 422);
+    assert_eq!(metric(admin, &jobs("too_costly")).await, 1);
+    child.sigterm();
+    assert!(child.wait().await.success());
 }

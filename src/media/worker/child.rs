@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use bytes::Bytes;
 
-use super::protocol::{self, Reply, SelfReport, Task};
+use super::protocol::{self, Answer, Reply, SelfReport, Task};
 use super::sandbox::{self, Limits};
 use crate::error::ProxyError;
 
@@ -23,7 +23,7 @@ pub fn run(limits: Limits, max_input: u64) -> ExitCode {
     let entered = match sandbox::enter(&limits) {
         Ok(entered) => entered,
         Err(why) => {
-            let _ = protocol::write_frame(&mut out, &Reply::Unsafe { why }, &[]);
+            let _ = protocol::write_frame(&mut out, &answer(Reply::Unsafe { why }), &[]);
             return ExitCode::from(3);
         }
     };
@@ -31,7 +31,7 @@ pub fn run(limits: Limits, max_input: u64) -> ExitCode {
         version: env!("CARGO_PKG_VERSION").into(),
         landlock: entered.landlock.clone(),
     };
-    if protocol::write_frame(&mut out, &ready, &[]).is_err() {
+    if protocol::write_frame(&mut out, &answer(ready), &[]).is_err() {
         return ExitCode::FAILURE;
     }
     let mut input = BufReader::with_capacity(1 << 16, std::io::stdin().lock());
@@ -44,7 +44,7 @@ pub fn run(limits: Limits, max_input: u64) -> ExitCode {
         if sandbox::arm_cpu(limits.cpu_seconds).is_err() {
             // The lifetime budget is spent: say so and exit; the server sends the job to a
             // fresh worker.
-            let _ = protocol::write_frame(&mut out, &Reply::Retired, &[]);
+            let _ = protocol::write_frame(&mut out, &answer(Reply::Retired), &[]);
             return ExitCode::SUCCESS;
         }
         let outcome = std::panic::catch_unwind(|| execute(&task, body, &entered, &limits));
@@ -53,11 +53,16 @@ pub fn run(limits: Limits, max_input: u64) -> ExitCode {
             (reply, Vec::new())
         });
         let retire = matches!(reply, Reply::Refused { retire: true, .. });
-        if protocol::write_frame(&mut out, &reply, &result).is_err() || retire {
+        if protocol::write_frame(&mut out, &answer(reply), &result).is_err() || retire {
             let _ = out.flush();
             return ExitCode::FAILURE;
         }
     }
+}
+
+/// A reply with the CPU time used so far.
+fn answer(reply: Reply) -> Answer {
+    Answer { reply, cpu_ms: sandbox::cpu_ms() }
 }
 
 /// Lets the allocator keep what a job freed for the next one. glibc's default gives the top of

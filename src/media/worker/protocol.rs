@@ -70,6 +70,17 @@ pub enum Reply {
     Report(Box<SelfReport>),
 }
 
+/// A reply as it crosses the pipe: what the worker says, and the CPU time it has used in all
+/// so far, so the server can tell a job that burned its deadline from one that was starved
+/// without reading `/proc` for every job.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Answer {
+    #[serde(flatten)]
+    pub reply: Reply,
+    #[serde(default)]
+    pub cpu_ms: u64,
+}
+
 /// The self-check's findings: each probe is `refused: <error>` or what it managed to do.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SelfReport {
@@ -224,5 +235,11 @@ mod tests {
         huge.extend_from_slice(b"{}");
         assert!(read_frame::<Task>(&mut huge.as_slice(), 10).is_err(), "header over the bound");
         assert!(read_frame::<Task>(&mut &wire[..wire.len() - 1], 1 << 20).is_err(), "cut short");
+
+        let answer = Answer { reply: Reply::Done { width: 3, height: 4 }, cpu_ms: 17 };
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &answer, b"px").unwrap();
+        let (back, _): (Answer, Vec<u8>) = read_frame(&mut wire.as_slice(), 10).unwrap().unwrap();
+        assert_eq!(back, answer);
     }
 }
