@@ -219,7 +219,7 @@ impl Default for MediaConfig {
             queue: 128,
             worker_memory: Size(512 << 20),
             job_timeout: Dur(Duration::from_secs(10)),
-            worker_jobs: 100,
+            worker_jobs: 250,
             inflight_bytes: Size(256 << 20),
         }
     }

@@ -515,7 +515,9 @@ async fn bodies_held_in_memory_stay_within_the_inflight_budget() {
                     let seed: u64 =
                         line.split(['/', '.']).nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
                     let body = png_bytes(LEN, seed);
-                    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {LEN}\r\n\r\n");
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {LEN}\r\nconnection: close\r\n\r\n"
+                    );
                     let _ = stream.write_all(head.as_bytes()).await;
                     let _ = stream.write_all(&body[..LEN / 2]).await;
                     let _ = released.wait_for(|r| *r).await;
@@ -575,8 +577,12 @@ async fn small_chunked_bodies_cost_their_size_in_memory() {
                     line.split(['/', '.']).nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
                 let mut body = b"GIF89a".to_vec();
                 body.extend_from_slice(&png_bytes(194, seed)[..]);
-                // `chunked` writes the head (transfer-encoding: chunked), then the chunks.
-                let _ = stream.write_all(&chunked(&body, 64)).await;
+                // `chunked` makes the head (transfer-encoding: chunked) and the chunks; one
+                // response per connection, said so, so that no client reuses it.
+                let mut response = chunked(&body, 64);
+                let at = response.windows(9).position(|w| w == b"chunked\r\n").unwrap() + 9;
+                response.splice(at..at, b"connection: close\r\n".iter().copied());
+                let _ = stream.write_all(&response).await;
             });
         }
     });

@@ -61,12 +61,12 @@ pub struct Entered {
 /// still be made, the change of user, then seccomp (which forbids most of the above).
 pub fn enter(limits: &Limits) -> Result<Entered, String> {
     // The kernel's choice when memory runs out: a worker, never the server. Raising one's
-    // own score needs no privilege.
-    std::fs::write("/proc/self/oom_score_adj", "1000")
-        .map_err(|e| format!("/proc/self/oom_score_adj: {e}"))?;
-    // And the CPU's last choice: serving cached files comes before decoding new ones, so a
-    // burst of renders (or a bomb) slows renders, not hits.
-    rustix::process::setpriority_process(None, NICE).map_err(|e| format!("setpriority: {e}"))?;
+    // own score needs no privilege. And the CPU's last choice: serving cached files comes
+    // before decoding new ones, so a burst of renders (or a bomb) slows renders, not hits.
+    // Both are priorities, not walls: where /proc is read-only or priorities are fixed, the
+    // worker runs without them.
+    let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
+    let _ = rustix::process::setpriority_process(None, NICE);
     let set = |resource, soft, hard| {
         setrlimit(resource, soft, hard).map_err(|e| format!("setrlimit {resource:?}: {e}"))
     };
