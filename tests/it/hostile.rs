@@ -211,12 +211,27 @@ async fn slowloris_viewers_are_cut_at_the_header_deadline() {
     let mut cfg = config(dir.path(), &[]);
     cfg.server.header_timeout = parasol::config::Dur(Duration::from_millis(300));
     let p = Parasol::start(cfg).await;
+    // A viewer that sends its headers slowly but in full within the deadline is served:
+    // the cut below is the deadline, not a byte-rate rule.
+    let mut steady = TcpStream::connect(p.public).await.unwrap();
+    for part in [&b"GET / HTTP/1.1\r\n"[..], b"Host: p.test\r\n", b"Connection: close\r\n\r\n"] {
+        steady.write_all(part).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut answer = Vec::new();
+    steady.read_to_end(&mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 404"), "{}", String::from_utf8_lossy(&answer));
+    let started = tokio::time::Instant::now();
     let mut slow = TcpStream::connect(p.public).await.unwrap();
     slow.write_all(b"GET /m/a/b HTTP/1.1\r\nHost: p.test\r\nX-Slow: ").await.unwrap();
     let mut rest = Vec::new();
-    // Bounded wait: the server must end the connection long before this safety limit.
     let read = tokio::time::timeout(Duration::from_secs(20), slow.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "the connection was closed by parasol");
+    // Generous against the 300 ms deadline, and far below every other timer that could close
+    // it (hyper's own 30 s default, send_timeout's 60 s): so it was the header deadline.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "cut after {took:?}");
+    assert!(rest.is_empty() || rest.starts_with(b"HTTP/1.1 408"), "no answer to half a request");
     // Meanwhile and afterwards, a normal viewer is served.
     assert_eq!(get(&format!("http://{}/", p.public)).await.status(), 404);
     p.stop().await;
