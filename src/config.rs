@@ -189,7 +189,7 @@ pub struct MediaConfig {
     pub strip_metadata: bool,
     /// SVG is never served as-is: `rasterize` draws it to PNG (no script, no network, no
     /// files), `refuse` answers 415.
-    pub svg: String,
+    pub svg: SvgPolicy,
     /// Media worker processes (every decode, render and strip runs in one); default: one per
     /// core.
     pub workers: u32,
@@ -214,7 +214,7 @@ impl Default for MediaConfig {
             allowed_types: vec!["image/*".into(), "video/*".into(), "audio/*".into()],
             max_pixels: 40_000_000,
             strip_metadata: true,
-            svg: "rasterize".into(),
+            svg: SvgPolicy::Rasterize,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
             queue: 128,
             worker_memory: Size(512 << 20),
@@ -241,6 +241,16 @@ impl Default for VariantConfig {
     fn default() -> Self {
         Self { width: None, height: None, format: VariantFormat::Webp, quality: 80 }
     }
+}
+
+/// What becomes of an SVG document (`media.svg`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SvgPolicy {
+    /// Drawn to a PNG in a media worker; the PNG is stored and served.
+    Rasterize,
+    /// 415, like any type not allowed.
+    Refuse,
 }
 
 /// The encoding of a rendition.
@@ -524,9 +534,6 @@ impl Config {
             if self.shared.timeout.0.is_zero() {
                 return bad("shared.timeout", "must be above zero".into());
             }
-        }
-        if !matches!(self.media.svg.as_str(), "rasterize" | "refuse") {
-            return bad("media.svg", format!("{:?}: use rasterize or refuse", self.media.svg));
         }
         let media = &self.media;
         if !(1..=256).contains(&media.workers) {

@@ -14,6 +14,14 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// The URL forms `parasol sign` can produce.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Scheme {
+    Native,
+    Camo,
+    Akkoma,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (the default when no command is given).
@@ -31,8 +39,8 @@ enum Command {
         #[arg(long)]
         variant: Option<String>,
         /// URL scheme: native, camo (needs compat.camo_key), akkoma (needs compat.akkoma_secret).
-        #[arg(long, default_value = "native")]
-        scheme: String,
+        #[arg(long, value_enum, default_value_t = Scheme::Native)]
+        scheme: Scheme,
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -140,8 +148,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("{url}: {}", e.public_message()))?;
             let base = &config.server.public_base_url;
             let compat = &config.compat;
-            let signed = match scheme.as_str() {
-                "native" => {
+            if let Some(v) = variant.as_deref().filter(|v| !config.variants.contains_key(*v)) {
+                let known: Vec<&str> = config.variants.keys().map(String::as_str).collect();
+                anyhow::bail!("unknown --variant {v:?}: configured are {}", known.join(", "));
+            }
+            let signed = match scheme {
+                Scheme::Native => {
                     let signer = parasol::signing::Signer::new(parasol::signing_keys(&config)?);
                     parasol::api::native::sign_url(
                         base,
@@ -150,20 +162,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         variant.as_deref(),
                     )
                 }
-                "camo" if !compat.camo_key.is_empty() => parasol::api::camo::sign_url(
+                Scheme::Camo if !compat.camo_key.is_empty() => parasol::api::camo::sign_url(
                     base.as_str(),
                     compat.camo_key.as_bytes(),
                     source.as_str(),
                 ),
-                "akkoma" if !compat.akkoma_secret.is_empty() => parasol::api::akkoma::sign_url(
-                    base.as_str(),
-                    compat.akkoma_secret.as_bytes(),
-                    &source,
-                    variant.is_some(),
-                ),
-                "camo" => anyhow::bail!("--scheme camo needs compat.camo_key"),
-                "akkoma" => anyhow::bail!("--scheme akkoma needs compat.akkoma_secret"),
-                other => anyhow::bail!("unknown --scheme {other:?}: use native, camo or akkoma"),
+                Scheme::Akkoma if !compat.akkoma_secret.is_empty() => {
+                    parasol::api::akkoma::sign_url(
+                        base.as_str(),
+                        compat.akkoma_secret.as_bytes(),
+                        &source,
+                        variant.is_some(),
+                    )
+                }
+                Scheme::Camo => anyhow::bail!("--scheme camo needs compat.camo_key"),
+                Scheme::Akkoma => anyhow::bail!("--scheme akkoma needs compat.akkoma_secret"),
             };
             println!("{signed}");
             Ok(ExitCode::SUCCESS)

@@ -119,7 +119,7 @@ impl Proxy {
         Self {
             memory: MemoryTier::new(config.cache.memory_bytes.0),
             types: TypePolicy::new(&config.media.allowed_types)
-                .rasterizing_svg(config.media.svg == "rasterize"),
+                .rasterizing_svg(config.media.svg == crate::config::SvgPolicy::Rasterize),
             budget: DiskBudget::new(config.cache.disk_bytes.0),
             media,
             body_budget: InflightBudget::new(config.media.inflight_bytes.0),

@@ -231,3 +231,40 @@ async fn sighup_applies_a_new_block_list_from_the_config_file() {
     child.sigterm();
     assert!(child.wait().await.success());
 }
+
+/// Settings that are choices are checked as choices: a typo is an error that names the
+/// allowed values, in the config and on the command line.
+#[test]
+fn a_misspelt_choice_is_an_error_naming_the_allowed_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("p.toml");
+    for (toml, key, allowed) in [
+        ("[media]\nsvg = \"rasterise\"\n", "media.svg", "`rasterize` or `refuse`"),
+        (
+            "[variants.thumb]\nwidth = 64\nformat = \"gif\"\n",
+            "variants.thumb.format",
+            "`webp`, `png`, `jpeg`",
+        ),
+    ] {
+        std::fs::write(&cfg, toml).unwrap();
+        let out = parasol(dir.path())
+            .args(["check-config", "--config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{toml}");
+        assert!(err.contains(key) && err.contains(allowed), "{err}");
+    }
+    let out = parasol(dir.path())
+        .args(["sign", "--scheme", "camoo", "https://remote.test/a.png"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("native, camo, akkoma"), "{err}");
+    let out = parasol(dir.path())
+        .args(["sign", "--variant", "avatr", "https://remote.test/a.png"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("avatar, badge"), "{err}");
+}

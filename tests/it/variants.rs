@@ -254,7 +254,7 @@ async fn svg_is_rasterised_never_served_as_is_or_refused_by_config() {
 
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path(), &["127.0.0.17/32"]);
-    cfg.media.svg = "refuse".into();
+    cfg.media.svg = parasol::config::SvgPolicy::Refuse;
     let p = Parasol::start(cfg).await;
     assert_eq!(get(&p.url(&origin.url("/logo.svg"))).await.status(), 415);
     p.stop().await;
