@@ -423,9 +423,8 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            ConfigError::Syntax { path: name.to_string(), message: e.to_string() }
-        })?;
+        let mut table: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| syntax_error(name, text, &e))?;
         // Overrides whose text was read as a TOML number, boolean or array: if the key turns
         // out to want a string (`PARASOL__SERVER__ADMIN_TOKEN=123456`), the raw text is used.
         let mut typed = Vec::new();
@@ -457,8 +456,18 @@ impl Config {
                     }
                 }
                 None => {
-                    let message = error.into_inner().to_string();
-                    return Err(ConfigError::Key { key, message });
+                    // A secret's value is never echoed, not even the wrong one.
+                    let message = match SECRETS.iter().find(|s| key.starts_with(*s)) {
+                        Some(&"signing.keys") => "must be a list of strings (value not shown)",
+                        Some(_) => "must be a string (value not shown)",
+                        None => {
+                            return Err(ConfigError::Key {
+                                key,
+                                message: error.into_inner().to_string(),
+                            });
+                        }
+                    };
+                    return Err(ConfigError::Key { key, message: message.into() });
                 }
             }
         }
@@ -470,6 +479,17 @@ impl Config {
         for (i, key) in self.signing.keys.iter().enumerate() {
             if key.len() < 32 {
                 return bad(&format!("signing.keys[{i}]"), "a key needs at least 32 bytes".into());
+            }
+        }
+        // A short secret can be guessed: an admin token or a camo key lets anyone purge or
+        // make parasol fetch what they like. Empty means off.
+        for (key, secret) in [
+            ("server.admin_token", &self.server.admin_token),
+            ("compat.camo_key", &self.compat.camo_key),
+            ("compat.akkoma_secret", &self.compat.akkoma_secret),
+        ] {
+            if !secret.is_empty() && secret.len() < 32 {
+                return bad(key, "needs at least 32 bytes (or empty, for off)".into());
             }
         }
         if !matches!(self.server.public_base_url.scheme(), "http" | "https") {
@@ -570,6 +590,29 @@ impl Config {
 fn read(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path)
         .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })
+}
+
+/// Keys whose values are secrets: redacted in `check-config`, never quoted in an error.
+const SECRETS: &[&str] = &[
+    "server.admin_token",
+    "signing.keys",
+    "compat.camo_key",
+    "compat.akkoma_secret",
+    "shared.secret_access_key",
+];
+
+/// A TOML syntax error by line and column and what was expected, without the line itself:
+/// the line may hold a secret.
+fn syntax_error(name: &str, text: &str, e: &toml::de::Error) -> ConfigError {
+    let at = e.span().map_or(0, |span| span.start).min(text.len());
+    let before = &text.as_bytes()[..at];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = at - before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+    let what = e.message().lines().next().unwrap_or("syntax error").trim();
+    ConfigError::Syntax {
+        path: name.to_string(),
+        message: format!("line {line}, column {column}: {what}"),
+    }
 }
 
 /// Sets `section.key` in `table` from one environment variable. The value is read as a TOML
@@ -700,7 +743,7 @@ mod tests {
                 ("PARASOL__CACHE__DISK_BYTES", "20GiB"),
                 ("PARASOL__FETCH__ALLOW_NETWORKS", "[\"127.0.0.2/32\"]"),
                 ("PARASOL__FETCH__MAX_REDIRECTS", "2"),
-                ("PARASOL__SERVER__ADMIN_TOKEN", "123456"),
+                ("PARASOL__SERVER__ADMIN_TOKEN", "12345678901234567890123456789012"),
                 ("UNRELATED", "x"),
             ]),
         )
@@ -711,7 +754,8 @@ mod tests {
         assert_eq!(c.cache.disk_bytes, Size(20 << 30));
         assert_eq!(c.fetch.allow_networks, vec!["127.0.0.2/32".parse::<IpNet>().unwrap()]);
         assert_eq!(c.fetch.max_redirects, 2);
-        assert_eq!(c.server.admin_token, "123456", "a numeric-looking string stays a string");
+        let token = "12345678901234567890123456789012";
+        assert_eq!(c.server.admin_token, token, "a numeric-looking string stays a string");
     }
 
     #[test]
@@ -752,10 +796,35 @@ mod tests {
     }
 
     #[test]
+    fn errors_never_quote_a_secret() {
+        let secret = "hunter2-hunter2-hunter2-hunter2-hunter2";
+        let cases = [
+            // A syntax error on the secret's own line.
+            (format!("[server]\nadmin_token = \"{secret}\" x\n"), vec![]),
+            (format!("[compat]\ncamo_key = \"{secret}\n"), vec![]),
+            // The wrong type, from the file or from the environment.
+            ("[server]\nadmin_token = 31337\n".to_string(), vec![]),
+            (String::new(), vec![("PARASOL__SIGNING__KEYS", format!("[\"{secret}\""))]),
+        ];
+        for (text, vars) in cases {
+            let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let message = Config::from_sources("t", &text, env(&vars)).unwrap_err().to_string();
+            assert!(!message.contains("hunter2") && !message.contains("31337"), "{message}");
+        }
+        let short = Config::from_sources("t", "[compat]\nakkoma_secret = \"short\"\n", env(&[]));
+        let message = short.unwrap_err().to_string();
+        assert!(
+            message.contains("compat.akkoma_secret") && message.contains("32 bytes"),
+            "{message}"
+        );
+        assert!(!message.contains("short\""), "{message}");
+    }
+
+    #[test]
     fn redacted_output_hides_secrets() {
-        let text = "[signing]\nkeys = [\"0123456789abcdef0123456789abcdef\"]\n[server]\nadmin_token = \"t\"\n";
+        let text = "[signing]\nkeys = [\"0123456789abcdef0123456789abcdef\"]\n[server]\nadmin_token = \"token-token-token-token-token-tok\"\n";
         let shown = Config::from_sources("t", text, env(&[])).unwrap().to_redacted_toml();
-        assert!(!shown.contains("0123456789abcdef") && !shown.contains("\"t\""), "{shown}");
+        assert!(!shown.contains("0123456789abcdef") && !shown.contains("token-"), "{shown}");
         assert!(shown.contains("<redacted>"));
     }
 }

@@ -42,7 +42,7 @@ fn check_config_redacts_secrets_and_names_bad_keys() {
     let cfg = dir.path().join("p.toml");
     std::fs::write(
         &cfg,
-        "[signing]\nkeys = [\"super-secret-signing-key-0123456789\"]\n[server]\nadmin_token = \"tok-secret\"\n",
+        "[signing]\nkeys = [\"super-secret-signing-key-0123456789\"]\n[server]\nadmin_token = \"tok-secret-0123456789-0123456789-ab\"\n",
     )
     .unwrap();
     let out = parasol(dir.path())

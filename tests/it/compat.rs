@@ -5,7 +5,7 @@ use std::process::Command;
 
 use crate::util::*;
 
-const CAMO_KEY: &str = "camo-test-key";
+const CAMO_KEY: &str = "camo-test-key-0123456789-abcdefgh";
 const AKKOMA_SECRET: &str = "akkoma-secret-key-base-for-tests";
 
 /// Runs a Python snippet with `URL` and `KEY` in its environment and returns its stdout.

@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 pub const KEY: &str = "test-key-0123456789-0123456789-0123456789";
 
 /// Bearer token of the admin API in every test config.
-pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
 /// What the origin answers on one path.
 #[derive(Clone)]
