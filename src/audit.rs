@@ -132,8 +132,14 @@ impl AuditLog {
     }
 }
 
+/// The log names every URL fetched: created readable by parasol's user only.
 async fn open_append(path: &Path) -> std::io::Result<tokio::fs::File> {
-    tokio::fs::OpenOptions::new().create(true).append(true).open(path).await
+    use std::os::unix::fs::PermissionsExt;
+    let file =
+        tokio::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).await?;
+    // One made by an earlier version keeps its mode otherwise.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600)).await?;
+    Ok(file)
 }
 
 async fn write_loop(

@@ -18,6 +18,20 @@ pub mod verify;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, header};
 
+/// Makes `dir` (and its parents) readable by parasol's user only: it holds the generated
+/// signing key, the index of every URL fetched and the outbound audit log. A directory that
+/// exists with wider permissions is narrowed, with a warning.
+pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(dir = %dir.display(), mode = format!("{:o}", mode & 0o777), "cache directory was readable by others: now 0700");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// Where a body goes chunk by chunk as it arrives: from the shared bucket
 /// ([`shared::SharedTier::download`]) or from a media worker's reply.
 pub trait ChunkSink {

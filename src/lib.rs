@@ -171,7 +171,7 @@ impl Bound {
     pub async fn bind(config: Config, options: Options) -> Result<Bound, StartError> {
         let dir = &config.cache.dir;
         let cache_err = |source| StartError::CacheDir { path: dir.display().to_string(), source };
-        std::fs::create_dir_all(dir).map_err(cache_err)?;
+        cache::private_dir(dir).map_err(cache_err)?;
         let signer = signing::Signer::new(signing_keys(&config)?);
         let disk = cache::disk::BlobStore::open(dir, config.cache.fsync).map_err(cache_err)?;
         let index = cache::index::Index::open(&dir.join("index.redb"))?;

@@ -80,7 +80,7 @@ pub fn load_or_generate_key(cache_dir: &Path) -> std::io::Result<(String, bool)>
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    std::fs::create_dir_all(cache_dir)?;
+    crate::cache::private_dir(cache_dir)?;
     let mut raw = [0u8; 32];
     getrandom::fill(&mut raw).map_err(|e| std::io::Error::other(e.to_string()))?;
     let key = hex::encode(raw);

@@ -176,6 +176,9 @@ fn err(e: impl std::fmt::Display) -> IndexError {
 impl Index {
     pub fn open(path: &Path) -> Result<Self, IndexError> {
         let db = redb::Database::create(path).map_err(err)?;
+        // Every URL parasol fetched is in it: parasol's user only.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
         let txn = db.begin_write().map_err(err)?;
         txn.open_table(ENTRIES).map_err(err)?;
         txn.commit().map_err(err)?;

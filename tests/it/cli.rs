@@ -268,3 +268,31 @@ fn a_misspelt_choice_is_an_error_naming_the_allowed_values() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("avatar, badge"), "{err}");
 }
+
+/// What a local user could learn from the cache directory (the signing key, every URL
+/// fetched, the audit log) is parasol's user's alone: the directory is 0700, even one that
+/// existed with wider permissions, and its files 0600.
+#[tokio::test]
+async fn the_cache_directory_and_its_secrets_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(cache.join("outbound.jsonl"), "").unwrap();
+    std::fs::set_permissions(cache.join("outbound.jsonl"), std::fs::Permissions::from_mode(0o644))
+        .unwrap();
+    let (child, _public, admin) = spawn_serving(dir.path(), &[], None);
+    assert_eq!(get(&format!("http://{admin}/healthz")).await.status(), 200);
+    assert_eq!(mode(&cache), 0o700, "narrowed");
+    for file in ["signing.key", "index.redb", "outbound.jsonl"] {
+        assert_eq!(mode(&cache.join(file)), 0o600, "{file}");
+    }
+    child.sigterm();
+    assert!(child.wait().await.success());
+    let fresh = tempfile::tempdir().unwrap();
+    let out = parasol(fresh.path()).args(["sign", "https://remote.test/a.png"]).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(mode(&fresh.path().join("cache")), 0o700, "made private by `sign` too");
+}
