@@ -148,6 +148,9 @@ pub struct FetchConfig {
     pub max_per_origin: u32,
     /// Fills in progress across all origins; beyond this a new fill is refused with 503.
     pub max_fills: u32,
+    /// Follow an `https` source's redirect to plain `http`. Off: such a downgrade is refused
+    /// (502 `insecure_redirect`).
+    pub allow_insecure_redirects: bool,
 }
 
 impl Default for FetchConfig {
@@ -161,6 +164,7 @@ impl Default for FetchConfig {
             allow_networks: Vec::new(),
             max_per_origin: 8,
             max_fills: 256,
+            allow_insecure_redirects: false,
         }
     }
 }

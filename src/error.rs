@@ -47,6 +47,8 @@ pub enum ProxyError {
     BlockedDomain,
     #[error("origin redirected to a refused destination")]
     RedirectRefused,
+    #[error("origin redirected from https to plain http")]
+    InsecureRedirect,
     #[error("origin answered not found")]
     NotFound,
     #[error("object larger than the configured limit")]
@@ -99,7 +101,9 @@ impl ProxyError {
             TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedType | BadImage(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             MediaTooCostly(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            OriginStatus(_) | OriginInvalid(_) | OriginUnreachable => StatusCode::BAD_GATEWAY,
+            OriginStatus(_) | OriginInvalid(_) | OriginUnreachable | InsecureRedirect => {
+                StatusCode::BAD_GATEWAY
+            }
             OriginTimeout => StatusCode::GATEWAY_TIMEOUT,
             Overloaded | StorageFull | MediaBusy => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -119,6 +123,7 @@ impl ProxyError {
             BlockedDestination(_) => "blocked_destination",
             BlockedDomain => "blocked_domain",
             RedirectRefused => "redirect_refused",
+            InsecureRedirect => "insecure_redirect",
             NotFound => "origin_not_found",
             TooLarge => "too_large",
             UnsupportedType => "unsupported_type",
@@ -142,7 +147,7 @@ impl ProxyError {
             MethodNotAllowed => Cause::Viewer,
             BlockedDestination(_) | BlockedDomain => Cause::Viewer,
             NotFound | TooLarge | UnsupportedType | BadImage(_) | OriginStatus(_)
-            | OriginInvalid(_) | RedirectRefused => Cause::Origin,
+            | OriginInvalid(_) | RedirectRefused | InsecureRedirect => Cause::Origin,
             // The file did it: a decoder ran out of time or memory on it, or died.
             MediaTooCostly(_) => Cause::Origin,
             OriginUnreachable | OriginTimeout => Cause::Origin,
@@ -168,7 +173,9 @@ impl ProxyError {
             UnsupportedType => "content type not allowed",
             BadImage(_) => "image cannot be rendered",
             MediaTooCostly(_) => "image too costly to render",
-            OriginStatus(_) | OriginInvalid(_) | OriginUnreachable => "origin failed",
+            OriginStatus(_) | OriginInvalid(_) | OriginUnreachable | InsecureRedirect => {
+                "origin failed"
+            }
             OriginTimeout => "origin timed out",
             Overloaded | StorageFull | MediaBusy => "overloaded, try again later",
             Internal(_) => "internal error",

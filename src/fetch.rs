@@ -34,6 +34,8 @@ pub struct Fetcher {
     /// The host viewers reach parasol at: a source there would be a request loop.
     own_host: Option<String>,
     header_timeout: std::time::Duration,
+    /// `fetch.allow_insecure_redirects`: follow an https source's redirect to plain http.
+    allow_insecure_redirects: bool,
     audit: AuditLog,
 }
 
@@ -82,6 +84,7 @@ impl Fetcher {
         Ok(Self {
             own_host: own.host.map(|h| h.to_ascii_lowercase()),
             header_timeout: config.header_timeout.0,
+            allow_insecure_redirects: config.allow_insecure_redirects,
             client,
             guard,
             policy: RwLock::new(Arc::new(policy)),
@@ -125,8 +128,19 @@ impl Fetcher {
     /// A hop the origin redirected to that is refused (private address, blocked domain,
     /// non-http scheme) is the origin's doing: it is reported as [`ProxyError::RedirectRefused`]
     /// and negative-cached, so every later view does not ask that origin again.
-    pub async fn get(&self, url: &Url, trigger: Trigger) -> Result<Origin, ProxyError> {
+    ///
+    /// `permit` is the fill's slot: each hop's request waits for a slot of that hop's host.
+    /// Once a hop is `https`, no later hop may be plain `http` unless
+    /// `fetch.allow_insecure_redirects` says so: the bytes would cross the network unprotected
+    /// although the URL promised otherwise.
+    pub async fn get(
+        &self,
+        url: &Url,
+        trigger: Trigger,
+        permit: &mut crate::fetch::limit::FillPermit,
+    ) -> Result<Origin, ProxyError> {
         let mut url = url.clone();
+        let mut secure = false;
         for hop in 0..=self.max_redirects {
             let by_origin = |e: ProxyError| match e {
                 ProxyError::BlockedDomain
@@ -139,6 +153,11 @@ impl Fetcher {
                 e => e,
             };
             self.check_destination(&url).map_err(by_origin)?;
+            secure |= url.scheme() == "https";
+            if secure && url.scheme() == "http" && !self.allow_insecure_redirects {
+                return Err(ProxyError::InsecureRedirect);
+            }
+            permit.move_to(url.host_str().unwrap_or_default()).await?;
             let request = self
                 .client
                 .get(url.clone())

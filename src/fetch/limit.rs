@@ -1,6 +1,8 @@
 //! Concurrency limits on fills: a global cap (beyond it, 503 at once) and a per-origin-host
 //! cap (beyond it, wait), so parasol can neither be exhausted by distinct cold URLs nor be used
-//! to flood one origin.
+//! to flood one origin. A fill that is redirected moves its origin slot to each hop's host in
+//! turn, so a thousand sources that all redirect to one victim still reach it at most
+//! `fetch.max_per_origin` at a time.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,10 +25,29 @@ pub struct FillPermit {
     origin: Option<OwnedSemaphorePermit>,
     host: String,
     origins: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
+    per_origin: usize,
 }
 
 impl Drop for FillPermit {
     fn drop(&mut self) {
+        self.release_origin();
+    }
+}
+
+impl FillPermit {
+    /// Moves the origin slot to `host` (a redirect's next hop), waiting for one there.
+    pub async fn move_to(&mut self, host: &str) -> Result<(), ProxyError> {
+        if host == self.host {
+            return Ok(());
+        }
+        self.release_origin();
+        let semaphore = slot_of(&self.origins, host, self.per_origin);
+        self.origin = Some(semaphore.acquire_owned().await.map_err(|_| ProxyError::Overloaded)?);
+        self.host = host.to_string();
+        Ok(())
+    }
+
+    fn release_origin(&mut self) {
         drop(self.origin.take());
         let mut origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
         // Only the map still holds it: nobody is filling from or waiting on this host.
@@ -34,6 +55,16 @@ impl Drop for FillPermit {
             origins.remove(&self.host);
         }
     }
+}
+
+/// The semaphore of `host`, made on first use.
+fn slot_of(
+    origins: &Mutex<HashMap<String, Arc<Semaphore>>>,
+    host: &str,
+    per_origin: usize,
+) -> Arc<Semaphore> {
+    let mut origins = origins.lock().unwrap_or_else(|p| p.into_inner());
+    origins.entry(host.to_string()).or_insert_with(|| Arc::new(Semaphore::new(per_origin))).clone()
 }
 
 impl FillLimits {
@@ -49,11 +80,7 @@ impl FillLimits {
     /// fills running; then a global slot now or [`ProxyError::Overloaded`]. In this order, fills
     /// queued behind one slow origin hold no global slot, so they cannot starve other origins.
     pub async fn acquire(&self, host: &str) -> Result<FillPermit, ProxyError> {
-        let semaphore = {
-            let mut origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
-            let entry = origins.entry(host.to_string());
-            entry.or_insert_with(|| Arc::new(Semaphore::new(self.per_origin))).clone()
-        };
+        let semaphore = slot_of(&self.origins, host, self.per_origin);
         let origin = semaphore.acquire_owned().await.map_err(|_| ProxyError::Overloaded)?;
         let global = self.global.clone().try_acquire_owned().map_err(|_| ProxyError::Overloaded)?;
         Ok(FillPermit {
@@ -61,6 +88,7 @@ impl FillLimits {
             origin: Some(origin),
             host: host.to_string(),
             origins: self.origins.clone(),
+            per_origin: self.per_origin,
         })
     }
 

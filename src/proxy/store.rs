@@ -31,8 +31,8 @@ impl Proxy {
         let deadline = tokio::time::Instant::now() + self.config.fetch.timeout.0;
         let host = req.source.host_str().unwrap_or_default();
         let result = tokio::time::timeout_at(deadline, async {
-            let permit = self.limits.acquire(host).await?;
-            self.receive(req, trigger).await.map(|received| (permit, received))
+            let mut permit = self.limits.acquire(host).await?;
+            self.receive(req, trigger, &mut permit).await.map(|received| (permit, received))
         })
         .await
         .unwrap_or_else(|_| {
@@ -73,9 +73,10 @@ impl Proxy {
         &self,
         req: &ProxyRequest,
         trigger: Trigger,
+        permit: &mut crate::fetch::limit::FillPermit,
     ) -> Result<Received, ProxyError> {
         let started = Instant::now();
-        let origin = self.fetcher.get(&req.source, trigger).await.inspect_err(|e| {
+        let origin = self.fetcher.get(&req.source, trigger, permit).await.inspect_err(|e| {
             self.metrics.origin.get_or_create(&OutcomeLabels { outcome: e.code() }).inc();
         })?;
         let status = origin.response.status().as_u16();

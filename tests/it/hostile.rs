@@ -628,3 +628,38 @@ async fn small_chunked_bodies_cost_their_size_in_memory() {
     assert!(child.wait().await.success());
     origin.abort();
 }
+
+/// Ten source hosts that all redirect to one victim: the victim's fill cap counts every
+/// hop's host, so it sees `fetch.max_per_origin` requests at a time, not ten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_cannot_funnel_every_fill_at_one_origin() {
+    let sources = Origin::start("127.0.0.14").await;
+    let victim = Origin::start("127.0.0.15").await;
+    let mut lookup =
+        parasol::fetch::guard::StaticLookup::default().with("victim.test", &[ip("127.0.0.15")]);
+    for n in 0..10 {
+        let target = format!("http://victim.test:{}/v{n}.png", victim.addr.port());
+        sources.route(&format!("/s{n}.png"), Route::status(302).header("location", &target));
+        victim.route(
+            &format!("/v{n}.png"),
+            Route::ok(png_bytes(2_000, 100 + n)).delay(Duration::from_millis(300)),
+        );
+        lookup = lookup.with(&format!("s{n}.test"), &[ip("127.0.0.14")]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.14/32", "127.0.0.15/32"]);
+    cfg.fetch.max_per_origin = 2;
+    let p = Parasol::start_with(cfg, lookup).await;
+    let viewers: Vec<_> = (0..10)
+        .map(|n| {
+            let url = p.url(&format!("http://s{n}.test:{}/s{n}.png", sources.addr.port()));
+            tokio::spawn(async move { get(&url).await.status() })
+        })
+        .collect();
+    for v in viewers {
+        assert_eq!(v.await.unwrap(), 200);
+    }
+    assert_eq!(victim.seen().len(), 10, "every redirect followed");
+    assert!(victim.max_concurrent() <= 2, "the victim saw {} at once", victim.max_concurrent());
+    p.stop().await;
+}
