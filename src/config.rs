@@ -151,6 +151,9 @@ pub struct FetchConfig {
     /// Follow an `https` source's redirect to plain `http`. Off: such a downgrade is refused
     /// (502 `insecure_redirect`).
     pub allow_insecure_redirects: bool,
+    /// PEM file of further certificate authorities trusted for origins, besides the usual
+    /// web roots (a private CA's origin, or a test's).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for FetchConfig {
@@ -165,6 +168,7 @@ impl Default for FetchConfig {
             max_per_origin: 8,
             max_fills: 256,
             allow_insecure_redirects: false,
+            ca_file: None,
         }
     }
 }

@@ -67,6 +67,8 @@ pub enum ProxyError {
     OriginInvalid(&'static str),
     #[error("origin unreachable")]
     OriginUnreachable,
+    #[error("origin's TLS refused: {0}")]
+    OriginTls(&'static str),
     #[error("origin timed out")]
     OriginTimeout,
     #[error("overloaded")]
@@ -101,9 +103,8 @@ impl ProxyError {
             TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedType | BadImage(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             MediaTooCostly(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            OriginStatus(_) | OriginInvalid(_) | OriginUnreachable | InsecureRedirect => {
-                StatusCode::BAD_GATEWAY
-            }
+            OriginStatus(_) | OriginInvalid(_) | OriginUnreachable | InsecureRedirect
+            | OriginTls(_) => StatusCode::BAD_GATEWAY,
             OriginTimeout => StatusCode::GATEWAY_TIMEOUT,
             Overloaded | StorageFull | MediaBusy => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -133,6 +134,7 @@ impl ProxyError {
             OriginStatus(_) => "origin_status",
             OriginInvalid(_) => "origin_invalid",
             OriginUnreachable => "origin_unreachable",
+            OriginTls(_) => "origin_tls",
             OriginTimeout => "origin_timeout",
             Overloaded => "overloaded",
             StorageFull => "storage_full",
@@ -150,7 +152,7 @@ impl ProxyError {
             | OriginInvalid(_) | RedirectRefused | InsecureRedirect => Cause::Origin,
             // The file did it: a decoder ran out of time or memory on it, or died.
             MediaTooCostly(_) => Cause::Origin,
-            OriginUnreachable | OriginTimeout => Cause::Origin,
+            OriginUnreachable | OriginTimeout | OriginTls(_) => Cause::Origin,
             Overloaded | StorageFull | MediaBusy | Internal(_) => Cause::Us,
         }
     }
@@ -173,9 +175,8 @@ impl ProxyError {
             UnsupportedType => "content type not allowed",
             BadImage(_) => "image cannot be rendered",
             MediaTooCostly(_) => "image too costly to render",
-            OriginStatus(_) | OriginInvalid(_) | OriginUnreachable | InsecureRedirect => {
-                "origin failed"
-            }
+            OriginStatus(_) | OriginInvalid(_) | OriginUnreachable | InsecureRedirect
+            | OriginTls(_) => "origin failed",
             OriginTimeout => "origin timed out",
             Overloaded | StorageFull | MediaBusy => "overloaded, try again later",
             Internal(_) => "internal error",

@@ -65,7 +65,21 @@ impl Fetcher {
     ) -> Result<Self, ProxyError> {
         let guard = Arc::new(Guard::new(config.allow_networks.clone()).with_own(own.addrs));
         let resolver = GuardedResolver { guard: guard.clone(), lookup };
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = &config.ca_file {
+            let bad = |e: &dyn std::fmt::Display| {
+                ProxyError::internal(format!("fetch.ca_file {}: {e}", path.display()))
+            };
+            let pem = std::fs::read(path).map_err(|e| bad(&e))?;
+            let roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(&e))?;
+            if roots.is_empty() {
+                return Err(bad(&"no PEM certificate in it"));
+            }
+            for root in roots {
+                builder = builder.add_root_certificate(root);
+            }
+        }
+        let client = builder
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .referer(false)
@@ -169,7 +183,18 @@ impl Fetcher {
                 tokio::time::timeout(self.header_timeout, self.client.execute(request)).await;
             let outcome = match sent {
                 Ok(Ok(response)) => Ok(response),
-                Ok(Err(e)) => Err(by_origin(map_reqwest(&e))),
+                Ok(Err(e)) => {
+                    // The whole chain, for an operator at debug level (never to a viewer).
+                    let mut chain = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        chain.push_str(": ");
+                        chain.push_str(&s.to_string());
+                        source = s.source();
+                    }
+                    tracing::debug!(error = chain, "origin request failed");
+                    Err(by_origin(map_reqwest(&e)))
+                }
                 Err(_) => Err(ProxyError::OriginTimeout), // no response headers in time
             };
             let response = match outcome {
@@ -277,6 +302,36 @@ impl Drop for PendingRecord {
 }
 
 /// A well-formed URL parasol will not fetch, whoever wrote it: only http(s), no credentials.
+/// The rustls error `e` is or wraps. The connector's errors reach reqwest boxed, and an
+/// `io::Error`'s `source()` skips the error it wraps, so both are looked into.
+fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+        return Some(tls);
+    }
+    if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+        return rustls_error(inner);
+    }
+    None
+}
+
+/// Why a TLS handshake with an origin failed, for the log (the viewer sees `origin_tls`).
+fn tls_reason(e: &rustls::Error) -> &'static str {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "certificate expired"
+        }
+        rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        ) => "certificate for another name",
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
+            "certificate from an untrusted issuer"
+        }
+        rustls::Error::InvalidCertificate(_) => "certificate refused",
+        _ => "TLS handshake failed",
+    }
+}
+
 /// Shared by source parsing and every redirect hop. Refused (403), not malformed (400).
 pub fn check_form(url: &Url) -> Result<(), ProxyError> {
     if !matches!(url.scheme(), "http" | "https") {
@@ -300,6 +355,9 @@ pub fn map_reqwest(e: &reqwest::Error) -> ProxyError {
     while let Some(s) = source {
         if let Some(r) = s.downcast_ref::<Refused>() {
             return ProxyError::BlockedDestination(r.reason);
+        }
+        if let Some(tls) = rustls_error(s) {
+            return ProxyError::OriginTls(tls_reason(tls));
         }
         source = s.source();
     }

@@ -11,5 +11,6 @@ mod privacy;
 mod proxy;
 mod recipes;
 mod shared;
+mod tls;
 mod util;
 mod variants;

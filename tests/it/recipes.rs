@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 
 use crate::util::*;
 
-struct Nginx(Child);
+pub(crate) struct Nginx(Child);
 
 impl Drop for Nginx {
     fn drop(&mut self) {
@@ -15,7 +15,7 @@ impl Drop for Nginx {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -114,6 +114,13 @@ fn start_nginx(work: &Path, server_block: &str) -> Nginx {
         .output()
         .expect("openssl is installed");
     assert!(cert.status.success(), "{}", String::from_utf8_lossy(&cert.stderr));
+    launch_nginx(work, server_block)
+}
+
+/// Writes an nginx.conf holding `http_block` (server blocks, and `log_format`s they use) into
+/// `work`, checks it with `nginx -t` and starts nginx as one process (killed when the guard
+/// drops).
+pub(crate) fn launch_nginx(work: &Path, server_block: &str) -> Nginx {
     let temp = |name: &str| work.join(name).display().to_string();
     let conf = format!(
         "daemon off;\nmaster_process off;\npid {};\nerror_log {} warn;\nevents {{}}\nhttp {{\n access_log off;\n \
