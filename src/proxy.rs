@@ -289,14 +289,23 @@ impl Proxy {
     async fn load_from_shared(&self, key: Key) -> Option<Arc<Entry>> {
         let shared = self.shared.as_ref()?;
         let outcome = match self.receive_shared(shared, key).await {
-            Ok(Some((url, received))) => match self.store(key, &url, received).await {
-                Ok(entry) => {
-                    self.metrics.shared_result("lookup", "hit");
-                    return Some(entry);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot store a blob from the shared tier");
-                    "error"
+            Ok(Some((url, received))) => match self.vet_shared(received).await {
+                Ok(received) => match self.store(key, &url, received).await {
+                    Ok(entry) => {
+                        self.metrics.shared_result("lookup", "hit");
+                        return Some(entry);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot store a blob from the shared tier");
+                        "error"
+                    }
+                },
+                Err((hash, why)) => {
+                    // Not what a node would have published: gone, so the origin's answer
+                    // (fetched now) replaces it.
+                    tracing::warn!(%hash, why, "shared tier blob refused and deleted");
+                    shared.discard(&key, &hash).await;
+                    "refused"
                 }
             },
             Ok(None) => "miss",
@@ -307,6 +316,18 @@ impl Proxy {
         };
         self.metrics.shared_result("lookup", outcome);
         None
+    }
+
+    /// A body from the bucket passes the preparation an origin's body gets (SVG drawn to PNG,
+    /// metadata stripped, in a media worker). A node publishes only prepared bodies, so one
+    /// that preparing would change, or that preparing refuses, did not come from a node.
+    async fn vet_shared(&self, r: Received) -> Result<Received, (blake3::Hash, String)> {
+        let hash = r.hash;
+        match self.prepare(r).await {
+            Ok(prepared) if prepared.hash == hash => Ok(prepared),
+            Ok(_) => Err((hash, "not prepared (an SVG, or metadata left in)".into())),
+            Err(e) => Err((hash, e.to_string())),
+        }
     }
 
     /// The record and body of `key` from the bucket (verified by the tier), sniffed as an

@@ -213,6 +213,16 @@ impl SharedTier {
         Ok(Some(record))
     }
 
+    /// Deletes the record of `key` and the blob `hash` (a blob this node refused). Best
+    /// effort: a failure is logged like any other.
+    pub async fn discard(&self, key: &Key, hash: &blake3::Hash) {
+        for path in [self.key_path(key), self.blob_path(hash)] {
+            if let Err(e) = self.timed(self.store.delete(&path)).await {
+                self.warn("discard", &e);
+            }
+        }
+    }
+
     /// The record and verified bytes of `key`, in memory (see [`SharedTier::download`]).
     pub async fn lookup(&self, key: &Key) -> Result<Option<(Record, Bytes)>, SharedError> {
         let mut bytes = Vec::new();

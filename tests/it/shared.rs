@@ -238,3 +238,52 @@ async fn a_rotten_blob_in_the_bucket_sends_the_node_to_the_origin() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Whoever can write to the bucket could plant a blob no node would publish: here an SVG with
+/// script, named by its own hash, under the key of a PNG. A node does not serve it (let alone
+/// as `image/svg+xml`): the bucket's answer passes the preparation an origin's answer gets,
+/// and a blob that preparing would change is deleted and the origin asked.
+#[tokio::test]
+#[cfg_attr(not(has_s3s), ignore = "needs s3s-fs: cargo install s3s-fs@0.14.1 --features binary")]
+async fn a_planted_blob_in_the_bucket_is_prepared_refused_and_deleted() {
+    let s3 = S3::start().await;
+    let origin = Origin::start("127.0.0.24").await;
+    let png = png_bytes(20_000, 97);
+    origin.route("/p.png", Route::ok(png.clone()));
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Parasol::start(node_config(dir_a.path(), &s3)).await;
+    assert_eq!(get(&a.url(&origin.url("/p.png"))).await.status(), 200);
+    let a_ref = &a;
+    assert!(eventually_async(|| async move { a_ref.metric(PUBLISHED).await == 1 }).await);
+    a.stop().await;
+
+    let svg = b"<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"40\" height=\"40\">\
+                <script>alert(document.domain)</script><rect width=\"40\" height=\"40\"/></svg>";
+    let hash = blake3::hash(svg);
+    let blob = s3.object(&format!("parasol/blobs/{}", hash.to_hex()));
+    std::fs::write(&blob, svg).unwrap();
+    let keys = s3.root.join(BUCKET).join("parasol/keys");
+    let key_file = std::fs::read_dir(&keys).unwrap().next().unwrap().unwrap().path();
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&key_file).unwrap()).unwrap();
+    record["hash"] = hash.to_hex().to_string().into();
+    record["len"] = svg.len().into();
+    record["content_type"] = "image/svg+xml".into();
+    std::fs::write(&key_file, serde_json::to_vec(&record).unwrap()).unwrap();
+
+    let b = Parasol::start(node_config(dir_b.path(), &s3)).await;
+    let r = get(&b.url(&origin.url("/p.png"))).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/png");
+    assert!(body(r).await == png, "the origin's bytes, not the planted ones");
+    assert_eq!(origin.hits("/p.png"), 2, "asked again");
+    let refused = "parasol_shared_tier_total{op=\"lookup\",outcome=\"refused\"}";
+    assert_eq!(b.metric(refused).await, 1);
+    assert!(!blob.exists(), "the planted blob is deleted");
+    let b_ref = &b;
+    assert!(eventually_async(|| async move { b_ref.metric(PUBLISHED).await == 1 }).await);
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&key_file).unwrap()).unwrap();
+    assert_eq!(record["hash"], blake3::hash(&png).to_hex().to_string(), "repaired");
+    b.stop().await;
+}
