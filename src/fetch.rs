@@ -113,7 +113,9 @@ impl Fetcher {
     pub fn check_destination(&self, url: &Url) -> Result<(), ProxyError> {
         check_form(url)?;
         let port = url.port_or_known_default().unwrap_or(80);
-        if self.own_host.as_deref().is_some_and(|own| url.host_str() == Some(own)) {
+        // One spelling of a name: the url crate lowercases it; a trailing dot is the same name.
+        let name = |h: &str| h.trim_end_matches('.').to_string();
+        if self.own_host.as_deref().is_some_and(|own| url.host_str().map(name) == Some(name(own))) {
             return Err(ProxyError::BlockedDestination("parasol's own host (loop)"));
         }
         match url.host() {

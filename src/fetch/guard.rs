@@ -126,9 +126,17 @@ impl Guard {
     }
 
     /// [`check`](Self::check) plus the loop check, for a destination whose port is known.
+    ///
+    /// Addresses are compared in one spelling: `::ffff:127.0.0.1` (or a NAT64 spelling) is
+    /// `127.0.0.1`, and a listener on `0.0.0.0` or `::` is every address with its port.
     pub fn check_peer(&self, peer: SocketAddr) -> Result<(), Refused> {
+        let canonical = |ip: IpAddr| match ip {
+            IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
         let is_own = self.own.iter().any(|own| {
-            own.port() == peer.port() && (own.ip() == peer.ip() || own.ip().is_unspecified())
+            own.port() == peer.port()
+                && (own.ip().is_unspecified() || canonical(own.ip()) == canonical(peer.ip()))
         });
         if is_own {
             return Err(Refused { addr: peer.ip(), reason: "parasol's own listener (loop)" });
@@ -313,6 +321,12 @@ mod tests {
         assert!(g.check_peer("127.0.0.1:8080".parse().unwrap()).is_err());
         assert!(g.check_peer("127.0.0.9:9090".parse().unwrap()).is_err());
         assert!(g.check_peer("127.0.0.1:8081".parse().unwrap()).is_ok());
+        // Other spellings of the same listener.
+        assert!(g.check_peer("[::ffff:127.0.0.1]:8080".parse().unwrap()).is_err());
+        assert!(g.check_peer("[::ffff:7f00:1]:8080".parse().unwrap()).is_err());
+        assert!(g.check_peer("[::ffff:127.0.0.9]:9090".parse().unwrap()).is_err());
+        let v6 = Guard::new(vec![]).with_own(vec!["[::]:7000".parse().unwrap()]);
+        assert!(v6.check_peer("192.0.2.1:7000".parse().unwrap()).is_err(), ":: is every address");
     }
 
     #[test]

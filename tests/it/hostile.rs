@@ -663,3 +663,31 @@ async fn redirects_cannot_funnel_every_fill_at_one_origin() {
     assert!(victim.max_concurrent() <= 2, "the victim saw {} at once", victim.max_concurrent());
     p.stop().await;
 }
+
+/// A source that is parasol itself is a loop, however it is spelt: an IPv4-mapped IPv6
+/// literal of its listener, its public host with a trailing dot, or another name that
+/// resolves to its listener, even where `allow_networks` admits its address.
+#[tokio::test]
+async fn every_spelling_of_parasol_itself_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = config_toml(dir.path(), &["127.0.0.1/32"], "")
+        .replace("[server]", "[server]\npublic_base_url = \"http://media.parasol.test/\"");
+    let cfg = parasol::Config::from_sources("test", &toml, std::iter::empty()).unwrap();
+    let lookup = parasol::fetch::guard::StaticLookup::default()
+        .with("media.parasol.test", &[ip("127.0.0.1")])
+        .with("another-name.test", &[ip("127.0.0.1")]);
+    let p = Parasol::start_with(cfg, lookup).await;
+    let port = p.public.port();
+    for source in [
+        format!("http://[::ffff:127.0.0.1]:{port}/x.png"),
+        format!("http://[::ffff:7f00:1]:{port}/x.png"),
+        "http://media.parasol.test./x.png".to_string(),
+        "http://MEDIA.parasol.test/x.png".to_string(),
+        format!("http://another-name.test:{port}/x.png"),
+    ] {
+        let r = get(&p.url(&source)).await;
+        assert_eq!(r.status(), 403, "{source}");
+        assert_eq!(r.headers()["x-parasol-error"], "blocked_destination", "{source}");
+    }
+    p.stop().await;
+}
