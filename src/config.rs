@@ -154,6 +154,8 @@ pub struct FetchConfig {
     /// PEM file of further certificate authorities trusted for origins, besides the usual
     /// web roots (a private CA's origin, or a test's).
     pub ca_file: Option<PathBuf>,
+    /// The only ports dialled, except on `allow_networks` addresses (any port there).
+    pub ports: Vec<u16>,
 }
 
 impl Default for FetchConfig {
@@ -169,6 +171,7 @@ impl Default for FetchConfig {
             max_fills: 256,
             allow_insecure_redirects: false,
             ca_file: None,
+            ports: vec![80, 443],
         }
     }
 }
@@ -562,6 +565,9 @@ impl Config {
             if self.shared.timeout.0.is_zero() {
                 return bad("shared.timeout", "must be above zero".into());
             }
+        }
+        if self.fetch.ports.is_empty() || self.fetch.ports.contains(&0) {
+            return bad("fetch.ports", "needs at least one port, each 1-65535".into());
         }
         let media = &self.media;
         if !(1..=256).contains(&media.workers) {

@@ -43,6 +43,8 @@ pub enum ProxyError {
     MethodNotAllowed,
     #[error("destination refused: {0}")]
     BlockedDestination(&'static str),
+    #[error("URL refused: {0}")]
+    RefusedUrl(&'static str),
     #[error("domain blocked by policy")]
     BlockedDomain,
     #[error("origin redirected to a refused destination")]
@@ -94,9 +96,11 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadUrl(_) => StatusCode::BAD_REQUEST,
-            BadSignature | BlockedDestination(_) | BlockedDomain | RedirectRefused => {
-                StatusCode::FORBIDDEN
-            }
+            BadSignature
+            | BlockedDestination(_)
+            | BlockedDomain
+            | RedirectRefused
+            | RefusedUrl(_) => StatusCode::FORBIDDEN,
             UnknownVariant | NoRoute | NotFound => StatusCode::NOT_FOUND,
             UriTooLong => StatusCode::URI_TOO_LONG,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -122,6 +126,7 @@ impl ProxyError {
             UriTooLong => "uri_too_long",
             MethodNotAllowed => "method_not_allowed",
             BlockedDestination(_) => "blocked_destination",
+            RefusedUrl(_) => "refused_url",
             BlockedDomain => "blocked_domain",
             RedirectRefused => "redirect_refused",
             InsecureRedirect => "insecure_redirect",
@@ -147,7 +152,7 @@ impl ProxyError {
         match self {
             BadUrl(_) | BadSignature | UnknownVariant | NoRoute | UriTooLong => Cause::Viewer,
             MethodNotAllowed => Cause::Viewer,
-            BlockedDestination(_) | BlockedDomain => Cause::Viewer,
+            BlockedDestination(_) | BlockedDomain | RefusedUrl(_) => Cause::Viewer,
             NotFound | TooLarge | UnsupportedType | BadImage(_) | OriginStatus(_)
             | OriginInvalid(_) | RedirectRefused | InsecureRedirect => Cause::Origin,
             // The file did it: a decoder ran out of time or memory on it, or died.
@@ -168,6 +173,7 @@ impl ProxyError {
             UriTooLong => "request target too long",
             MethodNotAllowed => "only GET and HEAD are allowed",
             BlockedDestination(_) => "destination not allowed",
+            RefusedUrl(_) => "only http and https URLs without credentials",
             BlockedDomain => "domain blocked by this server's policy",
             RedirectRefused => "destination not allowed",
             NotFound => "not found at origin",
@@ -180,6 +186,24 @@ impl ProxyError {
             OriginTimeout => "origin timed out",
             Overloaded | StorageFull | MediaBusy => "overloaded, try again later",
             Internal(_) => "internal error",
+        }
+    }
+
+    /// What a viewer is told. Every way a destination could not be used (refused before
+    /// connecting because of its address, name or port; no answer; a TLS handshake that
+    /// failed; a refused redirect) is one answer, 502 `origin_unreachable`: otherwise the
+    /// difference between "resolves to a private address", "refuses connections" and "no
+    /// such name" would let anyone map a network through parasol. The detail stays in the
+    /// log, the audit log and `parasol_origin_fetches_total`.
+    pub fn to_viewer(&self) -> ProxyError {
+        use ProxyError::*;
+        match self {
+            BlockedDestination(_)
+            | RedirectRefused
+            | OriginUnreachable
+            | OriginTls(_)
+            | InsecureRedirect => OriginUnreachable,
+            other => other.clone(),
         }
     }
 

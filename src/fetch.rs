@@ -36,6 +36,8 @@ pub struct Fetcher {
     header_timeout: std::time::Duration,
     /// `fetch.allow_insecure_redirects`: follow an https source's redirect to plain http.
     allow_insecure_redirects: bool,
+    /// The resolver, also asked before a request to a port outside `fetch.ports`.
+    lookup: Arc<dyn Lookup>,
     audit: AuditLog,
 }
 
@@ -63,8 +65,9 @@ impl Fetcher {
         audit: AuditLog,
         own: OwnEndpoints,
     ) -> Result<Self, ProxyError> {
-        let guard = Arc::new(Guard::new(config.allow_networks.clone()).with_own(own.addrs));
-        let resolver = GuardedResolver { guard: guard.clone(), lookup };
+        let guard = Guard::new(config.allow_networks.clone()).with_own(own.addrs);
+        let guard = Arc::new(guard.with_ports(config.ports.clone()));
+        let resolver = GuardedResolver { guard: guard.clone(), lookup: lookup.clone() };
         let mut builder = reqwest::Client::builder();
         if let Some(path) = &config.ca_file {
             let bad = |e: &dyn std::fmt::Display| {
@@ -99,6 +102,7 @@ impl Fetcher {
             own_host: own.host.map(|h| h.to_ascii_lowercase()),
             header_timeout: config.header_timeout.0,
             allow_insecure_redirects: config.allow_insecure_redirects,
+            lookup,
             client,
             guard,
             policy: RwLock::new(Arc::new(policy)),
@@ -128,6 +132,29 @@ impl Fetcher {
             None => return Err(ProxyError::BadUrl("source URL has no host")),
         }
         self.policy().check(url.host_str().unwrap_or_default())
+    }
+
+    /// A port outside `fetch.ports` only on `allow_networks` addresses: a name with such a
+    /// port is resolved first, and every address it has must be allowed. Checked before
+    /// connecting (the connected peer is checked again after).
+    pub async fn check_port(&self, url: &Url) -> Result<(), ProxyError> {
+        let port = url.port_or_known_default().unwrap_or(80);
+        let addrs = match url.host() {
+            Some(Host::Ipv4(ip)) => vec![ip.into()],
+            Some(Host::Ipv6(ip)) => vec![ip.into()],
+            Some(Host::Domain(_)) if self.guard.port_listed(port) => return Ok(()),
+            Some(Host::Domain(name)) => {
+                self.lookup.lookup(name).await.map_err(|_| ProxyError::OriginUnreachable)?
+            }
+            None => return Err(ProxyError::BadUrl("source URL has no host")),
+        };
+        if addrs.is_empty() {
+            return Err(ProxyError::OriginUnreachable);
+        }
+        for ip in addrs {
+            self.guard.check_port(ip, port).map_err(refused)?;
+        }
+        Ok(())
     }
 
     pub fn policy(&self) -> Arc<Policy> {
@@ -161,6 +188,7 @@ impl Fetcher {
             let by_origin = |e: ProxyError| match e {
                 ProxyError::BlockedDomain
                 | ProxyError::BlockedDestination(_)
+                | ProxyError::RefusedUrl(_)
                 | ProxyError::BadUrl(_)
                     if hop > 0 =>
                 {
@@ -173,6 +201,7 @@ impl Fetcher {
             if secure && url.scheme() == "http" && !self.allow_insecure_redirects {
                 return Err(ProxyError::InsecureRedirect);
             }
+            self.check_port(&url).await.map_err(by_origin)?;
             permit.move_to(url.host_str().unwrap_or_default()).await?;
             let request = self
                 .client
@@ -337,10 +366,10 @@ fn tls_reason(e: &rustls::Error) -> &'static str {
 /// Shared by source parsing and every redirect hop. Refused (403), not malformed (400).
 pub fn check_form(url: &Url) -> Result<(), ProxyError> {
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(ProxyError::BlockedDestination("not an http or https URL"));
+        return Err(ProxyError::RefusedUrl("not an http or https URL"));
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(ProxyError::BlockedDestination("credentials in the URL"));
+        return Err(ProxyError::RefusedUrl("credentials in the URL"));
     }
     Ok(())
 }
@@ -364,4 +393,52 @@ pub fn map_reqwest(e: &reqwest::Error) -> ProxyError {
         source = s.source();
     }
     if e.is_timeout() { ProxyError::OriginTimeout } else { ProxyError::OriginUnreachable }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fetch::guard::StaticLookup;
+
+    /// The port rule, through an injected resolver: nothing here is ever dialled.
+    #[tokio::test]
+    async fn ports_outside_fetch_ports_only_on_allowed_networks() {
+        let dir = tempfile::tempdir().unwrap();
+        let rotation = crate::audit::Rotation {
+            path: dir.path().join("audit.jsonl"),
+            max_bytes: 1 << 20,
+            keep: 1,
+        };
+        let (audit, _task) = AuditLog::start(rotation, Default::default()).await.unwrap();
+        let config = FetchConfig {
+            allow_networks: vec!["127.0.0.2/32".parse().unwrap()],
+            ..FetchConfig::default()
+        };
+        let lookup = StaticLookup::default()
+            .with("public.test", &["8.8.8.8".parse().unwrap()])
+            .with("mixed.test", &["8.8.8.8".parse().unwrap(), "127.0.0.2".parse().unwrap()])
+            .with("inside.test", &["127.0.0.2".parse().unwrap()]);
+        let policy = Policy::new(&Default::default());
+        let fetcher =
+            Fetcher::new(&config, policy, Arc::new(lookup), audit, OwnEndpoints::default())
+                .unwrap();
+        let port = |u: &str| {
+            let url = Url::parse(u).unwrap();
+            let fetcher = &fetcher;
+            async move { fetcher.check_port(&url).await }
+        };
+        for ok in ["http://public.test/", "https://public.test/", "http://inside.test:6379/"] {
+            assert!(port(ok).await.is_ok(), "{ok}");
+        }
+        for refused in [
+            "http://public.test:22/",
+            "http://public.test:8080/",
+            "http://mixed.test:6379/",
+            "http://8.8.8.8:25/",
+        ] {
+            let e = port(refused).await.unwrap_err();
+            assert!(matches!(e, ProxyError::BlockedDestination(_)), "{refused}: {e:?}");
+        }
+        assert!(port("http://127.0.0.2:6379/").await.is_ok(), "allowed address, any port");
+    }
 }

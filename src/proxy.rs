@@ -232,6 +232,7 @@ impl Proxy {
             Err(
                 e @ (ProxyError::BlockedDomain
                 | ProxyError::BlockedDestination(_)
+                | ProxyError::RefusedUrl(_)
                 | ProxyError::RedirectRefused),
             ) => Err((e, CacheStatus::Blocked)),
             Err(e) => Err((e, if leader { CacheStatus::Miss } else { CacheStatus::Coalesced })),

@@ -32,6 +32,7 @@ pub fn empty() -> Body {
 
 /// A short `text/plain`, never-cached error page.
 pub fn error(e: &ProxyError) -> Response<Body> {
+    let e = &e.to_viewer();
     let mut response = plain(e.status(), format!("{}\n", e.public_message()));
     let h = response.headers_mut();
     h.insert("x-parasol-error", HeaderValue::from_static(e.code()));

@@ -103,6 +103,9 @@ pub struct Guard {
     /// parasol's own listeners: fetching from them would be a request loop, even where
     /// `allow` admits their network.
     own: Vec<SocketAddr>,
+    /// `fetch.ports`: the only ports dialled, but on `allow` networks (any port there).
+    /// Otherwise parasol would knock on any port of any host for whoever signs a URL.
+    ports: Vec<u16>,
 }
 
 /// Error raised inside the resolver; found again in reqwest's error chain to answer 403.
@@ -115,7 +118,35 @@ pub struct Refused {
 
 impl Guard {
     pub fn new(allow: Vec<IpNet>) -> Self {
-        Self { allow, own: Vec::new() }
+        Self { allow, own: Vec::new(), ports: vec![80, 443] }
+    }
+
+    /// Dial only these ports (on addresses outside `allow`).
+    pub fn with_ports(mut self, ports: Vec<u16>) -> Self {
+        self.ports = ports;
+        self
+    }
+
+    /// Whether `port` is one of `fetch.ports` (dialled on any address that passes the rest).
+    pub fn port_listed(&self, port: u16) -> bool {
+        self.ports.contains(&port)
+    }
+
+    /// Ok when `port` may be dialled on `ip`: one of `fetch.ports`, or any port of an
+    /// `allow_networks` address.
+    pub fn check_port(&self, ip: IpAddr, port: u16) -> Result<(), Refused> {
+        if self.ports.contains(&port) || self.allowed(ip) {
+            return Ok(());
+        }
+        Err(Refused { addr: ip, reason: "port not in fetch.ports" })
+    }
+
+    fn allowed(&self, ip: IpAddr) -> bool {
+        let unwrapped = match ip {
+            IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.allow.iter().any(|n| n.contains(&ip) || n.contains(&unwrapped))
     }
 
     /// Also refuse parasol's own listening addresses (`0.0.0.0:port` refuses that port on any
@@ -141,16 +172,13 @@ impl Guard {
         if is_own {
             return Err(Refused { addr: peer.ip(), reason: "parasol's own listener (loop)" });
         }
-        self.check(peer.ip())
+        self.check(peer.ip())?;
+        self.check_port(peer.ip(), peer.port())
     }
 
     /// Ok when parasol may connect to `ip`.
     pub fn check(&self, ip: IpAddr) -> Result<(), Refused> {
-        let unwrapped = match ip {
-            IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        if self.allow.iter().any(|n| n.contains(&ip) || n.contains(&unwrapped)) {
+        if self.allowed(ip) {
             return Ok(());
         }
         match special_purpose(ip) {
@@ -312,6 +340,22 @@ mod tests {
         assert!(g.check("::ffff:127.0.0.2".parse().unwrap()).is_ok());
         assert!(g.check("127.0.0.3".parse().unwrap()).is_err());
         assert!(g.check("127.0.0.1".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn only_the_configured_ports_are_dialled_but_on_allowed_networks() {
+        let g = Guard::new(vec!["127.0.0.2/32".parse().unwrap()]);
+        assert!(g.check_peer("8.8.8.8:443".parse().unwrap()).is_ok());
+        assert!(g.check_peer("8.8.8.8:80".parse().unwrap()).is_ok());
+        for port in [22, 25, 6379, 8080, 9090] {
+            let refused = g.check_peer(SocketAddr::from(([8, 8, 8, 8], port))).unwrap_err();
+            assert_eq!(refused.reason, "port not in fetch.ports");
+        }
+        assert!(g.check_peer("127.0.0.2:6379".parse().unwrap()).is_ok(), "allowed: any port");
+        assert!(g.check_peer("[::ffff:127.0.0.2]:6379".parse().unwrap()).is_ok());
+        let g = Guard::new(vec![]).with_ports(vec![8443]);
+        assert!(g.check_peer("8.8.8.8:8443".parse().unwrap()).is_ok());
+        assert!(g.check_peer("8.8.8.8:443".parse().unwrap()).is_err());
     }
 
     #[test]

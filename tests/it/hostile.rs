@@ -686,8 +686,12 @@ async fn every_spelling_of_parasol_itself_is_refused() {
         format!("http://another-name.test:{port}/x.png"),
     ] {
         let r = get(&p.url(&source)).await;
-        assert_eq!(r.status(), 403, "{source}");
-        assert_eq!(r.headers()["x-parasol-error"], "blocked_destination", "{source}");
+        assert_eq!(r.status(), 502, "{source}");
+        assert_eq!(r.headers()["x-parasol-error"], "origin_unreachable", "{source}");
     }
+    // Refused, not dialled: no request of parasol's reached parasol.
+    let own = "parasol_requests_total{route=\"native\",status=\"502\"}";
+    assert_eq!(p.metric(own).await, 5, "five viewer requests, no looped ones");
+    assert_eq!(p.metric("parasol_cache_results_total{result=\"blocked\"}").await, 5);
     p.stop().await;
 }
