@@ -392,7 +392,13 @@ pub fn map_reqwest(e: &reqwest::Error) -> ProxyError {
         }
         source = s.source();
     }
-    if e.is_timeout() { ProxyError::OriginTimeout } else { ProxyError::OriginUnreachable }
+    // A connection that was never made is unreachable, timed out or not: a filtered port and
+    // a closed one give the same answer.
+    if e.is_timeout() && !e.is_connect() {
+        ProxyError::OriginTimeout
+    } else {
+        ProxyError::OriginUnreachable
+    }
 }
 
 #[cfg(test)]
