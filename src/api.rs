@@ -7,6 +7,7 @@ pub mod akkoma;
 pub mod camo;
 pub mod misskey;
 pub mod native;
+pub mod rate;
 
 use url::Url;
 

@@ -231,7 +231,7 @@ impl Bound {
         Arc::new(server::Public {
             proxy: self.proxy.clone(),
             signer: self.signer.clone(),
-            misskey_rate: server::HostRate::new(rate),
+            misskey_rate: api::rate::DomainRate::new(rate),
         })
     }
 

@@ -32,34 +32,7 @@ pub const MAX_URI_LEN: usize = 8192;
 pub struct Public {
     pub proxy: Arc<Proxy>,
     pub signer: Signer,
-    pub misskey_rate: HostRate,
-}
-
-/// Fixed one-minute windows of events per host.
-pub struct HostRate {
-    per_minute: u32,
-    windows: std::sync::Mutex<std::collections::HashMap<String, (u64, u32)>>,
-}
-
-impl HostRate {
-    pub fn new(per_minute: u32) -> Self {
-        Self { per_minute, windows: Default::default() }
-    }
-
-    /// Counts one event for `host`; false when its minute's budget is spent.
-    pub fn allow(&self, host: &str) -> bool {
-        let minute = crate::cache::evict::now_secs() / 60;
-        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        if windows.len() > 10_000 {
-            windows.retain(|_, (m, _)| *m == minute);
-        }
-        let (m, count) = windows.entry(host.to_string()).or_insert((minute, 0));
-        if *m != minute {
-            (*m, *count) = (minute, 0);
-        }
-        *count += 1;
-        *count <= self.per_minute
-    }
+    pub misskey_rate: crate::api::rate::DomainRate,
 }
 
 /// Runs an accept loop on `listener` until `shutdown` turns true, then drains.
@@ -326,7 +299,7 @@ async fn route<B>(public: &Public, req: &Request<B>) -> (&'static str, Routed) {
 }
 
 /// The unsigned Misskey route may cause at most `compat.misskey_fills_per_minute` origin
-/// fills per source host; what is already cached is always served.
+/// fills per source domain; what is already cached is always served.
 async fn misskey_allowed(
     public: &Public,
     request: &ProxyRequest,

@@ -1,7 +1,7 @@
 //! Misskey `mediaProxy` URLs: `/proxy/<name>.webp?url=<src>[&emoji=1|&avatar=1|&preview=1|
 //! &static=1|&badge=1][&fallback=1]`. Unsigned by Misskey's design, so parasol exposes them only
 //! when `compat.misskey = true`; they stay subject to `[policy]`, and fills through them are
-//! rate-limited per source host (`compat.misskey_fills_per_minute`).
+//! rate-limited per source domain (`compat.misskey_fills_per_minute`, [`super::rate`]).
 
 use super::{ProxyRequest, parse_source};
 use crate::error::ProxyError;

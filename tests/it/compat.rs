@@ -261,3 +261,35 @@ async fn debian_camo_and_parasol_agree_on_the_same_signed_urls() {
     assert_eq!((camo_status, our_status), (404, 403), "both refuse a bad digest");
     p.stop().await;
 }
+
+/// The unsigned Misskey route's allowance is per registrable domain: inventing subdomains of
+/// one domain buys no more fills.
+#[tokio::test]
+async fn misskey_subdomains_share_one_allowance() {
+    let origin = Origin::start("127.0.0.18").await;
+    for n in 0..4 {
+        origin.route(&format!("/s/{n}.png"), Route::ok(png_bytes(3_000, 850 + n)));
+    }
+    let mut lookup = parasol::fetch::guard::StaticLookup::default();
+    for sub in ["a", "b", "c", "d"] {
+        lookup = lookup.with(&format!("{sub}.cdn.media.test"), &[ip("127.0.0.18")]);
+    }
+    lookup = lookup.with("other.test", &[ip("127.0.0.18")]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = compat_config(dir.path(), &["127.0.0.18/32"]);
+    cfg.compat.misskey_fills_per_minute = 2;
+    let p = Parasol::start_with(cfg, lookup).await;
+    let port = origin.addr.port();
+    let misskey = |host: &str, n: u32| {
+        let source = format!("http://{host}:{port}/s/{n}.png");
+        format!("http://{}/proxy/x.webp?url={}", p.public, form_encode(&source))
+    };
+    // Like the test above, this counts on the three requests falling in one minute.
+    assert_eq!(get(&misskey("a.cdn.media.test", 0)).await.status(), 200);
+    assert_eq!(get(&misskey("b.cdn.media.test", 1)).await.status(), 200);
+    let r = get(&misskey("c.cdn.media.test", 2)).await;
+    assert_eq!(r.status(), 503, "media.test's allowance is spent, whatever the subdomain");
+    assert_eq!(origin.hits("/s/2.png"), 0);
+    assert_eq!(get(&misskey("other.test", 3)).await.status(), 200, "another domain's own");
+    p.stop().await;
+}
