@@ -216,10 +216,10 @@ async fn purge(proxy: &Proxy, body: &[u8]) -> Response<Body> {
             Some(domain) => {
                 proxy
                     .purge(move |r| {
-                        url::Url::parse(&r.url)
-                            .ok()
-                            .and_then(|u| u.host_str().map(|h| crate::policy::covers(&domain, h)))
-                            .unwrap_or(false)
+                        // By the source's host or the host a redirect took the fill to.
+                        let (source, landed) = r.hosts();
+                        source.is_some_and(|h| crate::policy::covers(&domain, &h))
+                            || landed.is_some_and(|h| crate::policy::covers(&domain, h))
                     })
                     .await
             }

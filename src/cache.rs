@@ -85,6 +85,9 @@ pub struct Entry {
     pub body: Option<Bytes>,
     /// The blob's access record in the disk budget: a memory hit keeps the disk copy warm too.
     pub touch: Option<std::sync::Arc<evict::Touch>>,
+    /// The host the bytes came from when a redirect led away from the source's host; a hit
+    /// is refused once the domain policy blocks it.
+    pub final_host: Option<std::sync::Arc<str>>,
 }
 
 /// Cache-Control of every successful response: the bytes behind a URL never change, because a
@@ -106,7 +109,12 @@ impl Entry {
         headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
         headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-        Self { hash, len, content_type, headers, body, touch: None }
+        Self { hash, len, content_type, headers, body, touch: None, final_host: None }
+    }
+
+    pub fn with_final_host(mut self, host: Option<&str>) -> Self {
+        self.final_host = host.map(std::sync::Arc::from);
+        self
     }
 
     pub fn with_touch(mut self, touch: std::sync::Arc<evict::Touch>) -> Self {

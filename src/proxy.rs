@@ -61,6 +61,8 @@ struct Received {
     hash: blake3::Hash,
     len: u64,
     content_type: &'static str,
+    /// The host the bytes came from, when redirects led away from the source's host.
+    final_host: Option<String>,
 }
 
 /// Where a received body waits to be stored: small ones in memory (written to disk in one
@@ -155,19 +157,25 @@ impl Proxy {
         // blocked a second ago is not served from memory.
         self.fetcher.check_destination(&req.source).map_err(|e| (e, CacheStatus::Blocked))?;
         let key = req.key();
-        let req = req.clone();
-        self.lookup_or_fill(key, move |this| async move {
-            // A fill that finished between this request's lookups and its leadership has
-            // already published: use it rather than fetch a second time.
-            if let Some(entry) = this.memory.get(&key).await {
-                return Ok((entry, CacheStatus::HitMemory));
-            }
-            if let Some(err) = this.negative.get(&key).await {
-                return Err(err);
-            }
-            this.fill(key, &req, trigger).await
-        })
-        .await
+        let request = req.clone();
+        let found = self
+            .lookup_or_fill(key, move |this| async move {
+                // A fill that finished between this request's lookups and its leadership has
+                // already published: use it rather than fetch a second time.
+                if let Some(entry) = this.memory.get(&key).await {
+                    return Ok((entry, CacheStatus::HitMemory));
+                }
+                if let Some(err) = this.negative.get(&key).await {
+                    return Err(err);
+                }
+                this.fill(key, &request, trigger).await
+            })
+            .await?;
+        // Bytes a redirect brought from a domain blocked since: refused like the domain.
+        if let Some(host) = found.0.final_host.as_deref() {
+            self.fetcher.policy().check(host).map_err(|e| (e, CacheStatus::Blocked))?;
+        }
+        Ok(found)
     }
 
     /// Whether `req` is held in memory or on disk (no fill needed).
@@ -345,7 +353,8 @@ impl Proxy {
         let not_allowed =
             |_| crate::cache::shared::SharedError::Record("not an allowed type".into());
         let content_type = self.types.sniff(sink.head()).map_err(not_allowed)?;
-        let received = sink.finish(content_type);
+        let mut received = sink.finish(content_type);
+        received.final_host = record.final_host.clone();
         if received.hash != record.blake3().expect("download checked the hash") {
             return Err(crate::cache::shared::SharedError::Record("hash mismatch".into()));
         }
@@ -361,7 +370,8 @@ impl Proxy {
             return;
         };
         let content_type = entry.content_type.to_str().unwrap_or_default();
-        let record = crate::cache::index::Record::new(&entry.hash, entry.len, content_type, url);
+        let record = crate::cache::index::Record::new(&entry.hash, entry.len, content_type, url)
+            .with_final_host(entry.final_host.as_deref());
         let (body, disk, hash) = (entry.body.clone(), self.disk.clone(), entry.hash);
         let ok = self.metrics.shared_counter("publish", "ok");
         let failed = self.metrics.shared_counter("publish", "error");
@@ -424,7 +434,9 @@ impl Proxy {
         };
         touch.hit();
         self.drop_victims(victims).await;
-        let entry = Entry::new(hash, record.len, &record.content_type, body).with_touch(touch);
+        let entry = Entry::new(hash, record.len, &record.content_type, body)
+            .with_touch(touch)
+            .with_final_host(record.final_host.as_deref());
         Ok(Some(Arc::new(entry)))
     }
 }

@@ -32,6 +32,10 @@ pub struct Record {
     pub url: String,
     /// Unix seconds when the blob was stored.
     pub stored_at: u64,
+    /// The host the bytes came from, when redirects led away from the source's host: the
+    /// domain policy and purges apply to it as to the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_host: Option<String>,
 }
 
 impl Record {
@@ -43,7 +47,20 @@ impl Record {
             content_type: content_type.to_string(),
             url: url.to_string(),
             stored_at: super::evict::now_secs(),
+            final_host: None,
         }
+    }
+
+    pub fn with_final_host(mut self, host: Option<&str>) -> Self {
+        self.final_host = host.map(str::to_string);
+        self
+    }
+
+    /// The source URL's host (`None` when the URL does not parse) and the host the bytes
+    /// came from, when that was another.
+    pub fn hosts(&self) -> (Option<String>, Option<&str>) {
+        let source = url::Url::parse(&self.url).ok().and_then(|u| u.host_str().map(String::from));
+        (source, self.final_host.as_deref())
     }
 
     pub fn blake3(&self) -> Option<blake3::Hash> {

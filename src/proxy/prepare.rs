@@ -33,7 +33,9 @@ impl Proxy {
         self.metrics.renders.inc();
         let input = r.input().await.map_err(super::storage_error)?;
         let png = self.run_job(&task, input, &r.hash, "image/png").await?;
-        png.ok_or_else(|| ProxyError::internal("rasterising answered unchanged"))
+        let mut png = png.ok_or_else(|| ProxyError::internal("rasterising answered unchanged"))?;
+        png.final_host = r.final_host.take();
+        Ok(png)
     }
 
     /// Replaces a received JPEG, PNG or WebP by a copy without metadata (`media.strip_metadata`),
@@ -46,8 +48,13 @@ impl Proxy {
         }
         let task = Task::Strip { content_type: r.content_type.into() };
         let input = r.input().await.map_err(super::storage_error)?;
-        let stripped = self.run_job(&task, input, &r.hash, r.content_type).await?;
-        Ok(stripped.unwrap_or(r))
+        match self.run_job(&task, input, &r.hash, r.content_type).await? {
+            Some(mut stripped) => {
+                stripped.final_host = r.final_host.take();
+                Ok(stripped)
+            }
+            None => Ok(r),
+        }
     }
 
     /// Renders the cached `original` as `spec` in a worker and stores the result under `key`.
@@ -65,7 +72,9 @@ impl Proxy {
         let task = Task::Render { spec: spec.clone(), max_pixels: self.config.media.max_pixels };
         self.metrics.renders.inc();
         let rendered = self.run_job(&task, input, &original.hash, spec.format.mime_type()).await?;
-        let rendered = rendered.ok_or_else(|| ProxyError::internal("render answered unchanged"))?;
+        let mut rendered =
+            rendered.ok_or_else(|| ProxyError::internal("render answered unchanged"))?;
+        rendered.final_host = original.final_host.as_deref().map(str::to_string);
         self.store(key, url, rendered).await
     }
 

@@ -81,8 +81,13 @@ impl Proxy {
         })?;
         let status = origin.response.status().as_u16();
         let mut response = origin.response;
+        let landed = response.url().host_str().filter(|h| Some(*h) != req.source.host_str());
+        let final_host = landed.map(str::to_string);
         let mut count = 0u64;
-        let result = self.read_body(&mut response, &mut count).await;
+        let result = self.read_body(&mut response, &mut count).await.map(|mut received| {
+            received.final_host = final_host;
+            received
+        });
         let outcome = match &result {
             Ok(_) => "ok",
             Err(e) => e.code(),
@@ -154,9 +159,10 @@ impl Proxy {
         url: &str,
         r: Received,
     ) -> Result<Arc<Entry>, ProxyError> {
-        let Received { body, hash, len, content_type } = r;
+        let Received { body, hash, len, content_type, final_host } = r;
         let (touch, victims) = self.budget.admit(*hash.as_bytes(), len, key);
-        let record = Record::new(&hash, len, content_type, url);
+        let record =
+            Record::new(&hash, len, content_type, url).with_final_host(final_host.as_deref());
         // Blobs up to memory_max_object_bytes are re-hashed on every load from disk, so a torn
         // one after a power cut is refetched, never served: only larger ones need the fsync.
         let durable = self.config.cache.fsync && len > self.config.cache.memory_max_object_bytes.0;
@@ -190,7 +196,8 @@ impl Proxy {
                 _ => None,
             },
         };
-        Ok(Arc::new(Entry::new(hash, len, content_type, body).with_touch(touch)))
+        let entry = Entry::new(hash, len, content_type, body).with_touch(touch);
+        Ok(Arc::new(entry.with_final_host(final_host.as_deref())))
     }
 }
 
@@ -273,7 +280,13 @@ impl Sink {
             (None, Some(t)) => Held::Disk(t),
             (None, None) => Held::Memory(Bytes::new(), None),
         };
-        Received { body, hash: self.hasher.finalize(), len: self.len, content_type }
+        Received {
+            body,
+            hash: self.hasher.finalize(),
+            len: self.len,
+            content_type,
+            final_host: None,
+        }
     }
 }
 

@@ -70,9 +70,10 @@ impl Proxy {
         self.fetcher.set_policy(policy.clone());
         let report = self
             .purge(move |r| {
-                let host =
-                    url::Url::parse(&r.url).ok().and_then(|u| u.host_str().map(String::from));
-                host.is_none_or(|h| policy.check(&h).is_err())
+                // The source's host, and the host the bytes came from after redirects.
+                let (source, landed) = r.hosts();
+                source.is_none_or(|h| policy.check(&h).is_err())
+                    || landed.is_some_and(|h| policy.check(h).is_err())
             })
             .await?;
         tracing::info!(

@@ -326,3 +326,52 @@ async fn audit_log_rotates_within_its_size_bound() {
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["hosts"]["127.0.0.2"]["requests"], kept_lines as u64);
 }
+
+/// Content that reached parasol through a redirect into a domain belongs to that domain too:
+/// purging the domain removes it, and blocking the domain purges it and refuses it, also
+/// from a node that restarted in between (the final host is in the index record).
+#[tokio::test]
+async fn purges_and_blocks_apply_to_where_a_redirect_led() {
+    let origin = Origin::start("127.0.0.2").await;
+    let img = png_bytes(6_000, 46);
+    origin.route("/real.png", Route::ok(img.clone()));
+    let port = origin.addr.port();
+    let target = format!("http://cdn.blocked.test:{port}/real.png");
+    origin.route("/short", Route::status(302).header("location", &target));
+    let lookup = || {
+        StaticLookup::default()
+            .with("links.friendly.test", &[ip("127.0.0.2")])
+            .with("cdn.blocked.test", &[ip("127.0.0.2")])
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("parasol.toml");
+    let cache = dir.path().join("cache");
+    std::fs::write(&file, config_toml(&cache, &["127.0.0.2/32"], "")).unwrap();
+    let start = || async {
+        let cfg = parasol::Config::load(Some(&file)).unwrap();
+        Parasol::start_opts(cfg, options(std::sync::Arc::new(lookup()), Some(file.clone()))).await
+    };
+    let p = start().await;
+    let source = format!("http://links.friendly.test:{port}/short");
+    assert_eq!(body(get(&p.url(&source)).await).await, img);
+    let (status, answer) =
+        admin_post(&p, "/admin/purge", Some(ADMIN_TOKEN), json!({"domain": "blocked.test"})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["purged"]["entries"], 1, "purged by the host the bytes came from");
+    assert_eq!(body(get(&p.url(&source)).await).await, img, "fetched again");
+    assert_eq!(origin.hits("/real.png"), 2);
+    p.stop().await;
+
+    // After a restart the record still knows where the bytes came from.
+    let p = start().await;
+    let blocked =
+        config_toml(&cache, &["127.0.0.2/32"], "[policy]\nblocked_domains = [\"blocked.test\"]");
+    std::fs::write(&file, blocked).unwrap();
+    let (status, answer) = admin_post(&p, "/admin/reload", Some(ADMIN_TOKEN), json!({})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["purged"]["entries"], 1);
+    assert_eq!(p.blob_count(), 0);
+    assert_ne!(get(&p.url(&source)).await.status(), 200, "and it is not served again");
+    assert_eq!(origin.hits("/real.png"), 2, "the blocked domain was not asked");
+    p.stop().await;
+}
