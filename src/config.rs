@@ -156,6 +156,10 @@ pub struct FetchConfig {
     pub ca_file: Option<PathBuf>,
     /// The only ports dialled, except on `allow_networks` addresses (any port there).
     pub ports: Vec<u16>,
+    /// Longest wait for a name lookup, answer or not.
+    pub dns_timeout: Dur,
+    /// Nameservers to ask (`ip:port`); empty: those of `/etc/resolv.conf`.
+    pub nameservers: Vec<SocketAddr>,
 }
 
 impl Default for FetchConfig {
@@ -172,6 +176,8 @@ impl Default for FetchConfig {
             allow_insecure_redirects: false,
             ca_file: None,
             ports: vec![80, 443],
+            dns_timeout: Dur(Duration::from_secs(5)),
+            nameservers: Vec::new(),
         }
     }
 }
@@ -565,6 +571,12 @@ impl Config {
             if self.shared.timeout.0.is_zero() {
                 return bad("shared.timeout", "must be above zero".into());
             }
+        }
+        if self.fetch.dns_timeout.0 < Duration::from_millis(10) {
+            return bad("fetch.dns_timeout", "must be at least 10 ms".into());
+        }
+        if self.fetch.nameservers.iter().any(|a| a.port() != self.fetch.nameservers[0].port()) {
+            return bad("fetch.nameservers", "all on one port".into());
         }
         if self.fetch.ports.is_empty() || self.fetch.ports.contains(&0) {
             return bad("fetch.ports", "needs at least one port, each 1-65535".into());

@@ -2,6 +2,7 @@
 //! every destination before connecting, follows redirects itself (so each hop is checked and
 //! audited), and maps failures onto [`ProxyError`].
 
+pub mod dns;
 pub mod guard;
 pub mod limit;
 pub mod peer;

@@ -67,7 +67,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use config::Config;
-use fetch::guard::{Lookup, SystemLookup};
+use fetch::guard::Lookup;
 
 /// Why parasol could not start. Printed by `main` and exits non-zero.
 #[derive(Debug, thiserror::Error)]
@@ -91,8 +91,9 @@ pub enum StartError {
 /// Hooks for embedding and tests; the defaults are what the binary uses.
 #[derive(Clone)]
 pub struct Options {
-    /// Name resolution for origins. Tests map `*.test` names to loopback origins here.
-    pub lookup: Arc<dyn Lookup>,
+    /// Name resolution for origins; `None` is the built-in asynchronous resolver
+    /// ([`fetch::dns`]). Tests map `*.test` names to loopback origins here.
+    pub lookup: Option<Arc<dyn Lookup>>,
     /// The config file to re-read on reload (SIGHUP, `POST /admin/reload`); `None` repeats
     /// the default lookup (`config/parasol.toml` when present).
     pub config_path: Option<std::path::PathBuf>,
@@ -105,7 +106,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            lookup: Arc::new(SystemLookup),
+            lookup: None,
             config_path: None,
             worker_exe: std::path::PathBuf::from("/proc/self/exe"),
         }
@@ -196,9 +197,14 @@ impl Bound {
             addrs: [&public, &admin].iter().filter_map(|l| l.local_addr().ok()).collect(),
         };
         let policy = policy::Policy::new(&config.policy);
-        let fetcher =
-            fetch::Fetcher::new(&config.fetch, policy, options.lookup, audit.clone(), own)
-                .map_err(StartError::Setup)?;
+        let lookup = match options.lookup {
+            Some(lookup) => lookup,
+            None => Arc::new(fetch::dns::DnsLookup::new(&config.fetch).map_err(|e| {
+                StartError::Setup(error::ProxyError::internal(format!("name resolution: {e}")))
+            })?),
+        };
+        let fetcher = fetch::Fetcher::new(&config.fetch, policy, lookup, audit.clone(), own)
+            .map_err(StartError::Setup)?;
         let started = std::time::SystemTime::now();
         let shared = cache::shared::SharedTier::from_config(&config.shared)
             .map_err(|e| StartError::Setup(error::ProxyError::internal(e)))?;

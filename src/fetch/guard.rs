@@ -202,19 +202,6 @@ pub trait Lookup: Send + Sync + 'static {
     fn lookup(&self, host: &str) -> Pin<Box<dyn Future<Output = io::Result<Vec<IpAddr>>> + Send>>;
 }
 
-/// The operating system's resolver (getaddrinfo on a blocking thread, via tokio).
-#[derive(Debug, Default)]
-pub struct SystemLookup;
-
-impl Lookup for SystemLookup {
-    fn lookup(&self, host: &str) -> Pin<Box<dyn Future<Output = io::Result<Vec<IpAddr>>> + Send>> {
-        let host = host.to_string();
-        Box::pin(async move {
-            Ok(tokio::net::lookup_host((host.as_str(), 0)).await?.map(|a| a.ip()).collect())
-        })
-    }
-}
-
 /// A fixed table of names, for tests and for operators pinning an origin.
 #[derive(Debug, Default, Clone)]
 pub struct StaticLookup(pub HashMap<String, Vec<IpAddr>>);

@@ -4,6 +4,7 @@
 mod admin;
 mod cli;
 mod compat;
+mod dns;
 mod durability;
 mod hostile;
 mod media;

@@ -193,7 +193,11 @@ pub fn config_toml(dir: &Path, allow: &[&str], extra: &str) -> String {
 /// The options of an in-process parasol: its media workers are the built `parasol` binary
 /// (the test binary itself cannot be one).
 pub fn options(lookup: Arc<dyn Lookup>, config_path: Option<PathBuf>) -> parasol::Options {
-    parasol::Options { lookup, config_path, worker_exe: env!("CARGO_BIN_EXE_parasol").into() }
+    parasol::Options {
+        lookup: Some(lookup),
+        config_path,
+        worker_exe: env!("CARGO_BIN_EXE_parasol").into(),
+    }
 }
 
 /// An in-process parasol on loopback, port 0.
