@@ -286,6 +286,8 @@ impl Bound {
         ));
         tracing::info!("parasol is serving");
         shutdown.await;
+        // One deadline for all of the shutdown, whatever is still running.
+        let deadline = tokio::time::Instant::now() + grace;
         tracing::info!("shutting down: no new connections, draining in-flight requests");
         admin_state.ready.store(false, Ordering::Release);
         let _ = stop_public.send(true);
@@ -293,9 +295,16 @@ impl Bound {
         let _ = stop_admin.send(true);
         let _ = admin_loop.await;
         drop(admin_state);
+        // Fill tasks finishing after their viewers were answered still hold the proxy (and
+        // with it the index): wait for them, within the grace period, so that the stores are
+        // closed when this returns and the same cache can be opened again at once.
+        while Arc::strong_count(&proxy) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         drop(proxy);
-        // Fills still running hold the last audit handles; give them the grace period too.
-        let _ = tokio::time::timeout(grace, audit_task).await;
+        // Fills still running hold the last audit handles; they too get what is left of the
+        // grace period, and past it the process ends without them.
+        let _ = tokio::time::timeout_at(deadline, audit_task).await;
         tracing::info!("stopped");
     }
 }

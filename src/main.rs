@@ -221,7 +221,6 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    let grace = config.server.shutdown_grace.0;
     let served = runtime.block_on(async move {
         let shutdown = shutdown_signal()?;
         let hangups = sighup()?;
@@ -232,9 +231,10 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         bound.serve(shutdown).await;
         Ok(())
     });
-    // Whatever is still running (a fill waiting on its origin, a job on a stuck worker, whose
-    // process is killed as its task is dropped) does not hold the exit past the grace period.
-    runtime.shutdown_timeout(grace);
+    // Whatever is still running once the grace period is over (a fill waiting on its origin,
+    // a job on a stuck worker, whose process is killed as its task is dropped) is cancelled;
+    // a blocking file write gets one more second.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     served
 }
 
