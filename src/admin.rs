@@ -5,6 +5,8 @@
 //! the media routes, and so a load balancer can stop sending traffic (`/readyz` turns 503)
 //! while in-flight requests drain.
 
+mod bans;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,7 +40,7 @@ pub struct Admin {
 }
 
 /// Re-reads the configuration and applies what can change without a restart: the domain
-/// policy. Shared by `POST /admin/reload` and SIGHUP.
+/// policy and the moderation hash lists. Shared by `POST /admin/reload` and SIGHUP.
 #[derive(Clone)]
 pub struct Reloader {
     /// Weak, so a signal handler holding a `Reloader` does not keep the proxy (and with it the
@@ -52,6 +54,7 @@ impl Reloader {
     pub async fn reload(&self) -> Result<PurgeReport, String> {
         let proxy = self.proxy.upgrade().ok_or("parasol is shutting down")?;
         let config = crate::Config::load(self.config_path.as_deref()).map_err(|e| e.to_string())?;
+        proxy.reload_lists(&config.moderation.hash_lists).await.map_err(|e| e.to_string())?;
         proxy.apply_policy(&config.policy).await.map_err(|e| e.to_string())
     }
 }
@@ -63,12 +66,18 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body>
         "/readyz" if admin.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/metrics" => metrics(&admin.proxy).await,
-        "/admin/prefetch" | "/admin/purge" | "/admin/reload" => {
-            if req.method() != Method::POST {
-                let mut r = json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
-                r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+        "/admin/prefetch" | "/admin/purge" | "/admin/reload" | "/admin/ban" | "/admin/bans" => {
+            let allowed = match path.as_str() {
+                "/admin/bans" => "GET",
+                "/admin/ban" => "POST, DELETE",
+                _ => "POST",
+            };
+            if !allowed.split(", ").any(|m| m == req.method().as_str()) {
+                let mut r = json_error(StatusCode::METHOD_NOT_ALLOWED, &format!("use {allowed}"));
+                r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allowed));
                 return r;
             }
+            let delete = req.method() == Method::DELETE;
             if let Some(denied) = refuse(&admin.proxy.config.server.admin_token, req.headers()) {
                 return denied;
             }
@@ -79,6 +88,9 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body>
             match path.as_str() {
                 "/admin/prefetch" => prefetch(&admin.proxy, &body).await,
                 "/admin/purge" => purge(&admin.proxy, &body).await,
+                "/admin/bans" => bans::list(&admin.proxy),
+                "/admin/ban" if delete => bans::lift(&admin.proxy, &body).await,
+                "/admin/ban" => bans::ban(&admin.proxy, &body).await,
                 _ => match admin.reloader.reload().await {
                     Ok(purged) => json(StatusCode::OK, &serde_json::json!({ "purged": purged })),
                     Err(e) => json_error(StatusCode::BAD_REQUEST, &e),

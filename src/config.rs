@@ -36,6 +36,51 @@ pub struct Config {
     pub compat: CompatConfig,
     pub audit: AuditConfig,
     pub shared: SharedConfig,
+    pub moderation: ModerationConfig,
+}
+
+/// `[moderation]`: bans are made through the admin API; these are the automatic rules.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModerationConfig {
+    /// Files of SHA-256 or MD5 hex digests, one per line (`#` comments): a file whose bytes
+    /// match is refused (451 `banned`) and purged. Re-read on SIGHUP and `/admin/reload`.
+    pub hash_lists: Vec<PathBuf>,
+    /// Each new original image or video is POSTed here before it is first served; a non-2xx
+    /// answer refuses it and bans its content. Empty: off.
+    pub scanner_url: String,
+    /// When the scanner cannot be asked (down, timed out): `open` serves the file unscanned
+    /// (and asks again next time), `closed` refuses it for now (503).
+    pub scanner_fail: ScannerFail,
+    pub scanner_timeout: Dur,
+    /// Scans in flight at once; more wait their turn (within `scanner_timeout`).
+    pub scanner_concurrency: u32,
+    /// How often bans are synchronised through the shared bucket (`[shared]`), when set.
+    pub sync_interval: Dur,
+    /// JSON lines of every moderation decision; default `<cache.dir>/moderation.jsonl`.
+    pub log: Option<PathBuf>,
+}
+
+impl Default for ModerationConfig {
+    fn default() -> Self {
+        Self {
+            hash_lists: Vec::new(),
+            scanner_url: String::new(),
+            scanner_fail: ScannerFail::Closed,
+            scanner_timeout: Dur(Duration::from_secs(10)),
+            scanner_concurrency: 4,
+            sync_interval: Dur(Duration::from_secs(30)),
+            log: None,
+        }
+    }
+}
+
+/// What a file gets while the scanner cannot be asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScannerFail {
+    Open,
+    Closed,
 }
 
 /// `[server]`: where parasol listens and how it names itself.
@@ -581,6 +626,24 @@ impl Config {
         if self.fetch.ports.is_empty() || self.fetch.ports.contains(&0) {
             return bad("fetch.ports", "needs at least one port, each 1-65535".into());
         }
+        let m = &self.moderation;
+        if !m.scanner_url.is_empty()
+            && !Url::parse(&m.scanner_url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+        {
+            return bad(
+                "moderation.scanner_url",
+                format!("{:?} is not an http(s) URL", m.scanner_url),
+            );
+        }
+        if m.scanner_concurrency == 0
+            || m.scanner_timeout.0.is_zero()
+            || m.sync_interval.0.is_zero()
+        {
+            return bad(
+                "moderation",
+                "scanner_concurrency, scanner_timeout and sync_interval must be above zero".into(),
+            );
+        }
         let media = &self.media;
         if !(1..=256).contains(&media.workers) {
             return bad("media.workers", "must be 1-256".into());
@@ -600,6 +663,11 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Where the moderation log is written.
+    pub fn moderation_log_path(&self) -> PathBuf {
+        self.moderation.log.clone().unwrap_or_else(|| self.cache.dir.join("moderation.jsonl"))
     }
 
     /// Where the outbound audit log is written.

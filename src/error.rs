@@ -47,6 +47,10 @@ pub enum ProxyError {
     RefusedUrl(&'static str),
     #[error("domain blocked by policy")]
     BlockedDomain,
+    #[error("banned by moderation: {0}")]
+    Banned(&'static str),
+    #[error("scanner unavailable")]
+    ScannerUnavailable,
     #[error("origin redirected to a refused destination")]
     RedirectRefused,
     #[error("origin redirected from https to plain http")]
@@ -102,6 +106,7 @@ impl ProxyError {
             | RedirectRefused
             | RefusedUrl(_) => StatusCode::FORBIDDEN,
             UnknownVariant | NoRoute | NotFound => StatusCode::NOT_FOUND,
+            Banned(_) => StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS,
             UriTooLong => StatusCode::URI_TOO_LONG,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -110,7 +115,9 @@ impl ProxyError {
             OriginStatus(_) | OriginInvalid(_) | OriginUnreachable | InsecureRedirect
             | OriginTls(_) => StatusCode::BAD_GATEWAY,
             OriginTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Overloaded | StorageFull | MediaBusy => StatusCode::SERVICE_UNAVAILABLE,
+            Overloaded | StorageFull | MediaBusy | ScannerUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -128,6 +135,8 @@ impl ProxyError {
             BlockedDestination(_) => "blocked_destination",
             RefusedUrl(_) => "refused_url",
             BlockedDomain => "blocked_domain",
+            Banned(_) => "banned",
+            ScannerUnavailable => "scanner_unavailable",
             RedirectRefused => "redirect_refused",
             InsecureRedirect => "insecure_redirect",
             NotFound => "origin_not_found",
@@ -158,7 +167,11 @@ impl ProxyError {
             // The file did it: a decoder ran out of time or memory on it, or died.
             MediaTooCostly(_) => Cause::Origin,
             OriginUnreachable | OriginTimeout | OriginTls(_) => Cause::Origin,
-            Overloaded | StorageFull | MediaBusy | Internal(_) => Cause::Us,
+            // A ban is the operator's rule; it is looked up on every request, never cached as
+            // an origin failure, so lifting it applies at once.
+            Banned(_) | Overloaded | StorageFull | MediaBusy | ScannerUnavailable | Internal(_) => {
+                Cause::Us
+            }
         }
     }
 
@@ -175,6 +188,7 @@ impl ProxyError {
             BlockedDestination(_) => "destination not allowed",
             RefusedUrl(_) => "only http and https URLs without credentials",
             BlockedDomain => "domain blocked by this server's policy",
+            Banned(_) => "not available on this server",
             RedirectRefused => "destination not allowed",
             NotFound => "not found at origin",
             TooLarge => "object too large",
@@ -184,7 +198,9 @@ impl ProxyError {
             OriginStatus(_) | OriginInvalid(_) | OriginUnreachable | InsecureRedirect
             | OriginTls(_) => "origin failed",
             OriginTimeout => "origin timed out",
-            Overloaded | StorageFull | MediaBusy => "overloaded, try again later",
+            Overloaded | StorageFull | MediaBusy | ScannerUnavailable => {
+                "overloaded, try again later"
+            }
             Internal(_) => "internal error",
         }
     }

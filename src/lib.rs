@@ -51,6 +51,7 @@ pub mod config;
 pub mod error;
 pub mod fetch;
 pub mod media;
+pub mod moderation;
 pub mod policy;
 pub mod proxy;
 pub mod response;
@@ -211,11 +212,28 @@ impl Bound {
         let media = media_pool(&config, options.worker_exe, &metrics);
         let landlock = media.warm().await.map_err(StartError::Media)?;
         tracing::info!(workers = config.media.workers, landlock, "media workers sandboxed");
+        let scanner =
+            moderation::scanner::Scanner::from_config(&config.moderation).map_err(|e| {
+                StartError::Setup(error::ProxyError::internal(format!(
+                    "moderation.scanner_url: {e}"
+                )))
+            })?;
+        let log = moderation::log::ModerationLog::new(
+            config.moderation_log_path(),
+            metrics.moderation.clone(),
+        );
+        let moderation = moderation::Moderation::new(log, scanner);
         let proxy = Arc::new(
             proxy::Proxy::new(config, fetcher, audit, disk, index, metrics, media)
+                .with_moderation(moderation)
                 .with_shared(shared),
         );
         let entries = proxy.load_budget().await.map_err(StartError::Setup)?;
+        proxy.load_moderation().await.map_err(StartError::Setup)?;
+        if proxy.shared.is_some() {
+            let every = proxy.config.moderation.sync_interval.0;
+            tokio::spawn(proxy::Proxy::sync_bans(Arc::downgrade(&proxy), every));
+        }
         let (bytes, blobs) = proxy.budget.usage();
         tracing::info!(entries, blobs, bytes, "disk cache loaded");
         tokio::spawn(proxy::Proxy::maintain(Arc::downgrade(&proxy), started));

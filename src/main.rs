@@ -88,6 +88,10 @@ enum Command {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+        /// Summarise the moderation log instead (default: `moderation.log`): decisions by
+        /// rule and action.
+        #[arg(long)]
+        moderation: bool,
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -135,7 +139,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit { file, json, config } => {
+        Command::Audit { file, json, moderation: true, config } => {
+            let file = match file {
+                Some(f) => f,
+                None => load(config.as_deref())?.moderation_log_path(),
+            };
+            moderation_summary(&file, json)
+        }
+        Command::Audit { file, json, config, .. } => {
             let file = match file {
                 Some(f) => f,
                 None => load(config.as_deref())?.audit_path(),
@@ -352,6 +363,35 @@ fn audit(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
             "parasol: {} request(s) carried headers outside the allowlist",
             summary.violations.len()
         );
+        Ok(ExitCode::from(1))
+    }
+}
+
+/// `parasol audit --moderation`: decisions by rule and action; exit 1 on unreadable lines.
+fn moderation_summary(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot open {}", file.display())),
+    };
+    let summary = parasol::moderation::log::summarize(&text);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!("{:<12} {:<10} {:>9}", "rule", "action", "decisions");
+        for (rule, actions) in &summary.decisions {
+            for (action, n) in actions {
+                println!("{rule:<12} {action:<10} {n:>9}");
+            }
+        }
+        if let (Some(first), Some(last)) = (&summary.first, &summary.last) {
+            println!("from {first} to {last}");
+        }
+    }
+    if summary.unreadable_lines.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("parasol: lines {:?} are not moderation decisions", summary.unreadable_lines);
         Ok(ExitCode::from(1))
     }
 }

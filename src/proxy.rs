@@ -4,8 +4,11 @@
 //! A fill runs on its own task, so a viewer who disconnects cancels nothing for the others;
 //! every viewer asking for the same key meanwhile waits on that one fill.
 
+mod moderate;
 mod prepare;
 mod store;
+
+pub use moderate::BanReport;
 mod upkeep;
 
 pub(crate) use store::storage_error;
@@ -63,6 +66,8 @@ struct Received {
     content_type: &'static str,
     /// The host the bytes came from, when redirects led away from the source's host.
     final_host: Option<String>,
+    /// SHA-256 and MD5 of the origin's bytes, computed while a rule needs them.
+    digests: Option<crate::moderation::Digests>,
 }
 
 /// Where a received body waits to be stored: small ones in memory (written to disk in one
@@ -95,6 +100,8 @@ pub struct Proxy {
     pub media: MediaPool,
     /// Bytes held in memory by fills and media results (`media.inflight_bytes`).
     pub body_budget: InflightBudget,
+    /// Bans, hash lists and the scanner.
+    pub moderation: crate::moderation::Moderation,
     /// What is on disk and what to evict: `cache.disk_bytes` by S3-FIFO.
     pub budget: DiskBudget,
     /// Fills in progress. A std mutex: it is held only to look up or insert, never across await.
@@ -114,6 +121,11 @@ impl Proxy {
         metrics: Metrics,
         media: MediaPool,
     ) -> Self {
+        let log = crate::moderation::log::ModerationLog::new(
+            config.moderation_log_path(),
+            metrics.moderation.clone(),
+        );
+        let moderation = crate::moderation::Moderation::new(log, None);
         let negative = moka::future::Cache::builder()
             .max_capacity(100_000)
             .time_to_live(config.cache.negative_ttl.0.max(std::time::Duration::from_millis(1)))
@@ -124,6 +136,7 @@ impl Proxy {
                 .rasterizing_svg(config.media.svg == crate::config::SvgPolicy::Rasterize),
             budget: DiskBudget::new(config.cache.disk_bytes.0),
             media,
+            moderation,
             body_budget: InflightBudget::new(config.media.inflight_bytes.0),
             limits: FillLimits::new(
                 config.fetch.max_fills as usize,
@@ -141,6 +154,12 @@ impl Proxy {
         }
     }
 
+    /// Moderation with its scanner (the default has none).
+    pub fn with_moderation(mut self, moderation: crate::moderation::Moderation) -> Self {
+        self.moderation = moderation;
+        self
+    }
+
     pub fn with_shared(mut self, shared: Option<crate::cache::shared::SharedTier>) -> Self {
         self.shared = shared;
         self
@@ -156,6 +175,7 @@ impl Proxy {
         // Refused destinations and blocked domains are refused even when cached: a domain
         // blocked a second ago is not served from memory.
         self.fetcher.check_destination(&req.source).map_err(|e| (e, CacheStatus::Blocked))?;
+        self.moderation.check_request(&req.source).map_err(|e| (e, CacheStatus::Blocked))?;
         let key = req.key();
         let request = req.clone();
         let found = self
@@ -174,7 +194,11 @@ impl Proxy {
         // Bytes a redirect brought from a domain blocked since: refused like the domain.
         if let Some(host) = found.0.final_host.as_deref() {
             self.fetcher.policy().check(host).map_err(|e| (e, CacheStatus::Blocked))?;
+            self.moderation.check_host(host).map_err(|e| (e, CacheStatus::Blocked))?;
         }
+        // Content banned since it was cached (the ban purged it; this covers the moment
+        // between the two, and entries a slow fill published after it).
+        self.moderation.check_hash(&found.0.hash).map_err(|e| (e, CacheStatus::Blocked))?;
         Ok(found)
     }
 
@@ -278,7 +302,7 @@ impl Proxy {
     }
 
     /// The leader's work: the disk index first, then the origin.
-    async fn fill(&self, key: Key, req: &ProxyRequest, trigger: Trigger) -> FillResult {
+    async fn fill(self: &Arc<Self>, key: Key, req: &ProxyRequest, trigger: Trigger) -> FillResult {
         if let Some(entry) = self.load_from_disk(key).await? {
             self.memory.insert(key, entry.clone()).await;
             return Ok((entry, CacheStatus::HitDisk));
@@ -295,7 +319,7 @@ impl Proxy {
 
     /// Asks the shared bucket for `key` and stores what it has on this node. Any failure of
     /// the bucket is a miss here (counted and logged): the origin is asked instead.
-    async fn load_from_shared(&self, key: Key) -> Option<Arc<Entry>> {
+    async fn load_from_shared(self: &Arc<Self>, key: Key) -> Option<Arc<Entry>> {
         let shared = self.shared.as_ref()?;
         let outcome = match self.receive_shared(shared, key).await {
             Ok(Some((url, received))) => match self.vet_shared(received).await {
@@ -330,10 +354,17 @@ impl Proxy {
     /// A body from the bucket passes the preparation an origin's body gets (SVG drawn to PNG,
     /// metadata stripped, in a media worker). A node publishes only prepared bodies, so one
     /// that preparing would change, or that preparing refuses, did not come from a node.
-    async fn vet_shared(&self, r: Received) -> Result<Received, (blake3::Hash, String)> {
+    async fn vet_shared(self: &Arc<Self>, r: Received) -> Result<Received, (blake3::Hash, String)> {
         let hash = r.hash;
         match self.prepare(r).await {
-            Ok(prepared) if prepared.hash == hash => Ok(prepared),
+            Ok(mut prepared) if prepared.hash == hash => {
+                // Moderation holds for the bucket too: a banned file, or one the scanner has
+                // not seen on this node.
+                match self.moderate_prepared(&mut prepared, "shared bucket").await {
+                    Ok(()) => Ok(prepared),
+                    Err(e) => Err((hash, e.to_string())),
+                }
+            }
             Ok(_) => Err((hash, "not prepared (an SVG, or metadata left in)".into())),
             Err(e) => Err((hash, e.to_string())),
         }

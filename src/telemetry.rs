@@ -90,6 +90,7 @@ pub struct Metrics {
     pub renders: Counter,
     pub media_jobs: Family<OutcomeLabels, Counter>,
     pub media_running: Gauge,
+    pub moderation: Family<crate::moderation::log::ModerationLabels, Counter>,
     pub inflight_bytes: Gauge,
     pub blobs_dropped: Counter,
     pub shared: Family<SharedLabels, Counter>,
@@ -167,6 +168,13 @@ impl Metrics {
              full), starved (over the deadline without using the CPU), error",
             media_jobs.clone(),
         );
+        let moderation = Family::<crate::moderation::log::ModerationLabels, Counter>::default();
+        registry.register(
+            "moderation",
+            "Moderation decisions by rule (url, hash, sha256, domain, hash_list, scanner) and \
+             action (refused, purged, banned, lifted, allowed, unscanned)",
+            moderation.clone(),
+        );
         let media_running = Gauge::default();
         registry.register(
             "media_jobs_running",
@@ -196,6 +204,7 @@ impl Metrics {
             renders,
             media_jobs,
             media_running,
+            moderation,
             inflight_bytes,
             evictions,
             blobs_dropped,

@@ -21,6 +21,9 @@ use super::Key;
 
 const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
 
+/// Moderation bans by id (`kind:value`), as JSON: kept with the index so they survive restarts.
+const BANS: TableDefinition<&str, &[u8]> = TableDefinition::new("bans");
+
 /// What the index remembers of one cached rendition.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Record {
@@ -198,6 +201,7 @@ impl Index {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
         let txn = db.begin_write().map_err(err)?;
         txn.open_table(ENTRIES).map_err(err)?;
+        txn.open_table(BANS).map_err(err)?;
         txn.commit().map_err(err)?;
         let db = Arc::new(db);
         let (queue, writes) = std::sync::mpsc::channel();
@@ -214,6 +218,53 @@ impl Index {
         let (done, committed) = tokio::sync::oneshot::channel();
         self.writer.queue.send(Write { change, done }).map_err(|_| IndexError("closed".into()))?;
         committed.await.map_err(|_| IndexError("writer stopped".into()))?
+    }
+
+    /// Stores (or replaces) a ban, durably before it returns: bans are rare and must not be
+    /// lost to a crash.
+    pub async fn put_ban(&self, id: String, value: Vec<u8>) -> Result<(), IndexError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_write().map_err(err)?;
+            txn.open_table(BANS)
+                .map_err(err)?
+                .insert(id.as_str(), value.as_slice())
+                .map_err(err)?;
+            txn.commit().map_err(err)
+        })
+        .await
+        .map_err(err)?
+    }
+
+    /// Removes a ban; whether there was one.
+    pub async fn remove_ban(&self, id: String) -> Result<bool, IndexError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_write().map_err(err)?;
+            let removed =
+                txn.open_table(BANS).map_err(err)?.remove(id.as_str()).map_err(err)?.is_some();
+            txn.commit().map_err(err)?;
+            Ok(removed)
+        })
+        .await
+        .map_err(err)?
+    }
+
+    /// Every ban, as stored.
+    pub async fn bans(&self) -> Result<Vec<Vec<u8>>, IndexError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(err)?;
+            let table = txn.open_table(BANS).map_err(err)?;
+            let mut out = Vec::new();
+            for row in table.iter().map_err(err)? {
+                let (_, v) = row.map_err(err)?;
+                out.push(v.value().to_vec());
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(err)?
     }
 
     pub async fn get(&self, key: Key) -> Result<Option<Record>, IndexError> {

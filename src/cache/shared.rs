@@ -213,6 +213,53 @@ impl SharedTier {
         Ok(Some(record))
     }
 
+    fn ban_path(&self, id: &str) -> Path {
+        Path::from(format!("{}bans/{}", self.prefix, hex::encode(id)))
+    }
+
+    /// Publishes a ban so that every node learns it.
+    pub async fn put_ban(&self, ban: &crate::moderation::Ban) -> Result<(), SharedError> {
+        let mut shared = ban.clone();
+        shared.shared = true;
+        let value = serde_json::to_vec(&shared).map_err(|e| SharedError::Record(e.to_string()))?;
+        self.timed(self.store.put(&self.ban_path(&ban.id()), PutPayload::from(value))).await?;
+        Ok(())
+    }
+
+    /// Withdraws a ban from the bucket (every node lifts it at its next sync).
+    pub async fn delete_ban(&self, id: &str) -> Result<(), SharedError> {
+        match self.timed(self.store.delete(&self.ban_path(id))).await {
+            Ok(()) | Err(SharedError::Store(object_store::Error::NotFound { .. })) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every ban in the bucket. One that cannot be read is skipped (and logged).
+    pub async fn bans(&self) -> Result<Vec<crate::moderation::Ban>, SharedError> {
+        use futures_util::TryStreamExt;
+        let prefix = Path::from(format!("{}bans", self.prefix));
+        let listed: Vec<_> = self.timed(self.store.list(Some(&prefix)).try_collect()).await?;
+        let mut bans = Vec::with_capacity(listed.len());
+        for meta in listed {
+            let Some(raw) = self.get(&meta.location).await? else { continue };
+            match serde_json::from_slice::<crate::moderation::Ban>(&raw) {
+                Ok(ban) => bans.push(ban),
+                Err(e) => {
+                    tracing::warn!(object = %meta.location, error = %e, "unreadable ban in the shared bucket")
+                }
+            }
+        }
+        Ok(bans)
+    }
+
+    /// Deletes the blob `hash` (a banned file). Best effort, logged like any other failure.
+    pub async fn discard_blob(&self, hash: &blake3::Hash) {
+        match self.timed(self.store.delete(&self.blob_path(hash))).await {
+            Ok(()) | Err(SharedError::Store(object_store::Error::NotFound { .. })) => {}
+            Err(e) => self.warn("discard", &e),
+        }
+    }
+
     /// Deletes the record of `key` and the blob `hash` (a blob this node refused). Best
     /// effort: a failure is logged like any other.
     pub async fn discard(&self, key: &Key, hash: &blake3::Hash) {

@@ -23,7 +23,7 @@ impl Proxy {
     /// for a per-origin slot, headers, body); storing what arrived in time always runs to the
     /// end, so a deadline can never leave a blob on disk that the budget does not count.
     pub(super) async fn fetch_and_store(
-        &self,
+        self: &Arc<Self>,
         key: Key,
         req: &ProxyRequest,
         trigger: Trigger,
@@ -42,16 +42,10 @@ impl Proxy {
         let result = match result {
             // The origin's part is over: its fill slot goes back before a media worker sees
             // the body, so slow or stuck media jobs never hold fills from other viewers.
-            Ok((permit, received)) => match self
-                .prepare({
-                    drop(permit);
-                    received
-                })
-                .await
-            {
-                Ok(received) => self.store(key, req.source.as_str(), received).await,
-                Err(e) => Err(e),
-            },
+            Ok((permit, received)) => {
+                drop(permit);
+                self.moderate_and_store(key, req, received).await
+            }
             Err(e) => Err(e),
         };
         if let Err(ProxyError::StorageFull) = result {
@@ -65,6 +59,22 @@ impl Proxy {
             self.drop_victims(victims).await;
         }
         result
+    }
+
+    /// Moderation of the origin's bytes, preparation, moderation of the bytes to serve (the
+    /// scanner among it), then the store: nothing refused is stored or served.
+    async fn moderate_and_store(
+        self: &Arc<Self>,
+        key: Key,
+        req: &ProxyRequest,
+        received: Received,
+    ) -> Result<Arc<Entry>, ProxyError> {
+        let host = received.final_host.clone();
+        let host = host.as_deref().or(req.source.host_str()).unwrap_or_default();
+        self.moderate_received(&received, host).await?;
+        let mut prepared = self.prepare(received).await?;
+        self.moderate_prepared(&mut prepared, host).await?;
+        self.store(key, req.source.as_str(), prepared).await
     }
 
     /// Streams the origin's body into a temp blob while hashing, sniffing and counting; anything
@@ -124,7 +134,8 @@ impl Proxy {
         }
         // Small bodies (by their declared length, or so far) are held in memory while the
         // in-flight budget has room; others stream into a temp blob.
-        let mut sink = Sink::new(&self.disk, &self.body_budget);
+        let digests = self.moderation.wants_digests();
+        let mut sink = Sink::new(&self.disk, &self.body_budget).with_digests(digests);
         sink.start(declared).await.map_err(storage_error)?;
         let mut content_type = None;
         while let Some(chunk) = response.chunk().await.map_err(body_error)? {
@@ -159,7 +170,7 @@ impl Proxy {
         url: &str,
         r: Received,
     ) -> Result<Arc<Entry>, ProxyError> {
-        let Received { body, hash, len, content_type, final_host } = r;
+        let Received { body, hash, len, content_type, final_host, .. } = r;
         let (touch, victims) = self.budget.admit(*hash.as_bytes(), len, key);
         let record =
             Record::new(&hash, len, content_type, url).with_final_host(final_host.as_deref());
@@ -211,6 +222,8 @@ pub(crate) struct Sink {
     memory: Option<(Vec<u8>, Hold, usize)>,
     temp: Option<TempBlob>,
     hasher: blake3::Hasher,
+    /// SHA-256 and MD5 too, while a moderation rule needs them.
+    digester: Option<crate::moderation::Digester>,
     head: Vec<u8>,
     len: u64,
 }
@@ -223,9 +236,16 @@ impl Sink {
             memory: None,
             temp: None,
             hasher: blake3::Hasher::new(),
+            digester: None,
             head: Vec::with_capacity(SNIFF_LEN),
             len: 0,
         }
+    }
+
+    /// Also computes the digests moderation rules look for.
+    pub(crate) fn with_digests(mut self, on: bool) -> Self {
+        self.digester = on.then(crate::moderation::Digester::default);
+        self
     }
 
     /// Chooses memory or disk for a body of `declared` length (when known).
@@ -248,6 +268,9 @@ impl Sink {
         let take = SNIFF_LEN.saturating_sub(self.head.len()).min(chunk.len());
         self.head.extend_from_slice(&chunk[..take]);
         self.hasher.update(chunk);
+        if let Some(d) = &mut self.digester {
+            d.update(chunk);
+        }
         self.len += chunk.len() as u64;
         if let Some((held, _, most)) = &mut self.memory {
             if held.len() + chunk.len() <= *most {
@@ -286,6 +309,7 @@ impl Sink {
             len: self.len,
             content_type,
             final_host: None,
+            digests: self.digester.map(crate::moderation::Digester::finish),
         }
     }
 }

@@ -1,0 +1,261 @@
+//! Moderation in one place. parasol keys every blob by its content, so a rule about a file
+//! holds across every URL and every URL scheme (native, camo, Akkoma, Misskey, variants) that
+//! leads to it, including URLs never seen before:
+//!
+//! - **bans** made through the admin API, by URL, by content (blake3 or SHA-256) or by domain,
+//!   kept in the index (they survive restarts) and shared through the bucket (`[shared]`);
+//! - **hash lists** (`moderation.hash_lists`): SHA-256 and MD5 digests of known files, in the
+//!   forms shared lists come in;
+//! - an outside **scanner** (`moderation.scanner_url`) that sees each new original before it
+//!   is first served and can veto it ([`scanner`]).
+//!
+//! A request is checked before any lookup (URL, domain); a fill after hashing and before
+//! anything is stored or served (content: the origin's bytes and the bytes served); a hit by
+//! its content (a ban made since). Everything refused is 451 `banned`. Every decision is a line
+//! of the moderation log and a count in `parasol_moderation_total{rule,action}` ([`log`]).
+
+pub mod lists;
+pub mod log;
+pub mod scanner;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use crate::error::ProxyError;
+use lists::HashLists;
+
+/// What a ban names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum BanKind {
+    /// A canonical source URL.
+    Url,
+    /// The blake3 of a file's bytes (parasol's ETag): the origin's bytes or the served ones.
+    Hash,
+    /// The SHA-256 of the origin's bytes (the digest shared lists use).
+    Sha256,
+    /// A domain and its subdomains, as the source's host or where a redirect led.
+    Domain,
+}
+
+impl BanKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BanKind::Url => "url",
+            BanKind::Hash => "hash",
+            BanKind::Sha256 => "sha256",
+            BanKind::Domain => "domain",
+        }
+    }
+}
+
+/// One ban.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ban {
+    pub kind: BanKind,
+    /// The canonical URL, lowercase hex digest, or normalised domain.
+    pub value: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Learned from the shared bucket (lifted here when it is gone from there).
+    #[serde(default)]
+    pub shared: bool,
+}
+
+impl Ban {
+    /// A ban of `kind` on `value`, checked and put in its one spelling.
+    pub fn new(kind: BanKind, value: &str, reason: Option<String>) -> Result<Ban, String> {
+        let value = match kind {
+            BanKind::Url => crate::api::parse_source(value)
+                .map_err(|e| format!("url: {}", e.public_message()))?
+                .to_string(),
+            BanKind::Hash | BanKind::Sha256 => {
+                let hex = value.trim().to_ascii_lowercase();
+                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(format!("{}: 64 hex digits", kind.as_str()));
+                }
+                hex
+            }
+            BanKind::Domain => crate::policy::normalize_domain(value)
+                .ok_or_else(|| "domain: not a domain name".to_string())?,
+        };
+        if reason.as_ref().is_some_and(|r| r.len() > 500) {
+            return Err("reason: at most 500 bytes".into());
+        }
+        let created_at = crate::cache::evict::now_secs();
+        Ok(Ban { kind, value, reason, created_at, shared: false })
+    }
+
+    /// Its key in the index and the bucket.
+    pub fn id(&self) -> String {
+        format!("{}:{}", self.kind.as_str(), self.value)
+    }
+}
+
+/// Digests of the origin's bytes that lists and SHA-256 bans need; computed on a fill only
+/// while such a rule exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Digests {
+    pub sha256: [u8; 32],
+    pub md5: [u8; 16],
+}
+
+/// Computes [`Digests`] as the bytes arrive.
+#[derive(Clone, Default)]
+pub struct Digester {
+    sha256: sha2::Sha256,
+    md5: md5::Md5,
+}
+
+impl Digester {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.sha256.update(bytes);
+        self.md5.update(bytes);
+    }
+
+    pub fn finish(self) -> Digests {
+        Digests { sha256: self.sha256.finalize().into(), md5: self.md5.finalize().into() }
+    }
+}
+
+/// The rules in force, swapped whole when they change, so a check never waits on a writer.
+#[derive(Default)]
+struct Rules {
+    urls: HashSet<String>,
+    hashes: HashSet<[u8; 32]>,
+    sha256: HashSet<[u8; 32]>,
+    domains: Vec<String>,
+    lists: Arc<HashLists>,
+}
+
+/// The moderation state of a running proxy.
+pub struct Moderation {
+    rules: RwLock<Arc<Rules>>,
+    /// Every ban, by id; the source of `rules`.
+    bans: std::sync::Mutex<BTreeMap<String, Ban>>,
+    pub log: log::ModerationLog,
+    pub scanner: Option<scanner::Scanner>,
+}
+
+impl Moderation {
+    pub fn new(log: log::ModerationLog, scanner: Option<scanner::Scanner>) -> Self {
+        Self { rules: RwLock::default(), bans: std::sync::Mutex::default(), log, scanner }
+    }
+
+    fn rules(&self) -> Arc<Rules> {
+        self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the bans in force (at start, from the index).
+    pub fn set_bans(&self, bans: impl IntoIterator<Item = Ban>) {
+        let mut all = self.bans.lock().unwrap_or_else(|p| p.into_inner());
+        *all = bans.into_iter().map(|b| (b.id(), b)).collect();
+        self.rebuild(&all);
+    }
+
+    /// Adds (or replaces) a ban. Whether it is new.
+    pub fn add(&self, ban: Ban) -> bool {
+        let mut all = self.bans.lock().unwrap_or_else(|p| p.into_inner());
+        let new = all.insert(ban.id(), ban).is_none();
+        self.rebuild(&all);
+        new
+    }
+
+    /// Lifts the ban `id`; the ban, if there was one.
+    pub fn lift(&self, id: &str) -> Option<Ban> {
+        let mut all = self.bans.lock().unwrap_or_else(|p| p.into_inner());
+        let lifted = all.remove(id);
+        self.rebuild(&all);
+        lifted
+    }
+
+    pub fn bans(&self) -> Vec<Ban> {
+        self.bans.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Replaces the hash lists.
+    pub fn set_lists(&self, lists: HashLists) {
+        let all = self.bans.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rules = self.build(&all);
+        rules.lists = Arc::new(lists);
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
+    }
+
+    pub fn lists(&self) -> Arc<HashLists> {
+        self.rules().lists.clone()
+    }
+
+    fn rebuild(&self, all: &BTreeMap<String, Ban>) {
+        let mut rules = self.build(all);
+        rules.lists = self.rules().lists.clone();
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
+    }
+
+    fn build(&self, all: &BTreeMap<String, Ban>) -> Rules {
+        let mut rules = Rules::default();
+        let hex32 = |v: &str| -> Option<[u8; 32]> { hex::decode(v).ok()?.try_into().ok() };
+        for ban in all.values() {
+            match ban.kind {
+                BanKind::Url => {
+                    rules.urls.insert(ban.value.clone());
+                }
+                BanKind::Hash => rules.hashes.extend(hex32(&ban.value)),
+                BanKind::Sha256 => rules.sha256.extend(hex32(&ban.value)),
+                BanKind::Domain => rules.domains.push(ban.value.clone()),
+            }
+        }
+        rules
+    }
+
+    /// Before any lookup: the source URL and its host.
+    pub fn check_request(&self, source: &url::Url) -> Result<(), ProxyError> {
+        let rules = self.rules();
+        if rules.urls.contains(source.as_str()) {
+            return Err(ProxyError::Banned("url"));
+        }
+        self.check_host_in(&rules, source.host_str().unwrap_or_default())
+    }
+
+    /// A host the bytes came from (the source's, or where a redirect led).
+    pub fn check_host(&self, host: &str) -> Result<(), ProxyError> {
+        self.check_host_in(&self.rules(), host)
+    }
+
+    fn check_host_in(&self, rules: &Rules, host: &str) -> Result<(), ProxyError> {
+        if rules.domains.iter().any(|d| crate::policy::covers(d, host)) {
+            return Err(ProxyError::Banned("domain"));
+        }
+        Ok(())
+    }
+
+    /// Content, by its blake3.
+    pub fn check_hash(&self, hash: &blake3::Hash) -> Result<(), ProxyError> {
+        if self.rules().hashes.contains(hash.as_bytes()) {
+            return Err(ProxyError::Banned("hash"));
+        }
+        Ok(())
+    }
+
+    /// Whether a fill must compute [`Digests`] (a SHA-256 ban or a hash list exists).
+    pub fn wants_digests(&self) -> bool {
+        let rules = self.rules();
+        !rules.sha256.is_empty() || !rules.lists.is_empty()
+    }
+
+    /// The origin's bytes, by their digests; the rule that refuses them, if any.
+    pub fn check_digests(&self, digests: &Digests) -> Result<(), ProxyError> {
+        let rules = self.rules();
+        if rules.sha256.contains(&digests.sha256) {
+            return Err(ProxyError::Banned("sha256"));
+        }
+        if rules.lists.contains(digests) {
+            return Err(ProxyError::Banned("hash_list"));
+        }
+        Ok(())
+    }
+}

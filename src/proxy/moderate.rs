@@ -1,0 +1,316 @@
+//! The proxy's side of moderation: making and lifting bans (kept in the index, purged from
+//! every tier, shared through the bucket), checking each fill before it is stored, loading hash
+//! lists and finding what they match among files already cached.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::{Proxy, PurgeReport, Received};
+use crate::error::ProxyError;
+use crate::moderation::lists::HashLists;
+use crate::moderation::scanner::Verdict;
+use crate::moderation::{Ban, BanKind, Digester};
+
+/// What a ban did.
+#[derive(Debug, Clone, Serialize)]
+pub struct BanReport {
+    pub ban: Ban,
+    pub purged: PurgeReport,
+    /// A SHA-256 ban is matched against cached files by reading them, in the background:
+    /// what it purges is in the moderation log.
+    pub scanning: bool,
+}
+
+impl Proxy {
+    /// Puts `ban` in force: kept in the index, purged from memory, disk and (for its content)
+    /// the bucket, shared with other nodes, logged.
+    pub async fn ban(self: &Arc<Self>, mut ban: Ban) -> Result<BanReport, ProxyError> {
+        // Published first: once the bucket has it, the bucket governs it (a node lifting it
+        // lifts it everywhere). One that could not be published is published at the next sync.
+        if let (Some(shared), false) = (&self.shared, ban.shared) {
+            match shared.put_ban(&ban).await {
+                Ok(()) => ban.shared = true,
+                Err(e) => shared.warn("ban", &e),
+            }
+        }
+        let value = serde_json::to_vec(&ban).map_err(ProxyError::internal)?;
+        self.index.put_ban(ban.id(), value).await.map_err(ProxyError::internal)?;
+        self.moderation.add(ban.clone());
+        let hash =
+            (ban.kind == BanKind::Hash).then(|| blake3::Hash::from_hex(&ban.value).ok()).flatten();
+        let reason = ban.reason.as_deref();
+        self.moderation.log.record(ban.kind.as_str(), "banned", hash.as_ref(), None, reason).await;
+        let purged = self.purge_banned(&ban).await?;
+        if purged.entries > 0 {
+            self.moderation
+                .log
+                .record(ban.kind.as_str(), "purged", hash.as_ref(), None, reason)
+                .await;
+        }
+        let scanning = ban.kind == BanKind::Sha256;
+        if scanning {
+            self.scan_cached();
+        }
+        Ok(BanReport { ban, purged, scanning })
+    }
+
+    /// Lifts the ban `id` here and in the bucket; the ban, if there was one.
+    pub async fn lift(&self, id: &str) -> Result<Option<Ban>, ProxyError> {
+        self.index.remove_ban(id.to_string()).await.map_err(ProxyError::internal)?;
+        let Some(ban) = self.moderation.lift(id) else { return Ok(None) };
+        self.moderation.log.record(ban.kind.as_str(), "lifted", None, None, None).await;
+        if let Some(shared) = &self.shared {
+            if let Err(e) = shared.delete_ban(id).await {
+                shared.warn("ban", &e);
+            }
+        }
+        Ok(Some(ban))
+    }
+
+    /// Removes what `ban` covers from every tier.
+    async fn purge_banned(&self, ban: &Ban) -> Result<PurgeReport, ProxyError> {
+        match ban.kind {
+            BanKind::Url => {
+                let url = ban.value.clone();
+                self.purge(move |r| r.url == url).await
+            }
+            BanKind::Domain => {
+                let domain = ban.value.clone();
+                self.purge(move |r| {
+                    let (source, landed) = r.hosts();
+                    source.is_some_and(|h| crate::policy::covers(&domain, &h))
+                        || landed.is_some_and(|h| crate::policy::covers(&domain, h))
+                })
+                .await
+            }
+            BanKind::Hash => match blake3::Hash::from_hex(&ban.value) {
+                Ok(hash) => self.purge_content(&hash).await,
+                Err(_) => Ok(PurgeReport::default()),
+            },
+            BanKind::Sha256 => Ok(PurgeReport::default()),
+        }
+    }
+
+    /// Removes the file `hash` wherever it is, and every rendition made from it: the entries
+    /// naming it, then every entry of the same source URLs.
+    pub async fn purge_content(&self, hash: &blake3::Hash) -> Result<PurgeReport, ProxyError> {
+        let hex = hash.to_hex().to_string();
+        let urls = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let seen = urls.clone();
+        let mut report = self
+            .purge(move |r| {
+                let hit = r.hash == hex;
+                if hit {
+                    seen.lock().unwrap_or_else(|p| p.into_inner()).insert(r.url.clone());
+                }
+                hit
+            })
+            .await?;
+        let urls = std::mem::take(&mut *urls.lock().unwrap_or_else(|p| p.into_inner()));
+        if !urls.is_empty() {
+            let renditions = self.purge(move |r| urls.contains(&r.url)).await?;
+            report.entries += renditions.entries;
+            report.blobs += renditions.blobs;
+            report.bytes += renditions.bytes;
+        }
+        if let Some(shared) = &self.shared {
+            shared.discard_blob(hash).await;
+        }
+        Ok(report)
+    }
+
+    /// At start: the bans kept in the index, and the configured hash lists (whose matches
+    /// among cached files are then looked for in the background).
+    pub async fn load_moderation(self: &Arc<Self>) -> Result<(), ProxyError> {
+        let stored = self.index.bans().await.map_err(ProxyError::internal)?;
+        let bans: Vec<Ban> =
+            stored.iter().filter_map(|raw| serde_json::from_slice(raw).ok()).collect();
+        self.moderation.set_bans(bans);
+        self.reload_lists(&self.config.moderation.hash_lists.clone()).await?;
+        Ok(())
+    }
+
+    /// Reads the hash lists `paths` and puts them in force; matches among cached files are
+    /// purged in the background. Digests held (SHA-256, MD5).
+    pub async fn reload_lists(
+        self: &Arc<Self>,
+        paths: &[std::path::PathBuf],
+    ) -> Result<(usize, usize), ProxyError> {
+        let paths = paths.to_vec();
+        let lists = tokio::task::spawn_blocking(move || HashLists::load(&paths))
+            .await
+            .map_err(ProxyError::internal)?
+            .map_err(ProxyError::internal)?;
+        let len = lists.len();
+        if lists.skipped > 0 {
+            tracing::warn!(skipped = lists.skipped, "hash list lines that are not digests");
+        }
+        let any = !lists.is_empty();
+        self.moderation.set_lists(lists);
+        tracing::info!(sha256 = len.0, md5 = len.1, "hash lists loaded");
+        if any {
+            self.scan_cached();
+        }
+        Ok(len)
+    }
+
+    /// Reads every cached file and purges those a SHA-256 ban or a hash list now matches.
+    /// In the background, one file at a time: it reads the whole cache once.
+    fn scan_cached(self: &Arc<Self>) {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let Some(proxy) = this.upgrade() else { return };
+            let Ok(records) = proxy.index.all().await else { return };
+            let mut done = std::collections::HashSet::new();
+            for (_, record) in records {
+                let Some(hash) = record.blake3() else { continue };
+                if !done.insert(hash) {
+                    continue;
+                }
+                let path = proxy.disk.path(&hash);
+                let digests = tokio::task::spawn_blocking(move || {
+                    use std::io::Read;
+                    let mut file = std::fs::File::open(path).ok()?;
+                    let (mut digester, mut buf) = (Digester::default(), vec![0u8; 1 << 16]);
+                    loop {
+                        match file.read(&mut buf) {
+                            Ok(0) => return Some(digester.finish()),
+                            Ok(n) => digester.update(&buf[..n]),
+                            Err(_) => return None,
+                        }
+                    }
+                })
+                .await
+                .ok()
+                .flatten();
+                let Some(digests) = digests else { continue };
+                if let Err(ProxyError::Banned(rule)) = proxy.moderation.check_digests(&digests) {
+                    let (host, _) = record.hosts();
+                    let _ = proxy.purge_content(&hash).await;
+                    proxy
+                        .moderation
+                        .log
+                        .record(rule, "purged", Some(&hash), host.as_deref(), None)
+                        .await;
+                }
+            }
+        });
+    }
+
+    /// The checks of a fill's bytes as the origin sent them, before anything is prepared or
+    /// stored: a content ban of those bytes, SHA-256 bans, hash lists.
+    pub(super) async fn moderate_received(
+        &self,
+        r: &Received,
+        host: &str,
+    ) -> Result<(), ProxyError> {
+        let verdict = self.moderation.check_hash(&r.hash).and_then(|()| match &r.digests {
+            Some(digests) => self.moderation.check_digests(digests),
+            None => Ok(()),
+        });
+        if let Err(ProxyError::Banned(rule)) = &verdict {
+            self.moderation.log.record(rule, "refused", Some(&r.hash), Some(host), None).await;
+        }
+        verdict
+    }
+
+    /// The checks of the bytes about to be stored and served: a content ban, then the
+    /// scanner (once per file), whose no becomes a content ban.
+    pub(super) async fn moderate_prepared(
+        self: &Arc<Self>,
+        r: &mut Received,
+        host: &str,
+    ) -> Result<(), ProxyError> {
+        if let Err(e) = self.moderation.check_hash(&r.hash) {
+            self.moderation.log.record("hash", "refused", Some(&r.hash), Some(host), None).await;
+            return Err(e);
+        }
+        let Some(scanner) = &self.moderation.scanner else { return Ok(()) };
+        let scannable =
+            r.content_type.starts_with("image/") || r.content_type.starts_with("video/");
+        if !scannable || scanner.known_allowed(&r.hash).await {
+            return Ok(());
+        }
+        let input = r.input().await.map_err(super::storage_error)?;
+        match scanner.scan(&r.hash, r.content_type, host, input).await {
+            Verdict::Allowed => {
+                self.moderation
+                    .log
+                    .record("scanner", "allowed", Some(&r.hash), Some(host), None)
+                    .await;
+                Ok(())
+            }
+            Verdict::Refused(status) => {
+                let reason = format!("scanner answered {status}");
+                if let Ok(ban) = Ban::new(BanKind::Hash, &r.hash.to_hex(), Some(reason.clone())) {
+                    if let Err(e) = self.ban(ban).await {
+                        tracing::error!(error = %e, "cannot keep the scanner's ban");
+                    }
+                }
+                self.moderation
+                    .log
+                    .record("scanner", "refused", Some(&r.hash), Some(host), Some(&reason))
+                    .await;
+                Err(ProxyError::Banned("scanner"))
+            }
+            Verdict::Unavailable(why) => {
+                tracing::warn!(why, "moderation scanner unavailable");
+                self.moderation
+                    .log
+                    .record("scanner", "unscanned", Some(&r.hash), Some(host), Some(&why))
+                    .await;
+                match scanner.fail {
+                    crate::config::ScannerFail::Open => Ok(()),
+                    crate::config::ScannerFail::Closed => Err(ProxyError::ScannerUnavailable),
+                }
+            }
+        }
+    }
+
+    /// Keeps this node's bans and the bucket's in step until the proxy is dropped: bans from
+    /// the bucket are put in force (and purged here), bans learned from it that are gone from
+    /// it are lifted, and this node's own bans missing from it are published again.
+    pub async fn sync_bans(this: std::sync::Weak<Proxy>, every: std::time::Duration) {
+        loop {
+            let Some(proxy) = this.upgrade() else { return };
+            let Some(shared) = proxy.shared.clone() else { return };
+            match shared.bans().await {
+                Ok(remote) => {
+                    let remote_ids: std::collections::HashSet<String> =
+                        remote.iter().map(Ban::id).collect();
+                    let local = proxy.moderation.bans();
+                    let local_ids: std::collections::HashSet<String> =
+                        local.iter().map(Ban::id).collect();
+                    for ban in remote.into_iter().filter(|b| !local_ids.contains(&b.id())) {
+                        if let Err(e) = proxy.ban(ban).await {
+                            tracing::error!(error = %e, "cannot apply a ban from the shared bucket");
+                        }
+                    }
+                    for ban in local.into_iter().filter(|b| !remote_ids.contains(&b.id())) {
+                        if ban.shared {
+                            let _ = proxy.lift_here(&ban.id()).await;
+                        } else if let Err(e) = proxy.ban(ban).await {
+                            tracing::error!(error = %e, "cannot publish a ban");
+                        }
+                    }
+                }
+                Err(e) => shared.warn("bans", &e),
+            }
+            drop(proxy);
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Lifts a ban on this node only (the bucket no longer has it).
+    async fn lift_here(&self, id: &str) -> Result<(), ProxyError> {
+        self.index.remove_ban(id.to_string()).await.map_err(ProxyError::internal)?;
+        if let Some(ban) = self.moderation.lift(id) {
+            self.moderation
+                .log
+                .record(ban.kind.as_str(), "lifted", None, None, Some("shared"))
+                .await;
+        }
+        Ok(())
+    }
+}
