@@ -175,7 +175,10 @@ impl Proxy {
         // Refused destinations and blocked domains are refused even when cached: a domain
         // blocked a second ago is not served from memory.
         self.fetcher.check_destination(&req.source).map_err(|e| (e, CacheStatus::Blocked))?;
-        self.moderation.check_request(&req.source).map_err(|e| (e, CacheStatus::Blocked))?;
+        if let Err(e) = self.moderation.check_request(&req.source) {
+            self.log_refusal(&e, None, req.source.host_str()).await;
+            return Err((e, CacheStatus::Blocked));
+        }
         let key = req.key();
         let request = req.clone();
         let found = self
@@ -194,12 +197,23 @@ impl Proxy {
         // Bytes a redirect brought from a domain blocked since: refused like the domain.
         if let Some(host) = found.0.final_host.as_deref() {
             self.fetcher.policy().check(host).map_err(|e| (e, CacheStatus::Blocked))?;
-            self.moderation.check_host(host).map_err(|e| (e, CacheStatus::Blocked))?;
         }
-        // Content banned since it was cached (the ban purged it; this covers the moment
-        // between the two, and entries a slow fill published after it).
-        self.moderation.check_hash(&found.0.hash).map_err(|e| (e, CacheStatus::Blocked))?;
+        // Banned since it was cached (the ban purged it; this covers the moment between the
+        // two, and entries a slow fill published after it).
+        let host = found.0.final_host.as_deref().or(req.source.host_str());
+        let banned = host.map_or(Ok(()), |h| self.moderation.check_host(h));
+        if let Err(e) = banned.and_then(|()| self.moderation.check_hash(&found.0.hash)) {
+            self.log_refusal(&e, Some(&found.0.hash), host).await;
+            return Err((e, CacheStatus::Blocked));
+        }
         Ok(found)
+    }
+
+    /// A viewer's request refused by a ban: one line of the moderation log.
+    async fn log_refusal(&self, e: &ProxyError, hash: Option<&blake3::Hash>, host: Option<&str>) {
+        if let ProxyError::Banned(rule) = e {
+            self.moderation.log.record(rule, "refused", hash, host, None).await;
+        }
     }
 
     /// Whether `req` is held in memory or on disk (no fill needed).

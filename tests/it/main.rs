@@ -8,6 +8,7 @@ mod dns;
 mod durability;
 mod hostile;
 mod media;
+mod moderation;
 mod privacy;
 mod proxy;
 mod recipes;

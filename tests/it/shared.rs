@@ -288,3 +288,57 @@ async fn a_planted_blob_in_the_bucket_is_prepared_refused_and_deleted() {
     assert_eq!(record["hash"], blake3::hash(&png).to_hex().to_string(), "repaired");
     b.stop().await;
 }
+
+/// A ban made on one node reaches every node through the bucket: the other node purges its
+/// copy and refuses the file; a lift travels the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(has_s3s), ignore = "needs s3s-fs: cargo install s3s-fs@0.14.1 --features binary")]
+async fn bans_reach_every_node_through_the_bucket() {
+    let s3 = S3::start().await;
+    let origin = Origin::start("127.0.0.23").await;
+    let png = png_bytes(8_000, 98);
+    origin.route("/b.png", Route::ok(png.clone()));
+    let config = |dir: &std::path::Path| {
+        let extra = format!("{}[moderation]\nsync_interval = \"200ms\"\n", s3.config());
+        let toml = config_toml(dir, &["127.0.0.23/32"], &extra);
+        parasol::Config::from_sources("test", &toml, std::iter::empty()).unwrap()
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Parasol::start(config(dir_a.path())).await;
+    let b = Parasol::start(config(dir_b.path())).await;
+    let url = origin.url("/b.png");
+    assert_eq!(get(&b.url(&url)).await.status(), 200, "B has it");
+    let b_ref = &b;
+    assert!(eventually_async(|| async move { b_ref.metric(PUBLISHED).await == 1 }).await);
+    let hash = blake3::hash(&png).to_hex().to_string();
+    let in_bucket = s3.object(&format!("parasol/blobs/{hash}"));
+    assert!(in_bucket.exists());
+    let ban = client()
+        .post(a.admin_url("/admin/ban"))
+        .bearer_auth(ADMIN_TOKEN)
+        .body(format!("{{\"hash\": \"{hash}\", \"reason\": \"reported on A\"}}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ban.status(), 200);
+    assert!(!in_bucket.exists(), "A deleted it from the bucket");
+    assert!(eventually(|| b.blob_count() == 0).await, "B purged its copy");
+    let r = get(&b.url(&url)).await;
+    assert_eq!(r.status(), 451, "and refuses it");
+    let bans = get(&b.admin_url("/admin/bans")).await;
+    assert_eq!(bans.status(), 401, "the list needs the token");
+    let lift = client()
+        .delete(a.admin_url("/admin/ban"))
+        .bearer_auth(ADMIN_TOKEN)
+        .body(format!("{{\"hash\": \"{hash}\"}}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lift.status(), 200);
+    let url_ref = &url;
+    let lifted =
+        eventually_async(|| async move { get(&b_ref.url(url_ref)).await.status() == 200 }).await;
+    assert!(lifted, "the lift reached B too");
+    a.stop().await;
+    b.stop().await;
+}
