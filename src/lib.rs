@@ -23,6 +23,8 @@
 //!   hands media work to the worker pool, `proxy/upkeep.rs` purges, evicts and runs upkeep.
 //! - [`response`]: 200/206/304/416 and error responses from an entry.
 //! - [`server`]: accept loops, graceful shutdown, viewer routing; [`admin`]: probes, metrics.
+//! - [`moderation`]: bans (kept in the index, shared through the bucket), hash lists, the
+//!   scanner's veto, the moderation log; `proxy/moderate.rs` applies them to fills and hits.
 //! - [`audit`]: the outbound request log. [`telemetry`]: logging and metric names.
 //!
 //! # Request lifecycle
