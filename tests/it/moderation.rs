@@ -195,6 +195,21 @@ async fn a_hash_list_refuses_new_files_and_purges_cached_ones() {
     assert_eq!(get(&p.url(&origin.url("/fine.png"))).await.status(), 200);
     let listed = "parasol_moderation_total{rule=\"hash_list\",action=\"refused\"}";
     assert_eq!(p.metric(listed).await, 3);
+
+    // A SHA-256 ban through the admin API works the same way: the cached file is found by
+    // reading it, purged, and refused from then on.
+    let fine = png_bytes(5_000, 722);
+    let fine_sha = hex::encode(sha2::Sha256::digest(&fine));
+    let r = client()
+        .post(p.admin_url("/admin/ban"))
+        .bearer_auth(ADMIN_TOKEN)
+        .body(format!("{{\"sha256\": \"{fine_sha}\"}}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(eventually(|| p.blob_count() == 0).await, "found among cached files and purged");
+    assert!(refused(&get(&p.url(&origin.url("/fine.png"))).await));
     p.stop().await;
 }
 
