@@ -503,6 +503,20 @@ async fn a_viewer_who_stops_reading_is_cut_at_the_send_deadline() {
     p.stop().await;
 }
 
+/// Reads a request's head from `stream` and returns the number its path starts with
+/// (`GET /17.png` is 17), or `None` when the request never arrives whole.
+async fn requested_number(stream: &mut TcpStream) -> Option<u64> {
+    let (mut head, mut buf) = (Vec::new(), [0u8; 4096]);
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&head).to_string();
+    Some(line.split(['/', '.']).nth(1).and_then(|s| s.parse().ok()).unwrap_or(0))
+}
+
 /// Twenty fills of 900 KB at once, each stalled halfway until the test lets the origin finish:
 /// with `media.inflight_bytes` at 2 MiB only two bodies wait in memory and the rest stream to
 /// temp blobs on disk; with the default budget all twenty are held in memory. Either way every
@@ -519,16 +533,7 @@ async fn bodies_held_in_memory_stay_within_the_inflight_budget() {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let mut released = released.clone();
                 tokio::spawn(async move {
-                    let (mut head, mut buf) = (Vec::new(), [0u8; 4096]);
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let line = String::from_utf8_lossy(&head).to_string();
-                    let seed: u64 =
-                        line.split(['/', '.']).nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+                    let Some(seed) = requested_number(&mut stream).await else { return };
                     let body = png_bytes(LEN, seed);
                     let head = format!(
                         "HTTP/1.1 200 OK\r\ncontent-length: {LEN}\r\nconnection: close\r\n\r\n"
@@ -580,16 +585,7 @@ async fn small_chunked_bodies_cost_their_size_in_memory() {
     let origin = tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let (mut head, mut buf) = (Vec::new(), [0u8; 4096]);
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let line = String::from_utf8_lossy(&head).to_string();
-                let seed: u64 =
-                    line.split(['/', '.']).nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+                let Some(seed) = requested_number(&mut stream).await else { return };
                 let mut body = b"GIF89a".to_vec();
                 body.extend_from_slice(&png_bytes(194, seed)[..]);
                 // `chunked` makes the head (transfer-encoding: chunked) and the chunks; one
