@@ -297,11 +297,19 @@ pub struct VariantConfig {
     pub format: VariantFormat,
     /// WebP and JPEG quality, 1–100.
     pub quality: u8,
+    /// WebP without loss (pixels exact, files several times larger); off: lossy at `quality`.
+    pub lossless: bool,
 }
 
 impl Default for VariantConfig {
     fn default() -> Self {
-        Self { width: None, height: None, format: VariantFormat::Webp, quality: 80 }
+        Self {
+            width: None,
+            height: None,
+            format: VariantFormat::Webp,
+            quality: 80,
+            lossless: false,
+        }
     }
 }
 

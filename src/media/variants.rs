@@ -90,8 +90,21 @@ pub fn render(
             image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, spec.quality)
                 .write_image(dst.buffer(), tw, th, color)
         }
-        VariantFormat::Webp => image::codecs::webp::WebPEncoder::new_lossless(&mut bytes)
-            .write_image(dst.buffer(), tw, th, color),
+        VariantFormat::Webp if spec.lossless => image::codecs::webp::WebPEncoder::new_lossless(
+            &mut bytes,
+        )
+        .write_image(dst.buffer(), tw, th, color),
+        // Lossy, at the preset's quality, by libwebp (the encoder the field uses; built from
+        // source by libwebp-sys, and run only here, inside a media worker).
+        VariantFormat::Webp => {
+            let encoder = if keep_alpha {
+                webp::Encoder::from_rgba(dst.buffer(), tw, th)
+            } else {
+                webp::Encoder::from_rgb(dst.buffer(), tw, th)
+            };
+            bytes = encoder.encode(f32::from(spec.quality)).to_vec();
+            Ok(())
+        }
     };
     encoded.map_err(|_| ProxyError::internal("encode failed"))?;
     let content_type = spec.format.mime_type();
@@ -129,7 +142,7 @@ mod tests {
 
     fn spec(w: Option<u32>, h: Option<u32>, format: &str) -> VariantConfig {
         let format = serde_json::from_value(serde_json::json!(format)).unwrap();
-        VariantConfig { width: w, height: h, format, quality: 80 }
+        VariantConfig { width: w, height: h, format, quality: 80, lossless: false }
     }
 
     #[test]

@@ -259,3 +259,35 @@ async fn svg_is_rasterised_never_served_as_is_or_refused_by_config() {
     assert_eq!(get(&p.url(&origin.url("/logo.svg"))).await.status(), 415);
     p.stop().await;
 }
+
+/// The WebP chunk that holds the picture: `VP8 ` (lossy) or `VP8L` (lossless).
+fn webp_kind(bytes: &[u8]) -> &[u8] {
+    assert!(bytes.starts_with(b"RIFF") && &bytes[8..12] == b"WEBP", "a WebP file");
+    &bytes[12..16]
+}
+
+/// WebP presets are lossy at their quality (a timeline's worth of avatars is most of its
+/// bandwidth); a preset may ask for lossless.
+#[tokio::test]
+async fn webp_renditions_are_lossy_unless_asked_otherwise() {
+    let origin = Origin::start("127.0.0.17").await;
+    // A photo-like picture: gradients and texture, as a camera's would have.
+    let img = RgbImage::from_fn(1600, 1200, |x, y| {
+        Rgb([(x / 7) as u8, (y / 5) as u8, ((x * 7 + y * 13) % 251) as u8])
+    });
+    origin.route("/photo.jpg", Route::ok(encode(&DynamicImage::ImageRgb8(img), ImageFormat::Jpeg)));
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[variants.exact]\nwidth = 320\nheight = 320\nformat = \"webp\"\nlossless = true\n";
+    let toml = config_toml(dir.path(), &["127.0.0.17/32"], extra);
+    let p = Parasol::start(parasol::Config::from_sources("t", &toml, std::iter::empty()).unwrap())
+        .await;
+    let avatar = body(get(&variant_url(&p, &origin.url("/photo.jpg"), "avatar")).await).await;
+    let exact = body(get(&variant_url(&p, &origin.url("/photo.jpg"), "exact")).await).await;
+    assert_eq!(webp_kind(&avatar), b"VP8 ", "lossy");
+    assert_eq!(webp_kind(&exact), b"VP8L", "lossless where asked");
+    let (_, a) = decoded(&avatar);
+    assert_eq!((a.width(), a.height()), (320, 240));
+    eprintln!("avatar of 1600x1200: lossy {} bytes, lossless {} bytes", avatar.len(), exact.len());
+    assert!(avatar.len() * 3 < exact.len(), "{} vs {}", avatar.len(), exact.len());
+    p.stop().await;
+}
