@@ -88,6 +88,11 @@ pub struct Entry {
     /// The host the bytes came from when a redirect led away from the source's host; a hit
     /// is refused once the domain policy blocks it.
     pub final_host: Option<std::sync::Arc<str>>,
+    /// The blake3 of the origin's bytes when they are not the bytes served (a ban of either
+    /// refuses the entry).
+    pub origin_blake3: Option<blake3::Hash>,
+    /// What is known of the origin's bytes (for the record the shared bucket gets).
+    pub origin: Option<std::sync::Arc<index::OriginDigests>>,
 }
 
 /// Cache-Control of every successful response: the bytes behind a URL never change, because a
@@ -109,7 +114,25 @@ impl Entry {
         headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
         headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-        Self { hash, len, content_type, headers, body, touch: None, final_host: None }
+        Self {
+            hash,
+            len,
+            content_type,
+            headers,
+            body,
+            touch: None,
+            final_host: None,
+            origin_blake3: None,
+            origin: None,
+        }
+    }
+
+    pub fn with_origin(mut self, origin: Option<&index::OriginDigests>) -> Self {
+        let hex = origin.map(|o| o.blake3.as_str());
+        self.origin_blake3 =
+            hex.and_then(|h| blake3::Hash::from_hex(h).ok()).filter(|h| *h != self.hash);
+        self.origin = origin.cloned().map(std::sync::Arc::new);
+        self
     }
 
     pub fn with_final_host(mut self, host: Option<&str>) -> Self {

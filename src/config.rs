@@ -59,6 +59,10 @@ pub struct ModerationConfig {
     pub sync_interval: Dur,
     /// JSON lines of every moderation decision; default `<cache.dir>/moderation.jsonl`.
     pub log: Option<PathBuf>,
+    /// Compute SHA-256 and MD5 of every fill's origin bytes and keep them in the index, not
+    /// only while a list or a SHA-256 ban exists, so that a list loaded later also finds
+    /// cached files whose metadata was stripped. Costs both digests on every miss.
+    pub keep_digests: bool,
 }
 
 impl Default for ModerationConfig {
@@ -71,6 +75,7 @@ impl Default for ModerationConfig {
             scanner_concurrency: 4,
             sync_interval: Dur(Duration::from_secs(30)),
             log: None,
+            keep_digests: false,
         }
     }
 }

@@ -167,8 +167,6 @@ impl ProxyError {
             // The file did it: a decoder ran out of time or memory on it, or died.
             MediaTooCostly(_) => Cause::Origin,
             OriginUnreachable | OriginTimeout | OriginTls(_) => Cause::Origin,
-            // A ban is the operator's rule; it is looked up on every request, never cached as
-            // an origin failure, so lifting it applies at once.
             Banned(_) | Overloaded | StorageFull | MediaBusy | ScannerUnavailable | Internal(_) => {
                 Cause::Us
             }
@@ -226,6 +224,9 @@ impl ProxyError {
     /// Whether this failure is remembered in the negative cache: only what the origin did, so
     /// a dead origin is not asked again by every viewer, while our own faults are retried.
     pub fn is_negative_cacheable(&self) -> bool {
-        self.cause() == Cause::Origin
+        // A file refused by a ban is remembered like an origin failure (`cache.negative_ttl`),
+        // so each view of its URL does not download it again to find out; a lifted ban thus
+        // applies to such a URL within that time.
+        self.cause() == Cause::Origin || matches!(self, ProxyError::Banned(_))
     }
 }

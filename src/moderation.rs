@@ -19,6 +19,7 @@ pub mod log;
 pub mod scanner;
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
@@ -105,6 +106,15 @@ pub struct Digests {
     pub md5: [u8; 16],
 }
 
+impl Digests {
+    /// The digests an index record kept of the origin's bytes, when it kept both.
+    pub fn of_origin(origin: &crate::cache::index::OriginDigests) -> Option<Digests> {
+        let sha256 = hex::decode(origin.sha256.as_deref()?).ok()?.try_into().ok()?;
+        let md5 = hex::decode(origin.md5.as_deref()?).ok()?.try_into().ok()?;
+        Some(Digests { sha256, md5 })
+    }
+}
+
 /// Computes [`Digests`] as the bytes arrive.
 #[derive(Clone, Default)]
 pub struct Digester {
@@ -136,6 +146,10 @@ struct Rules {
 /// The moderation state of a running proxy.
 pub struct Moderation {
     rules: RwLock<Arc<Rules>>,
+    /// Whether any URL or domain ban, or any content ban, exists: the checks on every
+    /// request and every hit cost one atomic load while there is none.
+    any_request_rule: AtomicBool,
+    any_content_rule: AtomicBool,
     /// Every ban, by id; the source of `rules`.
     bans: std::sync::Mutex<BTreeMap<String, Ban>>,
     pub log: log::ModerationLog,
@@ -144,7 +158,14 @@ pub struct Moderation {
 
 impl Moderation {
     pub fn new(log: log::ModerationLog, scanner: Option<scanner::Scanner>) -> Self {
-        Self { rules: RwLock::default(), bans: std::sync::Mutex::default(), log, scanner }
+        Self {
+            rules: RwLock::default(),
+            any_request_rule: AtomicBool::new(false),
+            any_content_rule: AtomicBool::new(false),
+            bans: std::sync::Mutex::default(),
+            log,
+            scanner,
+        }
     }
 
     fn rules(&self) -> Arc<Rules> {
@@ -183,7 +204,7 @@ impl Moderation {
         let all = self.bans.lock().unwrap_or_else(|p| p.into_inner());
         let mut rules = self.build(&all);
         rules.lists = Arc::new(lists);
-        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
+        self.install(rules);
     }
 
     pub fn lists(&self) -> Arc<HashLists> {
@@ -193,6 +214,13 @@ impl Moderation {
     fn rebuild(&self, all: &BTreeMap<String, Ban>) {
         let mut rules = self.build(all);
         rules.lists = self.rules().lists.clone();
+        self.install(rules);
+    }
+
+    fn install(&self, rules: Rules) {
+        let request = !rules.urls.is_empty() || !rules.domains.is_empty();
+        self.any_request_rule.store(request, Ordering::Release);
+        self.any_content_rule.store(!rules.hashes.is_empty(), Ordering::Release);
         *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
     }
 
@@ -214,6 +242,9 @@ impl Moderation {
 
     /// Before any lookup: the source URL and its host.
     pub fn check_request(&self, source: &url::Url) -> Result<(), ProxyError> {
+        if !self.any_request_rule.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let rules = self.rules();
         if rules.urls.contains(source.as_str()) {
             return Err(ProxyError::Banned("url"));
@@ -223,6 +254,9 @@ impl Moderation {
 
     /// A host the bytes came from (the source's, or where a redirect led).
     pub fn check_host(&self, host: &str) -> Result<(), ProxyError> {
+        if !self.any_request_rule.load(Ordering::Acquire) {
+            return Ok(());
+        }
         self.check_host_in(&self.rules(), host)
     }
 
@@ -235,6 +269,9 @@ impl Moderation {
 
     /// Content, by its blake3.
     pub fn check_hash(&self, hash: &blake3::Hash) -> Result<(), ProxyError> {
+        if !self.any_content_rule.load(Ordering::Acquire) {
+            return Ok(());
+        }
         if self.rules().hashes.contains(hash.as_bytes()) {
             return Err(ProxyError::Banned("hash"));
         }

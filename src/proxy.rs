@@ -68,6 +68,9 @@ struct Received {
     final_host: Option<String>,
     /// SHA-256 and MD5 of the origin's bytes, computed while a rule needs them.
     digests: Option<crate::moderation::Digests>,
+    /// What is known of the origin's bytes, when these bytes are not those (prepared ones),
+    /// or came from the bucket with its record.
+    origin: Option<crate::cache::index::OriginDigests>,
 }
 
 /// Where a received body waits to be stored: small ones in memory (written to disk in one
@@ -202,7 +205,10 @@ impl Proxy {
         // two, and entries a slow fill published after it).
         let host = found.0.final_host.as_deref().or(req.source.host_str());
         let banned = host.map_or(Ok(()), |h| self.moderation.check_host(h));
-        if let Err(e) = banned.and_then(|()| self.moderation.check_hash(&found.0.hash)) {
+        let banned = banned.and_then(|()| self.moderation.check_hash(&found.0.hash));
+        let origin = found.0.origin_blake3.as_ref();
+        let banned = banned.and_then(|()| origin.map_or(Ok(()), |h| self.moderation.check_hash(h)));
+        if let Err(e) = banned {
             self.log_refusal(&e, Some(&found.0.hash), host).await;
             return Err((e, CacheStatus::Blocked));
         }
@@ -212,7 +218,7 @@ impl Proxy {
     /// A viewer's request refused by a ban: one line of the moderation log.
     async fn log_refusal(&self, e: &ProxyError, hash: Option<&blake3::Hash>, host: Option<&str>) {
         if let ProxyError::Banned(rule) = e {
-            self.moderation.log.record(rule, "refused", hash, host, None).await;
+            self.moderation.log.record_refusal(rule, hash, host).await;
         }
     }
 
@@ -303,16 +309,23 @@ impl Proxy {
         }
         let key = Key::new(&format!("blake3:{}", original.hash.to_hex()), Some(name));
         let url = req.source.to_string();
-        self.lookup_or_fill(key, move |this| async move {
-            if let Some(entry) = this.load_from_disk(key).await? {
+        let found = self
+            .lookup_or_fill(key, move |this| async move {
+                if let Some(entry) = this.load_from_disk(key).await? {
+                    this.memory.insert(key, entry.clone()).await;
+                    return Ok((entry, CacheStatus::HitDisk));
+                }
+                let entry = this.render_and_store(key, &url, &original, &spec).await?;
                 this.memory.insert(key, entry.clone()).await;
-                return Ok((entry, CacheStatus::HitDisk));
-            }
-            let entry = this.render_and_store(key, &url, &original, &spec).await?;
-            this.memory.insert(key, entry.clone()).await;
-            Ok((entry, CacheStatus::Miss))
-        })
-        .await
+                Ok((entry, CacheStatus::Miss))
+            })
+            .await?;
+        // A ban may name a rendition by the ETag it was served with.
+        if let Err(e) = self.moderation.check_hash(&found.0.hash) {
+            self.log_refusal(&e, Some(&found.0.hash), req.source.host_str()).await;
+            return Err((e, CacheStatus::Blocked));
+        }
+        Ok(found)
     }
 
     /// The leader's work: the disk index first, then the origin.
@@ -347,12 +360,18 @@ impl Proxy {
                         "error"
                     }
                 },
-                Err((hash, why)) => {
+                Err((hash, why, true)) => {
                     // Not what a node would have published: gone, so the origin's answer
                     // (fetched now) replaces it.
                     tracing::warn!(%hash, why, "shared tier blob refused and deleted");
                     shared.discard(&key, &hash).await;
                     "refused"
+                }
+                // This node could not vet it now (workers busy, the scanner away): a miss
+                // here, the bucket keeps it.
+                Err((hash, why, false)) => {
+                    tracing::debug!(%hash, why, "shared tier blob not vetted now");
+                    "error"
                 }
             },
             Ok(None) => "miss",
@@ -368,19 +387,36 @@ impl Proxy {
     /// A body from the bucket passes the preparation an origin's body gets (SVG drawn to PNG,
     /// metadata stripped, in a media worker). A node publishes only prepared bodies, so one
     /// that preparing would change, or that preparing refuses, did not come from a node.
-    async fn vet_shared(self: &Arc<Self>, r: Received) -> Result<Received, (blake3::Hash, String)> {
+    /// The error says whether the blob is to be deleted from the bucket: when it is not what
+    /// a node publishes (or is banned), not when this node merely could not vet it now.
+    async fn vet_shared(
+        self: &Arc<Self>,
+        r: Received,
+    ) -> Result<Received, (blake3::Hash, String, bool)> {
         let hash = r.hash;
+        let doomed = |e: &ProxyError| {
+            matches!(
+                e,
+                ProxyError::Banned(_)
+                    | ProxyError::BadImage(_)
+                    | ProxyError::MediaTooCostly(_)
+                    | ProxyError::UnsupportedType
+            )
+        };
+        if let Err(e) = self.moderate_received(&r, "shared bucket").await {
+            return Err((hash, e.to_string(), doomed(&e)));
+        }
         match self.prepare(r).await {
             Ok(mut prepared) if prepared.hash == hash => {
                 // Moderation holds for the bucket too: a banned file, or one the scanner has
                 // not seen on this node.
                 match self.moderate_prepared(&mut prepared, "shared bucket").await {
                     Ok(()) => Ok(prepared),
-                    Err(e) => Err((hash, e.to_string())),
+                    Err(e) => Err((hash, e.to_string(), doomed(&e))),
                 }
             }
-            Ok(_) => Err((hash, "not prepared (an SVG, or metadata left in)".into())),
-            Err(e) => Err((hash, e.to_string())),
+            Ok(_) => Err((hash, "not prepared (an SVG, or metadata left in)".into(), true)),
+            Err(e) => Err((hash, e.to_string(), doomed(&e))),
         }
     }
 
@@ -392,7 +428,8 @@ impl Proxy {
         key: Key,
     ) -> Result<Option<(String, Received)>, crate::cache::shared::SharedError> {
         let max = self.config.cache.max_object_bytes.0;
-        let mut sink = store::Sink::new(&self.disk, &self.body_budget);
+        let digests = self.moderation.wants_digests();
+        let mut sink = store::Sink::new(&self.disk, &self.body_budget).with_digests(digests);
         let Some(record) = shared.download(&key, max, &mut sink).await? else { return Ok(None) };
         // The bucket's word on the type is not taken either: sniffed again, as from an origin.
         let not_allowed =
@@ -400,6 +437,7 @@ impl Proxy {
         let content_type = self.types.sniff(sink.head()).map_err(not_allowed)?;
         let mut received = sink.finish(content_type);
         received.final_host = record.final_host.clone();
+        received.origin = record.origin.clone();
         if received.hash != record.blake3().expect("download checked the hash") {
             return Err(crate::cache::shared::SharedError::Record("hash mismatch".into()));
         }
@@ -416,7 +454,8 @@ impl Proxy {
         };
         let content_type = entry.content_type.to_str().unwrap_or_default();
         let record = crate::cache::index::Record::new(&entry.hash, entry.len, content_type, url)
-            .with_final_host(entry.final_host.as_deref());
+            .with_final_host(entry.final_host.as_deref())
+            .with_origin(entry.origin.as_deref().cloned());
         let (body, disk, hash) = (entry.body.clone(), self.disk.clone(), entry.hash);
         let ok = self.metrics.shared_counter("publish", "ok");
         let failed = self.metrics.shared_counter("publish", "error");
@@ -481,7 +520,8 @@ impl Proxy {
         self.drop_victims(victims).await;
         let entry = Entry::new(hash, record.len, &record.content_type, body)
             .with_touch(touch)
-            .with_final_host(record.final_host.as_deref());
+            .with_final_host(record.final_host.as_deref())
+            .with_origin(record.origin.as_ref());
         Ok(Some(Arc::new(entry)))
     }
 }

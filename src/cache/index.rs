@@ -39,6 +39,21 @@ pub struct Record {
     /// domain policy and purges apply to it as to the source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_host: Option<String>,
+    /// Digests of the origin's bytes, when they are not the stored bytes (metadata stripped,
+    /// an SVG drawn) or were computed for a moderation rule: rules about the origin's bytes
+    /// (SHA-256 and MD5 lists, a ban of the origin's blake3) find the entry by them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<OriginDigests>,
+}
+
+/// Digests of the bytes an origin sent (lowercase hex).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OriginDigests {
+    pub blake3: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md5: Option<String>,
 }
 
 impl Record {
@@ -51,7 +66,13 @@ impl Record {
             url: url.to_string(),
             stored_at: super::evict::now_secs(),
             final_host: None,
+            origin: None,
         }
+    }
+
+    pub fn with_origin(mut self, origin: Option<OriginDigests>) -> Self {
+        self.origin = origin;
+        self
     }
 
     pub fn with_final_host(mut self, host: Option<&str>) -> Self {

@@ -66,6 +66,16 @@ pub enum SharedError {
 /// The chunks of one blob as the bucket sends them.
 pub use super::ChunkSink;
 
+use std::collections::HashSet;
+
+/// A ban's object in the bucket: the ban, or the tombstone of a lifted one.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum BanObject {
+    Lifted { lifted: String, at: u64 },
+    Ban(crate::moderation::Ban),
+}
+
 pub type BlobStream = futures_util::stream::BoxStream<'static, Result<Bytes, object_store::Error>>;
 
 /// Part size of a multipart upload (S3's minimum is 5 MiB).
@@ -226,30 +236,39 @@ impl SharedTier {
         Ok(())
     }
 
-    /// Withdraws a ban from the bucket (every node lifts it at its next sync).
-    pub async fn delete_ban(&self, id: &str) -> Result<(), SharedError> {
-        match self.timed(self.store.delete(&self.ban_path(id))).await {
-            Ok(()) | Err(SharedError::Store(object_store::Error::NotFound { .. })) => Ok(()),
-            Err(e) => Err(e),
-        }
+    /// Lifts a ban for every node: its object becomes a tombstone (every node lifts it at its
+    /// next sync). A tombstone, not a deletion: a ban missing from the bucket (a new bucket, an
+    /// unreadable object) is never taken for a lift.
+    pub async fn lift_ban(&self, id: &str) -> Result<(), SharedError> {
+        let tombstone = BanObject::Lifted { lifted: id.to_string(), at: super::evict::now_secs() };
+        let value =
+            serde_json::to_vec(&tombstone).map_err(|e| SharedError::Record(e.to_string()))?;
+        self.timed(self.store.put(&self.ban_path(id), PutPayload::from(value))).await?;
+        Ok(())
     }
 
-    /// Every ban in the bucket. One that cannot be read is skipped (and logged).
-    pub async fn bans(&self) -> Result<Vec<crate::moderation::Ban>, SharedError> {
+    /// Every ban in the bucket, and the ids of those lifted. An object that cannot be read is
+    /// skipped (and logged).
+    pub async fn bans(
+        &self,
+    ) -> Result<(Vec<crate::moderation::Ban>, HashSet<String>), SharedError> {
         use futures_util::TryStreamExt;
         let prefix = Path::from(format!("{}bans", self.prefix));
         let listed: Vec<_> = self.timed(self.store.list(Some(&prefix)).try_collect()).await?;
-        let mut bans = Vec::with_capacity(listed.len());
+        let (mut bans, mut lifted) = (Vec::with_capacity(listed.len()), HashSet::new());
         for meta in listed {
             let Some(raw) = self.get(&meta.location).await? else { continue };
-            match serde_json::from_slice::<crate::moderation::Ban>(&raw) {
-                Ok(ban) => bans.push(ban),
+            match serde_json::from_slice::<BanObject>(&raw) {
+                Ok(BanObject::Ban(ban)) => bans.push(ban),
+                Ok(BanObject::Lifted { lifted: id, .. }) => {
+                    lifted.insert(id);
+                }
                 Err(e) => {
                     tracing::warn!(object = %meta.location, error = %e, "unreadable ban in the shared bucket")
                 }
             }
         }
-        Ok(bans)
+        Ok((bans, lifted))
     }
 
     /// Deletes the blob `hash` (a banned file). Best effort, logged like any other failure.

@@ -39,11 +39,37 @@ pub struct ModerationLog {
     path: PathBuf,
     file: tokio::sync::Mutex<Option<tokio::fs::File>>,
     metric: Family<ModerationLabels, Counter>,
+    /// Viewers' requests refused lately, by rule and file or host: each is written once a
+    /// minute at most (and counted every time), so asking for a banned URL in a loop cannot
+    /// grow the log without bound.
+    recent: moka::sync::Cache<(&'static str, String), ()>,
 }
 
 impl ModerationLog {
     pub fn new(path: PathBuf, metric: Family<ModerationLabels, Counter>) -> Self {
-        Self { path, file: tokio::sync::Mutex::new(None), metric }
+        let recent = moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(std::time::Duration::from_secs(60))
+            .build();
+        Self { path, file: tokio::sync::Mutex::new(None), metric, recent }
+    }
+
+    /// A viewer's request refused by a rule: counted each time, logged once a minute per
+    /// rule and file (or host).
+    pub async fn record_refusal(
+        &self,
+        rule: &'static str,
+        hash: Option<&blake3::Hash>,
+        host: Option<&str>,
+    ) {
+        let what =
+            hash.map(|h| h.to_hex().to_string()).or(host.map(String::from)).unwrap_or_default();
+        if self.recent.contains_key(&(rule, what.clone())) {
+            self.metric.get_or_create(&ModerationLabels { rule, action: "refused" }).inc();
+            return;
+        }
+        self.recent.insert((rule, what), ());
+        self.record(rule, "refused", hash, host, None).await;
     }
 
     /// Logs and counts one decision. A log that cannot be written is reported, and the

@@ -1,13 +1,14 @@
 //! An outside scanner's veto (`moderation.scanner_url`): each new original image or video is
 //! POSTed to it before it is first served, with its sniffed type and its source host, never
-//! anything of a viewer. A 2xx answer lets it through; any other answer refuses it, and the
-//! caller bans its content. Each file is asked about once: a yes is remembered by blake3 (a
+//! anything of a viewer. A 2xx answer lets it through; 403 or 451 refuses it, and the caller
+//! bans its content; any other answer counts as a scanner that could not be asked. Each file is asked about once: a yes is remembered by blake3 (a
 //! no becomes a ban), so a thousand URLs of one file cost one scan.
 //!
 //! Scans run `moderation.scanner_concurrency` at a time, each within
 //! `moderation.scanner_timeout` (waiting for a turn included). A scanner that cannot be asked
-//! leaves the file to `moderation.scanner_fail`: `open` serves it unscanned (asking again next
-//! time), `closed` refuses it for now (503), so nothing unscanned is served.
+//! leaves the file to `moderation.scanner_fail`: `open` serves and stores it unscanned (it is
+//! scanned when it is next fetched from its origin), `closed` refuses it for now (503), so
+//! nothing unscanned is served.
 
 use std::time::Duration;
 
@@ -104,7 +105,12 @@ impl Scanner {
                 self.allowed.insert(*hash.as_bytes(), ()).await;
                 Verdict::Allowed
             }
-            Ok(Ok(answer)) => Verdict::Refused(answer.status().as_u16()),
+            // Only a clear no is a veto: 403 or 451. Anything else (429, 5xx, a wrong path's
+            // 404) is a scanner that cannot answer, not a verdict on the file.
+            Ok(Ok(answer)) if matches!(answer.status().as_u16(), 403 | 451) => {
+                Verdict::Refused(answer.status().as_u16())
+            }
+            Ok(Ok(answer)) => Verdict::Unavailable(format!("scanner answered {}", answer.status())),
             Ok(Err(e)) => Verdict::Unavailable(e),
             Err(_) => Verdict::Unavailable("no answer within moderation.scanner_timeout".into()),
         }

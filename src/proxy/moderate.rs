@@ -12,6 +12,25 @@ use crate::moderation::lists::HashLists;
 use crate::moderation::scanner::Verdict;
 use crate::moderation::{Ban, BanKind, Digester};
 
+/// SHA-256 and MD5 of the file at `path`, read on a blocking thread.
+async fn read_digests(path: std::path::PathBuf) -> Option<crate::moderation::Digests> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path).ok()?;
+        let (mut digester, mut buf) = (Digester::default(), vec![0u8; 1 << 16]);
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => return Some(digester.finish()),
+                Ok(n) => digester.update(&buf[..n]),
+                Err(_) => return None,
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
 /// What a ban did.
 #[derive(Debug, Clone, Serialize)]
 pub struct BanReport {
@@ -57,15 +76,23 @@ impl Proxy {
 
     /// Lifts the ban `id` here and in the bucket; the ban, if there was one.
     pub async fn lift(&self, id: &str) -> Result<Option<Ban>, ProxyError> {
+        // The bucket first: if its tombstone cannot be written, the next sync would put the ban
+        // back, so the lift fails as a whole.
+        if let Some(shared) = &self.shared {
+            let tombstone = shared.lift_ban(id).await;
+            tombstone.map_err(|e| ProxyError::internal(format!("shared bucket: {e}")))?;
+        }
         self.index.remove_ban(id.to_string()).await.map_err(ProxyError::internal)?;
         let Some(ban) = self.moderation.lift(id) else { return Ok(None) };
+        self.forget_refusals();
         self.moderation.log.record(ban.kind.as_str(), "lifted", None, None, None).await;
-        if let Some(shared) = &self.shared {
-            if let Err(e) = shared.delete_ban(id).await {
-                shared.warn("ban", &e);
-            }
-        }
         Ok(Some(ban))
+    }
+
+    /// A lifted ban applies at once: the refusals remembered in the negative cache go (all
+    /// of it: lifts are rare, and the rest is refetched at most once each).
+    fn forget_refusals(&self) {
+        self.negative.invalidate_all();
     }
 
     /// Removes what `ban` covers from every tier.
@@ -100,7 +127,8 @@ impl Proxy {
         let seen = urls.clone();
         let mut report = self
             .purge(move |r| {
-                let hit = r.hash == hex;
+                // The stored bytes, or the origin's bytes they were prepared from.
+                let hit = r.hash == hex || r.origin.as_ref().is_some_and(|o| o.blake3 == hex);
                 if hit {
                     seen.lock().unwrap_or_else(|p| p.into_inner()).insert(r.url.clone());
                 }
@@ -126,6 +154,10 @@ impl Proxy {
         let stored = self.index.bans().await.map_err(ProxyError::internal)?;
         let bans: Vec<Ban> =
             stored.iter().filter_map(|raw| serde_json::from_slice(raw).ok()).collect();
+        if bans.len() < stored.len() {
+            let unreadable = stored.len() - bans.len();
+            tracing::error!(unreadable, "bans in the index that cannot be read");
+        }
         self.moderation.set_bans(bans);
         self.reload_lists(&self.config.moderation.hash_lists.clone()).await?;
         Ok(())
@@ -160,40 +192,51 @@ impl Proxy {
     fn scan_cached(self: &Arc<Self>) {
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
-            let Some(proxy) = this.upgrade() else { return };
-            let Ok(records) = proxy.index.all().await else { return };
-            let mut done = std::collections::HashSet::new();
-            for (_, record) in records {
+            let records = match this.upgrade() {
+                Some(proxy) => proxy.index.all().await.ok(),
+                None => None,
+            };
+            let (mut done, mut unmatchable) = (std::collections::HashSet::new(), 0usize);
+            for (_, record) in records.unwrap_or_default() {
+                // Holds the proxy one file at a time, so shutdown does not wait for the scan.
+                let Some(proxy) = this.upgrade() else { return };
                 let Some(hash) = record.blake3() else { continue };
                 if !done.insert(hash) {
                     continue;
                 }
-                let path = proxy.disk.path(&hash);
-                let digests = tokio::task::spawn_blocking(move || {
-                    use std::io::Read;
-                    let mut file = std::fs::File::open(path).ok()?;
-                    let (mut digester, mut buf) = (Digester::default(), vec![0u8; 1 << 16]);
-                    loop {
-                        match file.read(&mut buf) {
-                            Ok(0) => return Some(digester.finish()),
-                            Ok(n) => digester.update(&buf[..n]),
-                            Err(_) => return None,
-                        }
+                // The origin's bytes are what the rules name: their digests, when the record
+                // kept them; otherwise the stored bytes, unless preparing changed those (then
+                // there is nothing to match, and the entry is counted).
+                let kept = record.origin.as_ref().map(crate::moderation::Digests::of_origin);
+                let digests = match kept {
+                    Some(Some(digests)) => Some(digests),
+                    Some(None) => {
+                        unmatchable += 1;
+                        continue;
                     }
-                })
-                .await
-                .ok()
-                .flatten();
+                    None => read_digests(proxy.disk.path(&hash)).await,
+                };
                 let Some(digests) = digests else { continue };
                 if let Err(ProxyError::Banned(rule)) = proxy.moderation.check_digests(&digests) {
                     let (host, _) = record.hosts();
-                    let _ = proxy.purge_content(&hash).await;
-                    proxy
-                        .moderation
-                        .log
-                        .record(rule, "purged", Some(&hash), host.as_deref(), None)
-                        .await;
+                    match proxy.purge_content(&hash).await {
+                        Ok(_) => {
+                            let host = host.as_deref();
+                            proxy
+                                .moderation
+                                .log
+                                .record(rule, "purged", Some(&hash), host, None)
+                                .await
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot purge a listed file"),
+                    }
                 }
+            }
+            if unmatchable > 0 {
+                tracing::warn!(
+                    unmatchable,
+                    "cached entries whose origin bytes are unknown (prepared before a list existed): not matched"
+                );
             }
         });
     }
@@ -205,14 +248,32 @@ impl Proxy {
         r: &Received,
         host: &str,
     ) -> Result<(), ProxyError> {
-        let verdict = self.moderation.check_hash(&r.hash).and_then(|()| match &r.digests {
+        let landing = r.final_host.as_deref().map_or(Ok(()), |h| self.moderation.check_host(h));
+        let hash = landing.and_then(|()| self.moderation.check_hash(&r.hash));
+        let verdict = hash.and_then(|()| match &r.digests {
             Some(digests) => self.moderation.check_digests(digests),
+            None => Ok(()),
+        });
+        // What a record from the bucket says of the origin's bytes (these are prepared ones).
+        let verdict = verdict.and_then(|()| match &r.origin {
+            Some(origin) => self.check_origin(origin),
             None => Ok(()),
         });
         if let Err(ProxyError::Banned(rule)) = &verdict {
             self.moderation.log.record(rule, "refused", Some(&r.hash), Some(host), None).await;
         }
         verdict
+    }
+
+    /// Rules about the origin's bytes, by the digests kept of them.
+    fn check_origin(&self, origin: &crate::cache::index::OriginDigests) -> Result<(), ProxyError> {
+        if let Ok(hash) = blake3::Hash::from_hex(&origin.blake3) {
+            self.moderation.check_hash(&hash)?;
+        }
+        match crate::moderation::Digests::of_origin(origin) {
+            Some(digests) => self.moderation.check_digests(&digests),
+            None => Ok(()),
+        }
     }
 
     /// The checks of the bytes about to be stored and served: a content ban, then the
@@ -269,29 +330,33 @@ impl Proxy {
     }
 
     /// Keeps this node's bans and the bucket's in step until the proxy is dropped: bans from
-    /// the bucket are put in force (and purged here), bans learned from it that are gone from
-    /// it are lifted, and this node's own bans missing from it are published again.
+    /// the bucket are put in force (and purged here), bans it holds a tombstone of are lifted,
+    /// and this node's own bans it lacks are published. A ban merely missing from the bucket
+    /// is never lifted.
     pub async fn sync_bans(this: std::sync::Weak<Proxy>, every: std::time::Duration) {
         loop {
             let Some(proxy) = this.upgrade() else { return };
             let Some(shared) = proxy.shared.clone() else { return };
             match shared.bans().await {
-                Ok(remote) => {
-                    let remote_ids: std::collections::HashSet<String> =
-                        remote.iter().map(Ban::id).collect();
+                Ok((remote, lifted)) => {
                     let local = proxy.moderation.bans();
                     let local_ids: std::collections::HashSet<String> =
                         local.iter().map(Ban::id).collect();
+                    let remote_ids: std::collections::HashSet<String> =
+                        remote.iter().map(Ban::id).collect();
                     for ban in remote.into_iter().filter(|b| !local_ids.contains(&b.id())) {
                         if let Err(e) = proxy.ban(ban).await {
                             tracing::error!(error = %e, "cannot apply a ban from the shared bucket");
                         }
                     }
-                    for ban in local.into_iter().filter(|b| !remote_ids.contains(&b.id())) {
-                        if ban.shared {
-                            let _ = proxy.lift_here(&ban.id()).await;
-                        } else if let Err(e) = proxy.ban(ban).await {
-                            tracing::error!(error = %e, "cannot publish a ban");
+                    for ban in &local {
+                        let id = ban.id();
+                        if lifted.contains(&id) && !remote_ids.contains(&id) {
+                            let _ = proxy.lift_here(&id).await;
+                        } else if !ban.shared && !remote_ids.contains(&id) {
+                            // Made here while the bucket could not be written: published now
+                            // (only published; it is in force here already).
+                            proxy.republish(&shared, ban.clone()).await;
                         }
                     }
                 }
@@ -302,10 +367,24 @@ impl Proxy {
         }
     }
 
-    /// Lifts a ban on this node only (the bucket no longer has it).
+    /// Publishes a ban made here that the bucket did not get, and records that it has it now.
+    async fn republish(&self, shared: &crate::cache::shared::SharedTier, mut ban: Ban) {
+        if let Err(e) = shared.put_ban(&ban).await {
+            shared.warn("ban", &e);
+            return;
+        }
+        ban.shared = true;
+        if let Ok(value) = serde_json::to_vec(&ban) {
+            let _ = self.index.put_ban(ban.id(), value).await;
+        }
+        self.moderation.add(ban);
+    }
+
+    /// Lifts a ban on this node only (the bucket says it was lifted).
     async fn lift_here(&self, id: &str) -> Result<(), ProxyError> {
         self.index.remove_ban(id.to_string()).await.map_err(ProxyError::internal)?;
         if let Some(ban) = self.moderation.lift(id) {
+            self.forget_refusals();
             self.moderation
                 .log
                 .record(ban.kind.as_str(), "lifted", None, None, Some("shared"))

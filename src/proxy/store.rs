@@ -72,7 +72,18 @@ impl Proxy {
         let host = received.final_host.clone();
         let host = host.as_deref().or(req.source.host_str()).unwrap_or_default();
         self.moderate_received(&received, host).await?;
+        let origin_hash = received.hash;
+        let digests = received.digests;
         let mut prepared = self.prepare(received).await?;
+        // Kept with the entry when the origin's bytes are not the stored ones, or their
+        // digests were computed: rules about the origin's bytes find it by them later.
+        if prepared.hash != origin_hash || digests.is_some() {
+            prepared.origin = Some(crate::cache::index::OriginDigests {
+                blake3: origin_hash.to_hex().to_string(),
+                sha256: digests.map(|d| hex::encode(d.sha256)),
+                md5: digests.map(|d| hex::encode(d.md5)),
+            });
+        }
         self.moderate_prepared(&mut prepared, host).await?;
         self.store(key, req.source.as_str(), prepared).await
     }
@@ -134,7 +145,7 @@ impl Proxy {
         }
         // Small bodies (by their declared length, or so far) are held in memory while the
         // in-flight budget has room; others stream into a temp blob.
-        let digests = self.moderation.wants_digests();
+        let digests = self.config.moderation.keep_digests || self.moderation.wants_digests();
         let mut sink = Sink::new(&self.disk, &self.body_budget).with_digests(digests);
         sink.start(declared).await.map_err(storage_error)?;
         let mut content_type = None;
@@ -170,10 +181,11 @@ impl Proxy {
         url: &str,
         r: Received,
     ) -> Result<Arc<Entry>, ProxyError> {
-        let Received { body, hash, len, content_type, final_host, .. } = r;
+        let Received { body, hash, len, content_type, final_host, origin, .. } = r;
         let (touch, victims) = self.budget.admit(*hash.as_bytes(), len, key);
         let record =
             Record::new(&hash, len, content_type, url).with_final_host(final_host.as_deref());
+        let record = record.with_origin(origin.clone());
         // Blobs up to memory_max_object_bytes are re-hashed on every load from disk, so a torn
         // one after a power cut is refetched, never served: only larger ones need the fsync.
         let durable = self.config.cache.fsync && len > self.config.cache.memory_max_object_bytes.0;
@@ -208,7 +220,7 @@ impl Proxy {
             },
         };
         let entry = Entry::new(hash, len, content_type, body).with_touch(touch);
-        Ok(Arc::new(entry.with_final_host(final_host.as_deref())))
+        Ok(Arc::new(entry.with_final_host(final_host.as_deref()).with_origin(origin.as_ref())))
     }
 }
 
@@ -310,6 +322,7 @@ impl Sink {
             content_type,
             final_host: None,
             digests: self.digester.map(crate::moderation::Digester::finish),
+            origin: None,
         }
     }
 }

@@ -548,6 +548,8 @@ async fn bodies_held_in_memory_stay_within_the_inflight_budget() {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(dir.path(), &["127.0.0.12/32"]);
         cfg.fetch.max_per_origin = FILLS as u32;
+        // The origin stalls on purpose until the test has counted: room for a loaded machine.
+        cfg.fetch.timeout = parasol::config::Dur(Duration::from_secs(60));
         if let Some(budget) = budget {
             cfg.media.inflight_bytes = parasol::config::Size(budget);
         }

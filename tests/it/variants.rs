@@ -151,7 +151,7 @@ async fn one_render_for_concurrent_requests_and_for_the_same_picture_at_two_urls
 }
 
 /// A big-endian TIFF EXIF block with IFD0 { Orientation, GPSInfo -> { GPSLatitudeRef "N" } }.
-fn exif_with_gps(orientation: u16) -> Vec<u8> {
+pub(crate) fn exif_with_gps(orientation: u16) -> Vec<u8> {
     let mut b = b"MM\0\x2a\0\0\0\x08".to_vec();
     b.extend_from_slice(&2u16.to_be_bytes());
     b.extend_from_slice(&[0x01, 0x12, 0, 3, 0, 0, 0, 1]);
