@@ -48,7 +48,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 async fn pooled(pool: &MediaPool, source: &Bytes, spec: &VariantConfig) -> usize {
-    let task = Task::Render { spec: spec.clone(), max_pixels: MAX_PIXELS };
+    let task = Task::Render { spec: spec.clone(), max_pixels: MAX_PIXELS, animation: None };
     let mut out = Vec::new();
     pool.run(&task, Input::Memory(source.clone()), None, &mut out).await.unwrap();
     out.len()

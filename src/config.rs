@@ -273,6 +273,10 @@ pub struct MediaConfig {
     /// Bytes that fills and media results may hold in memory at once; past it, bodies go to
     /// temp files on disk as they arrive.
     pub inflight_bytes: Size,
+    /// Most frames an animated rendition decodes; a longer animation gets its first frame.
+    pub max_frames: u32,
+    /// Canvas pixels an animated rendition may decode, summed over its frames.
+    pub max_animation_pixels: u64,
 }
 
 impl Default for MediaConfig {
@@ -288,6 +292,8 @@ impl Default for MediaConfig {
             job_timeout: Dur(Duration::from_secs(10)),
             worker_jobs: 250,
             inflight_bytes: Size(256 << 20),
+            max_frames: 300,
+            max_animation_pixels: 250_000_000,
         }
     }
 }
@@ -304,6 +310,9 @@ pub struct VariantConfig {
     pub quality: u8,
     /// WebP without loss (pixels exact, files several times larger); off: lossy at `quality`.
     pub lossless: bool,
+    /// An animated GIF, APNG or WebP stays animated (as animated WebP, within
+    /// `media.max_frames` and `media.max_animation_pixels`); off: its first frame.
+    pub animated: bool,
 }
 
 impl Default for VariantConfig {
@@ -314,6 +323,7 @@ impl Default for VariantConfig {
             format: VariantFormat::Webp,
             quality: 80,
             lossless: false,
+            animated: false,
         }
     }
 }
@@ -356,22 +366,23 @@ impl VariantFormat {
     }
 }
 
-/// The presets Misskey's `mediaProxy` asks for. An animation's `static` rendition is its first
-/// frame; every variant is a still image (the decoder reads the first frame).
+/// The presets Misskey's `mediaProxy` asks for. `avatar` and `emoji` keep an animation (as
+/// animated WebP); the others are its first frame.
 pub fn default_variants() -> std::collections::BTreeMap<String, VariantConfig> {
     use VariantFormat::{Png, Webp};
-    let v = |w: Option<u32>, h: Option<u32>, format| VariantConfig {
+    let v = |w: Option<u32>, h: Option<u32>, format, animated| VariantConfig {
         width: w,
         height: h,
         format,
+        animated,
         ..VariantConfig::default()
     };
     [
-        ("avatar", v(Some(320), Some(320), Webp)),
-        ("preview", v(Some(200), Some(200), Webp)),
-        ("static", v(Some(498), Some(422), Webp)),
-        ("emoji", v(None, Some(128), Webp)),
-        ("badge", v(Some(96), Some(96), Png)),
+        ("avatar", v(Some(320), Some(320), Webp, true)),
+        ("preview", v(Some(200), Some(200), Webp, false)),
+        ("static", v(Some(498), Some(422), Webp, false)),
+        ("emoji", v(None, Some(128), Webp, true)),
+        ("badge", v(Some(96), Some(96), Png, false)),
     ]
     .into_iter()
     .map(|(name, spec)| (name.to_string(), spec))

@@ -7,6 +7,7 @@
 //! everything that parses one (decoding, rendering, rasterising, stripping metadata) runs in
 //! a sandboxed worker process ([`worker`]).
 
+pub mod animation;
 pub mod strip;
 pub mod svg;
 pub mod variants;

@@ -4,8 +4,9 @@
 //!
 //! Decoding hostile files is the dangerous part, so the size is read from the header first and
 //! refused above `media.max_pixels` before any pixel is decoded, and the decoder runs with
-//! `image::Limits` (dimensions and an allocation cap) as a second line. Animations give their
-//! first frame. Runs only inside a media worker (`media::worker`), under its limits.
+//! `image::Limits` (dimensions and an allocation cap) as a second line. Here animations give
+//! their first frame; presets that keep animation go through [`super::animation`] first.
+//! Runs only inside a media worker (`media::worker`), under its limits.
 
 use std::io::Cursor;
 
@@ -17,7 +18,7 @@ use crate::config::{VariantConfig, VariantFormat};
 use crate::error::ProxyError;
 
 /// Largest single dimension ever decoded, whatever `max_pixels` allows.
-const MAX_DIMENSION: u32 = 16_384;
+pub(crate) const MAX_DIMENSION: u32 = 16_384;
 
 /// A rendered variant.
 #[derive(Debug)]
@@ -142,7 +143,7 @@ mod tests {
 
     fn spec(w: Option<u32>, h: Option<u32>, format: &str) -> VariantConfig {
         let format = serde_json::from_value(serde_json::json!(format)).unwrap();
-        VariantConfig { width: w, height: h, format, quality: 80, lossless: false }
+        VariantConfig { width: w, height: h, format, quality: 80, lossless: false, animated: false }
     }
 
     #[test]

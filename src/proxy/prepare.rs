@@ -69,7 +69,16 @@ impl Proxy {
             Some(bytes) => Input::Memory(bytes.clone()),
             None => Input::File { path: self.disk.path(&original.hash), len: original.len },
         };
-        let task = Task::Render { spec: spec.clone(), max_pixels: self.config.media.max_pixels };
+        let media = &self.config.media;
+        let animation = crate::media::animation::AnimationLimits {
+            max_frames: media.max_frames,
+            max_pixels: media.max_animation_pixels,
+        };
+        let task = Task::Render {
+            spec: spec.clone(),
+            max_pixels: media.max_pixels,
+            animation: spec.animated.then_some(animation),
+        };
         self.metrics.renders.inc();
         let rendered = self.run_job(&task, input, &original.hash, spec.format.mime_type()).await?;
         let mut rendered =

@@ -291,3 +291,100 @@ async fn webp_renditions_are_lossy_unless_asked_otherwise() {
     assert!(avatar.len() * 3 < exact.len(), "{} vs {}", avatar.len(), exact.len());
     p.stop().await;
 }
+
+/// Frames of an animated WebP, decoded (each a full canvas).
+fn webp_frames(bytes: &[u8]) -> Vec<image::RgbaImage> {
+    use image::AnimationDecoder;
+    let decoder = image::codecs::webp::WebPDecoder::new(Cursor::new(bytes)).unwrap();
+    decoder.into_frames().map(|f| f.unwrap().into_buffer()).collect()
+}
+
+fn solid(c: [u8; 3], w: u32, h: u32) -> RgbaImage {
+    RgbaImage::from_pixel(w, h, Rgba([c[0], c[1], c[2], 255]))
+}
+
+const COLOURS: [[u8; 3]; 3] = [[255, 0, 0], [0, 200, 0], [0, 0, 255]];
+
+fn animated_gif(frames: usize) -> Vec<u8> {
+    use image::codecs::gif::{GifEncoder, Repeat};
+    let mut gif = Vec::new();
+    let mut enc = GifEncoder::new(&mut gif);
+    enc.set_repeat(Repeat::Infinite).unwrap();
+    let frames = (0..frames).map(|n| {
+        let delay = image::Delay::from_numer_denom_ms(80, 1);
+        image::Frame::from_parts(solid(COLOURS[n % 3], 600, 300), 0, 0, delay)
+    });
+    enc.encode_frames(frames).unwrap();
+    drop(enc);
+    gif
+}
+
+fn apng(w: u32, h: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, w, h);
+    encoder.set_color(png::ColorType::Rgba);
+    encoder.set_animated(3, 0).unwrap();
+    let mut writer = encoder.write_header().unwrap();
+    for c in COLOURS {
+        writer.set_frame_delay(1, 10).unwrap();
+        writer.write_image_data(solid(c, w, h).as_raw()).unwrap();
+    }
+    writer.finish().unwrap();
+    out
+}
+
+fn animated_webp(w: u32, h: u32) -> Vec<u8> {
+    let config = webp::WebPConfig::new().unwrap();
+    let frames: Vec<RgbaImage> = COLOURS.iter().map(|c| solid(*c, w, h)).collect();
+    let mut encoder = webp::AnimEncoder::new(w, h, &config);
+    for (n, f) in frames.iter().enumerate() {
+        encoder.add_frame(webp::AnimFrame::from_rgba(f.as_raw(), w, h, n as i32 * 100));
+    }
+    encoder.encode().to_vec()
+}
+
+/// Animated avatars and emoji stay animated, as Misskey's own proxy keeps them (the
+/// regression its users reported as misskey#5940 and #8319): GIF, APNG and animated WebP in,
+/// animated WebP out, every frame fitted; `static` and the still presets are the first frame.
+#[tokio::test]
+async fn avatars_and_emoji_keep_their_animation_and_static_is_still() {
+    let origin = Origin::start("127.0.0.17").await;
+    origin.route("/anim.gif", Route::ok(animated_gif(3)));
+    origin.route("/anim.png", Route::ok(apng(400, 200)));
+    origin.route("/anim.webp", Route::ok(animated_webp(400, 200)));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.17/32"])).await;
+    for (path, (w, h)) in
+        [("/anim.gif", (320, 160)), ("/anim.png", (320, 160)), ("/anim.webp", (320, 160))]
+    {
+        let avatar = body(get(&variant_url(&p, &origin.url(path), "avatar")).await).await;
+        let frames = webp_frames(&avatar);
+        assert_eq!(frames.len(), 3, "{path}: three frames");
+        for (frame, c) in frames.iter().zip(COLOURS) {
+            assert_eq!(frame.dimensions(), (w, h), "{path}");
+            let px = frame.get_pixel(w / 2, h / 2).0;
+            let close = (0..3).all(|i| (i32::from(px[i]) - i32::from(c[i])).abs() < 40);
+            assert!(close, "{path}: frame colour {px:?}, wanted {c:?}");
+        }
+        let emoji = body(get(&variant_url(&p, &origin.url(path), "emoji")).await).await;
+        assert_eq!(webp_frames(&emoji).len(), 3, "{path}: the emoji too");
+        assert_eq!(webp_frames(&emoji)[0].dimensions(), (256, 128));
+        let still = body(get(&variant_url(&p, &origin.url(path), "static")).await).await;
+        assert!(!still.windows(4).any(|w| w == b"ANIM"), "{path}: static is one frame");
+        let badge = body(get(&variant_url(&p, &origin.url(path), "badge")).await).await;
+        assert_eq!(image::guess_format(&badge).unwrap(), ImageFormat::Png);
+    }
+    p.stop().await;
+
+    // Past media.max_frames: the first frame, not a cut animation.
+    let origin = Origin::start("127.0.0.17").await;
+    origin.route("/long.gif", Route::ok(animated_gif(8)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.17/32"]);
+    cfg.media.max_frames = 5;
+    let p = Parasol::start(cfg).await;
+    let avatar = body(get(&variant_url(&p, &origin.url("/long.gif"), "avatar")).await).await;
+    assert!(!avatar.windows(4).any(|w| w == b"ANIM"), "over the frame budget: still");
+    assert_eq!(decoded(&avatar).1.width(), 320);
+    p.stop().await;
+}

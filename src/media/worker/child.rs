@@ -100,8 +100,16 @@ fn execute(
         (Reply::Refused { reason, retire: false }, Vec::new())
     };
     match task {
-        Task::Render { spec, max_pixels } => {
-            match crate::media::variants::render(&body, spec, *max_pixels) {
+        Task::Render { spec, max_pixels, animation } => {
+            let animated = animation.as_ref().map(|limits| {
+                crate::media::animation::render_animated(&body, spec, *max_pixels, limits)
+            });
+            let rendered = match animated {
+                Some(Ok(Some(rendered))) => Ok(rendered),
+                Some(Err(e)) => Err(e),
+                Some(Ok(None)) | None => crate::media::variants::render(&body, spec, *max_pixels),
+            };
+            match rendered {
                 Ok(r) => (Reply::Done { width: r.width, height: r.height }, r.bytes),
                 Err(e) => refused(e),
             }

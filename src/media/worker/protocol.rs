@@ -26,7 +26,13 @@ pub const MAX_HEADER: u32 = 64 << 10;
 #[serde(tag = "task", rename_all = "snake_case")]
 pub enum Task {
     /// Decode the body, fit it to the preset, encode it as the preset says.
-    Render { spec: VariantConfig, max_pixels: u64 },
+    Render {
+        spec: VariantConfig,
+        max_pixels: u64,
+        /// Budgets for keeping an animation, when the preset does.
+        #[serde(default)]
+        animation: Option<crate::media::animation::AnimationLimits>,
+    },
     /// Draw an SVG document to a PNG.
     Rasterize { max_pixels: u64 },
     /// Remove personal metadata from a JPEG, PNG or WebP without re-encoding it.
