@@ -8,6 +8,7 @@
 //! a sandboxed worker process ([`worker`]).
 
 pub mod animation;
+pub mod decode;
 pub mod strip;
 pub mod svg;
 pub mod variants;

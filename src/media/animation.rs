@@ -15,7 +15,8 @@ use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer
 use image::{AnimationDecoder, ImageDecoder};
 use serde::{Deserialize, Serialize};
 
-use super::variants::{MAX_DIMENSION, Rendered, target_size};
+use super::decode::check_size;
+use super::variants::{Rendered, target_size};
 use crate::config::{VariantConfig, VariantFormat};
 use crate::error::ProxyError;
 
@@ -43,13 +44,8 @@ pub fn render_animated(
         return Ok(None);
     }
     let Some((w, h, frames)) = frames_of(source)? else { return Ok(None) };
-    if w == 0 || h == 0 || w > MAX_DIMENSION || h > MAX_DIMENSION {
-        return Err(ProxyError::bad_image("image dimensions over the limit"));
-    }
+    check_size(w, h, max_pixels)?;
     let canvas = u64::from(w) * u64::from(h);
-    if canvas > max_pixels {
-        return Err(ProxyError::bad_image("image dimensions over the limit"));
-    }
     let (tw, th) = target_size(w, h, spec);
     let mut resizer = Resizer::new();
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));

@@ -8,17 +8,12 @@
 //! their first frame; presets that keep animation go through [`super::animation`] first.
 //! Runs only inside a media worker (`media::worker`), under its limits.
 
-use std::io::Cursor;
-
 use fast_image_resize::images::Image;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::{DynamicImage, ImageDecoder, ImageEncoder, ImageReader};
+use image::{DynamicImage, ImageEncoder};
 
 use crate::config::{VariantConfig, VariantFormat};
 use crate::error::ProxyError;
-
-/// Largest single dimension ever decoded, whatever `max_pixels` allows.
-pub(crate) const MAX_DIMENSION: u32 = 16_384;
 
 /// A rendered variant.
 #[derive(Debug)]
@@ -35,37 +30,7 @@ pub fn render(
     spec: &VariantConfig,
     max_pixels: u64,
 ) -> Result<Rendered, ProxyError> {
-    if !looks_complete(source) {
-        return Err(ProxyError::bad_image("truncated image"));
-    }
-    let probe = ImageReader::new(Cursor::new(source))
-        .with_guessed_format()
-        .map_err(|_| ProxyError::bad_image("unreadable"))?;
-    let (w, h) = probe.into_dimensions().map_err(|_| ProxyError::bad_image("unreadable header"))?;
-    if w == 0
-        || h == 0
-        || w > MAX_DIMENSION
-        || h > MAX_DIMENSION
-        || u64::from(w) * u64::from(h) > max_pixels
-    {
-        return Err(ProxyError::bad_image("image dimensions over the limit"));
-    }
-    let mut reader = ImageReader::new(Cursor::new(source))
-        .with_guessed_format()
-        .map_err(|_| ProxyError::bad_image("unreadable"))?;
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(w);
-    limits.max_image_height = Some(h);
-    // RGBA at 4 bytes a pixel, plus headroom for the decoder's own buffers.
-    limits.max_alloc = Some(max_pixels.saturating_mul(4).saturating_add(64 << 20));
-    reader.limits(limits);
-    let mut decoder =
-        reader.into_decoder().map_err(|_| ProxyError::bad_image("unsupported image"))?;
-    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder)
-        .map_err(|_| ProxyError::bad_image("corrupt or truncated image"))?;
-    img.apply_orientation(orientation);
-
+    let img = super::decode::still(source, max_pixels)?;
     let (tw, th) = target_size(img.width(), img.height(), spec);
     let keep_alpha = img.color().has_alpha() && spec.format != VariantFormat::Jpeg;
     let src = if keep_alpha {
@@ -110,22 +75,6 @@ pub fn render(
     encoded.map_err(|_| ProxyError::internal("encode failed"))?;
     let content_type = spec.format.mime_type();
     Ok(Rendered { bytes, content_type, width: tw, height: th })
-}
-
-/// Whether the file ends the way its format ends. Decoders happily render the top half of a cut
-/// JPEG in grey; a rendition of a truncated file would be cached as if it were the picture.
-fn looks_complete(bytes: &[u8]) -> bool {
-    let tail = &bytes[bytes.len().saturating_sub(1024)..];
-    match image::guess_format(bytes) {
-        Ok(image::ImageFormat::Jpeg) => tail.windows(2).any(|w| w == [0xff, 0xd9]),
-        Ok(image::ImageFormat::Png) => tail.windows(4).any(|w| w == b"IEND"),
-        Ok(image::ImageFormat::Gif) => tail.contains(&0x3b),
-        Ok(image::ImageFormat::WebP) => bytes.get(4..8).is_some_and(|n| {
-            let riff = u32::from_le_bytes([n[0], n[1], n[2], n[3]]) as usize;
-            bytes.len() >= riff.saturating_add(8)
-        }),
-        _ => true,
-    }
 }
 
 /// Fits `w` × `h` within the preset's box, keeping the aspect ratio and never enlarging.

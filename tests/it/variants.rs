@@ -65,6 +65,62 @@ async fn each_preset_has_its_size_and_format() {
     p.stop().await;
 }
 
+/// A lossless JPEG XL (a test-only pure-Rust encoder).
+fn jxl(img: &RgbImage) -> Vec<u8> {
+    use zune_core::{bit_depth::BitDepth, colorspace::ColorSpace, options::EncoderOptions};
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let options = EncoderOptions::new(w, h, ColorSpace::RGB, BitDepth::Eight);
+    let mut out = Vec::new();
+    zune_jpegxl::JxlSimpleEncoder::new(img.as_raw(), options).encode(&mut out).unwrap();
+    out
+}
+
+/// BMP, ICO, TIFF and JPEG XL originals are served as they are and render every preset, as
+/// JPEG, PNG and WebP do (Misskey renders instance-ticker favicons, ICO, through `preview`).
+#[tokio::test]
+async fn bmp_ico_tiff_and_jpeg_xl_render_like_the_rest() {
+    let photo = RgbImage::from_fn(640, 480, |x, y| Rgb([(x % 256) as u8, (y % 256) as u8, 90]));
+    let icon = DynamicImage::ImageRgba8(RgbaImage::from_fn(64, 64, |x, _| {
+        Rgba([0, 0, 255, if x < 32 { 255 } else { 0 }])
+    }));
+    let still = DynamicImage::ImageRgb8(photo.clone());
+    let files = [
+        ("/p.bmp", encode(&still, ImageFormat::Bmp), (640, 480)),
+        ("/p.tiff", encode(&still, ImageFormat::Tiff), (640, 480)),
+        ("/p.jxl", jxl(&photo), (640, 480)),
+        ("/favicon.ico", encode(&icon, ImageFormat::Ico), (64, 64)),
+    ];
+    let origin = Origin::start("127.0.0.17").await;
+    for (path, bytes, _) in &files {
+        origin.route(path, Route::ok(bytes.clone()));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.17/32"])).await;
+    for (path, bytes, (w, h)) in files {
+        let src = origin.url(path);
+        let original = get(&p.url(&src)).await;
+        assert_eq!(original.status(), 200, "{path}");
+        assert_eq!(body(original).await, bytes, "{path}: the original as it came");
+        let r = get(&variant_url(&p, &src, "preview")).await;
+        assert_eq!(r.status(), 200, "{path}");
+        let (format, img) = decoded(&body(r).await);
+        assert_eq!(format, ImageFormat::WebP, "{path}");
+        let fit = if w > h { (200, 200 * h / w) } else { (w.min(200), h.min(200)) };
+        assert_eq!((img.width(), img.height()), fit, "{path}");
+        let px = img.to_rgba8().get_pixel(fit.0 / 4, fit.1 / 2).0;
+        if path.ends_with(".ico") {
+            assert!(px[2] > 200 && px[3] > 200, "{path}: the opaque blue half, got {px:?}");
+            let right = img.to_rgba8().get_pixel(fit.0 * 7 / 8, fit.1 / 2).0;
+            assert!(right[3] < 30, "{path}: the transparent half stays so, got {right:?}");
+        } else {
+            let want = [((640 / 4) % 256) as i32, ((480 / 2) % 256) as i32, 90];
+            let near = (0..3).all(|i| (i32::from(px[i]) - want[i]).abs() < 30);
+            assert!(near, "{path}: the picture's own pixels, got {px:?}, wanted {want:?}");
+        }
+    }
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn static_is_the_first_frame_of_an_animation_and_originals_keep_theirs() {
     use image::codecs::gif::{GifEncoder, Repeat};
