@@ -18,6 +18,7 @@ fn main() {
         ("has_camo", Path::new("/usr/share/camo/server.js").is_file()),
         ("has_s3s", on_path("s3s-fs")),
         ("has_root", is_root()),
+        ("has_ffmpeg", on_path("ffmpeg")),
     ];
     for (cfg, present) in peers {
         println!("cargo:rustc-check-cfg=cfg({cfg})");

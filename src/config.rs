@@ -277,6 +277,10 @@ pub struct MediaConfig {
     pub max_frames: u32,
     /// Canvas pixels an animated rendition may decode, summed over its frames.
     pub max_animation_pixels: u64,
+    /// The ffmpeg program (a path, or a name looked up on `PATH`) that takes a frame of a
+    /// video (posters) or decodes AVIF, run inside the media sandbox; `""`: never. Missing,
+    /// those renditions answer 415 and the log says so once at start.
+    pub ffmpeg: String,
 }
 
 impl Default for MediaConfig {
@@ -294,6 +298,7 @@ impl Default for MediaConfig {
             inflight_bytes: Size(256 << 20),
             max_frames: 300,
             max_animation_pixels: 250_000_000,
+            ffmpeg: "ffmpeg".into(),
         }
     }
 }

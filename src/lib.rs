@@ -134,6 +134,7 @@ pub fn media_pool(
         },
         job_timeout: m.job_timeout.0,
         max_input: config.cache.max_object_bytes.0,
+        ffmpeg: media::worker::tool::locate(&m.ffmpeg),
     };
     let pool_metrics = media::worker::PoolMetrics {
         jobs: metrics.media_jobs.clone(),
@@ -214,6 +215,15 @@ impl Bound {
         let media = media_pool(&config, options.worker_exe, &metrics);
         let landlock = media.warm().await.map_err(StartError::Media)?;
         tracing::info!(workers = config.media.workers, landlock, "media workers sandboxed");
+        match media.ffmpeg() {
+            Some(ffmpeg) => {
+                tracing::info!(ffmpeg = %ffmpeg.display(), "video posters and AVIF by ffmpeg")
+            }
+            None => tracing::warn!(
+                media.ffmpeg = config.media.ffmpeg,
+                "ffmpeg not found: video posters and AVIF renditions answer 415 (install ffmpeg or set media.ffmpeg)"
+            ),
+        }
         let scanner =
             moderation::scanner::Scanner::from_config(&config.moderation).map_err(|e| {
                 StartError::Setup(error::ProxyError::internal(format!(

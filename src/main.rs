@@ -79,6 +79,11 @@ enum Command {
         jobs: u32,
         #[arg(long, default_value_t = 100 << 20)]
         max_input: u64,
+        /// Become this program (ffmpeg) inside the sandbox, with the arguments after `--`.
+        #[arg(long)]
+        tool: Option<PathBuf>,
+        #[arg(last = true)]
+        args: Vec<std::ffi::OsString>,
     },
     /// Summarise the outbound audit log: per origin host, requests, bytes, headers sent.
     /// Exits 1 if any request carried a header outside the outbound allowlist.
@@ -107,11 +112,16 @@ fn main() -> ExitCode {
         cpu_seconds,
         jobs,
         max_input,
+        tool,
+        args,
         ..
     }) = cli.command
     {
         let limits = parasol::media::worker::Limits { memory, cpu_seconds, jobs };
-        return parasol::media::worker::child::run(limits, max_input);
+        return match tool {
+            Some(program) => parasol::media::worker::tool::exec(&limits, &program, &args),
+            None => parasol::media::worker::child::run(limits, max_input),
+        };
     }
     parasol::telemetry::init_logging();
     match run(cli) {

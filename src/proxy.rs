@@ -303,8 +303,9 @@ impl Proxy {
         let spec = spec.ok_or((ProxyError::UnknownVariant, CacheStatus::Bypass))?;
         let original_req = ProxyRequest { source: req.source.clone(), variant: None };
         let (original, status) = self.get(&original_req, trigger).await?;
-        if !original.content_type.to_str().is_ok_and(|t| t.starts_with("image/")) {
-            // Video and audio have no renditions: the original is served.
+        let content_type = original.content_type.to_str().unwrap_or_default();
+        if !content_type.starts_with("image/") && !prepare::needs_frame(content_type) {
+            // Audio has no renditions: the original is served.
             return Ok((original, status));
         }
         let key = Key::new(&format!("blake3:{}", original.hash.to_hex()), Some(name));

@@ -21,6 +21,7 @@
 pub mod child;
 pub mod protocol;
 pub mod sandbox;
+pub mod tool;
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -58,6 +59,8 @@ pub struct PoolConfig {
     pub job_timeout: Duration,
     /// Largest job input (`cache.max_object_bytes`).
     pub max_input: u64,
+    /// ffmpeg, when there is one (`media.ffmpeg`): run through [`tool`].
+    pub ffmpeg: Option<PathBuf>,
 }
 
 /// A job's file: already in memory, or a file streamed into the worker.
@@ -173,6 +176,11 @@ impl MediaPool {
         let (worker, landlock) = self.spawn().await?;
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(worker);
         Ok(landlock)
+    }
+
+    /// The ffmpeg program found at start, if any.
+    pub fn ffmpeg(&self) -> Option<&std::path::Path> {
+        self.config.ffmpeg.as_deref()
     }
 
     /// Runs `task` on `input`, the file whose blake3 is `content` (when known), sending any

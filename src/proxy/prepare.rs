@@ -11,7 +11,14 @@ use super::{Proxy, Received};
 use crate::cache::{Entry, Key};
 use crate::error::ProxyError;
 use crate::media::worker::protocol::Task;
+use crate::media::worker::tool::{ToolJob, frame_args};
 use crate::media::worker::{Input, Outcome};
+
+/// Types whose renditions start from a frame ffmpeg takes: videos, and AVIF (which no decoder
+/// of the worker's own reads).
+pub(crate) fn needs_frame(content_type: &str) -> bool {
+    content_type.starts_with("video/") || content_type == "image/avif"
+}
 
 impl Proxy {
     /// What is stored is what may be served: an SVG becomes a PNG, metadata is stripped.
@@ -65,9 +72,19 @@ impl Proxy {
         original: &Entry,
         spec: &crate::config::VariantConfig,
     ) -> Result<Arc<Entry>, ProxyError> {
-        let input = match &original.body {
-            Some(bytes) => Input::Memory(bytes.clone()),
-            None => Input::File { path: self.disk.path(&original.hash), len: original.len },
+        // A video (its first frame) or an AVIF (ffmpeg's decoder) is first made a PNG, kept
+        // (perhaps as a temp file) until the render has read it.
+        let mut frame = match needs_frame(original.content_type.to_str().unwrap_or_default()) {
+            true => Some(self.take_frame(original).await?),
+            false => None,
+        };
+        let (input, content) = match (frame.as_mut(), &original.body) {
+            (Some(frame), _) => (frame.input().await.map_err(super::storage_error)?, frame.hash),
+            (None, Some(bytes)) => (Input::Memory(bytes.clone()), original.hash),
+            (None, None) => {
+                let path = self.disk.path(&original.hash);
+                (Input::File { path, len: original.len }, original.hash)
+            }
         };
         let media = &self.config.media;
         let animation = crate::media::animation::AnimationLimits {
@@ -80,11 +97,28 @@ impl Proxy {
             animation: spec.animated.then_some(animation),
         };
         self.metrics.renders.inc();
-        let rendered = self.run_job(&task, input, &original.hash, spec.format.mime_type()).await?;
+        let rendered = self.run_job(&task, input, &content, spec.format.mime_type()).await?;
+        drop(frame);
         let mut rendered =
             rendered.ok_or_else(|| ProxyError::internal("render answered unchanged"))?;
         rendered.final_host = original.final_host.as_deref().map(str::to_string);
         self.store(key, url, rendered).await
+    }
+
+    /// The first picture of `original` (a video's first frame, an AVIF decoded) as a PNG, by
+    /// ffmpeg in the media sandbox. 415 where there is no ffmpeg.
+    async fn take_frame(&self, original: &Entry) -> Result<Received, ProxyError> {
+        let Some(ffmpeg) = self.media.ffmpeg() else {
+            return Err(ProxyError::UnsupportedType);
+        };
+        let job = ToolJob { program: ffmpeg.to_path_buf(), args: frame_args(), name: "frame" };
+        let mut sink = Sink::new(&self.disk, &self.body_budget);
+        let path = self.disk.path(&original.hash);
+        self.media.run_tool(&job, &path, &original.hash, &mut sink).await?;
+        if infer::get(sink.head()).map(|t| t.mime_type()) != Some("image/png") {
+            return Err(ProxyError::bad_image("ffmpeg gave no picture"));
+        }
+        Ok(sink.finish("image/png"))
     }
 
     /// Runs `task` on `input` (the file hashing to `content`) and receives the result, which

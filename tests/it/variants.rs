@@ -445,3 +445,102 @@ async fn avatars_and_emoji_keep_their_animation_and_static_is_still() {
     assert_eq!(decoded(&avatar).1.width(), 320);
     p.stop().await;
 }
+
+/// Runs ffmpeg (the test's own, outside parasol) to make a small media file.
+fn ffmpeg_make(args: &str, ext: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join(format!("out.{ext}"));
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-y"])
+        .args(args.split_whitespace())
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "ffmpeg {args}");
+    std::fs::read(out).unwrap()
+}
+
+/// A frame's pixel is near `want` (RGB).
+fn near(px: [u8; 4], want: [u8; 3]) -> bool {
+    (0..3).all(|i| (i32::from(px[i]) - i32::from(want[i])).abs() < 40)
+}
+
+/// Videos (MP4 with its index at the end, WebM, MOV) get a poster: their first frame, fitted
+/// to the preset, taken by ffmpeg inside the media sandbox; AVIF renders through the same
+/// path. The originals are served as they came.
+#[tokio::test]
+#[cfg_attr(not(has_ffmpeg), ignore = "needs ffmpeg: apt-get install ffmpeg")]
+async fn videos_get_posters_and_avif_renders() {
+    // Red for the first second, then blue: the poster must be the first frame.
+    let clip = "-f lavfi -i color=c=red:s=640x360:d=1,format=yuv420p \
+                -f lavfi -i color=c=blue:s=640x360:d=1,format=yuv420p \
+                -filter_complex [0][1]concat=n=2:v=1 -r 10";
+    let mp4 = ffmpeg_make(&format!("{clip} -c:v libx264 -preset ultrafast"), "mp4");
+    let webm = ffmpeg_make(&format!("{clip} -c:v libvpx -deadline realtime -b:v 200k"), "webm");
+    let mov = ffmpeg_make(&format!("{clip} -c:v mjpeg -q:v 8"), "mov");
+    let avif = ffmpeg_make(
+        "-f lavfi -i color=c=green:s=480x320,format=yuv420p -frames:v 1 \
+         -c:v libaom-av1 -still-picture 1 -cpu-used 8",
+        "avif",
+    );
+    let moov = mp4.windows(4).position(|w| w == b"moov").unwrap();
+    let mdat = mp4.windows(4).position(|w| w == b"mdat").unwrap();
+    assert!(moov > mdat, "the MP4's index is at its end, as ffmpeg writes by default");
+    let origin = Origin::start("127.0.0.17").await;
+    let files = [
+        ("/v.mp4", mp4, (640, 360), [255, 0, 0]),
+        ("/v.webm", webm, (640, 360), [255, 0, 0]),
+        ("/v.mov", mov, (640, 360), [255, 0, 0]),
+        ("/p.avif", avif, (480, 320), [0, 128, 0]),
+    ];
+    for (path, bytes, _, _) in &files {
+        origin.route(path, Route::ok(bytes.clone()));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.17/32"])).await;
+    for (path, bytes, (w, h), colour) in files {
+        let src = origin.url(path);
+        assert_eq!(body(get(&p.url(&src)).await).await, bytes, "{path}: the original");
+        for (variant, (bw, bh)) in [("static", (498, 422)), ("preview", (200, 200))] {
+            let r = get(&variant_url(&p, &src, variant)).await;
+            assert_eq!(r.status(), 200, "{path} {variant}");
+            assert_eq!(r.headers()["content-type"], "image/webp", "{path} {variant}");
+            let (_, img) = decoded(&body(r).await);
+            let scale = (f64::from(bw) / f64::from(w)).min(f64::from(bh) / f64::from(h)).min(1.0);
+            let want =
+                ((f64::from(w) * scale).round() as u32, (f64::from(h) * scale).round() as u32);
+            assert_eq!((img.width(), img.height()), want, "{path} {variant}");
+            let px = img.to_rgba8().get_pixel(want.0 / 2, want.1 / 2).0;
+            assert!(near(px, colour), "{path} {variant}: {px:?}, wanted {colour:?}");
+        }
+    }
+    // Not a video at all, though it says so: a clear refusal, and the process stays up.
+    origin.route("/fake.mp4", Route::ok(b"\0\0\0\x18ftypmp42\0\0\0\0mp42isomjunkjunk".to_vec()));
+    let r = get(&variant_url(&p, &origin.url("/fake.mp4"), "static")).await;
+    assert_eq!(r.status(), 415);
+    assert_eq!(r.headers()["x-parasol-error"], "bad_image");
+    assert_eq!(get(&variant_url(&p, &origin.url("/v.mp4"), "preview")).await.status(), 200);
+    p.stop().await;
+}
+
+/// Without ffmpeg, posters and AVIF renditions are a clear 415; originals and everything else
+/// are served as before.
+#[tokio::test]
+async fn without_ffmpeg_posters_are_415_and_nothing_else_changes() {
+    let origin = Origin::start("127.0.0.17").await;
+    let mp4 = b"\0\0\0\x18ftypmp42\0\0\0\0mp42isom\0\0\0\x08mdat".to_vec();
+    origin.route("/v.mp4", Route::ok(mp4.clone()));
+    origin.route("/photo.jpg", Route::ok(gradient_jpeg(400, 300)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.17/32"]);
+    cfg.media.ffmpeg = "/nonexistent/ffmpeg".into();
+    let p = Parasol::start(cfg).await;
+    let src = origin.url("/v.mp4");
+    assert_eq!(body(get(&p.url(&src)).await).await, mp4, "the video itself is served");
+    let r = get(&variant_url(&p, &src, "static")).await;
+    assert_eq!(r.status(), 415);
+    assert_eq!(r.headers()["x-parasol-error"], "unsupported_type");
+    let r = get(&variant_url(&p, &origin.url("/photo.jpg"), "preview")).await;
+    assert_eq!(r.status(), 200);
+    p.stop().await;
+}

@@ -96,7 +96,7 @@ fn lifetime_cpu(limits: &Limits) -> u64 {
 }
 
 /// Started as root: become `nobody`, with no groups. Otherwise nothing to drop.
-fn drop_root() -> Result<(), String> {
+pub(super) fn drop_root() -> Result<(), String> {
     use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
     if !nix::unistd::geteuid().is_root() {
         return Ok(());
@@ -158,7 +158,7 @@ fn landlock() -> Result<String, String> {
 
 /// Closes every descriptor above 2. The server opens everything close-on-exec, so normally
 /// there is none; this makes it so whatever a library or a future change leaks.
-fn close_inherited() -> Result<Vec<i32>, String> {
+pub(super) fn close_inherited() -> Result<Vec<i32>, String> {
     let listed: Vec<i32> = std::fs::read_dir("/proc/self/fd")
         .map_err(|e| format!("/proc/self/fd: {e}"))?
         .flatten()

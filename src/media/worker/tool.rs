@@ -1,0 +1,337 @@
+//! Outside programs (ffmpeg: video posters, AVIF) run the way a media worker does: the
+//! `parasol` binary is started as `parasol media-worker --tool PROGRAM`, raises the same walls
+//! a worker raises (kernel limits, no inherited descriptor, Landlock, `nobody`, death with the
+//! server, a seccomp filter) and then becomes the program, which inherits all of them:
+//!
+//! - its only input is the cached file, handed over as stdin and opened by the program as
+//!   `/dev/stdin` (a real file, so it can seek: an MP4 whose index sits at its end needs
+//!   that); Landlock lets it read that one file, the system's libraries and nothing else, and
+//!   write nowhere (`RLIMIT_FSIZE` 0 as well);
+//! - its only output is stdout, read by the server as a job's result and sniffed like one;
+//! - no sockets at all (seccomp and Landlock), no new process (only threads), no ptrace, no
+//!   signal to anyone else, no mounts, namespaces, BPF or keyrings;
+//! - `media.worker_memory` of address space, `media.job_timeout` of CPU time, and the
+//!   server's wall-clock deadline, past which it is killed.
+//!
+//! Where the kernel has no Landlock the program is not run at all (there a hostile video
+//! could make it read other files into the picture it returns): the job is refused and the
+//! log says why once.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+
+use nix::sys::resource::{Resource, setrlimit};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+use tokio::io::AsyncReadExt;
+
+use super::{Limits, MediaPool, RunningJob, relay_stderr};
+use crate::cache::ChunkSink;
+use crate::error::ProxyError;
+
+/// Exit status of a tool process whose sandbox could not be raised (no program was run).
+pub const UNSAFE_EXIT: u8 = 97;
+
+/// Finds `name` (a path, or a program name looked up on `PATH`) as an executable file.
+pub fn locate(name: &str) -> Option<PathBuf> {
+    if name.is_empty() {
+        return None;
+    }
+    let executable = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if name.contains('/') {
+        let p = PathBuf::from(name);
+        return executable(&p).then(|| p.canonicalize().unwrap_or(p));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| executable(p))
+}
+
+/// The child's side: raise the walls, then become `program`. Returns only on failure.
+pub fn exec(limits: &Limits, program: &Path, args: &[OsString]) -> ExitCode {
+    if let Err(why) = enter(limits, program) {
+        eprintln!("parasol media tool: sandbox: {why}");
+        return ExitCode::from(UNSAFE_EXIT);
+    }
+    use std::os::unix::process::CommandExt;
+    let e = std::process::Command::new(program).args(args).env_clear().exec();
+    eprintln!("parasol media tool: cannot run {}: {e}", program.display());
+    ExitCode::from(UNSAFE_EXIT)
+}
+
+fn enter(limits: &Limits, program: &Path) -> Result<(), String> {
+    let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
+    let _ = rustix::process::setpriority_process(None, super::sandbox::NICE);
+    let set = |resource, soft, hard| {
+        setrlimit(resource, soft, hard).map_err(|e| format!("setrlimit {resource:?}: {e}"))
+    };
+    set(Resource::RLIMIT_AS, limits.memory, limits.memory)?;
+    set(Resource::RLIMIT_CORE, 0, 0)?;
+    set(Resource::RLIMIT_FSIZE, 0, 0)?;
+    set(Resource::RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1)?;
+    super::sandbox::close_inherited()?;
+    landlock(program)?;
+    super::sandbox::drop_root()?;
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
+    // The loader opens the program's libraries one at a time.
+    set(Resource::RLIMIT_NOFILE, 64, 64)?;
+    seccompiler::apply_filter(&filter()?).map_err(|e| format!("seccomp: {e}"))
+}
+
+/// Read access to the libraries, execution of the program and its loader, reading of stdin
+/// (the one input file), and nothing else: no writes, no TCP, no signals or abstract sockets
+/// outside. Refused (an error) where the kernel cannot enforce it.
+fn landlock(program: &Path) -> Result<(), String> {
+    use landlock::{
+        ABI, Access, AccessFs, AccessNet, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr,
+        RulesetCreatedAttr, RulesetStatus, Scope,
+    };
+    let abi = ABI::V6;
+    let err = |e: landlock::RulesetError| format!("landlock: {e}");
+    let read: BitFlags<AccessFs> = AccessFs::ReadFile | AccessFs::ReadDir;
+    let mut ruleset = Ruleset::default()
+        .handle_access(AccessFs::from_all(abi))
+        .map_err(err)?
+        .handle_access(AccessNet::from_all(abi))
+        .map_err(err)?
+        .scope(Scope::from_all(abi))
+        .map_err(err)?
+        .create()
+        .map_err(err)?;
+    for dir in ["/usr", "/lib", "/lib64", "/etc/ld.so.cache"] {
+        if let Ok(fd) = PathFd::new(dir) {
+            ruleset = ruleset.add_rule(PathBeneath::new(fd, read)).map_err(err)?;
+        }
+    }
+    // The program and the ELF interpreter the kernel loads for it.
+    let exec = AccessFs::Execute | AccessFs::ReadFile;
+    for file in
+        [program, Path::new("/lib64/ld-linux-x86-64.so.2"), Path::new("/lib/ld-linux-aarch64.so.1")]
+    {
+        if let Ok(fd) = PathFd::new(file) {
+            ruleset = ruleset.add_rule(PathBeneath::new(fd, exec)).map_err(err)?;
+        }
+    }
+    let input = std::io::stdin().as_fd().try_clone_to_owned().map_err(|e| format!("stdin: {e}"))?;
+    ruleset = ruleset.add_rule(PathBeneath::new(input, AccessFs::ReadFile)).map_err(err)?;
+    match ruleset.restrict_self().map_err(err)?.ruleset {
+        RulesetStatus::NotEnforced => Err("Landlock is not available in this kernel".into()),
+        RulesetStatus::FullyEnforced | RulesetStatus::PartiallyEnforced => Ok(()),
+    }
+}
+
+/// The calls a media program never needs, refused (`ENOSYS`, which the C library treats as
+/// "not there"): sockets, new processes (threads stay allowed), tracing, other processes'
+/// memory and signals, mounts and namespaces, BPF, keyrings, module and kernel loading.
+fn filter() -> Result<BpfProgram, String> {
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| format!("seccomp: {e}"))?;
+    let cond = |arg, op, value| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value)
+            .map_err(|e| format!("seccomp: {e}"))
+    };
+    let rule = |conditions| SeccompRule::new(conditions).map_err(|e| format!("seccomp: {e}"));
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = [
+        libc::SYS_socket,
+        libc::SYS_socketpair,
+        libc::SYS_connect,
+        libc::SYS_bind,
+        libc::SYS_listen,
+        libc::SYS_accept,
+        libc::SYS_accept4,
+        libc::SYS_fork,
+        libc::SYS_vfork,
+        libc::SYS_clone3,
+        libc::SYS_ptrace,
+        libc::SYS_process_vm_readv,
+        libc::SYS_process_vm_writev,
+        libc::SYS_kill,
+        libc::SYS_tkill,
+        libc::SYS_mount,
+        libc::SYS_umount2,
+        libc::SYS_pivot_root,
+        libc::SYS_chroot,
+        libc::SYS_unshare,
+        libc::SYS_setns,
+        libc::SYS_bpf,
+        libc::SYS_perf_event_open,
+        libc::SYS_keyctl,
+        libc::SYS_add_key,
+        libc::SYS_request_key,
+        libc::SYS_userfaultfd,
+        libc::SYS_io_uring_setup,
+        libc::SYS_kexec_load,
+        libc::SYS_init_module,
+        libc::SYS_finit_module,
+        libc::SYS_delete_module,
+        libc::SYS_setrlimit,
+        libc::SYS_personality,
+    ]
+    .into_iter()
+    .map(|nr| (nr, Vec::new()))
+    .collect();
+    // A clone without CLONE_THREAD is a new process; threads are allowed.
+    let thread = libc::CLONE_THREAD as u64;
+    rules.insert(libc::SYS_clone, vec![rule(vec![cond(0, SeccompCmpOp::MaskedEq(thread), 0)?])?]);
+    // Limits may be read, never raised or set (pid 0 and no new limit: a read).
+    rules.insert(libc::SYS_prlimit64, vec![rule(vec![cond(2, SeccompCmpOp::Ne, 0)?])?]);
+    // Signals only to itself (abort): tgkill of another thread group is refused.
+    let own = std::process::id() as u64;
+    rules.insert(libc::SYS_tgkill, vec![rule(vec![cond(0, SeccompCmpOp::Ne, own)?])?]);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch,
+    )
+    .map_err(|e| format!("seccomp: {e}"))?;
+    filter.try_into().map_err(|e: seccompiler::BackendError| format!("seccomp: {e}"))
+}
+
+/// ffmpeg's arguments for the first picture of its input (a video's first frame, an AVIF's
+/// image) as a PNG on stdout: one thread, nothing read but the input, no other stream.
+pub fn frame_args() -> Vec<String> {
+    let args = "-hide_banner -nostdin -loglevel error -threads 1 -filter_threads 1 \
+        -i /dev/stdin -map 0:v:0 -frames:v 1 -f image2pipe -c:v png -";
+    args.split_whitespace().map(str::to_string).collect()
+}
+
+/// One run of an outside program: which, with what arguments.
+#[derive(Debug, Clone)]
+pub struct ToolJob {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// A short name for logs, metrics and remembered verdicts (`poster`).
+    pub name: &'static str,
+}
+
+impl MediaPool {
+    /// Runs `job` on the file at `path` (`len` bytes, hashing to `content`), its stdout into
+    /// `sink`. Shares the workers' queue and slots, deadline and remembered verdicts.
+    pub async fn run_tool<S: ChunkSink>(
+        &self,
+        job: &ToolJob,
+        path: &Path,
+        content: &blake3::Hash,
+        sink: &mut S,
+    ) -> Result<(), ProxyError> {
+        let mut key = blake3::Hasher::new();
+        key.update(content.as_bytes()).update(job.name.as_bytes());
+        let verdict = *key.finalize().as_bytes();
+        if let Some(why) = self.verdicts.get(&verdict).await {
+            self.count("remembered");
+            return Err(ProxyError::MediaTooCostly(why));
+        }
+        let Ok(_admitted) = self.admitted.try_acquire() else {
+            self.count("busy");
+            return Err(ProxyError::MediaBusy);
+        };
+        let _slot = self.running.acquire().await.map_err(|_| ProxyError::MediaBusy)?;
+        self.metrics.running.inc();
+        let _running = RunningJob(&self.metrics.running);
+        let result = self.tool_exchange(job, path, sink).await;
+        match &result {
+            Ok(()) => self.count("ok"),
+            Err(ProxyError::MediaTooCostly(why)) => {
+                self.count("too_costly");
+                self.verdicts.insert(verdict, why.clone()).await;
+            }
+            Err(ProxyError::BadImage(_)) => self.count("refused"),
+            Err(_) => self.count("error"),
+        }
+        result
+    }
+
+    async fn tool_exchange<S: ChunkSink>(
+        &self,
+        job: &ToolJob,
+        path: &Path,
+        sink: &mut S,
+    ) -> Result<(), ProxyError> {
+        // The program, as `nobody`, reopens its stdin: the blob must be readable by others
+        // (the cache directory's 0700 keeps everyone else out).
+        let file = std::fs::File::open(path).map_err(crate::proxy::storage_error)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = file.metadata().map_err(crate::proxy::storage_error)?.permissions().mode();
+            if mode & 0o004 == 0 {
+                let wider = std::fs::Permissions::from_mode(mode | 0o044);
+                file.set_permissions(wider).map_err(crate::proxy::storage_error)?;
+            }
+        }
+        let limits = &self.config.limits;
+        let mut cmd = tokio::process::Command::new(&self.config.exe);
+        cmd.arg("media-worker")
+            .args(["--memory", &limits.memory.to_string()])
+            .args(["--cpu-seconds", &limits.cpu_seconds.to_string()])
+            .arg("--tool")
+            .arg(&job.program)
+            .arg("--")
+            .args(&job.args)
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::from(file))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        let mut child = cmd.spawn().map_err(|e| {
+            ProxyError::internal(format!("cannot start {}: {e}", self.config.exe.display()))
+        })?;
+        let pid = child.id().unwrap_or(0);
+        let (Some(mut stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(ProxyError::internal("media tool without pipes"));
+        };
+        tokio::spawn(relay_stderr(pid, stderr));
+        let max = self.config.max_input;
+        let work = async {
+            let mut buf = vec![0u8; 1 << 16];
+            let mut total = 0u64;
+            // The length is not known: up to 1 MiB in memory, then a temp file.
+            sink.begin(1 << 20).await.map_err(crate::proxy::storage_error)?;
+            loop {
+                let n = stdout.read(&mut buf).await.map_err(ProxyError::internal)?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+                if total > max {
+                    return Err(ProxyError::MediaTooCostly("output over the limit".into()));
+                }
+                sink.push(&buf[..n]).await.map_err(crate::proxy::storage_error)?;
+            }
+            let status = child.wait().await.map_err(ProxyError::internal)?;
+            Ok((status, total))
+        };
+        let (status, total) = match tokio::time::timeout(self.config.job_timeout, work).await {
+            Ok(result) => result?,
+            Err(_) => {
+                let _ = child.start_kill();
+                tracing::warn!(tool = job.name, "media tool over media.job_timeout: killed");
+                return Err(ProxyError::MediaTooCostly("over media.job_timeout".into()));
+            }
+        };
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(0), _) if total > 0 => Ok(()),
+            (Some(code), _) if code == i32::from(UNSAFE_EXIT) => {
+                Err(ProxyError::internal("the media tool's sandbox could not be raised"))
+            }
+            // The program said no (it could not read the file): the file's fault, not a
+            // costly one.
+            (Some(_), _) => Err(ProxyError::bad_image("the file has no picture to take")),
+            (None, signal) => {
+                let why = super::death(status);
+                tracing::warn!(tool = job.name, ?signal, why, "media tool failed");
+                Err(ProxyError::MediaTooCostly(why.into()))
+            }
+        }
+    }
+}
