@@ -479,3 +479,109 @@ async fn a_job_starved_of_the_cpu_is_not_blamed_on_its_file() {
     child.sigterm();
     assert!(child.wait().await.success());
 }
+
+/// ffmpeg run as parasol runs it (`parasol media-worker --tool`), on `input` as its stdin,
+/// with `args`: its exit status, stdout and stderr.
+fn sandboxed_ffmpeg(input: &Path, args: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_parasol"))
+        .args(["media-worker", "--memory", "536870912", "--cpu-seconds", "10", "--tool"])
+        .arg(parasol::media::worker::tool::locate("ffmpeg").unwrap())
+        .arg("--")
+        .args(args.split_whitespace())
+        .stdin(std::fs::File::open(input).unwrap())
+        .output()
+        .unwrap()
+}
+
+/// The sandbox ffmpeg runs in, proved from inside: it reads its input and nothing else, and
+/// connects nowhere, even when the file itself asks it to (an HLS playlist naming a URL and a
+/// local file, the classic way a video makes ffmpeg fetch or leak).
+#[tokio::test]
+#[cfg_attr(not(has_ffmpeg), ignore = "needs ffmpeg: apt-get install ffmpeg")]
+async fn ffmpeg_reads_only_its_input_and_connects_nowhere() {
+    let listener = std::net::TcpListener::bind("127.0.0.44:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret.txt");
+    std::fs::write(&secret, "not for ffmpeg").unwrap();
+    let playlist = dir.path().join("playlist.m3u8");
+    let at = listener.local_addr().unwrap();
+    std::fs::write(
+        &playlist,
+        format!(
+            "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nhttp://{at}/leak.ts\n#EXTINF:1,\n\
+             file:{}\n#EXT-X-ENDLIST\n",
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = sandboxed_ffmpeg(
+        &playlist,
+        "-hide_banner -nostdin -f hls -allowed_extensions ALL -protocol_whitelist file,http,tcp \
+         -i /dev/stdin -c copy -f null -",
+    );
+    assert!(!out.status.success(), "nothing to read, nothing to fetch");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(listener.accept().is_err(), "no connection reached the listener");
+    let opened =
+        sandboxed_ffmpeg(&playlist, &format!("-hide_banner -nostdin -i {}", secret.display()));
+    let stderr = String::from_utf8_lossy(&opened.stderr);
+    assert!(stderr.contains("Permission denied"), "another file is refused: {stderr}");
+
+    // The same sandbox does its job on a real video.
+    let video = dir.path().join("v.mp4");
+    let made = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i"])
+        .args(["color=c=red:s=64x48:d=1", "-c:v", "libx264", "-preset", "ultrafast"])
+        .arg(&video)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let args = parasol::media::worker::tool::frame_args().join(" ");
+    let out = sandboxed_ffmpeg(&video, &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let frame = image::load_from_memory(&out.stdout).unwrap();
+    assert_eq!((frame.width(), frame.height()), (64, 48));
+}
+
+/// A video whose one frame is 16000 × 16000 (three quarters of a gigabyte decoded, from a
+/// file of a few hundred KiB): refused within the deadline, at the sandbox's cost, with the
+/// server's memory flat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(has_ffmpeg), ignore = "needs ffmpeg: apt-get install ffmpeg")]
+async fn video_bombs_cost_the_sandbox_not_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let bomb = dir.path().join("bomb.mov");
+    let made = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i"])
+        .args(["color=c=black:s=16000x16000", "-frames:v", "1", "-c:v", "png"])
+        .arg(&bomb)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let bytes = std::fs::read(&bomb).unwrap();
+    assert!(bytes.len() < 1 << 20, "small on disk: {} bytes", bytes.len());
+    let origin = Origin::start("127.0.0.45").await;
+    origin.route("/bomb.mov", Route::ok(bytes));
+    origin.route("/photo.jpg", Route::ok(crate::variants::gradient_jpeg(640, 480)));
+    let cache = tempfile::tempdir().unwrap();
+    let (child, public, _admin) = serve(cache.path(), "127.0.0.45/32", &[("job_timeout", "5s")]);
+    let pid = child.0.id();
+    let before = rss_kib(pid) / 1024;
+    let peaks = Peaks::watch(pid);
+    let started = Instant::now();
+    let url = format!("{}/static", signed_url(public, &origin.url("/bomb.mov")));
+    let r = get_within(&url, Duration::from_secs(30)).await;
+    assert!([415, 422].contains(&r.status().as_u16()), "refused: {}", r.status());
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let avatar = format!("{}/avatar", signed_url(public, &origin.url("/photo.jpg")));
+    assert_eq!(get_within(&avatar, Duration::from_secs(20)).await.status(), 200);
+    let (server, worker) = (peaks.server_mib(), peaks.worker_mib());
+    drop(peaks);
+    eprintln!("server RSS {before} MiB, peak {server} MiB; worker/tool peak {worker} MiB");
+    assert!(server < before + 64, "the server's memory stayed flat: {before} -> {server} MiB");
+    assert!(worker <= 512, "the tool stayed within media.worker_memory: {worker} MiB");
+    child.sigterm();
+    assert!(child.wait().await.success());
+}
