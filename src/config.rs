@@ -310,14 +310,22 @@ impl Default for MediaConfig {
 pub struct VariantConfig {
     pub width: Option<u32>,
     pub height: Option<u32>,
+    /// The encoding. A picture with transparency asked for as JPEG (which has none) comes out
+    /// as PNG instead, rather than with its transparent parts painted black.
     pub format: VariantFormat,
     /// WebP and JPEG quality, 1–100.
     pub quality: u8,
     /// WebP without loss (pixels exact, files several times larger); off: lossy at `quality`.
     pub lossless: bool,
-    /// An animated GIF, APNG or WebP stays animated (as animated WebP, within
-    /// `media.max_frames` and `media.max_animation_pixels`); off: its first frame.
-    pub animated: bool,
+    /// What becomes of an animated GIF, APNG or WebP.
+    pub animation: AnimationPolicy,
+    /// Misskey's badge: a `width` × `height` monochrome alpha mask of the picture (bright
+    /// parts opaque white, dark and transparent parts transparent), as PNG; a picture whose
+    /// mask would be (nearly) empty has none (404).
+    pub mask: bool,
+    /// Originals smaller than this are served as they are instead of a rendition (Akkoma's
+    /// `min_content_length`); 0: always render.
+    pub originals_below: Size,
 }
 
 impl Default for VariantConfig {
@@ -328,9 +336,24 @@ impl Default for VariantConfig {
             format: VariantFormat::Webp,
             quality: 80,
             lossless: false,
-            animated: false,
+            animation: AnimationPolicy::Still,
+            mask: false,
+            originals_below: Size(0),
         }
     }
+}
+
+/// What a preset makes of an animation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnimationPolicy {
+    /// The first frame.
+    Still,
+    /// Animated WebP, every frame fitted, within `media.max_frames` and
+    /// `media.max_animation_pixels` (past them: the first frame).
+    Keep,
+    /// The original file itself (Akkoma's preview of a GIF).
+    Original,
 }
 
 /// What becomes of an SVG document (`media.svg`).
@@ -371,23 +394,41 @@ impl VariantFormat {
     }
 }
 
-/// The presets Misskey's `mediaProxy` asks for. `avatar` and `emoji` keep an animation (as
-/// animated WebP); the others are its first frame.
+/// The presets Misskey's `mediaProxy` asks for (misskey-dev/media-proxy `src/index.ts`):
+/// `avatar` and `emoji` are a height (320, 128), never enlarged, animated as the original is;
+/// `avatar_static` and `emoji_static` their first frame (Misskey's `&static=1` beside them);
+/// `static` fits 498 × 422 and `preview` 200 × 200, both still; `badge` is the 96 × 96 mask;
+/// `thumbnail` a video's poster within 498 × 280 (`videoThumbnailGenerator`). WebP at
+/// quality 77, Misskey's own. And `akkoma`, Akkoma's `/proxy/preview/` defaults: 600 × 600,
+/// JPEG at 85, GIFs and originals under 100 KiB served as they are.
 pub fn default_variants() -> std::collections::BTreeMap<String, VariantConfig> {
-    use VariantFormat::{Png, Webp};
-    let v = |w: Option<u32>, h: Option<u32>, format, animated| VariantConfig {
+    use AnimationPolicy::{Keep, Original, Still};
+    use VariantFormat::{Jpeg, Png, Webp};
+    let v = |w: Option<u32>, h: Option<u32>, format, animation| VariantConfig {
         width: w,
         height: h,
         format,
-        animated,
+        animation,
+        quality: 77,
         ..VariantConfig::default()
     };
     [
-        ("avatar", v(Some(320), Some(320), Webp, true)),
-        ("preview", v(Some(200), Some(200), Webp, false)),
-        ("static", v(Some(498), Some(422), Webp, false)),
-        ("emoji", v(None, Some(128), Webp, true)),
-        ("badge", v(Some(96), Some(96), Png, false)),
+        ("avatar", v(None, Some(320), Webp, Keep)),
+        ("avatar_static", v(None, Some(320), Webp, Still)),
+        ("emoji", v(None, Some(128), Webp, Keep)),
+        ("emoji_static", v(None, Some(128), Webp, Still)),
+        ("static", v(Some(498), Some(422), Webp, Still)),
+        ("preview", v(Some(200), Some(200), Webp, Still)),
+        ("badge", VariantConfig { mask: true, ..v(Some(96), Some(96), Png, Still) }),
+        ("thumbnail", v(Some(498), Some(280), Webp, Still)),
+        (
+            "akkoma",
+            VariantConfig {
+                quality: 85,
+                originals_below: Size(100 << 10),
+                ..v(Some(600), Some(600), Jpeg, Original)
+            },
+        ),
     ]
     .into_iter()
     .map(|(name, spec)| (name.to_string(), spec))
@@ -419,7 +460,7 @@ impl Default for CompatConfig {
         Self {
             camo_key: String::new(),
             akkoma_secret: String::new(),
-            akkoma_preview_variant: "preview".into(),
+            akkoma_preview_variant: "akkoma".into(),
             misskey: false,
             misskey_fills_per_minute: 120,
         }

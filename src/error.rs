@@ -63,6 +63,10 @@ pub enum ProxyError {
     UnsupportedType,
     #[error("image cannot be rendered: {0}")]
     BadImage(std::sync::Arc<str>),
+    /// The preset has nothing to show for this file: a Misskey flag on something that is not
+    /// a picture, a badge whose mask is empty.
+    #[error("no rendition: {0}")]
+    NoRendition(std::sync::Arc<str>),
     #[error("media work over its limits: {0}")]
     MediaTooCostly(std::sync::Arc<str>),
     #[error("media workers busy")]
@@ -105,7 +109,7 @@ impl ProxyError {
             | BlockedDomain
             | RedirectRefused
             | RefusedUrl(_) => StatusCode::FORBIDDEN,
-            UnknownVariant | NoRoute | NotFound => StatusCode::NOT_FOUND,
+            UnknownVariant | NoRoute | NotFound | NoRendition(_) => StatusCode::NOT_FOUND,
             Banned(_) => StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS,
             UriTooLong => StatusCode::URI_TOO_LONG,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -143,6 +147,7 @@ impl ProxyError {
             TooLarge => "too_large",
             UnsupportedType => "unsupported_type",
             BadImage(_) => "bad_image",
+            NoRendition(_) => "no_rendition",
             MediaTooCostly(_) => "media_too_costly",
             MediaBusy => "media_busy",
             OriginStatus(_) => "origin_status",
@@ -162,8 +167,10 @@ impl ProxyError {
             BadUrl(_) | BadSignature | UnknownVariant | NoRoute | UriTooLong => Cause::Viewer,
             MethodNotAllowed => Cause::Viewer,
             BlockedDestination(_) | BlockedDomain | RefusedUrl(_) => Cause::Viewer,
-            NotFound | TooLarge | UnsupportedType | BadImage(_) | OriginStatus(_)
-            | OriginInvalid(_) | RedirectRefused | InsecureRedirect => Cause::Origin,
+            NotFound | TooLarge | UnsupportedType | BadImage(_) | NoRendition(_)
+            | OriginStatus(_) | OriginInvalid(_) | RedirectRefused | InsecureRedirect => {
+                Cause::Origin
+            }
             // The file did it: a decoder ran out of time or memory on it, or died.
             MediaTooCostly(_) => Cause::Origin,
             OriginUnreachable | OriginTimeout | OriginTls(_) => Cause::Origin,
@@ -192,6 +199,7 @@ impl ProxyError {
             TooLarge => "object too large",
             UnsupportedType => "content type not allowed",
             BadImage(_) => "image cannot be rendered",
+            NoRendition(_) => "no such rendition of this file",
             MediaTooCostly(_) => "image too costly to render",
             OriginStatus(_) | OriginInvalid(_) | OriginUnreachable | InsecureRedirect
             | OriginTls(_) => "origin failed",

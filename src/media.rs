@@ -32,6 +32,18 @@ pub struct TypePolicy {
     rasterize_svg: bool,
 }
 
+/// Types the media workers' own decoders read ([`decode`]); AVIF and video go through ffmpeg.
+pub const DECODED: &[&str] = &[
+    "image/jpeg",
+    "image/png",
+    "image/gif",
+    "image/webp",
+    "image/bmp",
+    "image/vnd.microsoft.icon",
+    "image/tiff",
+    "image/jxl",
+];
+
 /// The sniffed type of an SVG document awaiting rasterisation.
 pub const SVG: &str = "image/svg+xml";
 

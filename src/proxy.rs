@@ -222,6 +222,13 @@ impl Proxy {
         }
     }
 
+    /// Whether renditions of a file of `content_type` are pictures of it: the formats the
+    /// media workers decode, and AVIF while there is ffmpeg.
+    pub fn can_render(&self, content_type: &str) -> bool {
+        crate::media::DECODED.contains(&content_type)
+            || (content_type == "image/avif" && self.media.ffmpeg().is_some())
+    }
+
     /// Whether `req` is held in memory or on disk (no fill needed).
     pub async fn is_cached(&self, req: &ProxyRequest) -> bool {
         let key = req.key();
@@ -304,8 +311,9 @@ impl Proxy {
         let original_req = ProxyRequest { source: req.source.clone(), variant: None };
         let (original, status) = self.get(&original_req, trigger).await?;
         let content_type = original.content_type.to_str().unwrap_or_default();
-        if !content_type.starts_with("image/") && !prepare::needs_frame(content_type) {
-            // Audio has no renditions: the original is served.
+        let small = original.len < spec.originals_below.0;
+        if small || (!content_type.starts_with("image/") && !prepare::needs_frame(content_type)) {
+            // Audio has no renditions, and a preset may serve small originals as they are.
             return Ok((original, status));
         }
         let key = Key::new(&format!("blake3:{}", original.hash.to_hex()), Some(name));
@@ -316,7 +324,12 @@ impl Proxy {
                     this.memory.insert(key, entry.clone()).await;
                     return Ok((entry, CacheStatus::HitDisk));
                 }
-                let entry = this.render_and_store(key, &url, &original, &spec).await?;
+                let entry = match this.render_and_store(key, &url, &original, &spec).await? {
+                    Some(rendered) => rendered,
+                    // The preset keeps this original (kept in memory under the rendition's
+                    // key, so the worker is asked once while it stays there).
+                    None => original.clone(),
+                };
                 this.memory.insert(key, entry.clone()).await;
                 Ok((entry, CacheStatus::Miss))
             })

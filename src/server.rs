@@ -262,7 +262,7 @@ async fn route<B>(public: &Public, req: &Request<B>) -> (&'static str, Routed) {
         let key = compat.camo_key.as_bytes();
         ("camo", api::camo::parse(path, query, key).map(Target::Request))
     } else if compat.misskey && api::misskey::matches(path, query) {
-        ("misskey", api::misskey::parse(query).map(Target::Misskey))
+        ("misskey", api::misskey::parse(path, query).map(Target::Misskey))
     } else if path.starts_with(api::akkoma::PREFIX) && !compat.akkoma_secret.is_empty() {
         let (key, preview) = (compat.akkoma_secret.as_bytes(), &compat.akkoma_preview_variant);
         let parsed = api::akkoma::parse(path, key, preview).map(|p| match p {
@@ -284,7 +284,7 @@ async fn route<B>(public: &Public, req: &Request<B>) -> (&'static str, Routed) {
         }
         Ok(Target::Misskey(m)) => {
             let result = match misskey_allowed(public, &m.request).await {
-                Ok(()) => serve_request(public, &m.request, req).await,
+                Ok(()) => serve_misskey(public, &m, req).await,
                 Err(e) => Err(e),
             };
             match result {
@@ -314,6 +314,32 @@ async fn misskey_allowed(
     } else {
         Err((ProxyError::Overloaded, CacheStatus::Bypass))
     }
+}
+
+/// As Misskey's proxy: a flag on a file it cannot make a picture of (a video, audio, a type
+/// no decoder here reads) is 404, `thumbnail` takes videos too; the response names the file.
+async fn serve_misskey<B>(
+    public: &Public,
+    m: &api::misskey::MisskeyRequest,
+    req: &Request<B>,
+) -> Routed {
+    if let Some(name) = &m.request.variant {
+        let original = ProxyRequest { source: m.request.source.clone(), variant: None };
+        let (entry, cache) = public.proxy.get(&original, Trigger::View).await?;
+        let content_type = entry.content_type.to_str().unwrap_or_default();
+        let video = name == "thumbnail" && content_type.starts_with("video/");
+        if !video && !public.proxy.can_render(content_type) {
+            return Err((ProxyError::NoRendition("not a picture".into()), cache));
+        }
+    }
+    let (mut response, cache, sent) = serve_request(public, &m.request, req).await?;
+    let served = response.headers().get(http::header::CONTENT_TYPE).cloned();
+    let served = served.as_ref().and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let disposition = api::misskey::disposition(&m.filename, served);
+    if let Ok(value) = http::HeaderValue::from_str(&disposition) {
+        response.headers_mut().insert(http::header::CONTENT_DISPOSITION, value);
+    }
+    Ok((response, cache, sent))
 }
 
 async fn serve_request<B>(public: &Public, request: &ProxyRequest, req: &Request<B>) -> Routed {

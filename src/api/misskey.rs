@@ -1,41 +1,128 @@
-//! Misskey `mediaProxy` URLs: `/proxy/<name>.webp?url=<src>[&emoji=1|&avatar=1|&preview=1|
-//! &static=1|&badge=1][&fallback=1]`. Unsigned by Misskey's design, so parasol exposes them only
-//! when `compat.misskey = true`; they stay subject to `[policy]`, and fills through them are
-//! rate-limited per source domain (`compat.misskey_fills_per_minute`, [`super::rate`]).
+//! Misskey `mediaProxy` URLs, as misskey-dev/media-proxy answers them (`src/index.ts`):
+//! `<base>/<name>.webp?url=<src>[&emoji|&avatar|&static|&preview|&badge][&fallback]`, where
+//! `<base>` is `/proxy` (Misskey's own route) or the root (a standalone media proxy), the
+//! `videoThumbnailGenerator` form `/thumbnail.webp?thumbnail=1&url=<src>`, and the path form
+//! of misskey.io's fork, `/proxy/image/<host/path, percent-encoded>?avatar=1`.
+//!
+//! Unsigned by Misskey's design, so parasol exposes them only when `compat.misskey = true`;
+//! they stay subject to `[policy]`, and fills through them are rate-limited per source domain
+//! (`compat.misskey_fills_per_minute`, [`super::rate`]).
 
 use super::{ProxyRequest, parse_source};
 use crate::error::ProxyError;
 
-/// Misskey's query flags, in the order they take precedence, and the preset each maps to.
-const FLAGS: [&str; 5] = ["badge", "emoji", "avatar", "static", "preview"];
+/// The path form's prefix.
+const PATH_FORM: &str = "/proxy/image/";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MisskeyRequest {
     pub request: ProxyRequest,
-    /// `fallback=1`: answer a placeholder image instead of an error.
+    /// `fallback`: answer a placeholder image instead of an error.
     pub fallback: bool,
+    /// The name for `Content-Disposition`: the source URL's last path segment.
+    pub filename: String,
 }
 
-/// Whether `path` and `query` are a Misskey media proxy request (one path segment and a
-/// `url` parameter), as opposed to an Akkoma one under the same `/proxy/` prefix.
+/// Whether `path` and `query` are a Misskey media proxy request: one path segment under
+/// `/proxy/` or at the root with a `url` parameter (an Akkoma URL under the same prefix has
+/// three), or the path form.
 pub fn matches(path: &str, query: Option<&str>) -> bool {
-    let one_segment = path.strip_prefix("/proxy/").is_some_and(|rest| !rest.contains('/'));
+    if path.len() > PATH_FORM.len() && path.starts_with(PATH_FORM) {
+        return true;
+    }
+    let rest = path.strip_prefix("/proxy/").or_else(|| path.strip_prefix('/'));
+    let one_segment = rest.is_some_and(|rest| !rest.is_empty() && !rest.contains('/'));
     one_segment
         && query.is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "url"))
 }
 
-pub fn parse(query: Option<&str>) -> Result<MisskeyRequest, ProxyError> {
+/// The preset a set of Misskey flags asks for. As Misskey: a flag counts when present,
+/// whatever its value, and `emoji` or `avatar` win over `static`, which wins over `preview`,
+/// then `badge`; `static` beside `emoji` or `avatar` asks for their first frame.
+fn preset(has: impl Fn(&str) -> bool) -> Option<&'static str> {
+    let still = has("static");
+    Some(match () {
+        _ if has("emoji") && still => "emoji_static",
+        _ if has("emoji") => "emoji",
+        _ if has("avatar") && still => "avatar_static",
+        _ if has("avatar") => "avatar",
+        _ if still => "static",
+        _ if has("preview") => "preview",
+        _ if has("badge") => "badge",
+        _ if has("thumbnail") => "thumbnail",
+        _ => return None,
+    })
+}
+
+pub fn parse(path: &str, query: Option<&str>) -> Result<MisskeyRequest, ProxyError> {
     let pairs: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or("").as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
-    let has = |flag: &str| pairs.iter().any(|(k, v)| k == flag && v != "0");
-    let url = pairs.iter().find(|(k, _)| k == "url").map(|(_, v)| v.as_str());
-    let url = url.ok_or(ProxyError::BadUrl("expected ?url="))?;
-    let variant = FLAGS.iter().find(|f| has(f)).map(|f| f.to_string());
+    let has = |flag: &str| pairs.iter().any(|(k, _)| k == flag);
+    let urls: Vec<&str> =
+        pairs.iter().filter(|(k, _)| k == "url").map(|(_, v)| v.as_str()).collect();
+    let source = match (path.strip_prefix(PATH_FORM), urls.as_slice()) {
+        (_, [url]) => parse_source(url)?,
+        (_, [_, _, ..]) => return Err(ProxyError::BadUrl("more than one url parameter")),
+        (Some(encoded), []) => {
+            let text = percent_decode(encoded)?;
+            match text.starts_with("http://") || text.starts_with("https://") {
+                true => parse_source(&text)?,
+                false => parse_source(&format!("https://{text}"))?,
+            }
+        }
+        (None, []) => return Err(ProxyError::BadUrl("expected ?url=")),
+    };
+    let filename = source
+        .path_segments()
+        .and_then(|mut s| s.next_back())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("file")
+        .to_string();
+    let variant = preset(has).map(str::to_string);
     Ok(MisskeyRequest {
-        request: ProxyRequest { source: parse_source(url)?, variant },
+        request: ProxyRequest { source, variant },
         fallback: has("fallback"),
+        filename,
     })
+}
+
+fn percent_decode(text: &str) -> Result<String, ProxyError> {
+    let bytes: Vec<u8> =
+        form_urlencoded::parse(format!("x={}", text.replace('+', "%2B")).as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned().into_bytes())
+            .unwrap_or_default();
+    String::from_utf8(bytes).map_err(|_| ProxyError::BadUrl("source is not UTF-8"))
+}
+
+/// `Content-Disposition: inline` with the source's file name, its extension corrected to what
+/// is served (`x.png` as WebP is `x.png.webp`, as Misskey names it), with an ASCII fallback
+/// and the exact name as `filename*` when they differ.
+pub fn disposition(filename: &str, served_type: &str) -> String {
+    let ext = match served_type {
+        "image/jpeg" => "jpg",
+        "image/vnd.microsoft.icon" => "ico",
+        "image/svg+xml" => "svg",
+        "video/quicktime" => "mov",
+        other => other.rsplit('/').next().unwrap_or("unknown"),
+    };
+    let ext = ext.trim_start_matches("x-");
+    let lower = filename.to_ascii_lowercase();
+    let same = lower.ends_with(&format!(".{ext}"))
+        || (ext == "jpg" && lower.ends_with(".jpeg"))
+        || (ext == "tiff" && lower.ends_with(".tif"));
+    let name = if same { filename.to_string() } else { format!("{filename}.{ext}") };
+    let ascii: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '_' })
+        .collect();
+    if ascii == name {
+        format!("inline; filename=\"{name}\"")
+    } else {
+        let exact: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
+        format!("inline; filename=\"{ascii}\"; filename*=UTF-8''{}", exact.replace('+', "%20"))
+    }
 }
 
 /// A 1×1 transparent PNG, answered for `fallback=1` when the real image cannot be served.
@@ -55,17 +142,56 @@ mod tests {
     use super::*;
 
     #[test]
-    fn flags_map_to_presets() {
+    fn flags_map_to_presets_in_misskeys_order() {
         let q = "url=https%3A%2F%2Fmedia.test%2Fa.png&emoji=1&fallback=1";
         assert!(matches("/proxy/emoji.webp", Some(q)));
+        assert!(matches("/emoji.webp", Some(q)));
         assert!(!matches("/proxy/a/b/c", Some(q)));
-        let m = parse(Some(q)).unwrap();
+        assert!(!matches("/proxy/emoji.webp", None));
+        let m = parse("/proxy/emoji.webp", Some(q)).unwrap();
         assert_eq!(m.request.source.as_str(), "https://media.test/a.png");
         assert_eq!(m.request.variant.as_deref(), Some("emoji"));
+        assert_eq!(m.filename, "a.png");
         assert!(m.fallback);
-        let plain = parse(Some("url=https://media.test/a.png&static=0")).unwrap();
-        assert_eq!(plain.request.variant, None);
-        assert!(parse(Some("emoji=1")).is_err());
+        let variant = |flags: &str| {
+            let q = format!("url=https://media.test/a.png{flags}");
+            parse("/proxy/x.webp", Some(&q)).unwrap().request.variant
+        };
+        for (flags, want) in [
+            ("", None),
+            ("&static=0", Some("static")),
+            ("&avatar&static", Some("avatar_static")),
+            ("&emoji=1&avatar=1", Some("emoji")),
+            ("&badge=1&preview=1", Some("preview")),
+            ("&static=1&preview=1", Some("static")),
+            ("&badge=1", Some("badge")),
+            ("&thumbnail=1", Some("thumbnail")),
+        ] {
+            assert_eq!(variant(flags).as_deref(), want, "{flags}");
+        }
+        assert!(parse("/proxy/x.webp", Some("emoji=1")).is_err());
+        assert!(parse("/proxy/x.webp", Some("url=https://a.test/1&url=https://a.test/2")).is_err());
+    }
+
+    #[test]
+    fn the_path_form_carries_the_url() {
+        assert!(matches("/proxy/image/media.test%2Fa%20b.png", Some("avatar=1")));
+        let m = parse("/proxy/image/media.test%2Fdir%2Fa.png", Some("avatar=1")).unwrap();
+        assert_eq!(m.request.source.as_str(), "https://media.test/dir/a.png");
+        assert_eq!(m.request.variant.as_deref(), Some("avatar"));
+        let m = parse("/proxy/image/http%3A%2F%2Fmedia.test%2Fa.png", None).unwrap();
+        assert_eq!(m.request.source.as_str(), "http://media.test/a.png");
+    }
+
+    #[test]
+    fn disposition_names_what_is_served() {
+        assert_eq!(disposition("a.png", "image/webp"), "inline; filename=\"a.png.webp\"");
+        assert_eq!(disposition("a.webp", "image/webp"), "inline; filename=\"a.webp\"");
+        assert_eq!(disposition("a.JPEG", "image/jpeg"), "inline; filename=\"a.JPEG\"");
+        assert_eq!(
+            disposition("a b.png", "image/png"),
+            "inline; filename=\"a_b.png\"; filename*=UTF-8''a%20b.png"
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::decode::check_size;
 use super::variants::{Rendered, target_size};
-use crate::config::{VariantConfig, VariantFormat};
+use crate::config::{AnimationPolicy, VariantConfig, VariantFormat};
 use crate::error::ProxyError;
 
 /// How much animation a render may decode.
@@ -40,7 +40,10 @@ pub fn render_animated(
     max_pixels: u64,
     limits: &AnimationLimits,
 ) -> Result<Option<Rendered>, ProxyError> {
-    if !spec.animated || spec.format != VariantFormat::Webp || limits.max_frames < 2 {
+    if spec.animation != AnimationPolicy::Keep
+        || spec.format != VariantFormat::Webp
+        || limits.max_frames < 2
+    {
         return Ok(None);
     }
     let Some((w, h, frames)) = frames_of(source)? else { return Ok(None) };
@@ -85,6 +88,14 @@ pub fn render_animated(
     }
     let bytes = encoder.try_encode().map_err(|_| ProxyError::internal("animated WebP encoding"))?;
     Ok(Some(Rendered { bytes: bytes.to_vec(), content_type: "image/webp", width: tw, height: th }))
+}
+
+/// Whether `source` is an animation (a GIF, APNG or WebP with a second frame).
+pub fn is_animated(source: &[u8]) -> bool {
+    match frames_of(source) {
+        Ok(Some((_, _, mut frames))) => frames.nth(1).is_some_and(|f| f.is_ok()),
+        _ => false,
+    }
 }
 
 type Frames<'a> = image::Frames<'a>;

@@ -31,8 +31,17 @@ pub fn render(
     max_pixels: u64,
 ) -> Result<Rendered, ProxyError> {
     let img = super::decode::still(source, max_pixels)?;
+    if spec.mask {
+        return badge(&img, spec);
+    }
     let (tw, th) = target_size(img.width(), img.height(), spec);
-    let keep_alpha = img.color().has_alpha() && spec.format != VariantFormat::Jpeg;
+    let transparent = img.color().has_alpha() && img.to_rgba8().pixels().any(|p| p.0[3] < 255);
+    // JPEG has no alpha: a transparent picture asked for as JPEG is PNG instead.
+    let format = match spec.format {
+        VariantFormat::Jpeg if transparent => VariantFormat::Png,
+        format => format,
+    };
+    let keep_alpha = transparent;
     let src = if keep_alpha {
         DynamicImage::ImageRgba8(img.to_rgba8())
     } else {
@@ -48,7 +57,7 @@ pub fn render(
     let color =
         if keep_alpha { image::ExtendedColorType::Rgba8 } else { image::ExtendedColorType::Rgb8 };
     let mut bytes = Vec::new();
-    let encoded = match spec.format {
+    let encoded = match format {
         VariantFormat::Png => {
             image::codecs::png::PngEncoder::new(&mut bytes).write_image(dst.buffer(), tw, th, color)
         }
@@ -73,8 +82,89 @@ pub fn render(
         }
     };
     encoded.map_err(|_| ProxyError::internal("encode failed"))?;
-    let content_type = spec.format.mime_type();
-    Ok(Rendered { bytes, content_type, width: tw, height: th })
+    Ok(Rendered { bytes, content_type: format.mime_type(), width: tw, height: th })
+}
+
+/// Misskey's badge (misskey-dev/media-proxy `src/index.ts`, done there with sharp): the
+/// picture contained in the box on opaque black, its luminance stretched to the full range
+/// (1st to 99th percentile), raised in contrast (`1.75 v − 96`) and multiplied by its alpha;
+/// the result is every channel of a PNG, alpha included, so bright parts are opaque white and
+/// the rest transparent. A mask with almost no information (entropy under 0.1 bit) is no
+/// badge at all.
+fn badge(img: &DynamicImage, spec: &VariantConfig) -> Result<Rendered, ProxyError> {
+    let (bw, bh) = (spec.width.unwrap_or(96).max(1), spec.height.unwrap_or(96).max(1));
+    let (w, h) = (img.width(), img.height());
+    // `contain`: fitted inside the box, enlarged if need be, centred.
+    let scale = (f64::from(bw) / f64::from(w)).min(f64::from(bh) / f64::from(h));
+    let tw = ((f64::from(w) * scale).round() as u32).clamp(1, bw);
+    let th = ((f64::from(h) * scale).round() as u32).clamp(1, bh);
+    let src = DynamicImage::ImageRgba8(img.to_rgba8());
+    let mut fitted = Image::new(tw, th, PixelType::U8x4);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));
+    Resizer::new()
+        .resize(&src, &mut fitted, &options)
+        .map_err(|_| ProxyError::internal("resize failed"))?;
+    let (left, top) = ((bw - tw) / 2, (bh - th) / 2);
+    let mut luma = vec![0f32; (bw * bh) as usize];
+    let mut alpha = vec![255u8; (bw * bh) as usize];
+    for (i, px) in fitted.buffer().chunks_exact(4).enumerate() {
+        let (x, y) = (i as u32 % tw + left, i as u32 / tw + top);
+        let at = (y * bw + x) as usize;
+        let [r, g, b] = [px[0], px[1], px[2]].map(f32::from);
+        luma[at] = 0.2126 * r + 0.7152 * g + 0.0722 * b;
+        alpha[at] = px[3];
+    }
+    let (low, high) = percentiles(&luma);
+    let mut histogram = [0u32; 256];
+    let mask: Vec<u8> = luma
+        .iter()
+        .zip(&alpha)
+        .map(|(&v, &a)| {
+            let v = if high > low { (v - low) * 255.0 / (high - low) } else { v };
+            let v = (1.75 * v.clamp(0.0, 255.0) - 96.0).clamp(0.0, 255.0);
+            let m = (v * f32::from(a) / 255.0).round() as u8;
+            histogram[usize::from(m)] += 1;
+            m
+        })
+        .collect();
+    let n = mask.len() as f64;
+    let entropy: f64 = histogram
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum();
+    if entropy < 0.1 {
+        return Err(ProxyError::NoRendition("the badge's mask is empty".into()));
+    }
+    let pixels: Vec<u8> = mask.iter().flat_map(|&m| [m, m, m, m]).collect();
+    let mut bytes = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut bytes)
+        .write_image(&pixels, bw, bh, image::ExtendedColorType::Rgba8)
+        .map_err(|_| ProxyError::internal("encode failed"))?;
+    Ok(Rendered { bytes, content_type: "image/png", width: bw, height: bh })
+}
+
+/// The 1st and 99th percentiles of `values` (0–255).
+fn percentiles(values: &[f32]) -> (f32, f32) {
+    let mut histogram = [0usize; 256];
+    for &v in values {
+        histogram[v.round().clamp(0.0, 255.0) as usize] += 1;
+    }
+    let at = |share: f64| {
+        let wanted = (values.len() as f64 * share).ceil() as usize;
+        let mut seen = 0;
+        histogram
+            .iter()
+            .position(|&c| {
+                seen += c;
+                seen >= wanted.max(1)
+            })
+            .unwrap_or(255) as f32
+    };
+    (at(0.01), at(0.99))
 }
 
 /// Fits `w` × `h` within the preset's box, keeping the aspect ratio and never enlarging.
@@ -92,7 +182,7 @@ mod tests {
 
     fn spec(w: Option<u32>, h: Option<u32>, format: &str) -> VariantConfig {
         let format = serde_json::from_value(serde_json::json!(format)).unwrap();
-        VariantConfig { width: w, height: h, format, quality: 80, lossless: false, animated: false }
+        VariantConfig { width: w, height: h, format, ..VariantConfig::default() }
     }
 
     #[test]

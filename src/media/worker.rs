@@ -332,6 +332,10 @@ impl MediaPool {
                 self.count("unchanged");
                 Ok(reply)
             }
+            Reply::NoRendition { reason } => {
+                self.count("refused");
+                Err(ProxyError::NoRendition(reason.into()))
+            }
             Reply::Ready { .. } | Reply::Unsafe { .. } | Reply::Retired => {
                 self.count("error");
                 Err(ProxyError::internal("media worker answered out of turn"))

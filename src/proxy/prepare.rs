@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::store::Sink;
 use super::{Proxy, Received};
 use crate::cache::{Entry, Key};
+use crate::config::AnimationPolicy;
 use crate::error::ProxyError;
 use crate::media::worker::protocol::Task;
 use crate::media::worker::tool::{ToolJob, frame_args};
@@ -39,7 +40,7 @@ impl Proxy {
         let task = Task::Rasterize { max_pixels: self.config.media.max_pixels };
         self.metrics.renders.inc();
         let input = r.input().await.map_err(super::storage_error)?;
-        let png = self.run_job(&task, input, &r.hash, "image/png").await?;
+        let png = self.run_job(&task, input, &r.hash, &["image/png"]).await?;
         let mut png = png.ok_or_else(|| ProxyError::internal("rasterising answered unchanged"))?;
         png.final_host = r.final_host.take();
         Ok(png)
@@ -55,7 +56,7 @@ impl Proxy {
         }
         let task = Task::Strip { content_type: r.content_type.into() };
         let input = r.input().await.map_err(super::storage_error)?;
-        match self.run_job(&task, input, &r.hash, r.content_type).await? {
+        match self.run_job(&task, input, &r.hash, &[r.content_type]).await? {
             Some(mut stripped) => {
                 stripped.final_host = r.final_host.take();
                 Ok(stripped)
@@ -64,14 +65,15 @@ impl Proxy {
         }
     }
 
-    /// Renders the cached `original` as `spec` in a worker and stores the result under `key`.
+    /// Renders the cached `original` as `spec` in a worker and stores the result under `key`;
+    /// `None` when the preset serves the original as it is.
     pub(super) async fn render_and_store(
         &self,
         key: Key,
         url: &str,
         original: &Entry,
         spec: &crate::config::VariantConfig,
-    ) -> Result<Arc<Entry>, ProxyError> {
+    ) -> Result<Option<Arc<Entry>>, ProxyError> {
         // A video (its first frame) or an AVIF (ffmpeg's decoder) is first made a PNG, kept
         // (perhaps as a temp file) until the render has read it.
         let mut frame = match needs_frame(original.content_type.to_str().unwrap_or_default()) {
@@ -94,15 +96,20 @@ impl Proxy {
         let task = Task::Render {
             spec: spec.clone(),
             max_pixels: media.max_pixels,
-            animation: spec.animated.then_some(animation),
+            animation: (spec.animation == AnimationPolicy::Keep).then_some(animation),
         };
         self.metrics.renders.inc();
-        let rendered = self.run_job(&task, input, &content, spec.format.mime_type()).await?;
+        // JPEG has no transparency: a picture with some comes back as PNG.
+        let expect: &[&'static str] = match spec.format {
+            crate::config::VariantFormat::Jpeg => &["image/jpeg", "image/png"],
+            format => &[format.mime_type()],
+        };
+        let rendered = self.run_job(&task, input, &content, expect).await?;
         drop(frame);
-        let mut rendered =
-            rendered.ok_or_else(|| ProxyError::internal("render answered unchanged"))?;
+        // Unchanged: the preset serves this original as it is (an animation, for Akkoma).
+        let Some(mut rendered) = rendered else { return Ok(None) };
         rendered.final_host = original.final_host.as_deref().map(str::to_string);
-        self.store(key, url, rendered).await
+        self.store(key, url, rendered).await.map(Some)
     }
 
     /// The first picture of `original` (a video's first frame, an AVIF decoded) as a PNG, by
@@ -128,23 +135,23 @@ impl Proxy {
         task: &Task,
         input: Input,
         content: &blake3::Hash,
-        expect: &'static str,
+        expect: &[&'static str],
     ) -> Result<Option<Received>, ProxyError> {
         let mut sink = Sink::new(&self.disk, &self.body_budget);
         match self.media.run(task, input, Some(content), &mut sink).await? {
             Outcome::Unchanged => Ok(None),
             Outcome::Done { .. } => {
                 let sniffed = infer::get(sink.head()).map(|t| t.mime_type());
-                if sniffed != Some(expect) {
+                let Some(sniffed) = sniffed.filter(|t| expect.contains(t)) else {
                     tracing::warn!(
                         task = task.name(),
                         ?sniffed,
-                        expect,
+                        ?expect,
                         "media worker result refused"
                     );
                     return Err(ProxyError::bad_image("the result is not of the type asked for"));
-                }
-                Ok(Some(sink.finish(expect)))
+                };
+                Ok(Some(sink.finish(sniffed)))
             }
         }
     }

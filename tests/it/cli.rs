@@ -266,7 +266,7 @@ fn a_misspelt_choice_is_an_error_naming_the_allowed_values() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("avatar, badge"), "{err}");
+    assert!(!out.status.success() && err.contains("avatar, avatar_static, badge"), "{err}");
 }
 
 /// What a local user could learn from the cache directory (the signing key, every URL

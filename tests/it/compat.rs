@@ -114,12 +114,51 @@ async fn akkoma_filenames_redirect_and_preview_is_a_variant() {
     let r = no_redirects.get(format!("{base}{wrong}")).send().await.unwrap();
     assert_eq!(r.status(), 301);
     assert_eq!(r.headers()["location"].to_str().unwrap(), akkoma_path(&src, "photo.png"));
-    let preview = akkoma_path(&src, "photo.png").replacen("/proxy/", "/proxy/preview/", 1);
-    let r = get(&format!("{base}{preview}")).await;
+    let preview_of = |src: &str| {
+        let name = src.rsplit('/').next().unwrap().to_string();
+        format!("{base}{}", akkoma_path(src, &name).replacen("/proxy/", "/proxy/preview/", 1))
+    };
+    // Akkoma's preview defaults: originals under 100 KiB as they are...
+    let r = get(&preview_of(&src)).await;
     assert_eq!(r.status(), 200);
-    let thumb = image::load_from_memory(&body(r).await).unwrap();
-    assert_eq!((thumb.width(), thumb.height()), (200, 100), "the preview preset");
+    assert_eq!(body(r).await, origin_body(&origin, "/a/photo.png").await, "small: the original");
+    // ...larger pictures fitted to 600 x 600 as JPEG (PNG where there is transparency)...
+    let noise = |alpha: bool| {
+        let mut seed = 7u32;
+        image::DynamicImage::ImageRgba8(image::RgbaImage::from_fn(800, 400, |x, _| {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let [r, g, b, _] = seed.to_le_bytes();
+            image::Rgba([r, g, b, if alpha && x < 100 { 0 } else { 255 }])
+        }))
+    };
+    let encoded = |img: image::DynamicImage, format| {
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    };
+    origin.route("/a/noise.png", Route::ok(encoded(noise(false), image::ImageFormat::Png)));
+    origin.route("/a/clear.png", Route::ok(encoded(noise(true), image::ImageFormat::Png)));
+    for (path, format) in [("/a/noise.png", "image/jpeg"), ("/a/clear.png", "image/png")] {
+        let r = get(&preview_of(&origin.url(path))).await;
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.headers()["content-type"], format, "{path}");
+        let thumb = image::load_from_memory(&body(r).await).unwrap();
+        assert_eq!((thumb.width(), thumb.height()), (600, 300), "{path}");
+    }
+    // ...and an animated GIF is served as it is.
+    let frames =
+        (0..2).map(|_| image::Frame::new(noise(false).crop_imm(0, 0, 400, 400).to_rgba8()));
+    let mut gif = Vec::new();
+    image::codecs::gif::GifEncoder::new(&mut gif).encode_frames(frames).unwrap();
+    assert!(gif.len() > 100 << 10);
+    origin.route("/a/anim.gif", Route::ok(gif.clone()));
+    let r = get(&preview_of(&origin.url("/a/anim.gif"))).await;
+    assert_eq!(body(r).await, gif, "the animation itself");
     p.stop().await;
+}
+
+async fn origin_body(origin: &Origin, path: &str) -> bytes::Bytes {
+    body(get(&origin.url(path)).await).await
 }
 
 #[tokio::test]
@@ -291,5 +330,116 @@ async fn misskey_subdomains_share_one_allowance() {
     assert_eq!(r.status(), 503, "media.test's allowance is spent, whatever the subdomain");
     assert_eq!(origin.hits("/s/2.png"), 0);
     assert_eq!(get(&misskey("other.test", 3)).await.status(), 200, "another domain's own");
+    p.stop().await;
+}
+
+/// Frames in a WebP (1 for a still one).
+fn webp_frame_count(bytes: &[u8]) -> usize {
+    use image::AnimationDecoder;
+    let decoder = image::codecs::webp::WebPDecoder::new(std::io::Cursor::new(bytes)).unwrap();
+    if !decoder.has_animation() {
+        return 1;
+    }
+    decoder.into_frames().count()
+}
+
+/// Misskey's flags, alone and together, answered as misskey-dev/media-proxy answers them:
+/// which preset wins, its size, its type, whether it moves, and 404 for a flag on something
+/// that is not a picture.
+#[tokio::test]
+async fn misskey_flag_combinations_as_misskey_answers_them() {
+    let origin = Origin::start("127.0.0.19").await;
+    origin.route("/photo.jpg", Route::ok(crate::variants::gradient_jpeg(1600, 1200)));
+    origin.route("/anim.gif", Route::ok(crate::variants::animated_gif(3)));
+    let mp4 = b"\0\0\0\x18ftypmp42\0\0\0\0mp42isom\0\0\0\x08mdat".to_vec();
+    origin.route("/clip.mp4", Route::ok(mp4));
+    origin.route("/song.mp3", Route::ok(b"ID3\x04\0\0\0\0\0\0\xff\xfb\x90\x44".repeat(20)));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(compat_config(dir.path(), &["127.0.0.19/32"])).await;
+    let base = format!("http://{}", p.public);
+    type Case = (&'static str, &'static str, u16, &'static str, (u32, u32), usize);
+    let cases: [Case; 16] = [
+        ("/photo.jpg", "", 200, "image/jpeg", (1600, 1200), 1),
+        ("/photo.jpg", "&avatar=1", 200, "image/webp", (427, 320), 1),
+        ("/photo.jpg", "&avatar=0", 200, "image/webp", (427, 320), 1),
+        ("/photo.jpg", "&avatar=1&static=1", 200, "image/webp", (427, 320), 1),
+        ("/photo.jpg", "&emoji=1", 200, "image/webp", (171, 128), 1),
+        ("/photo.jpg", "&emoji=1&avatar=1", 200, "image/webp", (171, 128), 1),
+        ("/photo.jpg", "&static=1", 200, "image/webp", (498, 374), 1),
+        ("/photo.jpg", "&preview=1", 200, "image/webp", (200, 150), 1),
+        ("/photo.jpg", "&static=1&preview=1", 200, "image/webp", (498, 374), 1),
+        ("/photo.jpg", "&badge=1", 200, "image/png", (96, 96), 1),
+        ("/anim.gif", "&avatar=1", 200, "image/webp", (640, 320), 3),
+        ("/anim.gif", "&emoji=1&static=1", 200, "image/webp", (256, 128), 1),
+        ("/anim.gif", "&static=1", 200, "image/webp", (498, 249), 1),
+        ("/clip.mp4", "", 200, "video/mp4", (0, 0), 0),
+        ("/clip.mp4", "&static=1", 404, "", (0, 0), 0),
+        ("/song.mp3", "&avatar=1", 404, "", (0, 0), 0),
+    ];
+    for (path, flags, status, content_type, (w, h), frames) in cases {
+        let url = format!("{base}/proxy/x.webp?url={}{flags}", form_encode(&origin.url(path)));
+        let r = get(&url).await;
+        assert_eq!(r.status(), status, "{path}{flags}");
+        if status != 200 {
+            assert_eq!(r.headers()["x-parasol-error"], "no_rendition", "{path}{flags}");
+            continue;
+        }
+        assert_eq!(r.headers()["content-type"], content_type, "{path}{flags}");
+        let bytes = body(r).await;
+        if content_type.starts_with("image/") {
+            let img = image::load_from_memory(&bytes).unwrap();
+            assert_eq!((img.width(), img.height()), (w, h), "{path}{flags}");
+        }
+        if content_type == "image/webp" {
+            assert_eq!(webp_frame_count(&bytes), frames, "{path}{flags}");
+        }
+    }
+    // The name of what is served, its extension corrected as Misskey does.
+    let avatar =
+        format!("{base}/proxy/x.webp?url={}&avatar=1", form_encode(&origin.url("/photo.jpg")));
+    let r = get(&avatar).await;
+    assert_eq!(r.headers()["content-disposition"], "inline; filename=\"photo.jpg.webp\"");
+    // A standalone media proxy's root form, and misskey.io's path form.
+    let root = format!("{base}/emoji.webp?url={}&emoji=1", form_encode(&origin.url("/photo.jpg")));
+    let r = get(&root).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(image::load_from_memory(&body(r).await).unwrap().height(), 128);
+    let host_path = origin.url("/photo.jpg").replacen("http://", "", 1);
+    let path_form = format!("{base}/proxy/image/{}?preview=1", form_encode(&host_path));
+    let r = get(&path_form.replacen("/proxy/image/", "/proxy/image/http%3A%2F%2F", 1)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(image::load_from_memory(&body(r).await).unwrap().width(), 200);
+    assert_eq!(origin.hits("/photo.jpg"), 1, "every form and flag from one cached original");
+    p.stop().await;
+}
+
+/// Misskey's `videoThumbnailGenerator` URLs: a video's poster within 498 x 280.
+#[tokio::test]
+#[cfg_attr(not(has_ffmpeg), ignore = "needs ffmpeg: apt-get install ffmpeg")]
+async fn misskey_video_thumbnails_are_posters() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip.mp4");
+    let made = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i"])
+        .args(["color=c=red:s=1280x720:d=1", "-c:v", "libx264", "-preset", "ultrafast"])
+        .arg(&clip)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let origin = Origin::start("127.0.0.19").await;
+    origin.route("/clip.mp4", Route::ok(std::fs::read(&clip).unwrap()));
+    let p = Parasol::start(compat_config(dir.path(), &["127.0.0.19/32"])).await;
+    let url = format!(
+        "http://{}/thumbnail.webp?thumbnail=1&url={}",
+        p.public,
+        form_encode(&origin.url("/clip.mp4"))
+    );
+    let r = get(&url).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/webp");
+    let poster = image::load_from_memory(&body(r).await).unwrap();
+    assert_eq!((poster.width(), poster.height()), (498, 280));
+    let px = poster.to_rgb8().get_pixel(249, 140).0;
+    assert!(px[0] > 200 && px[1] < 60, "the red frame: {px:?}");
     p.stop().await;
 }

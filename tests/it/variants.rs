@@ -31,18 +31,22 @@ fn variant_url(p: &Parasol, source: &str, variant: &str) -> String {
 async fn each_preset_has_its_size_and_format() {
     let origin = Origin::start("127.0.0.17").await;
     origin.route("/photo.jpg", Route::ok(gradient_jpeg(1200, 900)));
-    let alpha = RgbaImage::from_fn(500, 400, |x, _| Rgba([255, 0, 0, (x % 256) as u8]));
+    // A white disc on a transparent background.
+    let alpha = RgbaImage::from_fn(500, 400, |x, y| {
+        let (dx, dy) = (i64::from(x) - 250, i64::from(y) - 200);
+        Rgba([255, 255, 255, if dx * dx + dy * dy < 150 * 150 { 255 } else { 0 }])
+    });
     origin
         .route("/logo.png", Route::ok(encode(&DynamicImage::ImageRgba8(alpha), ImageFormat::Png)));
     let dir = tempfile::tempdir().unwrap();
     let p = Parasol::start(config(dir.path(), &["127.0.0.17/32"])).await;
     let photo = origin.url("/photo.jpg");
     for (variant, format, w, h) in [
-        ("avatar", ImageFormat::WebP, 320, 240),
+        ("avatar", ImageFormat::WebP, 427, 320),
         ("preview", ImageFormat::WebP, 200, 150),
         ("static", ImageFormat::WebP, 498, 374),
         ("emoji", ImageFormat::WebP, 171, 128),
-        ("badge", ImageFormat::Png, 96, 72),
+        ("badge", ImageFormat::Png, 96, 96),
     ] {
         let r = get(&variant_url(&p, &photo, variant)).await;
         assert_eq!(r.status(), 200, "{variant}");
@@ -55,11 +59,23 @@ async fn each_preset_has_its_size_and_format() {
         assert_eq!(ct, format.to_mime_type(), "{variant}");
         assert_eq!((img.width(), img.height()), (w, h), "{variant}");
     }
+    // Misskey's badge: a mask, every channel the same, bright parts opaque white, the
+    // transparent background (and the letterbox) transparent.
     let r = get(&variant_url(&p, &origin.url("/logo.png"), "badge")).await;
     let (format, img) = decoded(&body(r).await);
     assert_eq!(format, ImageFormat::Png);
-    assert_eq!((img.width(), img.height()), (96, 77));
-    assert!(img.color().has_alpha(), "the badge keeps its alpha");
+    assert_eq!((img.width(), img.height()), (96, 96));
+    let mask = img.to_rgba8();
+    assert!(mask.pixels().all(|p| p.0[0] == p.0[3] && p.0[1] == p.0[3] && p.0[2] == p.0[3]));
+    assert_eq!(mask.get_pixel(48, 48).0, [255; 4], "the white disc");
+    assert_eq!(mask.get_pixel(2, 48).0[3], 0, "the transparent background");
+    assert_eq!(mask.get_pixel(48, 2).0[3], 0, "the letterbox");
+    // A flat square leaves the mask empty: no badge at all, as Misskey answers.
+    let flat = DynamicImage::ImageRgb8(RgbImage::from_pixel(300, 300, Rgb([90, 90, 90])));
+    origin.route("/flat.png", Route::ok(encode(&flat, ImageFormat::Png)));
+    let r = get(&variant_url(&p, &origin.url("/flat.png"), "badge")).await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["x-parasol-error"], "no_rendition");
     assert_eq!(get(&variant_url(&p, &photo, "nope")).await.status(), 404);
     assert_eq!(origin.hits("/photo.jpg"), 1, "every variant came from the one cached original");
     p.stop().await;
@@ -343,7 +359,7 @@ async fn webp_renditions_are_lossy_unless_asked_otherwise() {
     assert_eq!(webp_kind(&avatar), b"VP8 ", "lossy");
     assert_eq!(webp_kind(&exact), b"VP8L", "lossless where asked");
     let (_, a) = decoded(&avatar);
-    assert_eq!((a.width(), a.height()), (320, 240));
+    assert_eq!((a.width(), a.height()), (427, 320), "height 320, as Misskey's avatar");
     eprintln!("avatar of 1600x1200: lossy {} bytes, lossless {} bytes", avatar.len(), exact.len());
     assert!(avatar.len() * 3 < exact.len(), "{} vs {}", avatar.len(), exact.len());
     p.stop().await;
@@ -362,14 +378,14 @@ fn solid(c: [u8; 3], w: u32, h: u32) -> RgbaImage {
 
 const COLOURS: [[u8; 3]; 3] = [[255, 0, 0], [0, 200, 0], [0, 0, 255]];
 
-fn animated_gif(frames: usize) -> Vec<u8> {
+pub fn animated_gif(frames: usize) -> Vec<u8> {
     use image::codecs::gif::{GifEncoder, Repeat};
     let mut gif = Vec::new();
     let mut enc = GifEncoder::new(&mut gif);
     enc.set_repeat(Repeat::Infinite).unwrap();
     let frames = (0..frames).map(|n| {
         let delay = image::Delay::from_numer_denom_ms(80, 1);
-        image::Frame::from_parts(solid(COLOURS[n % 3], 600, 300), 0, 0, delay)
+        image::Frame::from_parts(solid(COLOURS[n % 3], 800, 400), 0, 0, delay)
     });
     enc.encode_frames(frames).unwrap();
     drop(enc);
@@ -407,12 +423,12 @@ fn animated_webp(w: u32, h: u32) -> Vec<u8> {
 async fn avatars_and_emoji_keep_their_animation_and_static_is_still() {
     let origin = Origin::start("127.0.0.17").await;
     origin.route("/anim.gif", Route::ok(animated_gif(3)));
-    origin.route("/anim.png", Route::ok(apng(400, 200)));
-    origin.route("/anim.webp", Route::ok(animated_webp(400, 200)));
+    origin.route("/anim.png", Route::ok(apng(800, 400)));
+    origin.route("/anim.webp", Route::ok(animated_webp(800, 400)));
     let dir = tempfile::tempdir().unwrap();
     let p = Parasol::start(config(dir.path(), &["127.0.0.17/32"])).await;
     for (path, (w, h)) in
-        [("/anim.gif", (320, 160)), ("/anim.png", (320, 160)), ("/anim.webp", (320, 160))]
+        [("/anim.gif", (640, 320)), ("/anim.png", (640, 320)), ("/anim.webp", (640, 320))]
     {
         let avatar = body(get(&variant_url(&p, &origin.url(path), "avatar")).await).await;
         let frames = webp_frames(&avatar);
@@ -428,8 +444,10 @@ async fn avatars_and_emoji_keep_their_animation_and_static_is_still() {
         assert_eq!(webp_frames(&emoji)[0].dimensions(), (256, 128));
         let still = body(get(&variant_url(&p, &origin.url(path), "static")).await).await;
         assert!(!still.windows(4).any(|w| w == b"ANIM"), "{path}: static is one frame");
+        // The badge: the first frame (stretched to white) against its letterbox.
         let badge = body(get(&variant_url(&p, &origin.url(path), "badge")).await).await;
-        assert_eq!(image::guess_format(&badge).unwrap(), ImageFormat::Png);
+        let mask = image::load_from_memory(&badge).unwrap().to_rgba8();
+        assert_eq!((mask.get_pixel(48, 48).0, mask.get_pixel(48, 2).0), ([255; 4], [0; 4]));
     }
     p.stop().await;
 
@@ -442,7 +460,7 @@ async fn avatars_and_emoji_keep_their_animation_and_static_is_still() {
     let p = Parasol::start(cfg).await;
     let avatar = body(get(&variant_url(&p, &origin.url("/long.gif"), "avatar")).await).await;
     assert!(!avatar.windows(4).any(|w| w == b"ANIM"), "over the frame budget: still");
-    assert_eq!(decoded(&avatar).1.width(), 320);
+    assert_eq!(decoded(&avatar).1.width(), 640);
     p.stop().await;
 }
 

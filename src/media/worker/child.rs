@@ -93,13 +93,21 @@ fn execute(
     limits: &Limits,
 ) -> (Reply, Vec<u8>) {
     let refused = |e: ProxyError| {
-        let reason = match e {
-            ProxyError::BadImage(why) => why.to_string(),
-            other => other.to_string(),
+        let reply = match e {
+            ProxyError::NoRendition(why) => Reply::NoRendition { reason: why.to_string() },
+            ProxyError::BadImage(why) => Reply::Refused { reason: why.to_string(), retire: false },
+            other => Reply::Refused { reason: other.to_string(), retire: false },
         };
-        (Reply::Refused { reason, retire: false }, Vec::new())
+        (reply, Vec::new())
     };
     match task {
+        // Akkoma's preview of an animation is the animation itself: the input stands.
+        Task::Render { spec, .. }
+            if spec.animation == crate::config::AnimationPolicy::Original
+                && crate::media::animation::is_animated(&body) =>
+        {
+            (Reply::Unchanged, Vec::new())
+        }
         Task::Render { spec, max_pixels, animation } => {
             let animated = animation.as_ref().map(|limits| {
                 crate::media::animation::render_animated(&body, spec, *max_pixels, limits)

@@ -63,6 +63,8 @@ pub enum Reply {
     Unsafe { why: String },
     /// The job's result is the body.
     Done { width: u32, height: u32 },
+    /// The preset has nothing to show for this file (a badge whose mask is empty).
+    NoRendition { reason: String },
     /// Nothing to change (a strip that found no metadata): the input stands. No body.
     Unchanged,
     /// The decoder refused the file (unreadable, over the limits its header declares).
