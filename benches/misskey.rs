@@ -3,9 +3,10 @@
 //! milliseconds per preset.
 //!
 //! Two sources, made here: a 1600×1200 photo-like JPEG (smooth light, texture, edges) and a
-//! 30-frame 256×256 animated GIF. Every request names a new source URL (`?n=…`), so both
-//! proxies fetch and render each time (Misskey's keeps no cache; parasol would otherwise
-//! answer from its own): the time is the whole miss, fetch included. Requests alternate
+//! 30-frame 256×256 animated GIF, each in `ROUNDS` versions that differ a little. Every
+//! request names a new source URL and every round new bytes, so both proxies fetch and render
+//! each time (Misskey's keeps no cache; parasol keys renditions by content and would
+//! otherwise answer from its own): the time is the whole miss, fetch included. Requests alternate
 //! between the two, and each figure is the median of `ROUNDS` (default 7).
 //!
 //! Needs Misskey's media proxy checked out and installed (see BENCHMARKS.md for the steps)
@@ -22,13 +23,16 @@ use image::{AnimationDecoder, DynamicImage, ImageFormat, Rgb, RgbImage};
 
 const ORIGIN_IP: &str = "127.0.0.2";
 
-fn photo() -> Vec<u8> {
+/// A photo-like picture; each `seed` gives other bytes (and so another render: parasol keys
+/// renditions by content).
+fn photo(seed: u32) -> Vec<u8> {
     let img = RgbImage::from_fn(1600, 1200, |x, y| {
         let (fx, fy) = (f64::from(x) / 1600.0, f64::from(y) / 1200.0);
         let light = 0.5 + 0.5 * (fx * 6.0 + fy * 3.0).sin() * (fy * 5.0).cos();
         let texture = f64::from((x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)) % 31);
         let (dx, dy) = (f64::from(x) - 1000.0, f64::from(y) - 500.0);
-        let disc = if dx * dx + dy * dy < 250.0 * 250.0 { 60.0 } else { 0.0 };
+        let r = 250.0 + f64::from(seed);
+        let disc = if dx * dx + dy * dy < r * r { 60.0 } else { 0.0 };
         let v = |k: f64| (k * light * 200.0 + texture + disc).clamp(0.0, 255.0) as u8;
         Rgb([v(1.0), v(0.8), v(0.6)])
     });
@@ -37,7 +41,7 @@ fn photo() -> Vec<u8> {
     out.into_inner()
 }
 
-fn animation() -> Vec<u8> {
+fn animation(seed: u32) -> Vec<u8> {
     use image::codecs::gif::{GifEncoder, Repeat};
     let mut gif = Vec::new();
     {
@@ -46,7 +50,8 @@ fn animation() -> Vec<u8> {
         let frames = (0..30u32).map(|n| {
             let img = image::RgbaImage::from_fn(256, 256, |x, y| {
                 let (dx, dy) = (x as i32 - (n * 8) as i32, y as i32 - 128);
-                let ball = dx * dx + dy * dy < 40 * 40;
+                let r = 40 + seed as i32;
+                let ball = dx * dx + dy * dy < r * r;
                 let c = if ball { [240, 80, 40] } else { [(x / 2) as u8, (y / 2) as u8, 120] };
                 image::Rgba([c[0], c[1], c[2], 255])
             });
@@ -132,8 +137,10 @@ async fn main() {
     }
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(7);
     let files = tempfile::tempdir().unwrap();
-    std::fs::write(files.path().join("photo.jpg"), photo()).unwrap();
-    std::fs::write(files.path().join("anim.gif"), animation()).unwrap();
+    for n in 0..rounds as u32 {
+        std::fs::write(files.path().join(format!("photo{n}.jpg")), photo(n)).unwrap();
+        std::fs::write(files.path().join(format!("anim{n}.gif")), animation(n)).unwrap();
+    }
     let origin_port = free_port(ORIGIN_IP);
     let _origin = Killed(
         Command::new("python3")
@@ -182,12 +189,13 @@ async fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut n = 0;
-    for source in ["photo.jpg", "anim.gif"] {
+    for (stem, ext) in [("photo", "jpg"), ("anim", "gif")] {
+        let source = format!("{stem}.{ext}");
         for flag in ["avatar", "emoji", "static", "preview", "badge"] {
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-            for _ in 0..rounds {
+            for round in 0..rounds {
                 n += 1;
-                let src = format!("http://{ORIGIN_IP}:{origin_port}/{source}?n={n}");
+                let src = format!("http://{ORIGIN_IP}:{origin_port}/{stem}{round}.{ext}?n={n}");
                 let q = form_urlencoded::byte_serialize(src.as_bytes()).collect::<String>();
                 let p = format!("http://127.0.0.1:{public}/proxy/image.webp?url={q}&{flag}=1");
                 let m = format!("http://127.0.0.1:{mmp_port}/image.webp?url={q}&{flag}=1");
@@ -203,12 +211,24 @@ async fn main() {
             let (a, b) = (ours[0], theirs[0]);
             let ms = |v: &[Answer]| median(v.iter().map(|a| a.ms).collect());
             let (pm, mm) = (ms(&ours), ms(&theirs));
-            let ratio =
-                if b.bytes > 0 { format!("{:.2}", a.bytes as f64 / b.bytes as f64) } else { "-".into() };
+            let ratio = if b.bytes > 0 {
+                format!("{:.2}", a.bytes as f64 / b.bytes as f64)
+            } else {
+                "-".into()
+            };
             println!(
                 "| {source} | {flag} | {} ({}) | {} ({}) | {ratio} | {}×{}, {} | {}×{}, {} | {pm:.1} | {mm:.1} | {:.2} |",
-                a.bytes, a.status, b.bytes, b.status, a.size.0, a.size.1, a.frames, b.size.0, b.size.1,
-                b.frames, pm / mm
+                a.bytes,
+                a.status,
+                b.bytes,
+                b.status,
+                a.size.0,
+                a.size.1,
+                a.frames,
+                b.size.0,
+                b.size.1,
+                b.frames,
+                pm / mm
             );
         }
     }

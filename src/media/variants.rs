@@ -139,10 +139,12 @@ fn badge(img: &DynamicImage, spec: &VariantConfig) -> Result<Rendered, ProxyErro
     if entropy < 0.1 {
         return Err(ProxyError::NoRendition("the badge's mask is empty".into()));
     }
-    let pixels: Vec<u8> = mask.iter().flat_map(|&m| [m, m, m, m]).collect();
+    // Grey and alpha, both the mask: what a browser draws as R = G = B = A = mask.
+    let pixels: Vec<u8> = mask.iter().flat_map(|&m| [m, m]).collect();
     let mut bytes = Vec::new();
-    image::codecs::png::PngEncoder::new(&mut bytes)
-        .write_image(&pixels, bw, bh, image::ExtendedColorType::Rgba8)
+    use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
+    PngEncoder::new_with_quality(&mut bytes, CompressionType::Best, PngFilter::Adaptive)
+        .write_image(&pixels, bw, bh, image::ExtendedColorType::La8)
         .map_err(|_| ProxyError::internal("encode failed"))?;
     Ok(Rendered { bytes, content_type: "image/png", width: bw, height: bh })
 }
