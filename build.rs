@@ -19,6 +19,7 @@ fn main() {
         ("has_s3s", on_path("s3s-fs")),
         ("has_root", is_root()),
         ("has_ffmpeg", on_path("ffmpeg")),
+        ("has_heif", on_path("heif-convert") && on_path("heif-enc")),
     ];
     for (cfg, present) in peers {
         println!("cargo:rustc-check-cfg=cfg({cfg})");

@@ -281,6 +281,10 @@ pub struct MediaConfig {
     /// video (posters) or decodes AVIF, run inside the media sandbox; `""`: never. Missing,
     /// those renditions answer 415 and the log says so once at start.
     pub ffmpeg: String,
+    /// libheif's `heif-convert` (Debian: libheif-examples), which decodes HEIC/HEIF and AVIF
+    /// (tiled and transparent ones too) in the same sandbox; `""`: never. Missing, HEIC
+    /// renditions answer 415 and AVIF falls back to ffmpeg.
+    pub heif_convert: String,
 }
 
 impl Default for MediaConfig {
@@ -299,6 +303,7 @@ impl Default for MediaConfig {
             max_frames: 300,
             max_animation_pixels: 250_000_000,
             ffmpeg: "ffmpeg".into(),
+            heif_convert: "heif-convert".into(),
         }
     }
 }

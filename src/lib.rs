@@ -135,6 +135,7 @@ pub fn media_pool(
         job_timeout: m.job_timeout.0,
         max_input: config.cache.max_object_bytes.0,
         ffmpeg: media::worker::tool::locate(&m.ffmpeg),
+        heif_convert: media::worker::tool::locate(&m.heif_convert),
     };
     let pool_metrics = media::worker::PoolMetrics {
         jobs: metrics.media_jobs.clone(),
@@ -222,6 +223,15 @@ impl Bound {
             None => tracing::warn!(
                 media.ffmpeg = config.media.ffmpeg,
                 "ffmpeg not found: video posters and AVIF renditions answer 415 (install ffmpeg or set media.ffmpeg)"
+            ),
+        }
+        match media.heif_convert() {
+            Some(heif) => {
+                tracing::info!(heif_convert = %heif.display(), "HEIC and AVIF by heif-convert")
+            }
+            None => tracing::warn!(
+                media.heif_convert = config.media.heif_convert,
+                "heif-convert not found: HEIC renditions answer 415 (install libheif-examples or set media.heif_convert)"
             ),
         }
         let scanner =

@@ -82,6 +82,9 @@ enum Command {
         /// Become this program (ffmpeg) inside the sandbox, with the arguments after `--`.
         #[arg(long)]
         tool: Option<PathBuf>,
+        /// With --tool: the one directory the program may write its result into.
+        #[arg(long)]
+        scratch: Option<PathBuf>,
         #[arg(last = true)]
         args: Vec<std::ffi::OsString>,
     },
@@ -113,13 +116,16 @@ fn main() -> ExitCode {
         jobs,
         max_input,
         tool,
+        scratch,
         args,
         ..
     }) = cli.command
     {
         let limits = parasol::media::worker::Limits { memory, cpu_seconds, jobs };
         return match tool {
-            Some(program) => parasol::media::worker::tool::exec(&limits, &program, &args),
+            Some(program) => {
+                parasol::media::worker::tool::exec(&limits, &program, scratch.as_deref(), &args)
+            }
             None => parasol::media::worker::child::run(limits, max_input),
         };
     }

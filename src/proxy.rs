@@ -226,7 +226,7 @@ impl Proxy {
     /// media workers decode, and AVIF while there is ffmpeg.
     pub fn can_render(&self, content_type: &str) -> bool {
         crate::media::DECODED.contains(&content_type)
-            || (content_type == "image/avif" && self.media.ffmpeg().is_some())
+            || (content_type.starts_with("image/") && self.media.frame_tool(content_type).is_some())
     }
 
     /// Whether `req` is held in memory or on disk (no fill needed).

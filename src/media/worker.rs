@@ -61,6 +61,8 @@ pub struct PoolConfig {
     pub max_input: u64,
     /// ffmpeg, when there is one (`media.ffmpeg`): run through [`tool`].
     pub ffmpeg: Option<PathBuf>,
+    /// heif-convert, when there is one (`media.heif_convert`): run through [`tool`].
+    pub heif_convert: Option<PathBuf>,
 }
 
 /// A job's file: already in memory, or a file streamed into the worker.
@@ -181,6 +183,33 @@ impl MediaPool {
     /// The ffmpeg program found at start, if any.
     pub fn ffmpeg(&self) -> Option<&std::path::Path> {
         self.config.ffmpeg.as_deref()
+    }
+
+    /// The heif-convert program found at start, if any.
+    pub fn heif_convert(&self) -> Option<&std::path::Path> {
+        self.config.heif_convert.as_deref()
+    }
+
+    /// The outside program that makes a picture of a file of `content_type` the workers'
+    /// own decoders do not read: heif-convert for HEIC/HEIF (and AVIF, where it is there:
+    /// tiles and transparency), ffmpeg for AVIF and video. `None`: none can.
+    pub fn frame_tool(&self, content_type: &str) -> Option<tool::ToolJob> {
+        let heif = |program: &std::path::Path| tool::ToolJob {
+            program: program.to_path_buf(),
+            args: tool::heif_args(),
+            name: "heif",
+        };
+        let ffmpeg = |program: &std::path::Path| tool::ToolJob {
+            program: program.to_path_buf(),
+            args: tool::frame_args(),
+            name: "frame",
+        };
+        match content_type {
+            "image/heif" => self.heif_convert().map(heif),
+            "image/avif" => self.heif_convert().map(heif).or_else(|| self.ffmpeg().map(ffmpeg)),
+            t if t.starts_with("video/") => self.ffmpeg().map(ffmpeg),
+            _ => None,
+        }
     }
 
     /// Runs `task` on `input`, the file whose blake3 is `content` (when known), sending any

@@ -12,13 +12,13 @@ use crate::cache::{Entry, Key};
 use crate::config::AnimationPolicy;
 use crate::error::ProxyError;
 use crate::media::worker::protocol::Task;
-use crate::media::worker::tool::{ToolJob, frame_args};
 use crate::media::worker::{Input, Outcome};
 
-/// Types whose renditions start from a frame ffmpeg takes: videos, and AVIF (which no decoder
-/// of the worker's own reads).
+/// Types whose renditions start from a picture an outside program makes: videos (ffmpeg),
+/// AVIF and HEIC (heif-convert, or ffmpeg for AVIF), which no decoder of the worker's own
+/// reads.
 pub(crate) fn needs_frame(content_type: &str) -> bool {
-    content_type.starts_with("video/") || content_type == "image/avif"
+    content_type.starts_with("video/") || matches!(content_type, "image/avif" | "image/heif")
 }
 
 impl Proxy {
@@ -112,18 +112,16 @@ impl Proxy {
         self.store(key, url, rendered).await.map(Some)
     }
 
-    /// The first picture of `original` (a video's first frame, an AVIF decoded) as a PNG, by
-    /// ffmpeg in the media sandbox. 415 where there is no ffmpeg.
+    /// The first picture of `original` (a video's first frame, an AVIF or HEIC decoded) as a
+    /// PNG, by ffmpeg or heif-convert in the media sandbox. 415 where neither is there.
     async fn take_frame(&self, original: &Entry) -> Result<Received, ProxyError> {
-        let Some(ffmpeg) = self.media.ffmpeg() else {
-            return Err(ProxyError::UnsupportedType);
-        };
-        let job = ToolJob { program: ffmpeg.to_path_buf(), args: frame_args(), name: "frame" };
+        let content_type = original.content_type.to_str().unwrap_or_default();
+        let job = self.media.frame_tool(content_type).ok_or(ProxyError::UnsupportedType)?;
         let mut sink = Sink::new(&self.disk, &self.body_budget);
         let path = self.disk.path(&original.hash);
         self.media.run_tool(&job, &path, &original.hash, &mut sink).await?;
         if infer::get(sink.head()).map(|t| t.mime_type()) != Some("image/png") {
-            return Err(ProxyError::bad_image("ffmpeg gave no picture"));
+            return Err(ProxyError::bad_image("no picture came of it"));
         }
         Ok(sink.finish("image/png"))
     }

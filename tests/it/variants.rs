@@ -562,3 +562,54 @@ async fn without_ffmpeg_posters_are_415_and_nothing_else_changes() {
     assert_eq!(r.status(), 200);
     p.stop().await;
 }
+
+/// HEIC (an iPhone's photos) and a transparent AVIF render through libheif's heif-convert in
+/// the media sandbox: the right size, the picture's own colours, transparency kept; the
+/// originals are served as they came.
+#[tokio::test]
+#[cfg_attr(
+    not(has_heif),
+    ignore = "needs libheif's heif-convert and heif-enc: apt-get install libheif-examples"
+)]
+async fn heic_and_transparent_avif_render_through_heif_convert() {
+    let dir = tempfile::tempdir().unwrap();
+    let heif_enc = |img: &DynamicImage, name: &str, extra: &[&str]| {
+        let png = dir.path().join(format!("{name}.png"));
+        std::fs::write(&png, encode(img, ImageFormat::Png)).unwrap();
+        let out = dir.path().join(name);
+        let status = std::process::Command::new("heif-enc")
+            .args(extra)
+            .arg("-o")
+            .arg(&out)
+            .arg(&png)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "heif-enc {name}");
+        std::fs::read(out).unwrap()
+    };
+    let photo = DynamicImage::ImageRgb8(RgbImage::from_pixel(640, 480, Rgb([200, 40, 40])));
+    let heic = heif_enc(&photo, "p.heic", &["-q", "60"]);
+    let clear = DynamicImage::ImageRgba8(RgbaImage::from_fn(400, 400, |x, _| {
+        Rgba([30, 30, 220, if x < 200 { 255 } else { 0 }])
+    }));
+    let avif = heif_enc(&clear, "c.avif", &["-A", "-q", "60"]);
+    let origin = Origin::start("127.0.0.17").await;
+    origin.route("/p.heic", Route::ok(heic.clone()));
+    origin.route("/c.avif", Route::ok(avif));
+    let cache = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(cache.path(), &["127.0.0.17/32"])).await;
+    let src = origin.url("/p.heic");
+    assert_eq!(body(get(&p.url(&src)).await).await, heic, "the original as it came");
+    let (_, img) = decoded(&body(get(&variant_url(&p, &src, "preview")).await).await);
+    assert_eq!((img.width(), img.height()), (200, 150));
+    assert!(near(img.to_rgba8().get_pixel(100, 75).0, [200, 40, 40]));
+    let r = get(&variant_url(&p, &origin.url("/c.avif"), "preview")).await;
+    assert_eq!(r.status(), 200);
+    let (_, img) = decoded(&body(r).await);
+    assert_eq!((img.width(), img.height()), (200, 200));
+    let img = img.to_rgba8();
+    assert!(near(img.get_pixel(50, 100).0, [30, 30, 220]) && img.get_pixel(50, 100).0[3] > 200);
+    assert!(img.get_pixel(150, 100).0[3] < 30, "the transparent half stays transparent");
+    p.stop().await;
+}

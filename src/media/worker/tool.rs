@@ -20,6 +20,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::fd::AsFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 
@@ -55,8 +56,14 @@ pub fn locate(name: &str) -> Option<PathBuf> {
 }
 
 /// The child's side: raise the walls, then become `program`. Returns only on failure.
-pub fn exec(limits: &Limits, program: &Path, args: &[OsString]) -> ExitCode {
-    if let Err(why) = enter(limits, program) {
+/// `scratch`: a directory the program may write its result into (heif-convert writes files).
+pub fn exec(
+    limits: &Limits,
+    program: &Path,
+    scratch: Option<&Path>,
+    args: &[OsString],
+) -> ExitCode {
+    if let Err(why) = enter(limits, program, scratch) {
         eprintln!("parasol media tool: sandbox: {why}");
         return ExitCode::from(UNSAFE_EXIT);
     }
@@ -66,7 +73,7 @@ pub fn exec(limits: &Limits, program: &Path, args: &[OsString]) -> ExitCode {
     ExitCode::from(UNSAFE_EXIT)
 }
 
-fn enter(limits: &Limits, program: &Path) -> Result<(), String> {
+fn enter(limits: &Limits, program: &Path, scratch: Option<&Path>) -> Result<(), String> {
     let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
     let _ = rustix::process::setpriority_process(None, super::sandbox::NICE);
     let set = |resource, soft, hard| {
@@ -74,10 +81,12 @@ fn enter(limits: &Limits, program: &Path) -> Result<(), String> {
     };
     set(Resource::RLIMIT_AS, limits.memory, limits.memory)?;
     set(Resource::RLIMIT_CORE, 0, 0)?;
-    set(Resource::RLIMIT_FSIZE, 0, 0)?;
+    // Files are written only into the scratch directory, and no larger than memory allows.
+    let fsize = if scratch.is_some() { limits.memory } else { 0 };
+    set(Resource::RLIMIT_FSIZE, fsize, fsize)?;
     set(Resource::RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1)?;
     super::sandbox::close_inherited()?;
-    landlock(program)?;
+    landlock(program, scratch)?;
     super::sandbox::drop_root()?;
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
         .map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
@@ -89,7 +98,7 @@ fn enter(limits: &Limits, program: &Path) -> Result<(), String> {
 /// Read access to the libraries, execution of the program and its loader, reading of stdin
 /// (the one input file), and nothing else: no writes, no TCP, no signals or abstract sockets
 /// outside. Refused (an error) where the kernel cannot enforce it.
-fn landlock(program: &Path) -> Result<(), String> {
+fn landlock(program: &Path, scratch: Option<&Path>) -> Result<(), String> {
     use landlock::{
         ABI, Access, AccessFs, AccessNet, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr,
         RulesetCreatedAttr, RulesetStatus, Scope,
@@ -119,6 +128,16 @@ fn landlock(program: &Path) -> Result<(), String> {
         if let Ok(fd) = PathFd::new(file) {
             ruleset = ruleset.add_rule(PathBeneath::new(fd, exec)).map_err(err)?;
         }
+    }
+    if let Some(dir) = scratch {
+        let write = AccessFs::ReadFile
+            | AccessFs::WriteFile
+            | AccessFs::ReadDir
+            | AccessFs::MakeReg
+            | AccessFs::RemoveFile
+            | AccessFs::Truncate;
+        let fd = PathFd::new(dir).map_err(|e| format!("landlock: {e}"))?;
+        ruleset = ruleset.add_rule(PathBeneath::new(fd, write)).map_err(err)?;
     }
     let input = std::io::stdin().as_fd().try_clone_to_owned().map_err(|e| format!("stdin: {e}"))?;
     ruleset = ruleset.add_rule(PathBeneath::new(input, AccessFs::ReadFile)).map_err(err)?;
@@ -195,6 +214,16 @@ fn filter() -> Result<BpfProgram, String> {
     filter.try_into().map_err(|e: seccompiler::BackendError| format!("seccomp: {e}"))
 }
 
+/// Where a program that writes files (heif-convert) puts its result, in a job's scratch
+/// directory: the argument naming it.
+pub const OUTPUT: &str = "{output}";
+
+/// heif-convert's arguments: the primary image of its HEIF/HEIC/AVIF input as a PNG (alpha
+/// kept), written to the job's scratch directory.
+pub fn heif_args() -> Vec<String> {
+    vec!["/dev/stdin".into(), OUTPUT.into()]
+}
+
 /// ffmpeg's arguments for the first picture of its input (a video's first frame, an AVIF's
 /// image) as a PNG on stdout: one thread, nothing read but the input, no other stream.
 pub fn frame_args() -> Vec<String> {
@@ -208,8 +237,34 @@ pub fn frame_args() -> Vec<String> {
 pub struct ToolJob {
     pub program: PathBuf,
     pub args: Vec<String>,
-    /// A short name for logs, metrics and remembered verdicts (`poster`).
+    /// A short name for logs, metrics and remembered verdicts (`frame`, `heif`).
     pub name: &'static str,
+}
+
+/// A job's scratch directory, removed with everything in it when dropped. Under the system's
+/// temp directory (the cache directory is 0700, closed to `nobody`), 0700 and owned by the
+/// user the program runs as.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> std::io::Result<Scratch> {
+        let mut name = [0u8; 12];
+        getrandom::fill(&mut name).map_err(std::io::Error::other)?;
+        let dir = std::env::temp_dir().join(format!("parasol-tool-{}", hex::encode(name)));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        if nix::unistd::geteuid().is_root() {
+            let nobody =
+                (Some(nix::unistd::Uid::from_raw(65534)), Some(nix::unistd::Gid::from_raw(65534)));
+            nix::unistd::chown(&dir, nobody.0, nobody.1).map_err(std::io::Error::other)?;
+        }
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl MediaPool {
@@ -267,14 +322,26 @@ impl MediaPool {
             }
         }
         let limits = &self.config.limits;
+        let scratch = match job.args.iter().any(|a| a == OUTPUT) {
+            true => Some(Scratch::new().map_err(crate::proxy::storage_error)?),
+            false => None,
+        };
+        let output = scratch.as_ref().map(|s| s.0.join("out.png"));
+        let args = job.args.iter().map(|a| match (&output, a.as_str()) {
+            (Some(out), OUTPUT) => out.as_os_str().to_owned(),
+            _ => OsString::from(a),
+        });
         let mut cmd = tokio::process::Command::new(&self.config.exe);
         cmd.arg("media-worker")
             .args(["--memory", &limits.memory.to_string()])
-            .args(["--cpu-seconds", &limits.cpu_seconds.to_string()])
-            .arg("--tool")
+            .args(["--cpu-seconds", &limits.cpu_seconds.to_string()]);
+        if let Some(scratch) = &scratch {
+            cmd.arg("--scratch").arg(&scratch.0);
+        }
+        cmd.arg("--tool")
             .arg(&job.program)
             .arg("--")
-            .args(&job.args)
+            .args(args)
             .env_clear()
             .current_dir("/")
             .stdin(Stdio::from(file))
@@ -305,12 +372,15 @@ impl MediaPool {
                 if total > max {
                     return Err(ProxyError::MediaTooCostly("output over the limit".into()));
                 }
-                sink.push(&buf[..n]).await.map_err(crate::proxy::storage_error)?;
+                // A program that writes its result to a file only chats on stdout.
+                if output.is_none() {
+                    sink.push(&buf[..n]).await.map_err(crate::proxy::storage_error)?;
+                }
             }
             let status = child.wait().await.map_err(ProxyError::internal)?;
             Ok((status, total))
         };
-        let (status, total) = match tokio::time::timeout(self.config.job_timeout, work).await {
+        let (status, mut total) = match tokio::time::timeout(self.config.job_timeout, work).await {
             Ok(result) => result?,
             Err(_) => {
                 let _ = child.start_kill();
@@ -318,6 +388,17 @@ impl MediaPool {
                 return Err(ProxyError::MediaTooCostly("over media.job_timeout".into()));
             }
         };
+        // A program that wrote its result to a file: that file is the result.
+        if let (Some(out), Some(0)) = (&output, status.code()) {
+            let bytes = match tokio::fs::read(out).await {
+                Ok(bytes) if bytes.len() as u64 <= max => bytes,
+                Ok(_) => return Err(ProxyError::MediaTooCostly("output over the limit".into())),
+                Err(_) => Vec::new(),
+            };
+            sink.push(&bytes).await.map_err(crate::proxy::storage_error)?;
+            total = bytes.len() as u64;
+        }
+        drop(scratch);
         use std::os::unix::process::ExitStatusExt;
         match (status.code(), status.signal()) {
             (Some(0), _) if total > 0 => Ok(()),
