@@ -272,6 +272,13 @@ async fn image_bombs_are_refused_or_cost_only_their_worker() {
     let img = image::load_from_memory(&body(r).await).unwrap();
     assert_eq!((img.width(), img.height()), (422, 422));
     assert!(started.elapsed() < Duration::from_secs(10));
+    // Kept animated (avatar): 250 frames of 640,000 pixels are within the animation budgets,
+    // so every frame is decoded and fitted; done, or refused as too costly, within the
+    // deadline and the worker's memory.
+    let started = Instant::now();
+    let r = get_within(&variant("/frames.gif", "avatar"), deadline).await;
+    assert!([200, 422].contains(&r.status().as_u16()), "avatar of 250 frames: {}", r.status());
+    assert!(started.elapsed() < Duration::from_secs(20));
     let (server, worker) = (peaks.server_mib(), peaks.worker_mib());
     drop(peaks);
     eprintln!("server RSS {before} MiB, peak {server} MiB; worker peak {worker} MiB");
