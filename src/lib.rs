@@ -17,7 +17,9 @@
 //!   the disk budget ([`cache::budget`], S3-FIFO in [`cache::evict`]), [`cache::verify`].
 //! - [`media`]: content sniffing and the type allowlist; [`media::worker`] runs every decode,
 //!   render and metadata strip in sandboxed worker processes (`parasol media-worker`) under
-//!   kernel limits, and `media/{variants,svg,strip}.rs` is what runs inside them.
+//!   kernel limits, and `media/{decode,variants,animation,svg,strip}.rs` is what runs inside
+//!   them; [`media::worker::tool`] runs ffmpeg (video posters) and heif-convert (HEIC, AVIF)
+//!   behind the same walls.
 //! - [`proxy`]: the request lifecycle: lookup, coalesced fill; `proxy/store.rs` receives and
 //!   stores bodies (within the in-flight budget, [`cache::inflight`]), `proxy/prepare.rs`
 //!   hands media work to the worker pool, `proxy/upkeep.rs` purges, evicts and runs upkeep.
