@@ -59,7 +59,7 @@ pub fn parse(path: &str, key: &[u8], preview: &str) -> Result<Parsed, ProxyError
 }
 
 /// The last segment of the source URL's path, as it appears (percent-encoded) in the URL.
-fn basename(source: &url::Url) -> String {
+pub(crate) fn basename(source: &url::Url) -> String {
     source.path_segments().and_then(|mut s| s.next_back()).unwrap_or_default().to_string()
 }
 

@@ -73,12 +73,10 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<MisskeyRequest, ProxyErr
         }
         (None, []) => return Err(ProxyError::BadUrl("expected ?url=")),
     };
-    let filename = source
-        .path_segments()
-        .and_then(|mut s| s.next_back())
-        .filter(|s| !s.is_empty())
-        .unwrap_or("file")
-        .to_string();
+    let filename = match super::akkoma::basename(&source) {
+        name if name.is_empty() => "file".to_string(),
+        name => name,
+    };
     let variant = preset(has).map(str::to_string);
     Ok(MisskeyRequest {
         request: ProxyRequest { source, variant },
@@ -88,12 +86,8 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<MisskeyRequest, ProxyErr
 }
 
 fn percent_decode(text: &str) -> Result<String, ProxyError> {
-    let bytes: Vec<u8> =
-        form_urlencoded::parse(format!("x={}", text.replace('+', "%2B")).as_bytes())
-            .next()
-            .map(|(_, v)| v.into_owned().into_bytes())
-            .unwrap_or_default();
-    String::from_utf8(bytes).map_err(|_| ProxyError::BadUrl("source is not UTF-8"))
+    let decoded = percent_encoding::percent_decode_str(text).decode_utf8();
+    decoded.map(|t| t.into_owned()).map_err(|_| ProxyError::BadUrl("source is not UTF-8"))
 }
 
 /// `Content-Disposition: inline` with the source's file name, its extension corrected to what
@@ -181,6 +175,9 @@ mod tests {
         assert_eq!(m.request.variant.as_deref(), Some("avatar"));
         let m = parse("/proxy/image/http%3A%2F%2Fmedia.test%2Fa.png", None).unwrap();
         assert_eq!(m.request.source.as_str(), "http://media.test/a.png");
+        // A raw `&` or `+` in the path is part of the URL, not a separator or a space.
+        let m = parse("/proxy/image/media.test/a&b+c.png", None).unwrap();
+        assert_eq!(m.request.source.as_str(), "https://media.test/a&b+c.png");
     }
 
     #[test]

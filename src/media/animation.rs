@@ -31,6 +31,9 @@ pub struct AnimationLimits {
 /// Browsers show frames asking for less than this for 100 ms; so do these renditions.
 const SHORTEST_FRAME_MS: u32 = 20;
 
+/// A frame shows for at most a minute: timestamps stay far inside libwebp's `i32`.
+const LONGEST_FRAME_MS: u32 = 60_000;
+
 /// The animated rendition of `source` as `spec`, or `None` when there is none to make (a
 /// still file, a preset without animation, a file over the budgets): the caller renders
 /// the first frame instead.
@@ -41,6 +44,7 @@ pub fn render_animated(
     limits: &AnimationLimits,
 ) -> Result<Option<Rendered>, ProxyError> {
     if spec.animation != AnimationPolicy::Keep
+        || spec.mask
         || spec.format != VariantFormat::Webp
         || limits.max_frames < 2
     {
@@ -56,12 +60,16 @@ pub fn render_animated(
     for frame in frames {
         let frame = frame.map_err(|_| ProxyError::bad_image("corrupt animation frame"))?;
         decoded += canvas;
-        if out.len() as u32 >= limits.max_frames || decoded > limits.max_pixels {
+        // The frames kept (and libwebp's copy of each) are what a long animation costs in
+        // memory: bounded by media.max_pixels of output, as one still picture is.
+        let kept = u64::from(tw) * u64::from(th) * (out.len() as u64 + 1);
+        if out.len() as u32 >= limits.max_frames || decoded > limits.max_pixels || kept > max_pixels
+        {
             return Ok(None);
         }
         let (numer, denom) = frame.delay().numer_denom_ms();
         let delay = numer / denom.max(1);
-        let delay = if delay < SHORTEST_FRAME_MS { 100 } else { delay };
+        let delay = if delay < SHORTEST_FRAME_MS { 100 } else { delay.min(LONGEST_FRAME_MS) };
         let buffer = frame.into_buffer();
         if buffer.dimensions() != (w, h) {
             return Err(ProxyError::bad_image("animation frame of another size"));
@@ -90,10 +98,13 @@ pub fn render_animated(
     Ok(Some(Rendered { bytes: bytes.to_vec(), content_type: "image/webp", width: tw, height: th }))
 }
 
-/// Whether `source` is an animation (a GIF, APNG or WebP with a second frame).
-pub fn is_animated(source: &[u8]) -> bool {
+/// Whether `source` is an animation (a GIF, APNG or WebP with a second frame), within
+/// `max_pixels` a frame (a larger one is not decoded to find out).
+pub fn is_animated(source: &[u8], max_pixels: u64) -> bool {
     match frames_of(source) {
-        Ok(Some((_, _, mut frames))) => frames.nth(1).is_some_and(|f| f.is_ok()),
+        Ok(Some((w, h, mut frames))) if check_size(w, h, max_pixels).is_ok() => {
+            frames.nth(1).is_some_and(|f| f.is_ok())
+        }
         _ => false,
     }
 }

@@ -147,6 +147,9 @@ pub struct MediaPool {
     /// decode the same pixels.
     verdicts: moka::future::Cache<[u8; 32], std::sync::Arc<str>>,
     metrics: PoolMetrics,
+    /// Outside programs are not run: the kernel has no Landlock to confine them (found by
+    /// [`MediaPool::warm`]).
+    tools_off: std::sync::atomic::AtomicBool,
     /// Clock ticks per second, for reading workers' CPU time from `/proc`.
     ticks: u64,
 }
@@ -163,6 +166,7 @@ impl MediaPool {
                 .time_to_live(Duration::from_secs(86_400))
                 .build(),
             metrics,
+            tools_off: std::sync::atomic::AtomicBool::new(false),
             ticks: nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
                 .ok()
                 .flatten()
@@ -174,20 +178,30 @@ impl MediaPool {
     /// Starts one worker and keeps it for the first job: a binary that cannot be started, or
     /// a kernel that refuses the sandbox, is found at start, not at the first thumbnail.
     /// Returns Landlock's status, for the start-up log line.
+    /// Where the kernel has no Landlock, outside programs (ffmpeg, heif-convert) are turned
+    /// off: nothing else would keep them from reading other files into their output.
     pub async fn warm(&self) -> Result<String, ProxyError> {
         let (worker, landlock) = self.spawn().await?;
+        if landlock == sandbox::LANDLOCK_MISSING {
+            self.tools_off.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!("no Landlock in this kernel: ffmpeg and heif-convert are not run");
+        }
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(worker);
         Ok(landlock)
     }
 
     /// The ffmpeg program found at start, if any.
     pub fn ffmpeg(&self) -> Option<&std::path::Path> {
-        self.config.ffmpeg.as_deref()
+        self.config.ffmpeg.as_deref().filter(|_| !self.tools_off())
+    }
+
+    fn tools_off(&self) -> bool {
+        self.tools_off.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The heif-convert program found at start, if any.
     pub fn heif_convert(&self) -> Option<&std::path::Path> {
-        self.config.heif_convert.as_deref()
+        self.config.heif_convert.as_deref().filter(|_| !self.tools_off())
     }
 
     /// The outside program that makes a picture of a file of `content_type` the workers'

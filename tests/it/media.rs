@@ -550,6 +550,13 @@ async fn ffmpeg_reads_only_its_input_and_connects_nowhere() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let frame = image::load_from_memory(&out.stdout).unwrap();
     assert_eq!((frame.width(), frame.height()), (64, 48));
+    // And it writes nowhere: a frame asked for as a file is not written.
+    let elsewhere = dir.path().join("written.png");
+    let args =
+        format!("-hide_banner -nostdin -i /dev/stdin -frames:v 1 -y {}", elsewhere.display());
+    let out = sandboxed_ffmpeg(&video, &args);
+    assert!(!out.status.success());
+    assert!(std::fs::metadata(&elsewhere).map_or(true, |m| m.len() == 0), "nothing written");
 }
 
 /// A video whose one frame is 16000 × 16000 (three quarters of a gigabyte decoded, from a

@@ -102,9 +102,9 @@ fn execute(
     };
     match task {
         // Akkoma's preview of an animation is the animation itself: the input stands.
-        Task::Render { spec, .. }
+        Task::Render { spec, max_pixels, .. }
             if spec.animation == crate::config::AnimationPolicy::Original
-                && crate::media::animation::is_animated(&body) =>
+                && crate::media::animation::is_animated(&body, *max_pixels) =>
         {
             (Reply::Unchanged, Vec::new())
         }

@@ -45,6 +45,9 @@ pub struct Limits {
 /// worker does.
 pub const NICE: i32 = 10;
 
+/// Landlock's status where the kernel has none.
+pub const LANDLOCK_MISSING: &str = "not available in this kernel";
+
 /// What [`enter`] managed.
 #[derive(Debug, Clone)]
 pub struct Entered {
@@ -152,7 +155,7 @@ fn landlock() -> Result<String, String> {
     Ok(match status.ruleset {
         RulesetStatus::FullyEnforced => "fully enforced".into(),
         RulesetStatus::PartiallyEnforced => "partially enforced".into(),
-        RulesetStatus::NotEnforced => "not available in this kernel".into(),
+        RulesetStatus::NotEnforced => LANDLOCK_MISSING.into(),
     })
 }
 

@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::fd::AsFd;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 
@@ -92,7 +92,33 @@ fn enter(limits: &Limits, program: &Path, scratch: Option<&Path>) -> Result<(), 
         .map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
     // The loader opens the program's libraries one at a time.
     set(Resource::RLIMIT_NOFILE, 64, 64)?;
+    seccompiler::apply_filter(&no_other_abi()).map_err(|e| format!("seccomp: {e}"))?;
     seccompiler::apply_filter(&filter()?).map_err(|e| format!("seccomp: {e}"))
+}
+
+/// A filter of its own, before the deny-list: on x86-64 a call numbered for the x32 ABI
+/// (bit 30 set) would match none of the deny-list's numbers and be allowed, so every such
+/// call is refused. (The workers' allowlist refuses them by default.) Written as BPF by
+/// hand: seccompiler compares call numbers for equality only.
+fn no_other_abi() -> BpfProgram {
+    use seccompiler::sock_filter;
+    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JGE_K: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const X32_BIT: u32 = 0x4000_0000;
+    let errno = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+    let allow = libc::SECCOMP_RET_ALLOW;
+    let op = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    match std::env::consts::ARCH {
+        // seccomp_data.nr is at offset 0.
+        "x86_64" => vec![
+            op(LD_W_ABS, 0, 0, 0),
+            op(JGE_K, 0, 1, X32_BIT),
+            op(RET_K, 0, 0, errno),
+            op(RET_K, 0, 0, allow),
+        ],
+        _ => vec![op(RET_K, 0, 0, allow)],
+    }
 }
 
 /// Read access to the libraries, execution of the program and its loader, reading of stdin
@@ -115,7 +141,8 @@ fn landlock(program: &Path, scratch: Option<&Path>) -> Result<(), String> {
         .map_err(err)?
         .create()
         .map_err(err)?;
-    for dir in ["/usr", "/lib", "/lib64", "/etc/ld.so.cache"] {
+    // The libraries, not all of /usr (/usr/local may hold an operator's files).
+    for dir in ["/usr/lib", "/usr/lib64", "/lib", "/lib64", "/etc/ld.so.cache"] {
         if let Ok(fd) = PathFd::new(dir) {
             ruleset = ruleset.add_rule(PathBeneath::new(fd, read)).map_err(err)?;
         }
@@ -129,14 +156,10 @@ fn landlock(program: &Path, scratch: Option<&Path>) -> Result<(), String> {
             ruleset = ruleset.add_rule(PathBeneath::new(fd, exec)).map_err(err)?;
         }
     }
+    // The one output file the server made for it: written over, never a new file.
     if let Some(dir) = scratch {
-        let write = AccessFs::ReadFile
-            | AccessFs::WriteFile
-            | AccessFs::ReadDir
-            | AccessFs::MakeReg
-            | AccessFs::RemoveFile
-            | AccessFs::Truncate;
-        let fd = PathFd::new(dir).map_err(|e| format!("landlock: {e}"))?;
+        let write = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate;
+        let fd = PathFd::new(dir.join(OUTPUT_NAME)).map_err(|e| format!("landlock: {e}"))?;
         ruleset = ruleset.add_rule(PathBeneath::new(fd, write)).map_err(err)?;
     }
     let input = std::io::stdin().as_fd().try_clone_to_owned().map_err(|e| format!("stdin: {e}"))?;
@@ -149,7 +172,9 @@ fn landlock(program: &Path, scratch: Option<&Path>) -> Result<(), String> {
 
 /// The calls a media program never needs, refused (`ENOSYS`, which the C library treats as
 /// "not there"): sockets, new processes (threads stay allowed), tracing, other processes'
-/// memory and signals, mounts and namespaces, BPF, keyrings, module and kernel loading.
+/// memory, signals and scheduling, leaving the server's death behind (`PR_SET_PDEATHSIG`,
+/// a new session), mounts and namespaces, BPF, keyrings, module and kernel loading. And
+/// before it, [`no_other_abi`]: a call by another ABI's numbers matches none of these.
 fn filter() -> Result<BpfProgram, String> {
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| format!("seccomp: {e}"))?;
     let cond = |arg, op, value| {
@@ -192,6 +217,21 @@ fn filter() -> Result<BpfProgram, String> {
         libc::SYS_delete_module,
         libc::SYS_setrlimit,
         libc::SYS_personality,
+        libc::SYS_rt_sigqueueinfo,
+        libc::SYS_pidfd_open,
+        libc::SYS_pidfd_send_signal,
+        libc::SYS_pidfd_getfd,
+        libc::SYS_setsid,
+        libc::SYS_setpgid,
+        libc::SYS_sched_setscheduler,
+        libc::SYS_sched_setattr,
+        libc::SYS_sched_setparam,
+        libc::SYS_ioprio_set,
+        libc::SYS_migrate_pages,
+        libc::SYS_move_pages,
+        libc::SYS_kcmp,
+        libc::SYS_name_to_handle_at,
+        libc::SYS_open_by_handle_at,
     ]
     .into_iter()
     .map(|nr| (nr, Vec::new()))
@@ -204,6 +244,19 @@ fn filter() -> Result<BpfProgram, String> {
     // Signals only to itself (abort): tgkill of another thread group is refused.
     let own = std::process::id() as u64;
     rules.insert(libc::SYS_tgkill, vec![rule(vec![cond(0, SeccompCmpOp::Ne, own)?])?]);
+    rules.insert(libc::SYS_rt_tgsigqueueinfo, vec![rule(vec![cond(0, SeccompCmpOp::Ne, own)?])?]);
+    // Its own affinity and priority only (pid or who 0, or its own pid).
+    let others = || -> Result<Vec<SeccompRule>, String> {
+        Ok(vec![rule(vec![cond(0, SeccompCmpOp::Ne, 0)?, cond(0, SeccompCmpOp::Ne, own)?])?])
+    };
+    rules.insert(libc::SYS_sched_setaffinity, others()?);
+    let who = |arg| -> Result<Vec<SeccompRule>, String> {
+        Ok(vec![rule(vec![cond(arg, SeccompCmpOp::Ne, 0)?, cond(arg, SeccompCmpOp::Ne, own)?])?])
+    };
+    rules.insert(libc::SYS_setpriority, who(1)?);
+    // The death signal stays: the program dies with the server.
+    let pdeathsig = libc::PR_SET_PDEATHSIG as u64;
+    rules.insert(libc::SYS_prctl, vec![rule(vec![cond(0, SeccompCmpOp::Eq, pdeathsig)?])?]);
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -218,6 +271,10 @@ fn filter() -> Result<BpfProgram, String> {
 /// directory: the argument naming it.
 pub const OUTPUT: &str = "{output}";
 
+/// The output file's name in the scratch directory: made by the server, empty, before the
+/// program starts; the only file the program may write (and no larger than the limit).
+const OUTPUT_NAME: &str = "out.png";
+
 /// heif-convert's arguments: the primary image of its HEIF/HEIC/AVIF input as a PNG (alpha
 /// kept), written to the job's scratch directory.
 pub fn heif_args() -> Vec<String> {
@@ -228,7 +285,7 @@ pub fn heif_args() -> Vec<String> {
 /// image) as a PNG on stdout: one thread, nothing read but the input, no other stream.
 pub fn frame_args() -> Vec<String> {
     let args = "-hide_banner -nostdin -loglevel error -threads 1 -filter_threads 1 \
-        -i /dev/stdin -map 0:v:0 -frames:v 1 -f image2pipe -c:v png -";
+        -protocol_whitelist file -i /dev/stdin -map 0:v:0 -frames:v 1 -f image2pipe -c:v png -";
     args.split_whitespace().map(str::to_string).collect()
 }
 
@@ -252,12 +309,16 @@ impl Scratch {
         getrandom::fill(&mut name).map_err(std::io::Error::other)?;
         let dir = std::env::temp_dir().join(format!("parasol-tool-{}", hex::encode(name)));
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let scratch = Scratch(dir);
+        let out = scratch.0.join(OUTPUT_NAME);
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&out)?;
         if nix::unistd::geteuid().is_root() {
-            let nobody =
-                (Some(nix::unistd::Uid::from_raw(65534)), Some(nix::unistd::Gid::from_raw(65534)));
-            nix::unistd::chown(&dir, nobody.0, nobody.1).map_err(std::io::Error::other)?;
+            let (uid, gid) = (nix::unistd::Uid::from_raw(65534), nix::unistd::Gid::from_raw(65534));
+            for path in [&scratch.0, &out] {
+                nix::unistd::chown(path, Some(uid), Some(gid)).map_err(std::io::Error::other)?;
+            }
         }
-        Ok(Scratch(dir))
+        Ok(scratch)
     }
 }
 
@@ -299,6 +360,8 @@ impl MediaPool {
                 self.verdicts.insert(verdict, why.clone()).await;
             }
             Err(ProxyError::BadImage(_)) => self.count("refused"),
+            // Counted as `starved` where it happened.
+            Err(ProxyError::MediaBusy) => {}
             Err(_) => self.count("error"),
         }
         result
@@ -310,10 +373,11 @@ impl MediaPool {
         path: &Path,
         sink: &mut S,
     ) -> Result<(), ProxyError> {
-        // The program, as `nobody`, reopens its stdin: the blob must be readable by others
-        // (the cache directory's 0700 keeps everyone else out).
+        // The program, as `nobody` when parasol runs as root, reopens its stdin: the blob
+        // must then be readable by others (the cache directory's 0700 keeps everyone else
+        // from its path). Run as another user, the program is parasol's own user.
         let file = std::fs::File::open(path).map_err(crate::proxy::storage_error)?;
-        {
+        if nix::unistd::geteuid().is_root() {
             use std::os::unix::fs::PermissionsExt;
             let mode = file.metadata().map_err(crate::proxy::storage_error)?.permissions().mode();
             if mode & 0o004 == 0 {
@@ -326,7 +390,7 @@ impl MediaPool {
             true => Some(Scratch::new().map_err(crate::proxy::storage_error)?),
             false => None,
         };
-        let output = scratch.as_ref().map(|s| s.0.join("out.png"));
+        let output = scratch.as_ref().map(|s| s.0.join(OUTPUT_NAME));
         let args = job.args.iter().map(|a| match (&output, a.as_str()) {
             (Some(out), OUTPUT) => out.as_os_str().to_owned(),
             _ => OsString::from(a),
@@ -383,18 +447,25 @@ impl MediaPool {
         let (status, mut total) = match tokio::time::timeout(self.config.job_timeout, work).await {
             Ok(result) => result?,
             Err(_) => {
+                // As for a worker: the file is blamed only if the program had the CPU.
+                let used_ms = self.cpu_ticks(pid) * 1000 / self.ticks;
                 let _ = child.start_kill();
+                if u128::from(used_ms) < self.config.job_timeout.as_millis() / 5 {
+                    self.count("starved");
+                    tracing::warn!(tool = job.name, used_ms, "media tool starved of the CPU");
+                    return Err(ProxyError::MediaBusy);
+                }
                 tracing::warn!(tool = job.name, "media tool over media.job_timeout: killed");
                 return Err(ProxyError::MediaTooCostly("over media.job_timeout".into()));
             }
         };
         // A program that wrote its result to a file: that file is the result.
         if let (Some(out), Some(0)) = (&output, status.code()) {
-            let bytes = match tokio::fs::read(out).await {
-                Ok(bytes) if bytes.len() as u64 <= max => bytes,
-                Ok(_) => return Err(ProxyError::MediaTooCostly("output over the limit".into())),
-                Err(_) => Vec::new(),
-            };
+            let len = tokio::fs::metadata(out).await.map_or(0, |m| m.len());
+            if len > max {
+                return Err(ProxyError::MediaTooCostly("output over the limit".into()));
+            }
+            let bytes = tokio::fs::read(out).await.unwrap_or_default();
             sink.push(&bytes).await.map_err(crate::proxy::storage_error)?;
             total = bytes.len() as u64;
         }
