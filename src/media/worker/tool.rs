@@ -1,21 +1,25 @@
-//! Outside programs (ffmpeg: video posters, AVIF) run the way a media worker does: the
-//! `parasol` binary is started as `parasol media-worker --tool PROGRAM`, raises the same walls
-//! a worker raises (kernel limits, no inherited descriptor, Landlock, `nobody`, death with the
-//! server, a seccomp filter) and then becomes the program, which inherits all of them:
+//! Outside programs (ffmpeg: video posters; heif-convert: HEIC, AVIF) run the way a media
+//! worker does: the `parasol` binary is started as `parasol media-worker --tool PROGRAM`,
+//! raises the same walls a worker raises (kernel limits, no inherited descriptor, Landlock,
+//! `nobody`, death with the server, seccomp) and then becomes the program, which inherits all
+//! of them:
 //!
 //! - its only input is the cached file, handed over as stdin and opened by the program as
 //!   `/dev/stdin` (a real file, so it can seek: an MP4 whose index sits at its end needs
-//!   that); Landlock lets it read that one file, the system's libraries and nothing else, and
-//!   write nowhere (`RLIMIT_FSIZE` 0 as well);
-//! - its only output is stdout, read by the server as a job's result and sniffed like one;
-//! - no sockets at all (seccomp and Landlock), no new process (only threads), no ptrace, no
-//!   signal to anyone else, no mounts, namespaces, BPF or keyrings;
+//!   that); Landlock lets it read that one file and the system's library directories, and
+//!   write nothing but the one empty output file the server made for it (heif-convert), or
+//!   nothing at all (`RLIMIT_FSIZE` 0);
+//! - its result is stdout (ffmpeg) or that file, read by the server as a job's result and
+//!   sniffed like one;
+//! - seccomp refuses sockets, new processes (threads stay allowed), ptrace, signals,
+//!   scheduling and pidfds aimed at other processes, leaving the server's death behind, mounts,
+//!   namespaces, BPF and keyrings, and every call of another ABI (x32);
 //! - `media.worker_memory` of address space, `media.job_timeout` of CPU time, and the
 //!   server's wall-clock deadline, past which it is killed.
 //!
-//! Where the kernel has no Landlock the program is not run at all (there a hostile video
-//! could make it read other files into the picture it returns): the job is refused and the
-//! log says why once.
+//! Where the kernel has no Landlock the programs are not run at all (nothing else would keep
+//! a hostile video from having them read other files into the picture they return): the
+//! pool turns them off at start, says so once, and those renditions answer 415.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
