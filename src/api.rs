@@ -46,6 +46,35 @@ pub fn parse_source(text: &str) -> Result<Url, ProxyError> {
     Ok(url)
 }
 
+/// `Content-Disposition: inline` with a file name, its extension corrected to what is served
+/// (`x.png` as WebP is `x.png.webp`, as Misskey names it; Akkoma's `preview` is `preview.jpg`), with an ASCII fallback
+/// and the exact name as `filename*` when they differ.
+pub fn content_disposition(filename: &str, served_type: &str) -> String {
+    let ext = match served_type {
+        "image/jpeg" => "jpg",
+        "image/vnd.microsoft.icon" => "ico",
+        "image/svg+xml" => "svg",
+        "video/quicktime" => "mov",
+        other => other.rsplit('/').next().unwrap_or("unknown"),
+    };
+    let ext = ext.trim_start_matches("x-");
+    let lower = filename.to_ascii_lowercase();
+    let same = lower.ends_with(&format!(".{ext}"))
+        || (ext == "jpg" && lower.ends_with(".jpeg"))
+        || (ext == "tiff" && lower.ends_with(".tif"));
+    let name = if same { filename.to_string() } else { format!("{filename}.{ext}") };
+    let ascii: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '_' })
+        .collect();
+    if ascii == name {
+        format!("inline; filename=\"{name}\"")
+    } else {
+        let exact: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
+        format!("inline; filename=\"{ascii}\"; filename*=UTF-8''{}", exact.replace('+', "%20"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,5 +88,16 @@ mod tests {
         assert!(parse_source("https://user:pw@x.test/a").is_err());
         assert!(parse_source("javascript:alert(1)").is_err());
         assert!(parse_source(&format!("https://x.test/{}", "a".repeat(5000))).is_err());
+    }
+
+    #[test]
+    fn disposition_names_what_is_served() {
+        assert_eq!(content_disposition("a.png", "image/webp"), "inline; filename=\"a.png.webp\"");
+        assert_eq!(content_disposition("a.webp", "image/webp"), "inline; filename=\"a.webp\"");
+        assert_eq!(content_disposition("a.JPEG", "image/jpeg"), "inline; filename=\"a.JPEG\"");
+        assert_eq!(
+            content_disposition("a b.png", "image/png"),
+            "inline; filename=\"a_b.png\"; filename*=UTF-8''a%20b.png"
+        );
     }
 }

@@ -278,6 +278,9 @@ async fn route<B>(public: &Public, req: &Request<B>) -> (&'static str, Routed) {
     }
     match parsed {
         Err(e) => (route, bypass(e)),
+        Ok(Target::Request(request)) if route == "akkoma" && request.variant.is_some() => {
+            (route, serve_akkoma_preview(public, &request, req).await)
+        }
         Ok(Target::Request(request)) => (route, serve_request(public, &request, req).await),
         Ok(Target::Redirect(location)) => {
             (route, Ok((response::redirect(&location), CacheStatus::Bypass, 0)))
@@ -335,7 +338,29 @@ async fn serve_misskey<B>(
     let (mut response, cache, sent) = serve_request(public, &m.request, req).await?;
     let served = response.headers().get(http::header::CONTENT_TYPE).cloned();
     let served = served.as_ref().and_then(|v| v.to_str().ok()).unwrap_or_default();
-    let disposition = api::misskey::disposition(&m.filename, served);
+    let disposition = api::content_disposition(&m.filename, served);
+    if let Ok(value) = http::HeaderValue::from_str(&disposition) {
+        response.headers_mut().insert(http::header::CONTENT_DISPOSITION, value);
+    }
+    Ok((response, cache, sent))
+}
+
+/// Akkoma's preview names what it serves as Akkoma does: `preview.jpg`, `preview.png`, ...
+/// (the original's own name when the preset kept the original).
+async fn serve_akkoma_preview<B>(
+    public: &Public,
+    request: &ProxyRequest,
+    req: &Request<B>,
+) -> Routed {
+    let (mut response, cache, sent) = serve_request(public, request, req).await?;
+    let served = response.headers().get(http::header::CONTENT_TYPE).cloned();
+    let served = served.as_ref().and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let renditions = ["image/jpeg", "image/png", "image/webp"];
+    let name = match renditions.contains(&served) {
+        true => "preview".to_string(),
+        false => api::akkoma::basename(&request.source),
+    };
+    let disposition = api::content_disposition(&name, served);
     if let Ok(value) = http::HeaderValue::from_str(&disposition) {
         response.headers_mut().insert(http::header::CONTENT_DISPOSITION, value);
     }

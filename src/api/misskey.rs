@@ -90,35 +90,6 @@ fn percent_decode(text: &str) -> Result<String, ProxyError> {
     decoded.map(|t| t.into_owned()).map_err(|_| ProxyError::BadUrl("source is not UTF-8"))
 }
 
-/// `Content-Disposition: inline` with the source's file name, its extension corrected to what
-/// is served (`x.png` as WebP is `x.png.webp`, as Misskey names it), with an ASCII fallback
-/// and the exact name as `filename*` when they differ.
-pub fn disposition(filename: &str, served_type: &str) -> String {
-    let ext = match served_type {
-        "image/jpeg" => "jpg",
-        "image/vnd.microsoft.icon" => "ico",
-        "image/svg+xml" => "svg",
-        "video/quicktime" => "mov",
-        other => other.rsplit('/').next().unwrap_or("unknown"),
-    };
-    let ext = ext.trim_start_matches("x-");
-    let lower = filename.to_ascii_lowercase();
-    let same = lower.ends_with(&format!(".{ext}"))
-        || (ext == "jpg" && lower.ends_with(".jpeg"))
-        || (ext == "tiff" && lower.ends_with(".tif"));
-    let name = if same { filename.to_string() } else { format!("{filename}.{ext}") };
-    let ascii: String = name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '_' })
-        .collect();
-    if ascii == name {
-        format!("inline; filename=\"{name}\"")
-    } else {
-        let exact: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
-        format!("inline; filename=\"{ascii}\"; filename*=UTF-8''{}", exact.replace('+', "%20"))
-    }
-}
-
 /// A 1×1 transparent PNG, answered for `fallback=1` when the real image cannot be served.
 /// Encoded once by the `image` crate rather than written out as bytes by hand.
 pub fn placeholder_png() -> bytes::Bytes {
@@ -178,17 +149,6 @@ mod tests {
         // A raw `&` or `+` in the path is part of the URL, not a separator or a space.
         let m = parse("/proxy/image/media.test/a&b+c.png", None).unwrap();
         assert_eq!(m.request.source.as_str(), "https://media.test/a&b+c.png");
-    }
-
-    #[test]
-    fn disposition_names_what_is_served() {
-        assert_eq!(disposition("a.png", "image/webp"), "inline; filename=\"a.png.webp\"");
-        assert_eq!(disposition("a.webp", "image/webp"), "inline; filename=\"a.webp\"");
-        assert_eq!(disposition("a.JPEG", "image/jpeg"), "inline; filename=\"a.JPEG\"");
-        assert_eq!(
-            disposition("a b.png", "image/png"),
-            "inline; filename=\"a_b.png\"; filename*=UTF-8''a%20b.png"
-        );
     }
 
     #[test]

@@ -142,6 +142,9 @@ async fn akkoma_filenames_redirect_and_preview_is_a_variant() {
         let r = get(&preview_of(&origin.url(path))).await;
         assert_eq!(r.status(), 200, "{path}");
         assert_eq!(r.headers()["content-type"], format, "{path}");
+        let name = if format == "image/png" { "preview.png" } else { "preview.jpg" };
+        let disposition = format!("inline; filename=\"{name}\"");
+        assert_eq!(r.headers()["content-disposition"], disposition.as_str(), "{path}");
         let thumb = image::load_from_memory(&body(r).await).unwrap();
         assert_eq!((thumb.width(), thumb.height()), (600, 300), "{path}");
     }
