@@ -125,6 +125,13 @@ pub struct PoolMetrics {
     pub running: Gauge,
 }
 
+/// A job's place: in the queue, on a worker, counted as running.
+struct Admitted<'a> {
+    _queued: tokio::sync::SemaphorePermit<'a>,
+    _slot: tokio::sync::SemaphorePermit<'a>,
+    _running: RunningJob<'a>,
+}
+
 /// Counts a job as running while it holds a worker.
 struct RunningJob<'a>(&'a Gauge);
 
@@ -280,13 +287,7 @@ impl MediaPool {
         if input.len() > self.config.max_input {
             return Err(ProxyError::TooLarge);
         }
-        let Ok(_admitted) = self.admitted.try_acquire() else {
-            self.count("busy");
-            return Err(ProxyError::MediaBusy);
-        };
-        let _slot = self.running.acquire().await.map_err(|_| ProxyError::MediaBusy)?;
-        self.metrics.running.inc();
-        let _running = RunningJob(&self.metrics.running);
+        let _admitted = self.admit().await?;
         // A second worker is tried when the first could not take the job (gone while idle,
         // or retired), or died on it after earlier jobs (its own history, say a heap grown by
         // them, may be what ran out): only a fresh worker's failure is the file's.
@@ -336,6 +337,18 @@ impl MediaPool {
             };
             return Err(self.failed(task, worker, failure).await);
         }
+    }
+
+    /// A place in the queue (or 503 `media_busy` at once), then a worker's slot; the job
+    /// counts as running while the result is held.
+    async fn admit(&self) -> Result<Admitted<'_>, ProxyError> {
+        let Ok(queued) = self.admitted.try_acquire() else {
+            self.count("busy");
+            return Err(ProxyError::MediaBusy);
+        };
+        let slot = self.running.acquire().await.map_err(|_| ProxyError::MediaBusy)?;
+        self.metrics.running.inc();
+        Ok(Admitted { _queued: queued, _slot: slot, _running: RunningJob(&self.metrics.running) })
     }
 
     /// A job past `media.job_timeout`: its worker is killed. The file is blamed only if the

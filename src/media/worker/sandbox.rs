@@ -182,16 +182,22 @@ pub(super) fn close_inherited() -> Result<Vec<i32>, String> {
     Ok(left)
 }
 
+/// A seccomp condition on a call's argument `arg` (64-bit).
+pub(super) fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, String> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value)
+        .map_err(|e| format!("seccomp: {e}"))
+}
+
+/// A seccomp rule: all of `conditions` hold.
+pub(super) fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, String> {
+    SeccompRule::new(conditions).map_err(|e| format!("seccomp: {e}"))
+}
+
 /// The seccomp allowlist. Everything not named fails with `EPERM` rather than killing the
 /// worker, so a decoder that tries something unexpected reports an error the server can see.
 fn filter() -> Result<BpfProgram, String> {
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| format!("seccomp: {e}"))?;
     let own_pid = std::process::id() as u64;
-    let cond = |arg, op, value| {
-        SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value)
-            .map_err(|e| format!("seccomp: {e}"))
-    };
-    let rule = |conditions| SeccompRule::new(conditions).map_err(|e| format!("seccomp: {e}"));
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = [
         libc::SYS_close,
         libc::SYS_munmap,

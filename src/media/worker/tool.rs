@@ -30,12 +30,11 @@ use std::process::{ExitCode, Stdio};
 
 use nix::sys::resource::{Resource, setrlimit};
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    BpfProgram, SeccompAction, SeccompCmpOp, SeccompFilter, SeccompRule, TargetArch,
 };
 use tokio::io::AsyncReadExt;
 
-use super::{Limits, MediaPool, RunningJob, relay_stderr};
+use super::{Limits, MediaPool, relay_stderr};
 use crate::cache::ChunkSink;
 use crate::error::ProxyError;
 
@@ -180,12 +179,8 @@ fn landlock(program: &Path, scratch: Option<&Path>) -> Result<(), String> {
 /// a new session), mounts and namespaces, BPF, keyrings, module and kernel loading. And
 /// before it, [`no_other_abi`]: a call by another ABI's numbers matches none of these.
 fn filter() -> Result<BpfProgram, String> {
+    use super::sandbox::{cond, rule};
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| format!("seccomp: {e}"))?;
-    let cond = |arg, op, value| {
-        SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value)
-            .map_err(|e| format!("seccomp: {e}"))
-    };
-    let rule = |conditions| SeccompRule::new(conditions).map_err(|e| format!("seccomp: {e}"));
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = [
         libc::SYS_socket,
         libc::SYS_socketpair,
@@ -349,13 +344,7 @@ impl MediaPool {
             self.count("remembered");
             return Err(ProxyError::MediaTooCostly(why));
         }
-        let Ok(_admitted) = self.admitted.try_acquire() else {
-            self.count("busy");
-            return Err(ProxyError::MediaBusy);
-        };
-        let _slot = self.running.acquire().await.map_err(|_| ProxyError::MediaBusy)?;
-        self.metrics.running.inc();
-        let _running = RunningJob(&self.metrics.running);
+        let _admitted = self.admit().await?;
         let result = self.tool_exchange(job, path, sink).await;
         match &result {
             Ok(()) => self.count("ok"),
