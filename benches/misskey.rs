@@ -9,9 +9,14 @@
 //! otherwise answer from its own): the time is the whole miss, fetch included. Requests alternate
 //! between the two, and each figure is the median of `ROUNDS` (default 7).
 //!
-//! Needs Misskey's media proxy checked out and installed (see BENCHMARKS.md for the steps)
-//! in `MISSKEY_MEDIA_PROXY` (default `/tmp/mmp`), node, python3 (the origin) and a release
-//! build of parasol: `cargo build --release && cargo bench --bench misskey`.
+//! Needs Misskey's media proxy in `MISSKEY_MEDIA_PROXY` (default `/tmp/mmp`), node, python3
+//! (the origin) and a release build of parasol. Misskey's proxy is never part of this
+//! repository; to set it up, clone misskey-dev/media-proxy there, pin `sharp` to `^0.33.5`
+//! and `@misskey-dev/sharp-read-bmp` to `1.1.1` in its package.json, add
+//! `"overrides": {"sharp": "$sharp"}` (one sharp for everything), run `npm install
+//! --omit=dev`, and write a `config.js` that exports `allowedPrivateNetworks:
+//! ['127.0.0.2/32']` beside its other defaults. Then: `cargo build --release && cargo bench
+//! --bench misskey`.
 
 use std::io::Cursor;
 use std::net::TcpListener;
