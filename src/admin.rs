@@ -122,20 +122,14 @@ async fn metrics(proxy: &Proxy) -> Response<Body> {
 }
 
 /// Admin writes need `Authorization: Bearer <server.admin_token>`, and are refused outright
-/// while no token is configured. The comparison is of blake3 digests, whose equality is
-/// constant-time, so response timing does not reveal how much of a guess was right.
+/// while no token is configured ([`crate::signing::bearer_matches`]).
 /// Returns the refusal to send, or `None` when the request is authorised.
 fn refuse(token: &str, headers: &HeaderMap) -> Option<Response<Body>> {
     if token.is_empty() {
         let msg = "admin writes are disabled: set server.admin_token";
         return Some(json_error(StatusCode::FORBIDDEN, msg));
     }
-    let offered = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if blake3::hash(offered.as_bytes()) != blake3::hash(token.as_bytes()) {
+    if !crate::signing::bearer_matches(headers, token) {
         let mut r = json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
         r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return Some(r);

@@ -453,6 +453,11 @@ pub struct CompatConfig {
     pub akkoma_secret: String,
     /// The variant `/proxy/preview/…` serves.
     pub akkoma_preview_variant: String,
+    /// Token for Akkoma's cache invalidation: `PURGE` of an Akkoma URL on the public port,
+    /// with `Authorization: Bearer <token>`, drops the file and its renditions. Empty: off
+    /// (405).
+    #[serde(serialize_with = "redact_str")]
+    pub purge_token: String,
     /// Misskey's unsigned `/proxy/<name>.webp?url=…`.
     pub misskey: bool,
     /// Origin fills per source host per minute through the unsigned Misskey route; beyond it,
@@ -466,6 +471,7 @@ impl Default for CompatConfig {
             camo_key: String::new(),
             akkoma_secret: String::new(),
             akkoma_preview_variant: "akkoma".into(),
+            purge_token: String::new(),
             misskey: false,
             misskey_fills_per_minute: 120,
         }
@@ -624,6 +630,7 @@ impl Config {
             ("server.admin_token", &self.server.admin_token),
             ("compat.camo_key", &self.compat.camo_key),
             ("compat.akkoma_secret", &self.compat.akkoma_secret),
+            ("compat.purge_token", &self.compat.purge_token),
         ] {
             if !secret.is_empty() && secret.len() < 32 {
                 return bad(key, "needs at least 32 bytes (or empty, for off)".into());
@@ -767,6 +774,7 @@ const SECRETS: &[&str] = &[
     "signing.keys",
     "compat.camo_key",
     "compat.akkoma_secret",
+    "compat.purge_token",
     "shared.secret_access_key",
 ];
 

@@ -273,6 +273,9 @@ async fn route<B>(public: &Public, req: &Request<B>) -> (&'static str, Routed) {
     } else {
         return ("none", bypass(ProxyError::NoRoute));
     };
+    if req.method().as_str() == "PURGE" && route == "akkoma" && !compat.purge_token.is_empty() {
+        return (route, purge(public, parsed, req).await);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return (route, bypass(ProxyError::MethodNotAllowed));
     }
@@ -343,6 +346,38 @@ async fn serve_misskey<B>(
         response.headers_mut().insert(http::header::CONTENT_DISPOSITION, value);
     }
     Ok((response, cache, sent))
+}
+
+/// Akkoma's cache invalidation (`Pleroma.Web.MediaProxy.Invalidation.Http`): `PURGE` of a
+/// proxied URL (plain or preview), with the configured token, drops the file and every
+/// rendition of it from memory and disk, and forgets a remembered failure. The signature
+/// is checked as for a view, the token in constant time.
+async fn purge<B>(public: &Public, parsed: Result<Target, ProxyError>, req: &Request<B>) -> Routed {
+    let refused = |e| Err((e, CacheStatus::Bypass));
+    if !crate::signing::bearer_matches(req.headers(), &public.proxy.config.compat.purge_token) {
+        return refused(ProxyError::BadSignature);
+    }
+    let source = match parsed {
+        Ok(Target::Request(request)) => request.source,
+        // The filename segment does not matter for a purge.
+        Ok(Target::Redirect(location)) => {
+            let key = public.proxy.config.compat.akkoma_secret.as_bytes();
+            match api::akkoma::parse(&location, key, "") {
+                Ok(api::akkoma::Parsed::Request(request)) => request.source,
+                _ => return refused(ProxyError::BadUrl("not an Akkoma URL")),
+            }
+        }
+        Ok(Target::Misskey(_)) => return refused(ProxyError::BadUrl("not an Akkoma URL")),
+        Err(e) => return refused(e),
+    };
+    let report = public.proxy.purge_url(&source).await.map_err(|e| (e, CacheStatus::Bypass))?;
+    tracing::info!(entries = report.entries, bytes = report.bytes, "purged by PURGE");
+    let body = serde_json::json!({ "purged": report }).to_string() + "\n";
+    let mut response = http::Response::new(response::full(body));
+    let h = response.headers_mut();
+    h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    h.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    Ok((response, CacheStatus::Bypass, 0))
 }
 
 /// Akkoma's preview names what it serves as Akkoma does: `preview.jpg`, `preview.png`, ...

@@ -54,6 +54,18 @@ impl Signer {
     }
 }
 
+/// Whether `headers` carry `Authorization: Bearer <token>` (an empty token matches nothing).
+/// Compared as blake3 digests, whose equality is constant-time, so response timing does not
+/// reveal how much of a guess was right.
+pub fn bearer_matches(headers: &http::HeaderMap, token: &str) -> bool {
+    let offered = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    !token.is_empty() && blake3::hash(offered.as_bytes()) == blake3::hash(token.as_bytes())
+}
+
 fn mac(key: &[u8], message: &[u8]) -> HmacSha256 {
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
     mac.update(message);

@@ -61,6 +61,15 @@ impl Proxy {
         Ok(report)
     }
 
+    /// Drops everything cached for the source `url` (the original and its renditions) and
+    /// any failure remembered for it, so the next view asks the origin again.
+    pub async fn purge_url(&self, url: &url::Url) -> Result<PurgeReport, ProxyError> {
+        let canonical = url.to_string();
+        let report = self.purge(move |r| r.url == canonical).await?;
+        self.negative.invalidate(&crate::cache::Key::new(url.as_str(), None)).await;
+        Ok(report)
+    }
+
     /// Applies a new `[policy]` and purges everything cached from domains it now refuses.
     pub async fn apply_policy(
         &self,

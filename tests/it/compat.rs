@@ -446,3 +446,59 @@ async fn misskey_video_thumbnails_are_posters() {
     assert!(px[0] > 200 && px[1] < 60, "the red frame: {px:?}");
     p.stop().await;
 }
+
+/// Akkoma's cache invalidation: `PURGE` of a proxied URL (plain or preview) with the
+/// configured token drops the file and its renditions, so the next view asks the origin;
+/// without the token it is refused and nothing moves; unconfigured, PURGE is 405.
+#[tokio::test]
+async fn akkoma_purge_with_the_token_drops_the_file_and_its_previews() {
+    const TOKEN: &str = "purge-token-of-at-least-32-bytes!!";
+    let origin = Origin::start("127.0.0.18").await;
+    // A real picture, over Akkoma's 100 KiB, so the preview is a rendition of its own.
+    let mut seed = 11u32;
+    let noise = image::RgbImage::from_fn(400, 300, |_, _| {
+        seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        let [r, g, b, _] = seed.to_le_bytes();
+        image::Rgb([r, g, b])
+    });
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(noise).write_to(&mut png, image::ImageFormat::Png).unwrap();
+    origin.route("/b/cat.png", Route::ok(png.into_inner()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = compat_config(dir.path(), &["127.0.0.18/32"]);
+    cfg.compat.purge_token = TOKEN.into();
+    let p = Parasol::start(cfg).await;
+    let base = format!("http://{}", p.public);
+    let src = origin.url("/b/cat.png");
+    let plain = format!("{base}{}", akkoma_path(&src, "cat.png"));
+    let preview = plain.replacen("/proxy/", "/proxy/preview/", 1);
+    assert_eq!(get(&plain).await.status(), 200);
+    assert_eq!(get(&preview).await.status(), 200);
+    assert_eq!(origin.hits("/b/cat.png"), 1);
+    let purge = |url: String, token: Option<&str>| {
+        let mut req = client().request(reqwest::Method::from_bytes(b"PURGE").unwrap(), url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+    let r = purge(preview.clone(), Some("wrong-token-wrong-token-wrong-token")).await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(purge(preview.clone(), None).await.unwrap().status(), 403);
+    assert_eq!(get(&plain).await.status(), 200);
+    assert_eq!(origin.hits("/b/cat.png"), 1, "a refused purge dropped nothing");
+    // Akkoma purges its own URLs; the filename segment does not matter.
+    let r = purge(preview.replacen("cat.png", "other.png", 1), Some(TOKEN)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let report: serde_json::Value = serde_json::from_slice(&body(r).await).unwrap();
+    assert!(report["purged"]["entries"].as_u64().unwrap() >= 2, "the file and its preview");
+    assert_eq!(get(&preview).await.status(), 200);
+    assert_eq!(origin.hits("/b/cat.png"), 2, "fetched again after the purge");
+    p.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(compat_config(dir.path(), &["127.0.0.18/32"])).await;
+    let plain = format!("http://{}{}", p.public, akkoma_path(&src, "cat.png"));
+    assert_eq!(purge(plain, Some(TOKEN)).await.unwrap().status(), 405, "off until configured");
+    p.stop().await;
+}
