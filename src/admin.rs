@@ -212,10 +212,7 @@ async fn purge(proxy: &Proxy, body: &[u8]) -> Response<Body> {
     };
     let result = match (req.url, req.domain) {
         (Some(url), None) => match parse_source(&url) {
-            Ok(source) => {
-                let canonical = source.to_string();
-                proxy.purge(move |r| r.url == canonical).await
-            }
+            Ok(source) => proxy.purge_url(&source).await,
             Err(e) => return json_error(StatusCode::BAD_REQUEST, e.public_message()),
         },
         (None, Some(domain)) => match crate::policy::normalize_domain(&domain) {

@@ -27,8 +27,10 @@ pub struct ProxyRequest {
 }
 
 impl ProxyRequest {
-    pub fn key(&self) -> Key {
-        Key::new(self.source.as_str(), self.variant.as_deref())
+    /// The cache key: the source as `normalizer` makes it (`[[policy.normalize]]`: a
+    /// re-signed CDN URL is the same entry), and the variant.
+    pub fn key(&self, normalizer: &crate::policy::Normalizer) -> Key {
+        Key::new(&normalizer.cache_url(&self.source), self.variant.as_deref())
     }
 }
 

@@ -232,14 +232,55 @@ impl Default for FetchConfig {
     }
 }
 
-/// `[policy]`: which origin domains may be fetched at all.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `[policy]`: which origin domains may be fetched at all, and how URLs become cache keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Suffix match on label boundaries: `threads.net` blocks `www.threads.net`.
     pub blocked_domains: Vec<String>,
     /// When non-empty, only these domains (and their subdomains) are fetched.
     pub allowed_domains: Vec<String>,
+    /// `[[policy.normalize]]`: URLs that differ only in what a rule ignores share one cache
+    /// entry (and one fetch). The default holds Meta's CDNs; a configured list replaces it.
+    pub normalize: Vec<NormalizeConfig>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self { blocked_domains: Vec::new(), allowed_domains: Vec::new(), normalize: meta_cdns() }
+    }
+}
+
+/// One cache-key rule: for hosts under `host_suffix`, the query parameters named in
+/// `ignore_params` (exact names, or prefixes ending in `*`) are not part of the key, and with
+/// `merge_hosts` neither is which host under the suffix served it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NormalizeConfig {
+    pub host_suffix: String,
+    #[serde(default)]
+    pub ignore_params: Vec<String>,
+    #[serde(default)]
+    pub merge_hosts: bool,
+}
+
+/// Meta's CDNs (Threads, Instagram, Facebook media): every re-federation of a post brings the
+/// same file under a new signature (`oh`), expiry (`oe`), routing and session hints (`_nc_*`,
+/// `ccb`, `edm`, `ig_cache_key`) and often another edge host (`scontent-…`). `stp`, which
+/// picks the rendition, stays part of the key.
+pub fn meta_cdns() -> Vec<NormalizeConfig> {
+    let ignore: Vec<String> = ["oh", "oe", "_nc_*", "ccb", "edm", "ig_cache_key"]
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    ["cdninstagram.com", "fbcdn.net"]
+        .into_iter()
+        .map(|suffix| NormalizeConfig {
+            host_suffix: suffix.into(),
+            ignore_params: ignore.clone(),
+            merge_hosts: true,
+        })
+        .collect()
 }
 
 /// `[media]`: what may be served.

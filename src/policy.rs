@@ -54,14 +54,95 @@ pub fn normalize_domain(d: &str) -> Option<String> {
     (!d.is_empty() && d.len() <= 253 && d.split('.').all(label_ok)).then_some(d)
 }
 
+/// The compiled `[[policy.normalize]]` rules: the URL a cache key is made of.
+#[derive(Debug, Clone, Default)]
+pub struct Normalizer {
+    rules: Vec<crate::config::NormalizeConfig>,
+}
+
+impl Normalizer {
+    pub fn new(rules: &[crate::config::NormalizeConfig]) -> Self {
+        let rules = rules
+            .iter()
+            .filter_map(|r| {
+                let host_suffix = normalize_domain(&r.host_suffix)?;
+                Some(crate::config::NormalizeConfig { host_suffix, ..r.clone() })
+            })
+            .collect();
+        Self { rules }
+    }
+
+    /// The form of `url` its cache key is made of: the URL itself, or where a rule covers its
+    /// host, without the parameters the rule ignores (the rest sorted) and, with
+    /// `merge_hosts`, with the rule's suffix as its host. A fetch always uses the URL itself.
+    pub fn cache_url<'a>(&self, url: &'a url::Url) -> std::borrow::Cow<'a, str> {
+        use std::borrow::Cow;
+        let Some(host) = url.host_str() else { return Cow::Borrowed(url.as_str()) };
+        let Some(rule) = self.rules.iter().find(|r| covers(&r.host_suffix, host)) else {
+            return Cow::Borrowed(url.as_str());
+        };
+        let ignored = |name: &str| {
+            rule.ignore_params.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => name == p,
+            })
+        };
+        let mut kept: Vec<(String, String)> = url
+            .query_pairs()
+            .filter(|(k, _)| !ignored(k))
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        kept.sort();
+        let mut key = url.clone();
+        key.set_query(None);
+        if !kept.is_empty() {
+            key.query_pairs_mut().extend_pairs(kept);
+        }
+        if rule.merge_hosts && key.set_host(Some(&rule.host_suffix)).is_err() {
+            return Cow::Borrowed(url.as_str());
+        }
+        Cow::Owned(key.into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn meta_urls_differing_in_signature_expiry_and_edge_share_a_key() {
+        let n = Normalizer::new(&crate::config::meta_cdns());
+        let a = url::Url::parse(
+            "https://scontent-lga3-1.cdninstagram.com/v/t51.2885-15/1_n.jpg?stp=dst-jpg_e35\
+             &_nc_ht=scontent-lga3-1.cdninstagram.com&_nc_gid=abc&oh=00_AAA&oe=67A1B2C3",
+        )
+        .unwrap();
+        let b = url::Url::parse(
+            "https://scontent-iad3-2.cdninstagram.com/v/t51.2885-15/1_n.jpg?oe=67FFFFFF\
+             &oh=00_BBB&_nc_gid=xyz&stp=dst-jpg_e35",
+        )
+        .unwrap();
+        assert_eq!(n.cache_url(&a), n.cache_url(&b));
+        assert_eq!(
+            n.cache_url(&a),
+            "https://cdninstagram.com/v/t51.2885-15/1_n.jpg?stp=dst-jpg_e35"
+        );
+        // Another rendition (stp) or another file stays another entry; other hosts untouched.
+        let c = url::Url::parse(
+            "https://scontent-x.cdninstagram.com/v/t51.2885-15/1_n.jpg?stp=s150x150",
+        )
+        .unwrap();
+        assert_ne!(n.cache_url(&a), n.cache_url(&c));
+        let other = url::Url::parse("https://media.example.test/a.jpg?oh=1&oe=2").unwrap();
+        assert_eq!(n.cache_url(&other), other.as_str());
+        assert!(matches!(n.cache_url(&other), std::borrow::Cow::Borrowed(_)));
+    }
 
     fn policy(blocked: &[&str], allowed: &[&str]) -> Policy {
         Policy::new(&PolicyConfig {
             blocked_domains: blocked.iter().map(|s| s.to_string()).collect(),
             allowed_domains: allowed.iter().map(|s| s.to_string()).collect(),
+            ..PolicyConfig::default()
         })
     }
 

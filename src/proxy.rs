@@ -105,6 +105,8 @@ pub struct Proxy {
     pub body_budget: InflightBudget,
     /// Bans, hash lists and the scanner.
     pub moderation: crate::moderation::Moderation,
+    /// `[[policy.normalize]]`: which URLs share a cache entry.
+    pub normalizer: crate::policy::Normalizer,
     /// What is on disk and what to evict: `cache.disk_bytes` by S3-FIFO.
     pub budget: DiskBudget,
     /// Fills in progress. A std mutex: it is held only to look up or insert, never across await.
@@ -135,6 +137,7 @@ impl Proxy {
             .build();
         Self {
             memory: MemoryTier::new(config.cache.memory_bytes.0),
+            normalizer: crate::policy::Normalizer::new(&config.policy.normalize),
             types: TypePolicy::new(&config.media.allowed_types)
                 .rasterizing_svg(config.media.svg == crate::config::SvgPolicy::Rasterize),
             budget: DiskBudget::new(config.cache.disk_bytes.0),
@@ -182,7 +185,7 @@ impl Proxy {
             self.log_refusal(&e, None, req.source.host_str()).await;
             return Err((e, CacheStatus::Blocked));
         }
-        let key = req.key();
+        let key = req.key(&self.normalizer);
         let request = req.clone();
         let found = self
             .lookup_or_fill(key, move |this| async move {
@@ -231,7 +234,7 @@ impl Proxy {
 
     /// Whether `req` is held in memory or on disk (no fill needed).
     pub async fn is_cached(&self, req: &ProxyRequest) -> bool {
-        let key = req.key();
+        let key = req.key(&self.normalizer);
         self.memory.get(&key).await.is_some() || self.index.get(key).await.ok().flatten().is_some()
     }
 

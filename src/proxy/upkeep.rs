@@ -63,10 +63,18 @@ impl Proxy {
 
     /// Drops everything cached for the source `url` (the original and its renditions) and
     /// any failure remembered for it, so the next view asks the origin again.
+    /// URLs that share its cache entry (`[[policy.normalize]]`) go with it.
     pub async fn purge_url(&self, url: &url::Url) -> Result<PurgeReport, ProxyError> {
-        let canonical = url.to_string();
-        let report = self.purge(move |r| r.url == canonical).await?;
-        self.negative.invalidate(&crate::cache::Key::new(url.as_str(), None)).await;
+        let normalizer = self.normalizer.clone();
+        let wanted = normalizer.cache_url(url).into_owned();
+        let report = self
+            .purge(move |r| {
+                r.url == wanted
+                    || url::Url::parse(&r.url).is_ok_and(|u| normalizer.cache_url(&u) == wanted)
+            })
+            .await?;
+        let original = crate::api::ProxyRequest { source: url.clone(), variant: None };
+        self.negative.invalidate(&original.key(&self.normalizer)).await;
         Ok(report)
     }
 

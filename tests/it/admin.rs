@@ -375,3 +375,45 @@ async fn purges_and_blocks_apply_to_where_a_redirect_led() {
     assert_eq!(origin.hits("/real.png"), 2, "the blocked domain was not asked");
     p.stop().await;
 }
+
+/// `[[policy.normalize]]`: a CDN that re-signs its URLs (Meta's `oh`/`oe`/`_nc_*`, another
+/// edge host each time) gets one entry and one fetch per file, not one per signature; a
+/// parameter the rule keeps (`stp`, the rendition) is another file; purging one spelling
+/// purges the entry.
+#[tokio::test]
+async fn re_signed_cdn_urls_share_one_entry_and_one_fetch() {
+    let origin = Origin::start("127.0.0.2").await;
+    let jpeg = crate::variants::gradient_jpeg(64, 48);
+    origin.route("/v/t51/1_n.jpg", Route::ok(jpeg.clone()));
+    let lookup = StaticLookup::default()
+        .with("edge-a.cdn.test", &[ip("127.0.0.2")])
+        .with("edge-b.cdn.test", &[ip("127.0.0.2")]);
+    let dir = tempfile::tempdir().unwrap();
+    let rule = "[[policy.normalize]]\nhost_suffix = \"cdn.test\"\n\
+                ignore_params = [\"oh\", \"oe\", \"_nc_*\"]\nmerge_hosts = true\n";
+    let toml = config_toml(dir.path(), &["127.0.0.2/32"], rule);
+    let cfg = parasol::Config::from_sources("t", &toml, std::iter::empty()).unwrap();
+    let options = options(std::sync::Arc::new(lookup), None);
+    let p = Parasol::start_opts(cfg, options).await;
+    let port = origin.addr.port();
+    let url =
+        |edge: &str, query: &str| format!("http://{edge}.cdn.test:{port}/v/t51/1_n.jpg?{query}");
+    let a = url("edge-a", "stp=s1&oh=00_A&oe=67A1&_nc_gid=first");
+    let b = url("edge-b", "oe=67FF&oh=00_B&stp=s1&_nc_gid=second");
+    let (ra, rb) = (get(&p.url(&a)).await, get(&p.url(&b)).await);
+    assert_eq!((ra.status().as_u16(), rb.status().as_u16()), (200, 200));
+    assert_eq!(ra.headers()["etag"], rb.headers()["etag"]);
+    assert_eq!(origin.hits("/v/t51/1_n.jpg"), 1, "one fetch for both signatures");
+    assert_eq!(get(&p.url(&url("edge-a", "stp=s2&oh=00_C"))).await.status(), 200);
+    assert_eq!(origin.hits("/v/t51/1_n.jpg"), 2, "another rendition is another file");
+    let (status, answer) =
+        admin_post(&p, "/admin/purge", Some(ADMIN_TOKEN), json!({ "url": b })).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["purged"]["entries"].as_u64().unwrap() >= 1);
+    assert_eq!(body(get(&p.url(&a)).await).await, jpeg);
+    assert_eq!(origin.hits("/v/t51/1_n.jpg"), 3, "fetched again after the purge");
+    p.stop().await;
+    // Meta's CDNs are built in.
+    let defaults = parasol::Config::from_sources("t", "", std::iter::empty()).unwrap();
+    assert!(defaults.policy.normalize.iter().any(|r| r.host_suffix == "cdninstagram.com"));
+}
