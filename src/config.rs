@@ -262,6 +262,11 @@ pub struct NormalizeConfig {
     pub ignore_params: Vec<String>,
     #[serde(default)]
     pub merge_hosts: bool,
+    /// A query parameter holding the URL's expiry (Unix time, hex): of the URLs seen for one
+    /// entry, a fill uses the one that expires last, so a viewer holding an expired URL
+    /// still gets the file once a newer URL has been seen.
+    #[serde(default)]
+    pub expiry_param: Option<String>,
 }
 
 /// Meta's CDNs (Threads, Instagram, Facebook media): every re-federation of a post brings the
@@ -279,6 +284,7 @@ pub fn meta_cdns() -> Vec<NormalizeConfig> {
             host_suffix: suffix.into(),
             ignore_params: ignore.clone(),
             merge_hosts: true,
+            expiry_param: Some("oe".into()),
         })
         .collect()
 }

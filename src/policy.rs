@@ -72,6 +72,15 @@ impl Normalizer {
         Self { rules }
     }
 
+    /// The expiry `url` carries (`expiry_param`, hex Unix time), where a rule names one.
+    pub fn expiry(&self, url: &url::Url) -> Option<u64> {
+        let host = url.host_str()?;
+        let rule = self.rules.iter().find(|r| covers(&r.host_suffix, host))?;
+        let name = rule.expiry_param.as_deref()?;
+        let (_, value) = url.query_pairs().find(|(k, _)| k == name)?;
+        u64::from_str_radix(&value, 16).ok()
+    }
+
     /// The form of `url` its cache key is made of: the URL itself, or where a rule covers its
     /// host, without the parameters the rule ignores (the rest sorted) and, with
     /// `merge_hosts`, with the rule's suffix as its host. A fetch always uses the URL itself.

@@ -107,6 +107,10 @@ pub struct Proxy {
     pub moderation: crate::moderation::Moderation,
     /// `[[policy.normalize]]`: which URLs share a cache entry.
     pub normalizer: crate::policy::Normalizer,
+    /// For entries whose URLs carry an expiry: the URL seen that expires last, and when.
+    /// A fill uses it, so an expired URL asked for after eviction does not fail (and its
+    /// failure is not remembered for the entry) while a newer one is known. Bounded.
+    newest: moka::sync::Cache<Key, (url::Url, u64)>,
     /// What is on disk and what to evict: `cache.disk_bytes` by S3-FIFO.
     pub budget: DiskBudget,
     /// Fills in progress. A std mutex: it is held only to look up or insert, never across await.
@@ -138,6 +142,7 @@ impl Proxy {
         Self {
             memory: MemoryTier::new(config.cache.memory_bytes.0),
             normalizer: crate::policy::Normalizer::new(&config.policy.normalize),
+            newest: moka::sync::Cache::new(100_000),
             types: TypePolicy::new(&config.media.allowed_types)
                 .rasterizing_svg(config.media.svg == crate::config::SvgPolicy::Rasterize),
             budget: DiskBudget::new(config.cache.disk_bytes.0),
@@ -186,7 +191,7 @@ impl Proxy {
             return Err((e, CacheStatus::Blocked));
         }
         let key = req.key(&self.normalizer);
-        let request = req.clone();
+        let request = self.newest_request(key, req);
         let found = self
             .lookup_or_fill(key, move |this| async move {
                 // A fill that finished between this request's lookups and its leadership has
@@ -216,6 +221,21 @@ impl Proxy {
             return Err((e, CacheStatus::Blocked));
         }
         Ok(found)
+    }
+
+    /// `req`, or the same entry under the URL seen that expires last (for URLs with an
+    /// expiry, `[[policy.normalize]]`), remembering `req`'s URL if it is that one.
+    fn newest_request(&self, key: Key, req: &ProxyRequest) -> ProxyRequest {
+        let Some(expiry) = self.normalizer.expiry(&req.source) else { return req.clone() };
+        match self.newest.get(&key) {
+            Some((url, known)) if known > expiry => {
+                ProxyRequest { source: url, variant: req.variant.clone() }
+            }
+            _ => {
+                self.newest.insert(key, (req.source.clone(), expiry));
+                req.clone()
+            }
+        }
     }
 
     /// A viewer's request refused by a ban: one line of the moderation log.

@@ -390,7 +390,8 @@ async fn re_signed_cdn_urls_share_one_entry_and_one_fetch() {
         .with("edge-b.cdn.test", &[ip("127.0.0.2")]);
     let dir = tempfile::tempdir().unwrap();
     let rule = "[[policy.normalize]]\nhost_suffix = \"cdn.test\"\n\
-                ignore_params = [\"oh\", \"oe\", \"_nc_*\"]\nmerge_hosts = true\n";
+                ignore_params = [\"oh\", \"oe\", \"_nc_*\"]\nmerge_hosts = true\n\
+                expiry_param = \"oe\"\n";
     let toml = config_toml(dir.path(), &["127.0.0.2/32"], rule);
     let cfg = parasol::Config::from_sources("t", &toml, std::iter::empty()).unwrap();
     let options = options(std::sync::Arc::new(lookup), None);
@@ -410,8 +411,12 @@ async fn re_signed_cdn_urls_share_one_entry_and_one_fetch() {
         admin_post(&p, "/admin/purge", Some(ADMIN_TOKEN), json!({ "url": b })).await;
     assert_eq!(status, 200, "{answer}");
     assert!(answer["purged"]["entries"].as_u64().unwrap() >= 1);
+    // Asked for through the older URL after the purge: fetched with the newest seen (b's
+    // expiry is later), as an expired signature would fail at the CDN.
     assert_eq!(body(get(&p.url(&a)).await).await, jpeg);
     assert_eq!(origin.hits("/v/t51/1_n.jpg"), 3, "fetched again after the purge");
+    let last = origin.seen().pop().unwrap();
+    assert!(last.query.unwrap().contains("oh=00_B"), "the newest URL seen was fetched");
     p.stop().await;
     // Meta's CDNs are built in.
     let defaults = parasol::Config::from_sources("t", "", std::iter::empty()).unwrap();

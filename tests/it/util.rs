@@ -57,6 +57,8 @@ impl Route {
 #[derive(Clone, Debug)]
 pub struct Seen {
     pub path: String,
+    /// The query string, when there was one.
+    pub query: Option<String>,
     pub headers: HeaderMap,
 }
 
@@ -140,7 +142,12 @@ async fn answer(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
-    st.seen.lock().unwrap().push(Seen { path: path.clone(), headers: req.headers().clone() });
+    let query = req.uri().query().map(str::to_string);
+    st.seen.lock().unwrap().push(Seen {
+        path: path.clone(),
+        query,
+        headers: req.headers().clone(),
+    });
     let route = st.routes.lock().unwrap().get(&path).cloned().unwrap_or(Route::status(404));
     let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     st.max_in_flight.fetch_max(now, Ordering::SeqCst);
