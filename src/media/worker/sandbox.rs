@@ -135,13 +135,14 @@ pub fn limit(resource: Resource) -> (u64, u64) {
     getrlimit(resource).unwrap_or((0, 0))
 }
 
-fn landlock() -> Result<String, String> {
-    use landlock::{ABI, Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetStatus, Scope};
+/// A Landlock ruleset that handles every file system and network access and every scope
+/// the crate knows, allowing nothing until rules are added. Best effort (the crate's
+/// default): a kernel without Landlock, or an older ABI, enforces what it can.
+pub(super) fn closed_ruleset() -> Result<landlock::RulesetCreated, String> {
+    use landlock::{ABI, Access, AccessFs, AccessNet, Ruleset, RulesetAttr, Scope};
     let abi = ABI::V6;
     let err = |e: landlock::RulesetError| format!("landlock: {e}");
-    // Best effort (the crate's default): a kernel without Landlock, or an older ABI, enforces
-    // what it can; seccomp below holds either way.
-    let status = Ruleset::default()
+    Ruleset::default()
         .handle_access(AccessFs::from_all(abi))
         .map_err(err)?
         .handle_access(AccessNet::from_all(abi))
@@ -149,9 +150,13 @@ fn landlock() -> Result<String, String> {
         .scope(Scope::from_all(abi))
         .map_err(err)?
         .create()
-        .map_err(err)?
-        .restrict_self()
-        .map_err(err)?;
+        .map_err(err)
+}
+
+fn landlock() -> Result<String, String> {
+    use landlock::RulesetStatus;
+    // Nothing allowed; seccomp below holds where Landlock does not.
+    let status = closed_ruleset()?.restrict_self().map_err(|e| format!("landlock: {e}"))?;
     Ok(match status.ruleset {
         RulesetStatus::FullyEnforced => "fully enforced".into(),
         RulesetStatus::PartiallyEnforced => "partially enforced".into(),

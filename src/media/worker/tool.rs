@@ -128,22 +128,10 @@ fn no_other_abi() -> BpfProgram {
 /// (the one input file), and nothing else: no writes, no TCP, no signals or abstract sockets
 /// outside. Refused (an error) where the kernel cannot enforce it.
 fn landlock(program: &Path, scratch: Option<&Path>) -> Result<(), String> {
-    use landlock::{
-        ABI, Access, AccessFs, AccessNet, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr,
-        RulesetCreatedAttr, RulesetStatus, Scope,
-    };
-    let abi = ABI::V6;
+    use landlock::{AccessFs, BitFlags, PathBeneath, PathFd, RulesetCreatedAttr, RulesetStatus};
     let err = |e: landlock::RulesetError| format!("landlock: {e}");
     let read: BitFlags<AccessFs> = AccessFs::ReadFile | AccessFs::ReadDir;
-    let mut ruleset = Ruleset::default()
-        .handle_access(AccessFs::from_all(abi))
-        .map_err(err)?
-        .handle_access(AccessNet::from_all(abi))
-        .map_err(err)?
-        .scope(Scope::from_all(abi))
-        .map_err(err)?
-        .create()
-        .map_err(err)?;
+    let mut ruleset = super::sandbox::closed_ruleset()?;
     // The libraries, not all of /usr (/usr/local may hold an operator's files).
     for dir in ["/usr/lib", "/usr/lib64", "/lib", "/lib64", "/etc/ld.so.cache"] {
         if let Ok(fd) = PathFd::new(dir) {
