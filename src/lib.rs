@@ -218,23 +218,36 @@ impl Bound {
         let media = media_pool(&config, options.worker_exe, &metrics);
         let landlock = media.warm().await.map_err(StartError::Media)?;
         tracing::info!(workers = config.media.workers, landlock, "media workers sandboxed");
-        match media.ffmpeg() {
-            Some(ffmpeg) => {
-                tracing::info!(ffmpeg = %ffmpeg.display(), "video posters and AVIF by ffmpeg")
-            }
-            None => tracing::warn!(
-                media.ffmpeg = config.media.ffmpeg,
-                "ffmpeg not found: video posters and AVIF renditions answer 415 (install ffmpeg or set media.ffmpeg)"
+        // One line per outside program: where it is, or what is off without it.
+        let tools = [
+            (
+                "ffmpeg",
+                media.ffmpeg(),
+                &config.media.ffmpeg,
+                "video posters; AVIF without heif-convert",
+                "ffmpeg",
             ),
-        }
-        match media.heif_convert() {
-            Some(heif) => {
-                tracing::info!(heif_convert = %heif.display(), "HEIC and AVIF by heif-convert")
-            }
-            None => tracing::warn!(
-                media.heif_convert = config.media.heif_convert,
-                "heif-convert not found: HEIC renditions answer 415 (install libheif-examples or set media.heif_convert)"
+            (
+                "heif-convert",
+                media.heif_convert(),
+                &config.media.heif_convert,
+                "HEIC and AVIF",
+                "libheif-examples",
             ),
+        ];
+        for (tool, found, configured, renders, package) in tools {
+            match found {
+                Some(path) => {
+                    tracing::info!(tool, path = %path.display(), renders, "media tool found")
+                }
+                None => tracing::warn!(
+                    tool,
+                    configured = configured.as_str(),
+                    renders,
+                    "media tool not found: these renditions answer 415 (install {package} or set media.{})",
+                    tool.replace('-', "_")
+                ),
+            }
         }
         let scanner =
             moderation::scanner::Scanner::from_config(&config.moderation).map_err(|e| {

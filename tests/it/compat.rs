@@ -421,16 +421,9 @@ async fn misskey_flag_combinations_as_misskey_answers_them() {
 #[cfg_attr(not(has_ffmpeg), ignore = "needs ffmpeg: apt-get install ffmpeg")]
 async fn misskey_video_thumbnails_are_posters() {
     let dir = tempfile::tempdir().unwrap();
-    let clip = dir.path().join("clip.mp4");
-    let made = std::process::Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i"])
-        .args(["color=c=red:s=1280x720:d=1", "-c:v", "libx264", "-preset", "ultrafast"])
-        .arg(&clip)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    let clip = "-f lavfi -i color=c=red:s=1280x720:d=1 -c:v libx264 -preset ultrafast";
     let origin = Origin::start("127.0.0.19").await;
-    origin.route("/clip.mp4", Route::ok(std::fs::read(&clip).unwrap()));
+    origin.route("/clip.mp4", Route::ok(crate::variants::ffmpeg_make(clip, "mp4")));
     let p = Parasol::start(compat_config(dir.path(), &["127.0.0.19/32"])).await;
     let url = format!(
         "http://{}/thumbnail.webp?thumbnail=1&url={}",

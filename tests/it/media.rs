@@ -538,13 +538,8 @@ async fn ffmpeg_reads_only_its_input_and_connects_nowhere() {
 
     // The same sandbox does its job on a real video.
     let video = dir.path().join("v.mp4");
-    let made = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i"])
-        .args(["color=c=red:s=64x48:d=1", "-c:v", "libx264", "-preset", "ultrafast"])
-        .arg(&video)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    let clip = "-f lavfi -i color=c=red:s=64x48:d=1 -c:v libx264 -preset ultrafast";
+    std::fs::write(&video, crate::variants::ffmpeg_make(clip, "mp4")).unwrap();
     let args = parasol::media::worker::tool::frame_args().join(" ");
     let out = sandboxed_ffmpeg(&video, &args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -565,16 +560,8 @@ async fn ffmpeg_reads_only_its_input_and_connects_nowhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(has_ffmpeg), ignore = "needs ffmpeg: apt-get install ffmpeg")]
 async fn video_bombs_cost_the_sandbox_not_the_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let bomb = dir.path().join("bomb.mov");
-    let made = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i"])
-        .args(["color=c=black:s=16000x16000", "-frames:v", "1", "-c:v", "png"])
-        .arg(&bomb)
-        .status()
-        .unwrap();
-    assert!(made.success());
-    let bytes = std::fs::read(&bomb).unwrap();
+    let bomb = "-f lavfi -i color=c=black:s=16000x16000 -frames:v 1 -c:v png";
+    let bytes = crate::variants::ffmpeg_make(bomb, "mov");
     assert!(bytes.len() < 1 << 20, "small on disk: {} bytes", bytes.len());
     let origin = Origin::start("127.0.0.45").await;
     origin.route("/bomb.mov", Route::ok(bytes));

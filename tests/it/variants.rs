@@ -465,7 +465,7 @@ async fn avatars_and_emoji_keep_their_animation_and_static_is_still() {
 }
 
 /// Runs ffmpeg (the test's own, outside parasol) to make a small media file.
-fn ffmpeg_make(args: &str, ext: &str) -> Vec<u8> {
+pub fn ffmpeg_make(args: &str, ext: &str) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join(format!("out.{ext}"));
     let status = std::process::Command::new("ffmpeg")
