@@ -231,7 +231,7 @@ impl Bound {
                 "heif-convert",
                 media.heif_convert(),
                 &config.media.heif_convert,
-                "HEIC and AVIF",
+                "HEIC; AVIF (else ffmpeg: untiled, opaque only)",
                 "libheif-examples",
             ),
         ];
