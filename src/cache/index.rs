@@ -98,15 +98,21 @@ pub struct Index {
     writer: Arc<Writer>,
 }
 
-/// The writer thread's queue. When the last [`Index`] goes, everything committed is made
-/// durable before the database closes.
+/// The writer thread's queue. When the last [`Index`] goes, the thread is stopped and joined
+/// (it may hold the database for a commit at that moment), then everything committed is made
+/// durable, so the database and its lock are released when the last handle is dropped.
 struct Writer {
-    queue: std::sync::mpsc::Sender<Write>,
+    queue: Option<std::sync::mpsc::Sender<Write>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     db: Arc<redb::Database>,
 }
 
 impl Drop for Writer {
     fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
         if let Ok(txn) = self.db.begin_write() {
             if let Err(e) = txn.commit() {
                 tracing::error!(error = %e, "cannot make the cache index durable");
@@ -135,14 +141,18 @@ const MAX_BATCH: usize = 1024;
 /// The writer thread: waits for a change, takes everything else queued, commits it all at once.
 /// It holds the database only while committing, so dropping the last [`Index`] closes the
 /// file (and its lock) at once; the thread ends when the channel closes.
-fn write_loop(db: std::sync::Weak<redb::Database>, queue: std::sync::mpsc::Receiver<Write>) {
+fn write_loop(
+    db: std::sync::Weak<redb::Database>,
+    queue: std::sync::mpsc::Receiver<Write>,
+    every: std::time::Duration,
+) {
     use std::sync::mpsc::RecvTimeoutError;
     use std::time::Instant;
     let mut last_durable = Instant::now();
     let mut pending = false; // commits made since the last durable one
     loop {
         let first = if pending {
-            let left = DURABLE_EVERY.saturating_sub(last_durable.elapsed());
+            let left = every.saturating_sub(last_durable.elapsed());
             match queue.recv_timeout(left) {
                 Ok(write) => Some(write),
                 Err(RecvTimeoutError::Timeout) => None,
@@ -161,7 +171,7 @@ fn write_loop(db: std::sync::Weak<redb::Database>, queue: std::sync::mpsc::Recei
                 Err(_) => break,
             }
         }
-        let durable = last_durable.elapsed() >= DURABLE_EVERY;
+        let durable = last_durable.elapsed() >= every;
         let result = match db.upgrade() {
             Some(db) => commit(&db, &batch, durable),
             None => Err(IndexError("closed".into())),
@@ -216,6 +226,11 @@ fn err(e: impl std::fmt::Display) -> IndexError {
 
 impl Index {
     pub fn open(path: &Path) -> Result<Self, IndexError> {
+        Self::open_syncing(path, DURABLE_EVERY)
+    }
+
+    /// Opens with commits made durable every `every`.
+    fn open_syncing(path: &Path, every: std::time::Duration) -> Result<Self, IndexError> {
         let db = redb::Database::create(path).map_err(err)?;
         // Every URL parasol fetched is in it: parasol's user only.
         use std::os::unix::fs::PermissionsExt;
@@ -227,17 +242,19 @@ impl Index {
         let db = Arc::new(db);
         let (queue, writes) = std::sync::mpsc::channel();
         let weak = Arc::downgrade(&db);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("parasol-index".into())
-            .spawn(move || write_loop(weak, writes))
+            .spawn(move || write_loop(weak, writes, every))
             .map_err(err)?;
-        Ok(Self { writer: Arc::new(Writer { queue, db: db.clone() }), db })
+        let writer = Writer { queue: Some(queue), thread: Some(thread), db: db.clone() };
+        Ok(Self { writer: Arc::new(writer), db })
     }
 
     /// Queues `change` for the writer thread and waits until it is committed.
     async fn write(&self, change: Change) -> Result<(), IndexError> {
         let (done, committed) = tokio::sync::oneshot::channel();
-        self.writer.queue.send(Write { change, done }).map_err(|_| IndexError("closed".into()))?;
+        let queue = self.writer.queue.as_ref().ok_or_else(|| IndexError("closed".into()))?;
+        queue.send(Write { change, done }).map_err(|_| IndexError("closed".into()))?;
         committed.await.map_err(|_| IndexError("writer stopped".into()))?
     }
 
@@ -402,4 +419,30 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, IndexError> + Send + 'static,
 ) -> Result<T, IndexError> {
     tokio::task::spawn_blocking(f).await.map_err(err)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// The last handle going releases the database at once, even while the writer thread is
+    /// in the middle of a timed durable commit: the same file opens again straight away.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_the_last_handle_releases_the_file_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        let hash = blake3::hash(b"x");
+        let record = Record::new(&hash, 1, "image/png", "http://a.test/x.png");
+        // Durable every millisecond: drops land before, during and after the writer's
+        // durable commit that follows each put.
+        for step in 0..60u8 {
+            let index = Index::open_syncing(&path, Duration::from_millis(1)).expect("reopens");
+            index.put(Key([step; 32]), &record).await.unwrap();
+            std::thread::sleep(Duration::from_micros(50 * u64::from(step % 30)));
+            drop(index);
+        }
+        let index = Index::open(&path).unwrap();
+        assert_eq!(index.all().await.unwrap().len(), 60, "every record survived every close");
+    }
 }
