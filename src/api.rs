@@ -7,7 +7,9 @@ pub mod akkoma;
 pub mod camo;
 pub mod misskey;
 pub mod native;
+pub mod pictrs;
 pub mod rate;
+pub mod upstream;
 
 use url::Url;
 

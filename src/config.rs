@@ -37,6 +37,45 @@ pub struct Config {
     pub audit: AuditConfig,
     pub shared: SharedConfig,
     pub moderation: ModerationConfig,
+    /// `[[upstream]]`: path prefixes served from one fixed origin (an instance's own bucket).
+    pub upstream: Vec<UpstreamConfig>,
+}
+
+/// One `[[upstream]]`: requests on `server.listen` whose path starts with `prefix` (and, when
+/// `host` is set, whose `Host` is `host`) are files of one fixed origin: `origin`, a plain
+/// http(s) base URL, or the S3 bucket in `s3` (private buckets: requests are signed). What
+/// follows the prefix is the object's path below the origin; the query is not passed on.
+/// Fetched through the same guard as any source (a bucket on a private network needs
+/// `fetch.allow_networks`), cached and served like everything else.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Starts and ends with `/`; `/` takes every path the built-in routes do not.
+    pub prefix: String,
+    /// Only requests for this host name (the `Host` header, port ignored). Empty: any host;
+    /// then the built-in routes (`/m/`, `/proxy/`, ...) are matched first.
+    pub host: String,
+    /// Base URL the rest of the path is appended to, e.g. `https://files.example.social/`.
+    pub origin: String,
+    /// Or an S3-compatible bucket, read with credentials.
+    pub s3: Option<UpstreamS3>,
+}
+
+/// An S3-compatible bucket an `[[upstream]]` reads with signed requests.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamS3 {
+    /// `http(s)://host:port` of the S3 API.
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub access_key_id: String,
+    #[serde(serialize_with = "redact_str")]
+    pub secret_access_key: String,
+    /// Prepended to the path to name the object, e.g. `mastodon/` when the files sit there.
+    pub key_prefix: String,
+    /// `bucket.host` addressing instead of `host/bucket`.
+    pub virtual_hosted_style: bool,
 }
 
 /// `[moderation]`: bans are made through the admin API; these are the automatic rules.
@@ -510,6 +549,12 @@ pub struct CompatConfig {
     /// Origin fills per source host per minute through the unsigned Misskey route; beyond it,
     /// 503 (cached objects are still served).
     pub misskey_fills_per_minute: u32,
+    /// Address of the pict-rs API for Lemmy (`/image/original?proxy=`, `/image/process.<ext>`,
+    /// `/image/details/original`): unsigned, so an internal address only Lemmy (or the nginx
+    /// in front of pict-rs) reaches, never the public one. Unset: off.
+    pub pictrs_listen: Option<SocketAddr>,
+    /// Largest `thumbnail=N` the pict-rs API renders; larger asks are fitted to it.
+    pub pictrs_max_thumbnail: u32,
 }
 
 impl Default for CompatConfig {
@@ -521,6 +566,8 @@ impl Default for CompatConfig {
             purge_token: String::new(),
             misskey: false,
             misskey_fills_per_minute: 120,
+            pictrs_listen: None,
+            pictrs_max_thumbnail: 2048,
         }
     }
 }
@@ -744,6 +791,17 @@ impl Config {
             }
             if self.shared.timeout.0.is_zero() {
                 return bad("shared.timeout", "must be above zero".into());
+            }
+        }
+        if self.compat.pictrs_listen.is_some()
+            && !(16..=8192).contains(&self.compat.pictrs_max_thumbnail)
+        {
+            return bad("compat.pictrs_max_thumbnail", "must be 16-8192".into());
+        }
+        for (i, u) in self.upstream.iter().enumerate() {
+            let key = format!("upstream[{i}]");
+            if let Err(message) = crate::api::upstream::check(u) {
+                return bad(&key, message);
             }
         }
         if self.fetch.dns_timeout.0 < Duration::from_millis(10) {

@@ -283,7 +283,7 @@ impl Fetcher {
             ts: Record::now(),
             trigger,
             method: request.method().to_string(),
-            url: url.to_string(),
+            url: redact_signature(url),
             host,
             addr: None,
             headers,
@@ -293,6 +293,26 @@ impl Fetcher {
             outcome: String::new(),
         }
     }
+}
+
+/// `url` as the audit log shows it: the secret parts of a signed bucket request (an
+/// `[[upstream]]` with credentials) replaced, so the log never holds a usable signature.
+fn redact_signature(url: &Url) -> String {
+    const SECRET: [&str; 3] = ["x-amz-signature", "x-amz-credential", "x-amz-security-token"];
+    let secret = |name: &str| SECRET.iter().any(|s| name.eq_ignore_ascii_case(s));
+    if !url.query_pairs().any(|(name, _)| secret(&name)) {
+        return url.to_string();
+    }
+    let mut shown = url.clone();
+    let pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(k, v)| {
+            let v = if secret(&k) { "redacted".to_string() } else { v.into_owned() };
+            (k.into_owned(), v)
+        })
+        .collect();
+    shown.query_pairs_mut().clear().extend_pairs(pairs);
+    shown.to_string()
 }
 
 /// The audit record of a request in flight. Written by [`finish`](Self::finish); if the fill is

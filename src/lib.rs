@@ -168,6 +168,8 @@ pub fn signing_keys(config: &Config) -> Result<Vec<String>, StartError> {
 pub struct Bound {
     public: TcpListener,
     admin: TcpListener,
+    /// The pict-rs API for Lemmy (`compat.pictrs_listen`).
+    pictrs: Option<TcpListener>,
     proxy: Arc<proxy::Proxy>,
     signer: signing::Signer,
     audit_task: tokio::task::JoinHandle<()>,
@@ -199,10 +201,21 @@ impl Bound {
         };
         let public = bind(config.server.listen).await?;
         let admin = bind(config.server.admin_listen).await?;
+        let pictrs = match config.compat.pictrs_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         let own = fetch::OwnEndpoints {
             host: config.server.public_base_url.host_str().map(String::from),
-            addrs: [&public, &admin].iter().filter_map(|l| l.local_addr().ok()).collect(),
+            addrs: [Some(&public), Some(&admin), pictrs.as_ref()]
+                .into_iter()
+                .flatten()
+                .filter_map(|l| l.local_addr().ok())
+                .collect(),
         };
+        let upstreams = api::upstream::Upstreams::new(&config.upstream)
+            .await
+            .map_err(|e| StartError::Setup(error::ProxyError::internal(e)))?;
         let policy = policy::Policy::new(&config.policy);
         let lookup = match options.lookup {
             Some(lookup) => lookup,
@@ -263,7 +276,8 @@ impl Bound {
         let proxy = Arc::new(
             proxy::Proxy::new(config, fetcher, audit, disk, index, metrics, media)
                 .with_moderation(moderation)
-                .with_shared(shared),
+                .with_shared(shared)
+                .with_upstreams(upstreams),
         );
         let entries = proxy.load_budget().await.map_err(StartError::Setup)?;
         proxy.load_moderation().await.map_err(StartError::Setup)?;
@@ -274,7 +288,15 @@ impl Bound {
         let (bytes, blobs) = proxy.budget.usage();
         tracing::info!(entries, blobs, bytes, "disk cache loaded");
         tokio::spawn(proxy::Proxy::maintain(Arc::downgrade(&proxy), started));
-        Ok(Bound { public, admin, proxy, signer, audit_task, config_path: options.config_path })
+        Ok(Bound {
+            public,
+            admin,
+            pictrs,
+            proxy,
+            signer,
+            audit_task,
+            config_path: options.config_path,
+        })
     }
 
     pub fn public_addr(&self) -> SocketAddr {
@@ -283,6 +305,11 @@ impl Bound {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin.local_addr().expect("bound listener has an address")
+    }
+
+    /// Where the pict-rs API listens, when `compat.pictrs_listen` is set.
+    pub fn pictrs_addr(&self) -> Option<SocketAddr> {
+        self.pictrs.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The state behind the public listener's routes (for benches that call
@@ -309,7 +336,7 @@ impl Bound {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let reloader = self.reloader();
         let public_state = self.public_state();
-        let Bound { public, admin, proxy, audit_task, .. } = self;
+        let Bound { public, admin, pictrs, proxy, audit_task, .. } = self;
         let server = &proxy.config.server;
         let grace = server.shutdown_grace.0;
         let limits = server::ConnLimits {
@@ -329,9 +356,19 @@ impl Bound {
         let public_loop = tokio::spawn(server::serve(
             public,
             move |req| server::handle_public(public_state.clone(), req),
-            public_rx,
+            public_rx.clone(),
             limits,
         ));
+        // The pict-rs API drains with the public listener: both carry viewers' requests.
+        let pictrs_loop = pictrs.map(|listener| {
+            let state = Arc::new(server::Pictrs::new(proxy.clone()));
+            tokio::spawn(server::serve(
+                listener,
+                move |req| server::handle_pictrs(state.clone(), req),
+                public_rx.clone(),
+                limits,
+            ))
+        });
         let admin_for_loop = admin_state.clone();
         let admin_loop = tokio::spawn(server::serve(
             admin,
@@ -347,6 +384,9 @@ impl Bound {
         admin_state.ready.store(false, Ordering::Release);
         let _ = stop_public.send(true);
         let _ = public_loop.await;
+        if let Some(pictrs_loop) = pictrs_loop {
+            let _ = pictrs_loop.await;
+        }
         let _ = stop_admin.send(true);
         let _ = admin_loop.await;
         drop(admin_state);
@@ -371,7 +411,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
     let bound = Bound::bind(config, options).await?;
-    tracing::info!(public = %bound.public_addr(), admin = %bound.admin_addr(), "listening");
+    tracing::info!(public = %bound.public_addr(), admin = %bound.admin_addr(), pictrs = ?bound.pictrs_addr(), "listening");
     bound.serve(shutdown).await;
     Ok(())
 }

@@ -253,7 +253,7 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         let hangups = sighup()?;
         let options = parasol::Options { config_path: path, ..Default::default() };
         let bound = parasol::Bound::bind(config, options).await?;
-        tracing::info!(public = %bound.public_addr(), admin = %bound.admin_addr(), "listening");
+        tracing::info!(public = %bound.public_addr(), admin = %bound.admin_addr(), pictrs = ?bound.pictrs_addr(), "listening");
         reload_on(hangups, bound.reloader());
         bound.serve(shutdown).await;
         Ok(())

@@ -9,6 +9,7 @@
 
 pub mod animation;
 pub mod decode;
+pub mod details;
 pub mod strip;
 pub mod svg;
 pub mod variants;

@@ -118,6 +118,8 @@ pub struct Proxy {
     pub metrics: Metrics,
     /// The bucket several nodes share (`[shared]`), between this node's disk and the origin.
     pub shared: Option<crate::cache::shared::SharedTier>,
+    /// `[[upstream]]`: path prefixes served from one fixed origin.
+    pub upstreams: crate::api::upstream::Upstreams,
 }
 
 impl Proxy {
@@ -162,12 +164,18 @@ impl Proxy {
             metrics,
             config,
             shared: None,
+            upstreams: Default::default(),
         }
     }
 
     /// Moderation with its scanner (the default has none).
     pub fn with_moderation(mut self, moderation: crate::moderation::Moderation) -> Self {
         self.moderation = moderation;
+        self
+    }
+
+    pub fn with_upstreams(mut self, upstreams: crate::api::upstream::Upstreams) -> Self {
+        self.upstreams = upstreams;
         self
     }
 
@@ -331,6 +339,18 @@ impl Proxy {
     ) -> Result<(Arc<Entry>, CacheStatus), (ProxyError, CacheStatus)> {
         let spec = self.config.variants.get(name).cloned();
         let spec = spec.ok_or((ProxyError::UnknownVariant, CacheStatus::Bypass))?;
+        self.get_rendition(req, name, spec, trigger).await
+    }
+
+    /// Finds or renders `req`'s source as `spec`, cached under `name` (a configured preset's
+    /// name, or a rendition the pict-rs API asked for).
+    pub async fn get_rendition(
+        self: &Arc<Self>,
+        req: &ProxyRequest,
+        name: &str,
+        spec: crate::config::VariantConfig,
+        trigger: Trigger,
+    ) -> Result<(Arc<Entry>, CacheStatus), (ProxyError, CacheStatus)> {
         let original_req = ProxyRequest { source: req.source.clone(), variant: None };
         let (original, status) = self.get(&original_req, trigger).await?;
         let content_type = original.content_type.to_str().unwrap_or_default();

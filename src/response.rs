@@ -186,6 +186,15 @@ fn unsatisfiable(entry: &Entry) -> Response<Body> {
     response
 }
 
+/// A JSON answer that is never cached.
+pub fn json(status: StatusCode, body: String) -> Response<Body> {
+    let mut response = plain(status, body);
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
 /// A short `text/plain` page that is never cached and never sniffed into something else.
 fn plain(status: StatusCode, text: impl Into<Bytes>) -> Response<Body> {
     let mut response = Response::new(full(text));

@@ -256,7 +256,19 @@ async fn route<B>(public: &Public, req: &Request<B>) -> (&'static str, Routed) {
         return ("none", bypass(ProxyError::UriTooLong));
     }
     let compat = &public.proxy.config.compat;
-    let (route, parsed) = if path.starts_with(api::native::PREFIX) {
+    let upstreams = &public.proxy.upstreams;
+    let host = || {
+        let header = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok());
+        header.or(req.uri().host())
+    };
+    let upstream = |named_only| match upstreams.is_empty() {
+        true => None,
+        false => upstreams.route(host(), path, named_only),
+    };
+    let as_request = |source| Target::Request(ProxyRequest { source, variant: None });
+    let (route, parsed) = if let Some(named) = upstream(true) {
+        ("upstream", named.map(as_request))
+    } else if path.starts_with(api::native::PREFIX) {
         ("native", api::native::parse(path, &public.signer).map(Target::Request))
     } else if path.starts_with(api::camo::PREFIX) && !compat.camo_key.is_empty() {
         let key = compat.camo_key.as_bytes();
@@ -270,6 +282,8 @@ async fn route<B>(public: &Public, req: &Request<B>) -> (&'static str, Routed) {
             api::akkoma::Parsed::Redirect(location) => Target::Redirect(location),
         });
         ("akkoma", parsed)
+    } else if let Some(any) = upstream(false) {
+        ("upstream", any.map(as_request))
     } else {
         return ("none", bypass(ProxyError::NoRoute));
     };
@@ -284,7 +298,7 @@ async fn route<B>(public: &Public, req: &Request<B>) -> (&'static str, Routed) {
         Ok(Target::Request(request)) if route == "akkoma" && request.variant.is_some() => {
             (route, serve_akkoma_preview(public, &request, req).await)
         }
-        Ok(Target::Request(request)) => (route, serve_request(public, &request, req).await),
+        Ok(Target::Request(request)) => (route, serve_request(&public.proxy, &request, req).await),
         Ok(Target::Redirect(location)) => {
             (route, Ok((response::redirect(&location), CacheStatus::Bypass, 0)))
         }
@@ -338,7 +352,7 @@ async fn serve_misskey<B>(
             return Err((ProxyError::NoRendition("not a picture".into()), cache));
         }
     }
-    let (mut response, cache, sent) = serve_request(public, &m.request, req).await?;
+    let (mut response, cache, sent) = serve_request(&public.proxy, &m.request, req).await?;
     let served = response.headers().get(http::header::CONTENT_TYPE).cloned();
     let served = served.as_ref().and_then(|v| v.to_str().ok()).unwrap_or_default();
     let disposition = api::content_disposition(&m.filename, served);
@@ -387,7 +401,7 @@ async fn serve_akkoma_preview<B>(
     request: &ProxyRequest,
     req: &Request<B>,
 ) -> Routed {
-    let (mut response, cache, sent) = serve_request(public, request, req).await?;
+    let (mut response, cache, sent) = serve_request(&public.proxy, request, req).await?;
     let served = response.headers().get(http::header::CONTENT_TYPE).cloned();
     let served = served.as_ref().and_then(|v| v.to_str().ok()).unwrap_or_default();
     let renditions = ["image/jpeg", "image/png", "image/webp"];
@@ -402,8 +416,7 @@ async fn serve_akkoma_preview<B>(
     Ok((response, cache, sent))
 }
 
-async fn serve_request<B>(public: &Public, request: &ProxyRequest, req: &Request<B>) -> Routed {
-    let proxy = &public.proxy;
+async fn serve_request<B>(proxy: &Arc<Proxy>, request: &ProxyRequest, req: &Request<B>) -> Routed {
     let (entry, cache) = match &request.variant {
         Some(name) => proxy.get_variant(request, name, Trigger::View).await?,
         None => proxy.get(request, Trigger::View).await?,
@@ -417,6 +430,106 @@ async fn serve_request<B>(public: &Public, request: &ProxyRequest, req: &Request
                 proxy.drop_blob(&entry.hash, "blob vanished while serving").await;
             }
             Err((e, cache))
+        }
+    }
+}
+
+/// State of the pict-rs listener (`compat.pictrs_listen`).
+pub struct Pictrs {
+    pub proxy: Arc<Proxy>,
+    /// Details by the file's blake3, with when they were first measured: Lemmy asks once per
+    /// post, and a measure is a media job.
+    details: moka::future::Cache<blake3::Hash, Arc<serde_json::Value>>,
+}
+
+impl Pictrs {
+    pub fn new(proxy: Arc<Proxy>) -> Self {
+        Self { proxy, details: moka::future::Cache::new(10_000) }
+    }
+}
+
+/// Handles one request on the pict-rs listener ([`api::pictrs`]).
+pub async fn handle_pictrs<B>(state: Arc<Pictrs>, req: Request<B>) -> Response<Body> {
+    let proxy = &state.proxy;
+    let result = match req.method() == Method::GET || req.method() == Method::HEAD {
+        false => Err((ProxyError::MethodNotAllowed, CacheStatus::Bypass)),
+        true => {
+            let max = proxy.config.compat.pictrs_max_thumbnail;
+            match api::pictrs::parse(req.uri().path(), req.uri().query(), max) {
+                Err(e) => Err((e, CacheStatus::Bypass)),
+                Ok(parsed) => serve_pictrs(&state, parsed, &req).await,
+            }
+        }
+    };
+    let (response, cache, sent) = match result {
+        Ok(done) => done,
+        Err((e, cache)) => {
+            log_error(&e, "pictrs", cache);
+            let status = e.to_viewer().status();
+            (response::json(status, api::pictrs::error_body(&e)), cache, 0)
+        }
+    };
+    proxy.metrics.cache_result(cache);
+    proxy.metrics.bytes_served.inc_by(sent);
+    let status = response.status().as_u16();
+    proxy.metrics.requests.get_or_create(&RequestLabels { route: "pictrs", status }).inc();
+    response
+}
+
+async fn serve_pictrs<B>(
+    state: &Pictrs,
+    parsed: api::pictrs::PictrsRequest,
+    req: &Request<B>,
+) -> Routed {
+    use api::pictrs::PictrsRequest;
+    let proxy = &state.proxy;
+    let original = |source| ProxyRequest { source, variant: None };
+    match parsed {
+        PictrsRequest::Healthz => {
+            Ok((response::json(http::StatusCode::OK, "{}\n".into()), CacheStatus::Bypass, 0))
+        }
+        PictrsRequest::Original(source) => serve_request(proxy, &original(source), req).await,
+        PictrsRequest::Process(source, rendition) => {
+            let name = rendition.name();
+            let request = ProxyRequest { source, variant: Some(name.clone()) };
+            let (entry, cache) =
+                proxy.get_rendition(&request, &name, rendition.spec(), Trigger::View).await?;
+            match response::serve(&entry, &proxy.disk, req.method(), req.headers()).await {
+                Ok((response, sent)) => Ok((response, cache, sent)),
+                Err(e) => Err((e, cache)),
+            }
+        }
+        PictrsRequest::Details(source) => {
+            let (entry, cache) = proxy.get(&original(source), Trigger::View).await?;
+            let content_type = entry.content_type.to_str().unwrap_or_default().to_string();
+            if !content_type.starts_with("video/") && !proxy.can_render(&content_type) {
+                return Err((ProxyError::NoRendition("not a picture".into()), cache));
+            }
+            let measured = state
+                .details
+                .try_get_with(entry.hash, async {
+                    let d = proxy.measure(&entry).await?;
+                    let format = match (content_type.starts_with("video/"), d.frames) {
+                        (true, _) => "Video",
+                        (false, Some(_)) => "Animation",
+                        (false, None) => "Image",
+                    };
+                    let created_at =
+                        humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+                    Ok::<_, ProxyError>(Arc::new(serde_json::json!({
+                        "width": d.width,
+                        "height": d.height,
+                        "frames": d.frames,
+                        "content_type": content_type,
+                        "created_at": created_at.to_string(),
+                        "format": format,
+                        "blurhash": d.blurhash,
+                    })))
+                })
+                .await
+                .map_err(|e| ((*e).clone(), cache))?;
+            let body = measured.to_string() + "\n";
+            Ok((response::json(http::StatusCode::OK, body), cache, 0))
         }
     }
 }

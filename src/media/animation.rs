@@ -109,6 +109,23 @@ pub fn is_animated(source: &[u8], max_pixels: u64) -> bool {
     }
 }
 
+/// The number of frames of an animated GIF, APNG or WebP, when it has more than one and is
+/// within the limits (frames are decoded to be counted, one at a time); `None` otherwise.
+pub fn frame_count(source: &[u8], max_pixels: u64, limits: &AnimationLimits) -> Option<u32> {
+    let (w, h, frames) = frames_of(source).ok()??;
+    check_size(w, h, max_pixels).ok()?;
+    let canvas = u64::from(w) * u64::from(h);
+    let mut count = 0u32;
+    for frame in frames {
+        frame.ok()?;
+        count += 1;
+        if count > limits.max_frames || u64::from(count) * canvas > limits.max_pixels {
+            return None;
+        }
+    }
+    (count > 1).then_some(count)
+}
+
 type Frames<'a> = image::Frames<'a>;
 
 /// The canvas size and frames of an animated GIF, APNG or WebP; `None` for a still file.

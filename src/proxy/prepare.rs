@@ -112,6 +112,40 @@ impl Proxy {
         self.store(key, url, rendered).await.map(Some)
     }
 
+    /// The size, frames and blurhash of the cached `original` (of its first frame, for a
+    /// video, AVIF or HEIC), measured in a worker.
+    pub async fn measure(
+        &self,
+        original: &Entry,
+    ) -> Result<crate::media::details::Details, ProxyError> {
+        let content_type = original.content_type.to_str().unwrap_or_default();
+        let mut frame = match needs_frame(content_type) {
+            true => Some(self.take_frame(original).await?),
+            false => None,
+        };
+        let input = match (frame.as_mut(), &original.body) {
+            (Some(frame), _) => frame.input().await.map_err(super::storage_error)?,
+            (None, Some(bytes)) => Input::Memory(bytes.clone()),
+            (None, None) => Input::File { path: self.disk.path(&original.hash), len: original.len },
+        };
+        let content = frame.as_ref().map_or(original.hash, |f| f.hash);
+        let media = &self.config.media;
+        let task = Task::Details {
+            max_pixels: media.max_pixels,
+            animation: crate::media::animation::AnimationLimits {
+                max_frames: media.max_frames,
+                max_pixels: media.max_animation_pixels,
+            },
+        };
+        // A few dozen bytes of JSON; anything longer is not an answer to this job.
+        let mut answer = Bounded(Vec::new());
+        match self.media.run(&task, input, Some(&content), &mut answer).await? {
+            Outcome::Done { .. } => serde_json::from_slice(&answer.0)
+                .map_err(|_| ProxyError::internal("media worker answered unreadable details")),
+            Outcome::Unchanged => Err(ProxyError::internal("media worker answered unchanged")),
+        }
+    }
+
     /// The first picture of `original` (a video's first frame, an AVIF or HEIC decoded) as a
     /// PNG, by ffmpeg or heif-convert in the media sandbox. 415 where neither is there.
     async fn take_frame(&self, original: &Entry) -> Result<Received, ProxyError> {
@@ -152,5 +186,25 @@ impl Proxy {
                 Ok(Some(sink.finish(sniffed)))
             }
         }
+    }
+}
+
+/// A sink for a small answer: more than 4 KiB is refused.
+struct Bounded(Vec<u8>);
+
+impl crate::cache::ChunkSink for Bounded {
+    async fn begin(&mut self, len: u64) -> std::io::Result<()> {
+        match len <= 4096 {
+            true => Ok(()),
+            false => Err(std::io::Error::other("answer too long")),
+        }
+    }
+
+    async fn push(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        if self.0.len() + chunk.len() > 4096 {
+            return Err(std::io::Error::other("answer too long"));
+        }
+        self.0.extend_from_slice(chunk);
+        Ok(())
     }
 }

@@ -97,7 +97,10 @@ impl Proxy {
         permit: &mut crate::fetch::limit::FillPermit,
     ) -> Result<Received, ProxyError> {
         let started = Instant::now();
-        let origin = self.fetcher.get(&req.source, trigger, permit).await.inspect_err(|e| {
+        // An object of a bucket read with credentials is fetched by a freshly signed URL.
+        let signed = self.upstreams.fetch_url(&req.source).await?;
+        let url = signed.as_ref().unwrap_or(&req.source);
+        let origin = self.fetcher.get(url, trigger, permit).await.inspect_err(|e| {
             self.metrics.origin.get_or_create(&OutcomeLabels { outcome: e.code() }).inc();
         })?;
         let status = origin.response.status().as_u16();

@@ -122,6 +122,15 @@ fn execute(
                 Err(e) => refused(e),
             }
         }
+        Task::Details { max_pixels, animation } => {
+            match crate::media::details::measure(&body, *max_pixels, animation) {
+                Ok(d) => {
+                    let json = serde_json::to_vec(&d).unwrap_or_default();
+                    (Reply::Done { width: d.width, height: d.height }, json)
+                }
+                Err(e) => refused(e),
+            }
+        }
         Task::Rasterize { max_pixels } => match crate::media::svg::rasterize(&body, *max_pixels) {
             Ok(png) => (Reply::Done { width: 0, height: 0 }, png),
             Err(e) => refused(e),

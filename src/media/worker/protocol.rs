@@ -33,6 +33,9 @@ pub enum Task {
         #[serde(default)]
         animation: Option<crate::media::animation::AnimationLimits>,
     },
+    /// Measure the picture: its size, frame count and blurhash ([`crate::media::details`]),
+    /// answered as a JSON body.
+    Details { max_pixels: u64, animation: crate::media::animation::AnimationLimits },
     /// Draw an SVG document to a PNG.
     Rasterize { max_pixels: u64 },
     /// Remove personal metadata from a JPEG, PNG or WebP without re-encoding it.
@@ -46,6 +49,7 @@ impl Task {
     pub fn name(&self) -> &'static str {
         match self {
             Task::Render { .. } => "render",
+            Task::Details { .. } => "details",
             Task::Rasterize { .. } => "rasterize",
             Task::Strip { .. } => "strip",
             Task::SelfCheck { .. } => "self_check",

@@ -1,0 +1,176 @@
+//! The pict-rs API as Lemmy uses it for remote images (`image_mode = ProxyAllImages`), on its
+//! own listener (`compat.pictrs_listen`):
+//! - `GET /image/original?proxy=<url>`: the file;
+//! - `GET /image/process.<ext>?proxy=<url>[&thumbnail=N]`: a rendition fitting inside N×N
+//!   (never enlarged), in the format the extension names;
+//! - `GET /image/details/original?proxy=<url>`: width, height, frames, content type, date
+//!   and blurhash as JSON (what Lemmy stores in its `image_details` table);
+//! - `GET /healthz`.
+//!
+//! Request shapes as LemmyNet/lemmy sends them (`crates/routes/src/images/download.rs`,
+//! `crates/api/api_utils/src/request.rs`); answers as pict-rs 0.5 gives them, errors as its
+//! `{"msg", "code"}` JSON. Unsigned, because Lemmy checked the URL before asking: the listener
+//! must be reachable only by Lemmy (or the nginx in front of pict-rs). Lemmy relays the
+//! viewer's headers (cookies, `Authorization`, `X-Forwarded-For`); only `Range` and
+//! `If-None-Match` are read, nothing of them is logged or sent on.
+
+use super::parse_source;
+use crate::config::{AnimationPolicy, VariantConfig, VariantFormat};
+use crate::error::ProxyError;
+
+/// What a pict-rs request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PictrsRequest {
+    Original(url::Url),
+    Process(url::Url, Rendition),
+    Details(url::Url),
+    Healthz,
+}
+
+/// One rendition: its fit and format. Each distinct one is its own cache entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rendition {
+    /// Fits inside `size` × `size`.
+    pub size: u32,
+    pub format: VariantFormat,
+    /// Animations stay animated (asked for as GIF, APNG or WebP, as pict-rs keeps them).
+    pub animated: bool,
+}
+
+impl Rendition {
+    /// The rendition's name in cache keys; not a name a configured preset can have.
+    pub fn name(&self) -> String {
+        let motion = if self.animated { "animated" } else { "still" };
+        format!("pictrs:{}:{}:{motion}", self.size, self.format.as_str())
+    }
+
+    pub fn spec(&self) -> VariantConfig {
+        VariantConfig {
+            width: Some(self.size),
+            height: Some(self.size),
+            format: self.format,
+            quality: match self.format {
+                VariantFormat::Jpeg => 85,
+                _ => 80,
+            },
+            animation: match self.animated {
+                true => AnimationPolicy::Keep,
+                false => AnimationPolicy::Still,
+            },
+            ..VariantConfig::default()
+        }
+    }
+}
+
+/// Parses a request on the pict-rs listener. `max_size` bounds `thumbnail` (and is the fit
+/// of a conversion that names none).
+pub fn parse(path: &str, query: Option<&str>, max_size: u32) -> Result<PictrsRequest, ProxyError> {
+    if path == "/healthz" {
+        return Ok(PictrsRequest::Healthz);
+    }
+    let mut proxy = None;
+    let mut size = None;
+    for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*name {
+            "proxy" if proxy.is_none() => proxy = Some(value.into_owned()),
+            "proxy" => return Err(ProxyError::BadUrl("proxy given twice")),
+            // pict-rs's `resize` differs in its filter only; both fit inside N×N.
+            "thumbnail" | "resize" => {
+                let n: u32 = value
+                    .trim_start_matches(|c: char| c.is_ascii_alphabetic() || c == '.')
+                    .parse()
+                    .map_err(|_| ProxyError::BadUrl("thumbnail must be a number"))?;
+                if n == 0 {
+                    return Err(ProxyError::BadUrl("thumbnail must be above zero"));
+                }
+                size = Some(n.min(max_size));
+            }
+            // Other pict-rs operations (blur, crop, identity) are not filters here; pict-rs
+            // drops the ones it is not configured for, and so does this.
+            _ => {}
+        }
+    }
+    let source = || {
+        let url = proxy.as_deref().ok_or(ProxyError::BadUrl("no proxy parameter"))?;
+        parse_source(url)
+    };
+    match path {
+        "/image/original" => Ok(PictrsRequest::Original(source()?)),
+        "/image/details/original" => Ok(PictrsRequest::Details(source()?)),
+        _ => {
+            let ext = path.strip_prefix("/image/process.").ok_or(ProxyError::NoRoute)?;
+            let (format, animated) = match ext.to_ascii_lowercase().as_str() {
+                "webp" => (VariantFormat::Webp, true),
+                "jpg" | "jpeg" => (VariantFormat::Jpeg, false),
+                "png" => (VariantFormat::Png, false),
+                // Formats there is no encoder for here are answered as WebP (the
+                // Content-Type says so; browsers go by it): an animation stays one.
+                "gif" | "apng" => (VariantFormat::Webp, true),
+                "avif" | "jxl" => (VariantFormat::Webp, false),
+                _ => return Err(ProxyError::BadUrl("unknown process extension")),
+            };
+            let size = size.unwrap_or(max_size);
+            Ok(PictrsRequest::Process(source()?, Rendition { size, format, animated }))
+        }
+    }
+}
+
+/// pict-rs's error body: `{"msg": "...", "code": "..."}`.
+pub fn error_body(e: &ProxyError) -> String {
+    let e = e.to_viewer();
+    serde_json::json!({ "msg": e.public_message(), "code": e.code() }).to_string() + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEMMY_ENCODED: &str = "https%3A%2F%2Fmedia.example.test%2Fa%20b.png%3Fx%3D1";
+
+    #[test]
+    fn lemmy_request_shapes() {
+        let source = url::Url::parse("https://media.example.test/a%20b.png?x=1").unwrap();
+        let q = format!("proxy={LEMMY_ENCODED}");
+        assert_eq!(
+            parse("/image/original", Some(&q), 2048).unwrap(),
+            PictrsRequest::Original(source.clone())
+        );
+        // urlencoding::encode leaves -_.~ alone: the same URL, the same request.
+        let q2 = "proxy=https%3A%2F%2Fmedia.example.test%2Fa%20b.png%3Fx%3D1";
+        assert_eq!(
+            parse("/image/details/original", Some(q2), 2048).unwrap(),
+            PictrsRequest::Details(source.clone())
+        );
+        let q = format!("proxy={LEMMY_ENCODED}&thumbnail=512");
+        let want = Rendition { size: 512, format: VariantFormat::Webp, animated: true };
+        assert_eq!(
+            parse("/image/process.webp", Some(&q), 2048).unwrap(),
+            PictrsRequest::Process(source.clone(), want)
+        );
+        let got = parse("/image/process.jpg", Some(&q), 256).unwrap();
+        let want = Rendition { size: 256, format: VariantFormat::Jpeg, animated: false };
+        assert_eq!(got, PictrsRequest::Process(source, want), "thumbnail bounded by the maximum");
+    }
+
+    #[test]
+    fn bad_requests_are_refused() {
+        let q = format!("proxy={LEMMY_ENCODED}");
+        assert!(parse("/image/process.exe", Some(&q), 512).is_err());
+        assert!(parse("/image/process.png", Some(&format!("{q}&thumbnail=x")), 512).is_err());
+        assert!(parse("/image/process.png", Some(&format!("{q}&thumbnail=0")), 512).is_err());
+        assert!(parse("/image/original", None, 512).is_err());
+        assert!(parse("/image/original", Some("proxy=file%3A%2F%2F%2Fetc%2Fpasswd"), 512).is_err());
+        assert!(parse("/image/original", Some(&format!("{q}&{q}")), 512).is_err());
+        assert!(matches!(parse("/image/upload", Some(&q), 512), Err(ProxyError::NoRoute)));
+    }
+
+    #[test]
+    fn each_rendition_has_its_own_name() {
+        let a = Rendition { size: 512, format: VariantFormat::Webp, animated: true };
+        let b = Rendition { size: 256, ..a };
+        let c = Rendition { format: VariantFormat::Png, animated: false, ..a };
+        assert_ne!(a.name(), b.name());
+        assert_ne!(a.name(), c.name());
+        assert!(a.name().contains(':'), "never a configured preset's name");
+    }
+}
