@@ -7,6 +7,7 @@ mod compat;
 mod dns;
 mod durability;
 mod hostile;
+mod lemmy;
 mod media;
 mod moderation;
 mod privacy;

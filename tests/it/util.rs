@@ -211,6 +211,8 @@ pub fn options(lookup: Arc<dyn Lookup>, config_path: Option<PathBuf>) -> parasol
 pub struct Parasol {
     pub public: SocketAddr,
     pub admin: SocketAddr,
+    /// The pict-rs API's address, when `compat.pictrs_listen` is set.
+    pub pictrs: Option<SocketAddr>,
     pub dir: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -230,12 +232,12 @@ impl Parasol {
     pub async fn start_opts(config: Config, options: parasol::Options) -> Parasol {
         let dir = config.cache.dir.clone();
         let bound = parasol::Bound::bind(config, options).await.expect("parasol binds");
-        let (public, admin) = (bound.public_addr(), bound.admin_addr());
+        let (public, admin, pictrs) = (bound.public_addr(), bound.admin_addr(), bound.pictrs_addr());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(bound.serve(async move {
             let _ = rx.await;
         }));
-        Parasol { public, admin, dir, stop: Some(tx), task }
+        Parasol { public, admin, pictrs, dir, stop: Some(tx), task }
     }
 
     /// The signed native URL for `source`.

@@ -366,7 +366,7 @@ async fn webp_renditions_are_lossy_unless_asked_otherwise() {
 }
 
 /// Frames of an animated WebP, decoded (each a full canvas).
-fn webp_frames(bytes: &[u8]) -> Vec<image::RgbaImage> {
+pub fn webp_frames(bytes: &[u8]) -> Vec<image::RgbaImage> {
     use image::AnimationDecoder;
     let decoder = image::codecs::webp::WebPDecoder::new(Cursor::new(bytes)).unwrap();
     decoder.into_frames().map(|f| f.unwrap().into_buffer()).collect()

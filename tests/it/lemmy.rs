@@ -1,0 +1,183 @@
+//! Lemmy through the pict-rs API (`compat.pictrs_listen`), driven with the request shapes
+//! Lemmy sends (LemmyNet/lemmy `crates/routes/src/images/download.rs` for viewers,
+//! `crates/api/api_utils/src/request.rs` at ingest), headers it relays included.
+
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use serde_json::Value;
+
+use crate::util::*;
+
+fn pictrs_config(dir: &std::path::Path, allow: &str) -> parasol::Config {
+    let toml = config_toml(dir, &[allow], "[compat]\npictrs_listen = \"127.0.0.1:0\"\n");
+    parasol::Config::from_sources("test", &toml, std::iter::empty()).unwrap()
+}
+
+/// Lemmy's viewer path encodes the source with `utf8_percent_encode(_, NON_ALPHANUMERIC)`.
+fn viewer_encoded(url: &str) -> String {
+    utf8_percent_encode(url, NON_ALPHANUMERIC).to_string()
+}
+
+/// Lemmy's ingest path encodes it with `urlencoding::encode`, which leaves `-_.~` alone.
+fn ingest_encoded(url: &str) -> String {
+    const KEEP: &percent_encoding::AsciiSet =
+        &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+    utf8_percent_encode(url, KEEP).to_string()
+}
+
+/// The headers Lemmy relays from a viewer (all but Accept-Encoding and Host), and the
+/// X-Forwarded-For it adds.
+fn relayed(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    request
+        .header("cookie", "jwt=viewer-session-token")
+        .header("authorization", "Bearer viewer-login-token")
+        .header("x-forwarded-for", "203.0.113.9, 10.0.0.2:51234")
+        .header("accept-language", "nl-NL")
+        .header("user-agent", "Mozilla/5.0 (viewer's browser)")
+        .header("referer", "https://lemmy.example.test/post/1")
+}
+
+#[tokio::test]
+async fn lemmy_ingest_and_viewers_through_the_pictrs_api() {
+    let origin = Origin::start("127.0.0.80").await;
+    let photo = crate::variants::gradient_jpeg(1600, 1200);
+    origin.route("/pics/photo-1.jpg", Route::ok(photo.clone()));
+    origin.route("/pics/anim.gif", Route::ok(crate::variants::animated_gif(3)));
+    origin.route("/gone.png", Route::status(404));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(pictrs_config(dir.path(), "127.0.0.80/32")).await;
+    let pictrs = format!("http://{}/", p.pictrs.expect("the pict-rs listener is bound"));
+    let source = origin.url("/pics/photo-1.jpg");
+    let http = client();
+
+    // Ingest: the original first, then its details.
+    let r = http
+        .get(format!("{pictrs}image/original?proxy={}", ingest_encoded(&source)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/jpeg");
+    assert!(body(r).await.len() > 1000);
+    let r = http
+        .get(format!("{pictrs}image/details/original?proxy={}", ingest_encoded(&source)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let details: Value = serde_json::from_slice(&body(r).await).unwrap();
+    assert_eq!(details["width"], 1600);
+    assert_eq!(details["height"], 1200);
+    assert_eq!(details["content_type"], "image/jpeg");
+    assert_eq!(details["format"], "Image");
+    assert!(details["frames"].is_null());
+    // Lemmy reads created_at as a chrono DateTime<Utc>: RFC 3339.
+    let created = details["created_at"].as_str().unwrap();
+    assert!(humantime::parse_rfc3339(created).is_ok(), "{created}");
+    let blurhash = details["blurhash"].as_str().unwrap();
+    assert_eq!(blurhash.len(), 28, "a 4x3 blurhash: {blurhash}");
+
+    // A viewer: Lemmy's stored thumbnail link asks process.<ext of the URL>?thumbnail=512
+    // (image_max_thumbnail_size), relaying the viewer's headers.
+    let thumb = format!("{pictrs}image/process.jpg?proxy={}&thumbnail=512", viewer_encoded(&source));
+    let r = relayed(http.get(&thumb)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/jpeg");
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    let img = image::load_from_memory(&body(r).await).unwrap();
+    assert_eq!((img.width(), img.height()), (512, 384), "fits inside 512x512");
+    // A browser's revalidation and a Safari-style range, relayed by Lemmy, are answered.
+    let r = relayed(http.get(&thumb)).header("if-none-match", &etag).send().await.unwrap();
+    assert_eq!(r.status(), 304);
+    let original = format!("{pictrs}image/original?proxy={}", viewer_encoded(&source));
+    let r = relayed(http.get(&original)).header("range", "bytes=0-99").send().await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert!(body(r).await == photo[..100]);
+    let r = http.head(&original).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"].to_str().unwrap(), photo.len().to_string());
+
+    // Another size and another format are renditions of their own; never enlarged.
+    let webp = format!("{pictrs}image/process.webp?proxy={}&thumbnail=4000", viewer_encoded(&source));
+    let r = http.get(&webp).send().await.unwrap();
+    assert_eq!(r.headers()["content-type"], "image/webp");
+    let img = image::load_from_memory(&body(r).await).unwrap();
+    assert_eq!((img.width(), img.height()), (1600, 1200), "never enlarged");
+    // An animated GIF asked for as GIF stays animated (as WebP, which the type says).
+    let gif = origin.url("/pics/anim.gif");
+    let r = http
+        .get(format!("{pictrs}image/process.gif?proxy={}&thumbnail=256", viewer_encoded(&gif)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "image/webp");
+    let frames = crate::variants::webp_frames(&body(r).await);
+    assert_eq!(frames.len(), 3);
+    assert_eq!(frames[0].dimensions(), (256, 128));
+    let r = http
+        .get(format!("{pictrs}image/details/original?proxy={}", ingest_encoded(&gif)))
+        .send()
+        .await
+        .unwrap();
+    let details: Value = serde_json::from_slice(&body(r).await).unwrap();
+    assert_eq!((details["format"].as_str(), details["frames"].as_u64()), (Some("Animation"), Some(3)));
+
+    // One origin request per file, whatever the encodings and renditions; nothing of the
+    // viewers reached it, nor the audit log.
+    assert_eq!(origin.hits("/pics/photo-1.jpg"), 1);
+    assert_eq!(origin.hits("/pics/anim.gif"), 1);
+    for seen in origin.seen() {
+        for name in ["cookie", "authorization", "x-forwarded-for", "accept-language", "referer"] {
+            assert!(!seen.headers.contains_key(name), "{name} reached the origin");
+        }
+        assert!(seen.headers["user-agent"].to_str().unwrap().starts_with("parasol"));
+    }
+    let audit = std::fs::read_to_string(dir.path().join("outbound.jsonl")).unwrap();
+    for secret in ["viewer-session-token", "viewer-login-token", "203.0.113.9", "nl-NL", "Mozilla"] {
+        assert!(!audit.contains(secret), "{secret} is in the audit log");
+    }
+
+    // Errors as pict-rs gives them: JSON with msg and code. Lemmy passes a 404 on as 404.
+    let r = http
+        .get(format!("{pictrs}image/original?proxy={}", viewer_encoded(&origin.url("/gone.png"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let error: Value = serde_json::from_slice(&body(r).await).unwrap();
+    assert!(error["msg"].is_string() && error["code"].is_string(), "{error}");
+    for bad in [
+        format!("image/process.exe?proxy={}", viewer_encoded(&source)),
+        format!("image/process.png?proxy={}&thumbnail=big", viewer_encoded(&source)),
+        "image/original".to_string(),
+    ] {
+        let r = http.get(format!("{pictrs}{bad}")).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+        assert_eq!(r.headers()["content-type"], "application/json");
+    }
+    // Only http(s) sources, through the same guard as every fetch (a refused destination
+    // looks like an unreachable one, as on every route).
+    for (refused, status) in
+        [("file%3A%2F%2F%2Fetc%2Fpasswd", 403), ("http%3A%2F%2F127.0.0.1%3A1%2Fx.png", 502)]
+    {
+        let r = http.get(format!("{pictrs}image/original?proxy={refused}")).send().await.unwrap();
+        assert_eq!(r.status(), status, "{refused}");
+        assert_eq!(r.headers()["content-type"], "application/json");
+    }
+    let r = http.post(&original).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(http.get(format!("{pictrs}healthz")).send().await.unwrap().status(), 200);
+
+    // Unsigned, so never on the public port.
+    let public = format!("http://{}/image/original?proxy={}", p.public, viewer_encoded(&source));
+    assert_eq!(get(&public).await.status(), 404);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn without_pictrs_listen_there_is_no_pictrs_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.80/32"])).await;
+    assert!(p.pictrs.is_none());
+    p.stop().await;
+}
