@@ -225,3 +225,68 @@ async fn the_cluster_nginx_recipe_routes_each_source_to_one_node() {
     }
     a.stop().await;
 }
+
+/// Lemmy's pict-rs address behind the Lemmy recipe: requests with `proxy=` reach parasol's
+/// pict-rs API, the rest (uploads, local images) the real pict-rs, here a stand-in origin.
+#[tokio::test]
+#[cfg_attr(not(has_nginx), ignore = "needs nginx and openssl: apt-get install nginx-light openssl")]
+async fn the_lemmy_recipe_sends_proxied_images_to_parasol_and_the_rest_to_pictrs() {
+    let remote = Origin::start("127.0.0.81").await;
+    let photo = crate::variants::gradient_jpeg(800, 600);
+    remote.route("/remote/cat.jpg", Route::ok(photo.clone()));
+    let pictrs = Origin::start("127.0.0.82").await;
+    let local = png_bytes(5_000, 810);
+    pictrs.route("/image/original/local.png", Route::ok(local.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let toml = config_toml(
+        &dir.path().join("cache"),
+        &["127.0.0.81/32"],
+        "[compat]\npictrs_listen = \"127.0.0.1:0\"\n",
+    );
+    let cfg = parasol::Config::from_sources("test", &toml, std::iter::empty()).unwrap();
+    let p = Parasol::start(cfg).await;
+    let recipe = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/recipes/nginx-lemmy-pictrs.conf"),
+    )
+    .unwrap();
+    let port = free_port();
+    let block = recipe
+        .replace("127.0.0.1:8090", &format!("127.0.0.1:{port}"))
+        .replace("127.0.0.1:8080", &pictrs.addr.to_string())
+        .replace("127.0.0.1:8091", &p.pictrs.unwrap().to_string());
+    let _running = launch_nginx(dir.path(), &block);
+    let up = eventually(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
+    assert!(up, "nginx listens");
+    // Lemmy's `pictrs.url` is this nginx.
+    let lemmy_pictrs_url = format!("http://127.0.0.1:{port}/");
+    let encoded: String =
+        form_urlencoded::byte_serialize(remote.url("/remote/cat.jpg").as_bytes()).collect();
+    let http = client();
+    let r = http
+        .get(format!("{lemmy_pictrs_url}image/process.jpg?proxy={encoded}&thumbnail=256"))
+        .header("x-forwarded-for", "203.0.113.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let thumb = image::load_from_memory(&body(r).await).unwrap();
+    assert_eq!((thumb.width(), thumb.height()), (256, 192), "parasol's rendition");
+    let r = http
+        .get(format!("{lemmy_pictrs_url}image/details/original?proxy={encoded}"))
+        .send()
+        .await
+        .unwrap();
+    let details: serde_json::Value = serde_json::from_slice(&body(r).await).unwrap();
+    assert_eq!((details["width"].as_u64(), details["height"].as_u64()), (Some(800), Some(600)));
+    // A local image is pict-rs's.
+    let r = http.get(format!("{lemmy_pictrs_url}image/original/local.png")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(body(r).await == local);
+    assert_eq!(remote.hits("/remote/cat.jpg"), 1);
+    assert_eq!(pictrs.hits("/image/original/local.png"), 1);
+    assert!(pictrs.seen().iter().all(|s| s.query.as_deref().is_none_or(|q| !q.contains("proxy="))));
+    for seen in remote.seen() {
+        assert!(!seen.headers.contains_key("x-forwarded-for"));
+    }
+    p.stop().await;
+}
