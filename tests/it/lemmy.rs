@@ -79,7 +79,8 @@ async fn lemmy_ingest_and_viewers_through_the_pictrs_api() {
 
     // A viewer: Lemmy's stored thumbnail link asks process.<ext of the URL>?thumbnail=512
     // (image_max_thumbnail_size), relaying the viewer's headers.
-    let thumb = format!("{pictrs}image/process.jpg?proxy={}&thumbnail=512", viewer_encoded(&source));
+    let thumb =
+        format!("{pictrs}image/process.jpg?proxy={}&thumbnail=512", viewer_encoded(&source));
     let r = relayed(http.get(&thumb)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "image/jpeg");
@@ -98,7 +99,8 @@ async fn lemmy_ingest_and_viewers_through_the_pictrs_api() {
     assert_eq!(r.headers()["content-length"].to_str().unwrap(), photo.len().to_string());
 
     // Another size and another format are renditions of their own; never enlarged.
-    let webp = format!("{pictrs}image/process.webp?proxy={}&thumbnail=4000", viewer_encoded(&source));
+    let webp =
+        format!("{pictrs}image/process.webp?proxy={}&thumbnail=4000", viewer_encoded(&source));
     let r = http.get(&webp).send().await.unwrap();
     assert_eq!(r.headers()["content-type"], "image/webp");
     let img = image::load_from_memory(&body(r).await).unwrap();
@@ -120,7 +122,10 @@ async fn lemmy_ingest_and_viewers_through_the_pictrs_api() {
         .await
         .unwrap();
     let details: Value = serde_json::from_slice(&body(r).await).unwrap();
-    assert_eq!((details["format"].as_str(), details["frames"].as_u64()), (Some("Animation"), Some(3)));
+    assert_eq!(
+        (details["format"].as_str(), details["frames"].as_u64()),
+        (Some("Animation"), Some(3))
+    );
 
     // One origin request per file, whatever the encodings and renditions; nothing of the
     // viewers reached it, nor the audit log.
@@ -133,7 +138,8 @@ async fn lemmy_ingest_and_viewers_through_the_pictrs_api() {
         assert!(seen.headers["user-agent"].to_str().unwrap().starts_with("parasol"));
     }
     let audit = std::fs::read_to_string(dir.path().join("outbound.jsonl")).unwrap();
-    for secret in ["viewer-session-token", "viewer-login-token", "203.0.113.9", "nl-NL", "Mozilla"] {
+    for secret in ["viewer-session-token", "viewer-login-token", "203.0.113.9", "nl-NL", "Mozilla"]
+    {
         assert!(!audit.contains(secret), "{secret} is in the audit log");
     }
 

@@ -15,5 +15,6 @@ mod proxy;
 mod recipes;
 mod shared;
 mod tls;
+mod upstream;
 mod util;
 mod variants;

@@ -44,10 +44,50 @@ async fn the_tls_nginx_recipe_fronts_parasol() {
     nginx_recipe_fronts_parasol("nginx-tls.conf", "127.0.0.19").await;
 }
 
+/// Mastodon's `S3_ALIAS_HOST` (and GoToSocial's `storage-s3-redirect-url`) pointed at the
+/// recipe: the bucket's paths on media.example.social, each fetched from the bucket once.
 #[tokio::test]
 #[cfg_attr(not(has_nginx), ignore = "needs nginx and openssl: apt-get install nginx-light openssl")]
-async fn the_mastodon_nginx_recipe_fronts_parasol() {
-    nginx_recipe_fronts_parasol("nginx-mastodon.conf", "127.0.0.21").await;
+async fn the_mastodon_nginx_recipe_fronts_the_bucket_through_parasol() {
+    let bucket = Origin::start("127.0.0.21").await;
+    let img = png_bytes(30_000, 701);
+    let key = "/media_attachments/files/109/348/original/8f2b.png";
+    bucket.route(&format!("/mastodon-media{key}"), Route::ok(img.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[[upstream]]\nprefix = \"/\"\nhost = \"media.example.social\"\norigin = \"{}\"\n",
+        bucket.url("/mastodon-media/")
+    );
+    let toml = config_toml(&dir.path().join("cache"), &["127.0.0.21/32"], &extra);
+    let p =
+        Parasol::start(parasol::Config::from_sources("test", &toml, std::iter::empty()).unwrap())
+            .await;
+    let work = dir.path();
+    let port = free_port();
+    let _running = start_nginx(work, &adapted_recipe("nginx-mastodon.conf", work, port, p.public));
+    let front = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let viewer = reqwest::Client::builder()
+        .no_proxy()
+        .danger_accept_invalid_certs(true)
+        .resolve("media.example.social", front)
+        .build()
+        .unwrap();
+    let url = format!("https://media.example.social:{port}{key}");
+    let served = eventually_async(|| async {
+        viewer.get(&url).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(served, "the bucket's file is served through nginx and parasol");
+    let r = viewer.get(&url).header("x-forwarded-for", "203.0.113.9").send().await.unwrap();
+    assert_eq!(r.headers()["content-security-policy"], "default-src 'none'; sandbox");
+    assert_eq!(r.headers()["etag"].to_str().unwrap(), etag_of(&img));
+    assert_eq!(r.bytes().await.unwrap(), img);
+    assert_eq!(viewer.delete(&url).send().await.unwrap().status(), 403, "only GET and HEAD");
+    assert_eq!(bucket.hits(&format!("/mastodon-media{key}")), 1);
+    for seen in bucket.seen() {
+        assert!(!seen.headers.contains_key("x-forwarded-for"), "nothing of the viewer");
+    }
+    p.stop().await;
 }
 
 async fn nginx_recipe_fronts_parasol(recipe: &str, origin_ip: &str) {

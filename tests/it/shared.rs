@@ -6,14 +6,15 @@ use std::process::{Child, Command, Stdio};
 
 use crate::util::*;
 
-const ACCESS: &str = "parasol-test";
-const SECRET: &str = "parasol-test-secret";
-const BUCKET: &str = "media";
+pub(crate) const ACCESS: &str = "parasol-test";
+pub(crate) const SECRET: &str = "parasol-test-secret";
+pub(crate) const BUCKET: &str = "media";
 
 /// A running s3s-fs; killed when dropped.
-struct S3 {
+pub(crate) struct S3 {
     child: Child,
-    port: u16,
+    pub(crate) host: String,
+    pub(crate) port: u16,
     root: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -28,20 +29,25 @@ impl Drop for S3 {
 impl S3 {
     /// Starts s3s-fs (the tests that call this are ignored where it is not installed).
     async fn start() -> S3 {
+        Self::start_on("127.0.0.1").await
+    }
+
+    /// Starts s3s-fs listening on `host`.
+    pub(crate) async fn start_on(host: &str) -> S3 {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         std::fs::create_dir(root.join(BUCKET)).unwrap(); // a bucket is a directory of the root
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind((host, 0)).unwrap().local_addr().unwrap().port();
         let child = Command::new("s3s-fs")
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--host", host, "--port", &port.to_string()])
             .args(["--access-key", ACCESS, "--secret-key", SECRET])
             .arg(&root)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("s3s-fs starts");
-        let s3 = S3 { child, port, root, _dir: dir };
-        let up = eventually(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
+        let s3 = S3 { child, host: host.to_string(), port, root, _dir: dir };
+        let up = eventually(|| std::net::TcpStream::connect((host, port)).is_ok()).await;
         assert!(up, "s3s-fs listens");
         s3
     }
@@ -55,7 +61,7 @@ impl S3 {
     }
 
     /// Where s3s-fs keeps the object `name` of the bucket.
-    fn object(&self, name: &str) -> PathBuf {
+    pub(crate) fn object(&self, name: &str) -> PathBuf {
         self.root.join(BUCKET).join(name)
     }
 }

@@ -232,7 +232,8 @@ impl Parasol {
     pub async fn start_opts(config: Config, options: parasol::Options) -> Parasol {
         let dir = config.cache.dir.clone();
         let bound = parasol::Bound::bind(config, options).await.expect("parasol binds");
-        let (public, admin, pictrs) = (bound.public_addr(), bound.admin_addr(), bound.pictrs_addr());
+        let (public, admin, pictrs) =
+            (bound.public_addr(), bound.admin_addr(), bound.pictrs_addr());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(bound.serve(async move {
             let _ = rx.await;
