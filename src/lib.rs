@@ -9,7 +9,9 @@
 //! - [`config`]: TOML + `PARASOL__*` environment → validated [`Config`].
 //! - [`error`]: the one boundary error, with status, stable code and who caused it.
 //! - [`signing`]: HMAC-SHA256 of native URLs, key rotation, the generated default key.
-//! - [`api`]: one module per URL scheme, each producing an [`api::ProxyRequest`].
+//! - [`api`]: one module per URL scheme, each producing an [`api::ProxyRequest`]; also
+//!   [`api::pictrs`] (Lemmy's pict-rs API, its own listener) and [`api::upstream`]
+//!   (`[[upstream]]` prefixes served from an instance's own bucket).
 //! - [`policy`]: blocked and allowed origin domains.
 //! - [`fetch`]: the origin client; [`fetch::guard`] decides which addresses may be dialed,
 //!   [`fetch::peer`] re-checks the connected socket, [`fetch::limit`] caps fills.
@@ -17,7 +19,7 @@
 //!   the disk budget ([`cache::budget`], S3-FIFO in [`cache::evict`]), [`cache::verify`].
 //! - [`media`]: content sniffing and the type allowlist; [`media::worker`] runs every decode,
 //!   render and metadata strip in sandboxed worker processes (`parasol media-worker`) under
-//!   kernel limits, and `media/{decode,variants,animation,svg,strip}.rs` is what runs inside
+//!   kernel limits, and `media/{decode,variants,animation,details,svg,strip}.rs` is what runs inside
 //!   them; [`media::worker::tool`] runs ffmpeg (video posters) and heif-convert (HEIC, AVIF)
 //!   behind the same walls.
 //! - [`proxy`]: the request lifecycle: lookup, coalesced fill; `proxy/store.rs` receives and
