@@ -274,7 +274,8 @@ impl Bound {
             config.moderation_log_path(),
             metrics.moderation.clone(),
         );
-        let moderation = moderation::Moderation::new(log, scanner);
+        let moderation = moderation::Moderation::new(log, scanner)
+            .with_normalizer(policy::Normalizer::new(&config.policy.normalize));
         let proxy = Arc::new(
             proxy::Proxy::new(config, fetcher, audit, disk, index, metrics, media)
                 .with_moderation(moderation)

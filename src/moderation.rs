@@ -154,6 +154,9 @@ pub struct Moderation {
     bans: std::sync::Mutex<BTreeMap<String, Ban>>,
     pub log: log::ModerationLog,
     pub scanner: Option<scanner::Scanner>,
+    /// `[[policy.normalize]]`: a URL ban covers every URL that is the same cache entry (a
+    /// re-signed CDN URL of the banned one).
+    normalizer: crate::policy::Normalizer,
 }
 
 impl Moderation {
@@ -165,7 +168,13 @@ impl Moderation {
             bans: std::sync::Mutex::default(),
             log,
             scanner,
+            normalizer: Default::default(),
         }
+    }
+
+    pub fn with_normalizer(mut self, normalizer: crate::policy::Normalizer) -> Self {
+        self.normalizer = normalizer;
+        self
     }
 
     fn rules(&self) -> Arc<Rules> {
@@ -229,9 +238,14 @@ impl Moderation {
         let hex32 = |v: &str| -> Option<[u8; 32]> { hex::decode(v).ok()?.try_into().ok() };
         for ban in all.values() {
             match ban.kind {
-                BanKind::Url => {
-                    rules.urls.insert(ban.value.clone());
-                }
+                BanKind::Url => match url::Url::parse(&ban.value) {
+                    Ok(url) => {
+                        rules.urls.insert(self.normalizer.cache_url(&url).into_owned());
+                    }
+                    Err(_) => {
+                        rules.urls.insert(ban.value.clone());
+                    }
+                },
                 BanKind::Hash => rules.hashes.extend(hex32(&ban.value)),
                 BanKind::Sha256 => rules.sha256.extend(hex32(&ban.value)),
                 BanKind::Domain => rules.domains.push(ban.value.clone()),
@@ -246,7 +260,7 @@ impl Moderation {
             return Ok(());
         }
         let rules = self.rules();
-        if rules.urls.contains(source.as_str()) {
+        if rules.urls.contains(self.normalizer.cache_url(source).as_ref()) {
             return Err(ProxyError::Banned("url"));
         }
         self.check_host_in(&rules, source.host_str().unwrap_or_default())

@@ -136,7 +136,8 @@ impl Proxy {
             config.moderation_log_path(),
             metrics.moderation.clone(),
         );
-        let moderation = crate::moderation::Moderation::new(log, None);
+        let moderation = crate::moderation::Moderation::new(log, None)
+            .with_normalizer(crate::policy::Normalizer::new(&config.policy.normalize));
         let negative = moka::future::Cache::builder()
             .max_capacity(100_000)
             .time_to_live(config.cache.negative_ttl.0.max(std::time::Duration::from_millis(1)))

@@ -417,6 +417,20 @@ async fn re_signed_cdn_urls_share_one_entry_and_one_fetch() {
     assert_eq!(origin.hits("/v/t51/1_n.jpg"), 3, "fetched again after the purge");
     let last = origin.seen().pop().unwrap();
     assert!(last.query.unwrap().contains("oh=00_B"), "the newest URL seen was fetched");
+    // A ban of one signature of the file is a ban of every signature of it (checked before
+    // any fetch: no origin request).
+    let (status, answer) =
+        admin_post(&p, "/admin/ban", Some(ADMIN_TOKEN), json!({ "url": a })).await;
+    assert_eq!(status, 200, "{answer}");
+    let resigned = url("edge-c", "stp=s1&oh=00_D&oe=6800&_nc_gid=third");
+    assert_eq!(get(&p.url(&resigned)).await.status(), 451);
+    assert_eq!(get(&p.url(&b)).await.status(), 451);
+    assert_eq!(origin.hits("/v/t51/1_n.jpg"), 3);
+    assert_eq!(
+        get(&p.url(&url("edge-a", "stp=s2&oh=00_C"))).await.status(),
+        200,
+        "not the other rendition"
+    );
     p.stop().await;
     // Meta's CDNs are built in.
     let defaults = parasol::Config::from_sources("t", "", std::iter::empty()).unwrap();
