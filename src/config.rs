@@ -61,6 +61,56 @@ pub struct UpstreamConfig {
     pub s3: Option<UpstreamS3>,
 }
 
+impl UpstreamConfig {
+    /// Checks the entry's settings (at load).
+    pub fn check(&self) -> Result<(), String> {
+        let u = self;
+        if !u.prefix.starts_with('/') || !u.prefix.ends_with('/') {
+            return Err(format!("prefix {:?} must start and end with '/'", u.prefix));
+        }
+        if u.prefix.contains("//") || u.prefix.split('/').any(|s| s == "." || s == "..") {
+            return Err(format!("prefix {:?} has an empty, '.' or '..' segment", u.prefix));
+        }
+        if !u.host.is_empty() && crate::policy::normalize_domain(&u.host).is_none() {
+            return Err(format!("host {:?} is not a host name", u.host));
+        }
+        match (&u.s3, u.origin.is_empty()) {
+            (Some(_), false) => Err("set origin or s3, not both".into()),
+            (None, true) => Err("needs origin (a URL) or s3 (a bucket)".into()),
+            (None, false) => {
+                let url = Url::parse(&u.origin)
+                    .map_err(|_| format!("origin {:?} is not a URL", u.origin))?;
+                let ok = matches!(url.scheme(), "http" | "https")
+                    && url.host().is_some()
+                    && url.username().is_empty()
+                    && url.password().is_none()
+                    && url.query().is_none();
+                match ok {
+                    true => Ok(()),
+                    false => Err(format!(
+                        "origin {:?} must be an http(s) URL without credentials or query",
+                        u.origin
+                    )),
+                }
+            }
+            (Some(s3), true) => {
+                let ok = Url::parse(&s3.endpoint)
+                    .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+                if !ok {
+                    return Err(format!("s3.endpoint {:?} is not an http(s) URL", s3.endpoint));
+                }
+                if s3.bucket.is_empty()
+                    || s3.access_key_id.is_empty()
+                    || s3.secret_access_key.is_empty()
+                {
+                    return Err("s3 needs bucket, access_key_id and secret_access_key".into());
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// An S3-compatible bucket an `[[upstream]]` reads with signed requests.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -800,7 +850,7 @@ impl Config {
         }
         for (i, u) in self.upstream.iter().enumerate() {
             let key = format!("upstream[{i}]");
-            if let Err(message) = crate::api::upstream::check(u) {
+            if let Err(message) = u.check() {
                 return bad(&key, message);
             }
         }

@@ -44,59 +44,12 @@ struct Bucket {
     key_prefix: String,
 }
 
-/// Checks one entry's settings (at config load).
-pub fn check(u: &UpstreamConfig) -> Result<(), String> {
-    if !u.prefix.starts_with('/') || !u.prefix.ends_with('/') {
-        return Err(format!("prefix {:?} must start and end with '/'", u.prefix));
-    }
-    if u.prefix.contains("//") || u.prefix.split('/').any(|s| s == "." || s == "..") {
-        return Err(format!("prefix {:?} has an empty, '.' or '..' segment", u.prefix));
-    }
-    if !u.host.is_empty() && crate::policy::normalize_domain(&u.host).is_none() {
-        return Err(format!("host {:?} is not a host name", u.host));
-    }
-    match (&u.s3, u.origin.is_empty()) {
-        (Some(_), false) => Err("set origin or s3, not both".into()),
-        (None, true) => Err("needs origin (a URL) or s3 (a bucket)".into()),
-        (None, false) => {
-            let url =
-                Url::parse(&u.origin).map_err(|_| format!("origin {:?} is not a URL", u.origin))?;
-            let ok = matches!(url.scheme(), "http" | "https")
-                && url.host().is_some()
-                && url.username().is_empty()
-                && url.password().is_none()
-                && url.query().is_none();
-            match ok {
-                true => Ok(()),
-                false => Err(format!(
-                    "origin {:?} must be an http(s) URL without credentials or query",
-                    u.origin
-                )),
-            }
-        }
-        (Some(s3), true) => {
-            let ok = Url::parse(&s3.endpoint)
-                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-            if !ok {
-                return Err(format!("s3.endpoint {:?} is not an http(s) URL", s3.endpoint));
-            }
-            if s3.bucket.is_empty()
-                || s3.access_key_id.is_empty()
-                || s3.secret_access_key.is_empty()
-            {
-                return Err("s3 needs bucket, access_key_id and secret_access_key".into());
-            }
-            Ok(())
-        }
-    }
-}
-
 impl Upstreams {
     /// Builds the entries of a checked configuration.
     pub async fn new(configs: &[UpstreamConfig]) -> Result<Self, String> {
         let mut entries = Vec::with_capacity(configs.len());
         for (i, u) in configs.iter().enumerate() {
-            check(u).map_err(|e| format!("upstream[{i}]: {e}"))?;
+            u.check().map_err(|e| format!("upstream[{i}]: {e}"))?;
             let (base, bucket) = match &u.s3 {
                 None => {
                     let mut base = Url::parse(&u.origin).map_err(|e| e.to_string())?;
@@ -280,7 +233,7 @@ mod tests {
             origin: "https://b.test/".into(),
             ..Default::default()
         };
-        assert!(check(&base).is_ok());
+        assert!(base.check().is_ok());
         for bad in [
             UpstreamConfig { prefix: "s/".into(), ..base.clone() },
             UpstreamConfig { prefix: "/s".into(), ..base.clone() },
@@ -291,7 +244,7 @@ mod tests {
             UpstreamConfig { origin: String::new(), ..base.clone() },
             UpstreamConfig { s3: Some(Default::default()), ..base.clone() },
         ] {
-            assert!(check(&bad).is_err(), "{bad:?}");
+            assert!(bad.check().is_err(), "{bad:?}");
         }
     }
 }
