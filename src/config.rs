@@ -71,7 +71,7 @@ impl UpstreamConfig {
         if u.prefix.contains("//") || u.prefix.split('/').any(|s| s == "." || s == "..") {
             return Err(format!("prefix {:?} has an empty, '.' or '..' segment", u.prefix));
         }
-        if !u.host.is_empty() && crate::policy::normalize_domain(&u.host).is_none() {
+        if !u.host.is_empty() && normalize_domain(&u.host).is_none() {
             return Err(format!("host {:?} is not a host name", u.host));
         }
         match (&u.s3, u.origin.is_empty()) {
@@ -798,7 +798,7 @@ impl Config {
             ("policy.blocked_domains", &self.policy.blocked_domains),
             ("policy.allowed_domains", &self.policy.allowed_domains),
         ] {
-            if let Some(d) = list.iter().find(|d| crate::policy::normalize_domain(d).is_none()) {
+            if let Some(d) = list.iter().find(|d| normalize_domain(d).is_none()) {
                 return bad(key, format!("{d:?} is not a domain name"));
             }
         }
@@ -1046,6 +1046,17 @@ fn redact_str<S: Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
 fn redact_list<S: Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
     let redacted: Vec<&str> = v.iter().map(|_| "<redacted>").collect();
     redacted.serialize(s)
+}
+
+/// Lowercases and checks a configured domain; `None` when it is not a plausible domain name.
+pub fn normalize_domain(d: &str) -> Option<String> {
+    let d = d.trim().trim_end_matches('.').to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    (!d.is_empty() && d.len() <= 253 && d.split('.').all(label_ok)).then_some(d)
 }
 
 #[cfg(test)]

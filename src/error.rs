@@ -100,6 +100,16 @@ impl ProxyError {
         ProxyError::BadImage(why.into())
     }
 
+    /// A failure of our own storage: a full disk is `StorageFull` (503, evicts to make room),
+    /// anything else internal.
+    pub fn storage(e: std::io::Error) -> ProxyError {
+        if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) {
+            ProxyError::StorageFull
+        } else {
+            ProxyError::internal(e)
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         use ProxyError::*;
         match self {

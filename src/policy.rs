@@ -43,16 +43,7 @@ pub fn covers(domain: &str, host: &str) -> bool {
         && (h.len() == d.len() || h[h.len() - d.len() - 1] == b'.')
 }
 
-/// Lowercases and checks a configured domain; `None` when it is not a plausible domain name.
-pub fn normalize_domain(d: &str) -> Option<String> {
-    let d = d.trim().trim_end_matches('.').to_ascii_lowercase();
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
-    (!d.is_empty() && d.len() <= 253 && d.split('.').all(label_ok)).then_some(d)
-}
+pub use crate::config::normalize_domain;
 
 /// The compiled `[[policy.normalize]]` rules: the URL a cache key is made of.
 #[derive(Debug, Clone, Default)]

@@ -11,8 +11,6 @@ mod store;
 pub use moderate::BanReport;
 mod upkeep;
 
-pub(crate) use store::storage_error;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 

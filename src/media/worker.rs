@@ -405,7 +405,7 @@ impl MediaPool {
             Failure::Input(e) | Failure::Sink(e) => {
                 let _ = worker.child.start_kill();
                 self.count("error");
-                crate::proxy::storage_error(e)
+                crate::error::ProxyError::storage(e)
             }
             Failure::Send(e) | Failure::NoReply(e) | Failure::Reply(e) => {
                 // Died on its own (its status says how), or is alive and broke the protocol.

@@ -293,7 +293,7 @@ impl Proxy {
         if !scannable || scanner.known_allowed(&r.hash).await {
             return Ok(());
         }
-        let input = r.input().await.map_err(super::storage_error)?;
+        let input = r.input().await.map_err(ProxyError::storage)?;
         match scanner.scan(&r.hash, r.content_type, host, input).await {
             Verdict::Allowed => {
                 self.moderation

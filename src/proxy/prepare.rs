@@ -39,7 +39,7 @@ impl Proxy {
         }
         let task = Task::Rasterize { max_pixels: self.config.media.max_pixels };
         self.metrics.renders.inc();
-        let input = r.input().await.map_err(super::storage_error)?;
+        let input = r.input().await.map_err(ProxyError::storage)?;
         let png = self.run_job(&task, input, &r.hash, &["image/png"]).await?;
         let mut png = png.ok_or_else(|| ProxyError::internal("rasterising answered unchanged"))?;
         png.final_host = r.final_host.take();
@@ -55,7 +55,7 @@ impl Proxy {
             return Ok(r);
         }
         let task = Task::Strip { content_type: r.content_type.into() };
-        let input = r.input().await.map_err(super::storage_error)?;
+        let input = r.input().await.map_err(ProxyError::storage)?;
         match self.run_job(&task, input, &r.hash, &[r.content_type]).await? {
             Some(mut stripped) => {
                 stripped.final_host = r.final_host.take();
@@ -81,7 +81,7 @@ impl Proxy {
             false => None,
         };
         let (input, content) = match (frame.as_mut(), &original.body) {
-            (Some(frame), _) => (frame.input().await.map_err(super::storage_error)?, frame.hash),
+            (Some(frame), _) => (frame.input().await.map_err(ProxyError::storage)?, frame.hash),
             (None, Some(bytes)) => (Input::Memory(bytes.clone()), original.hash),
             (None, None) => {
                 let path = self.disk.path(&original.hash);
@@ -124,7 +124,7 @@ impl Proxy {
             false => None,
         };
         let input = match (frame.as_mut(), &original.body) {
-            (Some(frame), _) => frame.input().await.map_err(super::storage_error)?,
+            (Some(frame), _) => frame.input().await.map_err(ProxyError::storage)?,
             (None, Some(bytes)) => Input::Memory(bytes.clone()),
             (None, None) => Input::File { path: self.disk.path(&original.hash), len: original.len },
         };

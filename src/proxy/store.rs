@@ -150,14 +150,14 @@ impl Proxy {
         // in-flight budget has room; others stream into a temp blob.
         let digests = self.config.moderation.keep_digests || self.moderation.wants_digests();
         let mut sink = Sink::new(&self.disk, &self.body_budget).with_digests(digests);
-        sink.start(declared).await.map_err(storage_error)?;
+        sink.start(declared).await.map_err(ProxyError::storage)?;
         let mut content_type = None;
         while let Some(chunk) = response.chunk().await.map_err(body_error)? {
             *received += chunk.len() as u64;
             if *received > max {
                 return Err(ProxyError::TooLarge);
             }
-            sink.push_chunk(&chunk).await.map_err(storage_error)?;
+            sink.push_chunk(&chunk).await.map_err(ProxyError::storage)?;
             if content_type.is_none() && sink.head().len() == SNIFF_LEN {
                 content_type = Some(self.types.sniff(sink.head())?);
             }
@@ -202,7 +202,7 @@ impl Proxy {
         };
         let stored = match written {
             Ok(_) => self.index.put(key, &record).await.map_err(ProxyError::internal),
-            Err(e) => Err(storage_error(e)),
+            Err(e) => Err(ProxyError::storage(e)),
         };
         if let Err(e) = stored {
             if self.budget.forget(hash.as_bytes(), &key) {
@@ -355,14 +355,6 @@ impl Received {
 
 /// A write that failed for lack of space is [`ProxyError::StorageFull`] (503, and eviction);
 /// any other local I/O failure is internal.
-pub(crate) fn storage_error(e: std::io::Error) -> ProxyError {
-    if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) {
-        ProxyError::StorageFull
-    } else {
-        ProxyError::internal(e)
-    }
-}
-
 /// A body that ends early (reset, bad chunking) is invalid; one that stalls is a timeout.
 fn body_error(e: reqwest::Error) -> ProxyError {
     if e.is_timeout() {

@@ -357,18 +357,19 @@ impl MediaPool {
         // The program, as `nobody` when parasol runs as root, reopens its stdin: the blob
         // must then be readable by others (the cache directory's 0700 keeps everyone else
         // from its path). Run as another user, the program is parasol's own user.
-        let file = std::fs::File::open(path).map_err(crate::proxy::storage_error)?;
+        let file = std::fs::File::open(path).map_err(crate::error::ProxyError::storage)?;
         if nix::unistd::geteuid().is_root() {
             use std::os::unix::fs::PermissionsExt;
-            let mode = file.metadata().map_err(crate::proxy::storage_error)?.permissions().mode();
+            let mode =
+                file.metadata().map_err(crate::error::ProxyError::storage)?.permissions().mode();
             if mode & 0o004 == 0 {
                 let wider = std::fs::Permissions::from_mode(mode | 0o044);
-                file.set_permissions(wider).map_err(crate::proxy::storage_error)?;
+                file.set_permissions(wider).map_err(crate::error::ProxyError::storage)?;
             }
         }
         let limits = &self.config.limits;
         let scratch = match job.args.iter().any(|a| a == OUTPUT) {
-            true => Some(Scratch::new().map_err(crate::proxy::storage_error)?),
+            true => Some(Scratch::new().map_err(crate::error::ProxyError::storage)?),
             false => None,
         };
         let output = scratch.as_ref().map(|s| s.0.join(OUTPUT_NAME));
@@ -407,7 +408,7 @@ impl MediaPool {
             let mut buf = vec![0u8; 1 << 16];
             let mut total = 0u64;
             // The length is not known: up to 1 MiB in memory, then a temp file.
-            sink.begin(1 << 20).await.map_err(crate::proxy::storage_error)?;
+            sink.begin(1 << 20).await.map_err(crate::error::ProxyError::storage)?;
             loop {
                 let n = stdout.read(&mut buf).await.map_err(ProxyError::internal)?;
                 if n == 0 {
@@ -419,7 +420,7 @@ impl MediaPool {
                 }
                 // A program that writes its result to a file only chats on stdout.
                 if output.is_none() {
-                    sink.push(&buf[..n]).await.map_err(crate::proxy::storage_error)?;
+                    sink.push(&buf[..n]).await.map_err(crate::error::ProxyError::storage)?;
                 }
             }
             let status = child.wait().await.map_err(ProxyError::internal)?;
@@ -447,7 +448,7 @@ impl MediaPool {
                 return Err(ProxyError::MediaTooCostly("output over the limit".into()));
             }
             let bytes = tokio::fs::read(out).await.unwrap_or_default();
-            sink.push(&bytes).await.map_err(crate::proxy::storage_error)?;
+            sink.push(&bytes).await.map_err(crate::error::ProxyError::storage)?;
             total = bytes.len() as u64;
         }
         drop(scratch);
