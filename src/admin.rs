@@ -103,16 +103,14 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body>
 
 async fn metrics(proxy: &Proxy) -> Response<Body> {
     let m = &proxy.metrics;
-    let (bytes, entries) = proxy.memory.usage().await;
+    let usage = proxy.store.usage().await;
     let memory = TierLabels { tier: "memory" };
-    m.cache_bytes.get_or_create(&memory).set(bytes as i64);
-    m.cache_entries.get_or_create(&memory).set(entries as i64);
-    let (bytes, blobs) = proxy.budget.usage();
+    m.cache_bytes.get_or_create(&memory).set(usage.memory_bytes as i64);
+    m.cache_entries.get_or_create(&memory).set(usage.memory_entries as i64);
     let disk = TierLabels { tier: "disk" };
-    m.cache_bytes.get_or_create(&disk).set(bytes as i64);
-    m.cache_entries.get_or_create(&disk).set(blobs as i64);
-    let held = proxy.config.media.inflight_bytes.0.saturating_sub(proxy.body_budget.available());
-    m.inflight_bytes.set(held as i64);
+    m.cache_bytes.get_or_create(&disk).set(usage.disk_bytes as i64);
+    m.cache_entries.get_or_create(&disk).set(usage.disk_blobs as i64);
+    m.inflight_bytes.set(usage.inflight_bytes as i64);
     let mut response = text(StatusCode::OK, m.encode());
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -218,6 +216,7 @@ async fn purge(proxy: &Proxy, body: &[u8]) -> Response<Body> {
         (None, Some(domain)) => match crate::policy::normalize_domain(&domain) {
             Some(domain) => {
                 proxy
+                    .store
                     .purge(move |r| {
                         // By the source's host or the host a redirect took the fill to.
                         let (source, landed) = r.hosts();

@@ -12,7 +12,9 @@ pub mod evict;
 pub mod index;
 pub mod inflight;
 pub mod memory;
+pub mod received;
 pub mod shared;
+pub mod store;
 pub mod verify;
 
 use bytes::Bytes;

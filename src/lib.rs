@@ -15,16 +15,20 @@
 //! - [`policy`]: blocked and allowed origin domains.
 //! - [`fetch`]: the origin client; [`fetch::guard`] decides which addresses may be dialed,
 //!   [`fetch::peer`] re-checks the connected socket, [`fetch::limit`] caps fills.
-//! - [`cache`]: [`cache::Key`] and [`cache::Entry`]; memory tier, disk blobs, redb index,
-//!   the disk budget ([`cache::budget`], S3-FIFO in [`cache::evict`]), [`cache::verify`].
+//! - [`cache`]: [`cache::Key`] and [`cache::Entry`]; [`cache::store::Store`] owns the memory
+//!   tier, disk blobs, redb index, disk budget ([`cache::budget`], S3-FIFO in
+//!   [`cache::evict`]) and shared bucket, and keeps them consistent (load and check, insert,
+//!   purge, drop, evict, reconcile); [`cache::received`] is a body on its way in;
+//!   [`cache::verify`] checks a cache directory offline.
 //! - [`media`]: content sniffing and the type allowlist; [`media::worker`] runs every decode,
 //!   render and metadata strip in sandboxed worker processes (`parasol media-worker`) under
 //!   kernel limits, and `media/{decode,variants,animation,details,svg,strip}.rs` is what runs inside
 //!   them; [`media::worker::tool`] runs ffmpeg (video posters) and heif-convert (HEIC, AVIF)
 //!   behind the same walls.
-//! - [`proxy`]: the request lifecycle: lookup, coalesced fill; `proxy/store.rs` receives and
-//!   stores bodies (within the in-flight budget, [`cache::inflight`]), `proxy/prepare.rs`
-//!   hands media work to the worker pool, `proxy/upkeep.rs` purges, evicts and runs upkeep.
+//! - [`proxy`]: the request lifecycle: lookup, coalesced fill, the shared bucket's vetting;
+//!   `proxy/store.rs` receives origin bodies (within the in-flight budget,
+//!   [`cache::inflight`]) and hands them to the store, `proxy/prepare.rs` hands media work to
+//!   the worker pool, `proxy/upkeep.rs` purges by URL or policy and runs the store's upkeep.
 //! - [`response`]: 200/206/304/416 and error responses from an entry.
 //! - [`server`]: accept loops, graceful shutdown, viewer routing; [`admin`]: probes, metrics.
 //! - [`moderation`]: bans (kept in the index, shared through the bucket), hash lists, the
@@ -282,13 +286,14 @@ impl Bound {
                 .with_shared(shared)
                 .with_upstreams(upstreams),
         );
-        let entries = proxy.load_budget().await.map_err(StartError::Setup)?;
+        let entries = proxy.store.load_budget().await.map_err(StartError::Setup)?;
         proxy.load_moderation().await.map_err(StartError::Setup)?;
-        if proxy.shared.is_some() {
+        if proxy.store.shared().is_some() {
             let every = proxy.config.moderation.sync_interval.0;
             tokio::spawn(proxy::Proxy::sync_bans(Arc::downgrade(&proxy), every));
         }
-        let (bytes, blobs) = proxy.budget.usage();
+        let usage = proxy.store.usage().await;
+        let (blobs, bytes) = (usage.disk_blobs, usage.disk_bytes);
         tracing::info!(entries, blobs, bytes, "disk cache loaded");
         tokio::spawn(proxy::Proxy::maintain(Arc::downgrade(&proxy), started));
         Ok(Bound {

@@ -17,8 +17,7 @@ pub mod worker;
 
 use crate::error::ProxyError;
 
-/// Bytes collected before sniffing: every signature `infer` knows sits well inside this.
-pub const SNIFF_LEN: usize = 4096;
+pub use crate::cache::received::SNIFF_LEN;
 
 /// Types never served as-is, even if an operator's pattern would admit them: they execute or
 /// embed script (SVG, HTML, XML) or are not media at all.

@@ -8,22 +8,21 @@ mod moderate;
 mod prepare;
 mod store;
 
+pub use crate::cache::store::PurgeReport;
 pub use moderate::BanReport;
 mod upkeep;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::api::ProxyRequest;
 use crate::audit::{AuditLog, Trigger};
-use crate::cache::budget::DiskBudget;
 use crate::cache::disk::BlobStore;
 use crate::cache::index::Index;
-use crate::cache::inflight::InflightBudget;
-use crate::cache::memory::MemoryTier;
+use crate::cache::received::{Held, Received};
+use crate::cache::store::Store;
 use crate::cache::{Entry, Key};
 use crate::config::Config;
 use crate::error::ProxyError;
@@ -45,42 +44,24 @@ impl Drop for InflightSlot {
     }
 }
 
-/// What a purge removed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct PurgeReport {
-    /// Index entries (URL × variant) removed.
-    pub entries: u64,
-    /// Blobs deleted from disk (shared blobs stay while another entry names them).
-    pub blobs: u64,
-    /// Bytes those blobs held.
-    pub bytes: u64,
+/// A received body as a media job's input: the bytes in memory, or the temp blob's file.
+trait AsInput {
+    fn input(
+        &mut self,
+    ) -> impl std::future::Future<Output = std::io::Result<crate::media::worker::Input>> + Send;
 }
 
-/// A body received in full, not yet stored.
-struct Received {
-    body: Held,
-    hash: blake3::Hash,
-    len: u64,
-    content_type: &'static str,
-    /// The host the bytes came from, when redirects led away from the source's host.
-    final_host: Option<String>,
-    /// SHA-256 and MD5 of the origin's bytes, computed while a rule needs them.
-    digests: Option<crate::moderation::Digests>,
-    /// What is known of the origin's bytes, when these bytes are not those (prepared ones),
-    /// or came from the bucket with its record.
-    origin: Option<crate::cache::index::OriginDigests>,
+impl AsInput for Received {
+    async fn input(&mut self) -> std::io::Result<crate::media::worker::Input> {
+        use crate::media::worker::Input;
+        Ok(match &mut self.body {
+            Held::Memory(bytes, _) => Input::Memory(bytes.clone()),
+            Held::Disk(temp) => {
+                Input::File { path: temp.flushed_path().await?.to_path_buf(), len: self.len }
+            }
+        })
+    }
 }
-
-/// Where a received body waits to be stored: small ones in memory (written to disk in one
-/// blocking call, and kept for the memory tier) under a hold on the in-flight budget, larger
-/// ones (or any, while the budget is spent) streamed into a temp blob.
-enum Held {
-    Memory(Bytes, Option<crate::cache::inflight::Hold>),
-    Disk(crate::cache::disk::TempBlob),
-}
-
-/// Bodies up to this size are received in memory; larger ones stream to disk as they arrive.
-const IN_MEMORY_FILL: u64 = 1 << 20;
 
 type FillResult = Result<(Arc<Entry>, CacheStatus), ProxyError>;
 
@@ -89,18 +70,13 @@ pub struct Proxy {
     pub config: Config,
     pub fetcher: Fetcher,
     pub audit: AuditLog,
-    pub memory: MemoryTier,
     /// Recent origin failures by key, so a dead origin is asked once per `cache.negative_ttl`
     /// rather than once per viewer.
     negative: moka::future::Cache<Key, ProxyError>,
-    pub disk: BlobStore,
-    pub index: Index,
     types: TypePolicy,
     pub limits: FillLimits,
     /// Every decode, render and strip runs here, in sandboxed worker processes.
     pub media: MediaPool,
-    /// Bytes held in memory by fills and media results (`media.inflight_bytes`).
-    pub body_budget: InflightBudget,
     /// Bans, hash lists and the scanner.
     pub moderation: crate::moderation::Moderation,
     /// `[[policy.normalize]]`: which URLs share a cache entry.
@@ -109,13 +85,11 @@ pub struct Proxy {
     /// A fill uses it, so an expired URL asked for after eviction does not fail (and its
     /// failure is not remembered for the entry) while a newer one is known. Bounded.
     newest: moka::sync::Cache<Key, (url::Url, u64)>,
-    /// What is on disk and what to evict: `cache.disk_bytes` by S3-FIFO.
-    pub budget: DiskBudget,
+    /// Memory, disk, index, disk budget and shared bucket ([`crate::cache::store`]).
+    pub store: Store,
     /// Fills in progress. A std mutex: it is held only to look up or insert, never across await.
     inflight: Mutex<HashMap<Key, watch::Receiver<Option<FillResult>>>>,
     pub metrics: Metrics,
-    /// The bucket several nodes share (`[shared]`), between this node's disk and the origin.
-    pub shared: Option<crate::cache::shared::SharedTier>,
     /// `[[upstream]]`: path prefixes served from one fixed origin.
     pub upstreams: crate::api::upstream::Upstreams,
 }
@@ -140,16 +114,25 @@ impl Proxy {
             .max_capacity(100_000)
             .time_to_live(config.cache.negative_ttl.0.max(std::time::Duration::from_millis(1)))
             .build();
+        let store_config = crate::cache::store::StoreConfig {
+            memory_bytes: config.cache.memory_bytes.0,
+            memory_max_object_bytes: config.cache.memory_max_object_bytes.0,
+            disk_bytes: config.cache.disk_bytes.0,
+            fsync: config.cache.fsync,
+            inflight_bytes: config.media.inflight_bytes.0,
+        };
+        let store_metrics = crate::cache::store::StoreMetrics {
+            evictions: metrics.evictions.clone(),
+            blobs_dropped: metrics.blobs_dropped.clone(),
+        };
         Self {
-            memory: MemoryTier::new(config.cache.memory_bytes.0),
+            store: Store::new(store_config, disk, index, store_metrics),
             normalizer: crate::policy::Normalizer::new(&config.policy.normalize),
             newest: moka::sync::Cache::new(100_000),
             types: TypePolicy::new(&config.media.allowed_types)
                 .rasterizing_svg(config.media.svg == crate::config::SvgPolicy::Rasterize),
-            budget: DiskBudget::new(config.cache.disk_bytes.0),
             media,
             moderation,
-            body_budget: InflightBudget::new(config.media.inflight_bytes.0),
             limits: FillLimits::new(
                 config.fetch.max_fills as usize,
                 config.fetch.max_per_origin as usize,
@@ -157,12 +140,9 @@ impl Proxy {
             negative,
             fetcher,
             audit,
-            disk,
-            index,
             inflight: Mutex::new(HashMap::new()),
             metrics,
             config,
-            shared: None,
             upstreams: Default::default(),
         }
     }
@@ -179,7 +159,7 @@ impl Proxy {
     }
 
     pub fn with_shared(mut self, shared: Option<crate::cache::shared::SharedTier>) -> Self {
-        self.shared = shared;
+        self.store = self.store.with_shared(shared);
         self
     }
 
@@ -203,7 +183,7 @@ impl Proxy {
             .lookup_or_fill(key, move |this| async move {
                 // A fill that finished between this request's lookups and its leadership has
                 // already published: use it rather than fetch a second time.
-                if let Some(entry) = this.memory.get(&key).await {
+                if let Some(entry) = this.store.cached(&key).await {
                     return Ok((entry, CacheStatus::HitMemory));
                 }
                 if let Some(err) = this.negative.get(&key).await {
@@ -262,7 +242,7 @@ impl Proxy {
     /// Whether `req` is held in memory or on disk (no fill needed).
     pub async fn is_cached(&self, req: &ProxyRequest) -> bool {
         let key = req.key(&self.normalizer);
-        self.memory.get(&key).await.is_some() || self.index.get(key).await.ok().flatten().is_some()
+        self.store.contains(key).await
     }
 
     /// Memory, then the negative cache, then one fill per key on its own task, which every
@@ -276,7 +256,7 @@ impl Proxy {
         F: FnOnce(Arc<Self>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = FillResult> + Send + 'static,
     {
-        if let Some(entry) = self.memory.get(&key).await {
+        if let Some(entry) = self.store.cached(&key).await {
             entry.hit();
             return Ok((entry, CacheStatus::HitMemory));
         }
@@ -362,8 +342,8 @@ impl Proxy {
         let url = req.source.to_string();
         let found = self
             .lookup_or_fill(key, move |this| async move {
-                if let Some(entry) = this.load_from_disk(key).await? {
-                    this.memory.insert(key, entry.clone()).await;
+                if let Some(entry) = this.store.load(key).await? {
+                    this.store.remember(key, entry.clone()).await;
                     return Ok((entry, CacheStatus::HitDisk));
                 }
                 let entry = match this.render_and_store(key, &url, &original, &spec).await? {
@@ -372,7 +352,7 @@ impl Proxy {
                     // key, so the worker is asked once while it stays there).
                     None => original.clone(),
                 };
-                this.memory.insert(key, entry.clone()).await;
+                this.store.remember(key, entry.clone()).await;
                 Ok((entry, CacheStatus::Miss))
             })
             .await?;
@@ -386,16 +366,16 @@ impl Proxy {
 
     /// The leader's work: the disk index first, then the origin.
     async fn fill(self: &Arc<Self>, key: Key, req: &ProxyRequest, trigger: Trigger) -> FillResult {
-        if let Some(entry) = self.load_from_disk(key).await? {
-            self.memory.insert(key, entry.clone()).await;
+        if let Some(entry) = self.store.load(key).await? {
+            self.store.remember(key, entry.clone()).await;
             return Ok((entry, CacheStatus::HitDisk));
         }
         if let Some(entry) = self.load_from_shared(key).await {
-            self.memory.insert(key, entry.clone()).await;
+            self.store.remember(key, entry.clone()).await;
             return Ok((entry, CacheStatus::HitShared));
         }
         let entry = self.fetch_and_store(key, req, trigger).await?;
-        self.memory.insert(key, entry.clone()).await;
+        self.store.remember(key, entry.clone()).await;
         self.publish(key, req.source.as_str(), &entry);
         Ok((entry, CacheStatus::Miss))
     }
@@ -403,10 +383,10 @@ impl Proxy {
     /// Asks the shared bucket for `key` and stores what it has on this node. Any failure of
     /// the bucket is a miss here (counted and logged): the origin is asked instead.
     async fn load_from_shared(self: &Arc<Self>, key: Key) -> Option<Arc<Entry>> {
-        let shared = self.shared.as_ref()?;
+        let shared = self.store.shared()?;
         let outcome = match self.receive_shared(shared, key).await {
             Ok(Some((url, received))) => match self.vet_shared(received).await {
-                Ok(received) => match self.store(key, &url, received).await {
+                Ok(received) => match self.store.insert(key, &url, received).await {
                     Ok(entry) => {
                         self.metrics.shared_result("lookup", "hit");
                         return Some(entry);
@@ -485,7 +465,7 @@ impl Proxy {
     ) -> Result<Option<(String, Received)>, crate::cache::shared::SharedError> {
         let max = self.config.cache.max_object_bytes.0;
         let digests = self.moderation.wants_digests();
-        let mut sink = store::Sink::new(&self.disk, &self.body_budget).with_digests(digests);
+        let mut sink = self.store.sink().with_digests(digests);
         let Some(record) = shared.download(&key, max, &mut sink).await? else { return Ok(None) };
         // The bucket's word on the type is not taken either: sniffed again, as from an origin.
         let not_allowed =
@@ -503,7 +483,7 @@ impl Proxy {
     /// Uploads a fill to the shared bucket in the background, so other nodes need not ask the
     /// origin. Bounded: when too many uploads wait, this one is skipped (and counted).
     fn publish(&self, key: Key, url: &str, entry: &Arc<Entry>) {
-        let Some(shared) = self.shared.clone() else { return };
+        let Some(shared) = self.store.shared().cloned() else { return };
         let Some(ticket) = shared.upload_ticket() else {
             self.metrics.shared_result("publish", "skipped");
             return;
@@ -512,7 +492,8 @@ impl Proxy {
         let record = crate::cache::index::Record::new(&entry.hash, entry.len, content_type, url)
             .with_final_host(entry.final_host.as_deref())
             .with_origin(entry.origin.as_deref().cloned());
-        let (body, disk, hash) = (entry.body.clone(), self.disk.clone(), entry.hash);
+        let (body, hash) = (entry.body.clone(), entry.hash);
+        let path = self.store.blob_path(&hash);
         let ok = self.metrics.shared_counter("publish", "ok");
         let failed = self.metrics.shared_counter("publish", "error");
         tokio::spawn(async move {
@@ -521,7 +502,7 @@ impl Proxy {
             let published = match body {
                 Some(bytes) => shared.publish(&key, &record, bytes).await,
                 // Large: uploaded in parts from the file (evicted meanwhile: an error, counted).
-                None => shared.publish_file(&key, &record, disk.path(&hash)).await,
+                None => shared.publish_file(&key, &record, path).await,
             };
             match published {
                 Ok(()) => {
@@ -533,51 +514,5 @@ impl Proxy {
                 }
             }
         });
-    }
-
-    /// Looks `key` up in the index and checks its blob. A record whose blob is missing or the
-    /// wrong size is dropped, and a small blob whose bytes no longer hash to its name is
-    /// deleted: both then count as a miss and are refetched, never served.
-    async fn load_from_disk(&self, key: Key) -> Result<Option<Arc<Entry>>, ProxyError> {
-        let Some(record) = self.index.get(key).await.map_err(ProxyError::internal)? else {
-            return Ok(None);
-        };
-        let (Some(hash), 1..) = (record.blake3(), record.len) else {
-            self.index.remove(key).await.map_err(ProxyError::internal)?;
-            return Ok(None);
-        };
-        let body = if record.len <= self.config.cache.memory_max_object_bytes.0 {
-            // Small blobs: one blocking read, then the length and the hash are checked.
-            let bytes = match self.disk.read(&hash).await {
-                Ok(bytes) => bytes,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    self.drop_blob(&hash, "blob missing").await;
-                    return Ok(None);
-                }
-                Err(e) => return Err(ProxyError::internal(e)),
-            };
-            if bytes.len() as u64 != record.len || blake3::hash(&bytes) != hash {
-                self.drop_blob(&hash, "blob does not match its hash").await;
-                return Ok(None);
-            }
-            Some(bytes)
-        } else {
-            if self.disk.len(&hash).await != Some(record.len) {
-                self.drop_blob(&hash, "blob missing or of the wrong size").await;
-                return Ok(None);
-            }
-            None
-        };
-        let (touch, victims) = match self.budget.touch(hash.as_bytes()) {
-            Some(touch) => (touch, Vec::new()),
-            None => self.budget.admit(*hash.as_bytes(), record.len, key),
-        };
-        touch.hit();
-        self.drop_victims(victims).await;
-        let entry = Entry::new(hash, record.len, &record.content_type, body)
-            .with_touch(touch)
-            .with_final_host(record.final_host.as_deref())
-            .with_origin(record.origin.as_ref());
-        Ok(Some(Arc::new(entry)))
     }
 }

@@ -421,14 +421,10 @@ async fn serve_request<B>(proxy: &Arc<Proxy>, request: &ProxyRequest, req: &Requ
         Some(name) => proxy.get_variant(request, name, Trigger::View).await?,
         None => proxy.get(request, Trigger::View).await?,
     };
-    match response::serve(&entry, &proxy.disk, req.method(), req.headers()).await {
+    match response::serve(&entry, proxy.store.blobs(), req.method(), req.headers()).await {
         Ok((response, sent)) => Ok((response, cache, sent)),
         Err(e) => {
-            // Only a blob that is really gone is forgotten (deleted by hand, or evicted): any
-            // other failure (out of file descriptors, say) must not wipe good cached bytes.
-            if proxy.disk.len(&entry.hash).await.is_none() {
-                proxy.drop_blob(&entry.hash, "blob vanished while serving").await;
-            }
+            proxy.store.forget_if_vanished(&entry.hash).await;
             Err((e, cache))
         }
     }
@@ -494,9 +490,12 @@ async fn serve_pictrs<B>(
             let request = ProxyRequest { source, variant: Some(name.clone()) };
             let (entry, cache) =
                 proxy.get_rendition(&request, &name, rendition.spec(), Trigger::View).await?;
-            match response::serve(&entry, &proxy.disk, req.method(), req.headers()).await {
+            match response::serve(&entry, proxy.store.blobs(), req.method(), req.headers()).await {
                 Ok((response, sent)) => Ok((response, cache, sent)),
-                Err(e) => Err((e, cache)),
+                Err(e) => {
+                    proxy.store.forget_if_vanished(&entry.hash).await;
+                    Err((e, cache))
+                }
             }
         }
         PictrsRequest::Details(source) => {

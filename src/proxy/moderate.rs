@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{Proxy, PurgeReport, Received};
+use super::{AsInput, Proxy, PurgeReport, Received};
 use crate::error::ProxyError;
 use crate::moderation::lists::HashLists;
 use crate::moderation::scanner::Verdict;
@@ -47,14 +47,14 @@ impl Proxy {
     pub async fn ban(self: &Arc<Self>, mut ban: Ban) -> Result<BanReport, ProxyError> {
         // Published first: once the bucket has it, the bucket governs it (a node lifting it
         // lifts it everywhere). One that could not be published is published at the next sync.
-        if let (Some(shared), false) = (&self.shared, ban.shared) {
+        if let (Some(shared), false) = (self.store.shared(), ban.shared) {
             match shared.put_ban(&ban).await {
                 Ok(()) => ban.shared = true,
                 Err(e) => shared.warn("ban", &e),
             }
         }
         let value = serde_json::to_vec(&ban).map_err(ProxyError::internal)?;
-        self.index.put_ban(ban.id(), value).await.map_err(ProxyError::internal)?;
+        self.store.put_ban(ban.id(), value).await?;
         self.moderation.add(ban.clone());
         let hash =
             (ban.kind == BanKind::Hash).then(|| blake3::Hash::from_hex(&ban.value).ok()).flatten();
@@ -78,11 +78,11 @@ impl Proxy {
     pub async fn lift(&self, id: &str) -> Result<Option<Ban>, ProxyError> {
         // The bucket first: if its tombstone cannot be written, the next sync would put the ban
         // back, so the lift fails as a whole.
-        if let Some(shared) = &self.shared {
+        if let Some(shared) = self.store.shared() {
             let tombstone = shared.lift_ban(id).await;
             tombstone.map_err(|e| ProxyError::internal(format!("shared bucket: {e}")))?;
         }
-        self.index.remove_ban(id.to_string()).await.map_err(ProxyError::internal)?;
+        self.store.remove_ban(id.to_string()).await?;
         let Some(ban) = self.moderation.lift(id) else { return Ok(None) };
         self.forget_refusals();
         self.moderation.log.record(ban.kind.as_str(), "lifted", None, None, None).await;
@@ -100,16 +100,17 @@ impl Proxy {
         match ban.kind {
             BanKind::Url => {
                 let url = ban.value.clone();
-                self.purge(move |r| r.url == url).await
+                self.store.purge(move |r| r.url == url).await
             }
             BanKind::Domain => {
                 let domain = ban.value.clone();
-                self.purge(move |r| {
-                    let (source, landed) = r.hosts();
-                    source.is_some_and(|h| crate::policy::covers(&domain, &h))
-                        || landed.is_some_and(|h| crate::policy::covers(&domain, h))
-                })
-                .await
+                self.store
+                    .purge(move |r| {
+                        let (source, landed) = r.hosts();
+                        source.is_some_and(|h| crate::policy::covers(&domain, &h))
+                            || landed.is_some_and(|h| crate::policy::covers(&domain, h))
+                    })
+                    .await
             }
             BanKind::Hash => match blake3::Hash::from_hex(&ban.value) {
                 Ok(hash) => self.purge_content(&hash).await,
@@ -126,6 +127,7 @@ impl Proxy {
         let urls = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
         let seen = urls.clone();
         let mut report = self
+            .store
             .purge(move |r| {
                 // The stored bytes, or the origin's bytes they were prepared from.
                 let hit = r.hash == hex || r.origin.as_ref().is_some_and(|o| o.blake3 == hex);
@@ -137,12 +139,12 @@ impl Proxy {
             .await?;
         let urls = std::mem::take(&mut *urls.lock().unwrap_or_else(|p| p.into_inner()));
         if !urls.is_empty() {
-            let renditions = self.purge(move |r| urls.contains(&r.url)).await?;
+            let renditions = self.store.purge(move |r| urls.contains(&r.url)).await?;
             report.entries += renditions.entries;
             report.blobs += renditions.blobs;
             report.bytes += renditions.bytes;
         }
-        if let Some(shared) = &self.shared {
+        if let Some(shared) = self.store.shared() {
             shared.discard_blob(hash).await;
         }
         Ok(report)
@@ -151,7 +153,7 @@ impl Proxy {
     /// At start: the bans kept in the index, and the configured hash lists (whose matches
     /// among cached files are then looked for in the background).
     pub async fn load_moderation(self: &Arc<Self>) -> Result<(), ProxyError> {
-        let stored = self.index.bans().await.map_err(ProxyError::internal)?;
+        let stored = self.store.bans().await?;
         let bans: Vec<Ban> =
             stored.iter().filter_map(|raw| serde_json::from_slice(raw).ok()).collect();
         if bans.len() < stored.len() {
@@ -193,7 +195,7 @@ impl Proxy {
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
             let records = match this.upgrade() {
-                Some(proxy) => proxy.index.all().await.ok(),
+                Some(proxy) => proxy.store.records().await.ok(),
                 None => None,
             };
             let (mut done, mut unmatchable) = (std::collections::HashSet::new(), 0usize);
@@ -214,7 +216,7 @@ impl Proxy {
                         unmatchable += 1;
                         continue;
                     }
-                    None => read_digests(proxy.disk.path(&hash)).await,
+                    None => read_digests(proxy.store.blob_path(&hash)).await,
                 };
                 let Some(digests) = digests else { continue };
                 if let Err(ProxyError::Banned(rule)) = proxy.moderation.check_digests(&digests) {
@@ -336,7 +338,7 @@ impl Proxy {
     pub async fn sync_bans(this: std::sync::Weak<Proxy>, every: std::time::Duration) {
         loop {
             let Some(proxy) = this.upgrade() else { return };
-            let Some(shared) = proxy.shared.clone() else { return };
+            let Some(shared) = proxy.store.shared().cloned() else { return };
             match shared.bans().await {
                 Ok((remote, lifted)) => {
                     let local = proxy.moderation.bans();
@@ -375,14 +377,14 @@ impl Proxy {
         }
         ban.shared = true;
         if let Ok(value) = serde_json::to_vec(&ban) {
-            let _ = self.index.put_ban(ban.id(), value).await;
+            let _ = self.store.put_ban(ban.id(), value).await;
         }
         self.moderation.add(ban);
     }
 
     /// Lifts a ban on this node only (the bucket says it was lifted).
     async fn lift_here(&self, id: &str) -> Result<(), ProxyError> {
-        self.index.remove_ban(id.to_string()).await.map_err(ProxyError::internal)?;
+        self.store.remove_ban(id.to_string()).await?;
         if let Some(ban) = self.moderation.lift(id) {
             self.forget_refusals();
             self.moderation

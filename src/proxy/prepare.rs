@@ -6,8 +6,7 @@
 
 use std::sync::Arc;
 
-use super::store::Sink;
-use super::{Proxy, Received};
+use super::{AsInput, Proxy, Received};
 use crate::cache::{Entry, Key};
 use crate::config::AnimationPolicy;
 use crate::error::ProxyError;
@@ -84,7 +83,7 @@ impl Proxy {
             (Some(frame), _) => (frame.input().await.map_err(ProxyError::storage)?, frame.hash),
             (None, Some(bytes)) => (Input::Memory(bytes.clone()), original.hash),
             (None, None) => {
-                let path = self.disk.path(&original.hash);
+                let path = self.store.blob_path(&original.hash);
                 (Input::File { path, len: original.len }, original.hash)
             }
         };
@@ -109,7 +108,7 @@ impl Proxy {
         // Unchanged: the preset serves this original as it is (an animation, for Akkoma).
         let Some(mut rendered) = rendered else { return Ok(None) };
         rendered.final_host = original.final_host.as_deref().map(str::to_string);
-        self.store(key, url, rendered).await.map(Some)
+        self.store.insert(key, url, rendered).await.map(Some)
     }
 
     /// The size, frames and blurhash of the cached `original` (of its first frame, for a
@@ -126,7 +125,9 @@ impl Proxy {
         let input = match (frame.as_mut(), &original.body) {
             (Some(frame), _) => frame.input().await.map_err(ProxyError::storage)?,
             (None, Some(bytes)) => Input::Memory(bytes.clone()),
-            (None, None) => Input::File { path: self.disk.path(&original.hash), len: original.len },
+            (None, None) => {
+                Input::File { path: self.store.blob_path(&original.hash), len: original.len }
+            }
         };
         let content = frame.as_ref().map_or(original.hash, |f| f.hash);
         let media = &self.config.media;
@@ -151,8 +152,8 @@ impl Proxy {
     async fn take_frame(&self, original: &Entry) -> Result<Received, ProxyError> {
         let content_type = original.content_type.to_str().unwrap_or_default();
         let job = self.media.frame_tool(content_type).ok_or(ProxyError::UnsupportedType)?;
-        let mut sink = Sink::new(&self.disk, &self.body_budget);
-        let path = self.disk.path(&original.hash);
+        let mut sink = self.store.sink();
+        let path = self.store.blob_path(&original.hash);
         self.media.run_tool(&job, &path, &original.hash, &mut sink).await?;
         if infer::get(sink.head()).map(|t| t.mime_type()) != Some("image/png") {
             return Err(ProxyError::bad_image("no picture came of it"));
@@ -169,7 +170,7 @@ impl Proxy {
         content: &blake3::Hash,
         expect: &[&'static str],
     ) -> Result<Option<Received>, ProxyError> {
-        let mut sink = Sink::new(&self.disk, &self.body_budget);
+        let mut sink = self.store.sink();
         match self.media.run(task, input, Some(content), &mut sink).await? {
             Outcome::Unchanged => Ok(None),
             Outcome::Done { .. } => {

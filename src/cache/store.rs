@@ -1,0 +1,378 @@
+//! The one owner of what is stored: the memory tier, the disk blobs, the redb index, the disk
+//! budget (S3-FIFO) and the shared bucket, and the rules that keep them consistent:
+//! - a blob is on disk iff the budget counts it, and the budget counts it iff an index record
+//!   names it (start-up reconciliation repairs what a crash left between the two);
+//! - a record's blob is checked before it is served (small ones re-hashed on load, large ones
+//!   sized here and re-hashed by the scrub); a blob that fails is dropped with every record
+//!   and memory entry naming it, never served;
+//! - identical bytes at two URLs are one blob, deleted only with the last record naming it;
+//! - eviction removes a blob's records before its file, and never a file a reader holds.
+//!
+//! The proxy asks it for entries, hands it verified bodies to insert, and tells it what to
+//! purge; nothing else reaches the tiers.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use prometheus_client::metrics::counter::Counter;
+
+use super::budget::{DiskBudget, Victim};
+use super::disk::BlobStore;
+use super::index::{Index, Record};
+use super::inflight::InflightBudget;
+use super::memory::MemoryTier;
+use super::received::{Held, Received, Sink};
+use super::shared::SharedTier;
+use super::{Entry, Key};
+use crate::error::ProxyError;
+
+/// What a purge removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PurgeReport {
+    /// Index entries (URL × variant) removed.
+    pub entries: u64,
+    /// Blobs deleted from disk (shared blobs stay while another entry names them).
+    pub blobs: u64,
+    /// Bytes those blobs held.
+    pub bytes: u64,
+}
+
+/// How the store is sized and how careful its writes are; from `[cache]` and `[media]`.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreConfig {
+    pub memory_bytes: u64,
+    /// Largest body kept in memory (and re-hashed on every load from disk).
+    pub memory_max_object_bytes: u64,
+    pub disk_bytes: u64,
+    /// fsync large blobs before their record is committed.
+    pub fsync: bool,
+    /// Bytes fills and media results may hold in memory at once.
+    pub inflight_bytes: u64,
+}
+
+/// The store's counters (registered with the rest of the metrics in `telemetry`).
+#[derive(Clone, Default)]
+pub struct StoreMetrics {
+    pub evictions: Counter,
+    pub blobs_dropped: Counter,
+}
+
+pub struct Store {
+    memory: MemoryTier,
+    disk: BlobStore,
+    index: Index,
+    budget: DiskBudget,
+    /// Bodies held in memory by fills and media results.
+    inflight: InflightBudget,
+    shared: Option<SharedTier>,
+    config: StoreConfig,
+    metrics: StoreMetrics,
+}
+
+impl Store {
+    pub fn new(config: StoreConfig, disk: BlobStore, index: Index, metrics: StoreMetrics) -> Self {
+        Self {
+            memory: MemoryTier::new(config.memory_bytes),
+            budget: DiskBudget::new(config.disk_bytes),
+            inflight: InflightBudget::new(config.inflight_bytes),
+            disk,
+            index,
+            shared: None,
+            config,
+            metrics,
+        }
+    }
+
+    pub fn with_shared(mut self, shared: Option<SharedTier>) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    /// The bucket several nodes share, when `[shared]` is set.
+    pub fn shared(&self) -> Option<&SharedTier> {
+        self.shared.as_ref()
+    }
+
+    /// Where a new body goes as it arrives.
+    pub fn sink(&self) -> Sink {
+        Sink::new(&self.disk, &self.inflight)
+    }
+
+    /// The file of a stored blob (for a media job's input, or an upload).
+    pub fn blob_path(&self, hash: &blake3::Hash) -> PathBuf {
+        self.disk.path(hash)
+    }
+
+    /// The entry in memory, if it is there.
+    pub async fn cached(&self, key: &Key) -> Option<Arc<Entry>> {
+        self.memory.get(key).await
+    }
+
+    /// Keeps `entry` in memory (the tier decides by its size and weight).
+    pub async fn remember(&self, key: Key, entry: Arc<Entry>) {
+        self.memory.insert(key, entry).await;
+    }
+
+    /// Whether `key` is held in memory or indexed on disk.
+    pub async fn contains(&self, key: Key) -> bool {
+        self.memory.get(&key).await.is_some() || self.index.get(key).await.ok().flatten().is_some()
+    }
+
+    /// Bytes and entries in memory; bytes and blobs on disk; bytes fills hold in memory.
+    pub async fn usage(&self) -> Usage {
+        let (memory_bytes, memory_entries) = self.memory.usage().await;
+        let (disk_bytes, disk_blobs) = self.budget.usage();
+        let inflight_bytes = self.config.inflight_bytes.saturating_sub(self.inflight.available());
+        Usage { memory_bytes, memory_entries, disk_bytes, disk_blobs, inflight_bytes }
+    }
+
+    /// The blobs, for serving an entry's bytes (`response::serve`).
+    pub fn blobs(&self) -> &BlobStore {
+        &self.disk
+    }
+
+    /// After serving `hash` failed: a blob found gone meanwhile (deleted by hand, evicted) is
+    /// forgotten so the next request refills it. Any other failure (out of file descriptors,
+    /// say) leaves the good bytes alone.
+    pub async fn forget_if_vanished(&self, hash: &blake3::Hash) {
+        if self.disk.len(hash).await.is_none() {
+            self.drop_blob(hash, "blob vanished while serving").await;
+        }
+    }
+
+    /// Looks `key` up in the index and checks its blob. A record whose blob is missing or the
+    /// wrong size is dropped, and a small blob whose bytes no longer hash to its name is
+    /// deleted: both then count as a miss and are refetched, never served.
+    pub async fn load(&self, key: Key) -> Result<Option<Arc<Entry>>, ProxyError> {
+        let Some(record) = self.index.get(key).await.map_err(ProxyError::internal)? else {
+            return Ok(None);
+        };
+        let (Some(hash), 1..) = (record.blake3(), record.len) else {
+            self.index.remove(key).await.map_err(ProxyError::internal)?;
+            return Ok(None);
+        };
+        let body = if record.len <= self.config.memory_max_object_bytes {
+            // Small blobs: one blocking read, then the length and the hash are checked.
+            let bytes = match self.disk.read(&hash).await {
+                Ok(bytes) => bytes,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    self.drop_blob(&hash, "blob missing").await;
+                    return Ok(None);
+                }
+                Err(e) => return Err(ProxyError::internal(e)),
+            };
+            if bytes.len() as u64 != record.len || blake3::hash(&bytes) != hash {
+                self.drop_blob(&hash, "blob does not match its hash").await;
+                return Ok(None);
+            }
+            Some(bytes)
+        } else {
+            if self.disk.len(&hash).await != Some(record.len) {
+                self.drop_blob(&hash, "blob missing or of the wrong size").await;
+                return Ok(None);
+            }
+            None
+        };
+        let (touch, victims) = match self.budget.touch(hash.as_bytes()) {
+            Some(touch) => (touch, Vec::new()),
+            None => self.budget.admit(*hash.as_bytes(), record.len, key),
+        };
+        touch.hit();
+        self.drop_victims(victims).await;
+        let entry = Entry::new(hash, record.len, &record.content_type, body)
+            .with_touch(touch)
+            .with_final_host(record.final_host.as_deref())
+            .with_origin(record.origin.as_ref());
+        Ok(Some(Arc::new(entry)))
+    }
+
+    /// Stores a received body under `key`: admitted to the budget first (which may evict to
+    /// make room for it), then the rename into place, then the index record.
+    pub async fn insert(&self, key: Key, url: &str, r: Received) -> Result<Arc<Entry>, ProxyError> {
+        let Received { body, hash, len, content_type, final_host, origin, .. } = r;
+        let (touch, victims) = self.budget.admit(*hash.as_bytes(), len, key);
+        let record =
+            Record::new(&hash, len, content_type, url).with_final_host(final_host.as_deref());
+        let record = record.with_origin(origin.clone());
+        // Blobs up to memory_max_object_bytes are re-hashed on every load from disk, so a torn
+        // one after a power cut is refetched, never served: only larger ones need the fsync.
+        let durable = self.config.fsync && len > self.config.memory_max_object_bytes;
+        let (written, in_memory) = match body {
+            // The in-flight hold ends here: from now on the bytes count against the memory
+            // tier (or are dropped).
+            Held::Memory(bytes, _hold) => {
+                (self.disk.write(&hash, bytes.clone(), durable).await, Some(bytes))
+            }
+            Held::Disk(temp) => (self.disk.commit(temp, &hash, durable).await, None),
+        };
+        let stored = match written {
+            Ok(_) => self.index.put(key, &record).await.map_err(ProxyError::internal),
+            Err(e) => Err(ProxyError::storage(e)),
+        };
+        if let Err(e) = stored {
+            if self.budget.forget(hash.as_bytes(), &key) {
+                self.budget.remove_if_unheld(hash.as_bytes(), &self.disk.path(&hash));
+            }
+            self.drop_victims(victims).await;
+            return Err(e);
+        }
+        self.drop_victims(victims).await;
+        // Bodies small enough for the memory tier go there: kept from the fill, or read back
+        // from the page cache when they streamed to disk.
+        let body = match in_memory {
+            _ if len > self.config.memory_max_object_bytes => None,
+            Some(bytes) => Some(bytes),
+            None => match self.disk.read(&hash).await {
+                Ok(bytes) if bytes.len() as u64 == len => Some(bytes),
+                _ => None,
+            },
+        };
+        let entry = Entry::new(hash, len, content_type, body).with_touch(touch);
+        Ok(Arc::new(entry.with_final_host(final_host.as_deref()).with_origin(origin.as_ref())))
+    }
+
+    /// The disk filled before the budget did (other files share it, or `disk_bytes` is set
+    /// too high): evicts room for a few objects of `object_bytes`, so the next try fits.
+    pub async fn make_room(&self, object_bytes: u64) {
+        let (used, _) = self.budget.usage();
+        let room = object_bytes.clamp(1 << 20, 64 << 20);
+        let victims = self.budget.evict_to(used.saturating_sub(room));
+        let freed: u64 = victims.iter().map(|v| v.len).sum();
+        tracing::warn!(freed, "disk full: evicted to make room");
+        self.drop_victims(victims).await;
+    }
+
+    /// Deletes a blob that cannot be served (corrupt, truncated, vanished) with every index
+    /// record and memory entry naming it, so the next request refetches it.
+    pub async fn drop_blob(&self, hash: &blake3::Hash, why: &str) {
+        tracing::warn!(blob = %hash.to_hex(), why, "dropping blob");
+        self.metrics.blobs_dropped.inc();
+        let keys = self.budget.drop_blob(hash.as_bytes());
+        self.remove_keys(keys).await;
+        self.disk.remove(hash).await;
+    }
+
+    /// Evicts blobs chosen by the disk budget, with every key naming them.
+    async fn drop_victims(&self, victims: Vec<Victim>) {
+        for victim in victims {
+            self.metrics.evictions.inc();
+            self.remove_keys(victim.keys).await;
+            let path = self.disk.path(&blake3::Hash::from_bytes(victim.hash));
+            self.budget.remove_if_unheld(&victim.hash, &path);
+        }
+    }
+
+    async fn remove_keys(&self, keys: Vec<Key>) {
+        for key in &keys {
+            self.memory.remove(key).await;
+        }
+        if let Err(e) = self.index.remove_many(keys).await {
+            tracing::error!(error = %e, "cannot remove index records");
+        }
+    }
+
+    /// Drops every entry whose record matches `doomed` from the index, the memory tier and,
+    /// when no other entry shares the bytes, the disk.
+    pub async fn purge(
+        &self,
+        doomed: impl Fn(&Record) -> bool + Send + 'static,
+    ) -> Result<PurgeReport, ProxyError> {
+        let purged = self.index.purge(doomed).await.map_err(ProxyError::internal)?;
+        let mut report = PurgeReport { entries: purged.removed.len() as u64, ..Default::default() };
+        for (key, record) in &purged.removed {
+            self.memory.remove(key).await;
+            let Some(hash) = record.blake3() else { continue };
+            // The blob goes only with the last key naming it: identical bytes are shared.
+            let last = self.budget.forget(hash.as_bytes(), key);
+            if self.budget.remove_if_unheld(hash.as_bytes(), &self.disk.path(&hash)) || last {
+                report.blobs += 1;
+                report.bytes += record.len;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Drops what nobody asked for since `cutoff` (Unix seconds; `cache.retention`).
+    pub async fn drop_idle(&self, cutoff: u64) {
+        let idle = self.budget.idle_since(cutoff);
+        if !idle.is_empty() {
+            tracing::info!(blobs = idle.len(), "retention: dropping blobs nobody asked for");
+            self.drop_victims(idle).await;
+        }
+    }
+
+    /// Rebuilds the disk budget from the index (records only, no blob is read), oldest first,
+    /// evicting at once if `cache.disk_bytes` shrank since the last run.
+    pub async fn load_budget(&self) -> Result<usize, ProxyError> {
+        let mut records = self.index.all().await.map_err(ProxyError::internal)?;
+        records.sort_by_key(|(_, r)| r.stored_at);
+        let count = records.len();
+        let mut victims = Vec::new();
+        for (key, record) in records {
+            if let Some(hash) = record.blake3() {
+                victims.extend(self.budget.admit(*hash.as_bytes(), record.len, key).1);
+            }
+        }
+        self.drop_victims(victims).await;
+        Ok(count)
+    }
+
+    /// Deletes blob files the budget does not know (left by a crash between rename and index
+    /// commit), and drops blobs whose file is missing or of another size than recorded. Files
+    /// written since `started` are left alone: their fill may not have committed yet.
+    pub async fn reconcile(&self, started: SystemTime) {
+        let files = match self.disk.list().await {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list the blob store");
+                return;
+            }
+        };
+        let mut orphans = 0;
+        for file in files {
+            if file.modified >= started {
+                continue;
+            }
+            if self.budget.remove_if_unheld(file.hash.as_bytes(), &self.disk.path(&file.hash)) {
+                orphans += 1;
+            }
+        }
+        if orphans > 0 {
+            tracing::warn!(orphans, "removed blob files no index record named");
+        }
+    }
+
+    /// Every index record (for scans: the scrub, the hash-list check).
+    pub async fn records(&self) -> Result<Vec<(Key, Record)>, ProxyError> {
+        self.index.all().await.map_err(ProxyError::internal)
+    }
+
+    /// Largest body kept in memory; larger ones are served from their file.
+    pub fn memory_max_object_bytes(&self) -> u64 {
+        self.config.memory_max_object_bytes
+    }
+
+    /// Stores a ban (or replaces it), durably.
+    pub async fn put_ban(&self, id: String, value: Vec<u8>) -> Result<(), ProxyError> {
+        self.index.put_ban(id, value).await.map_err(ProxyError::internal)
+    }
+
+    pub async fn remove_ban(&self, id: String) -> Result<bool, ProxyError> {
+        self.index.remove_ban(id).await.map_err(ProxyError::internal)
+    }
+
+    pub async fn bans(&self) -> Result<Vec<Vec<u8>>, ProxyError> {
+        self.index.bans().await.map_err(ProxyError::internal)
+    }
+}
+
+/// What the store holds now (for `/metrics` and the start-up log).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub memory_bytes: u64,
+    pub memory_entries: u64,
+    pub disk_bytes: u64,
+    pub disk_blobs: usize,
+    pub inflight_bytes: u64,
+}
