@@ -9,6 +9,7 @@
 pub mod budget;
 pub mod disk;
 pub mod evict;
+pub mod growing;
 pub mod index;
 pub mod inflight;
 pub mod memory;

@@ -254,6 +254,14 @@ impl Moderation {
         rules
     }
 
+    /// Whether anything must see a new file's bytes before it is served: the scanner, or a
+    /// rule by content (bans by hash, hash lists).
+    pub fn inspects_content(&self) -> bool {
+        self.scanner.is_some()
+            || self.any_content_rule.load(Ordering::Acquire)
+            || self.wants_digests()
+    }
+
     /// Before any lookup: the source URL and its host.
     pub fn check_request(&self, source: &url::Url) -> Result<(), ProxyError> {
         if !self.any_request_rule.load(Ordering::Acquire) {

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::api::ProxyRequest;
 use crate::audit::{AuditLog, Trigger};
 use crate::cache::disk::BlobStore;
+use crate::cache::growing::Growing;
 use crate::cache::index::Index;
 use crate::cache::received::{Held, Received};
 use crate::cache::store::Store;
@@ -65,6 +66,21 @@ impl AsInput for Received {
 
 type FillResult = Result<(Arc<Entry>, CacheStatus), ProxyError>;
 
+/// Where a fill is, as its waiters see it.
+#[derive(Clone)]
+enum FillState {
+    Pending,
+    /// The body is arriving and may be read as it does ([`crate::cache::growing`]).
+    Growing(Arc<Growing>),
+    Done(FillResult),
+}
+
+/// What a lookup found: a stored entry, or a fill to read as it arrives.
+pub enum Found {
+    Entry(Arc<Entry>, CacheStatus),
+    Growing(Arc<Growing>, CacheStatus),
+}
+
 /// Shared state of a running proxy.
 pub struct Proxy {
     pub config: Config,
@@ -88,7 +104,7 @@ pub struct Proxy {
     /// Memory, disk, index, disk budget and shared bucket ([`crate::cache::store`]).
     pub store: Store,
     /// Fills in progress. A std mutex: it is held only to look up or insert, never across await.
-    inflight: Mutex<HashMap<Key, watch::Receiver<Option<FillResult>>>>,
+    inflight: Mutex<HashMap<Key, Arc<watch::Sender<FillState>>>>,
     pub metrics: Metrics,
     /// `[[upstream]]`: path prefixes served from one fixed origin.
     pub upstreams: crate::api::upstream::Upstreams,
@@ -170,6 +186,30 @@ impl Proxy {
         req: &ProxyRequest,
         trigger: Trigger,
     ) -> Result<(Arc<Entry>, CacheStatus), (ProxyError, CacheStatus)> {
+        match self.find(req, trigger, false).await? {
+            Found::Entry(entry, status) => Ok((entry, status)),
+            Found::Growing(_, status) => {
+                Err((ProxyError::internal("a growing fill where none was asked for"), status))
+            }
+        }
+    }
+
+    /// As [`Self::get`], but a large original that passes through unchanged may be found
+    /// still arriving: its viewers read it as it does instead of waiting for the last byte.
+    pub async fn get_streaming(
+        self: &Arc<Self>,
+        req: &ProxyRequest,
+        trigger: Trigger,
+    ) -> Result<Found, (ProxyError, CacheStatus)> {
+        self.find(req, trigger, true).await
+    }
+
+    async fn find(
+        self: &Arc<Self>,
+        req: &ProxyRequest,
+        trigger: Trigger,
+        stream: bool,
+    ) -> Result<Found, (ProxyError, CacheStatus)> {
         // Refused destinations and blocked domains are refused even when cached: a domain
         // blocked a second ago is not served from memory.
         self.fetcher.check_destination(&req.source).map_err(|e| (e, CacheStatus::Blocked))?;
@@ -179,19 +219,21 @@ impl Proxy {
         }
         let key = req.key(&self.normalizer);
         let request = self.newest_request(key, req);
-        let found = self
-            .lookup_or_fill(key, move |this| async move {
-                // A fill that finished between this request's lookups and its leadership has
-                // already published: use it rather than fetch a second time.
-                if let Some(entry) = this.store.cached(&key).await {
-                    return Ok((entry, CacheStatus::HitMemory));
-                }
-                if let Some(err) = this.negative.get(&key).await {
-                    return Err(err);
-                }
-                this.fill(key, &request, trigger).await
-            })
-            .await?;
+        let fill = move |this: Arc<Self>| async move {
+            // A fill that finished between this request's lookups and its leadership has
+            // already published: use it rather than fetch a second time.
+            if let Some(entry) = this.store.cached(&key).await {
+                return Ok((entry, CacheStatus::HitMemory));
+            }
+            if let Some(err) = this.negative.get(&key).await {
+                return Err(err);
+            }
+            this.fill(key, &request, trigger).await
+        };
+        let found = match self.lookup_or_fill_state(key, fill, stream).await? {
+            Found::Entry(entry, status) => (entry, status),
+            growing => return Ok(growing),
+        };
         // Bytes a redirect brought from a domain blocked since: refused like the domain.
         if let Some(host) = found.0.final_host.as_deref() {
             self.fetcher.policy().check(host).map_err(|e| (e, CacheStatus::Blocked))?;
@@ -207,7 +249,21 @@ impl Proxy {
             self.log_refusal(&e, Some(&found.0.hash), host).await;
             return Err((e, CacheStatus::Blocked));
         }
-        Ok(found)
+        Ok(Found::Entry(found.0, found.1))
+    }
+
+    /// Lets this fill's waiters read it as it arrives (when they asked for that).
+    fn publish_growing(&self, key: Key, growing: Arc<Growing>) {
+        let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = inflight.get(&key) {
+            tx.send_if_modified(|state| match state {
+                FillState::Pending => {
+                    *state = FillState::Growing(growing);
+                    true
+                }
+                _ => false,
+            });
+        }
     }
 
     /// `req`, or the same entry under the URL seen that expires last (for URLs with an
@@ -256,9 +312,29 @@ impl Proxy {
         F: FnOnce(Arc<Self>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = FillResult> + Send + 'static,
     {
+        match self.lookup_or_fill_state(key, fill, false).await? {
+            Found::Entry(entry, status) => Ok((entry, status)),
+            Found::Growing(_, status) => {
+                Err((ProxyError::internal("a growing fill where none was asked for"), status))
+            }
+        }
+    }
+
+    /// [`Self::lookup_or_fill`]; with `stream`, a fill whose body may be read as it arrives
+    /// is answered as soon as it may.
+    async fn lookup_or_fill_state<F, Fut>(
+        self: &Arc<Self>,
+        key: Key,
+        fill: F,
+        stream: bool,
+    ) -> Result<Found, (ProxyError, CacheStatus)>
+    where
+        F: FnOnce(Arc<Self>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = FillResult> + Send + 'static,
+    {
         if let Some(entry) = self.store.cached(&key).await {
             entry.hit();
-            return Ok((entry, CacheStatus::HitMemory));
+            return Ok(Found::Entry(entry, CacheStatus::HitMemory));
         }
         if let Some(err) = self.negative.get(&key).await {
             return Err((err, CacheStatus::Negative));
@@ -266,10 +342,11 @@ impl Proxy {
         let (mut rx, leader) = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             match inflight.get(&key) {
-                Some(rx) => (rx.clone(), false),
+                Some(tx) => (tx.subscribe(), false),
                 None => {
-                    let (tx, rx) = watch::channel(None);
-                    inflight.insert(key, rx.clone());
+                    let tx = Arc::new(watch::channel(FillState::Pending).0);
+                    let rx = tx.subscribe();
+                    inflight.insert(key, tx.clone());
                     let this = self.clone();
                     tokio::spawn(async move {
                         // Leaves the map however the task ends, a panic included, so a key is
@@ -283,20 +360,29 @@ impl Proxy {
                         }
                         // Publish before leaving the map, so a newcomer finds either the entry
                         // in a tier or this fill, never neither.
-                        let _ = tx.send(Some(result));
+                        tx.send_replace(FillState::Done(result));
                         drop(slot);
                     });
                     (rx, true)
                 }
             }
         };
-        let outcome = match rx.wait_for(Option::is_some).await {
-            Ok(v) => v.clone().expect("waited for Some"),
-            Err(_) => Err(ProxyError::internal("fill task ended without a result")),
+        let waited = rx.wait_for(|state| match state {
+            FillState::Pending => false,
+            FillState::Growing(_) => stream,
+            FillState::Done(_) => true,
+        });
+        let status = if leader { CacheStatus::Miss } else { CacheStatus::Coalesced };
+        let outcome = match waited.await.map(|state| state.clone()) {
+            Ok(FillState::Growing(growing)) => return Ok(Found::Growing(growing, status)),
+            Ok(FillState::Done(result)) => result,
+            Ok(FillState::Pending) | Err(_) => {
+                Err(ProxyError::internal("fill task ended without a result"))
+            }
         };
         match outcome {
-            Ok((entry, status)) if leader => Ok((entry, status)),
-            Ok((entry, _)) => Ok((entry, CacheStatus::Coalesced)),
+            Ok((entry, status)) if leader => Ok(Found::Entry(entry, status)),
+            Ok((entry, _)) => Ok(Found::Entry(entry, CacheStatus::Coalesced)),
             // A redirect into a refused destination is still a refusal, not an origin miss.
             Err(
                 e @ (ProxyError::BlockedDomain
@@ -304,7 +390,7 @@ impl Proxy {
                 | ProxyError::RefusedUrl(_)
                 | ProxyError::RedirectRefused),
             ) => Err((e, CacheStatus::Blocked)),
-            Err(e) => Err((e, if leader { CacheStatus::Miss } else { CacheStatus::Coalesced })),
+            Err(e) => Err((e, status)),
         }
     }
 

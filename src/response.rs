@@ -144,6 +144,60 @@ async fn body(
     Ok(StreamBody::new(chunks).boxed_unsync())
 }
 
+/// Serves a fill still arriving ([`crate::cache::growing`]): 200, or 206 for one `Range` of
+/// its declared length, the body streamed as it lands. Its hash is known only at the end, so
+/// the response has no ETag (and an `If-Range` gets the whole body).
+pub fn serve_growing(
+    growing: std::sync::Arc<crate::cache::growing::Growing>,
+    method: &Method,
+    headers: &HeaderMap,
+) -> (Response<Body>, u64) {
+    let total = growing.len;
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        Some(value) if !headers.contains_key(header::IF_RANGE) => {
+            match http_range_header::parse_range_header(value).map(|r| r.validate(total)) {
+                Ok(Ok(ranges)) if ranges.len() == 1 => ranges.into_iter().next(),
+                Ok(Err(_)) => {
+                    let mut response =
+                        plain(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n");
+                    let value = format!("bytes */{total}");
+                    response.headers_mut().insert(
+                        header::CONTENT_RANGE,
+                        HeaderValue::from_str(&value).expect("digits"),
+                    );
+                    return (response, 0);
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    let (status, start, end) = match &range {
+        Some(r) => (StatusCode::PARTIAL_CONTENT, *r.start(), *r.end()),
+        None => (StatusCode::OK, 0, total - 1),
+    };
+    let len = end - start + 1;
+    let content_type = HeaderValue::from_static(growing.content_type);
+    let body = match method == Method::HEAD {
+        true => empty(),
+        false => StreamBody::new(growing.stream(start, end)).boxed_unsync(),
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, content_type);
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(crate::cache::IMMUTABLE));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(crate::cache::CSP));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    if status == StatusCode::PARTIAL_CONTENT {
+        let value = format!("bytes {start}-{end}/{total}");
+        h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&value).expect("digits"));
+    }
+    (response, if method == Method::HEAD { 0 } else { len })
+}
+
 /// `If-None-Match` naming this entry's ETag (weak comparison, as RFC 9110 asks for GET), or `*`.
 fn not_modified(entry: &Entry, headers: &HeaderMap) -> bool {
     let etag = entry.etag().as_bytes();

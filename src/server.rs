@@ -419,7 +419,15 @@ async fn serve_akkoma_preview<B>(
 async fn serve_request<B>(proxy: &Arc<Proxy>, request: &ProxyRequest, req: &Request<B>) -> Routed {
     let (entry, cache) = match &request.variant {
         Some(name) => proxy.get_variant(request, name, Trigger::View).await?,
-        None => proxy.get(request, Trigger::View).await?,
+        None => match proxy.get_streaming(request, Trigger::View).await? {
+            crate::proxy::Found::Entry(entry, cache) => (entry, cache),
+            // Still arriving: read as it does.
+            crate::proxy::Found::Growing(growing, cache) => {
+                let (response, sent) =
+                    response::serve_growing(growing, req.method(), req.headers());
+                return Ok((response, cache, sent));
+            }
+        },
     };
     match response::serve(&entry, proxy.store.blobs(), req.method(), req.headers()).await {
         Ok((response, sent)) => Ok((response, cache, sent)),

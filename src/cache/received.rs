@@ -114,6 +114,33 @@ impl Sink {
         }
     }
 
+    /// Bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the body is going to a temp file (not held in memory).
+    pub fn on_disk(&self) -> bool {
+        self.temp.is_some()
+    }
+
+    /// Makes everything received so far readable in the temp file.
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.temp {
+            Some(t) => t.flushed_path().await.map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// The temp file opened for reading (flushed first), for readers of a growing fill.
+    pub async fn reader(&mut self) -> std::io::Result<std::sync::Arc<std::fs::File>> {
+        let temp = self.temp.as_mut().ok_or_else(|| std::io::Error::other("not on disk"))?;
+        let path = temp.flushed_path().await?.to_path_buf();
+        tokio::task::spawn_blocking(move || std::fs::File::open(path).map(std::sync::Arc::new))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
     /// The first bytes received (up to [`SNIFF_LEN`]).
     pub fn head(&self) -> &[u8] {
         &self.head

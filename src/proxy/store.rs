@@ -26,7 +26,7 @@ impl Proxy {
         let host = req.source.host_str().unwrap_or_default();
         let result = tokio::time::timeout_at(deadline, async {
             let mut permit = self.limits.acquire(host).await?;
-            self.receive(req, trigger, &mut permit).await.map(|received| (permit, received))
+            self.receive(key, req, trigger, &mut permit).await.map(|received| (permit, received))
         })
         .await
         .unwrap_or_else(|_| {
@@ -81,6 +81,7 @@ impl Proxy {
     /// refused leaves no file behind (the temp blob removes itself when dropped).
     pub(super) async fn receive(
         &self,
+        key: Key,
         req: &ProxyRequest,
         trigger: Trigger,
         permit: &mut crate::fetch::limit::FillPermit,
@@ -96,11 +97,18 @@ impl Proxy {
         let mut response = origin.response;
         let landed = response.url().host_str().filter(|h| Some(*h) != req.source.host_str());
         let final_host = landed.map(str::to_string);
+        // Viewers may read the body as it arrives unless something must see all of it first
+        // (the scanner, content rules) or the bytes it came from are refused.
+        let readable = req.variant.is_none()
+            && !self.moderation.inspects_content()
+            && landed.is_none_or(|h| self.moderation.check_host(h).is_ok());
         let mut count = 0u64;
-        let result = self.read_body(&mut response, &mut count).await.map(|mut received| {
-            received.final_host = final_host;
-            received
-        });
+        let growing = readable.then_some(key);
+        let result =
+            self.read_body(&mut response, &mut count, growing).await.map(|mut received| {
+                received.final_host = final_host;
+                received
+            });
         let outcome = match &result {
             Ok(_) => "ok",
             Err(e) => e.code(),
@@ -112,10 +120,13 @@ impl Proxy {
         result
     }
 
+    /// Receives an origin's body. With `growing`, a large body that passes through unchanged
+    /// is published to that fill's waiters as it arrives ([`crate::cache::growing`]).
     pub(super) async fn read_body(
         &self,
         response: &mut reqwest::Response,
         received: &mut u64,
+        growing: Option<Key>,
     ) -> Result<Received, ProxyError> {
         let max = self.config.cache.max_object_bytes.0;
         let declared = response.content_length();
@@ -141,14 +152,36 @@ impl Proxy {
         let mut sink = self.store.sink().with_digests(digests);
         sink.start(declared).await.map_err(ProxyError::storage)?;
         let mut content_type = None;
+        // The growing fill's publisher (dropped before `complete`, its readers end broken),
+        // and when its file was last made readable.
+        let mut publisher: Option<crate::cache::growing::Publisher> = None;
+        let mut flushed = (0u64, Instant::now());
         while let Some(chunk) = response.chunk().await.map_err(body_error)? {
             *received += chunk.len() as u64;
-            if *received > max {
+            if *received > max || declared.is_some_and(|n| *received > n) {
                 return Err(ProxyError::TooLarge);
             }
             sink.push_chunk(&chunk).await.map_err(ProxyError::storage)?;
             if content_type.is_none() && sink.head().len() == SNIFF_LEN {
-                content_type = Some(self.types.sniff(sink.head())?);
+                let sniffed = self.types.sniff(sink.head())?;
+                content_type = Some(sniffed);
+                if let (Some(key), Some(len)) = (growing, declared) {
+                    if sink.on_disk() && self.passes_through(sniffed) {
+                        let file = sink.reader().await.map_err(ProxyError::storage)?;
+                        let g = crate::cache::growing::Growing::new(sniffed, len, file);
+                        g.arrived(*received);
+                        flushed = (*received, Instant::now());
+                        self.publish_growing(key, g.clone());
+                        publisher = Some(crate::cache::growing::Publisher(g));
+                    }
+                }
+            } else if let Some(p) = &publisher {
+                // Readable in pieces of 64 KiB, or every 20 ms for a slow origin.
+                if *received - flushed.0 >= 64 << 10 || flushed.1.elapsed().as_millis() >= 20 {
+                    sink.flush().await.map_err(ProxyError::storage)?;
+                    p.0.arrived(*received);
+                    flushed = (*received, Instant::now());
+                }
             }
         }
         if *received == 0 {
@@ -157,11 +190,27 @@ impl Proxy {
         if declared.is_some_and(|n| n != *received) {
             return Err(ProxyError::OriginInvalid("body shorter than Content-Length"));
         }
+        if let Some(p) = publisher {
+            // Whole, and as long as it said: its readers may have the last byte.
+            sink.flush().await.map_err(ProxyError::storage)?;
+            p.0.arrived(*received);
+            p.complete();
+        }
         let content_type = match content_type {
             Some(t) => t,
             None => self.types.sniff(sink.head())?,
         };
         Ok(sink.finish(content_type))
+    }
+}
+
+impl Proxy {
+    /// Whether a fill of `content_type` is stored as it came (nothing rasterises it or strips
+    /// its metadata), so its bytes may be read before it is stored.
+    fn passes_through(&self, content_type: &str) -> bool {
+        let stripped = self.config.media.strip_metadata
+            && matches!(content_type, "image/jpeg" | "image/png" | "image/webp");
+        content_type != crate::media::SVG && !stripped
     }
 }
 

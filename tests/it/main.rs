@@ -14,6 +14,7 @@ mod privacy;
 mod proxy;
 mod recipes;
 mod shared;
+mod stream;
 mod tls;
 mod upstream;
 mod util;

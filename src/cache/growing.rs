@@ -1,0 +1,128 @@
+//! A fill viewers read while it arrives: a large original that passes through unchanged
+//! (video, audio, a picture nothing prepares), streamed from its temp file as the origin's
+//! bytes land in it, so playback starts with the first bytes instead of the last.
+//!
+//! The fill stays the fill: it is hashed, checked and stored exactly as before. Readers get
+//! the bytes that have arrived, but never the last byte before the body is known to be whole
+//! (its declared length, nothing more, nothing cut short): a fill that fails midway ends every
+//! reader's response broken, never complete with the wrong bytes.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+/// How far a growing fill is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// This many bytes are in the file.
+    Arrived(u64),
+    /// All `len` bytes are in, and the body was whole.
+    Complete,
+    /// The fill failed: readers end broken.
+    Failed,
+}
+
+pub struct Growing {
+    /// Sniffed from the first bytes, as for any fill.
+    pub content_type: &'static str,
+    /// The origin's declared length (a growing fill always has one).
+    pub len: u64,
+    /// The temp file, opened for reading; still readable after its rename or removal.
+    file: Arc<std::fs::File>,
+    progress: watch::Sender<Progress>,
+}
+
+/// Read size of a reader: small enough that a slow viewer pins little.
+const CHUNK: u64 = 64 * 1024;
+
+impl Growing {
+    pub fn new(content_type: &'static str, len: u64, file: Arc<std::fs::File>) -> Arc<Self> {
+        let (progress, _) = watch::channel(Progress::Arrived(0));
+        Arc::new(Self { content_type, len, file, progress })
+    }
+
+    /// `n` bytes are in the file now.
+    pub fn arrived(&self, n: u64) {
+        self.progress.send_if_modified(|p| match p {
+            Progress::Arrived(old) if n > *old => {
+                *p = Progress::Arrived(n);
+                true
+            }
+            _ => false,
+        });
+    }
+
+    pub fn complete(&self) {
+        self.progress.send_replace(Progress::Complete);
+    }
+
+    pub fn fail(&self) {
+        self.progress.send_if_modified(|p| match p {
+            Progress::Complete | Progress::Failed => false,
+            _ => {
+                *p = Progress::Failed;
+                true
+            }
+        });
+    }
+
+    pub fn progress(&self) -> Progress {
+        *self.progress.borrow()
+    }
+
+    /// Bytes `start..=end` as they arrive, in chunks read on the blocking pool.
+    pub fn stream(
+        self: Arc<Self>,
+        start: u64,
+        end: u64,
+    ) -> impl futures_util::Stream<Item = std::io::Result<hyper::body::Frame<Bytes>>> + Send {
+        let rx = self.progress.subscribe();
+        futures_util::stream::try_unfold((start, rx, self), move |(offset, mut rx, g)| async move {
+            if offset > end {
+                return Ok(None);
+            }
+            let available = loop {
+                let available = match *rx.borrow_and_update() {
+                    // The last byte waits for the verdict on the whole body.
+                    Progress::Arrived(n) => n.min(g.len.saturating_sub(1)),
+                    Progress::Complete => g.len,
+                    Progress::Failed => return Err(std::io::Error::other("the fill failed")),
+                };
+                if available > offset {
+                    break available;
+                }
+                if rx.changed().await.is_err() {
+                    return Err(std::io::Error::other("the fill is gone"));
+                }
+            };
+            let n = (available.min(end + 1) - offset).min(CHUNK) as usize;
+            let file = g.file.clone();
+            // Positioned reads: every reader shares the one descriptor.
+            let chunk = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; n];
+                file.read_exact_at(&mut buf, offset).map(|()| Bytes::from(buf))
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            Ok(Some((hyper::body::Frame::data(chunk), (offset + n as u64, rx, g))))
+        })
+    }
+}
+
+/// Held by the fill while readers may read: dropped without [`Self::complete`], the fill
+/// failed.
+pub struct Publisher(pub Arc<Growing>);
+
+impl Publisher {
+    pub fn complete(self) {
+        self.0.complete();
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.0.fail();
+    }
+}

@@ -1,0 +1,225 @@
+//! A cold file reaches its viewers as the origin's bytes arrive: a trickling origin (its own
+//! hyper server here, sending 64 KiB every 25 ms), viewers who ask at once and who join later,
+//! a Range inside what has arrived, a fill that fails midway, and types that must be prepared
+//! before anyone sees them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::StreamBody;
+use hyper::body::Frame;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+use crate::util::*;
+
+const PIECE: usize = 64 << 10;
+
+/// An origin that sends `body` in 64 KiB pieces, one every 25 ms, declaring its full length;
+/// with `cut_at`, it closes the connection after that many bytes.
+struct Trickle {
+    addr: std::net::SocketAddr,
+    /// Set once the last byte is sent.
+    done: Arc<AtomicBool>,
+    requests: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Trickle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Trickle {
+    async fn start(ip: &str, body: Bytes, cut_at: Option<usize>) -> Trickle {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (done, requests) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+        let (d, r) = (done.clone(), requests.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (body, d, r) = (body.clone(), d.clone(), r.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req| {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        let (body, d) = (body.clone(), d.clone());
+                        let total = body.len();
+                        let send = cut_at.unwrap_or(total);
+                        let pieces = futures_util::stream::unfold(0usize, move |at| {
+                            let (body, d) = (body.clone(), d.clone());
+                            async move {
+                                if at >= send {
+                                    d.store(true, Ordering::SeqCst);
+                                    return if send < total {
+                                        // Cut short: the connection ends mid-body.
+                                        Some((Err(std::io::Error::other("cut")), usize::MAX))
+                                    } else {
+                                        None
+                                    };
+                                }
+                                if at > 0 {
+                                    tokio::time::sleep(Duration::from_millis(25)).await;
+                                }
+                                let end = (at + PIECE).min(send);
+                                if end == total {
+                                    // hyper does not poll a body again once its declared
+                                    // length is written.
+                                    d.store(true, Ordering::SeqCst);
+                                }
+                                let frame = Frame::data(body.slice(at..end));
+                                Some((Ok::<_, std::io::Error>(frame), end))
+                            }
+                        });
+                        let mut response = http::Response::new(StreamBody::new(pieces));
+                        response.headers_mut().insert("content-length", total.into());
+                        async move { Ok::<_, std::convert::Infallible>(response) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Trickle { addr, done, requests, task }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+/// An MP4-looking body (an ISO BMFF `ftyp` box, then noise) of `n` bytes.
+fn video(n: usize) -> Bytes {
+    let mut v = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom".to_vec();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    Bytes::from(v)
+}
+
+#[tokio::test]
+async fn viewers_of_a_cold_video_get_its_bytes_as_they_arrive() {
+    let original = video(6 << 20); // about 2.4 s at the origin's pace
+    let origin = Trickle::start("127.0.0.87", original.clone(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.87/32"])).await;
+    let url = p.url(&origin.url("/clip.mp4"));
+
+    // The first viewer has headers and the first bytes while the origin is still sending.
+    let mut first = client().get(&url).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["content-type"], "video/mp4");
+    assert_eq!(first.headers()["content-length"], (6u64 << 20).to_string().as_str());
+    assert!(first.headers().get("etag").is_none(), "no hash yet");
+    let opening = first.chunk().await.unwrap().unwrap();
+    assert!(!origin.done.load(Ordering::SeqCst), "the first bytes came before the last was sent");
+
+    // A viewer joining midway, and a Range inside what has arrived.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let late = client().get(&url).send().await.unwrap();
+    assert_eq!(late.status(), 200);
+    let ranged = client().get(&url).header("range", "bytes=100-199").send().await.unwrap();
+    assert_eq!(ranged.status(), 206);
+    assert_eq!(ranged.headers()["content-range"], format!("bytes 100-199/{}", 6 << 20).as_str());
+    assert!(!origin.done.load(Ordering::SeqCst), "joined while the fill was arriving");
+    assert!(body(ranged).await == original[100..200]);
+
+    // Everyone gets exactly the origin's bytes, from one origin request.
+    let mut rest = opening.to_vec();
+    loop {
+        match first.chunk().await {
+            Ok(Some(chunk)) => rest.extend_from_slice(&chunk),
+            Ok(None) => break,
+            Err(e) => panic!("after {} bytes: {e:?}", rest.len()),
+        }
+    }
+    let diff = rest.iter().zip(original.iter()).position(|(a, b)| a != b);
+    assert!(
+        rest == original,
+        "the first viewer's body is the origin's: {} vs {}, first difference at {diff:?}",
+        rest.len(),
+        original.len()
+    );
+    assert!(body(late).await == original, "so is the late viewer's");
+    assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
+
+    // Stored once whole: from now on a hit with its ETag.
+    let stored = eventually(|| p.blob_count() == 1).await;
+    assert!(stored, "the fill was stored");
+    let r = get(&url).await;
+    assert_eq!(r.headers()["etag"].to_str().unwrap(), etag_of(&original));
+    assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_fill_cut_short_ends_its_viewers_broken_and_stores_nothing() {
+    let original = video(4 << 20);
+    let origin = Trickle::start("127.0.0.88", original.clone(), Some(1 << 20)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.88/32"])).await;
+    let url = p.url(&origin.url("/cut.mp4"));
+    let mut viewer = client().get(&url).send().await.unwrap();
+    assert_eq!(viewer.status(), 200, "streaming had begun");
+    let mut got = Vec::new();
+    let ended = loop {
+        match viewer.chunk().await {
+            Ok(Some(chunk)) => got.extend_from_slice(&chunk),
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    assert!(ended.is_err(), "the response ends broken, not complete");
+    assert!(
+        got.len() < original.len() && got[..] == original[..got.len()],
+        "only true bytes were sent"
+    );
+    assert!(got.len() <= 1 << 20);
+    // Nothing stored; the failure is remembered like any origin failure.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(p.blob_count(), 0);
+    assert_eq!(get(&url).await.status(), 502);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn what_is_prepared_before_serving_is_not_streamed() {
+    // A large "JPEG" (signature, then noise) is stripped of metadata before it is stored:
+    // nobody sees it before that, so the response comes once the origin is done.
+    let mut jpeg = b"\xff\xd8\xff\xe0".to_vec();
+    jpeg.extend_from_slice(&video(2 << 20)[4..]);
+    let origin = Trickle::start("127.0.0.89", Bytes::from(jpeg), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.89/32"])).await;
+    let r = get(&p.url(&origin.url("/big.jpg"))).await;
+    assert!(origin.done.load(Ordering::SeqCst), "answered only after the last byte");
+    assert!(r.status() == 200 || r.status() == 415, "{}", r.status());
+    p.stop().await;
+
+    // With a content rule in force (a ban by hash), a video waits for its whole body too.
+    let video_origin = Trickle::start("127.0.0.89", video(2 << 20), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.89/32"])).await;
+    let ban = serde_json::json!({ "hash": "ab".repeat(32) }).to_string();
+    let r = client()
+        .post(p.admin_url("/admin/ban"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "application/json")
+        .body(ban)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = get(&p.url(&video_origin.url("/v.mp4"))).await;
+    assert!(video_origin.done.load(Ordering::SeqCst), "answered only after the last byte");
+    assert!(r.headers().get("etag").is_some(), "a stored entry, not a growing one");
+    p.stop().await;
+}
