@@ -9,6 +9,7 @@
 # W1 hits of 4/60/64/70 KiB, W2 200 KiB hits, W3 random 1 MiB Ranges of a 20 MiB video,
 # W4 Zipf(0.9) over 20,000 x 64 KiB with 256 MiB (20%) for each cache, W5 50 and 500 viewers
 # on one cold URL of a 300 ms origin, W6 the miss path (parasol vs camo vs nginx without cache),
+# W7 1 and 20 viewers of a cold 20 MiB video from an origin sending 8 MB/s (first and last byte),
 # W8 restart with a warm store. Peers' settings are in benches/peers/ (nginx 1.22, Varnish 7.1,
 # camo 2.3 and wrk from Debian's packages, installed when missing).
 set -euo pipefail
@@ -18,7 +19,7 @@ DURATION=${DURATION:-3s}
 CONNS=${CONNS:-64}
 W4_WARM=${W4_WARM:-15s}
 W4_MEASURE=${W4_MEASURE:-15s}
-WORKLOADS=${WORKLOADS:-hits miss burst zipf}   # a subset for quicker runs, e.g. WORKLOADS=zipf
+WORKLOADS=${WORKLOADS:-hits miss burst stream zipf}   # a subset for quicker runs, e.g. WORKLOADS=zipf
 want() { [[ " $WORKLOADS " == *" $1 "* ]]; }
 BENCH_STARTED=$(date +%s)
 
@@ -257,6 +258,29 @@ done
 
 fi
 
+# ---- W7: a cold 20 MiB video from an origin sending 8 MB/s -----------------------------------
+if want stream; then
+echo "W7: cold video streams ..." >&2
+declare -A W7
+for round in $(seq "$ROUNDS"); do
+  for n in 1 20; do
+    for s in "${HIT_SERVERS[@]}"; do
+      src="/w7/$s-$n-$round.mp4"
+      case $s in
+        parasol) port=18084; path=$(sign_path "http://127.0.0.1:18081$src") ;;
+        nginx) port=18082; path=$src ;;
+        varnish) port=18083; path=$src ;;
+      esac
+      read -r ok f50 fmax l50 lmax < <($TOOLS stream "$n" 127.0.0.1 "$port" "$path")
+      W7[$s.$n.ok]+="$ok "; W7[$s.$n.f50]+="$f50 "; W7[$s.$n.fmax]+="$fmax "
+      W7[$s.$n.l50]+="$l50 "; W7[$s.$n.lmax]+="$lmax "
+      settle
+    done
+  done
+done
+
+fi
+
 # ---- W4: Zipf over 20,000 x 64 KiB at 20% ----------------------------------------------------
 if want zipf; then
 echo "W4: Zipf, $W4_WARM warm + $W4_MEASURE measured per server ..." >&2
@@ -410,6 +434,23 @@ table() { # workload servers...
   for n in 50 500; do
     for s in "${HIT_SERVERS[@]}"; do
       echo "| $n | $s | ${W5[$s.$n.fills]% } | $(echo ${W5[$s.$n.ok]} | median) | $(echo ${W5[$s.$n.p50]} | median) | $(echo ${W5[$s.$n.p99]} | median) |"
+    done
+  done
+  echo
+  fi
+  if want stream; then
+  echo "## W7: a cold 20 MiB video, origin sending 8 MB/s"
+  echo
+  echo "Median of $ROUNDS rounds; every connection is open before the requests are sent at once; a new"
+  echo "URL each time. First byte = the first body bytes of the response, last byte = its end (ms from"
+  echo "the request). The origin alone needs about 2.6 s for the file. nginx fetches it in 1 MiB"
+  echo 'slices (`slice 1m`, each slice a Range request to the origin), Varnish streams (`do_stream`).'
+  echo
+  echo "| viewers | server | complete | first byte p50 | first byte max | last byte p50 | last byte max |"
+  echo "|---|---|---|---|---|---|---|"
+  for n in 1 20; do
+    for s in "${HIT_SERVERS[@]}"; do
+      echo "| $n | $s | $(echo ${W7[$s.$n.ok]} | median) | $(echo ${W7[$s.$n.f50]} | median) | $(echo ${W7[$s.$n.fmax]} | median) | $(echo ${W7[$s.$n.l50]} | median) | $(echo ${W7[$s.$n.lmax]} | median) |"
     done
   done
   echo

@@ -7,6 +7,8 @@
   tools.py sign KEY URL                the parasol path of URL, as `parasol sign` prints it
   tools.py burst N HOST PORT PATH      N connections open first, then N requests at once;
                                        prints "ok p50_ms p99_ms max_ms" of the complete responses
+  tools.py stream N HOST PORT PATH     the same, timing each response's first body byte and its
+                                       last: prints "ok first_p50 first_max last_p50 last_max" (ms)
 """
 import asyncio
 import base64
@@ -127,6 +129,44 @@ async def burst(n: int, host: str, port: int, path: str) -> None:
     print(f"{len(ok)} {pct(0.5):.1f} {pct(0.99):.1f} {ok[-1] * 1000:.1f}")
 
 
+async def one_timed(host, port, path, start: asyncio.Event, times: list):
+    reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept-Encoding: identity\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    await start.wait()
+    t0 = time.monotonic()
+    writer.write(request)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    first = await reader.read(1 << 16)
+    t_first = time.monotonic() - t0
+    await reader.readexactly(length - len(first))
+    times.append((status, t_first, time.monotonic() - t0))
+    writer.close()
+
+
+async def stream(n: int, host: str, port: int, path: str) -> None:
+    start, times = asyncio.Event(), []
+    tasks = [asyncio.create_task(one_timed(host, port, path, start, times)) for _ in range(n)]
+    await asyncio.sleep(0.5)  # every connection open before the first request
+    start.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 120)
+    ok = [(f, l) for s, f, l in times if s == 200]
+    if not ok:
+        print("0 0 0 0 0")
+        return
+    firsts, lasts = sorted(f for f, _ in ok), sorted(l for _, l in ok)
+    mid = lambda v: v[len(v) // 2] * 1000
+    print(f"{len(ok)} {mid(firsts):.1f} {firsts[-1] * 1000:.1f} {mid(lasts):.1f} {lasts[-1] * 1000:.1f}")
+
+
 def main() -> None:
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "slow-origin":
@@ -135,6 +175,8 @@ def main() -> None:
         paths(args[0], args[1], args[2:])
     elif cmd == "sign":
         print(parasol_path(args[0], args[1]))
+    elif cmd == "stream":
+        asyncio.run(stream(int(args[0]), args[1], int(args[2]), args[3]))
     elif cmd == "burst":
         asyncio.run(burst(int(args[0]), args[1], int(args[2]), args[3]))
     else:
