@@ -43,7 +43,9 @@
 //! disk index → (absent) guarded fetch → stream to memory or a temp file while hashing,
 //! sniffing and counting → release the fill slot → a media worker rasterises SVG and strips
 //! metadata → admit to the disk budget → rename into place → index → evict what the budget
-//! no longer holds → publish to every waiting viewer. A variant is a second fill keyed by the
+//! no longer holds → publish to every waiting viewer. A large original that passes through
+//! unchanged is published to its waiters as soon as its type is sniffed and read from the
+//! temp file as it grows ([`cache::growing`]); the rest of the fill runs unchanged. A variant is a second fill keyed by the
 //! original's content: the original's bytes go to a worker, the rendition comes back.
 //!
 //! Background: at start the budget is rebuilt from the index and reconciled with the blob
