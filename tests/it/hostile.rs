@@ -693,3 +693,48 @@ async fn every_spelling_of_parasol_itself_is_refused() {
     assert_eq!(p.metric("parasol_cache_results_total{result=\"blocked\"}").await, 5);
     p.stop().await;
 }
+
+/// Viewers who ask for 1 MiB ranges of a large file on disk and then stop reading hold little
+/// of parasol's memory: what they have not taken waits in the kernel's socket buffers (which
+/// `server.send_timeout` bounds in time), not in a buffer of parasol's per viewer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_range_readers_pin_little_memory() {
+    let origin = Origin::start("127.0.0.90").await;
+    let mut big = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom".to_vec();
+    big.resize(12 << 20, 0x5a); // above the 1 MiB kept in memory here: served from its file
+    origin.route("/big.mp4", Route::ok(big));
+    let dir = tempfile::tempdir().unwrap();
+    let envs = [
+        ("PARASOL__FETCH__ALLOW_NETWORKS", "[\"127.0.0.90/32\"]"),
+        ("PARASOL__SIGNING__KEYS", &*format!("[\"{KEY}\"]")),
+        ("PARASOL__CACHE__FSYNC", "false"),
+        ("PARASOL__CACHE__MEMORY_MAX_OBJECT_BYTES", "1 MiB"),
+    ];
+    let (running, public, _admin) = crate::cli::spawn_serving(dir.path(), &envs, None);
+    let pid = running.0.id();
+    let url = signed_url(public, &origin.url("/big.mp4"));
+    assert_eq!(body(get(&url).await).await.len(), 12 << 20, "stored");
+    let path = url::Url::parse(&url).unwrap().path().to_string();
+    let before = crate::media::rss_kib(pid);
+    const READERS: usize = 200;
+    let mut stalled = Vec::new();
+    for i in 0..READERS {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(public).await.unwrap();
+        let start = (i % 10) << 20;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: media.test\r\nRange: bytes={start}-{}\r\n\r\n",
+            start + (1 << 20) - 1
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        stalled.push(stream); // never read
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let grown_mib = crate::media::rss_kib(pid).saturating_sub(before) / 1024;
+    // 200 readers of 1 MiB each: whole-range buffers would be 200 MiB.
+    assert!(grown_mib < 80, "{READERS} stalled 1 MiB ranges grew the server by {grown_mib} MiB");
+    drop(stalled);
+    // Still serving.
+    assert_eq!(get(&url).await.status(), 200);
+}

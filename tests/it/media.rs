@@ -89,7 +89,7 @@ fn gif_of_frames(frames: usize, side: u16) -> Vec<u8> {
 }
 
 /// `VmRSS` of `pid` in KiB, or 0 once it is gone.
-fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap_or("VmRSS: 0 kB");
     line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0)
