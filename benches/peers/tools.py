@@ -95,41 +95,8 @@ def slow_origin(port: int, log: str) -> None:
 
 
 async def one(host, port, path, start: asyncio.Event, times: list):
-    reader, writer = await asyncio.open_connection(host, port)
-    request = (
-        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept-Encoding: identity\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode()
-    await start.wait()
-    t0 = time.monotonic()
-    writer.write(request)
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    await reader.readexactly(length)
-    times.append((status, time.monotonic() - t0))
-    writer.close()
-
-
-async def burst(n: int, host: str, port: int, path: str) -> None:
-    start, times = asyncio.Event(), []
-    tasks = [asyncio.create_task(one(host, port, path, start, times)) for _ in range(n)]
-    await asyncio.sleep(0.5)  # every connection open before the first request
-    start.set()
-    await asyncio.wait_for(asyncio.gather(*tasks), 60)
-    ok = sorted(t for s, t in times if s == 200)
-    if not ok:
-        print("0 0 0 0")
-        return
-    pct = lambda p: ok[min(len(ok) - 1, int(p * len(ok)))] * 1000
-    print(f"{len(ok)} {pct(0.5):.1f} {pct(0.99):.1f} {ok[-1] * 1000:.1f}")
-
-
-async def one_timed(host, port, path, start: asyncio.Event, times: list):
+    """One request once `start` is set; appends (status, seconds to the first body bytes,
+    seconds to the last)."""
     reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
     request = (
         f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept-Encoding: identity\r\n"
@@ -145,16 +112,30 @@ async def one_timed(host, port, path, start: asyncio.Event, times: list):
     for line in head.split(b"\r\n"):
         if line.lower().startswith(b"content-length:"):
             length = int(line.split(b":", 1)[1])
-    first = await reader.read(1 << 16)
+    first = await reader.read(min(length, 1 << 16)) if length else b""
     t_first = time.monotonic() - t0
     await reader.readexactly(length - len(first))
     times.append((status, t_first, time.monotonic() - t0))
     writer.close()
 
 
+async def burst(n: int, host: str, port: int, path: str) -> None:
+    start, times = asyncio.Event(), []
+    tasks = [asyncio.create_task(one(host, port, path, start, times)) for _ in range(n)]
+    await asyncio.sleep(0.5)  # every connection open before the first request
+    start.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    ok = sorted(t for s, _, t in times if s == 200)
+    if not ok:
+        print("0 0 0 0")
+        return
+    pct = lambda p: ok[min(len(ok) - 1, int(p * len(ok)))] * 1000
+    print(f"{len(ok)} {pct(0.5):.1f} {pct(0.99):.1f} {ok[-1] * 1000:.1f}")
+
+
 async def stream(n: int, host: str, port: int, path: str) -> None:
     start, times = asyncio.Event(), []
-    tasks = [asyncio.create_task(one_timed(host, port, path, start, times)) for _ in range(n)]
+    tasks = [asyncio.create_task(one(host, port, path, start, times)) for _ in range(n)]
     await asyncio.sleep(0.5)  # every connection open before the first request
     start.set()
     await asyncio.wait_for(asyncio.gather(*tasks), 120)

@@ -21,7 +21,7 @@ async fn admin_post(p: &Parasol, path: &str, token: Option<&str>, body: Value) -
     (status, serde_json::from_slice(&r.bytes().await.unwrap()).unwrap_or(Value::Null))
 }
 
-fn audit_lines(dir: &Path) -> Vec<Value> {
+pub(crate) fn audit_lines(dir: &Path) -> Vec<Value> {
     std::fs::read_to_string(dir.join("outbound.jsonl"))
         .unwrap_or_default()
         .lines()

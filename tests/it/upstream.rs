@@ -2,20 +2,13 @@
 //! or an S3 bucket read with credentials (a real s3s-fs), under a path prefix of the public
 //! listener.
 
+use crate::admin::audit_lines;
 use crate::shared::{ACCESS, BUCKET, S3, SECRET};
 use crate::util::*;
 
 fn upstream_config(dir: &std::path::Path, allow: &[&str], upstream: &str) -> parasol::Config {
     let toml = config_toml(dir, allow, upstream);
     parasol::Config::from_sources("test", &toml, std::iter::empty()).unwrap()
-}
-
-fn audit_lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("outbound.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[tokio::test]
