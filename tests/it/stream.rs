@@ -1,5 +1,5 @@
 //! A cold file reaches its viewers as the origin's bytes arrive: a trickling origin (its own
-//! hyper server here, sending 64 KiB every 25 ms), viewers who ask at once and who join later,
+//! hyper server here, sending 64 KiB every 40 ms), viewers who ask at once and who join later,
 //! a Range inside what has arrived, a fill that fails midway, and types that must be prepared
 //! before anyone sees them.
 
@@ -17,7 +17,7 @@ use crate::util::*;
 
 const PIECE: usize = 64 << 10;
 
-/// An origin that sends `body` in 64 KiB pieces, one every 25 ms, declaring its full length;
+/// An origin that sends `body` in 64 KiB pieces, one every 40 ms, declaring its full length;
 /// with `cut_at`, it closes the connection after that many bytes.
 struct Trickle {
     addr: std::net::SocketAddr,
@@ -61,7 +61,7 @@ impl Trickle {
                                     };
                                 }
                                 if at > 0 {
-                                    tokio::time::sleep(Duration::from_millis(25)).await;
+                                    tokio::time::sleep(Duration::from_millis(40)).await;
                                 }
                                 let end = (at + PIECE).min(send);
                                 if end == total {
@@ -107,7 +107,7 @@ fn video(n: usize) -> Bytes {
 
 #[tokio::test]
 async fn viewers_of_a_cold_video_get_its_bytes_as_they_arrive() {
-    let original = video(6 << 20); // about 2.4 s at the origin's pace
+    let original = video(6 << 20); // about 3.8 s at the origin's pace
     let origin = Trickle::start("127.0.0.87", original.clone(), None).await;
     let dir = tempfile::tempdir().unwrap();
     let p = Parasol::start(config(dir.path(), &["127.0.0.87/32"])).await;
