@@ -158,8 +158,11 @@ impl Proxy {
         let mut flushed = (0u64, Instant::now());
         while let Some(chunk) = response.chunk().await.map_err(body_error)? {
             *received += chunk.len() as u64;
-            if *received > max || declared.is_some_and(|n| *received > n) {
+            if *received > max {
                 return Err(ProxyError::TooLarge);
+            }
+            if declared.is_some_and(|n| *received > n) {
+                return Err(ProxyError::OriginInvalid("body longer than Content-Length"));
             }
             sink.push_chunk(&chunk).await.map_err(ProxyError::storage)?;
             if content_type.is_none() && sink.head().len() == SNIFF_LEN {
