@@ -429,7 +429,18 @@ async fn serve_request<B>(proxy: &Arc<Proxy>, request: &ProxyRequest, req: &Requ
             }
         },
     };
-    match response::serve(&entry, proxy.store.blobs(), req.method(), req.headers()).await {
+    respond(proxy, &entry, cache, req).await
+}
+
+/// The response for a found `entry`; a blob found gone meanwhile is forgotten, so the next
+/// request refills it.
+async fn respond<B>(
+    proxy: &Proxy,
+    entry: &crate::cache::Entry,
+    cache: CacheStatus,
+    req: &Request<B>,
+) -> Routed {
+    match response::serve(entry, proxy.store.blobs(), req.method(), req.headers()).await {
         Ok((response, sent)) => Ok((response, cache, sent)),
         Err(e) => {
             proxy.store.forget_if_vanished(&entry.hash).await;
@@ -498,13 +509,7 @@ async fn serve_pictrs<B>(
             let request = ProxyRequest { source, variant: Some(name.clone()) };
             let (entry, cache) =
                 proxy.get_rendition(&request, &name, rendition.spec(), Trigger::View).await?;
-            match response::serve(&entry, proxy.store.blobs(), req.method(), req.headers()).await {
-                Ok((response, sent)) => Ok((response, cache, sent)),
-                Err(e) => {
-                    proxy.store.forget_if_vanished(&entry.hash).await;
-                    Err((e, cache))
-                }
-            }
+            respond(proxy, &entry, cache, req).await
         }
         PictrsRequest::Details(source) => {
             let (entry, cache) = proxy.get(&original(source), Trigger::View).await?;
