@@ -175,6 +175,13 @@ run() {
 }
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
 sign_path() { $TOOLS sign "$KEY" "$1"; }   # source URL -> parasol's /m/ path
+cold_target() { # server origin src -> "port path" of src on server, for the cold-URL workloads
+  case $1 in
+    parasol) echo "18084 $(sign_path "$2$3")" ;;
+    nginx) echo "18082 $3" ;;
+    varnish) echo "18083 $3" ;;
+  esac
+}
 parasol_url() { echo "http://127.0.0.1:$1$(sign_path "http://127.0.0.1:18081$2")"; }   # port path
 
 # ---- W1-W3: hits -----------------------------------------------------------------------------
@@ -244,11 +251,7 @@ for round in $(seq "$ROUNDS"); do
   for n in 50 500; do
     for s in "${HIT_SERVERS[@]}"; do
       src="/slowpy/w5-$s-$n-$round.jpg"
-      case $s in
-        parasol) port=18084; path=$(sign_path "http://127.0.0.1:18085$src") ;;
-        nginx) port=18082; path=$src ;;
-        varnish) port=18083; path=$src ;;
-      esac
+      read -r port path < <(cold_target "$s" http://127.0.0.1:18085 "$src")
       read -r ok p50 p99 max < <($TOOLS burst "$n" 127.0.0.1 "$port" "$path")
       fills=$(grep -c "^$src\$" "$WORK/logs/origin_slow.log" || true)
       W5[$s.$n.ok]+="$ok "; W5[$s.$n.p50]+="$p50 "; W5[$s.$n.p99]+="$p99 "; W5[$s.$n.fills]+="$fills "
@@ -266,11 +269,7 @@ for round in $(seq "$ROUNDS"); do
   for n in 1 20; do
     for s in "${HIT_SERVERS[@]}"; do
       src="/w7/$s-$n-$round.mp4"
-      case $s in
-        parasol) port=18084; path=$(sign_path "http://127.0.0.1:18081$src") ;;
-        nginx) port=18082; path=$src ;;
-        varnish) port=18083; path=$src ;;
-      esac
+      read -r port path < <(cold_target "$s" http://127.0.0.1:18081 "$src")
       read -r ok f50 fmax l50 lmax < <($TOOLS stream "$n" 127.0.0.1 "$port" "$path")
       W7[$s.$n.ok]+="$ok "; W7[$s.$n.f50]+="$f50 "; W7[$s.$n.fmax]+="$fmax "
       W7[$s.$n.l50]+="$l50 "; W7[$s.$n.lmax]+="$lmax "

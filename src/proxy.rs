@@ -81,6 +81,18 @@ pub enum Found {
     Growing(Arc<Growing>, CacheStatus),
 }
 
+impl Found {
+    /// The stored entry, from a lookup that did not ask for a growing fill.
+    fn stored(self) -> Result<(Arc<Entry>, CacheStatus), (ProxyError, CacheStatus)> {
+        match self {
+            Found::Entry(entry, status) => Ok((entry, status)),
+            Found::Growing(_, status) => {
+                Err((ProxyError::internal("a growing fill where none was asked for"), status))
+            }
+        }
+    }
+}
+
 /// Shared state of a running proxy.
 pub struct Proxy {
     pub config: Config,
@@ -186,12 +198,7 @@ impl Proxy {
         req: &ProxyRequest,
         trigger: Trigger,
     ) -> Result<(Arc<Entry>, CacheStatus), (ProxyError, CacheStatus)> {
-        match self.find(req, trigger, false).await? {
-            Found::Entry(entry, status) => Ok((entry, status)),
-            Found::Growing(_, status) => {
-                Err((ProxyError::internal("a growing fill where none was asked for"), status))
-            }
-        }
+        self.find(req, trigger, false).await?.stored()
     }
 
     /// As [`Self::get`], but a large original that passes through unchanged may be found
@@ -312,12 +319,7 @@ impl Proxy {
         F: FnOnce(Arc<Self>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = FillResult> + Send + 'static,
     {
-        match self.lookup_or_fill_state(key, fill, false).await? {
-            Found::Entry(entry, status) => Ok((entry, status)),
-            Found::Growing(_, status) => {
-                Err((ProxyError::internal("a growing fill where none was asked for"), status))
-            }
-        }
+        self.lookup_or_fill_state(key, fill, false).await?.stored()
     }
 
     /// [`Self::lookup_or_fill`]; with `stream`, a fill whose body may be read as it arrives

@@ -119,12 +119,18 @@ async def one(host, port, path, start: asyncio.Event, times: list):
     writer.close()
 
 
-async def burst(n: int, host: str, port: int, path: str) -> None:
+async def all_at_once(n: int, host: str, port: int, path: str, deadline: float) -> list:
+    """N connections opened first, then N requests sent at once; their `one` timings."""
     start, times = asyncio.Event(), []
     tasks = [asyncio.create_task(one(host, port, path, start, times)) for _ in range(n)]
     await asyncio.sleep(0.5)  # every connection open before the first request
     start.set()
-    await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    await asyncio.wait_for(asyncio.gather(*tasks), deadline)
+    return times
+
+
+async def burst(n: int, host: str, port: int, path: str) -> None:
+    times = await all_at_once(n, host, port, path, 60)
     ok = sorted(t for s, _, t in times if s == 200)
     if not ok:
         print("0 0 0 0")
@@ -134,11 +140,7 @@ async def burst(n: int, host: str, port: int, path: str) -> None:
 
 
 async def stream(n: int, host: str, port: int, path: str) -> None:
-    start, times = asyncio.Event(), []
-    tasks = [asyncio.create_task(one(host, port, path, start, times)) for _ in range(n)]
-    await asyncio.sleep(0.5)  # every connection open before the first request
-    start.set()
-    await asyncio.wait_for(asyncio.gather(*tasks), 120)
+    times = await all_at_once(n, host, port, path, 120)
     ok = [(f, l) for s, f, l in times if s == 200]
     if not ok:
         print("0 0 0 0 0")
