@@ -113,6 +113,16 @@ pub(crate) fn spawn_serving(
     envs: &[(&str, &str)],
     config: Option<&Path>,
 ) -> (Running, SocketAddr, SocketAddr) {
+    let (child, public, admin, _) = spawn_serving_logged(cwd, envs, config);
+    (child, public, admin)
+}
+
+/// [`spawn_serving`], also returning the log lines written before it listened.
+pub(crate) fn spawn_serving_logged(
+    cwd: &Path,
+    envs: &[(&str, &str)],
+    config: Option<&Path>,
+) -> (Running, SocketAddr, SocketAddr, Vec<serde_json::Value>) {
     let mut cmd = parasol(cwd);
     cmd.arg("serve");
     if let Some(file) = config {
@@ -130,6 +140,7 @@ pub(crate) fn spawn_serving(
     let stderr = child.stderr.take().unwrap();
     let child = Running(child);
     let mut lines = BufReader::new(stderr).lines();
+    let mut before = Vec::new();
     let addrs = loop {
         let line = lines.next().expect("parasol logs before exiting").unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
@@ -138,10 +149,39 @@ pub(crate) fn spawn_serving(
             let admin = v["fields"]["admin"].as_str().unwrap().parse().unwrap();
             break (public, admin);
         }
+        before.push(v);
     };
     // Keep draining stderr so the child never blocks on a full pipe; echo it for failures.
     std::thread::spawn(move || lines.for_each(|l| eprintln!("child: {}", l.unwrap_or_default())));
-    (child, addrs.0, addrs.1)
+    (child, addrs.0, addrs.1, before)
+}
+
+/// A missing outside program (ffmpeg, heif-convert) is named once in the start-up log, with
+/// the package that brings it; the proxy starts and serves all the same.
+#[tokio::test]
+async fn a_missing_media_tool_is_named_once_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let envs = [
+        ("PARASOL__MEDIA__FFMPEG", "/nonexistent/ffmpeg"),
+        ("PARASOL__MEDIA__HEIF_CONVERT", "/nonexistent/heif-convert"),
+    ];
+    let (child, _public, admin, logged) = spawn_serving_logged(dir.path(), &envs, None);
+    let said = |tool: &str| -> Vec<String> {
+        logged
+            .iter()
+            .filter(|v| v["fields"]["tool"] == tool && v["level"] == "WARN")
+            .map(|v| v["fields"]["message"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let ffmpeg = said("ffmpeg");
+    assert_eq!(ffmpeg.len(), 1, "{logged:#?}");
+    assert!(ffmpeg[0].contains("answer 415") && ffmpeg[0].contains("install ffmpeg"), "{ffmpeg:?}");
+    let heif = said("heif-convert");
+    assert_eq!(heif.len(), 1, "{logged:#?}");
+    assert!(heif[0].contains("install libheif-examples"), "{heif:?}");
+    assert_eq!(get(&format!("http://{admin}/readyz")).await.status(), 200);
+    child.sigterm();
+    assert!(child.wait().await.success());
 }
 
 #[tokio::test]

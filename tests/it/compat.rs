@@ -160,6 +160,39 @@ async fn akkoma_filenames_redirect_and_preview_is_a_variant() {
     p.stop().await;
 }
 
+/// Akkoma's preview of a video, with its defaults: over `min_content_length` (100 KiB) the
+/// first frame fitted to 600 x 600 as JPEG; under it, the video as it is.
+#[tokio::test]
+#[cfg_attr(not(has_ffmpeg), ignore = "needs ffmpeg: apt-get install ffmpeg")]
+async fn akkoma_preview_of_a_video_is_its_poster() {
+    let make = crate::variants::ffmpeg_make;
+    let big = make("-f lavfi -i testsrc=s=1280x720:d=2:r=10 -c:v mjpeg -q:v 2", "mov");
+    let small = make("-f lavfi -i color=c=red:s=320x240:d=1 -c:v libx264 -preset ultrafast", "mp4");
+    assert!(big.len() > 100 << 10 && small.len() < 100 << 10, "{} {}", big.len(), small.len());
+    let origin = Origin::start("127.0.0.18").await;
+    origin.route("/v/big.mov", Route::ok(big));
+    origin.route("/v/small.mp4", Route::ok(small.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(compat_config(dir.path(), &["127.0.0.18/32"])).await;
+    let preview_of = |path: &str| {
+        let src = origin.url(path);
+        let name = src.rsplit('/').next().unwrap().to_string();
+        let path = akkoma_path(&src, &name).replacen("/proxy/", "/proxy/preview/", 1);
+        format!("http://{}{path}", p.public)
+    };
+    let r = get(&preview_of("/v/big.mov")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/jpeg");
+    assert_eq!(r.headers()["content-disposition"], "inline; filename=\"preview.jpg\"");
+    let poster = image::load_from_memory(&body(r).await).unwrap();
+    assert_eq!(poster.width(), 600);
+    assert!((337..=338).contains(&poster.height()), "{}", poster.height());
+    let r = get(&preview_of("/v/small.mp4")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(body(r).await, small, "under 100 KiB: the video itself");
+    p.stop().await;
+}
+
 async fn origin_body(origin: &Origin, path: &str) -> bytes::Bytes {
     body(get(&origin.url(path)).await).await
 }

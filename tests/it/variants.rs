@@ -425,8 +425,42 @@ async fn avatars_and_emoji_keep_their_animation_and_static_is_still() {
     origin.route("/anim.gif", Route::ok(animated_gif(3)));
     origin.route("/anim.png", Route::ok(apng(800, 400)));
     origin.route("/anim.webp", Route::ok(animated_webp(800, 400)));
+    // Originals keep their animation when their metadata is stripped.
+    let secret = b"GPS-secret-home";
+    let tagged_png = {
+        let mut png = img_parts::png::Png::from_bytes(apng(800, 400).into()).unwrap();
+        let text = [b"Comment\0".as_slice(), secret].concat();
+        let chunk = img_parts::png::PngChunk::new(*b"tEXt", text.into());
+        png.chunks_mut().insert(1, chunk);
+        let mut out = Vec::new();
+        png.encoder().write_to(&mut out).unwrap();
+        out
+    };
+    let tagged_webp = {
+        use img_parts::ImageEXIF;
+        let mut webp = img_parts::webp::WebP::from_bytes(animated_webp(800, 400).into()).unwrap();
+        webp.set_exif(Some([b"MM\0\x2a".as_slice(), secret].concat().into()));
+        let mut out = Vec::new();
+        webp.encoder().write_to(&mut out).unwrap();
+        out
+    };
+    origin.route("/tagged.png", Route::ok(tagged_png.clone()));
+    origin.route("/tagged.webp", Route::ok(tagged_webp.clone()));
     let dir = tempfile::tempdir().unwrap();
     let p = Parasol::start(config(dir.path(), &["127.0.0.17/32"])).await;
+    for (path, sent) in [("/tagged.png", &tagged_png), ("/tagged.webp", &tagged_webp)] {
+        assert!(sent.windows(secret.len()).any(|w| w == secret));
+        let original = body(get(&p.url(&origin.url(path))).await).await;
+        assert!(!original.windows(secret.len()).any(|w| w == secret), "{path}: stripped");
+        let frames = match path.ends_with(".png") {
+            true => {
+                let decoder = image::codecs::png::PngDecoder::new(Cursor::new(&original[..]));
+                image::AnimationDecoder::into_frames(decoder.unwrap().apng().unwrap()).count()
+            }
+            false => webp_frames(&original).len(),
+        };
+        assert_eq!(frames, 3, "{path}: the original is still animated");
+    }
     for (path, (w, h)) in
         [("/anim.gif", (640, 320)), ("/anim.png", (640, 320)), ("/anim.webp", (640, 320))]
     {
@@ -444,6 +478,9 @@ async fn avatars_and_emoji_keep_their_animation_and_static_is_still() {
         assert_eq!(webp_frames(&emoji)[0].dimensions(), (256, 128));
         let still = body(get(&variant_url(&p, &origin.url(path), "static")).await).await;
         assert!(!still.windows(4).any(|w| w == b"ANIM"), "{path}: static is one frame");
+        let first = decoded(&still).1.to_rgba8();
+        let px = first.get_pixel(first.width() / 2, first.height() / 2).0;
+        assert!(near(px, COLOURS[0]), "{path}: static is the first frame, got {px:?}");
         // The badge: the first frame (stretched to white) against its letterbox.
         let badge = body(get(&variant_url(&p, &origin.url(path), "badge")).await).await;
         let mask = image::load_from_memory(&badge).unwrap().to_rgba8();
@@ -461,6 +498,24 @@ async fn avatars_and_emoji_keep_their_animation_and_static_is_still() {
     let avatar = body(get(&variant_url(&p, &origin.url("/long.gif"), "avatar")).await).await;
     assert!(!avatar.windows(4).any(|w| w == b"ANIM"), "over the frame budget: still");
     assert_eq!(decoded(&avatar).1.width(), 640);
+    p.stop().await;
+
+    // Past media.max_animation_pixels (canvas pixels summed over frames): three frames of
+    // 800 x 400 need 960,000; a budget of two frames gives the first frame, fitted.
+    let origin = Origin::start("127.0.0.17").await;
+    origin.route("/three.gif", Route::ok(animated_gif(3)));
+    origin.route("/two.gif", Route::ok(animated_gif(2)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.17/32"]);
+    cfg.media.max_animation_pixels = 2 * 800 * 400;
+    let p = Parasol::start(cfg).await;
+    let avatar = body(get(&variant_url(&p, &origin.url("/three.gif"), "avatar")).await).await;
+    assert!(!avatar.windows(4).any(|w| w == b"ANIM"), "over the pixel budget: still");
+    let (_, first) = decoded(&avatar);
+    assert_eq!((first.width(), first.height()), (640, 320));
+    assert!(near(first.to_rgba8().get_pixel(320, 160).0, COLOURS[0]), "the first frame");
+    let within = body(get(&variant_url(&p, &origin.url("/two.gif"), "avatar")).await).await;
+    assert_eq!(webp_frames(&within).len(), 2, "exactly at the budget: animated");
     p.stop().await;
 }
 
