@@ -27,11 +27,14 @@ need=()
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v varnishd >/dev/null || need+=(varnish)
 command -v wrk >/dev/null || need+=(wrk)
+command -v ffmpeg >/dev/null || need+=(ffmpeg)
 [ -f /usr/share/camo/server.js ] || need+=(camo)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-cargo build --release -q
+# PARASOL_BIN: another build to measure (a before/after comparison); by default this tree's.
+PARASOL_BIN=${PARASOL_BIN:-target/release/parasol}
+[ "$PARASOL_BIN" = target/release/parasol ] && cargo build --release -q
 PORTS=(18081 18082 18083 18084 18085 18086 18087 18088 18094 18097)
 for port in "${PORTS[@]}"; do   # a leftover server would be measured instead of ours
   if (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then echo "port $port is in use: stop what listens there" >&2; exit 1; fi
@@ -72,19 +75,37 @@ LUA=benches/peers/load.lua
 # otherwise be written back during the next one, stalling every process that writes a log.
 settle() { sync; sleep 0.5; }
 echo "generating media under $WORK ..." >&2
-# JPEG signature, then noise: parasol sniffs the type from the bytes.
+# Hits: a JPEG signature, then noise (parasol sniffs the type from the bytes; a hit never
+# looks further). Misses (W4, W6): a real photo of about 64 KiB as the Fediverse serves them,
+# re-encoded on upload without metadata (ffmpeg's comment segment removed), made distinct per
+# URL inside its entropy-coded data, where a changed byte moves no segment.
 SIZES=(4 60 64 70 200)
-python3 - "$WORK/www" "${SIZES[@]}" <<'PY'
-import os, sys
-root, sizes = sys.argv[1], sys.argv[2:]
+ffmpeg -hide_banner -loglevel error -y -f lavfi -i "testsrc2=s=480x360,noise=alls=25:allf=t" \
+  -frames:v 1 -q:v 5 "$WORK/photo.jpg"
+python3 - "$WORK/www" "$WORK/photo.jpg" "${SIZES[@]}" <<'PY'
+import os, struct, sys
+root, photo, sizes = sys.argv[1], sys.argv[2], sys.argv[3:]
 for kib in sizes:
     open(f"{root}/{kib}k.jpg", "wb").write(b"\xff\xd8\xff\xe0" + os.urandom(int(kib) * 1024 - 4))
 # ISO BMFF signature ("ftyp"), then noise: 20 MiB of "video".
-open(f"{root}/u.jpg", "wb").write(b"\xff\xd8\xff\xe0PARASOL-BENCH-MARKER" + os.urandom(64 * 1024 - 24))
 open(f"{root}/video.mp4", "wb").write(b"\x00\x00\x00\x18ftypmp42" + os.urandom(20 * 1024 * 1024 - 12))
-noise = os.urandom(64 * 1024 + 20000 * 8)
-for i in range(20000):  # distinct bytes per key, cheaply: a different window of one noise block
-    open(f"{root}/z/{i}.jpg", "wb").write(b"\xff\xd8\xff\xe0" + noise[i * 8 : i * 8 + 64 * 1024 - 4])
+jpeg, out, at = open(photo, "rb").read(), bytearray(b"\xff\xd8"), 2
+while True:  # header segments up to the scan; COM dropped
+    marker, length = jpeg[at + 1], struct.unpack(">H", jpeg[at + 2 : at + 4])[0]
+    if marker != 0xFE:
+        out += jpeg[at : at + 2 + length]
+    at += 2 + length
+    if marker == 0xDA:
+        break
+scan = jpeg[at:]
+def distinct(tag: bytes, offset: int) -> bytes:  # `tag` in place of scan bytes free of 0xFF
+    while b"\xff" in scan[offset - 1 : offset + len(tag)]:
+        offset += 1
+    return bytes(out) + scan[:offset] + tag + scan[offset + len(tag):]
+# W6: nginx puts the request URI in place of the marker, so every URL has its own bytes.
+open(f"{root}/u.jpg", "wb").write(distinct(b"PARASOL-BENCH-MARKER", 1000))
+for i in range(20000):  # W4: 20,000 keys, distinct bytes each
+    open(f"{root}/z/{i}.jpg", "wb").write(distinct(b"%08d" % i, 1000 + (i % 500) * 64))
 PY
 
 settle   # (defined below) the media just written must not be flushed during a measurement
@@ -118,7 +139,7 @@ ${5:-}
 TOML
 }
 start_parasol() { # name
-  RUST_LOG=warn taskset -c 0 target/release/parasol serve --config "$WORK/$1.toml" \
+  RUST_LOG=warn taskset -c 0 "$PARASOL_BIN" serve --config "$WORK/$1.toml" \
     2>>"$WORK/logs/$1.err" & PID[$1]=$!
 }
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }

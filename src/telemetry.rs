@@ -165,7 +165,8 @@ impl Metrics {
             "media_jobs",
             "Media worker jobs by outcome: ok, unchanged, refused (decoder said no), too_costly \
              (timeout, memory, CPU, crash), remembered (a known too-costly file), busy (queue \
-             full), starved (over the deadline without using the CPU), error",
+             full), starved (over the deadline without using the CPU), error; skipped: a strip \
+             not sent to a worker, no byte of the file marking metadata",
             media_jobs.clone(),
         );
         let moderation = Family::<crate::moderation::log::ModerationLabels, Counter>::default();

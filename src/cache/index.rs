@@ -5,11 +5,12 @@
 //! names a blob that was complete. It takes a file lock, so two parasol processes cannot share
 //! one cache directory by accident. Its calls block, so reads run on tokio's blocking pool.
 //!
-//! Writes go through one writer thread that commits whatever has queued up in a single
-//! transaction (group commit), and each caller is answered once its record is committed.
-//! Commits become durable (fsync) at most [`DURABLE_EVERY`] apart, and at shutdown: a crash
-//! may forget the records of the last half second, which costs one refetch each, never a
-//! wrong byte, since a record is only written once its blob is in place.
+//! Writes are queued for one writer thread, which commits what has queued up over
+//! [`BATCH_WINDOW`] in a single transaction (group commit); nobody waits for it, since this
+//! process's readers see a queued change at once. Commits become durable (fsync) at most
+//! [`DURABLE_EVERY`] apart, and at shutdown: a crash may forget the records of the last half
+//! second, which costs one refetch each, never a wrong byte, since a record is only queued
+//! once its blob is in place (and a removal forgotten names a blob start-up finds gone).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -98,18 +99,20 @@ pub struct Index {
     writer: Arc<Writer>,
 }
 
-/// The writer thread's queue. When the last [`Index`] goes, the thread is stopped and joined
-/// (it may hold the database for a commit at that moment), then everything committed is made
-/// durable, so the database and its lock are released when the last handle is dropped.
+/// The writer thread and the changes it has yet to commit. When the last [`Index`] goes, the
+/// thread commits what is queued and is joined (it may hold the database for a commit at that
+/// moment), then everything committed is made durable, so the database and its lock are
+/// released when the last handle is dropped.
 struct Writer {
-    queue: Option<std::sync::mpsc::Sender<Write>>,
+    queue: Arc<Queue>,
     thread: Option<std::thread::JoinHandle<()>>,
     db: Arc<redb::Database>,
 }
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        drop(self.queue.take());
+        self.queue.lock().closed = true;
+        self.queue.wake.notify_one();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -124,91 +127,121 @@ impl Drop for Writer {
 /// Longest time a committed record waits to become durable.
 pub const DURABLE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// One queued change and whoever waits for its commit.
-struct Write {
-    change: Change,
-    done: tokio::sync::oneshot::Sender<Result<(), IndexError>>,
+/// Longest time a change waits for others to share its commit. Nobody waits for it: readers
+/// of this process see queued changes at once (see [`Queue`]).
+pub const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Changes per key, the latest only: `Some` a record to put, `None` a removal.
+type Changes = std::collections::HashMap<Key, Option<Vec<u8>>>;
+
+/// What the writer thread has yet to commit. A change is visible to [`Index::get`] from the
+/// moment it is queued: first in `queued`, then in `committing` until its transaction is in.
+struct Queue {
+    state: std::sync::Mutex<QueueState>,
+    /// The writer waits here for its first change, a flush, the durable deadline or closing.
+    wake: std::sync::Condvar,
 }
 
-enum Change {
-    Put(Key, Vec<u8>),
-    Remove(Vec<Key>),
+#[derive(Default)]
+struct QueueState {
+    queued: Changes,
+    /// When the oldest change in `queued` came.
+    since: Option<std::time::Instant>,
+    committing: Arc<Changes>,
+    /// Callers waiting until everything queued before them is committed.
+    flushes: Vec<tokio::sync::oneshot::Sender<Result<(), IndexError>>>,
+    closed: bool,
 }
 
-/// Most changes in one transaction; a larger queue is committed in several.
-const MAX_BATCH: usize = 1024;
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 
-/// The writer thread: waits for a change, takes everything else queued, commits it all at once.
-/// It holds the database only while committing, so dropping the last [`Index`] closes the
-/// file (and its lock) at once; the thread ends when the channel closes.
-fn write_loop(
-    db: std::sync::Weak<redb::Database>,
-    queue: std::sync::mpsc::Receiver<Write>,
-    every: std::time::Duration,
-) {
-    use std::sync::mpsc::RecvTimeoutError;
+    /// The queued or committing change of `key`, if there is one.
+    fn pending(&self, key: &Key) -> Option<Option<Vec<u8>>> {
+        let state = self.lock();
+        state.queued.get(key).or_else(|| state.committing.get(key)).cloned()
+    }
+}
+
+/// The writer thread: commits what has queued up once the oldest change has waited
+/// `BATCH_WINDOW` (at once for a flush or at closing), all in one transaction (group commit),
+/// and makes commits durable at most `every` apart. It holds the database only while
+/// committing; it ends once closed and everything queued is committed.
+fn write_loop(db: std::sync::Weak<redb::Database>, queue: Arc<Queue>, every: std::time::Duration) {
     use std::time::Instant;
     let mut last_durable = Instant::now();
     let mut pending = false; // commits made since the last durable one
     loop {
-        let first = if pending {
-            let left = every.saturating_sub(last_durable.elapsed());
-            match queue.recv_timeout(left) {
-                Ok(write) => Some(write),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return,
+        let mut state = queue.lock();
+        loop {
+            let now = Instant::now();
+            let commit_at = state.since.map(|t| t + BATCH_WINDOW);
+            let durable_at = pending.then(|| last_durable + every);
+            let due = [commit_at, durable_at].into_iter().flatten().min();
+            if state.closed || !state.flushes.is_empty() || due.is_some_and(|t| t <= now) {
+                break;
             }
-        } else {
-            match queue.recv() {
-                Ok(write) => Some(write),
-                Err(_) => return,
-            }
-        };
-        let mut batch: Vec<Write> = first.into_iter().collect();
-        while (1..MAX_BATCH).contains(&batch.len()) {
-            match queue.try_recv() {
-                Ok(write) => batch.push(write),
-                Err(_) => break,
-            }
+            state = match due {
+                Some(t) => match queue.wake.wait_timeout(state, t - now) {
+                    Ok((state, _)) => state,
+                    Err(p) => p.into_inner().0,
+                },
+                None => queue.wake.wait(state).unwrap_or_else(|p| p.into_inner()),
+            };
         }
+        let batch = Arc::new(std::mem::take(&mut state.queued));
+        state.since = None;
+        state.committing = batch.clone();
+        let flushes = std::mem::take(&mut state.flushes);
+        let closed = state.closed;
+        drop(state);
         let durable = last_durable.elapsed() >= every;
-        let result = match db.upgrade() {
-            Some(db) => commit(&db, &batch, durable),
-            None => Err(IndexError("closed".into())),
+        let result = match (batch.is_empty() && !durable, db.upgrade()) {
+            (true, _) => Ok(()),
+            (false, Some(db)) => commit(&db, &batch, durable),
+            (false, None) => Err(IndexError("closed".into())),
         };
+        if let Err(e) = &result {
+            // Lost like a crash loses them: a record's blob is then refetched or swept.
+            tracing::error!(error = %e, changes = batch.len(), "cannot commit the cache index");
+        }
         if durable {
             // A failed durable commit is retried an interval later, not in a tight loop.
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "cannot commit the cache index");
-            }
             (last_durable, pending) = (Instant::now(), result.is_err());
         } else if !batch.is_empty() {
             pending = true;
         }
-        for write in batch {
-            let _ = write.done.send(result.clone());
+        let mut state = queue.lock();
+        state.committing = Arc::default();
+        let done = closed && state.queued.is_empty();
+        drop(state);
+        for flush in flushes {
+            let _ = flush.send(result.clone());
+        }
+        if done {
+            return;
         }
     }
 }
 
 /// Applies `batch` in one transaction; `durable` makes it, and every commit before it,
 /// survive a power cut.
-fn commit(db: &redb::Database, batch: &[Write], durable: bool) -> Result<(), IndexError> {
+fn commit(db: &redb::Database, batch: &Changes, durable: bool) -> Result<(), IndexError> {
     let mut txn = db.begin_write().map_err(err)?;
     if !durable {
         txn.set_durability(redb::Durability::None).map_err(err)?;
     }
     {
         let mut table = txn.open_table(ENTRIES).map_err(err)?;
-        for write in batch {
-            match &write.change {
-                Change::Put(key, value) => {
+        for (key, change) in batch {
+            match change {
+                Some(value) => {
                     table.insert(key.0.as_slice(), value.as_slice()).map_err(err)?;
                 }
-                Change::Remove(keys) => {
-                    for key in keys {
-                        table.remove(key.0.as_slice()).map_err(err)?;
-                    }
+                None => {
+                    table.remove(key.0.as_slice()).map_err(err)?;
                 }
             }
         }
@@ -240,21 +273,36 @@ impl Index {
         txn.open_table(BANS).map_err(err)?;
         txn.commit().map_err(err)?;
         let db = Arc::new(db);
-        let (queue, writes) = std::sync::mpsc::channel();
-        let weak = Arc::downgrade(&db);
+        let queue = Arc::new(Queue { state: Default::default(), wake: Default::default() });
+        let (weak, writes) = (Arc::downgrade(&db), queue.clone());
         let thread = std::thread::Builder::new()
             .name("parasol-index".into())
             .spawn(move || write_loop(weak, writes, every))
             .map_err(err)?;
-        let writer = Writer { queue: Some(queue), thread: Some(thread), db: db.clone() };
+        let writer = Writer { queue, thread: Some(thread), db: db.clone() };
         Ok(Self { writer: Arc::new(writer), db })
     }
 
-    /// Queues `change` for the writer thread and waits until it is committed.
-    async fn write(&self, change: Change) -> Result<(), IndexError> {
+    /// Queues changes for the writer thread; they are visible to [`Index::get`] at once and
+    /// committed within [`BATCH_WINDOW`].
+    fn queue(&self, changes: impl IntoIterator<Item = (Key, Option<Vec<u8>>)>) {
+        let queue = &self.writer.queue;
+        let mut state = queue.lock();
+        let first = state.queued.is_empty();
+        state.queued.extend(changes);
+        if first && !state.queued.is_empty() {
+            state.since = Some(std::time::Instant::now());
+            drop(state);
+            queue.wake.notify_one();
+        }
+    }
+
+    /// Waits until every change queued so far is committed (not necessarily durable): before
+    /// reading the whole table, and in tests.
+    pub async fn flush(&self) -> Result<(), IndexError> {
         let (done, committed) = tokio::sync::oneshot::channel();
-        let queue = self.writer.queue.as_ref().ok_or_else(|| IndexError("closed".into()))?;
-        queue.send(Write { change, done }).map_err(|_| IndexError("closed".into()))?;
+        self.writer.queue.lock().flushes.push(done);
+        self.writer.queue.wake.notify_one();
         committed.await.map_err(|_| IndexError("writer stopped".into()))?
     }
 
@@ -306,6 +354,9 @@ impl Index {
     }
 
     pub async fn get(&self, key: Key) -> Result<Option<Record>, IndexError> {
+        if let Some(change) = self.writer.queue.pending(&key) {
+            return Ok(change.and_then(|value| serde_json::from_slice(&value).ok()));
+        }
         let db = self.db.clone();
         blocking(move || {
             let txn = db.begin_read().map_err(err)?;
@@ -319,13 +370,17 @@ impl Index {
         .await
     }
 
+    /// Stores (or replaces) the record of `key`: seen by [`Index::get`] at once, committed
+    /// within [`BATCH_WINDOW`] and durable within [`DURABLE_EVERY`] after that.
     pub async fn put(&self, key: Key, record: &Record) -> Result<(), IndexError> {
         let value = serde_json::to_vec(record).map_err(err)?;
-        self.write(Change::Put(key, value)).await
+        self.queue([(key, Some(value))]);
+        Ok(())
     }
 
     pub async fn remove(&self, key: Key) -> Result<(), IndexError> {
-        self.write(Change::Remove(vec![key])).await
+        self.queue([(key, None)]);
+        Ok(())
     }
 }
 
@@ -341,6 +396,7 @@ impl Index {
         &self,
         doomed: impl Fn(&Record) -> bool + Send + 'static,
     ) -> Result<Purged, IndexError> {
+        self.flush().await?;
         let db = self.db.clone();
         blocking(move || {
             let mut purged = Purged::default();
@@ -370,6 +426,7 @@ impl Index {
 
     /// Every record, for rebuilding the disk budget at start (records only: no blob is read).
     pub async fn all(&self) -> Result<Vec<(Key, Record)>, IndexError> {
+        self.flush().await?;
         let db = self.db.clone();
         blocking(move || {
             let txn = db.begin_read().map_err(err)?;
@@ -391,6 +448,7 @@ impl Index {
 
     /// Writes several records in one transaction (bulk import, and building large test stores).
     pub async fn put_many(&self, records: Vec<(Key, Record)>) -> Result<(), IndexError> {
+        self.flush().await?;
         let db = self.db.clone();
         blocking(move || {
             let txn = db.begin_write().map_err(err)?;
@@ -408,10 +466,8 @@ impl Index {
 
     /// Removes several records in one transaction (the keys of an evicted blob).
     pub async fn remove_many(&self, keys: Vec<Key>) -> Result<(), IndexError> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        self.write(Change::Remove(keys)).await
+        self.queue(keys.into_iter().map(|key| (key, None)));
+        Ok(())
     }
 }
 
@@ -424,7 +480,42 @@ async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use redb::ReadableTableMetadata;
     use std::time::Duration;
+
+    /// A change is seen by `get` the moment it is queued, before its commit; whole-table
+    /// reads wait for it; closing commits whatever is still queued.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_changes_are_seen_at_once_and_survive_closing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        let hash = blake3::hash(b"x");
+        let record = Record::new(&hash, 1, "image/png", "http://a.test/x.png");
+        let index = Index::open(&path).unwrap();
+        // A write transaction of our own keeps the writer thread from committing anything.
+        let blocker = index.db.begin_write().unwrap();
+        for n in 0..100u8 {
+            index.put(Key([n; 32]), &record).await.unwrap();
+        }
+        let committed = |index: &Index| {
+            let txn = index.db.begin_read().unwrap();
+            let table = txn.open_table(ENTRIES).unwrap();
+            table.len().unwrap()
+        };
+        assert_eq!(index.get(Key([7; 32])).await.unwrap(), Some(record.clone()));
+        index.remove_many(vec![Key([7; 32]), Key([8; 32])]).await.unwrap();
+        assert_eq!(index.get(Key([7; 32])).await.unwrap(), None, "a queued removal hides it");
+        assert_eq!(index.get(Key([9; 32])).await.unwrap(), Some(record.clone()));
+        assert_eq!(committed(&index), 0, "nothing committed yet");
+        drop(blocker);
+        assert_eq!(index.all().await.unwrap().len(), 98, "a full read waits for the commit");
+        assert_eq!(committed(&index), 98);
+        index.put(Key([200; 32]), &record).await.unwrap();
+        drop(index);
+        let index = Index::open(&path).unwrap();
+        assert_eq!(index.all().await.unwrap().len(), 99, "closing committed the last one");
+        assert_eq!(index.get(Key([200; 32])).await.unwrap(), Some(record));
+    }
 
     /// The last handle going releases the database at once, even while the writer thread is
     /// in the middle of a timed durable commit: the same file opens again straight away.

@@ -59,6 +59,25 @@ fn strip_webp(bytes: Bytes) -> Option<Bytes> {
     Some(Bytes::from(out))
 }
 
+/// Whether `bytes` may hold something [`strip`] removes. `false` only when no marker of what
+/// it removes occurs anywhere in the file, so the server skips a worker's round trip for the
+/// many files with nothing to strip (most JPEGs the Fediverse serves were re-encoded without
+/// metadata on upload). A byte search, not a parse: it reads no length and follows no offset,
+/// so a hostile file cannot steer it, and it errs only towards asking the worker.
+pub fn may_carry_metadata(bytes: &[u8], content_type: &str) -> bool {
+    let any = |needles: &[&[u8]]| needles.iter().any(|n| memchr::memmem::find(bytes, n).is_some());
+    match content_type {
+        // Every segment starts with its marker's two bytes, fill bytes (0xFF) before them or
+        // not; in entropy-coded data 0xFF is only ever followed by 0x00 or a restart marker.
+        "image/jpeg" => memchr::memchr_iter(0xFF, bytes).any(|at| {
+            matches!(bytes.get(at + 1), Some(&m) if [markers::APP1, markers::APP13, markers::COM].contains(&m))
+        }),
+        "image/png" => any(&[b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"]),
+        "image/webp" => any(&[b"EXIF", b"XMP "]),
+        _ => true,
+    }
+}
+
 /// The Orientation tag (0x0112) of IFD0 in a TIFF-structured EXIF block. Parsed by hand: it is
 /// one fixed-layout lookup, and an EXIF crate would parse far more hostile input than needed.
 fn orientation_of(exif: &[u8]) -> Option<u16> {
@@ -119,6 +138,83 @@ mod tests {
         assert!(!stripped.windows(6).any(|w| w == b"secret"));
         assert!(image::load_from_memory(&stripped).is_ok(), "still a valid WebP");
         assert_eq!(strip(&stripped, "image/webp"), None, "nothing left to remove");
+    }
+
+    /// Whatever `strip` would change, the byte search sends to the worker: files made with
+    /// and without each kind of metadata, and the same files with markers planted at random
+    /// places (in pixel data too), where it may only err towards the worker.
+    #[test]
+    fn the_byte_search_never_skips_what_strip_removes() {
+        let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 48, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 5) as u8, ((x ^ y) * 3) as u8])
+        }));
+        let encoded = |format| {
+            let mut out = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut out, format).unwrap();
+            Bytes::from(out.into_inner())
+        };
+        let mut files = Vec::new();
+        let jpeg = encoded(image::ImageFormat::Jpeg);
+        files.push((jpeg.clone(), "image/jpeg"));
+        for marker in [markers::APP1, markers::APP13, markers::COM] {
+            let mut j = Jpeg::from_bytes(jpeg.clone()).unwrap();
+            let segment = img_parts::jpeg::JpegSegment::new_with_contents(
+                marker,
+                Bytes::from_static(b"Exif\0\0MM\0\x2asecret"),
+            );
+            j.segments_mut().insert(1, segment);
+            let mut out = Vec::new();
+            j.encoder().write_to(&mut out).unwrap();
+            files.push((Bytes::from(out), "image/jpeg"));
+        }
+        let png = encoded(image::ImageFormat::Png);
+        files.push((png.clone(), "image/png"));
+        for kind in [b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"] {
+            let mut p = Png::from_bytes(png.clone()).unwrap();
+            let chunk = img_parts::png::PngChunk::new(*kind, Bytes::from_static(b"k\0secret"));
+            p.chunks_mut().insert(1, chunk);
+            let mut out = Vec::new();
+            p.encoder().write_to(&mut out).unwrap();
+            files.push((Bytes::from(out), "image/png"));
+        }
+        let webp = encoded(image::ImageFormat::WebP);
+        files.push((webp.clone(), "image/webp"));
+        let mut w = WebP::from_bytes(webp.clone()).unwrap();
+        w.set_exif(Some(Bytes::from_static(b"MM\0\x2asecret")));
+        let mut out = Vec::new();
+        w.encoder().write_to(&mut out).unwrap();
+        files.push((Bytes::from(out), "image/webp"));
+        // The same files with each marker planted at every 97th byte in turn.
+        let planted: Vec<(Bytes, &str)> = files
+            .iter()
+            .flat_map(|(bytes, ct)| {
+                let needles: &[&[u8]] = match *ct {
+                    "image/jpeg" => &[b"\xff\xe1", b"\xff\xed", b"\xff\xfe"],
+                    "image/png" => &[b"tEXt", b"eXIf", b"tIME"],
+                    _ => &[b"EXIF", b"XMP "],
+                };
+                let bytes = bytes.clone();
+                needles.iter().flat_map(move |n| {
+                    let bytes = bytes.clone();
+                    (8..bytes.len().saturating_sub(n.len())).step_by(97).map(move |at| {
+                        let mut b = bytes.to_vec();
+                        b[at..at + n.len()].copy_from_slice(n);
+                        (Bytes::from(b), *ct)
+                    })
+                })
+            })
+            .collect();
+        let (mut skipped, mut with_metadata) = (0, 0);
+        for (bytes, ct) in files.iter().chain(&planted) {
+            let changed = strip(bytes, ct).is_some();
+            with_metadata += usize::from(changed);
+            if !may_carry_metadata(bytes, ct) {
+                skipped += 1;
+                assert!(!changed, "{ct}: skipped a file strip changes");
+            }
+        }
+        assert_eq!(skipped, 3, "the three clean files skip the worker");
+        assert!(with_metadata >= 9, "the tagged files were stripped: {with_metadata}");
     }
 
     #[test]

@@ -53,6 +53,14 @@ impl Proxy {
         if !self.config.media.strip_metadata || !strippable || r.len > LARGEST {
             return Ok(r);
         }
+        // In memory, a file none of whose bytes mark metadata needs no worker.
+        if let crate::cache::received::Held::Memory(bytes, _) = &r.body {
+            if !crate::media::strip::may_carry_metadata(bytes, r.content_type) {
+                let skipped = crate::telemetry::OutcomeLabels { outcome: "skipped" };
+                self.metrics.media_jobs.get_or_create(&skipped).inc();
+                return Ok(r);
+            }
+        }
         let task = Task::Strip { content_type: r.content_type.into() };
         let input = r.input().await.map_err(ProxyError::storage)?;
         match self.run_job(&task, input, &r.hash, &[r.content_type]).await? {

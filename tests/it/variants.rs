@@ -268,6 +268,17 @@ async fn originals_lose_their_gps_but_keep_their_orientation() {
     let pixels = image::load_from_memory(&served).unwrap();
     assert_eq!((pixels.width(), pixels.height()), (300, 200), "pixels untouched");
 
+    let (skipped, stripped) = (
+        "parasol_media_jobs_total{outcome=\"skipped\"}",
+        "parasol_media_jobs_total{outcome=\"ok\"}",
+    );
+    assert_eq!((p.metric(skipped).await, p.metric(stripped).await), (0, 1), "a worker stripped it");
+    // A JPEG with nothing to strip is stored as it came, without a worker's round trip.
+    let clean = gradient_jpeg(300, 200);
+    origin.route("/clean.jpg", Route::ok(clean.clone()));
+    assert_eq!(body(get(&p.url(&origin.url("/clean.jpg"))).await).await, clean);
+    assert_eq!((p.metric(skipped).await, p.metric(stripped).await), (1, 1), "no job for it");
+
     // The variant applies the orientation (6: rotate 90°), so it is portrait.
     let (_, avatar) =
         decoded(&body(get(&variant_url(&p, &origin.url("/holiday.jpg"), "avatar")).await).await);
