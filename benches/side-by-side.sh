@@ -249,11 +249,12 @@ fi
 # ---- W6: the miss path -----------------------------------------------------------------------
 if want miss; then
 echo "W6: miss path, $ROUNDS rounds x $DURATION ..." >&2
-declare -A MISS_BASE=([parasol]=http://127.0.0.1:18084 [nginx-pass]=http://127.0.0.1:18082 [camo]=http://127.0.0.1:18086)
+declare -A MISS_BASE=([parasol]=http://127.0.0.1:18084 [nginx]=http://127.0.0.1:18082 [nginx-pass]=http://127.0.0.1:18082 [camo]=http://127.0.0.1:18086)
 PID[nginx-pass]=${PID[nginx]}
-MISS_SERVERS=(parasol nginx-pass camo)
+MISS_SERVERS=(parasol nginx nginx-pass camo)
 for round in $(seq "$ROUNDS"); do
   $TOOLS paths miss-parasol "$WORK/miss.parasol" 100000 "$KEY" http://127.0.0.1:18081 "r$round"
+  $TOOLS paths miss-plain "$WORK/miss.nginx" 100000 "" "n$round"   # through proxy_cache: stored
   $TOOLS paths miss-plain "$WORK/miss.nginx-pass" 100000 /pass "r$round"
   $TOOLS paths miss-camo "$WORK/miss.camo" 100000 "$CAMO_KEY" http://127.0.0.1:18081 "r$round"
   for s in "${MISS_SERVERS[@]}"; do
@@ -423,9 +424,10 @@ table() { # workload servers...
   fi
   if want miss; then
   echo
-  echo "W6 ratios: parasol / camo $(ratio "$(m miss.parasol.rps)" "$(m miss.camo.rps)"), parasol / nginx-pass $(ratio "$(m miss.parasol.rps)" "$(m miss.nginx-pass.rps)")."
-  echo "W6: every request is a URL the cache has not seen, with bytes of its own (64 KiB from a local nginx origin);"
-  echo "parasol also verifies, hashes and stores each one, camo and \`nginx-pass\` store nothing. parasol runs"
+  echo "W6 ratios: parasol / nginx (cache on) $(ratio "$(m miss.parasol.rps)" "$(m miss.nginx.rps)"), parasol / camo $(ratio "$(m miss.parasol.rps)" "$(m miss.camo.rps)"), parasol / nginx-pass $(ratio "$(m miss.parasol.rps)" "$(m miss.nginx-pass.rps)")."
+  echo "W6: every request is a URL the cache has not seen, with bytes of its own (a 64 KiB photo from a local nginx"
+  echo "origin); parasol also verifies, hashes and stores each one, \`nginx\` stores it in its proxy_cache, camo and"
+  echo "\`nginx-pass\` store nothing. parasol runs"
   echo "with \`fetch.max_per_origin = 64\` here (default 8), as the peers cap nothing per origin."
   fi
   echo
