@@ -93,12 +93,13 @@ impl Sink {
     pub async fn push_chunk(&mut self, chunk: &[u8]) -> std::io::Result<()> {
         let take = SNIFF_LEN.saturating_sub(self.head.len()).min(chunk.len());
         self.head.extend_from_slice(&chunk[..take]);
-        self.hasher.update(chunk);
         if let Some(d) = &mut self.digester {
             d.update(chunk);
         }
         self.len += chunk.len() as u64;
         if let Some((held, _, most)) = &mut self.memory {
+            // Held bytes are hashed once, whole, at the end: in one piece blake3 hashes many
+            // chunks at a time, where the network's uneven pieces cost it serial blocks.
             if held.len() + chunk.len() <= *most {
                 held.extend_from_slice(chunk);
                 return Ok(());
@@ -106,8 +107,10 @@ impl Sink {
             // Larger than it said, or than memory takes: spill, and give the room back.
             let mut spill = self.disk.create_temp().await?;
             spill.file.write_all(held).await?;
+            self.hasher.update(held);
             (self.memory, self.temp) = (None, Some(spill));
         }
+        self.hasher.update(chunk);
         match &mut self.temp {
             Some(t) => t.file.write_all(chunk).await,
             None => Err(std::io::Error::other("a body sink used before start")),
@@ -146,9 +149,10 @@ impl Sink {
         &self.head
     }
 
-    pub fn finish(self, content_type: &'static str) -> Received {
+    pub fn finish(mut self, content_type: &'static str) -> Received {
         let body = match (self.memory, self.temp) {
             (Some((mut held, hold, _)), _) => {
+                self.hasher.update(&held);
                 // What the memory tier keeps is exactly what it weighs.
                 held.shrink_to_fit();
                 Held::Memory(Bytes::from(held), Some(hold))
