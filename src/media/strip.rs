@@ -53,7 +53,18 @@ fn strip_png(bytes: Bytes) -> Option<Bytes> {
 fn strip_webp(bytes: Bytes) -> Option<Bytes> {
     let mut webp = WebP::from_bytes(bytes).ok()?;
     webp.set_exif(None);
-    webp.remove_chunks_by_id(*b"XMP ");
+    webp.remove_chunks_by_id(img_parts::webp::CHUNK_XMP);
+    // img-parts keeps the header's XMP flag when the chunk goes, and a decoder that holds the
+    // flags to the chunks (image-webp) then refuses the file: every rendition of it failed.
+    const XMP_FLAG: u8 = 0x04;
+    let vp8x = webp.chunks_mut().iter_mut().find(|c| c.id() == img_parts::webp::CHUNK_VP8X);
+    if let Some(img_parts::riff::RiffContent::Data(data)) = vp8x.map(|c| c.content_mut()) {
+        if data.first().is_some_and(|flags| flags & XMP_FLAG != 0) {
+            let mut cleared = data.to_vec();
+            cleared[0] &= !XMP_FLAG;
+            *data = Bytes::from(cleared);
+        }
+    }
     let mut out = Vec::new();
     webp.encoder().write_to(&mut out).ok()?;
     Some(Bytes::from(out))
@@ -215,6 +226,29 @@ mod tests {
         }
         assert_eq!(skipped, 3, "the three clean files skip the worker");
         assert!(with_metadata >= 9, "the tagged files were stripped: {with_metadata}");
+    }
+
+    /// A WebP whose header flags its XMP: stripped, it still decodes (the flag goes with the
+    /// chunk) and keeps no byte of the XMP.
+    #[test]
+    fn webp_xmp_is_removed_with_its_flag() {
+        use img_parts::riff::{RiffChunk, RiffContent};
+        let img = image::DynamicImage::ImageRgb8(image::RgbImage::new(8, 8));
+        let mut plain = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut plain, image::ImageFormat::WebP).unwrap();
+        let mut webp = WebP::from_bytes(plain.into_inner().into()).unwrap();
+        let xmp = RiffContent::Data(Bytes::from_static(b"<x:xmpmeta>home-address</x:xmpmeta>"));
+        webp.chunks_mut().push(RiffChunk::new(img_parts::webp::CHUNK_XMP, xmp));
+        webp.set_exif(None); // makes img-parts write the VP8X header, flags from the chunks
+        let mut tagged = Vec::new();
+        webp.encoder().write_to(&mut tagged).unwrap();
+        let tagged = Bytes::from(tagged);
+        assert_eq!(&tagged[12..16], b"VP8X");
+        assert_eq!(tagged[20] & 0x04, 0x04, "the header flags the XMP");
+        assert!(image::load_from_memory(&tagged).is_ok());
+        let stripped = strip(&tagged, "image/webp").expect("something removed");
+        assert!(!stripped.windows(12).any(|w| w == b"home-address"));
+        assert!(image::load_from_memory(&stripped).is_ok(), "still decodes after the strip");
     }
 
     #[test]
