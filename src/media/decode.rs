@@ -68,11 +68,33 @@ fn open(source: &[u8]) -> Result<Box<dyn ImageDecoder + '_>, ProxyError> {
     let reader = ImageReader::new(Cursor::new(source))
         .with_guessed_format()
         .map_err(|_| ProxyError::bad_image("unreadable"))?;
-    if reader.format().is_none() {
-        return Err(ProxyError::bad_image("unsupported image format"));
+    let format = reader.format().ok_or(ProxyError::bad_image("unsupported image format"))?;
+    // image's ICO decoder takes only RGBA PNG pictures: a favicon whose largest picture is a
+    // PNG is decoded as the PNG it is, whatever its colours (grey, RGB, palette).
+    if format == image::ImageFormat::Ico {
+        if let Some(png) = ico_largest_png(source) {
+            let decoder = image::codecs::png::PngDecoder::new(Cursor::new(png));
+            return Ok(Box::new(decoder.map_err(unreadable)?));
+        }
     }
     let decoder = reader.into_decoder().map_err(|_| ProxyError::bad_image("unsupported image"))?;
     Ok(Box::new(decoder))
+}
+
+/// The largest picture of an ICO file when it is PNG-encoded, found through the directory
+/// (16-byte entries after a 6-byte header: width and height, 0 meaning 256, then the size and
+/// offset of the picture).
+fn ico_largest_png(ico: &[u8]) -> Option<&[u8]> {
+    let count = usize::from(u16::from_le_bytes([*ico.get(4)?, *ico.get(5)?]));
+    let entry = |i: usize| {
+        let e = ico.get(6 + 16 * i..6 + 16 * (i + 1))?;
+        let side = |b: u8| if b == 0 { 256 } else { u32::from(b) };
+        let len = u32::from_le_bytes([e[8], e[9], e[10], e[11]]) as usize;
+        let at = u32::from_le_bytes([e[12], e[13], e[14], e[15]]) as usize;
+        Some((side(e[0]) * side(e[1]), ico.get(at..at.checked_add(len)?)?))
+    };
+    let (_, largest) = (0..count).filter_map(entry).max_by_key(|(area, _)| *area)?;
+    largest.starts_with(b"\x89PNG\r\n\x1a\n").then_some(largest)
 }
 
 /// Whether the file ends the way its format ends. Decoders happily render the top half of a cut
@@ -106,6 +128,40 @@ mod tests {
         assert!(check_size(100, 101, 10_000).is_err());
         assert!(check_size(0, 10, 10_000).is_err());
         assert!(check_size(MAX_DIMENSION + 1, 1, u64::MAX).is_err());
+    }
+
+    /// A favicon whose largest picture is a grey or RGB PNG (image's ICO decoder takes only
+    /// RGBA ones) decodes as that PNG.
+    #[test]
+    fn ico_with_a_grey_or_rgb_png_inside_decodes() {
+        let png = |img: image::DynamicImage| {
+            let mut out = Cursor::new(Vec::new());
+            img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+            out.into_inner()
+        };
+        let small = png(image::DynamicImage::ImageLuma8(image::GrayImage::new(16, 16)));
+        let grey = png(image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(
+            48,
+            48,
+            image::Luma([200]),
+        )));
+        let rgb = png(image::DynamicImage::ImageRgb8(image::RgbImage::new(32, 32)));
+        for (big, side) in [(grey, 48u8), (rgb, 32)] {
+            // Directory: the small entry first, the big one second.
+            let mut ico = vec![0, 0, 1, 0, 2, 0];
+            let first = 6 + 32;
+            for (data, s, at) in [(&small, 16u8, first), (&big, side, first + small.len())] {
+                ico.extend_from_slice(&[s, s, 0, 0, 1, 0, 32, 0]);
+                ico.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                ico.extend_from_slice(&(at as u32).to_le_bytes());
+            }
+            ico.extend_from_slice(&small);
+            ico.extend_from_slice(&big);
+            assert!(image::load_from_memory(&ico).is_err(), "image alone refuses it");
+            let img = still(&ico, 1 << 20).expect("decoded through its PNG");
+            assert_eq!((img.width(), img.height()), (u32::from(side), u32::from(side)));
+        }
+        assert_eq!(ico_largest_png(b"\0\0\x01\0\xff\xff"), None, "a directory past the end");
     }
 
     #[test]
