@@ -102,7 +102,10 @@ async fn corrupt_or_truncated_blobs_are_never_served_and_are_refetched() {
     assert_eq!(body_of(&p, &origin, "/large.png").await, large, "refetched, not served short");
     assert_eq!(origin.hits("/small.png"), 2);
     assert_eq!(origin.hits("/large.png"), 2);
-    assert_eq!(p.metric("parasol_blobs_dropped_total").await, 2);
+    // Each bad blob dropped once; the truncated large one perhaps twice, since the start-up
+    // scrub (which re-hashes large blobs) may find it at the same moment as the request.
+    let dropped = p.metric("parasol_blobs_dropped_total").await;
+    assert!((2..=3).contains(&dropped), "dropped {dropped}");
     assert_eq!(std::fs::read(&small_blob).unwrap(), small.to_vec(), "the blob was rewritten");
     p.stop().await;
 }
