@@ -90,15 +90,27 @@ impl Proxy {
                 let Some(hash) = record.blake3().filter(|h| seen.insert(*h)) else { continue };
                 let Some(proxy) = this.upgrade() else { return };
                 let path = proxy.store.blob_path(&hash);
-                let result =
-                    tokio::task::spawn_blocking(move || crate::cache::verify::hash_file(&path))
-                        .await;
+                // The file as hashed: a request that found it bad meanwhile may have dropped
+                // it and stored a good copy under the same name, which must not be dropped.
+                let identity = |path: &std::path::Path| {
+                    std::fs::metadata(path).ok().map(|m| (m.len(), m.modified().ok()))
+                };
+                let result = tokio::task::spawn_blocking(move || {
+                    let before = identity(&path);
+                    let hashed = crate::cache::verify::hash_file(&path);
+                    hashed.map(|h| (h, before.is_some() && before == identity(&path)))
+                })
+                .await;
                 match result {
-                    Ok(Ok((actual, len))) if actual == hash && len == record.len => checked += 1,
-                    Ok(Ok(_)) => {
+                    Ok(Ok(((actual, len), _))) if actual == hash && len == record.len => {
+                        checked += 1
+                    }
+                    Ok(Ok((_, true))) => {
                         proxy.store.drop_blob(&hash, "scrub: blob does not match its hash").await;
                         dropped += 1;
                     }
+                    // Replaced while it was hashed: judged on the next pass.
+                    Ok(Ok((_, false))) => {}
                     // Gone meanwhile (evicted, purged) or unreadable for now (no file
                     // descriptor free): judged on load or on the next pass, never dropped here.
                     Ok(Err(_)) | Err(_) => {}
