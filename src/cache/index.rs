@@ -372,15 +372,15 @@ impl Index {
 
     /// Stores (or replaces) the record of `key`: seen by [`Index::get`] at once, committed
     /// within [`BATCH_WINDOW`] and durable within [`DURABLE_EVERY`] after that.
-    pub async fn put(&self, key: Key, record: &Record) -> Result<(), IndexError> {
+    pub fn put(&self, key: Key, record: &Record) -> Result<(), IndexError> {
         let value = serde_json::to_vec(record).map_err(err)?;
         self.queue([(key, Some(value))]);
         Ok(())
     }
 
-    pub async fn remove(&self, key: Key) -> Result<(), IndexError> {
+    /// Removes the record of `key`, as [`Index::put`] stores one: seen at once, committed soon.
+    pub fn remove(&self, key: Key) {
         self.queue([(key, None)]);
-        Ok(())
     }
 }
 
@@ -465,9 +465,8 @@ impl Index {
     }
 
     /// Removes several records in one transaction (the keys of an evicted blob).
-    pub async fn remove_many(&self, keys: Vec<Key>) -> Result<(), IndexError> {
+    pub fn remove_many(&self, keys: Vec<Key>) {
         self.queue(keys.into_iter().map(|key| (key, None)));
-        Ok(())
     }
 }
 
@@ -495,7 +494,7 @@ mod tests {
         // A write transaction of our own keeps the writer thread from committing anything.
         let blocker = index.db.begin_write().unwrap();
         for n in 0..100u8 {
-            index.put(Key([n; 32]), &record).await.unwrap();
+            index.put(Key([n; 32]), &record).unwrap();
         }
         let committed = |index: &Index| {
             let txn = index.db.begin_read().unwrap();
@@ -503,14 +502,14 @@ mod tests {
             table.len().unwrap()
         };
         assert_eq!(index.get(Key([7; 32])).await.unwrap(), Some(record.clone()));
-        index.remove_many(vec![Key([7; 32]), Key([8; 32])]).await.unwrap();
+        index.remove_many(vec![Key([7; 32]), Key([8; 32])]);
         assert_eq!(index.get(Key([7; 32])).await.unwrap(), None, "a queued removal hides it");
         assert_eq!(index.get(Key([9; 32])).await.unwrap(), Some(record.clone()));
         assert_eq!(committed(&index), 0, "nothing committed yet");
         drop(blocker);
         assert_eq!(index.all().await.unwrap().len(), 98, "a full read waits for the commit");
         assert_eq!(committed(&index), 98);
-        index.put(Key([200; 32]), &record).await.unwrap();
+        index.put(Key([200; 32]), &record).unwrap();
         drop(index);
         let index = Index::open(&path).unwrap();
         assert_eq!(index.all().await.unwrap().len(), 99, "closing committed the last one");
@@ -529,7 +528,7 @@ mod tests {
         // durable commit that follows each put.
         for step in 0..60u8 {
             let index = Index::open_syncing(&path, Duration::from_millis(1)).expect("reopens");
-            index.put(Key([step; 32]), &record).await.unwrap();
+            index.put(Key([step; 32]), &record).unwrap();
             std::thread::sleep(Duration::from_micros(50 * u64::from(step % 30)));
             drop(index);
         }

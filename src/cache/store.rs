@@ -149,7 +149,7 @@ impl Store {
             return Ok(None);
         };
         let (Some(hash), 1..) = (record.blake3(), record.len) else {
-            self.index.remove(key).await.map_err(ProxyError::internal)?;
+            self.index.remove(key);
             return Ok(None);
         };
         let body = if record.len <= self.config.memory_max_object_bytes {
@@ -207,7 +207,7 @@ impl Store {
             Held::Disk(temp) => (self.disk.commit(temp, &hash, durable).await, None),
         };
         let stored = match written {
-            Ok(_) => self.index.put(key, &record).await.map_err(ProxyError::internal),
+            Ok(_) => self.index.put(key, &record).map_err(ProxyError::internal),
             Err(e) => Err(ProxyError::storage(e)),
         };
         if let Err(e) = stored {
@@ -267,9 +267,7 @@ impl Store {
         for key in &keys {
             self.memory.remove(key).await;
         }
-        if let Err(e) = self.index.remove_many(keys).await {
-            tracing::error!(error = %e, "cannot remove index records");
-        }
+        self.index.remove_many(keys);
     }
 
     /// Drops every entry whose record matches `doomed` from the index, the memory tier and,

@@ -97,7 +97,7 @@ pub async fn verify(dir: &Path) -> Result<Report, String> {
         }
     }
     report.records_removed = doomed.len() as u64;
-    index.remove_many(doomed).await.map_err(|e| e.to_string())?;
+    index.remove_many(doomed);
     let named: HashSet<&String> = by_blob.keys().collect();
     for file in store.list().await.map_err(|e| e.to_string())? {
         if !named.contains(&file.hash.to_hex().to_string()) {
