@@ -309,7 +309,7 @@ $TOOLS paths zipf-parasol "$WORK/zipf.parasol-z" 20000 "$KEY" http://127.0.0.1:1
 $TOOLS paths zipf-plain "$WORK/zipf.plain" 20000
 cp "$WORK/zipf.plain" "$WORK/zipf.nginx"; cp "$WORK/zipf.plain" "$WORK/zipf.varnish-z"
 declare -A ZBASE=([parasol-z]=http://127.0.0.1:18087 [nginx]=http://127.0.0.1:18082 [varnish-z]=http://127.0.0.1:18088)
-ZIPF_SERVERS=(parasol-z nginx varnish-z)
+read -r -a ZIPF_SERVERS <<< "${ZIPF_SERVERS:-parasol-z nginx varnish-z}"   # a subset: ZIPF_SERVERS=parasol-z
 origin_z() { wc -l < "$WORK/logs/origin_z.log" 2>/dev/null || echo 0; }
 held() { # bytes of cached objects the cache holds for W4 (files only, not directories)
   case $1 in

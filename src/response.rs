@@ -15,12 +15,10 @@ use crate::error::ProxyError;
 /// Response body type of both listeners.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
 
-/// Read size when streaming a blob from disk: large reads, few blocking-pool round trips, and
-/// a bounded buffer per viewer.
-const DISK_CHUNK: u64 = 256 * 1024;
-
-/// Ranges up to this size are read from disk in one blocking call and sent as one buffer.
-const SINGLE_READ: u64 = 1 << 20;
+/// Most bytes of a blob a viewer's response holds in memory at once: a body or a Range from
+/// disk is read a chunk at a time as the connection takes it (cached chunks on the serving
+/// thread, others on the blocking pool), so slow viewers of large ranges pin little.
+pub const DISK_CHUNK: u64 = 64 * 1024;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
@@ -119,12 +117,6 @@ async fn body(
             ProxyError::internal(e)
         }
     };
-    let len = end - start + 1;
-    if len <= SINGLE_READ {
-        // One blocking call reads the whole range: the common Range request of a video.
-        let bytes = disk.read_range(&entry.hash, start, len as usize).await.map_err(vanished)?;
-        return Ok(full(bytes));
-    }
     let file = disk.open_blob(&entry.hash).await.map_err(vanished)?;
     let chunks = futures_util::stream::try_unfold(start, move |offset| {
         let file = file.clone();
@@ -133,12 +125,9 @@ async fn body(
                 return Ok(None);
             }
             let n = (end - offset + 1).min(DISK_CHUNK) as usize;
-            let chunk = tokio::task::spawn_blocking(move || {
-                crate::cache::disk::read_exact_at(&file, offset, n).map(Bytes::from)
-            })
-            .await
-            .map_err(std::io::Error::other)??;
-            Ok(Some((hyper::body::Frame::data(chunk), offset + n as u64)))
+            let chunk = crate::cache::disk::read_chunk(&file, offset, n).await?;
+            let next = offset + chunk.len() as u64;
+            Ok(Some((hyper::body::Frame::data(chunk), next)))
         }
     });
     Ok(StreamBody::new(chunks).boxed_unsync())

@@ -50,6 +50,10 @@ pub async fn serve<S, F>(
     let open = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    // What a connection may hold in its write queue (and the longest request head): hyper asks
+    // a streamed body for its next chunk only below this, so a viewer who reads slowly holds
+    // at most this plus one chunk (`response::DISK_CHUNK`), not hyper's default 408 KiB.
+    builder.max_buf_size(CONNECTION_BUFFER);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -89,6 +93,9 @@ pub async fn serve<S, F>(
         _ = tokio::time::sleep(grace) => tracing::warn!("shutdown grace period over; closing connections"),
     }
 }
+
+/// Bytes a connection buffers at most, each way (see [`serve`]).
+pub const CONNECTION_BUFFER: usize = 64 * 1024;
 
 /// Limits of one listener.
 #[derive(Debug, Clone, Copy)]

@@ -192,32 +192,51 @@ impl BlobStore {
             .map_err(io::Error::other)?
     }
 
-    /// The blob opened for reading, to be read in chunks with [`read_exact_at`] (one reader
-    /// at a time: it seeks).
+    /// A small blob of `len` bytes whose content is checked against its name: `Ok(None)` when
+    /// it is not `len` bytes or does not hash to `hash`. When the file's name and pages are all
+    /// cached (the usual hit) it is opened, read and hashed on this thread without waiting for
+    /// the disk; otherwise the whole check runs on the blocking pool.
+    pub async fn read_verified(
+        &self,
+        hash: &blake3::Hash,
+        len: u64,
+    ) -> io::Result<Option<bytes::Bytes>> {
+        let path = self.path(hash);
+        if len <= INLINE_READ {
+            if let Some(file) = open_cached(&path) {
+                // One byte more than expected tells a longer file from the right one; fewer
+                // than `len` may be the end of a short file or of what is cached, so the
+                // blocking read decides.
+                match read_cached(&file?, 0, len as usize + 1) {
+                    Some(bytes) if bytes.len() as u64 == len => {
+                        return Ok(verified(bytes, len, hash));
+                    }
+                    Some(bytes) if bytes.len() as u64 > len => return Ok(None),
+                    _ => {}
+                }
+            }
+        }
+        let hash = *hash;
+        tokio::task::spawn_blocking(move || {
+            std::fs::read(path).map(|bytes| verified(bytes, len, &hash))
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// The blob opened for reading, to be read in chunks with [`read_chunk`]: on this thread
+    /// when its name is cached, else on the blocking pool.
     pub async fn open_blob(
         &self,
         hash: &blake3::Hash,
     ) -> io::Result<std::sync::Arc<std::fs::File>> {
         let path = self.path(hash);
+        if let Some(file) = open_cached(&path) {
+            return file.map(std::sync::Arc::new);
+        }
         tokio::task::spawn_blocking(move || std::fs::File::open(path).map(std::sync::Arc::new))
             .await
             .map_err(io::Error::other)?
-    }
-
-    /// `len` bytes of the blob from `offset`, read on a blocking thread in one call.
-    pub async fn read_range(
-        &self,
-        hash: &blake3::Hash,
-        offset: u64,
-        len: usize,
-    ) -> io::Result<bytes::Bytes> {
-        let path = self.path(hash);
-        tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::open(path)?;
-            read_exact_at(&file, offset, len).map(bytes::Bytes::from)
-        })
-        .await
-        .map_err(io::Error::other)?
     }
 
     /// Size of the blob on disk, or `None` when it is missing.
@@ -269,17 +288,135 @@ fn rename_into_place(from: &Path, dest: &Path) -> io::Result<()> {
     }
 }
 
-/// `len` bytes of `file` from `offset` into a new buffer that is not zeroed first (reads go
-/// straight into the spare capacity): for a 1 MiB Range, zeroing and its page faults were
-/// measured at a quarter of the CPU.
-pub fn read_exact_at(file: &std::fs::File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = file;
-    file.seek(SeekFrom::Start(offset))?;
-    let mut buf = Vec::with_capacity(len);
-    file.take(len as u64).read_to_end(&mut buf)?;
-    if buf.len() != len {
-        return Err(io::ErrorKind::UnexpectedEof.into());
+/// Up to `len` bytes of `file` from `offset` as one chunk of a streamed body: read on this
+/// thread when the page cache holds them (a short chunk when it holds only the first part),
+/// else exactly `len` on the blocking pool. Each viewer holds one chunk at a time, whatever
+/// the size of the range it asked for. The file ending early is an error (a blob that shrank).
+pub async fn read_chunk(
+    file: &std::sync::Arc<std::fs::File>,
+    offset: u64,
+    len: usize,
+) -> io::Result<bytes::Bytes> {
+    if let Some(bytes) = read_cached(file, offset, len) {
+        return Ok(bytes::Bytes::from(bytes));
     }
-    Ok(buf)
+    let file = file.clone();
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset).map(|()| bytes::Bytes::from(buf))
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+/// `bytes` if they are `len` long and hash to `hash`.
+fn verified(bytes: Vec<u8>, len: u64, hash: &blake3::Hash) -> Option<bytes::Bytes> {
+    (bytes.len() as u64 == len && blake3::hash(&bytes) == *hash).then(|| bytes.into())
+}
+
+/// Blobs up to this size are opened, read and hashed on the serving thread when cached.
+const INLINE_READ: u64 = 256 * 1024;
+
+/// `path` opened only if every component of it is in the kernel's name cache (`openat2` with
+/// `RESOLVE_CACHED`, which fails rather than read a directory from disk). `None`: not cached,
+/// or a kernel without it (before 5.12); the caller opens it on the blocking pool.
+fn open_cached(path: &Path) -> Option<io::Result<std::fs::File>> {
+    use rustix::fs::{CWD, Mode, OFlags, ResolveFlags};
+    match rustix::fs::openat2(
+        CWD,
+        path,
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::CACHED,
+    ) {
+        Ok(fd) => Some(Ok(std::fs::File::from(fd))),
+        Err(rustix::io::Errno::NOENT) => Some(Err(io::ErrorKind::NotFound.into())),
+        Err(_) => None,
+    }
+}
+
+/// Up to `len` bytes of `file` from `offset`, only if the page cache already holds at least
+/// the first of them (`preadv2` with `RWF_NOWAIT`, which returns rather than wait for the
+/// disk). `None`: nothing cached, at the end of the file, or a kernel without it.
+fn read_cached(file: &std::fs::File, offset: u64, len: usize) -> Option<Vec<u8>> {
+    use rustix::io::{IoSliceMut, ReadWriteFlags};
+    let mut buf = vec![0u8; len];
+    match rustix::io::preadv2(
+        file,
+        &mut [IoSliceMut::new(&mut buf)],
+        offset,
+        ReadWriteFlags::NOWAIT,
+    ) {
+        Ok(n) if n > 0 => {
+            buf.truncate(n);
+            Some(buf)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether the blob is read on the serving thread (cached) or on the blocking pool, only a
+    /// file of the right length and hash comes back; a longer, shorter or altered one is
+    /// refused and a missing one is `NotFound`.
+    #[tokio::test]
+    async fn a_blob_is_returned_only_when_it_matches_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), false).unwrap();
+        for len in [1usize, 4096, 65_536, 300_000] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let hash = blake3::hash(&bytes);
+            store.write(&hash, bytes.clone().into(), false).await.unwrap();
+            let len = len as u64;
+            let read = store.read_verified(&hash, len).await.unwrap();
+            assert_eq!(read.as_deref(), Some(&bytes[..]), "{len} bytes");
+            let path = store.path(&hash);
+            let mut longer = bytes.clone();
+            longer.push(0);
+            std::fs::write(&path, &longer).unwrap();
+            assert_eq!(store.read_verified(&hash, len).await.unwrap(), None, "longer, {len}");
+            std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+            assert_eq!(store.read_verified(&hash, len).await.unwrap(), None, "shorter, {len}");
+            let mut altered = bytes.clone();
+            altered[bytes.len() / 2] ^= 1;
+            std::fs::write(&path, &altered).unwrap();
+            assert_eq!(store.read_verified(&hash, len).await.unwrap(), None, "altered, {len}");
+            std::fs::remove_file(&path).unwrap();
+            let gone = store.read_verified(&hash, len).await.unwrap_err();
+            assert_eq!(gone.kind(), io::ErrorKind::NotFound);
+        }
+    }
+
+    /// A chunk is at most what was asked for, the chunks of a blob add up to its bytes, and a
+    /// blob that ends before the chunk asked for is an error, not a short body.
+    #[tokio::test]
+    async fn chunks_add_up_to_the_blob_and_a_short_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), false).unwrap();
+        let bytes: Vec<u8> = (0..1_000_000usize).map(|i| (i * 13 % 253) as u8).collect();
+        let hash = blake3::hash(&bytes);
+        store.write(&hash, bytes.clone().into(), false).await.unwrap();
+        let file = store.open_blob(&hash).await.unwrap();
+        let (mut offset, mut out) = (10u64, Vec::new());
+        while offset < bytes.len() as u64 {
+            let want = (bytes.len() as u64 - offset).min(65_536) as usize;
+            let chunk = read_chunk(&file, offset, want).await.unwrap();
+            assert!(!chunk.is_empty() && chunk.len() <= want);
+            offset += chunk.len() as u64;
+            out.extend_from_slice(&chunk);
+        }
+        assert_eq!(out, bytes[10..]);
+        // Across the end: the 5 bytes there are when cached (the next read then finds the end),
+        // or at once the error when read on the blocking pool.
+        match read_chunk(&file, bytes.len() as u64 - 5, 10).await {
+            Ok(chunk) => assert_eq!(chunk[..], bytes[bytes.len() - 5..]),
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof),
+        }
+        let end = read_chunk(&file, bytes.len() as u64, 10).await.unwrap_err();
+        assert_eq!(end.kind(), io::ErrorKind::UnexpectedEof);
+    }
 }

@@ -71,7 +71,7 @@ impl Growing {
         *self.progress.borrow()
     }
 
-    /// Bytes `start..=end` as they arrive, in chunks read on the blocking pool.
+    /// Bytes `start..=end` as they arrive, a chunk at a time ([`crate::cache::disk::read_chunk`]).
     pub fn stream(
         self: Arc<Self>,
         start: u64,
@@ -97,16 +97,10 @@ impl Growing {
                 }
             };
             let n = (available.min(end + 1) - offset).min(CHUNK) as usize;
-            let file = g.file.clone();
             // Positioned reads: every reader shares the one descriptor.
-            let chunk = tokio::task::spawn_blocking(move || {
-                use std::os::unix::fs::FileExt;
-                let mut buf = vec![0u8; n];
-                file.read_exact_at(&mut buf, offset).map(|()| Bytes::from(buf))
-            })
-            .await
-            .map_err(std::io::Error::other)??;
-            Ok(Some((hyper::body::Frame::data(chunk), (offset + n as u64, rx, g))))
+            let chunk = crate::cache::disk::read_chunk(&g.file, offset, n).await?;
+            let next = offset + chunk.len() as u64;
+            Ok(Some((hyper::body::Frame::data(chunk), (next, rx, g))))
         })
     }
 }

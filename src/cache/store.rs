@@ -153,20 +153,19 @@ impl Store {
             return Ok(None);
         };
         let body = if record.len <= self.config.memory_max_object_bytes {
-            // Small blobs: one blocking read, then the length and the hash are checked.
-            let bytes = match self.disk.read(&hash).await {
-                Ok(bytes) => bytes,
+            // Small blobs: read whole, their length and hash checked.
+            match self.disk.read_verified(&hash, record.len).await {
+                Ok(Some(bytes)) => Some(bytes),
+                Ok(None) => {
+                    self.drop_blob(&hash, "blob does not match its hash").await;
+                    return Ok(None);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     self.drop_blob(&hash, "blob missing").await;
                     return Ok(None);
                 }
                 Err(e) => return Err(ProxyError::internal(e)),
-            };
-            if bytes.len() as u64 != record.len || blake3::hash(&bytes) != hash {
-                self.drop_blob(&hash, "blob does not match its hash").await;
-                return Ok(None);
             }
-            Some(bytes)
         } else {
             if self.disk.len(&hash).await != Some(record.len) {
                 self.drop_blob(&hash, "blob missing or of the wrong size").await;

@@ -369,6 +369,68 @@ async fn a_thousand_slow_readers_share_one_copy() {
     assert!(child.wait().await.success());
 }
 
+/// Viewers of 1 MiB Ranges of a video on disk who stop reading: each response reads the blob a
+/// chunk at a time as its connection drains, so a slow viewer holds about two chunks, not the
+/// whole range (a 1 MiB buffer each would grow the server by 200 MiB here). The viewers
+/// announce a small MSS and window, as a phone on a slow link does, so the kernel takes little
+/// of each response and the rest waits in parasol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_viewers_of_ranges_from_disk_hold_a_chunk_each() {
+    const VIEWERS: usize = 200;
+    let _ = rlimit::increase_nofile_limit(4 * VIEWERS as u64);
+    let origin = Origin::start("127.0.0.11").await;
+    let video = png_bytes(3 << 20, 71);
+    origin.route("/clip.png", Route::ok(video.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let keys = format!("[\"{KEY}\"]");
+    let envs = [
+        ("PARASOL__FETCH__ALLOW_NETWORKS", "[\"127.0.0.11/32\"]"),
+        ("PARASOL__SIGNING__KEYS", &keys),
+        ("PARASOL__CACHE__MEMORY_MAX_OBJECT_BYTES", "1 MiB"),
+        ("PARASOL__SERVER__SEND_TIMEOUT", "60s"),
+    ];
+    let (child, public, _admin) = crate::cli::spawn_serving(dir.path(), &envs, None);
+    let pid = child.0.id();
+    let url = signed_url(public, &origin.url("/clip.png"));
+    assert_eq!(body(get(&url).await).await, video, "warm the cache");
+    let ranged = reqwest::Client::new().get(&url).header("range", "bytes=1048576-2097151");
+    let r = ranged.send().await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(body(r).await, video[1 << 20..2 << 20], "a range from disk is byte-exact");
+    let rss_before = proc_status(pid, "VmRSS:");
+
+    let path = url::Url::parse(&url).unwrap().path().to_string();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: p.test\r\nRange: bytes=0-1048575\r\n\r\n");
+    let mut viewers = Vec::with_capacity(VIEWERS);
+    for _ in 0..VIEWERS {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_tcp_mss(1000).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&public.into()).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let mut s = TcpStream::from_std(std::net::TcpStream::from(socket)).unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut first = [0u8; 12];
+        s.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"HTTP/1.1 206");
+        viewers.push(s); // and never read again
+    }
+    // Let every response run into its viewer's full window.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_during = proc_status(pid, "VmRSS:");
+    let grown_mib = rss_during.saturating_sub(rss_before) / 1024;
+    eprintln!("RSS {rss_before} KiB before, {rss_during} KiB with {VIEWERS} slow viewers");
+    assert!(grown_mib < 64, "RSS grew {grown_mib} MiB for {VIEWERS} slow viewers of 1 MiB");
+
+    drop(viewers);
+    let r = reqwest::Client::new().get(&url).header("range", "bytes=0-1048575").send().await;
+    assert_eq!(body(r.unwrap()).await, video[..1 << 20], "still serving after them");
+    assert_eq!(origin.hits("/clip.png"), 1);
+    child.sigterm();
+    assert!(child.wait().await.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fills_queued_behind_a_slow_origin_do_not_starve_other_origins() {
     let slow = Origin::start("127.0.0.15").await;
