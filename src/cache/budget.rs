@@ -23,6 +23,26 @@ pub struct Victim {
 struct Inner {
     policy: S3Fifo<[u8; 32]>,
     keys: HashMap<[u8; 32], Vec<Key>>,
+    /// Every key in `keys`, with the number of blobs naming it: a key absent here has no
+    /// index record, so a miss is known without reading the index.
+    named: HashMap<Key, u32>,
+}
+
+impl Inner {
+    fn name(&mut self, key: Key) {
+        *self.named.entry(key).or_default() += 1;
+    }
+
+    fn unname(&mut self, keys: &[Key]) {
+        for key in keys {
+            if let Some(n) = self.named.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.named.remove(key);
+                }
+            }
+        }
+    }
 }
 
 pub struct DiskBudget {
@@ -32,7 +52,8 @@ pub struct DiskBudget {
 
 impl DiskBudget {
     pub fn new(capacity: u64) -> Self {
-        let inner = Inner { policy: S3Fifo::new(capacity), keys: HashMap::new() };
+        let inner =
+            Inner { policy: S3Fifo::new(capacity), keys: HashMap::new(), named: HashMap::new() };
         Self { capacity, inner: Mutex::new(inner) }
     }
 
@@ -57,10 +78,16 @@ impl DiskBudget {
         let keys = inner.keys.entry(hash).or_default();
         if !keys.contains(&key) {
             keys.push(key);
+            inner.name(key);
         }
         let (touch, evicted) = inner.policy.insert(hash, len);
         let victims = collect(&mut inner, evicted);
         (touch, victims)
+    }
+
+    /// Whether some blob on disk is named by `key` (else the index has no record of it).
+    pub fn names(&self, key: &Key) -> bool {
+        self.lock().named.contains_key(key)
     }
 
     /// The access record of a blob on disk, if it is known.
@@ -73,8 +100,13 @@ impl DiskBudget {
     pub fn forget(&self, hash: &[u8; 32], key: &Key) -> bool {
         let mut inner = self.lock();
         let Some(keys) = inner.keys.get_mut(hash) else { return false };
+        let before = keys.len();
         keys.retain(|k| k != key);
-        if keys.is_empty() {
+        let (removed, empty) = (keys.len() < before, keys.is_empty());
+        if removed {
+            inner.unname(std::slice::from_ref(key));
+        }
+        if empty {
             inner.keys.remove(hash);
             inner.policy.remove(hash);
             return true;
@@ -86,7 +118,9 @@ impl DiskBudget {
     pub fn drop_blob(&self, hash: &[u8; 32]) -> Vec<Key> {
         let mut inner = self.lock();
         inner.policy.remove(hash);
-        inner.keys.remove(hash).unwrap_or_default()
+        let keys = inner.keys.remove(hash).unwrap_or_default();
+        inner.unname(&keys);
+        keys
     }
 
     /// Evicts until at most `target` bytes are held: after the disk ran out of space.
@@ -117,7 +151,11 @@ impl DiskBudget {
 fn collect(inner: &mut Inner, evicted: Vec<([u8; 32], u64)>) -> Vec<Victim> {
     evicted
         .into_iter()
-        .map(|(hash, len)| Victim { hash, len, keys: inner.keys.remove(&hash).unwrap_or_default() })
+        .map(|(hash, len)| {
+            let keys = inner.keys.remove(&hash).unwrap_or_default();
+            inner.unname(&keys);
+            Victim { hash, len, keys }
+        })
         .collect()
 }
 
@@ -135,6 +173,28 @@ mod tests {
         assert!(!b.forget(&[1; 32], &k1));
         assert!(b.forget(&[1; 32], &k2));
         assert_eq!(b.usage(), (0, 0));
+    }
+
+    /// A key is named while any blob it names is held, and no longer once the last is gone
+    /// (forgotten, dropped or evicted).
+    #[test]
+    fn a_key_is_named_exactly_while_a_blob_it_names_is_held() {
+        let b = DiskBudget::new(1000);
+        let (k1, k2, k3) = (Key([1; 32]), Key([2; 32]), Key([3; 32]));
+        b.admit([1; 32], 400, k1);
+        b.admit([2; 32], 400, k1);
+        b.admit([2; 32], 400, k2);
+        assert!(b.names(&k1) && b.names(&k2) && !b.names(&k3));
+        assert!(!b.forget(&[1; 32], &k2), "k2 never named blob 1");
+        assert!(b.names(&k2));
+        assert!(b.forget(&[1; 32], &k1));
+        assert!(b.names(&k1), "k1 still names blob 2");
+        assert_eq!(b.drop_blob(&[2; 32]), vec![k1, k2]);
+        assert!(!b.names(&k1) && !b.names(&k2));
+        b.admit([3; 32], 600, k3);
+        let (_, victims) = b.admit([4; 32], 600, k1);
+        assert_eq!(victims[0].keys, vec![k3]);
+        assert!(!b.names(&k3) && b.names(&k1), "evicted with its blob");
     }
 
     #[test]

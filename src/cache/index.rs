@@ -129,7 +129,7 @@ pub const DURABLE_EVERY: std::time::Duration = std::time::Duration::from_millis(
 
 /// Longest time a change waits for others to share its commit. Nobody waits for it: readers
 /// of this process see queued changes at once (see [`Queue`]).
-pub const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
+pub const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Changes per key, the latest only: `Some` a record to put, `None` a removal.
 type Changes = std::collections::HashMap<Key, Option<Vec<u8>>>;

@@ -116,7 +116,7 @@ impl Store {
 
     /// Whether `key` is held in memory or indexed on disk.
     pub async fn contains(&self, key: Key) -> bool {
-        self.memory.get(&key).await.is_some() || self.index.get(key).await.ok().flatten().is_some()
+        self.memory.get(&key).await.is_some() || self.budget.names(&key)
     }
 
     /// Bytes and entries in memory; bytes and blobs on disk; bytes fills hold in memory.
@@ -145,6 +145,11 @@ impl Store {
     /// wrong size is dropped, and a small blob whose bytes no longer hash to its name is
     /// deleted: both then count as a miss and are refetched, never served.
     pub async fn load(&self, key: Key) -> Result<Option<Arc<Entry>>, ProxyError> {
+        if !self.budget.names(&key) {
+            // No blob on disk is named by it, so neither is any index record: a miss, known
+            // without a trip to the index.
+            return Ok(None);
+        }
         let Some(record) = self.index.get(key).await.map_err(ProxyError::internal)? else {
             return Ok(None);
         };
