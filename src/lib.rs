@@ -330,6 +330,7 @@ impl Bound {
             proxy: self.proxy.clone(),
             signer: self.signer.clone(),
             misskey_rate: api::rate::DomainRate::new(rate),
+            native: Default::default(),
         })
     }
 

@@ -33,6 +33,8 @@ pub struct Public {
     pub proxy: Arc<Proxy>,
     pub signer: Signer,
     pub misskey_rate: crate::api::rate::DomainRate,
+    /// Native paths already verified and parsed.
+    pub native: crate::api::native::Memo,
 }
 
 /// Runs an accept loop on `listener` until `shutdown` turns true, then drains.
@@ -276,7 +278,7 @@ async fn route<B>(public: &Public, req: &Request<B>) -> (&'static str, Routed) {
     let (route, parsed) = if let Some(named) = upstream(true) {
         ("upstream", named.map(as_request))
     } else if path.starts_with(api::native::PREFIX) {
-        ("native", api::native::parse(path, &public.signer).map(Target::Request))
+        ("native", public.native.parse(path, &public.signer).map(Target::Request))
     } else if path.starts_with(api::camo::PREFIX) && !compat.camo_key.is_empty() {
         let key = compat.camo_key.as_bytes();
         ("camo", api::camo::parse(path, query, key).map(Target::Request))
