@@ -16,7 +16,8 @@ pub const PREFIX: &str = "/m/";
 /// Paths recently verified and parsed, so that the hits of a hot file (most requests) skip the
 /// HMAC, the base64 and the URL parser: about a tenth of a small hit's CPU. Only paths that
 /// passed are kept, per listener (its keys never change while it runs); a shard that fills up
-/// is emptied, so memory stays bounded (`SHARDS` x `PER_SHARD` paths) whatever is asked.
+/// is emptied, so memory stays bounded (`SHARDS` x `PER_SHARD` paths of at most
+/// `MEMO_PATH_LEN` bytes) whatever is asked.
 pub struct Memo {
     shards: Vec<std::sync::Mutex<std::collections::HashMap<Box<str>, ProxyRequest>>>,
     hasher: std::collections::hash_map::RandomState,
@@ -24,6 +25,8 @@ pub struct Memo {
 
 const SHARDS: usize = 8;
 const PER_SHARD: usize = 2048;
+/// Longer paths are parsed every time: the memo holds at most about 16,384 x 1.5 KiB.
+const MEMO_PATH_LEN: usize = 512;
 
 impl Default for Memo {
     fn default() -> Self {
@@ -45,6 +48,9 @@ impl Memo {
             return Ok(request.clone());
         }
         let request = parse(path, signer)?;
+        if path.len() > MEMO_PATH_LEN {
+            return Ok(request);
+        }
         let mut map = lock();
         if map.len() >= PER_SHARD {
             map.clear();
@@ -145,6 +151,11 @@ mod tests {
             let path = path_of(&sign_url(&base, &signer(), &source, None));
             assert_eq!(memo.parse(&path, &signer()).unwrap().source.as_str(), source);
         }
+        let long = format!("https://remote.test/{}.png", "a".repeat(MEMO_PATH_LEN));
+        let path = path_of(&sign_url(&base, &signer(), &long, None));
+        assert_eq!(memo.parse(&path, &signer()).unwrap().source.as_str(), long);
+        let kept = |p: &str| memo.shards.iter().any(|s| s.lock().unwrap().contains_key(p));
+        assert!(!kept(&path), "a long path is answered but not kept");
         let held: usize = memo.shards.iter().map(|s| s.lock().unwrap().len()).sum();
         assert!(held <= SHARDS * PER_SHARD, "{held} paths held");
         assert!(!memo.shards.iter().any(|s| s.lock().unwrap().keys().any(|k| **k == *forged)));

@@ -85,6 +85,11 @@ impl DiskBudget {
         (touch, victims)
     }
 
+    /// Whether blob `hash` is held and named by `key`.
+    pub fn holds(&self, hash: &[u8; 32], key: &Key) -> bool {
+        self.lock().keys.get(hash).is_some_and(|keys| keys.contains(key))
+    }
+
     /// Whether some blob on disk is named by `key` (else the index has no record of it).
     pub fn names(&self, key: &Key) -> bool {
         self.lock().named.contains_key(key)

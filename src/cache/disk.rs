@@ -323,13 +323,10 @@ const INLINE_READ: u64 = 256 * 1024;
 /// or a kernel without it (before 5.12); the caller opens it on the blocking pool.
 fn open_cached(path: &Path) -> Option<io::Result<std::fs::File>> {
     use rustix::fs::{CWD, Mode, OFlags, ResolveFlags};
-    match rustix::fs::openat2(
-        CWD,
-        path,
-        OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::CACHED,
-    ) {
+    // Nor an access-time update, which could wait on the file system's journal (a file not
+    // parasol's own refuses NOATIME: it is then opened on the blocking pool).
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOATIME;
+    match rustix::fs::openat2(CWD, path, flags, Mode::empty(), ResolveFlags::CACHED) {
         Ok(fd) => Some(Ok(std::fs::File::from(fd))),
         Err(rustix::io::Errno::NOENT) => Some(Err(io::ErrorKind::NotFound.into())),
         Err(_) => None,

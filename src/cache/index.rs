@@ -8,8 +8,8 @@
 //! Writes are queued for one writer thread, which commits what has queued up over
 //! [`BATCH_WINDOW`] in a single transaction (group commit); nobody waits for it, since this
 //! process's readers see a queued change at once. Commits become durable (fsync) at most
-//! [`DURABLE_EVERY`] apart, and at shutdown: a crash may forget the records of the last half
-//! second, which costs one refetch each, never a wrong byte, since a record is only queued
+//! [`DURABLE_EVERY`] apart, and at shutdown: a crash may forget the records of about the last
+//! 0.55 s, which costs one refetch each, never a wrong byte, since a record is only queued
 //! once its blob is in place (and a removal forgotten names a blob start-up finds gone).
 
 use std::path::Path;

@@ -222,6 +222,34 @@ impl Store {
             return Err(e);
         }
         self.drop_victims(victims).await;
+        // Another fill may have evicted this blob while it was being written: its record's
+        // removal then came before this put, and its file may be gone or, renamed after the
+        // eviction looked, left uncounted. It is admitted again (its file rewritten when gone,
+        // its record put again) until the budget holds it; an eviction after that removes
+        // record and file together as usual.
+        let mut touch = touch;
+        let mut tries = 0;
+        while !self.budget.holds(hash.as_bytes(), &key) {
+            tries += 1;
+            let (again, late) = self.budget.admit(*hash.as_bytes(), len, key);
+            touch = again;
+            self.drop_victims(late).await;
+            let present = self.disk.len(&hash).await == Some(len);
+            let rewritten = match (&in_memory, present, tries) {
+                (_, true, _) => true,
+                (Some(bytes), false, ..4) => {
+                    self.disk.write(&hash, bytes.clone(), durable).await.is_ok()
+                }
+                _ => false,
+            };
+            if !rewritten {
+                self.drop_blob(&hash, "evicted while it was stored").await;
+                break;
+            }
+            if let Err(e) = self.index.put(key, &record) {
+                tracing::warn!(error = %e, "cannot index a blob evicted while it was stored");
+            }
+        }
         // Bodies small enough for the memory tier go there: kept from the fill, or read back
         // from the page cache when they streamed to disk.
         let body = match in_memory {
@@ -377,4 +405,60 @@ pub struct Usage {
     pub disk_bytes: u64,
     pub disk_blobs: usize,
     pub inflight_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn received(n: u32) -> Received {
+        let bytes = bytes::Bytes::from(format!("{n:0>1000}").into_bytes());
+        Received {
+            hash: blake3::hash(&bytes),
+            len: bytes.len() as u64,
+            body: Held::Memory(bytes, None),
+            content_type: "image/png",
+            final_host: None,
+            digests: None,
+            origin: None,
+        }
+    }
+
+    /// Fills evict each other's blobs while those are still being written (a budget of three
+    /// blobs, a hundred fills at once): afterwards the budget still names the key of every
+    /// record the index holds (so no stored entry is mistaken for a miss), each of those is
+    /// served, and every blob file on disk is counted (none outlives the budget).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_indexed_key_stays_named_when_fills_evict_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = BlobStore::open(dir.path(), false).unwrap();
+        let index = Index::open(&dir.path().join("index.redb")).unwrap();
+        let config = StoreConfig {
+            memory_bytes: 1 << 20,
+            memory_max_object_bytes: 1 << 20,
+            disk_bytes: 3000,
+            fsync: false,
+            inflight_bytes: 1 << 20,
+        };
+        let store = Arc::new(Store::new(config, disk, index, StoreMetrics::default()));
+        let fills = (0..100u32).map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let key = Key::new(&format!("http://o.test/{n}"), None);
+                store.insert(key, "http://o.test/", received(n)).await.map(|_| ())
+            })
+        });
+        for fill in futures_util::future::join_all(fills).await {
+            fill.unwrap().unwrap();
+        }
+        let records = store.records().await.unwrap();
+        assert!(!records.is_empty() && records.len() <= 3, "{} records", records.len());
+        let files = store.disk.list().await.unwrap().len();
+        assert_eq!(files, store.usage().await.disk_blobs, "every blob file is counted");
+        for (key, record) in records {
+            assert!(store.budget.names(&key), "the record of {} is not named", record.hash);
+            let entry = store.load(key).await.unwrap();
+            assert_eq!(entry.map(|e| e.hash.to_hex().to_string()), Some(record.hash));
+        }
+    }
 }
