@@ -235,13 +235,15 @@ impl Store {
             touch = again;
             self.drop_victims(late).await;
             let present = self.disk.len(&hash).await == Some(len);
-            let rewritten = match (&in_memory, present, tries) {
-                (_, true, _) => true,
-                (Some(bytes), false, ..4) => {
-                    self.disk.write(&hash, bytes.clone(), durable).await.is_ok()
-                }
-                _ => false,
-            };
+            // A few tries at most, whatever keeps evicting it.
+            let rewritten = tries <= 4
+                && match (&in_memory, present) {
+                    (_, true) => true,
+                    (Some(bytes), false) => {
+                        self.disk.write(&hash, bytes.clone(), durable).await.is_ok()
+                    }
+                    (None, false) => false,
+                };
             if !rewritten {
                 self.drop_blob(&hash, "evicted while it was stored").await;
                 break;
@@ -452,7 +454,9 @@ mod tests {
             fill.unwrap().unwrap();
         }
         let records = store.records().await.unwrap();
-        assert!(!records.is_empty() && records.len() <= 3, "{} records", records.len());
+        // (Under this churn all three may have been evicted again, or dropped after a few
+        // tries: none left is consistent too.)
+        assert!(records.len() <= 3, "{} records", records.len());
         let files = store.disk.list().await.unwrap().len();
         assert_eq!(files, store.usage().await.disk_blobs, "every blob file is counted");
         for (key, record) in records {
