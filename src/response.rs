@@ -3,6 +3,7 @@
 //! conditional and range headers are read here and never forwarded anywhere.
 
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
@@ -11,6 +12,7 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use crate::cache::Entry;
 use crate::cache::disk::BlobStore;
 use crate::error::ProxyError;
+use crate::server::sendfile::{self, Offers};
 
 /// Response body type of both listeners.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
@@ -69,6 +71,7 @@ pub async fn serve(
     disk: &BlobStore,
     method: &Method,
     headers: &HeaderMap,
+    conn: Option<&Arc<Offers>>,
 ) -> Result<(Response<Body>, u64), ProxyError> {
     if not_modified(entry, headers) {
         let mut response = Response::new(empty());
@@ -87,7 +90,10 @@ pub async fn serve(
         Err(()) => return Ok((unsatisfiable(entry), 0)),
     };
     let len = range.end() - range.start() + 1;
-    let body = if method == Method::HEAD { empty() } else { body(entry, disk, &range).await? };
+    let body = match method == Method::HEAD {
+        true => empty(),
+        false => body(entry, disk, &range, conn).await?,
+    };
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let h = response.headers_mut();
@@ -101,14 +107,26 @@ pub async fn serve(
     Ok((response, sent))
 }
 
+/// The body of `range`: from memory, or from disk a chunk at a time. On a viewer's
+/// connection (`conn`), ranges the page cache holds go from the blob's file with `sendfile`
+/// ([`crate::server::sendfile`]): a memory body of at least [`sendfile::MIN_LEN`], and every
+/// cached chunk of a disk body, which then holds no memory at all.
 async fn body(
     entry: &Entry,
     disk: &BlobStore,
     range: &RangeInclusive<u64>,
+    conn: Option<&Arc<Offers>>,
 ) -> Result<Body, ProxyError> {
     let (start, end) = (*range.start(), *range.end());
     if let Some(bytes) = &entry.body {
-        return Ok(full(bytes.slice(start as usize..=end as usize)));
+        let bytes = bytes.slice(start as usize..=end as usize);
+        let len = bytes.len() as u64;
+        if let Some(conn) = conn.filter(|_| len >= sendfile::MIN_LEN) {
+            if let Some(file) = disk.open_resident(&entry.hash, start, len) {
+                conn.memory(bytes.clone(), file, start);
+            }
+        }
+        return Ok(full(bytes));
     }
     let vanished = |e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -118,14 +136,24 @@ async fn body(
         }
     };
     let file = disk.open_blob(&entry.hash).await.map_err(vanished)?;
+    let conn = conn.cloned();
     let chunks = futures_util::stream::try_unfold(start, move |offset| {
-        let file = file.clone();
+        let (file, conn) = (file.clone(), conn.clone());
         async move {
             if offset > end {
                 return Ok(None);
             }
-            let n = (end - offset + 1).min(DISK_CHUNK) as usize;
-            let chunk = crate::cache::disk::read_chunk(&file, offset, n).await?;
+            let left = end - offset + 1;
+            if let Some(conn) = conn {
+                let n = left.min(sendfile::PLACEHOLDER_LEN as u64);
+                if crate::cache::disk::resident(&file, offset, n) {
+                    let frame = conn.placeholder(file, offset, n as usize);
+                    return Ok(Some((hyper::body::Frame::data(frame), offset + n)));
+                }
+            }
+            let chunk =
+                crate::cache::disk::read_chunk(&file, offset, left.min(DISK_CHUNK) as usize)
+                    .await?;
             let next = offset + chunk.len() as u64;
             Ok(Some((hyper::body::Frame::data(chunk), next)))
         }

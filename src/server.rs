@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -24,6 +24,8 @@ use crate::proxy::Proxy;
 use crate::response::{self, Body};
 use crate::signing::Signer;
 use crate::telemetry::{CacheStatus, RequestLabels};
+
+pub mod sendfile;
 
 /// Request targets longer than this are refused with 414 before routing.
 pub const MAX_URI_LEN: usize = 8192;
@@ -74,11 +76,14 @@ pub async fn serve<S, F>(
                     continue;
                 };
                 let handler = handler.clone();
-                let service = service_fn(move |req| {
+                // What this connection may send from files, told by its requests' responses.
+                let offers = Arc::new(sendfile::Offers::default());
+                let io = SendDeadline::new(sendfile::Conn::new(stream, offers.clone()), send_timeout);
+                let service = service_fn(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(offers.clone());
                     let handler = handler.clone();
                     async move { Ok::<_, Infallible>(handler(req).await) }
                 });
-                let io = SendDeadline::new(TokioIo::new(stream), send_timeout);
                 let conn = builder.serve_connection(io, service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
@@ -449,7 +454,11 @@ async fn respond<B>(
     cache: CacheStatus,
     req: &Request<B>,
 ) -> Routed {
-    match response::serve(entry, proxy.store.blobs(), req.method(), req.headers()).await {
+    let conn = req.extensions().get::<Arc<sendfile::Offers>>();
+    if let Some(conn) = conn {
+        conn.count_into(&proxy.metrics.bytes_sent_from_file);
+    }
+    match response::serve(entry, proxy.store.blobs(), req.method(), req.headers(), conn).await {
         Ok((response, sent)) => Ok((response, cache, sent)),
         Err(e) => {
             proxy.store.forget_if_vanished(&entry.hash).await;

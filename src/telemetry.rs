@@ -82,6 +82,8 @@ pub struct Metrics {
     pub origin: Family<OutcomeLabels, Counter>,
     pub origin_seconds: Histogram,
     pub bytes_served: Counter,
+    /// Of those, the bytes sent from a blob's file with `sendfile` rather than from memory.
+    pub bytes_sent_from_file: Counter,
     pub bytes_fetched: Counter,
     pub cache_bytes: Family<TierLabels, Gauge>,
     pub cache_entries: Family<TierLabels, Gauge>,
@@ -132,6 +134,12 @@ impl Metrics {
         );
         let bytes_served = Counter::default();
         registry.register("served_bytes", "Body bytes sent to viewers", bytes_served.clone());
+        let bytes_sent_from_file = Counter::default();
+        registry.register(
+            "served_from_file_bytes",
+            "Body bytes sent to viewers from a blob's file (sendfile) instead of from memory",
+            bytes_sent_from_file.clone(),
+        );
         let bytes_fetched = Counter::default();
         registry.register(
             "fetched_bytes",
@@ -216,6 +224,7 @@ impl Metrics {
             origin,
             origin_seconds,
             bytes_served,
+            bytes_sent_from_file,
             bytes_fetched,
             cache_bytes,
             cache_entries,

@@ -159,11 +159,22 @@ impl BlobStore {
         let verified_on_load = !sync;
         let sync = sync && self.fsync;
         tokio::task::spawn_blocking(move || {
-            // The same bytes under another URL (an emoji on many servers): already stored.
-            // Skipped only for blobs re-hashed on every load, so a rotten copy is not trusted.
-            let present = std::fs::metadata(&dest).is_ok_and(|m| m.len() == bytes.len() as u64);
-            if verified_on_load && present {
-                return Ok(dest);
+            // The same bytes under another URL (an emoji on many servers): already stored when
+            // the file there holds exactly them. Compared, not trusted by its size: a copy a
+            // crash tore is replaced, as a body held in memory may be sent from its file.
+            // One that differs goes first, so a failed write below cannot leave it in place.
+            if verified_on_load {
+                let held = std::fs::metadata(&dest).ok().map(|m| {
+                    m.len() == bytes.len() as u64
+                        && std::fs::read(&dest).is_ok_and(|on_disk| on_disk == bytes[..])
+                });
+                match held {
+                    Some(true) => return Ok(dest),
+                    Some(false) => {
+                        let _ = std::fs::remove_file(&dest);
+                    }
+                    None => {}
+                }
             }
             let written = (|| {
                 use std::io::Write;
@@ -239,6 +250,20 @@ impl BlobStore {
             .map_err(io::Error::other)?
     }
 
+    /// The blob opened for `sendfile` of `len` bytes from `offset`, only when this thread can
+    /// open it without waiting (its name cached) and the page cache holds every page of the
+    /// range, so sending it never waits for the disk. `None` otherwise: the caller sends the
+    /// bytes it holds in memory.
+    pub fn open_resident(
+        &self,
+        hash: &blake3::Hash,
+        offset: u64,
+        len: u64,
+    ) -> Option<std::sync::Arc<std::fs::File>> {
+        let file = open_cached(&self.path(hash))?.ok()?;
+        resident(&file, offset, len).then(|| std::sync::Arc::new(file))
+    }
+
     /// Size of the blob on disk, or `None` when it is missing.
     pub async fn len(&self, hash: &blake3::Hash) -> Option<u64> {
         tokio::fs::metadata(self.path(hash)).await.ok().map(|m| m.len())
@@ -308,6 +333,67 @@ pub async fn read_chunk(
     })
     .await
     .map_err(io::Error::other)?
+}
+
+/// Whether every page of `len` bytes of `file` from `offset` is in the page cache:
+/// `cachestat(2)` (Linux 6.5); before it, whether the range's first and last bytes are.
+pub fn resident(file: &std::fs::File, offset: u64, len: u64) -> bool {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static NO_CACHESTAT: AtomicBool = AtomicBool::new(false);
+    if len == 0 {
+        return true;
+    }
+    if !NO_CACHESTAT.load(Ordering::Relaxed) {
+        match cached_pages(file, offset, len) {
+            Ok((cached, pages)) => return cached >= pages,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                NO_CACHESTAT.store(true, Ordering::Relaxed)
+            }
+            Err(_) => return false,
+        }
+    }
+    [offset, offset + len - 1].into_iter().all(|at| read_cached(file, at, 1).is_some())
+}
+
+/// Pages of the range in the page cache, and pages in the range (of 4 KiB: on a system with
+/// larger pages the count falls short and the range is taken as not cached).
+fn cached_pages(file: &std::fs::File, offset: u64, len: u64) -> io::Result<(u64, u64)> {
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        cache: u64,
+        dirty: u64,
+        writeback: u64,
+        evicted: u64,
+        recently_evicted: u64,
+    }
+    /// The same number on every architecture (added after the tables were unified).
+    const SYS_CACHESTAT: libc::c_long = 451;
+    const PAGE: u64 = 4096;
+    use std::os::fd::AsRawFd;
+    let range = Range { off: offset, len };
+    let mut stat = Stat::default();
+    #[allow(unsafe_code)]
+    // SAFETY: cachestat reads one `Range` and writes one `Stat`, both `repr(C)` with the
+    // kernel's layout (two and five u64) and alive for the call; the descriptor is open.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((stat.cache, (offset + len).div_ceil(PAGE) - offset / PAGE))
 }
 
 /// `bytes` if they are `len` long and hash to `hash`.
@@ -386,6 +472,41 @@ mod tests {
             let gone = store.read_verified(&hash, len).await.unwrap_err();
             assert_eq!(gone.kind(), io::ErrorKind::NotFound);
         }
+    }
+
+    /// A small blob already under its name is kept only when the file holds exactly its bytes;
+    /// a copy of the same length but other bytes (torn by a crash) is replaced.
+    #[tokio::test]
+    async fn a_stored_copy_is_kept_only_when_it_holds_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), false).unwrap();
+        let bytes: Vec<u8> = (0..50_000usize).map(|i| (i * 31 % 241) as u8).collect();
+        let hash = blake3::hash(&bytes);
+        let path = store.write(&hash, bytes.clone().into(), false).await.unwrap();
+        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+        let first = inode(&path);
+        store.write(&hash, bytes.clone().into(), false).await.unwrap();
+        assert_eq!(inode(&path), first, "the same bytes are not written again");
+        std::fs::write(&path, vec![0u8; bytes.len()]).unwrap();
+        store.write(&hash, bytes.clone().into(), false).await.unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "a torn copy is replaced");
+    }
+
+    /// A range counts as resident only when the page cache holds it; a range past the end of
+    /// the file never does.
+    #[tokio::test]
+    async fn a_blob_is_opened_for_sending_only_when_its_range_is_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), false).unwrap();
+        let bytes: Vec<u8> = (0..300_000usize).map(|i| (i * 17 % 239) as u8).collect();
+        let hash = blake3::hash(&bytes);
+        store.write(&hash, bytes.clone().into(), false).await.unwrap();
+        // Just written: every page is cached.
+        assert!(store.open_resident(&hash, 0, bytes.len() as u64).is_some());
+        assert!(store.open_resident(&hash, 70_000, 100_000).is_some());
+        assert!(store.open_resident(&hash, 0, bytes.len() as u64 + 100_000).is_none());
+        let other = blake3::hash(b"absent");
+        assert!(store.open_resident(&other, 0, 10).is_none());
     }
 
     /// A chunk is at most what was asked for, the chunks of a blob add up to its bytes, and a

@@ -309,3 +309,163 @@ async fn origin_failures_map_to_statuses_and_are_not_cached() {
     assert_eq!(files_under(&dir.path().join("tmp")), 0, "no temp files left");
     p.stop().await;
 }
+
+/// Reads one HTTP/1.1 response from `conn`: its head (lowercased) and as much of its body as
+/// arrives before the connection ends (at most its Content-Length).
+async fn read_response(conn: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(conn.read_u8().await.unwrap());
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("content-length");
+    let mut got = Vec::with_capacity(len);
+    let mut buf = vec![0u8; 64 * 1024];
+    while got.len() < len {
+        match conn.read(&mut buf[..(len - got.len()).min(64 * 1024)]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    (head, got)
+}
+
+const FROM_FILE: &str = "parasol_served_from_file_bytes_total";
+
+/// A hit held in memory and at least 256 KiB long is sent from its blob's file (sendfile)
+/// when the page cache holds it. What arrives is byte-exact either way: whole bodies, ranges,
+/// two responses pipelined on one connection. A small body, a short range, HEAD and 304 are
+/// copied from memory, and a blob file gone or cut short falls back to the memory's copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_held_in_memory_are_sent_from_their_file_byte_exact() {
+    use tokio::io::AsyncWriteExt;
+    let origin = Origin::start("127.0.0.2").await;
+    let (big, other, small) =
+        (png_bytes(400 * 1024, 41), png_bytes(300_000, 42), png_bytes(70_000, 43));
+    origin.route("/big.png", Route::ok(big.clone()));
+    origin.route("/other.png", Route::ok(other.clone()));
+    origin.route("/small.png", Route::ok(small.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.2/32"])).await;
+    let url = |path: &str| p.url(&origin.url(path));
+    let (big_url, other_url, small_url) = (url("/big.png"), url("/other.png"), url("/small.png"));
+    for u in [&big_url, &other_url, &small_url] {
+        assert_eq!(get(u).await.status(), 200, "filled");
+    }
+
+    let mut expected = p.metric(FROM_FILE).await;
+    assert_eq!(body(get(&big_url).await).await, big);
+    expected += big.len() as u64;
+    assert_eq!(p.metric(FROM_FILE).await, expected, "a whole body from the file");
+    let r = client().get(&big_url).header("range", "bytes=1000-300000").send().await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(body(r).await, big.slice(1000..300_001));
+    expected += 299_001;
+    assert_eq!(p.metric(FROM_FILE).await, expected, "a range from the file");
+
+    assert_eq!(body(get(&small_url).await).await, small);
+    let r = client().get(&big_url).header("range", "bytes=100-199").send().await.unwrap();
+    assert_eq!(body(r).await, big.slice(100..200));
+    assert_eq!(client().head(&big_url).send().await.unwrap().status(), 200);
+    let etag = etag_of(&big);
+    let r = client().get(&big_url).header("if-none-match", &etag).send().await.unwrap();
+    assert_eq!(r.status(), 304);
+    assert_eq!(p.metric(FROM_FILE).await, expected, "small bodies, HEAD and 304 are not");
+
+    // Two requests in one write: each response carries its own bytes.
+    let path = |u: &str| url::Url::parse(u).unwrap().path().to_string();
+    let mut conn = tokio::net::TcpStream::connect(p.public).await.unwrap();
+    let two = format!(
+        "GET {} HTTP/1.1\r\nHost: p.test\r\n\r\nGET {} HTTP/1.1\r\nHost: p.test\r\n\r\n",
+        path(&big_url),
+        path(&other_url)
+    );
+    conn.write_all(two.as_bytes()).await.unwrap();
+    for want in [&big, &other] {
+        let (head, got) = read_response(&mut conn).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(got, want[..], "pipelined response of {} bytes", want.len());
+    }
+    expected += (big.len() + other.len()) as u64;
+    assert_eq!(p.metric(FROM_FILE).await, expected, "both pipelined bodies from their files");
+
+    // The file gone, then cut short: the memory's copy is sent, whole and exact.
+    let hex = blake3::hash(&big).to_hex();
+    let blob = dir.path().join("blobs").join(&hex[..2]).join(hex.as_str());
+    std::fs::remove_file(&blob).unwrap();
+    assert_eq!(body(get(&big_url).await).await, big, "file gone");
+    std::fs::write(&blob, &big[..big.len() / 2]).unwrap();
+    assert_eq!(body(get(&big_url).await).await, big, "file cut short");
+    assert_eq!(p.metric(FROM_FILE).await, expected, "neither from the file");
+    assert_eq!(origin.hits("/big.png"), 1);
+    p.stop().await;
+}
+
+/// A body too large for memory goes from its file with sendfile, a range at a time as the
+/// connection takes it: whole, in ranges across several sends, and pipelined behind another
+/// response, byte-exact. A file cut short under a viewer ends the response broken: what
+/// arrived is the right bytes, and it is short, never completed with other bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_from_disk_are_sent_from_their_file_and_never_padded() {
+    use tokio::io::AsyncWriteExt;
+    let origin = Origin::start("127.0.0.2").await;
+    let video = png_bytes(3 << 20, 44);
+    let small = png_bytes(70_000, 45);
+    origin.route("/clip.png", Route::ok(video.clone()));
+    origin.route("/small.png", Route::ok(small.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.2/32"]);
+    cfg.cache.memory_max_object_bytes = parasol::config::Size(1 << 20);
+    let p = Parasol::start(cfg).await;
+    let (url, small_url) = (p.url(&origin.url("/clip.png")), p.url(&origin.url("/small.png")));
+    assert_eq!(body(get(&url).await).await, video, "filled");
+    assert_eq!(body(get(&small_url).await).await, small, "filled");
+
+    let mut expected = p.metric(FROM_FILE).await;
+    assert_eq!(body(get(&url).await).await, video);
+    expected += video.len() as u64;
+    assert_eq!(p.metric(FROM_FILE).await, expected, "the whole body from the file");
+    let r = client().get(&url).header("range", "bytes=100000-1500000").send().await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(body(r).await, video.slice(100_000..1_500_001));
+    let r = client().get(&url).header("range", "bytes=-10").send().await.unwrap();
+    assert_eq!(body(r).await, video.slice(video.len() - 10..));
+    expected += 1_400_001 + 10;
+    assert_eq!(p.metric(FROM_FILE).await, expected, "ranges from the file");
+
+    // A copied body, then one from the file, asked for in one write.
+    let path = |u: &str| url::Url::parse(u).unwrap().path().to_string();
+    let mut conn = tokio::net::TcpStream::connect(p.public).await.unwrap();
+    let two = format!(
+        "GET {} HTTP/1.1\r\nHost: p.test\r\n\r\nGET {} HTTP/1.1\r\nHost: p.test\r\n\r\n",
+        path(&small_url),
+        path(&url)
+    );
+    conn.write_all(two.as_bytes()).await.unwrap();
+    for want in [&small, &video] {
+        let (head, got) = read_response(&mut conn).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(got, want[..], "pipelined response of {} bytes", want.len());
+    }
+
+    // Cut short under the viewers: a response ends early with the right bytes.
+    let hex = blake3::hash(&video).to_hex();
+    let blob = dir.path().join("blobs").join(&hex[..2]).join(hex.as_str());
+    let cut = std::fs::OpenOptions::new().write(true).open(&blob).unwrap();
+    cut.set_len(video.len() as u64 / 2).unwrap();
+    let mut conn = tokio::net::TcpStream::connect(p.public).await.unwrap();
+    let one = format!("GET {} HTTP/1.1\r\nHost: p.test\r\n\r\n", path(&url));
+    conn.write_all(one.as_bytes()).await.unwrap();
+    let (head, got) = read_response(&mut conn).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(got.len() < video.len(), "a body longer than its file arrived whole");
+    assert_eq!(got, video[..got.len()], "what arrived is the file's bytes");
+    assert_eq!(body(get(&small_url).await).await, small, "still serving");
+    assert_eq!(origin.hits("/clip.png"), 1);
+    p.stop().await;
+}
