@@ -85,6 +85,11 @@ impl DiskBudget {
         (touch, victims)
     }
 
+    /// Whether blob `hash` is held (its file on disk).
+    pub fn counts(&self, hash: &[u8; 32]) -> bool {
+        self.lock().keys.contains_key(hash)
+    }
+
     /// Whether blob `hash` is held and named by `key`.
     pub fn holds(&self, hash: &[u8; 32], key: &Key) -> bool {
         self.lock().keys.get(hash).is_some_and(|keys| keys.contains(key))

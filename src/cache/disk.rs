@@ -155,8 +155,30 @@ impl BlobStore {
         bytes: bytes::Bytes,
         sync: bool,
     ) -> io::Result<PathBuf> {
+        self.write_blob(hash, bytes, sync, true).await
+    }
+
+    /// [`Self::write`] of a blob known not to be stored (the disk budget does not count it):
+    /// no look for a copy already there, which costs a `statx` per fill. Whatever a crash left
+    /// under the name is replaced by the rename.
+    pub async fn write_new(
+        &self,
+        hash: &blake3::Hash,
+        bytes: bytes::Bytes,
+        sync: bool,
+    ) -> io::Result<PathBuf> {
+        self.write_blob(hash, bytes, sync, false).await
+    }
+
+    async fn write_blob(
+        &self,
+        hash: &blake3::Hash,
+        bytes: bytes::Bytes,
+        sync: bool,
+        maybe_stored: bool,
+    ) -> io::Result<PathBuf> {
         let (temp, dest) = (self.temp_path()?, self.path(hash));
-        let verified_on_load = !sync;
+        let verified_on_load = !sync && maybe_stored;
         let sync = sync && self.fsync;
         tokio::task::spawn_blocking(move || {
             // The same bytes under another URL (an emoji on many servers): already stored when

@@ -195,6 +195,8 @@ impl Store {
     /// make room for it), then the rename into place, then the index record.
     pub async fn insert(&self, key: Key, url: &str, r: Received) -> Result<Arc<Entry>, ProxyError> {
         let Received { body, hash, len, content_type, final_host, origin, .. } = r;
+        // A blob the budget does not count has no file (reconciliation at start sees to it).
+        let counted = self.budget.counts(hash.as_bytes());
         let (touch, victims) = self.budget.admit(*hash.as_bytes(), len, key);
         let record =
             Record::new(&hash, len, content_type, url).with_final_host(final_host.as_deref());
@@ -206,7 +208,11 @@ impl Store {
             // The in-flight hold ends here: from now on the bytes count against the memory
             // tier (or are dropped).
             Held::Memory(bytes, _hold) => {
-                (self.disk.write(&hash, bytes.clone(), durable).await, Some(bytes))
+                let written = match counted {
+                    true => self.disk.write(&hash, bytes.clone(), durable).await,
+                    false => self.disk.write_new(&hash, bytes.clone(), durable).await,
+                };
+                (written, Some(bytes))
             }
             Held::Disk(temp) => (self.disk.commit(temp, &hash, durable).await, None),
         };
