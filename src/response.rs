@@ -136,6 +136,10 @@ async fn body(
         }
     };
     let file = disk.open_blob(&entry.hash).await.map_err(vanished)?;
+    // Sized when loaded, but a file cut short since would be sent short to every viewer.
+    if file.metadata().map_err(ProxyError::internal)?.len() != entry.len {
+        return Err(ProxyError::internal("blob of the wrong size"));
+    }
     let conn = conn.cloned();
     let chunks = futures_util::stream::try_unfold(start, move |offset| {
         let (file, conn) = (file.clone(), conn.clone());

@@ -446,8 +446,8 @@ async fn serve_request<B>(proxy: &Arc<Proxy>, request: &ProxyRequest, req: &Requ
     respond(proxy, &entry, cache, req).await
 }
 
-/// The response for a found `entry`; a blob found gone meanwhile is forgotten, so the next
-/// request refills it.
+/// The response for a found `entry`; a blob found gone or resized meanwhile is forgotten, so
+/// the next request refills it.
 async fn respond<B>(
     proxy: &Proxy,
     entry: &crate::cache::Entry,
@@ -461,7 +461,7 @@ async fn respond<B>(
     match response::serve(entry, proxy.store.blobs(), req.method(), req.headers(), conn).await {
         Ok((response, sent)) => Ok((response, cache, sent)),
         Err(e) => {
-            proxy.store.forget_if_vanished(&entry.hash).await;
+            proxy.store.forget_if_broken(&entry.hash, entry.len).await;
             Err((e, cache))
         }
     }

@@ -132,12 +132,12 @@ impl Store {
         &self.disk
     }
 
-    /// After serving `hash` failed: a blob found gone meanwhile (deleted by hand, evicted) is
-    /// forgotten so the next request refills it. Any other failure (out of file descriptors,
-    /// say) leaves the good bytes alone.
-    pub async fn forget_if_vanished(&self, hash: &blake3::Hash) {
-        if self.disk.len(hash).await.is_none() {
-            self.drop_blob(hash, "blob vanished while serving").await;
+    /// After serving `hash` of `len` bytes failed: a blob found gone meanwhile (deleted by
+    /// hand, evicted) or of another size (cut short) is forgotten so the next request refills
+    /// it. Any other failure (out of file descriptors, say) leaves the good bytes alone.
+    pub async fn forget_if_broken(&self, hash: &blake3::Hash, len: u64) {
+        if self.disk.len(hash).await != Some(len) {
+            self.drop_blob(hash, "blob vanished or resized while serving").await;
         }
     }
 
