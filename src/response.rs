@@ -18,8 +18,9 @@ use crate::server::sendfile::{self, Offers};
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// Most bytes of a blob a viewer's response holds in memory at once: a body or a Range from
-/// disk is read a chunk at a time as the connection takes it (cached chunks on the serving
-/// thread, others on the blocking pool), so slow viewers of large ranges pin little.
+/// disk that is not sent from the page cache with `sendfile` (which holds none) is read a
+/// chunk at a time as the connection takes it (cached chunks on the serving thread, others on
+/// the blocking pool), so slow viewers of large ranges pin little.
 pub const DISK_CHUNK: u64 = 64 * 1024;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
