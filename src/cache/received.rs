@@ -82,11 +82,10 @@ impl Sink {
         let want = declared.unwrap_or(IN_MEMORY_FILL);
         let hold = (want <= IN_MEMORY_FILL).then(|| self.budget.try_hold(want)).flatten();
         match hold {
-            // A body of unknown length grows as it arrives: memory reserved for the worst case
-            // would stay with the bytes into the memory tier, which weighs only their length.
-            // Without a declared length, room for a typical picture: growing from nothing
-            // copied the body several times over (7.5% of the miss path's CPU with a chunked
-            // origin); `finish` gives back what it did not use.
+            // A body of unknown length starts with room for a typical picture, not the worst
+            // case, and grows from there (from nothing it was copied several times over: 7.5%
+            // of the miss path's CPU with a chunked origin); `finish` gives back what it did
+            // not use, as the memory tier weighs only the length.
             Some(hold) => {
                 let room = declared.map_or(UNDECLARED_ROOM, |n| n as usize);
                 self.memory = Some((Vec::with_capacity(room), hold, want as usize))

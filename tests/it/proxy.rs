@@ -335,6 +335,24 @@ async fn read_response(conn: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
     (head, got)
 }
 
+/// The responses to GETs of `urls` sent in one write on one connection, in order.
+async fn pipelined(public: std::net::SocketAddr, urls: &[&str]) -> Vec<(String, Vec<u8>)> {
+    use tokio::io::AsyncWriteExt;
+    let mut conn = tokio::net::TcpStream::connect(public).await.unwrap();
+    let requests: String = urls
+        .iter()
+        .map(|u| {
+            format!("GET {} HTTP/1.1\r\nHost: p.test\r\n\r\n", url::Url::parse(u).unwrap().path())
+        })
+        .collect();
+    conn.write_all(requests.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    for _ in urls {
+        out.push(read_response(&mut conn).await);
+    }
+    out
+}
+
 const FROM_FILE: &str = "parasol_served_from_file_bytes_total";
 
 /// A hit held in memory and at least 256 KiB long is sent from its blob's file (sendfile)
@@ -343,7 +361,6 @@ const FROM_FILE: &str = "parasol_served_from_file_bytes_total";
 /// copied from memory, and a blob file gone or cut short falls back to the memory's copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hits_held_in_memory_are_sent_from_their_file_byte_exact() {
-    use tokio::io::AsyncWriteExt;
     let origin = Origin::start("127.0.0.2").await;
     let (big, other, small) =
         (png_bytes(400 * 1024, 41), png_bytes(300_000, 42), png_bytes(70_000, 43));
@@ -378,18 +395,10 @@ async fn hits_held_in_memory_are_sent_from_their_file_byte_exact() {
     assert_eq!(p.metric(FROM_FILE).await, expected, "small bodies, HEAD and 304 are not");
 
     // Two requests in one write: each response carries its own bytes.
-    let path = |u: &str| url::Url::parse(u).unwrap().path().to_string();
-    let mut conn = tokio::net::TcpStream::connect(p.public).await.unwrap();
-    let two = format!(
-        "GET {} HTTP/1.1\r\nHost: p.test\r\n\r\nGET {} HTTP/1.1\r\nHost: p.test\r\n\r\n",
-        path(&big_url),
-        path(&other_url)
-    );
-    conn.write_all(two.as_bytes()).await.unwrap();
-    for want in [&big, &other] {
-        let (head, got) = read_response(&mut conn).await;
+    let responses = pipelined(p.public, &[&big_url, &other_url]).await;
+    for ((head, got), want) in responses.iter().zip([&big, &other]) {
         assert!(head.starts_with("http/1.1 200"), "{head}");
-        assert_eq!(got, want[..], "pipelined response of {} bytes", want.len());
+        assert_eq!(got[..], want[..], "pipelined response of {} bytes", want.len());
     }
     expected += (big.len() + other.len()) as u64;
     assert_eq!(p.metric(FROM_FILE).await, expected, "both pipelined bodies from their files");
@@ -440,19 +449,12 @@ async fn bodies_from_disk_are_sent_from_their_file_and_never_padded() {
     assert_eq!(p.metric(FROM_FILE).await, expected, "ranges from the file");
 
     // A copied body, then one from the file, asked for in one write.
-    let path = |u: &str| url::Url::parse(u).unwrap().path().to_string();
-    let mut conn = tokio::net::TcpStream::connect(p.public).await.unwrap();
-    let two = format!(
-        "GET {} HTTP/1.1\r\nHost: p.test\r\n\r\nGET {} HTTP/1.1\r\nHost: p.test\r\n\r\n",
-        path(&small_url),
-        path(&url)
-    );
-    conn.write_all(two.as_bytes()).await.unwrap();
-    for want in [&small, &video] {
-        let (head, got) = read_response(&mut conn).await;
+    let responses = pipelined(p.public, &[&small_url, &url]).await;
+    for ((head, got), want) in responses.iter().zip([&small, &video]) {
         assert!(head.starts_with("http/1.1 200"), "{head}");
-        assert_eq!(got, want[..], "pipelined response of {} bytes", want.len());
+        assert_eq!(got[..], want[..], "pipelined response of {} bytes", want.len());
     }
+    let path = |u: &str| url::Url::parse(u).unwrap().path().to_string();
 
     // Cut short while a viewer reads slowly: its response ends early with the right bytes.
     let slow = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
