@@ -76,20 +76,20 @@ pub async fn serve<S, F>(
                     continue;
                 };
                 let handler = handler.clone();
-                // What this connection may send from files, told by its requests' responses.
+                // What this connection may send from files: its handlers reach it through
+                // `sendfile::current` (the connection's task runs in its scope).
                 let offers = Arc::new(sendfile::Offers::default());
                 let io = SendDeadline::new(sendfile::Conn::new(stream, offers.clone()), send_timeout);
-                let service = service_fn(move |mut req: Request<Incoming>| {
-                    req.extensions_mut().insert(offers.clone());
+                let service = service_fn(move |req| {
                     let handler = handler.clone();
                     async move { Ok::<_, Infallible>(handler(req).await) }
                 });
                 let conn = builder.serve_connection(io, service);
                 let conn = graceful.watch(conn);
-                tokio::spawn(async move {
+                tokio::spawn(sendfile::scope(offers, async move {
                     let _ = conn.await;
                     drop(permit);
-                });
+                }));
             }
             _ = stopped(&mut shutdown) => break,
         }
@@ -454,11 +454,12 @@ async fn respond<B>(
     cache: CacheStatus,
     req: &Request<B>,
 ) -> Routed {
-    let conn = req.extensions().get::<Arc<sendfile::Offers>>();
-    if let Some(conn) = conn {
+    let conn = sendfile::current();
+    if let Some(conn) = &conn {
         conn.count_into(&proxy.metrics.bytes_sent_from_file);
     }
-    match response::serve(entry, proxy.store.blobs(), req.method(), req.headers(), conn).await {
+    let (method, headers) = (req.method(), req.headers());
+    match response::serve(entry, proxy.store.blobs(), method, headers, conn.as_ref()).await {
         Ok((response, sent)) => Ok((response, cache, sent)),
         Err(e) => {
             proxy.store.forget_if_broken(&entry.hash, entry.len).await;

@@ -21,6 +21,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, ready};
 
@@ -44,10 +45,28 @@ pub const PLACEHOLDER_LEN: usize = 512 * 1024;
 /// sent (a placeholder slice goes from its file or fails the connection).
 static PLACEHOLDER: [u8; PLACEHOLDER_LEN] = [0; PLACEHOLDER_LEN];
 
+tokio::task_local! {
+    /// The offers of the connection whose task this is.
+    static OFFERS: Arc<Offers>;
+}
+
+/// Runs a connection's future (`serve`) with its offers reachable by its requests'
+/// handlers through [`current`], at no cost per request.
+pub async fn scope<F: std::future::Future>(offers: Arc<Offers>, serve: F) -> F::Output {
+    OFFERS.scope(offers, serve).await
+}
+
+/// The offers of the viewer's connection being served, if any (not outside a connection).
+pub fn current() -> Option<Arc<Offers>> {
+    OFFERS.try_with(Arc::clone).ok()
+}
+
 /// The bodies a connection may send from files, shared by its requests and its writes.
 #[derive(Default)]
 pub struct Offers {
     state: Mutex<State>,
+    /// Whether `state` holds anything: most writes need not take the lock.
+    active: AtomicBool,
     sent: OnceLock<Counter>,
 }
 
@@ -91,7 +110,9 @@ impl Offers {
 
     /// `bytes`, a body frame, may be sent from `file` at `offset`, which holds the same bytes.
     pub fn memory(&self, bytes: Bytes, file: Arc<File>, offset: u64) {
-        self.lock().memory = Some(Memory { bytes, file, offset });
+        let mut state = self.lock();
+        state.memory = Some(Memory { bytes, file, offset });
+        self.active.store(true, Ordering::Release);
     }
 
     /// A body frame of `len` bytes (at most [`PLACEHOLDER_LEN`]) that stands for `file` from
@@ -99,6 +120,7 @@ impl Offers {
     pub fn placeholder(&self, file: Arc<File>, offset: u64, len: usize) -> Bytes {
         let len = len.min(PLACEHOLDER_LEN);
         self.lock().segments.push_back(Segment { file, offset, len });
+        self.active.store(true, Ordering::Release);
         Bytes::from_static(&PLACEHOLDER[..len])
     }
 
@@ -108,6 +130,9 @@ impl Offers {
 
     /// The first of `bufs` that goes from a file, with its index.
     fn find(&self, bufs: &[IoSlice<'_>]) -> Option<(usize, Located)> {
+        if !self.active.load(Ordering::Acquire) {
+            return None;
+        }
         let state = self.lock();
         if state.memory.is_none() && state.segments.is_empty() {
             return None;
@@ -155,6 +180,9 @@ impl Offers {
             if slice.as_ptr() as usize + n == end {
                 state.memory = None; // all sent: the memory is not kept alive any longer
             }
+        }
+        if state.memory.is_none() && state.segments.is_empty() {
+            self.active.store(false, Ordering::Release);
         }
         drop(state);
         if let Some(counter) = self.sent.get() {
