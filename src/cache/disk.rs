@@ -148,29 +148,10 @@ impl BlobStore {
 
     /// Stores `bytes` as the blob `hash` in one blocking call: temp file, write, fsync (when
     /// `sync` and `cache.fsync`), rename. A failure leaves no file behind. `sync` is asked for
-    /// blobs served without re-hashing; the others are not rewritten when already present.
+    /// blobs served without re-hashing; the others are not rewritten when already present,
+    /// which is looked for only when `maybe_stored` (the disk budget counts the blob: one that
+    /// it does not count has no file, and a `statx` per fill is saved).
     pub async fn write(
-        &self,
-        hash: &blake3::Hash,
-        bytes: bytes::Bytes,
-        sync: bool,
-    ) -> io::Result<PathBuf> {
-        self.write_blob(hash, bytes, sync, true).await
-    }
-
-    /// [`Self::write`] of a blob known not to be stored (the disk budget does not count it):
-    /// no look for a copy already there, which costs a `statx` per fill. Whatever a crash left
-    /// under the name is replaced by the rename.
-    pub async fn write_new(
-        &self,
-        hash: &blake3::Hash,
-        bytes: bytes::Bytes,
-        sync: bool,
-    ) -> io::Result<PathBuf> {
-        self.write_blob(hash, bytes, sync, false).await
-    }
-
-    async fn write_blob(
         &self,
         hash: &blake3::Hash,
         bytes: bytes::Bytes,
@@ -178,14 +159,14 @@ impl BlobStore {
         maybe_stored: bool,
     ) -> io::Result<PathBuf> {
         let (temp, dest) = (self.temp_path()?, self.path(hash));
-        let verified_on_load = !sync && maybe_stored;
+        let look = !sync && maybe_stored;
         let sync = sync && self.fsync;
         tokio::task::spawn_blocking(move || {
             // The same bytes under another URL (an emoji on many servers): already stored when
             // the file there holds exactly them. Compared, not trusted by its size: a copy a
             // crash tore is replaced, as a body held in memory may be sent from its file.
             // One that differs goes first, so a failed write below cannot leave it in place.
-            if verified_on_load {
+            if look {
                 let held = std::fs::metadata(&dest).ok().map(|m| {
                     m.len() == bytes.len() as u64
                         && std::fs::read(&dest).is_ok_and(|on_disk| on_disk == bytes[..])
@@ -475,7 +456,7 @@ mod tests {
         for len in [1usize, 4096, 65_536, 300_000] {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
             let hash = blake3::hash(&bytes);
-            store.write(&hash, bytes.clone().into(), false).await.unwrap();
+            store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
             let len = len as u64;
             let read = store.read_verified(&hash, len).await.unwrap();
             assert_eq!(read.as_deref(), Some(&bytes[..]), "{len} bytes");
@@ -504,13 +485,13 @@ mod tests {
         let store = BlobStore::open(dir.path(), false).unwrap();
         let bytes: Vec<u8> = (0..50_000usize).map(|i| (i * 31 % 241) as u8).collect();
         let hash = blake3::hash(&bytes);
-        let path = store.write(&hash, bytes.clone().into(), false).await.unwrap();
+        let path = store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
         let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
         let first = inode(&path);
-        store.write(&hash, bytes.clone().into(), false).await.unwrap();
+        store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
         assert_eq!(inode(&path), first, "the same bytes are not written again");
         std::fs::write(&path, vec![0u8; bytes.len()]).unwrap();
-        store.write(&hash, bytes.clone().into(), false).await.unwrap();
+        store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), bytes, "a torn copy is replaced");
     }
 
@@ -522,7 +503,7 @@ mod tests {
         let store = BlobStore::open(dir.path(), false).unwrap();
         let bytes: Vec<u8> = (0..300_000usize).map(|i| (i * 17 % 239) as u8).collect();
         let hash = blake3::hash(&bytes);
-        store.write(&hash, bytes.clone().into(), false).await.unwrap();
+        store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
         // Just written: every page is cached.
         assert!(store.open_resident(&hash, 0, bytes.len() as u64).is_some());
         assert!(store.open_resident(&hash, 70_000, 100_000).is_some());
@@ -539,7 +520,7 @@ mod tests {
         let store = BlobStore::open(dir.path(), false).unwrap();
         let bytes: Vec<u8> = (0..1_000_000usize).map(|i| (i * 13 % 253) as u8).collect();
         let hash = blake3::hash(&bytes);
-        store.write(&hash, bytes.clone().into(), false).await.unwrap();
+        store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
         let file = store.open_blob(&hash).await.unwrap();
         let (mut offset, mut out) = (10u64, Vec::new());
         while offset < bytes.len() as u64 {

@@ -208,11 +208,7 @@ impl Store {
             // The in-flight hold ends here: from now on the bytes count against the memory
             // tier (or are dropped).
             Held::Memory(bytes, _hold) => {
-                let written = match counted {
-                    true => self.disk.write(&hash, bytes.clone(), durable).await,
-                    false => self.disk.write_new(&hash, bytes.clone(), durable).await,
-                };
-                (written, Some(bytes))
+                (self.disk.write(&hash, bytes.clone(), durable, counted).await, Some(bytes))
             }
             Held::Disk(temp) => (self.disk.commit(temp, &hash, durable).await, None),
         };
@@ -245,8 +241,9 @@ impl Store {
             let rewritten = tries <= 4
                 && match (&in_memory, present) {
                     (_, true) => true,
+                    // Just seen absent: no look for a stored copy.
                     (Some(bytes), false) => {
-                        self.disk.write(&hash, bytes.clone(), durable).await.is_ok()
+                        self.disk.write(&hash, bytes.clone(), durable, false).await.is_ok()
                     }
                     (None, false) => false,
                 };

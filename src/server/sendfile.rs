@@ -61,6 +61,11 @@ pub fn current() -> Option<Arc<Offers>> {
     OFFERS.try_with(Arc::clone).ok()
 }
 
+/// Whether `slice` is (part of) a placeholder frame.
+fn is_placeholder(slice: &[u8]) -> bool {
+    !slice.is_empty() && PLACEHOLDER.as_ptr_range().contains(&slice.as_ptr())
+}
+
 /// The bodies a connection may send from files, shared by its requests and its writes.
 #[derive(Default)]
 pub struct Offers {
@@ -134,15 +139,8 @@ impl Offers {
             return None;
         }
         let state = self.lock();
-        if state.memory.is_none() && state.segments.is_empty() {
-            return None;
-        }
-        let placeholder = PLACEHOLDER.as_ptr_range();
         bufs.iter().enumerate().find_map(|(i, b)| {
-            if b.is_empty() {
-                return None;
-            }
-            if placeholder.contains(&b.as_ptr()) {
+            if is_placeholder(b) {
                 return Some((
                     i,
                     match state.segments.front() {
@@ -154,7 +152,7 @@ impl Offers {
                     },
                 ));
             }
-            let memory = state.memory.as_ref()?;
+            let memory = state.memory.as_ref().filter(|_| !b.is_empty())?;
             let (start, at) = (memory.bytes.as_ptr() as usize, b.as_ptr() as usize);
             if at < start || at + b.len() > start + memory.bytes.len() {
                 return None;
@@ -181,12 +179,24 @@ impl Offers {
                 state.memory = None; // all sent: the memory is not kept alive any longer
             }
         }
-        if state.memory.is_none() && state.segments.is_empty() {
-            self.active.store(false, Ordering::Release);
-        }
+        self.settle(&state);
         drop(state);
         if let Some(counter) = self.sent.get() {
             counter.inc_by(n as u64);
+        }
+    }
+
+    /// The memory offer given up (its file failed): its bytes go from memory.
+    fn withdraw_memory(&self) {
+        let mut state = self.lock();
+        state.memory = None;
+        self.settle(&state);
+    }
+
+    /// Keeps `active` saying whether `state` holds anything.
+    fn settle(&self, state: &State) {
+        if state.memory.is_none() && state.segments.is_empty() {
+            self.active.store(false, Ordering::Release);
         }
     }
 }
@@ -202,6 +212,22 @@ impl Conn {
         Self { io: TokioIo::new(stream), offers }
     }
 
+    /// `call` on the socket once it is writable, until it does not find it full.
+    fn poll_socket<R>(
+        &self,
+        cx: &mut Context<'_>,
+        mut call: impl FnMut(&TcpStream) -> io::Result<R>,
+    ) -> Poll<io::Result<R>> {
+        let stream = self.io.inner();
+        loop {
+            ready!(stream.poll_write_ready(cx))?;
+            match stream.try_io(Interest::WRITABLE, || call(stream)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
     /// `bufs` (the head before a body from a file) sent with `MSG_MORE`.
     fn poll_send_more(
         &self,
@@ -209,19 +235,11 @@ impl Conn {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         use rustix::net::{SendAncillaryBuffer, SendFlags};
-        let stream = self.io.inner();
         let flags = SendFlags::MORE | SendFlags::NOSIGNAL;
-        loop {
-            ready!(stream.poll_write_ready(cx))?;
-            let sent = stream.try_io(Interest::WRITABLE, || {
-                let mut control = SendAncillaryBuffer::default();
-                rustix::net::sendmsg(stream, bufs, &mut control, flags).map_err(io::Error::from)
-            });
-            match sent {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return Poll::Ready(other),
-            }
-        }
+        self.poll_socket(cx, |stream| {
+            let mut control = SendAncillaryBuffer::default();
+            rustix::net::sendmsg(stream, bufs, &mut control, flags).map_err(io::Error::from)
+        })
     }
 
     /// Up to `len` bytes of `file` from `offset`; `Ok(None)` when the file cannot give them
@@ -234,23 +252,15 @@ impl Conn {
         len: usize,
     ) -> Poll<io::Result<Option<usize>>> {
         use rustix::io::Errno;
-        let stream = self.io.inner();
-        loop {
-            ready!(stream.poll_write_ready(cx))?;
+        self.poll_socket(cx, |stream| {
             let mut at = offset;
-            let sent = stream.try_io(Interest::WRITABLE, || {
-                match rustix::fs::sendfile(stream, file, Some(&mut at), len) {
-                    Ok(0) => Ok(None),
-                    Ok(n) => Ok(Some(n)),
-                    Err(Errno::INVAL | Errno::NOSYS | Errno::IO | Errno::OVERFLOW) => Ok(None),
-                    Err(e) => Err(io::Error::from(e)),
-                }
-            });
-            match sent {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return Poll::Ready(other),
+            match rustix::fs::sendfile(stream, file, Some(&mut at), len) {
+                Ok(0) => Ok(None),
+                Ok(n) => Ok(Some(n)),
+                Err(Errno::INVAL | Errno::NOSYS | Errno::IO | Errno::OVERFLOW) => Ok(None),
+                Err(e) => Err(io::Error::from(e)),
             }
-        }
+        })
     }
 }
 
@@ -294,7 +304,7 @@ impl hyper::rt::Write for Conn {
                         )));
                     }
                     // The memory holds the same bytes.
-                    None => self.offers.lock().memory = None,
+                    None => self.offers.withdraw_memory(),
                 }
             }
             Some((0, Located::Orphan)) => return Poll::Ready(Err(orphan())),
@@ -302,9 +312,7 @@ impl hyper::rt::Write for Conn {
             None => {}
         }
         // Placeholder bytes are never written from memory: they would be zeros.
-        let placeholder = PLACEHOLDER.as_ptr_range();
-        let ours = bufs.iter().position(|b| !b.is_empty() && placeholder.contains(&b.as_ptr()));
-        match ours {
+        match bufs.iter().position(|b| is_placeholder(b)) {
             Some(0) => Poll::Ready(Err(orphan())),
             Some(i) => Pin::new(&mut self.io).poll_write_vectored(cx, &bufs[..i]),
             None => Pin::new(&mut self.io).poll_write_vectored(cx, bufs),
