@@ -5,6 +5,7 @@
 # ROUNDS). Writes BENCHMARKS.md. Every process it starts is stopped by PID.
 #
 #   benches/side-by-side.sh     # about 8 minutes on 2 cores; ROUNDS=3 DURATION=3s by default
+#   WORKLOADS=miss MISS_SERVERS=parasol PARASOL_BIN=/path/to/build OUT=/tmp/w6.md benches/side-by-side.sh
 #
 # W1 hits of 4/60/64/70 KiB, W2 200 KiB hits, W3 random 1 MiB Ranges of a 20 MiB video,
 # W4 Zipf(0.9) over 20,000 x 64 KiB with 256 MiB (20%) for each cache, W5 50 and 500 viewers
@@ -251,7 +252,7 @@ if want miss; then
 echo "W6: miss path, $ROUNDS rounds x $DURATION ..." >&2
 declare -A MISS_BASE=([parasol]=http://127.0.0.1:18084 [nginx]=http://127.0.0.1:18082 [nginx-pass]=http://127.0.0.1:18082 [camo]=http://127.0.0.1:18086)
 PID[nginx-pass]=${PID[nginx]}
-MISS_SERVERS=(parasol nginx nginx-pass camo)
+read -r -a MISS_SERVERS <<< "${MISS_SERVERS:-parasol nginx nginx-pass camo}"   # a subset: MISS_SERVERS=parasol
 for round in $(seq "$ROUNDS"); do
   $TOOLS paths miss-parasol "$WORK/miss.parasol" 100000 "$KEY" http://127.0.0.1:18081 "r$round"
   $TOOLS paths miss-plain "$WORK/miss.nginx" 100000 "" "n$round"   # through proxy_cache: stored
