@@ -96,6 +96,23 @@ pub struct Entry {
     pub origin_blake3: Option<blake3::Hash>,
     /// What is known of the origin's bytes (for the record the shared bucket gets).
     pub origin: Option<std::sync::Arc<index::OriginDigests>>,
+    /// The blob's file, opened the first time the body is sent with `sendfile` and held while
+    /// the entry is (or until [`Entry::release_file`]), so a hot entry costs no open and close
+    /// per response.
+    file: std::sync::Mutex<Option<std::sync::Arc<std::fs::File>>>,
+}
+
+/// Most blob files entries hold open at once (beyond it, a response opens its own); the
+/// open-file limit is raised for them.
+pub const HELD_FILES: usize = 4096;
+
+/// Blob files entries hold now.
+static HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.release_file();
+    }
 }
 
 /// Cache-Control of every successful response: the bytes behind a URL never change, because a
@@ -127,6 +144,34 @@ impl Entry {
             final_host: None,
             origin_blake3: None,
             origin: None,
+            file: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The blob's file for `sendfile`: the one this entry holds, else opened now when that
+    /// cannot wait for the disk, and then held while fewer than [`HELD_FILES`] are. `None`
+    /// when it cannot be opened so.
+    pub fn file(&self, disk: &disk::BlobStore) -> Option<std::sync::Arc<std::fs::File>> {
+        use std::sync::atomic::Ordering;
+        let mut held = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(file) = &*held {
+            return Some(file.clone());
+        }
+        let file = disk.open_now(&self.hash)?;
+        if HELD.fetch_add(1, Ordering::Relaxed) < HELD_FILES {
+            *held = Some(file.clone());
+        } else {
+            HELD.fetch_sub(1, Ordering::Relaxed);
+        }
+        Some(file)
+    }
+
+    /// Closes the file the entry holds: its blob is leaving the disk, whose space an open file
+    /// would keep taken (responses under way keep their own handle to the end).
+    pub fn release_file(&self) {
+        let mut held = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if held.take().is_some() {
+            HELD.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

@@ -235,9 +235,11 @@ fn load(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
 
 fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = load(path.as_deref())?;
-    // Every viewer connection and every blob streamed holds a descriptor; the usual soft limit
-    // of 1024 would run out long before server.max_connections.
-    let wanted = u64::from(config.server.max_connections) * 2 + 1024;
+    // Every viewer connection and every blob streamed holds a descriptor, as do the blobs of
+    // entries sent with sendfile; the usual soft limit of 1024 would run out long before
+    // server.max_connections.
+    let wanted =
+        u64::from(config.server.max_connections) * 2 + 1024 + parasol::cache::HELD_FILES as u64;
     match rlimit::increase_nofile_limit(wanted) {
         Ok(limit) if limit < wanted => tracing::warn!(
             limit,

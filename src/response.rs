@@ -123,7 +123,10 @@ async fn body(
         let bytes = bytes.slice(start as usize..=end as usize);
         let len = bytes.len() as u64;
         if let Some(conn) = conn.filter(|_| len >= sendfile::MIN_LEN) {
-            if let Some(file) = disk.open_resident(&entry.hash, start, len) {
+            // Only when the page cache holds every page of the range: sending it then never
+            // waits for the disk.
+            let file = entry.file(disk).filter(|f| crate::cache::disk::resident(f, start, len));
+            if let Some(file) = file {
                 conn.memory(bytes.clone(), file, start);
             }
         }

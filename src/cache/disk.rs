@@ -253,18 +253,10 @@ impl BlobStore {
             .map_err(io::Error::other)?
     }
 
-    /// The blob opened for `sendfile` of `len` bytes from `offset`, only when this thread can
-    /// open it without waiting (its name cached) and the page cache holds every page of the
-    /// range, so sending it never waits for the disk. `None` otherwise: the caller sends the
-    /// bytes it holds in memory.
-    pub fn open_resident(
-        &self,
-        hash: &blake3::Hash,
-        offset: u64,
-        len: u64,
-    ) -> Option<std::sync::Arc<std::fs::File>> {
-        let file = open_cached(&self.path(hash))?.ok()?;
-        resident(&file, offset, len).then(|| std::sync::Arc::new(file))
+    /// The blob opened on this thread, only when that cannot wait for the disk (its name is
+    /// cached); `None` otherwise, or when it is missing.
+    pub fn open_now(&self, hash: &blake3::Hash) -> Option<std::sync::Arc<std::fs::File>> {
+        open_cached(&self.path(hash))?.ok().map(std::sync::Arc::new)
     }
 
     /// Size of the blob on disk, or `None` when it is missing.
@@ -505,11 +497,11 @@ mod tests {
         let hash = blake3::hash(&bytes);
         store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
         // Just written: every page is cached.
-        assert!(store.open_resident(&hash, 0, bytes.len() as u64).is_some());
-        assert!(store.open_resident(&hash, 70_000, 100_000).is_some());
-        assert!(store.open_resident(&hash, 0, bytes.len() as u64 + 100_000).is_none());
-        let other = blake3::hash(b"absent");
-        assert!(store.open_resident(&other, 0, 10).is_none());
+        let file = store.open_now(&hash).expect("its name is cached");
+        assert!(resident(&file, 0, bytes.len() as u64));
+        assert!(resident(&file, 70_000, 100_000));
+        assert!(!resident(&file, 0, bytes.len() as u64 + 100_000));
+        assert!(store.open_now(&blake3::hash(b"absent")).is_none());
     }
 
     /// A chunk is at most what was asked for, the chunks of a blob add up to its bytes, and a

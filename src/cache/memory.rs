@@ -33,8 +33,12 @@ impl MemoryTier {
         self.cache.insert(key, entry).await;
     }
 
+    /// Removes the entry of `key`, whose blob is leaving the disk: the file it may hold open
+    /// is closed now, not whenever the last copy of the entry goes.
     pub async fn remove(&self, key: &Key) {
-        self.cache.invalidate(key).await;
+        if let Some(entry) = self.cache.remove(key).await {
+            entry.release_file();
+        }
     }
 
     /// Weighted size in bytes and entry count, for metrics (moka updates them lazily).

@@ -33,10 +33,11 @@ use tokio::net::TcpStream;
 
 /// Memory bodies (or ranges) shorter than this are copied from memory. Measured on loopback,
 /// 2 cores, one object at a time (`cargo build --release`, wrk -c64, CPU per request of the
-/// server): at 64 KiB the file's extra calls (open, cachestat, head, close) cost more than
-/// the copy they save (44-61 µs against 38-41), from 100 to 200 KiB it is even, at 256 KiB
-/// and 1 MiB the file wins (91-99 µs against 94-120, and 246-262 against 335-466).
-pub const MIN_LEN: u64 = 256 * 1024;
+/// server, medians of 5 alternating rounds): with the file opened for each response, its
+/// open and close cost more than the copy saved up to 64 KiB (44-61 µs against 38-41 there);
+/// held open by the entry ([`crate::cache::Entry::file`]) the file wins from 32 KiB (30
+/// against 34 µs), at 60 KiB (37 against 40) and at 200 KiB (72 against 86).
+pub const MIN_LEN: u64 = 32 * 1024;
 
 /// Longest placeholder frame: the range of a disk body one `sendfile` may be asked for.
 pub const PLACEHOLDER_LEN: usize = 512 * 1024;
