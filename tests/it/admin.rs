@@ -102,6 +102,40 @@ async fn admin_writes_need_the_token_and_a_wrong_one_changes_nothing() {
     p.stop().await;
 }
 
+/// Files of this process open under `dir`'s blobs (what `/proc/self/fd` points at).
+fn blobs_held_open(dir: &Path) -> usize {
+    let blobs = dir.join("blobs");
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter(|target| target.starts_with(&blobs))
+        .count()
+}
+
+/// A hit sent with sendfile leaves its entry holding the blob's file open (no open and close
+/// per response); a purge closes it, so a file gone from the store keeps no disk space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_blob_is_no_longer_held_open() {
+    let origin = Origin::start("127.0.0.2").await;
+    let big = png_bytes(200_000, 47);
+    origin.route("/held.png", Route::ok(big.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.2/32"])).await;
+    let url = p.url(&origin.url("/held.png"));
+    for _ in 0..3 {
+        assert_eq!(body(get(&url).await).await, big);
+    }
+    assert!(eventually(|| blobs_held_open(dir.path()) == 1).await, "held by the entry");
+    let purge = json!({ "url": origin.url("/held.png") });
+    let (status, answer) = admin_post(&p, "/admin/purge", Some(ADMIN_TOKEN), purge).await;
+    assert_eq!((status, &answer["purged"]["blobs"]), (200, &json!(1)), "{answer}");
+    assert!(eventually(|| blobs_held_open(dir.path()) == 0).await, "closed with the purge");
+    assert_eq!(body(get(&url).await).await, big, "refetched");
+    assert_eq!(origin.hits("/held.png"), 2);
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn purge_by_domain_and_by_url_removes_the_bytes() {
     let origin = Origin::start("127.0.0.2").await;
