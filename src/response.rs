@@ -171,15 +171,16 @@ async fn body(
 
 /// Serves a fill still arriving ([`crate::cache::growing`]): 200, or 206 for one `Range` of
 /// its declared length, the body streamed as it lands. Its hash is known only at the end, so
-/// the response has no ETag (and an `If-Range` gets the whole body).
+/// the response has no ETag (and an `If-Range` gets the whole body). A body whose origin
+/// declared no length is sent whole and chunked, whatever Range was asked (a server may
+/// ignore Range), and its bytes served are counted as 0: their number is not known yet.
 pub fn serve_growing(
     growing: std::sync::Arc<crate::cache::growing::Growing>,
     method: &Method,
     headers: &HeaderMap,
 ) -> (Response<Body>, u64) {
-    let total = growing.len;
-    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
-        Some(value) if !headers.contains_key(header::IF_RANGE) => {
+    let range = match (headers.get(header::RANGE).and_then(|v| v.to_str().ok()), growing.len) {
+        (Some(value), Some(total)) if !headers.contains_key(header::IF_RANGE) => {
             match http_range_header::parse_range_header(value).map(|r| r.validate(total)) {
                 Ok(Ok(ranges)) if ranges.len() == 1 => ranges.into_iter().next(),
                 Ok(Err(_)) => {
@@ -197,30 +198,34 @@ pub fn serve_growing(
         }
         _ => None,
     };
-    let (status, start, end) = match &range {
-        Some(r) => (StatusCode::PARTIAL_CONTENT, *r.start(), *r.end()),
-        None => (StatusCode::OK, 0, total - 1),
+    let (status, start, end) = match (&range, growing.len) {
+        (Some(r), _) => (StatusCode::PARTIAL_CONTENT, *r.start(), *r.end()),
+        (None, Some(total)) => (StatusCode::OK, 0, total - 1),
+        (None, None) => (StatusCode::OK, 0, u64::MAX),
     };
-    let len = end - start + 1;
+    // Unknown until the body is whole: no Content-Length, the body is chunked.
+    let len = growing.len.map(|_| end - start + 1);
     let content_type = HeaderValue::from_static(growing.content_type);
     let body = match method == Method::HEAD {
         true => empty(),
-        false => StreamBody::new(growing.stream(start, end)).boxed_unsync(),
+        false => StreamBody::new(growing.clone().stream(start, end)).boxed_unsync(),
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let h = response.headers_mut();
     h.insert(header::CONTENT_TYPE, content_type);
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Some(len) = len {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(crate::cache::IMMUTABLE));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(crate::cache::CSP));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    if status == StatusCode::PARTIAL_CONTENT {
+    if let (StatusCode::PARTIAL_CONTENT, Some(total)) = (status, growing.len) {
         let value = format!("bytes {start}-{end}/{total}");
         h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&value).expect("digits"));
     }
-    (response, if method == Method::HEAD { 0 } else { len })
+    (response, if method == Method::HEAD { 0 } else { len.unwrap_or(0) })
 }
 
 /// `If-None-Match` naming this entry's ETag (weak comparison, as RFC 9110 asks for GET), or `*`.

@@ -3,9 +3,10 @@
 //! bytes land in it, so playback starts with the first bytes instead of the last.
 //!
 //! The fill stays the fill: it is hashed, checked and stored exactly as before. Readers get
-//! the bytes that have arrived, but never the last byte before the body is known to be whole
-//! (its declared length, nothing more, nothing cut short): a fill that fails midway ends every
-//! reader's response broken, never complete with the wrong bytes.
+//! the bytes that have arrived, but never the end of the response before the body is known to
+//! be whole (nothing more than declared, nothing cut short): with a declared length, the last
+//! byte waits; without one, the response is chunked and its closing chunk waits. A fill that
+//! fails midway ends every reader's response broken, never complete with the wrong bytes.
 
 use std::sync::Arc;
 
@@ -17,8 +18,8 @@ use tokio::sync::watch;
 pub enum Progress {
     /// This many bytes are in the file.
     Arrived(u64),
-    /// All `len` bytes are in, and the body was whole.
-    Complete,
+    /// All of the body is in (this many bytes), and it was whole.
+    Complete(u64),
     /// The fill failed: readers end broken.
     Failed,
 }
@@ -26,8 +27,8 @@ pub enum Progress {
 pub struct Growing {
     /// Sniffed from the first bytes, as for any fill.
     pub content_type: &'static str,
-    /// The origin's declared length (a growing fill always has one).
-    pub len: u64,
+    /// The origin's declared length, when it declared one.
+    pub len: Option<u64>,
     /// The temp file, opened for reading; still readable after its rename or removal.
     file: Arc<std::fs::File>,
     progress: watch::Sender<Progress>,
@@ -37,7 +38,11 @@ pub struct Growing {
 const CHUNK: u64 = 64 * 1024;
 
 impl Growing {
-    pub fn new(content_type: &'static str, len: u64, file: Arc<std::fs::File>) -> Arc<Self> {
+    pub fn new(
+        content_type: &'static str,
+        len: Option<u64>,
+        file: Arc<std::fs::File>,
+    ) -> Arc<Self> {
         let (progress, _) = watch::channel(Progress::Arrived(0));
         Arc::new(Self { content_type, len, file, progress })
     }
@@ -53,13 +58,14 @@ impl Growing {
         });
     }
 
-    pub fn complete(&self) {
-        self.progress.send_replace(Progress::Complete);
+    /// The body is whole: `len` bytes.
+    pub fn complete(&self, len: u64) {
+        self.progress.send_replace(Progress::Complete(len));
     }
 
     pub fn fail(&self) {
         self.progress.send_if_modified(|p| match p {
-            Progress::Complete | Progress::Failed => false,
+            Progress::Complete(_) | Progress::Failed => false,
             _ => {
                 *p = Progress::Failed;
                 true
@@ -71,7 +77,8 @@ impl Growing {
         *self.progress.borrow()
     }
 
-    /// Bytes `start..=end` as they arrive, a chunk at a time ([`crate::cache::disk::read_chunk`]).
+    /// Bytes `start..=end` as they arrive, a chunk at a time ([`crate::cache::disk::read_chunk`]);
+    /// `end` is `u64::MAX` for all of a body of unknown length.
     pub fn stream(
         self: Arc<Self>,
         start: u64,
@@ -84,9 +91,11 @@ impl Growing {
             }
             let available = loop {
                 let available = match *rx.borrow_and_update() {
-                    // The last byte waits for the verdict on the whole body.
-                    Progress::Arrived(n) => n.min(g.len.saturating_sub(1)),
-                    Progress::Complete => g.len,
+                    // The last byte of a declared length waits for the verdict on the whole.
+                    Progress::Arrived(n) => g.len.map_or(n, |len| n.min(len.saturating_sub(1))),
+                    // Whole: a body of unknown length ends here (its closing chunk goes now).
+                    Progress::Complete(len) if offset >= len => return Ok(None),
+                    Progress::Complete(len) => len,
                     Progress::Failed => return Err(std::io::Error::other("the fill failed")),
                 };
                 if available > offset {
@@ -96,7 +105,7 @@ impl Growing {
                     return Err(std::io::Error::other("the fill is gone"));
                 }
             };
-            let n = (available.min(end + 1) - offset).min(CHUNK) as usize;
+            let n = (available.min(end.saturating_add(1)) - offset).min(CHUNK) as usize;
             // Positioned reads: every reader shares the one descriptor.
             let chunk = crate::cache::disk::read_chunk(&g.file, offset, n).await?;
             let next = offset + chunk.len() as u64;
@@ -110,8 +119,9 @@ impl Growing {
 pub struct Publisher(pub Arc<Growing>);
 
 impl Publisher {
-    pub fn complete(self) {
-        self.0.complete();
+    /// The body is whole: `len` bytes.
+    pub fn complete(self, len: u64) {
+        self.0.complete(len);
     }
 }
 

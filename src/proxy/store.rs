@@ -166,25 +166,30 @@ impl Proxy {
             }
             sink.push_chunk(&chunk).await.map_err(ProxyError::storage)?;
             if content_type.is_none() && sink.head().len() == SNIFF_LEN {
-                let sniffed = self.types.sniff(sink.head())?;
-                content_type = Some(sniffed);
-                if let (Some(key), Some(len)) = (growing, declared) {
-                    if sink.on_disk() && self.passes_through(sniffed) {
-                        let file = sink.reader().await.map_err(ProxyError::storage)?;
-                        let g = crate::cache::growing::Growing::new(sniffed, len, file);
-                        g.arrived(*received);
+                content_type = Some(self.types.sniff(sink.head())?);
+            }
+            match (&publisher, growing, content_type) {
+                (Some(p), _, _) => {
+                    // Readable in pieces of 64 KiB, or every 20 ms for a slow origin.
+                    if *received - flushed.0 >= 64 << 10 || flushed.1.elapsed().as_millis() >= 20 {
+                        sink.flush().await.map_err(ProxyError::storage)?;
+                        p.0.arrived(*received);
                         flushed = (*received, Instant::now());
-                        self.publish_growing(key, g.clone());
-                        publisher = Some(crate::cache::growing::Publisher(g));
                     }
                 }
-            } else if let Some(p) = &publisher {
-                // Readable in pieces of 64 KiB, or every 20 ms for a slow origin.
-                if *received - flushed.0 >= 64 << 10 || flushed.1.elapsed().as_millis() >= 20 {
-                    sink.flush().await.map_err(ProxyError::storage)?;
-                    p.0.arrived(*received);
+                // Readers may join once the body goes to a file: from its first bytes when
+                // its declared length is large, once it outgrows memory when it declared none.
+                (None, Some(key), Some(sniffed))
+                    if sink.on_disk() && self.passes_through(sniffed) =>
+                {
+                    let file = sink.reader().await.map_err(ProxyError::storage)?;
+                    let g = crate::cache::growing::Growing::new(sniffed, declared, file);
+                    g.arrived(*received);
                     flushed = (*received, Instant::now());
+                    self.publish_growing(key, g.clone());
+                    publisher = Some(crate::cache::growing::Publisher(g));
                 }
+                _ => {}
             }
         }
         if *received == 0 {
@@ -197,7 +202,7 @@ impl Proxy {
             // Whole, and as long as it said: its readers may have the last byte.
             sink.flush().await.map_err(ProxyError::storage)?;
             p.0.arrived(*received);
-            p.complete();
+            p.complete(*received);
         }
         let content_type = match content_type {
             Some(t) => t,

@@ -17,8 +17,9 @@ use crate::util::*;
 
 const PIECE: usize = 64 << 10;
 
-/// An origin that sends `body` in 64 KiB pieces, one every 40 ms, declaring its full length;
-/// with `cut_at`, it closes the connection after that many bytes.
+/// An origin that sends `body` in 64 KiB pieces, one every 40 ms, declaring its full length
+/// (or, with [`Trickle::chunked`], none); with `cut_at`, it closes the connection after that
+/// many bytes.
 struct Trickle {
     addr: std::net::SocketAddr,
     /// Set once the last byte is sent.
@@ -35,6 +36,15 @@ impl Drop for Trickle {
 
 impl Trickle {
     async fn start(ip: &str, body: Bytes, cut_at: Option<usize>) -> Trickle {
+        Self::serve(ip, body, cut_at, true).await
+    }
+
+    /// The same origin declaring no length: its body goes chunked.
+    async fn chunked(ip: &str, body: Bytes, cut_at: Option<usize>) -> Trickle {
+        Self::serve(ip, body, cut_at, false).await
+    }
+
+    async fn serve(ip: &str, body: Bytes, cut_at: Option<usize>, declare: bool) -> Trickle {
         let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (done, requests) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
@@ -74,7 +84,9 @@ impl Trickle {
                             }
                         });
                         let mut response = http::Response::new(StreamBody::new(pieces));
-                        response.headers_mut().insert("content-length", total.into());
+                        if declare {
+                            response.headers_mut().insert("content-length", total.into());
+                        }
                         async move { Ok::<_, std::convert::Infallible>(response) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -187,6 +199,60 @@ async fn a_fill_cut_short_ends_its_viewers_broken_and_stores_nothing() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(p.blob_count(), 0);
     assert_eq!(get(&url).await.status(), 502);
+    p.stop().await;
+}
+
+/// An origin that declares no length streams too, once its body outgrows memory (1 MiB): the
+/// viewer's response is chunked, without a length, and ends only when the fill is whole, with
+/// exactly the origin's bytes. Cut short, it ends broken, and nothing is stored.
+#[tokio::test]
+async fn a_fill_of_unknown_length_streams_chunked_and_ends_only_when_whole() {
+    let original = video(4 << 20); // about 2.5 s at the origin's pace
+    let origin = Trickle::chunked("127.0.0.91", original.clone(), None).await;
+    let cut = Trickle::chunked("127.0.0.92", original.clone(), Some(2 << 20)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.91/32", "127.0.0.92/32"])).await;
+    let url = p.url(&origin.url("/chunked.mp4"));
+
+    let mut viewer = client().get(&url).send().await.unwrap();
+    assert_eq!(viewer.status(), 200);
+    assert_eq!(viewer.headers()["content-type"], "video/mp4");
+    assert!(viewer.headers().get("content-length").is_none(), "no length known yet");
+    assert_eq!(viewer.headers()["transfer-encoding"], "chunked");
+    let mut got = viewer.chunk().await.unwrap().unwrap().to_vec();
+    assert!(!origin.done.load(Ordering::SeqCst), "the first bytes came before the last was sent");
+    let head = client().head(&url).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert!(!origin.done.load(Ordering::SeqCst), "asked while the fill was arriving");
+    assert!(head.headers().get("content-length").is_none(), "HEAD claims no length either");
+    loop {
+        match viewer.chunk().await {
+            Ok(Some(chunk)) => got.extend_from_slice(&chunk),
+            Ok(None) => break,
+            Err(e) => panic!("after {} bytes: {e:?}", got.len()),
+        }
+    }
+    assert!(got == original, "{} bytes of {}, the origin's", got.len(), original.len());
+    assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
+    assert!(eventually(|| p.blob_count() == 1).await, "the fill was stored");
+    let r = get(&url).await;
+    assert_eq!(r.headers()["etag"].to_str().unwrap(), etag_of(&original));
+    assert_eq!(r.headers()["content-length"], (4u64 << 20).to_string().as_str());
+
+    let mut viewer = client().get(&p.url(&cut.url("/cut.mp4"))).send().await.unwrap();
+    assert_eq!(viewer.status(), 200, "streaming had begun");
+    let mut got = Vec::new();
+    let ended = loop {
+        match viewer.chunk().await {
+            Ok(Some(chunk)) => got.extend_from_slice(&chunk),
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    assert!(ended.is_err(), "the response ends broken, not complete, after {} bytes", got.len());
+    assert!(got.len() <= 2 << 20 && got[..] == original[..got.len()], "only true bytes");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(p.blob_count(), 1, "the cut fill is not stored");
     p.stop().await;
 }
 
