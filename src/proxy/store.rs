@@ -169,13 +169,14 @@ impl Proxy {
                 content_type = Some(self.types.sniff(sink.head())?);
             }
             match (&publisher, growing, content_type) {
-                (Some(p), _, _) => {
-                    // Readable in pieces of 64 KiB, or every 20 ms for a slow origin.
-                    if *received - flushed.0 >= 64 << 10 || flushed.1.elapsed().as_millis() >= 20 {
-                        sink.flush().await.map_err(ProxyError::storage)?;
-                        p.0.arrived(*received);
-                        flushed = (*received, Instant::now());
-                    }
+                // Readable in pieces of 64 KiB, or every 20 ms for a slow origin.
+                (Some(p), _, _)
+                    if *received - flushed.0 >= 64 << 10
+                        || flushed.1.elapsed().as_millis() >= 20 =>
+                {
+                    sink.flush().await.map_err(ProxyError::storage)?;
+                    p.0.arrived(*received);
+                    flushed = (*received, Instant::now());
                 }
                 // Readers may join once the body goes to a file: from its first bytes when
                 // its declared length is large, once it outgrows memory when it declared none.

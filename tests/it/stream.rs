@@ -239,7 +239,7 @@ async fn a_fill_of_unknown_length_streams_chunked_and_ends_only_when_whole() {
     assert_eq!(r.headers()["etag"].to_str().unwrap(), etag_of(&original));
     assert_eq!(r.headers()["content-length"], (4u64 << 20).to_string().as_str());
 
-    let mut viewer = client().get(&p.url(&cut.url("/cut.mp4"))).send().await.unwrap();
+    let mut viewer = client().get(p.url(&cut.url("/cut.mp4"))).send().await.unwrap();
     assert_eq!(viewer.status(), 200, "streaming had begun");
     let mut got = Vec::new();
     let ended = loop {
