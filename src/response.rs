@@ -6,6 +6,7 @@ use std::ops::RangeInclusive;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::TryStreamExt;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 
@@ -173,11 +174,13 @@ async fn body(
 /// its declared length, the body streamed as it lands. Its hash is known only at the end, so
 /// the response has no ETag (and an `If-Range` gets the whole body). A body whose origin
 /// declared no length is sent whole and chunked, whatever Range was asked (a server may
-/// ignore Range), and its bytes served are counted as 0: their number is not known yet.
+/// ignore Range); its bytes are counted into `served` as they go, since their number is not
+/// known yet (the count returned, of a declared length, is the caller's to add).
 pub fn serve_growing(
     growing: std::sync::Arc<crate::cache::growing::Growing>,
     method: &Method,
     headers: &HeaderMap,
+    served: &prometheus_client::metrics::counter::Counter,
 ) -> (Response<Body>, u64) {
     let range = match (headers.get(header::RANGE).and_then(|v| v.to_str().ok()), growing.len) {
         (Some(value), Some(total)) if !headers.contains_key(header::IF_RANGE) => {
@@ -206,9 +209,16 @@ pub fn serve_growing(
     // Unknown until the body is whole: no Content-Length, the body is chunked.
     let len = growing.len.map(|_| end - start + 1);
     let content_type = HeaderValue::from_static(growing.content_type);
-    let body = match method == Method::HEAD {
-        true => empty(),
-        false => StreamBody::new(growing.clone().stream(start, end)).boxed_unsync(),
+    let body = match (method == Method::HEAD, len) {
+        (true, _) => empty(),
+        (false, Some(_)) => StreamBody::new(growing.clone().stream(start, end)).boxed_unsync(),
+        (false, None) => {
+            let served = served.clone();
+            let counted = growing.clone().stream(start, end).inspect_ok(move |frame| {
+                served.inc_by(frame.data_ref().map_or(0, |d| d.len() as u64));
+            });
+            StreamBody::new(counted).boxed_unsync()
+        }
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;

@@ -437,8 +437,9 @@ async fn serve_request<B>(proxy: &Arc<Proxy>, request: &ProxyRequest, req: &Requ
             crate::proxy::Found::Entry(entry, cache) => (entry, cache),
             // Still arriving: read as it does.
             crate::proxy::Found::Growing(growing, cache) => {
+                let served = &proxy.metrics.bytes_served;
                 let (response, sent) =
-                    response::serve_growing(growing, req.method(), req.headers());
+                    response::serve_growing(growing, req.method(), req.headers(), served);
                 return Ok((response, cache, sent));
             }
         },

@@ -234,6 +234,8 @@ async fn a_fill_of_unknown_length_streams_chunked_and_ends_only_when_whole() {
     }
     assert!(got == original, "{} bytes of {}, the origin's", got.len(), original.len());
     assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
+    let served = p.metric("parasol_served_bytes_total").await;
+    assert_eq!(served, original.len() as u64, "counted as they went, though no length was known");
     assert!(eventually(|| p.blob_count() == 1).await, "the fill was stored");
     let r = get(&url).await;
     assert_eq!(r.headers()["etag"].to_str().unwrap(), etag_of(&original));
