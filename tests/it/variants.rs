@@ -551,7 +551,8 @@ fn near(px: [u8; 4], want: [u8; 3]) -> bool {
 
 /// Videos (MP4 with its index at the end, WebM, MOV) get a poster: their first frame, fitted
 /// to the preset, taken by ffmpeg inside the media sandbox; AVIF renders through the same
-/// path. The originals are served as they came.
+/// path where heif-convert is missing (made so here, so the fallback runs wherever libheif is
+/// installed too). The originals are served as they came.
 #[tokio::test]
 #[cfg_attr(not(has_ffmpeg), ignore = "needs ffmpeg: apt-get install ffmpeg")]
 async fn videos_get_posters_and_avif_renders() {
@@ -581,7 +582,9 @@ async fn videos_get_posters_and_avif_renders() {
         origin.route(path, Route::ok(bytes.clone()));
     }
     let dir = tempfile::tempdir().unwrap();
-    let p = Parasol::start(config(dir.path(), &["127.0.0.17/32"])).await;
+    let mut cfg = config(dir.path(), &["127.0.0.17/32"]);
+    cfg.media.heif_convert = "parasol-test-no-heif-convert".into();
+    let p = Parasol::start(cfg).await;
     for (path, bytes, (w, h), colour) in files {
         let src = origin.url(path);
         assert_eq!(body(get(&p.url(&src)).await).await, bytes, "{path}: the original");
