@@ -117,6 +117,21 @@ fn video(n: usize) -> Bytes {
     Bytes::from(v)
 }
 
+/// The rest of a response's body after `got`: the bytes, and whether it ended complete
+/// (`Ok`) or broken.
+async fn read_rest(
+    r: &mut reqwest::Response,
+    mut got: Vec<u8>,
+) -> (Vec<u8>, Result<(), reqwest::Error>) {
+    loop {
+        match r.chunk().await {
+            Ok(Some(chunk)) => got.extend_from_slice(&chunk),
+            Ok(None) => return (got, Ok(())),
+            Err(e) => return (got, Err(e)),
+        }
+    }
+}
+
 #[tokio::test]
 async fn viewers_of_a_cold_video_get_its_bytes_as_they_arrive() {
     let original = video(6 << 20); // about 3.8 s at the origin's pace
@@ -145,13 +160,9 @@ async fn viewers_of_a_cold_video_get_its_bytes_as_they_arrive() {
     assert!(body(ranged).await == original[100..200]);
 
     // Everyone gets exactly the origin's bytes, from one origin request.
-    let mut rest = opening.to_vec();
-    loop {
-        match first.chunk().await {
-            Ok(Some(chunk)) => rest.extend_from_slice(&chunk),
-            Ok(None) => break,
-            Err(e) => panic!("after {} bytes: {e:?}", rest.len()),
-        }
+    let (rest, ended) = read_rest(&mut first, opening.to_vec()).await;
+    if let Err(e) = ended {
+        panic!("after {} bytes: {e:?}", rest.len());
     }
     let diff = rest.iter().zip(original.iter()).position(|(a, b)| a != b);
     assert!(
@@ -181,14 +192,7 @@ async fn a_fill_cut_short_ends_its_viewers_broken_and_stores_nothing() {
     let url = p.url(&origin.url("/cut.mp4"));
     let mut viewer = client().get(&url).send().await.unwrap();
     assert_eq!(viewer.status(), 200, "streaming had begun");
-    let mut got = Vec::new();
-    let ended = loop {
-        match viewer.chunk().await {
-            Ok(Some(chunk)) => got.extend_from_slice(&chunk),
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
-        }
-    };
+    let (got, ended) = read_rest(&mut viewer, Vec::new()).await;
     assert!(ended.is_err(), "the response ends broken, not complete");
     assert!(
         got.len() < original.len() && got[..] == original[..got.len()],
@@ -219,18 +223,15 @@ async fn a_fill_of_unknown_length_streams_chunked_and_ends_only_when_whole() {
     assert_eq!(viewer.headers()["content-type"], "video/mp4");
     assert!(viewer.headers().get("content-length").is_none(), "no length known yet");
     assert_eq!(viewer.headers()["transfer-encoding"], "chunked");
-    let mut got = viewer.chunk().await.unwrap().unwrap().to_vec();
+    let opening = viewer.chunk().await.unwrap().unwrap().to_vec();
     assert!(!origin.done.load(Ordering::SeqCst), "the first bytes came before the last was sent");
     let head = client().head(&url).send().await.unwrap();
     assert_eq!(head.status(), 200);
     assert!(!origin.done.load(Ordering::SeqCst), "asked while the fill was arriving");
     assert!(head.headers().get("content-length").is_none(), "HEAD claims no length either");
-    loop {
-        match viewer.chunk().await {
-            Ok(Some(chunk)) => got.extend_from_slice(&chunk),
-            Ok(None) => break,
-            Err(e) => panic!("after {} bytes: {e:?}", got.len()),
-        }
+    let (got, ended) = read_rest(&mut viewer, opening).await;
+    if let Err(e) = ended {
+        panic!("after {} bytes: {e:?}", got.len());
     }
     assert!(got == original, "{} bytes of {}, the origin's", got.len(), original.len());
     assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
@@ -243,14 +244,7 @@ async fn a_fill_of_unknown_length_streams_chunked_and_ends_only_when_whole() {
 
     let mut viewer = client().get(p.url(&cut.url("/cut.mp4"))).send().await.unwrap();
     assert_eq!(viewer.status(), 200, "streaming had begun");
-    let mut got = Vec::new();
-    let ended = loop {
-        match viewer.chunk().await {
-            Ok(Some(chunk)) => got.extend_from_slice(&chunk),
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
-        }
-    };
+    let (got, ended) = read_rest(&mut viewer, Vec::new()).await;
     assert!(ended.is_err(), "the response ends broken, not complete, after {} bytes", got.len());
     assert!(got.len() <= 2 << 20 && got[..] == original[..got.len()], "only true bytes");
     tokio::time::sleep(Duration::from_millis(200)).await;
