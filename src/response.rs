@@ -174,15 +174,16 @@ async fn body(
 /// its declared length, the body streamed as it lands. Its hash is known only at the end, so
 /// the response has no ETag (and an `If-Range` gets the whole body). A body whose origin
 /// declared no length is sent whole and chunked, whatever Range was asked (a server may
-/// ignore Range); its bytes are counted into `served` as they go, since their number is not
-/// known yet (the count returned, of a declared length, is the caller's to add).
+/// ignore Range). Its bytes are counted into `served` as they go: the length of such a body
+/// is not known yet.
 pub fn serve_growing(
     growing: std::sync::Arc<crate::cache::growing::Growing>,
     method: &Method,
     headers: &HeaderMap,
     served: &prometheus_client::metrics::counter::Counter,
-) -> (Response<Body>, u64) {
-    let range = match (headers.get(header::RANGE).and_then(|v| v.to_str().ok()), growing.len) {
+) -> Response<Body> {
+    let (total, content_type) = (growing.len, HeaderValue::from_static(growing.content_type));
+    let range = match (headers.get(header::RANGE).and_then(|v| v.to_str().ok()), total) {
         (Some(value), Some(total)) if !headers.contains_key(header::IF_RANGE) => {
             match http_range_header::parse_range_header(value).map(|r| r.validate(total)) {
                 Ok(Ok(ranges)) if ranges.len() == 1 => ranges.into_iter().next(),
@@ -194,27 +195,23 @@ pub fn serve_growing(
                         header::CONTENT_RANGE,
                         HeaderValue::from_str(&value).expect("digits"),
                     );
-                    return (response, 0);
+                    return response;
                 }
                 _ => None,
             }
         }
         _ => None,
     };
-    let (status, start, end) = match (&range, growing.len) {
+    let (status, start, end) = match (&range, total) {
         (Some(r), _) => (StatusCode::PARTIAL_CONTENT, *r.start(), *r.end()),
         (None, Some(total)) => (StatusCode::OK, 0, total - 1),
         (None, None) => (StatusCode::OK, 0, u64::MAX),
     };
-    // Unknown until the body is whole: no Content-Length, the body is chunked.
-    let len = growing.len.map(|_| end - start + 1);
-    let content_type = HeaderValue::from_static(growing.content_type);
-    let body = match (method == Method::HEAD, len) {
-        (true, _) => empty(),
-        (false, Some(_)) => StreamBody::new(growing.clone().stream(start, end)).boxed_unsync(),
-        (false, None) => {
+    let body = match method == Method::HEAD {
+        true => empty(),
+        false => {
             let served = served.clone();
-            let counted = growing.clone().stream(start, end).inspect_ok(move |frame| {
+            let counted = growing.stream(start, end).inspect_ok(move |frame| {
                 served.inc_by(frame.data_ref().map_or(0, |d| d.len() as u64));
             });
             StreamBody::new(counted).boxed_unsync()
@@ -224,18 +221,19 @@ pub fn serve_growing(
     *response.status_mut() = status;
     let h = response.headers_mut();
     h.insert(header::CONTENT_TYPE, content_type);
-    if let Some(len) = len {
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    // Unknown until the body is whole: no Content-Length, and the body goes chunked.
+    if total.is_some() {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start + 1));
     }
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(crate::cache::IMMUTABLE));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(crate::cache::CSP));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    if let (StatusCode::PARTIAL_CONTENT, Some(total)) = (status, growing.len) {
+    if let (StatusCode::PARTIAL_CONTENT, Some(total)) = (status, total) {
         let value = format!("bytes {start}-{end}/{total}");
         h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&value).expect("digits"));
     }
-    (response, if method == Method::HEAD { 0 } else { len.unwrap_or(0) })
+    response
 }
 
 /// `If-None-Match` naming this entry's ETag (weak comparison, as RFC 9110 asks for GET), or `*`.

@@ -437,10 +437,11 @@ async fn serve_request<B>(proxy: &Arc<Proxy>, request: &ProxyRequest, req: &Requ
             crate::proxy::Found::Entry(entry, cache) => (entry, cache),
             // Still arriving: read as it does.
             crate::proxy::Found::Growing(growing, cache) => {
+                // Its bytes are counted as they go.
                 let served = &proxy.metrics.bytes_served;
-                let (response, sent) =
+                let response =
                     response::serve_growing(growing, req.method(), req.headers(), served);
-                return Ok((response, cache, sent));
+                return Ok((response, cache, 0));
             }
         },
     };

@@ -490,7 +490,7 @@ mod tests {
     /// A range counts as resident only when the page cache holds it; a range past the end of
     /// the file never does.
     #[tokio::test]
-    async fn a_blob_is_opened_for_sending_only_when_its_range_is_cached() {
+    async fn a_range_is_resident_only_when_the_page_cache_holds_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path(), false).unwrap();
         let bytes: Vec<u8> = (0..300_000usize).map(|i| (i * 17 % 239) as u8).collect();
