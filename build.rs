@@ -1,5 +1,5 @@
 //! Finds the real peers some integration tests run beside parasol (Debian's nginx and camo,
-//! s3s-fs, root for a tmpfs mount) and tells the tests which are here, so that a plain
+//! s3s-fs, ffmpeg, libheif, python3, root for a tmpfs mount) and tells the tests which are here, so that a plain
 //! `cargo test` on a machine without them reports those tests as ignored, with the reason,
 //! instead of passing them untested. `.ci/run` installs every peer and fails if any test was
 //! ignored.
@@ -20,6 +20,8 @@ fn main() {
         ("has_root", is_root()),
         ("has_ffmpeg", on_path("ffmpeg")),
         ("has_heif", on_path("heif-convert") && on_path("heif-enc")),
+        // Debian's python3, which runs the scripted media workers of the pool's tests.
+        ("has_python", Path::new("/usr/bin/python3").is_file()),
     ];
     for (cfg, present) in peers {
         println!("cargo:rustc-check-cfg=cfg({cfg})");

@@ -50,7 +50,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 async fn pooled(pool: &MediaPool, source: &Bytes, spec: &VariantConfig) -> usize {
     let task = Task::Render { spec: spec.clone(), max_pixels: MAX_PIXELS, animation: None };
     let mut out = Vec::new();
-    pool.run(&task, Input::Memory(source.clone()), None, &mut out).await.unwrap();
+    pool.run(&task, Input::Memory(source.clone()), None, "bench.test", &mut out).await.unwrap();
     out.len()
 }
 
@@ -176,17 +176,17 @@ async fn strips(pool: &MediaPool, n: usize) {
         ("JPEG with EXIF", tagged, "image/jpeg"),
     ] {
         let body = Bytes::from(body);
-        let task = Task::Strip { content_type: ct.into() };
         let local = || {
             let body = body.clone();
             async move { parasol::media::strip::strip(&body, ct).map_or(0, |b| b.len()) }
         };
         let remote = || {
-            let (body, task) = (body.clone(), task.clone());
+            let body = body.clone();
             async move {
-                let mut out = Vec::new();
-                pool.run(&task, Input::Memory(body), None, &mut out).await.unwrap();
-                out.len()
+                let hash = blake3::hash(&body);
+                let input = Input::Memory(body.clone());
+                let cuts = pool.strip_plan(input, ct, &hash, "bench.test").await.unwrap();
+                cuts.map_or(0, |c| c.apply(&body, ct).unwrap().len())
             }
         };
         let [(l, lr), (r, rr)] = measure(n, local, remote).await;

@@ -398,12 +398,23 @@ pub struct MediaConfig {
     pub workers: u32,
     /// Media jobs that may wait for a worker; beyond it a job is refused with 503 `media_busy`.
     pub queue: u32,
+    /// The part of the workers (running) and of the workers and queue together (running and
+    /// waiting) that the files of one origin (a registrable domain, an IPv4 /24, an IPv6 /56)
+    /// may hold, so that one remote server's files cannot take the pool from everyone else.
+    pub origin_share: f64,
+    /// Longest time a media job waits for a worker; past it, 503 `media_busy`.
+    pub queue_wait: Dur,
     /// Address-space limit of each worker, enforced by the kernel. A job that needs more
     /// kills its worker and answers 422 `media_too_costly`.
     pub worker_memory: Size,
-    /// Wall-clock deadline of one job; past it the worker is killed (422 `media_too_costly`).
-    /// The kernel also limits each job to about this much CPU time.
+    /// CPU time one job may use; past it the kernel stops the worker (422
+    /// `media_too_costly`). A job also gets three times this on the wall clock: one still
+    /// running then was starved of the CPU by a busy machine (503 `media_busy`, not blamed
+    /// on the file).
     pub job_timeout: Dur,
+    /// CPU time of rasterising one SVG (at most `job_timeout`): a picture of a few hundred
+    /// bytes needs far less than a 50-megapixel photo.
+    pub svg_timeout: Dur,
     /// Jobs a worker runs before it is replaced by a fresh process.
     pub worker_jobs: u32,
     /// Bytes that fills and media results may hold in memory at once; past it, bodies go to
@@ -432,8 +443,11 @@ impl Default for MediaConfig {
             svg: SvgPolicy::Rasterize,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
             queue: 128,
+            origin_share: 0.5,
+            queue_wait: Dur(Duration::from_secs(10)),
             worker_memory: Size(512 << 20),
             job_timeout: Dur(Duration::from_secs(10)),
+            svg_timeout: Dur(Duration::from_secs(2)),
             worker_jobs: 250,
             inflight_bytes: Size(256 << 20),
             max_frames: 300,
@@ -887,6 +901,15 @@ impl Config {
         }
         if media.worker_memory.0 < 64 << 20 {
             return bad("media.worker_memory", "must be at least 64 MiB".into());
+        }
+        if !(media.origin_share > 0.0 && media.origin_share <= 1.0) {
+            return bad("media.origin_share", "must be above 0 and at most 1".into());
+        }
+        if media.queue_wait.0 < Duration::from_millis(10) {
+            return bad("media.queue_wait", "must be at least 10 ms".into());
+        }
+        if media.svg_timeout.0 < Duration::from_millis(100) {
+            return bad("media.svg_timeout", "must be at least 100 ms".into());
         }
         if media.job_timeout.0 < Duration::from_millis(100) || media.worker_jobs == 0 {
             return bad("media", "job_timeout must be at least 100 ms, worker_jobs above 0".into());

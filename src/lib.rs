@@ -135,14 +135,21 @@ pub fn media_pool(
     let m = &config.media;
     let pool = media::worker::PoolConfig {
         exe,
-        workers: m.workers as usize,
-        queue: m.queue as usize,
+        shares: media::worker::schedule::Shares {
+            workers: m.workers as usize,
+            queue: m.queue as usize,
+            share: m.origin_share,
+            wait: m.queue_wait.0,
+        },
         limits: media::worker::Limits {
             memory: m.worker_memory.0,
-            cpu_seconds: m.job_timeout.0.as_secs() + 1,
+            // A job's budget is its own (`job_timeout`, or the shorter `svg_timeout`), armed
+            // per job; this is the most any job may ask.
+            cpu_seconds: m.job_timeout.0.as_secs_f64().ceil().max(1.0) as u64,
             jobs: m.worker_jobs,
         },
         job_timeout: m.job_timeout.0,
+        svg_timeout: m.svg_timeout.0,
         max_input: config.cache.max_object_bytes.0,
         ffmpeg: media::worker::tool::locate(&m.ffmpeg),
         heif_convert: media::worker::tool::locate(&m.heif_convert),

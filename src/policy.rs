@@ -45,6 +45,59 @@ pub fn covers(domain: &str, host: &str) -> bool {
 
 pub use crate::config::normalize_domain;
 
+/// The origin a host's costs are counted under: what one party controls, so that inventing
+/// names or addresses buys nothing. Media jobs get a fair share of the workers per origin,
+/// and the unsigned routes an allowance of fills.
+///
+/// - A domain name counts as its registrable domain under the ICANN section of the public
+///   suffix list (`a.b.cdn.example.co.uk` → `example.co.uk`). The list's private section is
+///   ignored on purpose: there, anyone can register a name (`*.workers.dev`, `*.github.io`)
+///   and would get an allowance per name.
+/// - An IPv4 address counts as its /24, an IPv6 address as its /56 (the smallest block an
+///   ISP commonly assigns a customer), an IPv4-mapped IPv6 address as its IPv4 /24.
+pub fn origin_of(host: &str) -> String {
+    let host = host.trim_end_matches('.');
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        let prefix = if ip.is_ipv4() { 24 } else { 56 };
+        return ipnet::IpNet::new(ip, prefix)
+            .map_or_else(|_| ip.to_string(), |n| n.trunc().to_string());
+    }
+    let host = host.to_ascii_lowercase();
+    let suffix = icann_suffix_len(host.as_bytes());
+    if suffix >= host.len() {
+        return host;
+    }
+    // One label more than the suffix.
+    let rest = &host[..host.len() - suffix - 1];
+    let label = rest.rsplit('.').next().unwrap_or(rest);
+    host[host.len() - suffix - 1 - label.len()..].to_string()
+}
+
+/// Length of the public suffix of `name` (lowercase, no trailing dot) under the list's ICANN
+/// section: where the longest match is a private suffix, the ICANN suffix below it. 0 when
+/// the list knows none.
+fn icann_suffix_len(name: &[u8]) -> usize {
+    let mut tail = name;
+    loop {
+        let Some(suffix) = psl::suffix(tail) else { return 0 };
+        let len = suffix.as_bytes().len();
+        if suffix.typ() != Some(psl::Type::Private) {
+            return len;
+        }
+        // The private suffix's parent: drop its leftmost label and look again.
+        let private = &tail[tail.len() - len..];
+        match private.iter().position(|b| *b == b'.') {
+            Some(dot) => tail = &private[dot + 1..],
+            None => return 0,
+        }
+    }
+}
+
 /// The compiled `[[policy.normalize]]` rules: the URL a cache key is made of.
 #[derive(Debug, Clone, Default)]
 pub struct Normalizer {
@@ -162,6 +215,26 @@ mod tests {
         assert!(p.check("media.friends.test").is_ok());
         assert!(p.check("bad.friends.test").is_err());
         assert!(p.check("stranger.test").is_err());
+    }
+
+    #[test]
+    fn origins_are_what_one_party_controls() {
+        assert_eq!(origin_of("a.b.cdn.example.co.uk"), "example.co.uk");
+        assert_eq!(origin_of("Media.Threads.NET."), "threads.net");
+        assert_eq!(origin_of("scontent.cdninstagram.com"), "cdninstagram.com");
+        // The private section buys nothing: every worker is one origin.
+        assert_eq!(origin_of("attacker-1.workers.dev"), "workers.dev");
+        assert_eq!(origin_of("x.y.attacker-2.workers.dev"), "workers.dev");
+        assert_eq!(origin_of("someone.github.io"), "github.io");
+        assert_eq!(origin_of("files.example.test"), "example.test");
+        assert_eq!(origin_of("192.0.2.1"), "192.0.2.0/24");
+        assert_eq!(origin_of("192.0.2.254"), "192.0.2.0/24");
+        assert_ne!(origin_of("192.0.3.1"), origin_of("192.0.2.1"));
+        assert_eq!(origin_of("[2001:db8:0:12::1]"), "2001:db8::/56");
+        assert_eq!(origin_of("[2001:db8:0:ff::1]"), "2001:db8::/56");
+        assert_ne!(origin_of("[2001:db8:0:100::1]"), "2001:db8::/56");
+        assert_eq!(origin_of("[::ffff:192.0.2.7]"), "192.0.2.0/24");
+        assert_eq!(origin_of("localhost"), "localhost");
     }
 
     #[test]

@@ -473,7 +473,7 @@ impl Proxy {
     async fn load_from_shared(self: &Arc<Self>, key: Key) -> Option<Arc<Entry>> {
         let shared = self.store.shared()?;
         let outcome = match self.receive_shared(shared, key).await {
-            Ok(Some((url, received))) => match self.vet_shared(received).await {
+            Ok(Some((url, received))) => match self.vet_shared(received, &url).await {
                 Ok(received) => match self.store.insert(key, &url, received).await {
                     Ok(entry) => {
                         self.metrics.shared_result("lookup", "hit");
@@ -516,6 +516,7 @@ impl Proxy {
     async fn vet_shared(
         self: &Arc<Self>,
         r: Received,
+        url: &str,
     ) -> Result<Received, (blake3::Hash, String, bool)> {
         let hash = r.hash;
         let doomed = |e: &ProxyError| {
@@ -530,7 +531,7 @@ impl Proxy {
         if let Err(e) = self.moderate_received(&r, "shared bucket").await {
             return Err((hash, e.to_string(), doomed(&e)));
         }
-        match self.prepare(r).await {
+        match self.prepare(r, &prepare::host_of_url(url)).await {
             Ok(mut prepared) if prepared.hash == hash => {
                 // Moderation holds for the bucket too: a banned file, or one the scanner has
                 // not seen on this node.

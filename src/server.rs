@@ -533,6 +533,7 @@ async fn serve_pictrs<B>(
             respond(proxy, &entry, cache, req).await
         }
         PictrsRequest::Details(source) => {
+            let host = source.host_str().unwrap_or_default().to_string();
             let (entry, cache) = proxy.get(&original(source), Trigger::View).await?;
             let content_type = entry.content_type.to_str().unwrap_or_default().to_string();
             if !content_type.starts_with("video/") && !proxy.can_render(&content_type) {
@@ -541,7 +542,7 @@ async fn serve_pictrs<B>(
             let measured = state
                 .details
                 .try_get_with(entry.hash, async {
-                    let d = proxy.measure(&entry).await?;
+                    let d = proxy.measure(&entry, &host).await?;
                     let format = match (content_type.starts_with("video/"), d.frames) {
                         (true, _) => "Video",
                         (false, Some(_)) => "Animation",

@@ -92,6 +92,8 @@ pub struct Metrics {
     pub renders: Counter,
     pub media_jobs: Family<OutcomeLabels, Counter>,
     pub media_running: Gauge,
+    /// `parasol_media_origins_refused`, set when scraped.
+    pub media_origins_refused: Gauge,
     pub moderation: Family<crate::moderation::log::ModerationLabels, Counter>,
     pub inflight_bytes: Gauge,
     pub blobs_dropped: Counter,
@@ -172,9 +174,11 @@ impl Metrics {
         registry.register(
             "media_jobs",
             "Media worker jobs by outcome: ok, unchanged, refused (decoder said no), too_costly \
-             (timeout, memory, CPU, crash), remembered (a known too-costly file), busy (queue \
-             full), starved (over the deadline without using the CPU), error; skipped: a strip \
-             not sent to a worker, no byte of the file marking metadata",
+             (CPU time, memory, crash, a broken protocol), remembered (a known too-costly file), \
+             origin_refused (its origin's files were too costly lately), busy (the queue or \
+             the origin's share of it full), waited (no worker within media.queue_wait), \
+             starved (over the wall-clock deadline without using its CPU time), error; \
+             skipped: a strip not sent to a worker, no byte of the file marking metadata",
             media_jobs.clone(),
         );
         let moderation = Family::<crate::moderation::log::ModerationLabels, Counter>::default();
@@ -187,8 +191,15 @@ impl Metrics {
         let media_running = Gauge::default();
         registry.register(
             "media_jobs_running",
-            "Media jobs on a worker now (at most media.workers)",
+            "Media jobs on a worker now (at most media.workers, and one metadata strip)",
             media_running.clone(),
+        );
+        let media_origins_refused = Gauge::default();
+        registry.register(
+            "media_origins_refused",
+            "Origins refused new media jobs now: their files were too costly three times in \
+             ten minutes",
+            media_origins_refused.clone(),
         );
         let inflight_bytes = Gauge::default();
         registry.register(
@@ -213,6 +224,7 @@ impl Metrics {
             renders,
             media_jobs,
             media_running,
+            media_origins_refused,
             moderation,
             inflight_bytes,
             evictions,

@@ -5,69 +5,301 @@
 //!   browser needs, the orientation, is kept in a minimal EXIF block written here, so a
 //!   portrait photo is not shown sideways.
 //! - PNG: text chunks (`tEXt`, `zTXt`, `iTXt`), `eXIf` and `tIME` are removed.
-//! - WebP: `EXIF` and `XMP ` chunks are removed.
+//! - WebP: `EXIF` and `XMP ` chunks are removed (and the header's size and flags follow).
 //!
 //! Colour profiles (ICC) stay: they are not personal and dropping them changes colours.
+//!
+//! The file is parsed in a media worker ([`plan`]), which answers only where to cut
+//! ([`Cuts`]); the server makes the cuts in its own copy ([`Cuts::pieces`]). A worker that a
+//! file took over can therefore only remove bytes of that file, never add any: the few bytes
+//! the server writes (a WebP header, the orientation block) are its own.
 
 use bytes::Bytes;
-use img_parts::ImageEXIF;
-use img_parts::jpeg::{Jpeg, markers};
-use img_parts::png::Png;
-use img_parts::webp::WebP;
+use serde::{Deserialize, Serialize};
 
-/// Returns `bytes` without metadata, or `None` when nothing was removed (or the format is not
-/// one this strips, or it cannot be parsed, in which case the original is served unchanged:
-/// the sniffer already vouched for its type).
-pub fn strip(bytes: &Bytes, content_type: &str) -> Option<Bytes> {
-    let out = match content_type {
-        "image/jpeg" => strip_jpeg(bytes.clone())?,
-        "image/png" => strip_png(bytes.clone())?,
-        "image/webp" => strip_webp(bytes.clone())?,
+/// JPEG markers a strip removes, and the ones it walks by.
+mod markers {
+    pub const SOI: u8 = 0xD8;
+    pub const EOI: u8 = 0xD9;
+    pub const SOS: u8 = 0xDA;
+    pub const APP0: u8 = 0xE0;
+    pub const APP1: u8 = 0xE1;
+    pub const APP13: u8 = 0xED;
+    pub const COM: u8 = 0xFE;
+}
+
+/// Most cuts a plan may ask for; a real file has a handful.
+pub const MAX_CUTS: usize = 4096;
+
+/// Where to cut an original: what a worker answers for a strip.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cuts {
+    /// Byte ranges `[start, end)` of the input to remove, in order, not overlapping.
+    pub remove: Vec<(u64, u64)>,
+    /// What the format needs written besides.
+    pub fix: Fix,
+}
+
+/// Bytes the server writes into a stripped file, each its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "fix", rename_all = "snake_case")]
+pub enum Fix {
+    None,
+    /// JPEG: a minimal EXIF block (APP1) holding only this orientation, inserted at `at`
+    /// (an offset of the input, at a segment boundary).
+    Orientation {
+        at: u64,
+        orientation: u16,
+    },
+    /// WebP: the RIFF size written anew, and the extended header's EXIF and XMP flags cleared.
+    WebpHeader,
+}
+
+/// A part of the stripped file: a range of the input, or bytes the server wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    Keep(u64, u64),
+    Put(Vec<u8>),
+}
+
+impl Cuts {
+    /// The stripped file, in order, as ranges of the input (`len` bytes of `content_type`,
+    /// whose first bytes are `head`: at least 32 of them, or all) and bytes written here.
+    /// Refused when the cuts do not fit the file: out of order, out of bounds, into the
+    /// format's header, or a fix of another format.
+    pub fn pieces(
+        &self,
+        content_type: &str,
+        len: u64,
+        head: &[u8],
+    ) -> Result<Vec<Piece>, &'static str> {
+        let webp_vp8x = content_type == "image/webp" && head.get(12..16) == Some(b"VP8X");
+        // The bytes no cut may touch: the signature, and the WebP header the fix rewrites.
+        let protected = match content_type {
+            "image/jpeg" => 2,
+            "image/png" => 8,
+            "image/webp" if webp_vp8x => 30,
+            "image/webp" => 12,
+            _ => return Err("not a format that is stripped"),
+        };
+        if self.remove.is_empty() || self.remove.len() > MAX_CUTS {
+            return Err("no cuts, or too many");
+        }
+        let mut edits: Vec<(u64, u64, Vec<u8>)> = Vec::with_capacity(self.remove.len() + 2);
+        let mut last = protected;
+        for &(start, end) in &self.remove {
+            if start < last || end <= start || end > len {
+                return Err("cuts out of order or out of bounds");
+            }
+            edits.push((start, end, Vec::new()));
+            last = end;
+        }
+        let removed: u64 = self.remove.iter().map(|(s, e)| e - s).sum();
+        match (self.fix, content_type) {
+            (Fix::None, "image/png") => {}
+            (Fix::None, "image/jpeg") => {}
+            (Fix::Orientation { at, orientation }, "image/jpeg") => {
+                if !(2..=8).contains(&orientation) || at < 2 || at > len {
+                    return Err("an orientation out of range");
+                }
+                if self.remove.iter().any(|&(s, e)| s < at && at < e) {
+                    return Err("an orientation inside a cut");
+                }
+                edits.push((at, at, orientation_segment(orientation)));
+            }
+            (Fix::WebpHeader, "image/webp") => {
+                let out_len = len - removed;
+                let riff = u32::try_from(out_len - 8).map_err(|_| "a WebP too large")?;
+                edits.push((4, 8, riff.to_le_bytes().to_vec()));
+                if webp_vp8x {
+                    const EXIF_AND_XMP: u8 = 0x08 | 0x04;
+                    let flags = *head.get(20).ok_or("a WebP header cut short")?;
+                    edits.push((20, 21, vec![flags & !EXIF_AND_XMP]));
+                }
+            }
+            _ => return Err("a fix of another format"),
+        }
+        // Stable: an insertion stays before a cut that starts where it is.
+        edits.sort_by_key(|(start, end, _)| (*start, *end));
+        let mut pieces = Vec::with_capacity(edits.len() * 2 + 1);
+        let mut at = 0;
+        for (start, end, put) in edits {
+            if start > at {
+                pieces.push(Piece::Keep(at, start));
+            }
+            if !put.is_empty() {
+                pieces.push(Piece::Put(put));
+            }
+            at = at.max(end);
+        }
+        if at < len {
+            pieces.push(Piece::Keep(at, len));
+        }
+        Ok(pieces)
+    }
+
+    /// The stripped copy of `bytes`, made in memory.
+    pub fn apply(&self, bytes: &[u8], content_type: &str) -> Result<Bytes, &'static str> {
+        let head = &bytes[..bytes.len().min(64)];
+        let mut out = Vec::with_capacity(bytes.len());
+        for piece in self.pieces(content_type, bytes.len() as u64, head)? {
+            match piece {
+                Piece::Keep(start, end) => {
+                    out.extend_from_slice(&bytes[start as usize..end as usize])
+                }
+                Piece::Put(put) => out.extend_from_slice(&put),
+            }
+        }
+        Ok(Bytes::from(out))
+    }
+}
+
+/// Where to cut `bytes` (a JPEG, PNG or WebP) to remove its metadata; `None` when there is
+/// nothing to remove (or the format is not one this strips, or it cannot be parsed, in which
+/// case the original is served unchanged: the sniffer already vouched for its type). Runs
+/// in a media worker.
+pub fn plan(bytes: &[u8], content_type: &str) -> Option<Cuts> {
+    let cuts = match content_type {
+        "image/jpeg" => plan_jpeg(bytes)?,
+        "image/png" => plan_png(bytes)?,
+        "image/webp" => plan_webp(bytes)?,
         _ => return None,
     };
-    (out.len() != bytes.len() || out != *bytes).then_some(out)
+    (!cuts.remove.is_empty()).then_some(cuts)
 }
 
-fn strip_jpeg(bytes: Bytes) -> Option<Bytes> {
-    let mut jpeg = Jpeg::from_bytes(bytes).ok()?;
-    let orientation = jpeg.exif().and_then(|exif| orientation_of(&exif));
-    jpeg.segments_mut()
-        .retain(|s| !matches!(s.marker(), markers::APP1 | markers::APP13 | markers::COM));
-    if let Some(o) = orientation.filter(|o| (2..=8).contains(o)) {
-        jpeg.set_exif(Some(minimal_exif(o)));
+/// [`plan`] and [`Cuts::apply`] in one: the stripped copy, or `None`.
+pub fn strip(bytes: &Bytes, content_type: &str) -> Option<Bytes> {
+    plan(bytes, content_type)?.apply(bytes, content_type).ok()
+}
+
+fn u16_be(b: &[u8], at: usize) -> Option<usize> {
+    Some(usize::from(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?)))
+}
+
+fn plan_jpeg(b: &[u8]) -> Option<Cuts> {
+    if b.get(..2)? != [0xFF, markers::SOI] {
+        return None;
     }
-    let mut out = Vec::new();
-    jpeg.encoder().write_to(&mut out).ok()?;
-    Some(Bytes::from(out))
-}
-
-fn strip_png(bytes: Bytes) -> Option<Bytes> {
-    let mut png = Png::from_bytes(bytes).ok()?;
-    const PRIVATE: [&[u8; 4]; 5] = [b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"];
-    png.chunks_mut().retain(|c| !PRIVATE.contains(&&c.kind()));
-    let mut out = Vec::new();
-    png.encoder().write_to(&mut out).ok()?;
-    Some(Bytes::from(out))
-}
-
-fn strip_webp(bytes: Bytes) -> Option<Bytes> {
-    let mut webp = WebP::from_bytes(bytes).ok()?;
-    webp.set_exif(None);
-    webp.remove_chunks_by_id(img_parts::webp::CHUNK_XMP);
-    // img-parts keeps the header's XMP flag when the chunk goes, and a decoder that holds the
-    // flags to the chunks (image-webp) then refuses the file: every rendition of it failed.
-    const XMP_FLAG: u8 = 0x04;
-    let vp8x = webp.chunks_mut().iter_mut().find(|c| c.id() == img_parts::webp::CHUNK_VP8X);
-    if let Some(img_parts::riff::RiffContent::Data(data)) = vp8x.map(|c| c.content_mut()) {
-        if data.first().is_some_and(|flags| flags & XMP_FLAG != 0) {
-            let mut cleared = data.to_vec();
-            cleared[0] &= !XMP_FLAG;
-            *data = Bytes::from(cleared);
+    let (mut remove, mut orientation) = (Vec::new(), None);
+    // The orientation block goes after the JFIF header when there is one, else after SOI.
+    let mut insert_at = 2u64;
+    let mut at = 2;
+    let mut first = true;
+    while at + 1 < b.len() {
+        if b[at] != 0xFF {
+            return None;
+        }
+        let marker = b[at + 1];
+        match marker {
+            // Fill bytes before a marker.
+            0xFF => {
+                at += 1;
+                continue;
+            }
+            markers::EOI => break,
+            // Markers without a length (restart markers, TEM).
+            0x01 | 0xD0..=0xD7 => {
+                at += 2;
+                continue;
+            }
+            _ => {}
+        }
+        let len = u16_be(b, at + 2)?;
+        let end = at + 2 + len;
+        if len < 2 || end > b.len() {
+            return None;
+        }
+        match marker {
+            markers::APP1 | markers::APP13 | markers::COM => {
+                if marker == markers::APP1 && orientation.is_none() {
+                    let payload = &b[at + 4..end];
+                    if let Some(tiff) = payload.strip_prefix(b"Exif\0\0") {
+                        orientation = orientation_of(tiff);
+                    }
+                }
+                remove.push((at as u64, end as u64));
+            }
+            markers::APP0 if first => insert_at = end as u64,
+            _ => {}
+        }
+        first = false;
+        at = end;
+        if marker == markers::SOS {
+            // Entropy-coded data up to the next marker that is not a stuffed 0xFF00 or a
+            // restart (a progressive file has more segments, comments among them, after it).
+            loop {
+                let next = at + memchr::memchr(0xFF, b.get(at..)?)?;
+                match b.get(next + 1)? {
+                    0x00 | 0xD0..=0xD7 | 0xFF => at = next + 1,
+                    _ => {
+                        at = next;
+                        break;
+                    }
+                }
+            }
         }
     }
-    let mut out = Vec::new();
-    webp.encoder().write_to(&mut out).ok()?;
-    Some(Bytes::from(out))
+    let fix = match orientation.filter(|o| (2..=8).contains(o)) {
+        Some(o) if !remove.is_empty() => Fix::Orientation { at: insert_at, orientation: o },
+        _ => Fix::None,
+    };
+    Some(Cuts { remove, fix })
+}
+
+fn plan_png(b: &[u8]) -> Option<Cuts> {
+    if b.get(..8)? != b"\x89PNG\r\n\x1a\n" {
+        return None;
+    }
+    const PRIVATE: [&[u8; 4]; 5] = [b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"];
+    let mut remove = Vec::new();
+    let mut at = 8;
+    while at + 8 <= b.len() {
+        let len = u32::from_be_bytes(b[at..at + 4].try_into().ok()?) as usize;
+        let kind = &b[at + 4..at + 8];
+        let end = at.checked_add(12)?.checked_add(len)?;
+        if end > b.len() {
+            return None;
+        }
+        if PRIVATE.iter().any(|p| p.as_slice() == kind) {
+            remove.push((at as u64, end as u64));
+        }
+        at = end;
+        if kind == b"IEND" {
+            break;
+        }
+    }
+    Some(Cuts { remove, fix: Fix::None })
+}
+
+fn plan_webp(b: &[u8]) -> Option<Cuts> {
+    if b.get(..4)? != b"RIFF" || b.get(8..12)? != b"WEBP" {
+        return None;
+    }
+    let mut remove = Vec::new();
+    let mut at = 12;
+    while at + 8 <= b.len() {
+        let len = u32::from_le_bytes(b[at + 4..at + 8].try_into().ok()?) as usize;
+        let end = at.checked_add(8)?.checked_add(len)?.checked_add(len % 2)?.min(b.len());
+        if at + 8 + len > b.len() {
+            return None;
+        }
+        if matches!(&b[at..at + 4], b"EXIF" | b"XMP ") {
+            remove.push((at as u64, end as u64));
+        }
+        at = end;
+    }
+    Some(Cuts { remove, fix: Fix::WebpHeader })
+}
+
+/// The APP1 segment of [`minimal_exif`]: marker, length, `Exif\0\0`, the block.
+fn orientation_segment(orientation: u16) -> Vec<u8> {
+    let tiff = minimal_exif(orientation);
+    let mut segment = vec![0xFF, markers::APP1];
+    segment.extend_from_slice(&((2 + 6 + tiff.len()) as u16).to_be_bytes());
+    segment.extend_from_slice(b"Exif\0\0");
+    segment.extend_from_slice(&tiff);
+    segment
 }
 
 /// Whether `bytes` may hold something [`strip`] removes. `false` only when no marker of what
@@ -133,6 +365,10 @@ pub fn minimal_exif(orientation: u16) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use img_parts::ImageEXIF;
+    use img_parts::jpeg::Jpeg;
+    use img_parts::png::Png;
+    use img_parts::webp::WebP;
 
     #[test]
     fn webp_exif_is_removed() {

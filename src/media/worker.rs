@@ -4,14 +4,23 @@
 //! by the kernel, its CPU time too, its wall-clock time by the server (which kills it), and
 //! it can open no file, socket or program ([`sandbox`]).
 //!
-//! - **Pool**: up to `media.workers` processes, started on demand and kept between jobs;
-//!   each is retired after `media.worker_jobs` jobs, or at once after any failure.
-//! - **Queue**: at most `media.queue` jobs wait for a worker; beyond it a job is refused at
-//!   once with 503 `media_busy` rather than piling up.
-//! - **Deadline**: a job running longer than `media.job_timeout` has its worker killed; a
-//!   worker that dies mid-job (out of memory, out of CPU, crashed, killed) answers 422
-//!   `media_too_costly`. That verdict is remembered by the file's blake3 for a day, so the
-//!   next viewer of the same bytes does not start it again.
+//! - **Pool**: up to `media.workers` jobs at once (and one metadata strip beyond them), each
+//!   on a worker process started on demand and kept between jobs; a worker is retired after
+//!   `media.worker_jobs` jobs, or at once after any failure.
+//! - **Fair queue** ([`schedule`]): one origin may hold only its share of the workers and of
+//!   the queue; a job waits at most `media.queue_wait`; beyond the queue, 503 `media_busy` at
+//!   once. An origin whose files keep ending `too_costly` gets no new jobs for a while.
+//! - **A worker is trusted no more than one file**: a worker only ever runs jobs of one
+//!   origin, every job carries a random id its reply must echo, and a byte more than the reply
+//!   is a protocol break that ends the worker. A strip answers the byte ranges to cut, which
+//!   the server cuts from its own copy ([`crate::media::strip`]), so a worker can never add a
+//!   byte to an original.
+//! - **Deadline in CPU time**: a job may use `media.job_timeout` of CPU (rasterising an SVG,
+//!   `media.svg_timeout`); past it the kernel stops the worker and the file is answered 422
+//!   `media_too_costly`, remembered by the file's blake3 for a day, so the next viewer of the
+//!   same bytes does not start it again. The wall clock gets three times as long: a job that
+//!   is still running then was starved of the CPU by a busy machine (or stopped), which says
+//!   nothing about the file, and answers 503 `media_busy`.
 //! - **Bytes**: a job's input is written from memory or streamed from its file, and its
 //!   output is handed to a [`ChunkSink`] as it arrives, so the server holds no extra copy.
 //!
@@ -21,6 +30,7 @@
 pub mod child;
 pub mod protocol;
 pub mod sandbox;
+pub mod schedule;
 pub mod tool;
 
 use std::os::fd::AsFd;
@@ -29,19 +39,30 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::cache::ChunkSink;
+use crate::error::ProxyError;
+use crate::telemetry::OutcomeLabels;
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use protocol::{Answer, Job, Reply, SelfReport, Task};
+pub use sandbox::Limits;
+pub use schedule::Lane;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
-use tokio::sync::Semaphore;
 
-use crate::cache::ChunkSink;
-use crate::error::ProxyError;
-use crate::telemetry::OutcomeLabels;
-use protocol::{Answer, Reply, SelfReport, Task};
-pub use sandbox::Limits;
+/// How much longer than its CPU budget a job may take on the wall clock before it counts as
+/// starved: on a machine whose other work leaves a worker a third of a core, a job still
+/// finishes.
+pub const WALL_FACTOR: u32 = 3;
+
+/// Too-costly verdicts within [`STRIKE_WINDOW`] after which an origin gets no new jobs for
+/// [`STRIKE_WINDOW`].
+pub const STRIKES: u32 = 3;
+
+/// See [`STRIKES`].
+pub const STRIKE_WINDOW: Duration = Duration::from_secs(600);
 
 /// Capacity asked for each worker pipe.
 const PIPE_BYTES: i32 = 1 << 20;
@@ -51,12 +72,13 @@ const PIPE_BYTES: i32 = 1 << 20;
 pub struct PoolConfig {
     /// The `parasol` binary to start as `parasol media-worker`.
     pub exe: PathBuf,
-    pub workers: usize,
-    /// Jobs that may wait for a worker.
-    pub queue: usize,
+    /// Workers, queue, each origin's share and the longest wait ([`schedule::Shares`]).
+    pub shares: schedule::Shares,
     pub limits: Limits,
-    /// Wall-clock deadline of one job, from sending it to the last byte of its reply.
+    /// CPU time of one job; its wall-clock deadline is [`WALL_FACTOR`] times as long.
     pub job_timeout: Duration,
+    /// CPU time of rasterising one SVG (at most `job_timeout`).
+    pub svg_timeout: Duration,
     /// Largest job input (`cache.max_object_bytes`).
     pub max_input: u64,
     /// ffmpeg, when there is one (`media.ffmpeg`): run through [`tool`].
@@ -100,6 +122,21 @@ struct Worker {
     jobs: u32,
     /// The CPU time it reported with its last reply (milliseconds).
     cpu_ms: u64,
+    /// The source host whose jobs it runs, from its first job on: a worker a file took over
+    /// can reach only later jobs of the same host, never another's renditions.
+    host: Option<std::sync::Arc<str>>,
+}
+
+impl Worker {
+    /// Whether it may take another job: alive, with nothing written since its last reply.
+    fn clean(&mut self) -> bool {
+        use futures_util::FutureExt;
+        if !matches!(self.child.try_wait(), Ok(None)) || !self.stdout.buffer().is_empty() {
+            return false;
+        }
+        // Pending is clean; bytes, an end or an error are not.
+        self.stdout.fill_buf().now_or_never().is_none()
+    }
 }
 
 /// How an exchange with a worker failed.
@@ -125,10 +162,9 @@ pub struct PoolMetrics {
     pub running: Gauge,
 }
 
-/// A job's place: in the queue, on a worker, counted as running.
+/// A job's place: a slot of the fair queue, counted as running.
 struct Admitted<'a> {
-    _queued: tokio::sync::SemaphorePermit<'a>,
-    _slot: tokio::sync::SemaphorePermit<'a>,
+    _slot: schedule::Slot,
     _running: RunningJob<'a>,
 }
 
@@ -143,12 +179,15 @@ impl Drop for RunningJob<'_> {
 
 pub struct MediaPool {
     config: PoolConfig,
-    /// Jobs waiting or running; beyond it, `media_busy`.
-    admitted: Semaphore,
-    /// One per worker process.
-    running: Semaphore,
-    /// Workers between jobs. A std mutex: held only to push or pop.
-    idle: Mutex<Vec<Worker>>,
+    /// Who runs next ([`schedule`]).
+    schedule: schedule::Schedule,
+    /// Workers between jobs, oldest first, each with the host it serves (none yet: a fresh
+    /// one). A std mutex: held only to push or take.
+    idle: Mutex<std::collections::VecDeque<Worker>>,
+    /// Too-costly verdicts by origin in the last [`STRIKE_WINDOW`], and the origins refused
+    /// new jobs for having had [`STRIKES`] of them.
+    strikes: moka::sync::Cache<String, std::sync::Arc<std::sync::atomic::AtomicU32>>,
+    refused: moka::sync::Cache<String, ()>,
     /// Files whose job ran out of time or memory or killed its worker, by blake3 of the
     /// file and the kind of task, with why. A render verdict covers every preset: they all
     /// decode the same pixels.
@@ -163,11 +202,17 @@ pub struct MediaPool {
 
 impl MediaPool {
     pub fn new(config: PoolConfig, metrics: PoolMetrics) -> Self {
-        let workers = config.workers.max(1);
+        let strikes = || {
+            moka::sync::Cache::builder().max_capacity(100_000).time_to_live(STRIKE_WINDOW).build()
+        };
         Self {
-            admitted: Semaphore::new(workers + config.queue),
-            running: Semaphore::new(workers),
-            idle: Mutex::new(Vec::new()),
+            schedule: schedule::Schedule::new(config.shares),
+            idle: Mutex::new(std::collections::VecDeque::new()),
+            strikes: strikes(),
+            refused: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(STRIKE_WINDOW)
+                .build(),
             verdicts: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(86_400))
@@ -193,7 +238,7 @@ impl MediaPool {
             self.tools_off.store(true, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!("no Landlock in this kernel: ffmpeg and heif-convert are not run");
         }
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(worker);
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push_back(worker);
         Ok(landlock)
     }
 
@@ -233,13 +278,14 @@ impl MediaPool {
         }
     }
 
-    /// Runs `task` on `input`, the file whose blake3 is `content` (when known), sending any
-    /// output to `sink`.
+    /// Runs `task` on `input`, the file whose blake3 is `content` (when known), of a source
+    /// on `host`, sending any output to `sink`.
     pub async fn run<S: ChunkSink>(
         &self,
         task: &Task,
         input: Input,
         content: Option<&blake3::Hash>,
+        host: &str,
         sink: &mut S,
     ) -> Result<Outcome, ProxyError> {
         let verdict = content.map(|hash| {
@@ -253,7 +299,7 @@ impl MediaPool {
                 return Err(ProxyError::MediaTooCostly(why));
             }
         }
-        let result = self.submit(task, &input, sink).await;
+        let result = self.submit(task, &input, host, sink).await;
         if let (Err(ProxyError::MediaTooCostly(why)), Some(key)) = (&result, verdict) {
             self.verdicts.insert(key, why.clone()).await;
         }
@@ -264,6 +310,33 @@ impl MediaPool {
         }
     }
 
+    /// A strip of `input` (a JPEG, PNG or WebP from `host`): the cuts that remove its
+    /// metadata, which the caller makes in its own copy; `None` when there is nothing to
+    /// remove.
+    pub async fn strip_plan(
+        &self,
+        input: Input,
+        content_type: &str,
+        content: &blake3::Hash,
+        host: &str,
+    ) -> Result<Option<crate::media::strip::Cuts>, ProxyError> {
+        let task = Task::Strip { content_type: content_type.into() };
+        match self.submit(&task, &input, host, &mut Vec::new()).await {
+            Ok(Reply::Cut(cuts)) => Ok(Some(cuts)),
+            Ok(Reply::Unchanged) => Ok(None),
+            Ok(other) => Err(ProxyError::internal(format!("media worker answered {other:?}"))),
+            Err(e @ ProxyError::MediaTooCostly(_)) => {
+                let mut key = blake3::Hasher::new();
+                key.update(content.as_bytes()).update(task.name().as_bytes());
+                if let ProxyError::MediaTooCostly(why) = &e {
+                    self.verdicts.insert(*key.finalize().as_bytes(), why.clone()).await;
+                }
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Runs the sandbox self-check in a real worker.
     pub async fn self_check(
         &self,
@@ -271,29 +344,88 @@ impl MediaPool {
         connect: std::net::SocketAddr,
     ) -> Result<SelfReport, ProxyError> {
         let task = Task::SelfCheck { open, connect };
-        match self.submit(&task, &Input::Memory(Bytes::new()), &mut Vec::new()).await? {
+        let input = Input::Memory(Bytes::new());
+        match self.submit(&task, &input, "(self-check)", &mut Vec::new()).await? {
             Reply::Report(report) => Ok(*report),
             other => Err(ProxyError::internal(format!("media worker answered {other:?}"))),
         }
     }
 
-    /// Queues, runs on a worker under the deadline, and classifies what happened.
+    /// Refuses jobs of an origin whose files were too costly [`STRIKES`] times lately: 422,
+    /// like the files themselves (remembered for `cache.negative_ttl`, so its viewers do not
+    /// refetch the file just to be refused again).
+    fn check_origin(&self, origin: &str) -> Result<(), ProxyError> {
+        if self.refused.contains_key(origin) {
+            self.count("origin_refused");
+            return Err(ProxyError::MediaTooCostly("this origin's files were too costly".into()));
+        }
+        Ok(())
+    }
+
+    /// Counts a too-costly verdict against `origin`; at [`STRIKES`], it is refused for
+    /// [`STRIKE_WINDOW`].
+    fn strike(&self, origin: &str) {
+        use std::sync::atomic::Ordering;
+        let count = self.strikes.get_with(origin.to_string(), Default::default);
+        if count.fetch_add(1, Ordering::Relaxed) + 1 >= STRIKES
+            && !self.refused.contains_key(origin)
+        {
+            tracing::warn!(
+                origin,
+                strikes = STRIKES,
+                "an origin's files keep being too costly: refused for a while"
+            );
+            self.refused.insert(origin.to_string(), ());
+            self.strikes.invalidate(origin);
+        }
+    }
+
+    /// Origins refused new jobs now (the `parasol_media_origins_refused` gauge).
+    pub fn origins_refused(&self) -> u64 {
+        self.refused.run_pending_tasks();
+        self.refused.entry_count()
+    }
+
+    /// The CPU budget of `task`: the job timeout, or the shorter one of rasterising.
+    fn cpu_budget(&self, task: &Task) -> Duration {
+        match task {
+            Task::Rasterize { .. } => self.config.svg_timeout.min(self.config.job_timeout),
+            _ => self.config.job_timeout,
+        }
+    }
+
+    /// Queues (by the origin of `host`), runs on a worker of `host` under the deadline, and
+    /// classifies what happened.
     async fn submit<S: ChunkSink>(
         &self,
         task: &Task,
         input: &Input,
+        host: &str,
         sink: &mut S,
     ) -> Result<Reply, ProxyError> {
         if input.len() > self.config.max_input {
             return Err(ProxyError::TooLarge);
         }
-        let _admitted = self.admit().await?;
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let origin = &crate::policy::origin_of(&host);
+        self.check_origin(origin)?;
+        let lane = match task {
+            Task::Strip { .. } => Lane::Strip,
+            _ => Lane::Decode,
+        };
+        let _admitted = self.admit(origin, lane).await?;
+        let budget = self.cpu_budget(task);
+        let job = Job {
+            id: random_id(),
+            cpu_seconds: budget.as_secs_f64().ceil().max(1.0) as u64,
+            task: task.clone(),
+        };
         // A second worker is tried when the first could not take the job (gone while idle,
         // or retired), or died on it after earlier jobs (its own history, say a heap grown by
         // them, may be what ran out): only a fresh worker's failure is the file's.
         let mut fresh = false;
         loop {
-            let mut worker = match if fresh { None } else { self.take_idle() } {
+            let mut worker = match if fresh { None } else { self.take_idle(&host) } {
                 Some(worker) => worker,
                 None => match self.spawn().await {
                     Ok((worker, _)) => worker,
@@ -303,23 +435,24 @@ impl MediaPool {
                     }
                 },
             };
+            worker.host.get_or_insert_with(|| host.as_str().into());
             let started = worker.cpu_ms;
             let reused = worker.jobs > 0;
             let max = self.config.max_input;
-            let exchange = exchange(&mut worker, task, input, sink, max);
-            let failure = match tokio::time::timeout(self.config.job_timeout, exchange).await {
+            let exchange = exchange(&mut worker, &job, input, sink, max);
+            let failure = match tokio::time::timeout(budget * WALL_FACTOR, exchange).await {
                 Ok(Ok(Answer { reply: Reply::Retired, .. })) if !fresh => {
                     fresh = true;
                     continue;
                 }
-                Ok(Ok(Answer { reply, cpu_ms })) => {
+                Ok(Ok(Answer { reply, cpu_ms, .. })) => {
                     worker.jobs += 1;
                     worker.cpu_ms = cpu_ms;
                     let retire =
                         matches!(reply, Reply::Refused { retire: true, .. } | Reply::Retired)
                             || worker.jobs >= self.config.limits.jobs;
                     if !retire {
-                        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(worker);
+                        self.put_idle(worker);
                     }
                     return self.answer(task, reply);
                 }
@@ -333,43 +466,57 @@ impl MediaPool {
                     continue;
                 }
                 Ok(Err(failure)) => failure,
-                Err(_) => return Err(self.overran(task, worker, started)),
+                Err(_) => return Err(self.overran(task, worker, started, budget, origin)),
             };
-            return Err(self.failed(task, worker, failure).await);
+            return Err(self.failed(task, worker, failure, origin).await);
         }
     }
 
-    /// A place in the queue (or 503 `media_busy` at once), then a worker's slot; the job
-    /// counts as running while the result is held.
-    async fn admit(&self) -> Result<Admitted<'_>, ProxyError> {
-        let Ok(queued) = self.admitted.try_acquire() else {
-            self.count("busy");
-            return Err(ProxyError::MediaBusy);
+    /// A slot of the fair queue (or 503 `media_busy`: at once when the queue or the origin's
+    /// share of it is full, after `media.queue_wait` otherwise); the job counts as running
+    /// while the result is held.
+    async fn admit(&self, origin: &str, lane: Lane) -> Result<Admitted<'_>, ProxyError> {
+        let slot = match self.schedule.admit(origin, lane).await {
+            Ok(slot) => slot,
+            Err(refused) => {
+                self.count(match refused {
+                    schedule::Refused::Full => "busy",
+                    schedule::Refused::Waited => "waited",
+                });
+                return Err(ProxyError::MediaBusy);
+            }
         };
-        let slot = self.running.acquire().await.map_err(|_| ProxyError::MediaBusy)?;
         self.metrics.running.inc();
-        Ok(Admitted { _queued: queued, _slot: slot, _running: RunningJob(&self.metrics.running) })
+        Ok(Admitted { _slot: slot, _running: RunningJob(&self.metrics.running) })
     }
 
-    /// A job past `media.job_timeout`: its worker is killed. The file is blamed only if the
-    /// worker had at least a fifth of the deadline on the CPU and still did not finish: a
-    /// file that needs that much is too costly, while a worker starved of the CPU (a machine
-    /// too busy, perhaps on purpose, or input slow to arrive) says nothing about the file.
-    fn overran(&self, task: &Task, mut worker: Worker, started_ms: u64) -> ProxyError {
+    /// A job past its wall-clock deadline ([`WALL_FACTOR`] times its CPU budget, which the
+    /// kernel enforces): its worker is killed. Still alive with its CPU budget not spent, it
+    /// was starved of the CPU (a machine too busy, perhaps on purpose, or stopped), which
+    /// says nothing about the file.
+    fn overran(
+        &self,
+        task: &Task,
+        mut worker: Worker,
+        started_ms: u64,
+        budget: Duration,
+        origin: &str,
+    ) -> ProxyError {
         let used_ms = (self.cpu_ticks(worker.pid) * 1000 / self.ticks).saturating_sub(started_ms);
         let _ = worker.child.start_kill();
-        if (used_ms as u128) < self.config.job_timeout.as_millis() / 5 {
+        if u128::from(used_ms) < budget.as_millis() {
             self.count("starved");
             tracing::warn!(
                 task = task.name(),
                 used_ms,
-                "media job over media.job_timeout without using the CPU: overloaded"
+                "media job over its wall-clock deadline without using its CPU time: overloaded"
             );
             return ProxyError::MediaBusy;
         }
         self.count("too_costly");
-        tracing::warn!(task = task.name(), "media job over media.job_timeout: worker killed");
-        ProxyError::MediaTooCostly("over media.job_timeout".into())
+        self.strike(origin);
+        tracing::warn!(task = task.name(), "media job over its CPU time: worker killed");
+        ProxyError::MediaTooCostly("over its CPU time".into())
     }
 
     /// Maps a worker's reply to the caller's result, counting it.
@@ -380,7 +527,7 @@ impl MediaPool {
                 tracing::debug!(task = task.name(), reason, "media worker refused the file");
                 Err(ProxyError::bad_image(&reason))
             }
-            Reply::Done { .. } | Reply::Report(_) => {
+            Reply::Done { .. } | Reply::Report(_) | Reply::Cut(_) => {
                 self.count("ok");
                 Ok(reply)
             }
@@ -400,7 +547,13 @@ impl MediaPool {
     }
 
     /// A job that did not get its reply: whose fault, and what the viewer gets.
-    async fn failed(&self, task: &Task, mut worker: Worker, failure: Failure) -> ProxyError {
+    async fn failed(
+        &self,
+        task: &Task,
+        mut worker: Worker,
+        failure: Failure,
+        origin: &str,
+    ) -> ProxyError {
         match failure {
             Failure::Input(e) | Failure::Sink(e) => {
                 let _ = worker.child.start_kill();
@@ -419,19 +572,38 @@ impl MediaPool {
                     }
                 };
                 self.count("too_costly");
+                self.strike(origin);
                 tracing::warn!(task = task.name(), why, "media worker failed mid-job");
                 ProxyError::MediaTooCostly(why.into())
             }
         }
     }
 
-    /// An idle worker that is still alive. (One that spins while idle, which nothing
-    /// legitimate does, is stopped by its lifetime CPU limit: four jobs' worth.)
-    fn take_idle(&self) -> Option<Worker> {
+    /// An idle worker of `host`, else a fresh one, that is alive and has written nothing
+    /// since its last reply (a worker that has is killed: it broke the protocol). (One that
+    /// spins while idle, which nothing legitimate does, is stopped by its lifetime CPU
+    /// limit: four jobs' worth.)
+    fn take_idle(&self, host: &str) -> Option<Worker> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let mut worker = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
-            if matches!(worker.child.try_wait(), Ok(None)) {
+            let mine = idle.iter().rposition(|w| w.host.as_deref() == Some(host));
+            let at = mine.or_else(|| idle.iter().rposition(|w| w.host.is_none()))?;
+            let mut worker = idle.remove(at).expect("in range");
+            if worker.clean() {
                 return Some(worker);
+            }
+            let _ = worker.child.start_kill();
+        }
+    }
+
+    /// Keeps `worker` for its host's next job. At most one worker per slot is kept: the
+    /// oldest goes first.
+    fn put_idle(&self, worker: Worker) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.push_back(worker);
+        while idle.len() > self.config.shares.workers.max(1) + 1 {
+            if let Some(mut oldest) = idle.pop_front() {
+                let _ = oldest.child.start_kill();
             }
         }
     }
@@ -485,8 +657,9 @@ impl MediaPool {
         let mut stdout = BufReader::with_capacity(1 << 16, stdout);
         let hello = protocol::read_header::<Answer>(&mut stdout);
         match tokio::time::timeout(Duration::from_secs(10), hello).await {
-            Ok(Ok((Answer { reply: Reply::Ready { landlock, .. }, cpu_ms }, 0))) => {
-                Ok((Worker { child, pid, stdin, stdout, jobs: 0, cpu_ms }, landlock))
+            Ok(Ok((Answer { reply: Reply::Ready { landlock, .. }, cpu_ms, .. }, 0))) => {
+                let worker = Worker { child, pid, stdin, stdout, jobs: 0, cpu_ms, host: None };
+                Ok((worker, landlock))
             }
             Ok(Ok((Answer { reply: Reply::Unsafe { why }, .. }, _))) => {
                 Err(cannot(&format!("sandbox: {why}")))
@@ -526,10 +699,22 @@ async fn relay_stderr(pid: u32, mut stderr: tokio::process::ChildStderr) {
     }
 }
 
-/// Sends one job and receives its reply, the output streamed into `sink`.
+/// A job id no file can guess: its reply must echo it.
+fn random_id() -> u64 {
+    let mut id = [0u8; 8];
+    // Without the system's randomness (never seen), a clock's nanoseconds still differ.
+    if getrandom::fill(&mut id).is_err() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        id = (now.map_or(0, |d| d.as_nanos()) as u64).to_le_bytes();
+    }
+    u64::from_le_bytes(id)
+}
+
+/// Sends one job and receives its reply, the output streamed into `sink`. The reply must
+/// name the job and be all the worker wrote.
 async fn exchange<S: ChunkSink>(
     worker: &mut Worker,
-    task: &Task,
+    job: &Job,
     input: &Input,
     sink: &mut S,
     max_output: u64,
@@ -537,17 +722,17 @@ async fn exchange<S: ChunkSink>(
     match input {
         // Header and file in one write: the worker wakes once for a small job.
         Input::Memory(bytes) if bytes.len() <= PIPE_BYTES as usize => {
-            let frame = protocol::job_frame(task, bytes).map_err(Failure::Send)?;
+            let frame = protocol::job_frame(job, bytes).map_err(Failure::Send)?;
             worker.stdin.write_all(&frame).await.map_err(Failure::Send)?
         }
         Input::Memory(bytes) => {
-            protocol::write_header(&mut worker.stdin, task, input.len())
+            protocol::write_header(&mut worker.stdin, job, input.len())
                 .await
                 .map_err(Failure::Send)?;
             worker.stdin.write_all(bytes).await.map_err(Failure::Send)?
         }
         Input::File { path, len } => {
-            protocol::write_header(&mut worker.stdin, task, *len).await.map_err(Failure::Send)?;
+            protocol::write_header(&mut worker.stdin, job, *len).await.map_err(Failure::Send)?;
             let file = tokio::fs::File::open(path).await.map_err(Failure::Input)?;
             let mut file = file.take(*len);
             let mut buf = vec![0u8; 1 << 16];
@@ -567,12 +752,18 @@ async fn exchange<S: ChunkSink>(
         }
     }
     worker.stdin.flush().await.map_err(Failure::Send)?;
+    let broken = |why: &'static str| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
     let (answer, body_len): (Answer, u64) =
         protocol::read_header(&mut worker.stdout).await.map_err(Failure::NoReply)?;
+    if answer.job != job.id {
+        return Err(Failure::Reply(broken("an answer to another job")));
+    }
+    if !job.task.accepts(&answer.reply) {
+        return Err(Failure::Reply(broken("an answer of another kind")));
+    }
     let expects_body = matches!(answer.reply, Reply::Done { .. });
     if (body_len > 0 && !expects_body) || body_len > max_output {
-        let stray = std::io::Error::new(std::io::ErrorKind::InvalidData, "a body out of bounds");
-        return Err(Failure::Reply(stray));
+        return Err(Failure::Reply(broken("a body out of bounds")));
     }
     if expects_body {
         sink.begin(body_len).await.map_err(Failure::Sink)?;
@@ -589,6 +780,10 @@ async fn exchange<S: ChunkSink>(
             worker.stdout.consume(n);
             left -= n as u64;
         }
+    }
+    // A worker writes its reply and waits: anything after it was not asked for.
+    if !worker.stdout.buffer().is_empty() {
+        return Err(Failure::Reply(broken("bytes after the reply")));
     }
     Ok(answer)
 }

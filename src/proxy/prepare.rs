@@ -6,7 +6,10 @@
 
 use std::sync::Arc;
 
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
 use super::{AsInput, Proxy, Received};
+use crate::cache::ChunkSink;
 use crate::cache::{Entry, Key};
 use crate::config::AnimationPolicy;
 use crate::error::ProxyError;
@@ -20,16 +23,43 @@ pub(crate) fn needs_frame(content_type: &str) -> bool {
     content_type.starts_with("video/") || matches!(content_type, "image/avif" | "image/heif")
 }
 
+/// SHA-256 and MD5 of a body about to be replaced by its prepared form: rules about the
+/// origin's bytes (SHA-256 bans, hash lists) must still find the entry by them.
+async fn origin_digests(input: &Input) -> std::io::Result<crate::moderation::Digests> {
+    let mut digester = crate::moderation::Digester::default();
+    match input {
+        Input::Memory(bytes) => digester.update(bytes),
+        Input::File { path, len } => {
+            let mut file = tokio::fs::File::open(path).await?.take(*len);
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = file.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                digester.update(&buf[..n]);
+            }
+        }
+    }
+    Ok(digester.finish())
+}
+
 impl Proxy {
     /// What is stored is what may be served: an SVG becomes a PNG, metadata is stripped.
-    pub(super) async fn prepare(&self, received: Received) -> Result<Received, ProxyError> {
-        let received = self.rasterize_svg(received).await?;
-        self.strip_metadata(received).await
+    /// When that changes the bytes, the result carries the origin's digests (`digests`).
+    /// `host`: the source's, whose workers and share of the pool the jobs take.
+    pub(super) async fn prepare(
+        &self,
+        received: Received,
+        host: &str,
+    ) -> Result<Received, ProxyError> {
+        let received = self.rasterize_svg(received, host).await?;
+        self.strip_metadata(received, host).await
     }
 
     /// Replaces a received SVG (admitted only with `media.svg = "rasterize"`) by its PNG
     /// rendering; the SVG itself is never stored or served.
-    async fn rasterize_svg(&self, mut r: Received) -> Result<Received, ProxyError> {
+    async fn rasterize_svg(&self, mut r: Received, host: &str) -> Result<Received, ProxyError> {
         if r.content_type != crate::media::SVG {
             return Ok(r);
         }
@@ -39,15 +69,21 @@ impl Proxy {
         let task = Task::Rasterize { max_pixels: self.config.media.max_pixels };
         self.metrics.renders.inc();
         let input = r.input().await.map_err(ProxyError::storage)?;
-        let png = self.run_job(&task, input, &r.hash, &["image/png"]).await?;
+        let digests = match r.digests {
+            Some(d) => d,
+            None => origin_digests(&input).await.map_err(ProxyError::storage)?,
+        };
+        let png = self.run_job(&task, input, &r.hash, host, &["image/png"]).await?;
         let mut png = png.ok_or_else(|| ProxyError::internal("rasterising answered unchanged"))?;
         png.final_host = r.final_host.take();
+        png.digests = Some(digests);
         Ok(png)
     }
 
     /// Replaces a received JPEG, PNG or WebP by a copy without metadata (`media.strip_metadata`),
-    /// so the bytes stored, hashed and served (and their ETag) carry no GPS position.
-    async fn strip_metadata(&self, mut r: Received) -> Result<Received, ProxyError> {
+    /// so the bytes stored, hashed and served (and their ETag) carry no GPS position. A worker
+    /// finds where to cut; the cuts are made here, in this copy of the file.
+    async fn strip_metadata(&self, mut r: Received, host: &str) -> Result<Received, ProxyError> {
         const LARGEST: u64 = 64 << 20;
         let strippable = matches!(r.content_type, "image/jpeg" | "image/png" | "image/webp");
         if !self.config.media.strip_metadata || !strippable || r.len > LARGEST {
@@ -61,15 +97,100 @@ impl Proxy {
                 return Ok(r);
             }
         }
-        let task = Task::Strip { content_type: r.content_type.into() };
         let input = r.input().await.map_err(ProxyError::storage)?;
-        match self.run_job(&task, input, &r.hash, &[r.content_type]).await? {
-            Some(mut stripped) => {
-                stripped.final_host = r.final_host.take();
-                Ok(stripped)
+        let plan = self.media.strip_plan(input.clone(), r.content_type, &r.hash, host).await?;
+        let Some(cuts) = plan else { return Ok(r) };
+        let mut stripped = self.cut(&input, &cuts, r.content_type, r.digests).await?;
+        stripped.final_host = r.final_host.take();
+        stripped.origin = r.origin.take();
+        Ok(stripped)
+    }
+
+    /// A copy of `input` (of `content_type`) with `cuts` made, received like a worker's result
+    /// (sniffed again), carrying the digests of `input` (`known`, or computed as it is read).
+    async fn cut(
+        &self,
+        input: &Input,
+        cuts: &crate::media::strip::Cuts,
+        content_type: &'static str,
+        known: Option<crate::moderation::Digests>,
+    ) -> Result<Received, ProxyError> {
+        use crate::media::strip::Piece;
+        let refused = |why: &str| {
+            tracing::warn!(why, "media worker's cuts refused");
+            ProxyError::bad_image("the worker's cuts do not fit the file")
+        };
+        let mut sink = self.store.sink();
+        let digests = match input {
+            Input::Memory(bytes) => {
+                let stripped = cuts.apply(bytes, content_type).map_err(refused)?;
+                sink.begin(stripped.len() as u64).await.map_err(ProxyError::storage)?;
+                sink.push(&stripped).await.map_err(ProxyError::storage)?;
+                match known {
+                    Some(d) => d,
+                    None => origin_digests(input).await.map_err(ProxyError::storage)?,
+                }
             }
-            None => Ok(r),
+            Input::File { path, len } => {
+                // Read once, start to end: the pieces kept go to the sink, every byte to the
+                // digests.
+                let mut file = tokio::fs::File::open(path).await.map_err(ProxyError::storage)?;
+                let mut head = vec![0u8; 64.min(*len as usize)];
+                file.read_exact(&mut head).await.map_err(ProxyError::storage)?;
+                let pieces = cuts.pieces(content_type, *len, &head).map_err(refused)?;
+                file.seek(std::io::SeekFrom::Start(0)).await.map_err(ProxyError::storage)?;
+                let mut file = file.take(*len);
+                let out: u64 = pieces
+                    .iter()
+                    .map(|p| match p {
+                        Piece::Keep(s, e) => e - s,
+                        Piece::Put(b) => b.len() as u64,
+                    })
+                    .sum();
+                sink.begin(out).await.map_err(ProxyError::storage)?;
+                let mut digester = crate::moderation::Digester::default();
+                let (mut buf, mut at) = (vec![0u8; 1 << 16], 0u64);
+                for piece in &pieces {
+                    let (start, end) = match piece {
+                        Piece::Put(bytes) => {
+                            sink.push(bytes).await.map_err(ProxyError::storage)?;
+                            continue;
+                        }
+                        Piece::Keep(start, end) => (*start, *end),
+                    };
+                    // What lies before the piece (a cut) is read for the digests only.
+                    while at < end {
+                        let want = (end - at).min(buf.len() as u64) as usize;
+                        let n = file.read(&mut buf[..want]).await.map_err(ProxyError::storage)?;
+                        if n == 0 {
+                            return Err(ProxyError::internal("a temp file shrank"));
+                        }
+                        digester.update(&buf[..n]);
+                        let (from, to) = (at, at + n as u64);
+                        if to > start {
+                            let skip = start.saturating_sub(from) as usize;
+                            sink.push(&buf[skip..n]).await.map_err(ProxyError::storage)?;
+                        }
+                        at = to;
+                    }
+                }
+                // The rest, read for the digests.
+                loop {
+                    let n = file.read(&mut buf).await.map_err(ProxyError::storage)?;
+                    if n == 0 {
+                        break;
+                    }
+                    digester.update(&buf[..n]);
+                }
+                known.unwrap_or_else(|| digester.finish())
+            }
+        };
+        if infer::get(sink.head()).map(|t| t.mime_type()) != Some(content_type) {
+            return Err(ProxyError::bad_image("the stripped file is not of its type"));
         }
+        let mut stripped = sink.finish(content_type);
+        stripped.digests = Some(digests);
+        Ok(stripped)
     }
 
     /// Renders the cached `original` as `spec` in a worker and stores the result under `key`;
@@ -84,7 +205,7 @@ impl Proxy {
         // A video (its first frame) or an AVIF (ffmpeg's decoder) is first made a PNG, kept
         // (perhaps as a temp file) until the render has read it.
         let mut frame = match needs_frame(original.content_type.to_str().unwrap_or_default()) {
-            true => Some(self.take_frame(original).await?),
+            true => Some(self.take_frame(original, &host_of_url(url)).await?),
             false => None,
         };
         let (input, content) = match (frame.as_mut(), &original.body) {
@@ -111,7 +232,7 @@ impl Proxy {
             crate::config::VariantFormat::Jpeg => &["image/jpeg", "image/png"],
             format => &[format.mime_type()],
         };
-        let rendered = self.run_job(&task, input, &content, expect).await?;
+        let rendered = self.run_job(&task, input, &content, &host_of_url(url), expect).await?;
         drop(frame);
         // Unchanged: the preset serves this original as it is (an animation, for Akkoma).
         let Some(mut rendered) = rendered else { return Ok(None) };
@@ -124,10 +245,11 @@ impl Proxy {
     pub async fn measure(
         &self,
         original: &Entry,
+        host: &str,
     ) -> Result<crate::media::details::Details, ProxyError> {
         let content_type = original.content_type.to_str().unwrap_or_default();
         let mut frame = match needs_frame(content_type) {
-            true => Some(self.take_frame(original).await?),
+            true => Some(self.take_frame(original, host).await?),
             false => None,
         };
         let input = match (frame.as_mut(), &original.body) {
@@ -148,7 +270,7 @@ impl Proxy {
         };
         // A few dozen bytes of JSON; anything longer is not an answer to this job.
         let mut answer = Bounded(Vec::new());
-        match self.media.run(&task, input, Some(&content), &mut answer).await? {
+        match self.media.run(&task, input, Some(&content), host, &mut answer).await? {
             Outcome::Done { .. } => serde_json::from_slice(&answer.0)
                 .map_err(|_| ProxyError::internal("media worker answered unreadable details")),
             Outcome::Unchanged => Err(ProxyError::internal("media worker answered unchanged")),
@@ -157,12 +279,12 @@ impl Proxy {
 
     /// The first picture of `original` (a video's first frame, an AVIF or HEIC decoded) as a
     /// PNG, by ffmpeg or heif-convert in the media sandbox. 415 where neither is there.
-    async fn take_frame(&self, original: &Entry) -> Result<Received, ProxyError> {
+    async fn take_frame(&self, original: &Entry, host: &str) -> Result<Received, ProxyError> {
         let content_type = original.content_type.to_str().unwrap_or_default();
         let job = self.media.frame_tool(content_type).ok_or(ProxyError::UnsupportedType)?;
         let mut sink = self.store.sink();
         let path = self.store.blob_path(&original.hash);
-        self.media.run_tool(&job, &path, &original.hash, &mut sink).await?;
+        self.media.run_tool(&job, &path, &original.hash, host, &mut sink).await?;
         if infer::get(sink.head()).map(|t| t.mime_type()) != Some("image/png") {
             return Err(ProxyError::bad_image("no picture came of it"));
         }
@@ -176,10 +298,11 @@ impl Proxy {
         task: &Task,
         input: Input,
         content: &blake3::Hash,
+        host: &str,
         expect: &[&'static str],
     ) -> Result<Option<Received>, ProxyError> {
         let mut sink = self.store.sink();
-        match self.media.run(task, input, Some(content), &mut sink).await? {
+        match self.media.run(task, input, Some(content), host, &mut sink).await? {
             Outcome::Unchanged => Ok(None),
             Outcome::Done { .. } => {
                 let sniffed = infer::get(sink.head()).map(|t| t.mime_type());
@@ -196,6 +319,12 @@ impl Proxy {
             }
         }
     }
+}
+
+/// The host of a source URL (empty when it has none).
+pub(crate) fn host_of_url(url: &str) -> String {
+    let url = url::Url::parse(url).ok();
+    url.as_ref().and_then(url::Url::host_str).unwrap_or_default().to_string()
 }
 
 /// A sink for a small answer: more than 4 KiB is refused.

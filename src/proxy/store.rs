@@ -62,10 +62,12 @@ impl Proxy {
         let host = host.as_deref().or(req.source.host_str()).unwrap_or_default();
         self.moderate_received(&received, host).await?;
         let origin_hash = received.hash;
-        let digests = received.digests;
-        let mut prepared = self.prepare(received).await?;
-        // Kept with the entry when the origin's bytes are not the stored ones, or their
-        // digests were computed: rules about the origin's bytes find it by them later.
+        let source_host = req.source.host_str().unwrap_or_default();
+        let mut prepared = self.prepare(received, source_host).await?;
+        // Kept with the entry when the origin's bytes are not the stored ones (preparing then
+        // computed their digests), or their digests were computed: rules about the origin's
+        // bytes find it by them later, also on a hit.
+        let digests = prepared.digests;
         if prepared.hash != origin_hash || digests.is_some() {
             prepared.origin = Some(crate::cache::index::OriginDigests {
                 blake3: origin_hash.to_hex().to_string(),

@@ -10,6 +10,7 @@ mod hostile;
 mod lemmy;
 mod media;
 mod moderation;
+mod pool;
 mod privacy;
 mod proxy;
 mod recipes;

@@ -26,12 +26,14 @@ fn entity_bomb() -> Vec<u8> {
     .into_bytes()
 }
 
-/// Three hundred bytes that ask the renderer for four billion octaves of noise.
+/// Three hundred bytes that ask the renderer for four billion octaves of noise (the screen
+/// clamps them to ten: then a 256 px square takes about 0.5 s of the tests' unoptimised
+/// worker's CPU).
 fn turbulence(seed: u32) -> Vec<u8> {
     format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"512\" height=\"512\"><filter id=\"f\">\
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"256\" height=\"256\"><filter id=\"f\">\
          <feTurbulence baseFrequency=\"0.05\" seed=\"{seed}\" numOctaves=\"4000000000\"/>\
-         </filter><rect width=\"512\" height=\"512\" filter=\"url(#f)\"/></svg>"
+         </filter><rect width=\"256\" height=\"256\" filter=\"url(#f)\"/></svg>"
     )
     .into_bytes()
 }
@@ -197,32 +199,39 @@ fn jobs(outcome: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn svg_bombs_cost_a_worker_not_the_server() {
     let origin = Origin::start("127.0.0.40").await;
-    let bomb = entity_bomb();
-    origin.route("/entities.svg", Route::ok(bomb.clone()));
-    origin.route("/same-entities.svg", Route::ok(bomb));
+    origin.route("/entities.svg", Route::ok(entity_bomb()));
     origin.route("/noise.svg", Route::ok(turbulence(1)));
+    let blurs = crate::pool::blurs(1);
+    origin.route("/blurs.svg", Route::ok(blurs.clone()));
+    origin.route("/same-blurs.svg", Route::ok(blurs));
     origin.route("/photo.jpg", Route::ok(crate::variants::gradient_jpeg(640, 480)));
     let dir = tempfile::tempdir().unwrap();
-    let (child, public, admin) = serve(dir.path(), "127.0.0.40/32", &[("job_timeout", "3s")]);
+    let media = [("job_timeout", "3s"), ("svg_timeout", "2s")];
+    let (child, public, admin) = serve(dir.path(), "127.0.0.40/32", &media);
     let pid = child.0.id();
     let before = rss_kib(pid) / 1024;
     let peaks = Peaks::watch(pid);
-    let deadline = Duration::from_secs(20);
+    // Generous: the deadlines that count are CPU time, and a busy machine stretches them.
+    let deadline = Duration::from_secs(60);
 
-    let started = Instant::now();
+    // Screened before the renderer sees it: a DOCTYPE is refused, whatever it declares.
     let r = get_within(&signed_url(public, &origin.url("/entities.svg")), deadline).await;
-    assert_eq!(r.status(), 422, "the entity bomb");
-    assert_eq!(r.headers()["x-parasol-error"], "media_too_costly");
+    assert_eq!(r.status(), 415, "the entity bomb");
+    assert_eq!(r.headers()["x-parasol-error"], "bad_image");
+    // Four billion octaves are clamped to ten: a picture, not a stuck worker.
     let r = get_within(&signed_url(public, &origin.url("/noise.svg")), deadline).await;
-    assert_eq!(r.status(), 422, "the endless filter");
+    assert_eq!(r.status(), 200, "the endless filter, clamped");
+    assert!(body(r).await.starts_with(b"\x89PNG"));
+    // What passes the screen and still costs too much is stopped at media.svg_timeout of
+    // CPU time.
+    let r = get_within(&signed_url(public, &origin.url("/blurs.svg")), deadline).await;
+    assert_eq!(r.status(), 422, "twelve thousand blurs");
     assert_eq!(r.headers()["x-parasol-error"], "media_too_costly");
-    let took = started.elapsed();
-    assert!(took < Duration::from_secs(15), "both answered within their deadlines: {took:?}");
 
     // The same bytes at another URL: the verdict is remembered, no worker is tried again.
     let too_costly = metric(admin, &jobs("too_costly")).await;
-    assert_eq!(too_costly, 2);
-    let r = get_within(&signed_url(public, &origin.url("/same-entities.svg")), deadline).await;
+    assert_eq!(too_costly, 1);
+    let r = get_within(&signed_url(public, &origin.url("/same-blurs.svg")), deadline).await;
     assert_eq!(r.status(), 422);
     assert_eq!(metric(admin, &jobs("remembered")).await, 1);
     assert_eq!(metric(admin, &jobs("too_costly")).await, too_costly);
@@ -247,11 +256,13 @@ async fn image_bombs_are_refused_or_cost_only_their_worker() {
     let dir = tempfile::tempdir().unwrap();
     // max_pixels raised so that 16000 x 16000 RGBA (1 GiB) passes the header check and only
     // the worker's memory limit stands in its way.
-    let (child, public, admin) = serve(dir.path(), "127.0.0.41/32", &[("max_pixels", "300000000")]);
+    // job_timeout is CPU time: a busy machine stretches a job's wall time up to three times.
+    let media = [("max_pixels", "300000000"), ("job_timeout", "4s")];
+    let (child, public, admin) = serve(dir.path(), "127.0.0.41/32", &media);
     let pid = child.0.id();
     let before = rss_kib(pid) / 1024;
     let peaks = Peaks::watch(pid);
-    let deadline = Duration::from_secs(20);
+    let deadline = Duration::from_secs(60);
     let variant =
         |path: &str, name: &str| format!("{}/{name}", signed_url(public, &origin.url(path)));
 
@@ -259,7 +270,7 @@ async fn image_bombs_are_refused_or_cost_only_their_worker() {
     let r = get_within(&variant("/huge.png", "avatar"), deadline).await;
     assert_eq!(r.status(), 415, "refused from its header, before any pixel is decoded");
     assert_eq!(r.headers()["x-parasol-error"], "bad_image");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(metric(admin, &jobs("refused")).await, 1);
 
     let r = get_within(&variant("/big.png", "avatar"), deadline).await;
@@ -271,11 +282,11 @@ async fn image_bombs_are_refused_or_cost_only_their_worker() {
     assert_eq!(r.status(), 200, "the first of 250 frames");
     let img = image::load_from_memory(&body(r).await).unwrap();
     assert_eq!((img.width(), img.height()), (422, 422));
-    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(started.elapsed() < Duration::from_secs(30));
     // Kept animated (avatar): 250 frames of 640,000 pixels are within the animation budgets,
     // so every frame is decoded and fitted, within the deadline and the worker's memory. A
     // release build does it in about 2 s; the tests' unoptimised worker needs minutes, so
-    // here the deadline may end it: then the file is blamed (422), not the server.
+    // here its CPU time may end it: then the file is blamed (422), not the server.
     let started = Instant::now();
     let r = get_within(&variant("/frames.gif", "avatar"), deadline).await;
     match r.status().as_u16() {
@@ -286,7 +297,7 @@ async fn image_bombs_are_refused_or_cost_only_their_worker() {
         422 => assert_eq!(r.headers()["x-parasol-error"], "media_too_costly"),
         other => panic!("avatar of 250 frames: {other}"),
     }
-    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(started.elapsed() < Duration::from_secs(60));
     let (server, worker) = (peaks.server_mib(), peaks.worker_mib());
     drop(peaks);
     eprintln!("server RSS {before} MiB, peak {server} MiB; worker peak {worker} MiB");
@@ -313,10 +324,10 @@ async fn busy_worker(pid: u32) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_job_fails_that_job_cleanly_and_the_next_gets_a_fresh_one() {
     let origin = Origin::start("127.0.0.42").await;
-    origin.route("/noise.svg", Route::ok(turbulence(2)));
+    origin.route("/noise.svg", Route::ok(crate::pool::blurs(2)));
     origin.route("/photo.jpg", Route::ok(crate::variants::gradient_jpeg(640, 480)));
     let dir = tempfile::tempdir().unwrap();
-    let media = [("workers", "1"), ("job_timeout", "60s")];
+    let media = [("workers", "1"), ("job_timeout", "60s"), ("svg_timeout", "60s")];
     let (child, public, admin) = serve(dir.path(), "127.0.0.42/32", &media);
     let pid = child.0.id();
     let url = signed_url(public, &origin.url("/noise.svg"));
@@ -339,9 +350,10 @@ async fn a_worker_killed_mid_job_fails_that_job_cleanly_and_the_next_gets_a_fres
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_stuck_job_exits_within_the_grace_period() {
     let origin = Origin::start("127.0.0.43").await;
-    origin.route("/noise.svg", Route::ok(turbulence(3)));
+    origin.route("/noise.svg", Route::ok(crate::pool::blurs(3)));
     let dir = tempfile::tempdir().unwrap();
-    let (child, public, _admin) = serve(dir.path(), "127.0.0.43/32", &[("job_timeout", "120s")]);
+    let media = [("job_timeout", "120s"), ("svg_timeout", "120s")];
+    let (child, public, _admin) = serve(dir.path(), "127.0.0.43/32", &media);
     let pid = child.0.id();
     let url = signed_url(public, &origin.url("/noise.svg"));
     let _stuck = tokio::spawn(async move { get(&url).await });
@@ -359,8 +371,8 @@ async fn sigterm_during_a_stuck_job_exits_within_the_grace_period() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stuck_jobs_hold_no_fill_slot_and_other_traffic_is_served_meanwhile() {
     let origin = Origin::start("127.0.0.44").await;
-    origin.route("/noise-1.svg", Route::ok(turbulence(4)));
-    origin.route("/noise-2.svg", Route::ok(turbulence(5)));
+    origin.route("/noise-1.svg", Route::ok(crate::pool::blurs(4)));
+    origin.route("/noise-2.svg", Route::ok(crate::pool::blurs(5)));
     origin.route("/cached.png", Route::ok(png_bytes(20_000, 80)));
     origin.route("/photo.jpg", Route::ok(crate::variants::gradient_jpeg(800, 600)));
     for n in 0..5 {
@@ -371,7 +383,11 @@ async fn stuck_jobs_hold_no_fill_slot_and_other_traffic_is_served_meanwhile() {
     cfg.fetch.max_fills = 1;
     cfg.media.workers = 3;
     cfg.media.job_timeout = parasol::config::Dur(Duration::from_secs(12));
-    let p = Parasol::start(cfg).await;
+    cfg.media.svg_timeout = cfg.media.job_timeout;
+    // The render is of another origin's photo: the bombs' own origin has its share running.
+    let lookup =
+        parasol::fetch::guard::StaticLookup::default().with("photos.test", &[ip("127.0.0.44")]);
+    let p = Parasol::start_with(cfg, lookup).await;
     let quick = Duration::from_secs(5);
     assert_eq!(get_within(&p.url(&origin.url("/cached.png")), quick).await.status(), 200);
     // One after the other: with one fill slot, a second fill while the first is fetching
@@ -379,7 +395,7 @@ async fn stuck_jobs_hold_no_fill_slot_and_other_traffic_is_served_meanwhile() {
     let mut stuck = Vec::new();
     for (n, path) in ["/noise-1.svg", "/noise-2.svg"].iter().enumerate() {
         let url = p.url(&origin.url(path));
-        stuck.push(tokio::spawn(async move { get_within(&url, Duration::from_secs(30)).await }));
+        stuck.push(tokio::spawn(async move { get_within(&url, Duration::from_secs(60)).await }));
         let on_worker = || async { p.metric("parasol_media_jobs_running").await == n as u64 + 1 };
         assert!(eventually_async(on_worker).await, "bomb {n} is on a worker");
     }
@@ -392,7 +408,8 @@ async fn stuck_jobs_hold_no_fill_slot_and_other_traffic_is_served_meanwhile() {
         let r = get_within(&p.url(&origin.url(&format!("/new-{n}.png"))), quick).await;
         assert_eq!(r.status(), 200, "miss {n} while two jobs are stuck");
     }
-    let avatar = format!("{}/avatar", p.url(&origin.url("/photo.jpg")));
+    let photo = format!("http://photos.test:{}/photo.jpg", origin.addr.port());
+    let avatar = format!("{}/avatar", p.url(&photo));
     assert_eq!(get_within(&avatar, quick).await.status(), 200);
     assert!(started.elapsed() < quick, "served meanwhile, not after");
     assert!(stuck.iter().all(|s| !s.is_finished()), "the bombs were still running");
@@ -405,13 +422,14 @@ async fn stuck_jobs_hold_no_fill_slot_and_other_traffic_is_served_meanwhile() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_media_busy_at_once() {
     let origin = Origin::start("127.0.0.45").await;
-    origin.route("/noise.svg", Route::ok(turbulence(6)));
+    origin.route("/noise.svg", Route::ok(crate::pool::blurs(6)));
     origin.route("/photo.jpg", Route::ok(crate::variants::gradient_jpeg(320, 240)));
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path(), &["127.0.0.45/32"]);
     cfg.media.workers = 1;
     cfg.media.queue = 0;
     cfg.media.job_timeout = parasol::config::Dur(Duration::from_secs(4));
+    cfg.media.svg_timeout = cfg.media.job_timeout;
     let p = Parasol::start(cfg).await;
     // The original is cached before the one worker gets stuck.
     assert_eq!(get(&p.url(&origin.url("/photo.jpg"))).await.status(), 200);
@@ -471,9 +489,9 @@ async fn the_self_check_proves_the_sandbox_from_inside_a_real_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_starved_of_the_cpu_is_not_blamed_on_its_file() {
     let origin = Origin::start("127.0.0.46").await;
-    origin.route("/noise.svg", Route::ok(turbulence(7)));
+    origin.route("/noise.svg", Route::ok(crate::pool::blurs(7)));
     let dir = tempfile::tempdir().unwrap();
-    let media = [("workers", "1"), ("job_timeout", "3s")];
+    let media = [("workers", "1"), ("job_timeout", "3s"), ("svg_timeout", "2s")];
     let (child, public, admin) = serve(dir.path(), "127.0.0.46/32", &media);
     let url = signed_url(public, &origin.url("/noise.svg"));
     let first = {

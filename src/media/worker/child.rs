@@ -10,9 +10,7 @@
 use std::io::{BufReader, BufWriter, Write};
 use std::process::ExitCode;
 
-use bytes::Bytes;
-
-use super::protocol::{self, Answer, Reply, SelfReport, Task};
+use super::protocol::{self, Answer, Job, Reply, SelfReport, Task};
 use super::sandbox::{self, Limits};
 use crate::error::ProxyError;
 
@@ -23,7 +21,7 @@ pub fn run(limits: Limits, max_input: u64) -> ExitCode {
     let entered = match sandbox::enter(&limits) {
         Ok(entered) => entered,
         Err(why) => {
-            let _ = protocol::write_frame(&mut out, &answer(Reply::Unsafe { why }), &[]);
+            let _ = protocol::write_frame(&mut out, &answer(0, Reply::Unsafe { why }), &[]);
             return ExitCode::from(3);
         }
     };
@@ -31,38 +29,40 @@ pub fn run(limits: Limits, max_input: u64) -> ExitCode {
         version: env!("CARGO_PKG_VERSION").into(),
         landlock: entered.landlock.clone(),
     };
-    if protocol::write_frame(&mut out, &answer(ready), &[]).is_err() {
+    if protocol::write_frame(&mut out, &answer(0, ready), &[]).is_err() {
         return ExitCode::FAILURE;
     }
     let mut input = BufReader::with_capacity(1 << 16, std::io::stdin().lock());
     loop {
-        let (task, body): (Task, Vec<u8>) = match protocol::read_frame(&mut input, max_input) {
+        let (job, body): (Job, Vec<u8>) = match protocol::read_frame(&mut input, max_input) {
             Ok(Some(job)) => job,
             Ok(None) => return ExitCode::SUCCESS,
             Err(_) => return ExitCode::FAILURE,
         };
-        if sandbox::arm_cpu(limits.cpu_seconds).is_err() {
+        // The job's own budget (shorter for an SVG), never more than the worker's.
+        if sandbox::arm_cpu(job.cpu_seconds.clamp(1, limits.cpu_seconds)).is_err() {
             // The lifetime budget is spent: say so and exit; the server sends the job to a
             // fresh worker.
-            let _ = protocol::write_frame(&mut out, &answer(Reply::Retired), &[]);
+            let _ = protocol::write_frame(&mut out, &answer(job.id, Reply::Retired), &[]);
             return ExitCode::SUCCESS;
         }
-        let outcome = std::panic::catch_unwind(|| execute(&task, body, &entered, &limits));
+        let task = &job.task;
+        let outcome = std::panic::catch_unwind(|| execute(task, body, &entered, &limits));
         let (reply, result) = outcome.unwrap_or_else(|_| {
             let reply = Reply::Refused { reason: "decoder panicked".into(), retire: true };
             (reply, Vec::new())
         });
         let retire = matches!(reply, Reply::Refused { retire: true, .. });
-        if protocol::write_frame(&mut out, &answer(reply), &result).is_err() || retire {
+        if protocol::write_frame(&mut out, &answer(job.id, reply), &result).is_err() || retire {
             let _ = out.flush();
             return ExitCode::FAILURE;
         }
     }
 }
 
-/// A reply with the CPU time used so far.
-fn answer(reply: Reply) -> Answer {
-    Answer { reply, cpu_ms: sandbox::cpu_ms() }
+/// The reply to job `job` with the CPU time used so far.
+fn answer(job: u64, reply: Reply) -> Answer {
+    Answer { job, reply, cpu_ms: sandbox::cpu_ms() }
 }
 
 /// Lets the allocator keep what a job freed for the next one. glibc's default gives the top of
@@ -135,12 +135,10 @@ fn execute(
             Ok(png) => (Reply::Done { width: 0, height: 0 }, png),
             Err(e) => refused(e),
         },
-        Task::Strip { content_type } => {
-            match crate::media::strip::strip(&Bytes::from(body), content_type) {
-                Some(stripped) => (Reply::Done { width: 0, height: 0 }, stripped.to_vec()),
-                None => (Reply::Unchanged, Vec::new()),
-            }
-        }
+        Task::Strip { content_type } => match crate::media::strip::plan(&body, content_type) {
+            Some(cuts) => (Reply::Cut(cuts), Vec::new()),
+            None => (Reply::Unchanged, Vec::new()),
+        },
         Task::SelfCheck { open, connect } => {
             (Reply::Report(Box::new(self_check(open, *connect, entered, limits))), Vec::new())
         }

@@ -21,6 +21,16 @@ use crate::config::VariantConfig;
 /// Largest header either side accepts. Headers are a few hundred bytes.
 pub const MAX_HEADER: u32 = 64 << 10;
 
+/// A job as it crosses the pipe: the task, an id its reply must echo (random, so a worker a
+/// file took over cannot answer a job before it has read it), and the CPU seconds it may use.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Job {
+    pub id: u64,
+    pub cpu_seconds: u64,
+    #[serde(flatten)]
+    pub task: Task,
+}
+
 /// What a worker is asked to do with the body of a job.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "task", rename_all = "snake_case")]
@@ -38,7 +48,8 @@ pub enum Task {
     Details { max_pixels: u64, animation: crate::media::animation::AnimationLimits },
     /// Draw an SVG document to a PNG.
     Rasterize { max_pixels: u64 },
-    /// Remove personal metadata from a JPEG, PNG or WebP without re-encoding it.
+    /// Find the personal metadata of a JPEG, PNG or WebP: answered as the cuts that remove
+    /// it ([`Reply::Cut`]), which the server makes.
     Strip { content_type: String },
     /// Try what the sandbox must refuse, from inside a worker, and report what happened.
     SelfCheck { open: PathBuf, connect: SocketAddr },
@@ -53,6 +64,22 @@ impl Task {
             Task::Rasterize { .. } => "rasterize",
             Task::Strip { .. } => "strip",
             Task::SelfCheck { .. } => "self_check",
+        }
+    }
+
+    /// Whether `reply` answers this task: a worker answering a strip with a picture, or a
+    /// render with cuts, is not doing the job it was given.
+    pub fn accepts(&self, reply: &Reply) -> bool {
+        match reply {
+            Reply::Refused { .. } | Reply::Retired => !matches!(self, Task::SelfCheck { .. }),
+            Reply::Done { .. } => {
+                matches!(self, Task::Render { .. } | Task::Details { .. } | Task::Rasterize { .. })
+            }
+            Reply::NoRendition { .. } => matches!(self, Task::Render { .. }),
+            Reply::Unchanged => matches!(self, Task::Render { .. } | Task::Strip { .. }),
+            Reply::Cut(_) => matches!(self, Task::Strip { .. }),
+            Reply::Report(_) => matches!(self, Task::SelfCheck { .. }),
+            Reply::Ready { .. } | Reply::Unsafe { .. } => false,
         }
     }
 }
@@ -71,6 +98,8 @@ pub enum Reply {
     NoRendition { reason: String },
     /// Nothing to change (a strip that found no metadata): the input stands. No body.
     Unchanged,
+    /// A strip's answer: where to cut the input. No body.
+    Cut(crate::media::strip::Cuts),
     /// The decoder refused the file (unreadable, over the limits its header declares).
     /// `retire`: the worker will exit after this reply (a decoder panicked; its state is
     /// not trusted for another job).
@@ -87,6 +116,9 @@ pub enum Reply {
 /// without reading `/proc` for every job.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Answer {
+    /// The [`Job::id`] answered (0 for the greeting).
+    #[serde(default)]
+    pub job: u64,
     #[serde(flatten)]
     pub reply: Reply,
     #[serde(default)]
@@ -236,11 +268,12 @@ mod tests {
     #[test]
     fn frames_round_trip_and_lengths_are_bounded() {
         let task = Task::Strip { content_type: "image/png".into() };
+        let job = Job { id: 7, cpu_seconds: 2, task };
         let mut wire = Vec::new();
-        write_frame(&mut wire, &task, b"body").unwrap();
-        let (back, body): (Task, Vec<u8>) =
+        write_frame(&mut wire, &job, b"body").unwrap();
+        let (back, body): (Job, Vec<u8>) =
             read_frame(&mut wire.as_slice(), 1 << 20).unwrap().unwrap();
-        assert_eq!((back, body.as_slice()), (task, &b"body"[..]));
+        assert_eq!((back, body.as_slice()), (job, &b"body"[..]));
         assert!(read_frame::<Task>(&mut &b""[..], 10).unwrap().is_none(), "clean end");
         assert!(read_frame::<Task>(&mut wire.as_slice(), 3).is_err(), "body over the bound");
         let mut huge = (MAX_HEADER + 1).to_le_bytes().to_vec();
@@ -248,9 +281,18 @@ mod tests {
         assert!(read_frame::<Task>(&mut huge.as_slice(), 10).is_err(), "header over the bound");
         assert!(read_frame::<Task>(&mut &wire[..wire.len() - 1], 1 << 20).is_err(), "cut short");
 
-        let answer = Answer { reply: Reply::Done { width: 3, height: 4 }, cpu_ms: 17 };
+        let answer = Answer { job: 7, reply: Reply::Done { width: 3, height: 4 }, cpu_ms: 17 };
         let mut wire = Vec::new();
         write_frame(&mut wire, &answer, b"px").unwrap();
+        let (back, _): (Answer, Vec<u8>) = read_frame(&mut wire.as_slice(), 10).unwrap().unwrap();
+        assert_eq!(back, answer);
+        let cuts = crate::media::strip::Cuts {
+            remove: vec![(2, 40)],
+            fix: crate::media::strip::Fix::Orientation { at: 2, orientation: 6 },
+        };
+        let answer = Answer { job: 9, reply: Reply::Cut(cuts), cpu_ms: 1 };
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &answer, b"").unwrap();
         let (back, _): (Answer, Vec<u8>) = read_frame(&mut wire.as_slice(), 10).unwrap().unwrap();
         assert_eq!(back, answer);
     }

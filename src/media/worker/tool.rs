@@ -8,14 +8,17 @@
 //!   `/dev/stdin` (a real file, so it can seek: an MP4 whose index sits at its end needs
 //!   that); Landlock lets it read that one file and the system's library directories, and
 //!   write nothing but the one empty output file the server made for it (heif-convert), or
-//!   nothing at all (`RLIMIT_FSIZE` 0);
-//! - its result is stdout (ffmpeg) or that file, read by the server as a job's result and
-//!   sniffed like one;
+//!   nothing at all (`RLIMIT_FSIZE` 0). Run by root, the program runs as `nobody`, which may
+//!   not read the cache's files: it then gets a copy of the file, its own to read, in its
+//!   scratch directory; the cache's files are never opened to others;
+//! - its result is stdout (ffmpeg) or that file (opened without following links, checked to
+//!   be a regular file within the limit, and read a bounded amount into the in-flight
+//!   budget), taken by the server as a job's result and sniffed like one;
 //! - seccomp refuses sockets, new processes (threads stay allowed), ptrace, signals,
 //!   scheduling and pidfds aimed at other processes, leaving the server's death behind, mounts,
 //!   namespaces, BPF and keyrings, and every call of another ABI (x32);
 //! - `media.worker_memory` of address space, `media.job_timeout` of CPU time, and the
-//!   server's wall-clock deadline, past which it is killed.
+//!   server's wall-clock deadline (three times that), past which it is killed.
 //!
 //! Where the kernel has no Landlock the programs are not run at all (nothing else would keep
 //! a hostile video from having them read other files into the picture they return): the
@@ -34,7 +37,7 @@ use seccompiler::{
 };
 use tokio::io::AsyncReadExt;
 
-use super::{Limits, MediaPool, relay_stderr};
+use super::{Lane, Limits, MediaPool, WALL_FACTOR, relay_stderr};
 use crate::cache::ChunkSink;
 use crate::error::ProxyError;
 
@@ -262,6 +265,10 @@ pub const OUTPUT: &str = "{output}";
 /// program starts; the only file the program may write (and no larger than the limit).
 const OUTPUT_NAME: &str = "out.png";
 
+/// The input's copy in the scratch directory, when the program runs as another user than
+/// the server.
+const INPUT_NAME: &str = "in";
+
 /// heif-convert's arguments: the primary image of its HEIF/HEIC/AVIF input as a PNG (alpha
 /// kept), written to the job's scratch directory.
 pub fn heif_args() -> Vec<String> {
@@ -291,21 +298,67 @@ pub struct ToolJob {
 struct Scratch(PathBuf);
 
 impl Scratch {
-    fn new() -> std::io::Result<Scratch> {
+    /// A scratch directory with an empty output file (`output`) and, given `input`, a copy
+    /// of that file for the program to read.
+    fn new(output: bool, input: Option<&Path>) -> std::io::Result<Scratch> {
         let mut name = [0u8; 12];
         getrandom::fill(&mut name).map_err(std::io::Error::other)?;
         let dir = std::env::temp_dir().join(format!("parasol-tool-{}", hex::encode(name)));
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
         let scratch = Scratch(dir);
-        let out = scratch.0.join(OUTPUT_NAME);
-        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&out)?;
+        let mut made = vec![scratch.0.clone()];
+        if output {
+            let out = scratch.0.join(OUTPUT_NAME);
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&out)?;
+            made.push(out);
+        }
+        if let Some(input) = input {
+            let copy = scratch.0.join(INPUT_NAME);
+            let mut to =
+                std::fs::OpenOptions::new().write(true).create_new(true).mode(0o400).open(&copy)?;
+            std::io::copy(&mut std::fs::File::open(input)?, &mut to)?;
+            made.push(copy);
+        }
         if nix::unistd::geteuid().is_root() {
             let (uid, gid) = (nix::unistd::Uid::from_raw(65534), nix::unistd::Gid::from_raw(65534));
-            for path in [&scratch.0, &out] {
+            for path in &made {
                 nix::unistd::chown(path, Some(uid), Some(gid)).map_err(std::io::Error::other)?;
             }
         }
         Ok(scratch)
+    }
+}
+
+/// Reads the program's result file into `sink`: opened without following a link the program
+/// may have put there, and only a regular file of at most `max` bytes, a chunk at a time.
+async fn read_output<S: ChunkSink>(path: &Path, max: u64, sink: &mut S) -> Result<u64, ProxyError> {
+    let path = path.to_path_buf();
+    let file = tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+    })
+    .await
+    .map_err(ProxyError::internal)?
+    .map_err(|_| ProxyError::bad_image("the program left no readable result"))?;
+    let meta = file.metadata().map_err(ProxyError::storage)?;
+    if !meta.is_file() {
+        return Err(ProxyError::bad_image("the program's result is not a file"));
+    }
+    if meta.len() > max {
+        return Err(ProxyError::MediaTooCostly("output over the limit".into()));
+    }
+    let mut file = tokio::fs::File::from_std(file).take(meta.len());
+    sink.begin(meta.len()).await.map_err(ProxyError::storage)?;
+    let (mut buf, mut total) = (vec![0u8; 1 << 16], 0u64);
+    loop {
+        let n = file.read(&mut buf).await.map_err(ProxyError::storage)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+        sink.push(&buf[..n]).await.map_err(ProxyError::storage)?;
     }
 }
 
@@ -316,15 +369,18 @@ impl Drop for Scratch {
 }
 
 impl MediaPool {
-    /// Runs `job` on the file at `path` (`len` bytes, hashing to `content`), its stdout into
-    /// `sink`. Shares the workers' queue and slots, deadline and remembered verdicts.
+    /// Runs `job` on the file at `path` (hashing to `content`, of a source on `host`), its
+    /// result into `sink`. Shares the workers' fair queue and slots, deadline and remembered
+    /// verdicts. (Each run is a process of its own.)
     pub async fn run_tool<S: ChunkSink>(
         &self,
         job: &ToolJob,
         path: &Path,
         content: &blake3::Hash,
+        host: &str,
         sink: &mut S,
     ) -> Result<(), ProxyError> {
+        let origin = &crate::policy::origin_of(host);
         let mut key = blake3::Hasher::new();
         key.update(content.as_bytes()).update(job.name.as_bytes());
         let verdict = *key.finalize().as_bytes();
@@ -332,12 +388,14 @@ impl MediaPool {
             self.count("remembered");
             return Err(ProxyError::MediaTooCostly(why));
         }
-        let _admitted = self.admit().await?;
+        self.check_origin(origin)?;
+        let _admitted = self.admit(origin, Lane::Decode).await?;
         let result = self.tool_exchange(job, path, sink).await;
         match &result {
             Ok(()) => self.count("ok"),
             Err(ProxyError::MediaTooCostly(why)) => {
                 self.count("too_costly");
+                self.strike(origin);
                 self.verdicts.insert(verdict, why.clone()).await;
             }
             Err(ProxyError::BadImage(_)) => self.count("refused"),
@@ -354,25 +412,28 @@ impl MediaPool {
         path: &Path,
         sink: &mut S,
     ) -> Result<(), ProxyError> {
-        // The program, as `nobody` when parasol runs as root, reopens its stdin: the blob
-        // must then be readable by others (the cache directory's 0700 keeps everyone else
-        // from its path). Run as another user, the program is parasol's own user.
-        let file = std::fs::File::open(path).map_err(crate::error::ProxyError::storage)?;
-        if nix::unistd::geteuid().is_root() {
-            use std::os::unix::fs::PermissionsExt;
-            let mode =
-                file.metadata().map_err(crate::error::ProxyError::storage)?.permissions().mode();
-            if mode & 0o004 == 0 {
-                let wider = std::fs::Permissions::from_mode(mode | 0o044);
-                file.set_permissions(wider).map_err(crate::error::ProxyError::storage)?;
+        // The program reopens its stdin (`/dev/stdin`). Run as parasol's own user, it may
+        // read the blob itself; as `nobody` (parasol runs as root), it reads a copy of its own
+        // in its scratch directory, so no cached file is ever opened to other users.
+        let as_nobody = nix::unistd::geteuid().is_root();
+        let writes = job.args.iter().any(|a| a == OUTPUT);
+        let scratch = match writes || as_nobody {
+            true => {
+                let (path, copy) = (path.to_path_buf(), as_nobody);
+                let made = tokio::task::spawn_blocking(move || {
+                    Scratch::new(writes, copy.then_some(path.as_path()))
+                });
+                Some(made.await.map_err(ProxyError::internal)?.map_err(ProxyError::storage)?)
             }
-        }
-        let limits = &self.config.limits;
-        let scratch = match job.args.iter().any(|a| a == OUTPUT) {
-            true => Some(Scratch::new().map_err(crate::error::ProxyError::storage)?),
             false => None,
         };
-        let output = scratch.as_ref().map(|s| s.0.join(OUTPUT_NAME));
+        let input = match (&scratch, as_nobody) {
+            (Some(scratch), true) => scratch.0.join(INPUT_NAME),
+            _ => path.to_path_buf(),
+        };
+        let file = std::fs::File::open(&input).map_err(crate::error::ProxyError::storage)?;
+        let limits = &self.config.limits;
+        let output = writes.then(|| scratch.as_ref().map(|s| s.0.join(OUTPUT_NAME))).flatten();
         let args = job.args.iter().map(|a| match (&output, a.as_str()) {
             (Some(out), OUTPUT) => out.as_os_str().to_owned(),
             _ => OsString::from(a),
@@ -381,7 +442,8 @@ impl MediaPool {
         cmd.arg("media-worker")
             .args(["--memory", &limits.memory.to_string()])
             .args(["--cpu-seconds", &limits.cpu_seconds.to_string()]);
-        if let Some(scratch) = &scratch {
+        // The directory it may write its result into (not where its input copy is).
+        if let Some(scratch) = scratch.as_ref().filter(|_| writes) {
             cmd.arg("--scratch").arg(&scratch.0);
         }
         cmd.arg("--tool")
@@ -407,8 +469,11 @@ impl MediaPool {
         let work = async {
             let mut buf = vec![0u8; 1 << 16];
             let mut total = 0u64;
-            // The length is not known: up to 1 MiB in memory, then a temp file.
-            sink.begin(1 << 20).await.map_err(crate::error::ProxyError::storage)?;
+            // The length is not known: up to 1 MiB in memory, then a temp file. (A program
+            // that writes a file: begun when that file is read.)
+            if output.is_none() {
+                sink.begin(1 << 20).await.map_err(crate::error::ProxyError::storage)?;
+            }
             loop {
                 let n = stdout.read(&mut buf).await.map_err(ProxyError::internal)?;
                 if n == 0 {
@@ -426,30 +491,26 @@ impl MediaPool {
             let status = child.wait().await.map_err(ProxyError::internal)?;
             Ok((status, total))
         };
-        let (status, mut total) = match tokio::time::timeout(self.config.job_timeout, work).await {
+        let wall = self.config.job_timeout * WALL_FACTOR;
+        let (status, mut total) = match tokio::time::timeout(wall, work).await {
             Ok(result) => result?,
             Err(_) => {
-                // As for a worker: the file is blamed only if the program had the CPU.
+                // As for a worker: the kernel stops a program at its CPU time; one still
+                // running at the wall-clock deadline was starved of the CPU.
                 let used_ms = self.cpu_ticks(pid) * 1000 / self.ticks;
                 let _ = child.start_kill();
-                if u128::from(used_ms) < self.config.job_timeout.as_millis() / 5 {
+                if u128::from(used_ms) < self.config.job_timeout.as_millis() {
                     self.count("starved");
                     tracing::warn!(tool = job.name, used_ms, "media tool starved of the CPU");
                     return Err(ProxyError::MediaBusy);
                 }
-                tracing::warn!(tool = job.name, "media tool over media.job_timeout: killed");
-                return Err(ProxyError::MediaTooCostly("over media.job_timeout".into()));
+                tracing::warn!(tool = job.name, "media tool over its CPU time: killed");
+                return Err(ProxyError::MediaTooCostly("over its CPU time".into()));
             }
         };
         // A program that wrote its result to a file: that file is the result.
         if let (Some(out), Some(0)) = (&output, status.code()) {
-            let len = tokio::fs::metadata(out).await.map_or(0, |m| m.len());
-            if len > max {
-                return Err(ProxyError::MediaTooCostly("output over the limit".into()));
-            }
-            let bytes = tokio::fs::read(out).await.unwrap_or_default();
-            sink.push(&bytes).await.map_err(crate::error::ProxyError::storage)?;
-            total = bytes.len() as u64;
+            total = read_output(out, max, sink).await?;
         }
         drop(scratch);
         use std::os::unix::process::ExitStatusExt;
