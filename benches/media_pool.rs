@@ -9,6 +9,9 @@
 //! once, and 0.5 s later a new EXIF JPEG and an avatar from the second, as in issue 25's first
 //! row. Prints each round's times and the median over rounds.
 //!
+//! `BOMB=blurs` floods with SVGs that pass the screen and still cost minutes (sixty blurs over
+//! two hundred full-size rectangles), which only the CPU budget and the fair queue stop.
+//!
 //! Run: `cargo build --release && cargo bench --bench media_pool` (`ROUNDS=n`, default 3;
 //! `PARASOL_BIN=/path/to/parasol` measures another build, for a before and after).
 
@@ -45,6 +48,20 @@ fn bomb(seed: u32) -> Vec<u8> {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"512\" height=\"512\"><filter id=\"f\">\
          <feTurbulence baseFrequency=\"0.05\" seed=\"{seed}\" numOctaves=\"4000000000\"/>\
          </filter><rect width=\"512\" height=\"512\" filter=\"url(#f)\"/></svg>"
+    )
+    .into_bytes()
+}
+
+/// Sixty blurs over two hundred full-size rectangles: nothing for the screen to clamp.
+fn blurs(seed: u32) -> Vec<u8> {
+    let filter: String = (0..60)
+        .map(|n| format!("<feGaussianBlur stdDeviation=\"{}\"/>", 20 + (n + seed) % 7))
+        .collect();
+    let rect = "<rect width=\"1024\" height=\"1024\" fill=\"#a35\" filter=\"url(#f)\"/>";
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"1024\" height=\"1024\">\
+         <!-- {seed} --><filter id=\"f\">{filter}</filter>{}</svg>",
+        rect.repeat(200)
     )
     .into_bytes()
 }
@@ -174,9 +191,12 @@ async fn main() {
     let bombs = origin("127.0.0.2", files.clone());
     let others = origin("127.0.1.3", files.clone());
     let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+    let blurring = std::env::var("BOMB").is_ok_and(|b| b == "blurs");
+    let make_bomb = if blurring { blurs } else { bomb };
     let (mut idle_photo, mut idle_avatar, mut busy_photo, mut busy_avatar) =
         (vec![], vec![], vec![], vec![]);
-    println!("{bin}: 2 workers, job_timeout 3s, 8 distinct SVG bombs from one host");
+    let kind = if blurring { "blurs" } else { "noise" };
+    println!("{bin}: 2 workers, job_timeout 3s, 8 distinct SVG bombs ({kind}) from one host");
     for round in 0..rounds {
         let dir = tempfile::tempdir().unwrap();
         let (_server, public) = start(&bin, dir.path());
@@ -186,7 +206,7 @@ async fn main() {
             add(format!("/{name}-{round}.jpg"), exif_jpeg(seed + n as u32));
         }
         for n in 0..8 {
-            add(format!("/bomb-{round}-{n}.svg"), bomb(seed + n));
+            add(format!("/bomb-{round}-{n}.svg"), make_bomb(seed + n));
         }
         let other = |name: &str, variant| {
             signed(public, &format!("http://{others}/{name}-{round}.jpg"), variant)

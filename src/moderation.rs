@@ -150,6 +150,8 @@ pub struct Moderation {
     /// request and every hit cost one atomic load while there is none.
     any_request_rule: AtomicBool,
     any_content_rule: AtomicBool,
+    /// Whether a SHA-256 ban or a hash list exists (digests are computed and checked).
+    any_digest_rule: AtomicBool,
     /// Every ban, by id; the source of `rules`.
     bans: std::sync::Mutex<BTreeMap<String, Ban>>,
     pub log: log::ModerationLog,
@@ -165,6 +167,7 @@ impl Moderation {
             rules: RwLock::default(),
             any_request_rule: AtomicBool::new(false),
             any_content_rule: AtomicBool::new(false),
+            any_digest_rule: AtomicBool::new(false),
             bans: std::sync::Mutex::default(),
             log,
             scanner,
@@ -230,6 +233,8 @@ impl Moderation {
         let request = !rules.urls.is_empty() || !rules.domains.is_empty();
         self.any_request_rule.store(request, Ordering::Release);
         self.any_content_rule.store(!rules.hashes.is_empty(), Ordering::Release);
+        let digests = !rules.sha256.is_empty() || !rules.lists.is_empty();
+        self.any_digest_rule.store(digests, Ordering::Release);
         *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
     }
 
@@ -302,8 +307,19 @@ impl Moderation {
 
     /// Whether a fill must compute [`Digests`] (a SHA-256 ban or a hash list exists).
     pub fn wants_digests(&self) -> bool {
-        let rules = self.rules();
-        !rules.sha256.is_empty() || !rules.lists.is_empty()
+        self.any_digest_rule.load(Ordering::Acquire)
+    }
+
+    /// The origin's bytes, by the digests kept of them (a hit on a prepared entry: a ban
+    /// or list made since it was stored); one atomic load while no such rule exists.
+    pub fn check_origin_digests(
+        &self,
+        origin: &crate::cache::index::OriginDigests,
+    ) -> Result<(), ProxyError> {
+        if !self.wants_digests() {
+            return Ok(());
+        }
+        Digests::of_origin(origin).map_or(Ok(()), |digests| self.check_digests(&digests))
     }
 
     /// The origin's bytes, by their digests; the rule that refuses them, if any.

@@ -252,6 +252,10 @@ impl Proxy {
         let banned = banned.and_then(|()| self.moderation.check_hash(&found.0.hash));
         let origin = found.0.origin_blake3.as_ref();
         let banned = banned.and_then(|()| origin.map_or(Ok(()), |h| self.moderation.check_hash(h)));
+        // A SHA-256 ban or list made since a prepared file was stored names the origin's bytes.
+        let digests = found.0.origin.as_deref();
+        let banned = banned
+            .and_then(|()| digests.map_or(Ok(()), |o| self.moderation.check_origin_digests(o)));
         if let Err(e) = banned {
             self.log_refusal(&e, Some(&found.0.hash), host).await;
             return Err((e, CacheStatus::Blocked));

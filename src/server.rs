@@ -435,6 +435,15 @@ async fn serve_request<B>(proxy: &Arc<Proxy>, request: &ProxyRequest, req: &Requ
         Some(name) => proxy.get_variant(request, name, Trigger::View).await?,
         None => match proxy.get_streaming(request, Trigger::View).await? {
             crate::proxy::Found::Entry(entry, cache) => (entry, cache),
+            // Still arriving, of unknown length, to a viewer whose framing cannot say that a
+            // body ended broken (HTTP/1.0: the end of the connection is the end of the body,
+            // and nginx's proxy_pass speaks HTTP/1.0 unless told otherwise): it waits for the
+            // stored entry, and gets it whole with a Content-Length, or an error.
+            crate::proxy::Found::Growing(growing, _)
+                if growing.len.is_none() && req.version() < http::Version::HTTP_11 =>
+            {
+                proxy.get(request, Trigger::View).await?
+            }
             // Still arriving: read as it does.
             crate::proxy::Found::Growing(growing, cache) => {
                 // Its bytes are counted as they go.

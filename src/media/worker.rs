@@ -414,6 +414,8 @@ impl MediaPool {
             _ => Lane::Decode,
         };
         let _admitted = self.admit(origin, lane).await?;
+        // Refused while it waited: it does not run either.
+        self.check_origin(origin)?;
         let budget = self.cpu_budget(task);
         let job = Job {
             id: random_id(),

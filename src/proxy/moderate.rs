@@ -36,9 +36,13 @@ async fn read_digests(path: std::path::PathBuf) -> Option<crate::moderation::Dig
 pub struct BanReport {
     pub ban: Ban,
     pub purged: PurgeReport,
-    /// A SHA-256 ban is matched against cached files by reading them, in the background:
-    /// what it purges is in the moderation log.
+    /// A SHA-256 ban purges at once what was prepared from the bytes it names (their digests
+    /// are kept with the entry); files stored as the origin sent them are read to be matched,
+    /// in the background: what that purges is in the moderation log.
     pub scanning: bool,
+    /// Cached entries the ban could not be matched against: prepared (stripped, rasterised)
+    /// from origin bytes whose digests were not kept (before this version kept them all).
+    pub unmatched: u64,
 }
 
 impl Proxy {
@@ -60,7 +64,13 @@ impl Proxy {
             (ban.kind == BanKind::Hash).then(|| blake3::Hash::from_hex(&ban.value).ok()).flatten();
         let reason = ban.reason.as_deref();
         self.moderation.log.record(ban.kind.as_str(), "banned", hash.as_ref(), None, reason).await;
-        let purged = self.purge_banned(&ban).await?;
+        let (purged, unmatched) = self.purge_banned(&ban).await?;
+        if unmatched > 0 {
+            tracing::warn!(
+                unmatched,
+                "cached entries prepared from origin bytes whose digests were not kept: not matched"
+            );
+        }
         if purged.entries > 0 {
             self.moderation
                 .log
@@ -71,7 +81,7 @@ impl Proxy {
         if scanning {
             self.scan_cached();
         }
-        Ok(BanReport { ban, purged, scanning })
+        Ok(BanReport { ban, purged, scanning, unmatched })
     }
 
     /// Lifts the ban `id` here and in the bucket; the ban, if there was one.
@@ -95,9 +105,10 @@ impl Proxy {
         self.negative.invalidate_all();
     }
 
-    /// Removes what `ban` covers from every tier.
-    async fn purge_banned(&self, ban: &Ban) -> Result<PurgeReport, ProxyError> {
-        match ban.kind {
+    /// Removes what `ban` covers from every tier; with it, the entries it could not be
+    /// matched against.
+    async fn purge_banned(&self, ban: &Ban) -> Result<(PurgeReport, u64), ProxyError> {
+        let purged = match ban.kind {
             BanKind::Url => {
                 let url = ban.value.clone();
                 self.store.purge(move |r| r.url == url).await
@@ -116,8 +127,35 @@ impl Proxy {
                 Ok(hash) => self.purge_content(&hash).await,
                 Err(_) => Ok(PurgeReport::default()),
             },
-            BanKind::Sha256 => Ok(PurgeReport::default()),
+            BanKind::Sha256 => return self.purge_by_origin_sha256(&ban.value).await,
+        };
+        purged.map(|p| (p, 0))
+    }
+
+    /// A SHA-256 ban's part that needs no file read: every entry prepared from the bytes it
+    /// names (and, through [`Self::purge_content`], their renditions), found by the digests
+    /// kept with it; and a count of the prepared entries whose origin digests are unknown.
+    async fn purge_by_origin_sha256(&self, sha256: &str) -> Result<(PurgeReport, u64), ProxyError> {
+        let mut doomed = std::collections::HashSet::new();
+        let mut unmatched = std::collections::HashSet::new();
+        for (_, record) in self.store.records().await? {
+            let Some(origin) = &record.origin else { continue };
+            match origin.sha256.as_deref() {
+                Some(kept) if kept == sha256 => doomed.extend(record.blake3()),
+                Some(_) => {}
+                None => {
+                    unmatched.insert(record.hash.clone());
+                }
+            }
         }
+        let mut report = PurgeReport::default();
+        for hash in doomed {
+            let purged = self.purge_content(&hash).await?;
+            report.entries += purged.entries;
+            report.blobs += purged.blobs;
+            report.bytes += purged.bytes;
+        }
+        Ok((report, unmatched.len() as u64))
     }
 
     /// Removes the file `hash` wherever it is, and every rendition made from it: the entries
@@ -207,8 +245,9 @@ impl Proxy {
                     continue;
                 }
                 // The origin's bytes are what the rules name: their digests, when the record
-                // kept them; otherwise the stored bytes, unless preparing changed those (then
-                // there is nothing to match, and the entry is counted).
+                // kept them (every prepared entry since they are kept); otherwise the stored
+                // bytes, unless preparing changed those (then there is nothing to match, and
+                // the entry is counted).
                 let kept = record.origin.as_ref().map(crate::moderation::Digests::of_origin);
                 let digests = match kept {
                     Some(Some(digests)) => Some(digests),

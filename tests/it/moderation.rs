@@ -411,3 +411,69 @@ async fn rules_about_the_origin_bytes_find_copies_whose_metadata_was_stripped() 
     assert!(refused(&get(&url).await));
     p.stop().await;
 }
+
+/// Issue 25: a photo cached with its EXIF stripped, on the default settings (no digests kept
+/// for their own sake). Preparing changed its bytes, so the origin's SHA-256 and MD5 were
+/// kept with it: a SHA-256 ban purges it at once and says it matched everything, and a hash
+/// list refuses it on the next hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sha256_ban_reaches_a_photo_cached_with_its_metadata_stripped() {
+    use img_parts::ImageEXIF;
+    use sha2::Digest;
+    let mut tagged = Vec::new();
+    for seed in [1, 2] {
+        let plain = crate::variants::gradient_jpeg(200 + seed, 150);
+        let mut jpeg = img_parts::jpeg::Jpeg::from_bytes(plain.into()).unwrap();
+        jpeg.set_exif(Some(crate::variants::exif_with_gps(1).into()));
+        let mut bytes = Vec::new();
+        jpeg.encoder().write_to(&mut bytes).unwrap();
+        tagged.push(bytes);
+    }
+    let origin = Origin::start("127.0.0.76").await;
+    origin.route("/holiday.jpg", Route::ok(tagged[0].clone()));
+    origin.route("/beach.jpg", Route::ok(tagged[1].clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("parasol.toml");
+    let cache = dir.path().join("cache");
+    let write = |extra: &str| {
+        std::fs::write(&file, config_toml(&cache, &["127.0.0.76/32"], extra)).unwrap();
+    };
+    write("");
+    let cfg = parasol::Config::load(Some(&file)).unwrap();
+    let p =
+        Parasol::start_opts(cfg, options(Arc::new(StaticLookup::default()), Some(file.clone())))
+            .await;
+    let (holiday, beach) = (p.url(&origin.url("/holiday.jpg")), p.url(&origin.url("/beach.jpg")));
+    for (url, original) in [(&holiday, &tagged[0]), (&beach, &tagged[1])] {
+        let served = body(get(url).await).await;
+        assert_ne!(&served[..], &original[..], "stripped");
+    }
+    let avatar = format!("{holiday}/avatar");
+    assert_eq!(get(&avatar).await.status(), 200);
+
+    let sha256 = hex::encode(sha2::Sha256::digest(&tagged[0]));
+    let (status, answer) =
+        admin(&p, http::Method::POST, "/admin/ban", json!({"sha256": sha256})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["purged"]["entries"].as_u64() >= Some(2), "the photo and its avatar: {answer}");
+    assert_eq!(answer["unmatched"], 0, "{answer}");
+    assert!(refused(&get(&holiday).await), "refused at once, not after a scan");
+    assert!(refused(&get(&avatar).await));
+    assert_eq!(get(&beach).await.status(), 200, "the other photo stays");
+
+    // A list naming the other photo's MD5: refused on its next hit.
+    let list = dir.path().join("list.txt");
+    std::fs::write(&list, hex::encode(md5::Md5::digest(&tagged[1])) + "\n").unwrap();
+    write(&format!("[moderation]\nhash_lists = [\"{}\"]\n", list.display()));
+    let r = client()
+        .post(p.admin_url("/admin/reload"))
+        .bearer_auth(ADMIN_TOKEN)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(refused(&get(&beach).await));
+    assert!(eventually(|| p.blob_count() == 0).await, "and purged");
+    p.stop().await;
+}

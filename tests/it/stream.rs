@@ -285,3 +285,42 @@ async fn what_is_prepared_before_serving_is_not_streamed() {
     assert!(r.headers().get("etag").is_some(), "a stored entry, not a growing one");
     p.stop().await;
 }
+
+/// An HTTP/1.0 response can only end by closing its connection, which is also how a broken
+/// one ends (nginx's `proxy_pass` speaks HTTP/1.0 unless told otherwise): such a viewer never
+/// reads a fill of unknown length as it arrives. It gets the stored file whole, with a
+/// Content-Length, or an error; never a cut body that looks whole.
+#[tokio::test]
+async fn an_http_1_0_viewer_never_reads_a_fill_of_unknown_length_as_it_arrives() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let original = video(3 << 20);
+    let whole = Trickle::chunked("127.0.0.93", original.clone(), None).await;
+    let cut = Trickle::chunked("127.0.0.94", original.clone(), Some(9 << 18)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.93/32", "127.0.0.94/32"])).await;
+    let http10 = |url: String| async move {
+        let url = url::Url::parse(&url).unwrap();
+        let addr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {} HTTP/1.0\r\nHost: media.test\r\n\r\n", url.path());
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut answer))
+            .await
+            .expect("answered")
+            .unwrap();
+        let at = answer.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
+        (String::from_utf8_lossy(&answer[..at]).to_ascii_lowercase(), answer[at..].to_vec())
+    };
+
+    let (head, got) = http10(p.url(&cut.url("/cut.mp4"))).await;
+    assert!(head.starts_with("http/1.0 502"), "{head}");
+    assert_ne!(got.len(), 9 << 18, "not the origin's first bytes as if whole");
+    assert_eq!(p.blob_count(), 0);
+
+    let (head, got) = http10(p.url(&whole.url("/whole.mp4"))).await;
+    assert!(head.starts_with("http/1.0 200"), "{head}");
+    assert!(head.contains(&format!("content-length: {}", 3 << 20)), "{head}");
+    assert!(got == original, "{} bytes of {}", got.len(), original.len());
+    p.stop().await;
+}
