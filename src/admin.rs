@@ -172,7 +172,7 @@ async fn prefetch(proxy: &Arc<Proxy>, body: &[u8]) -> Response<Body> {
         .map(|url| async move {
             let outcome = match parse_source(&url) {
                 Ok(source) => {
-                    let request = ProxyRequest { source, variant: None };
+                    let request = ProxyRequest::new(source, None);
                     proxy.get(&request, Trigger::Prefetch).await.map_err(|(e, _)| e)
                 }
                 Err(e) => Err(e),

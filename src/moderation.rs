@@ -243,7 +243,8 @@ impl Moderation {
         let hex32 = |v: &str| -> Option<[u8; 32]> { hex::decode(v).ok()?.try_into().ok() };
         for ban in all.values() {
             match ban.kind {
-                BanKind::Url => match url::Url::parse(&ban.value) {
+                // In today's canonical form, whatever form it was kept in.
+                BanKind::Url => match crate::api::parse_source(&ban.value) {
                     Ok(url) => {
                         rules.urls.insert(self.normalizer.cache_url(&url).into_owned());
                     }
@@ -267,13 +268,14 @@ impl Moderation {
             || self.wants_digests()
     }
 
-    /// Before any lookup: the source URL and its host.
-    pub fn check_request(&self, source: &url::Url) -> Result<(), ProxyError> {
+    /// Before any lookup: the source URL (and `cache_url`, the form its cache key is made of,
+    /// [`crate::api::ProxyRequest::cache_url`]) and its host.
+    pub fn check_request(&self, source: &url::Url, cache_url: &str) -> Result<(), ProxyError> {
         if !self.any_request_rule.load(Ordering::Acquire) {
             return Ok(());
         }
         let rules = self.rules();
-        if rules.urls.contains(self.normalizer.cache_url(source).as_ref()) {
+        if rules.urls.contains(cache_url) {
             return Err(ProxyError::Banned("url"));
         }
         self.check_host_in(&rules, source.host_str().unwrap_or_default())

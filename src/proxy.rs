@@ -220,7 +220,8 @@ impl Proxy {
         // Refused destinations and blocked domains are refused even when cached: a domain
         // blocked a second ago is not served from memory.
         self.fetcher.check_destination(&req.source).map_err(|e| (e, CacheStatus::Blocked))?;
-        if let Err(e) = self.moderation.check_request(&req.source) {
+        if let Err(e) = self.moderation.check_request(&req.source, req.cache_url(&self.normalizer))
+        {
             self.log_refusal(&e, None, req.source.host_str()).await;
             return Err((e, CacheStatus::Blocked));
         }
@@ -282,9 +283,7 @@ impl Proxy {
     fn newest_request(&self, key: Key, req: &ProxyRequest) -> ProxyRequest {
         let Some(expiry) = self.normalizer.expiry(&req.source) else { return req.clone() };
         match self.newest.get(&key) {
-            Some((url, known)) if known > expiry => {
-                ProxyRequest { source: url, variant: req.variant.clone() }
-            }
+            Some((url, known)) if known > expiry => req.respelled(url),
             _ => {
                 self.newest.insert(key, (req.source.clone(), expiry));
                 req.clone()
@@ -422,7 +421,7 @@ impl Proxy {
         spec: crate::config::VariantConfig,
         trigger: Trigger,
     ) -> Result<(Arc<Entry>, CacheStatus), (ProxyError, CacheStatus)> {
-        let original_req = ProxyRequest { source: req.source.clone(), variant: None };
+        let original_req = req.original();
         let (original, status) = self.get(&original_req, trigger).await?;
         let content_type = original.content_type.to_str().unwrap_or_default();
         let small = original.len < spec.originals_below.0;

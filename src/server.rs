@@ -34,7 +34,8 @@ pub const MAX_URI_LEN: usize = 8192;
 pub struct Public {
     pub proxy: Arc<Proxy>,
     pub signer: Signer,
-    pub misskey_rate: crate::api::rate::DomainRate,
+    /// The unsigned routes' fill allowances (shared with the pict-rs listener).
+    pub unsigned: Arc<crate::api::rate::Unsigned>,
     /// Native paths already verified and parsed.
     pub native: crate::api::native::Memo,
 }
@@ -279,7 +280,7 @@ async fn route<B>(public: &Public, req: &Request<B>) -> (&'static str, Routed) {
         true => None,
         false => upstreams.route(host(), path, named_only),
     };
-    let as_request = |source| Target::Request(ProxyRequest { source, variant: None });
+    let as_request = |source| Target::Request(ProxyRequest::new(source, None));
     let (route, parsed) = if let Some(named) = upstream(true) {
         ("upstream", named.map(as_request))
     } else if path.starts_with(api::native::PREFIX) {
@@ -333,20 +334,30 @@ async fn route<B>(public: &Public, req: &Request<B>) -> (&'static str, Routed) {
 }
 
 /// The unsigned Misskey route may cause at most `compat.misskey_fills_per_minute` origin
-/// fills per source domain; what is already cached is always served.
+/// fills per source origin (and all unsigned routes `compat.unsigned_fills_per_minute`); what
+/// is already cached is always served.
 async fn misskey_allowed(
     public: &Public,
     request: &ProxyRequest,
 ) -> Result<(), (ProxyError, CacheStatus)> {
-    let original = ProxyRequest { source: request.source.clone(), variant: None };
-    if public.proxy.is_cached(&original).await {
+    unsigned_allowed(&public.proxy, &public.unsigned, &public.unsigned.misskey, request).await
+}
+
+/// Whether an unsigned route may fill `request`: it is cached, or `route`'s allowance for its
+/// origin and the one of all unsigned fills have room.
+async fn unsigned_allowed(
+    proxy: &Proxy,
+    unsigned: &crate::api::rate::Unsigned,
+    route: &crate::api::rate::DomainRate,
+    request: &ProxyRequest,
+) -> Result<(), (ProxyError, CacheStatus)> {
+    if proxy.is_cached(&request.original()).await {
         return Ok(());
     }
     let host = request.source.host_str().unwrap_or_default();
-    if public.misskey_rate.allow(host) {
-        Ok(())
-    } else {
-        Err((ProxyError::Overloaded, CacheStatus::Bypass))
+    match unsigned.allow(route, host) {
+        true => Ok(()),
+        false => Err((ProxyError::Overloaded, CacheStatus::Bypass)),
     }
 }
 
@@ -358,7 +369,7 @@ async fn serve_misskey<B>(
     req: &Request<B>,
 ) -> Routed {
     if let Some(name) = &m.request.variant {
-        let original = ProxyRequest { source: m.request.source.clone(), variant: None };
+        let original = m.request.original();
         let (entry, cache) = public.proxy.get(&original, Trigger::View).await?;
         let content_type = entry.content_type.to_str().unwrap_or_default();
         let video = name == "thumbnail" && content_type.starts_with("video/");
@@ -482,21 +493,29 @@ async fn respond<B>(
 /// State of the pict-rs listener (`compat.pictrs_listen`).
 pub struct Pictrs {
     pub proxy: Arc<Proxy>,
+    /// The unsigned routes' fill allowances (shared with the Misskey route).
+    pub unsigned: Arc<crate::api::rate::Unsigned>,
     /// Details by the file's blake3, with when they were first measured: Lemmy asks once per
     /// post, and a measure is a media job.
     details: moka::future::Cache<blake3::Hash, Arc<serde_json::Value>>,
 }
 
 impl Pictrs {
-    pub fn new(proxy: Arc<Proxy>) -> Self {
-        Self { proxy, details: moka::future::Cache::new(10_000) }
+    pub fn new(proxy: Arc<Proxy>, unsigned: Arc<crate::api::rate::Unsigned>) -> Self {
+        Self { proxy, unsigned, details: moka::future::Cache::new(10_000) }
     }
 }
 
 /// Handles one request on the pict-rs listener ([`api::pictrs`]).
 pub async fn handle_pictrs<B>(state: Arc<Pictrs>, req: Request<B>) -> Response<Body> {
     let proxy = &state.proxy;
+    let secret = &proxy.config.compat.pictrs_secret;
+    let guarded = secret.is_empty() || {
+        let sent = req.headers().get("x-parasol-secret").map_or(&b""[..], |v| v.as_bytes());
+        crate::signing::secret_matches(sent, secret)
+    };
     let result = match req.method() == Method::GET || req.method() == Method::HEAD {
+        _ if !guarded => Err((ProxyError::BadSignature, CacheStatus::Bypass)),
         false => Err((ProxyError::MethodNotAllowed, CacheStatus::Bypass)),
         true => {
             let max = proxy.config.compat.pictrs_max_thumbnail;
@@ -528,7 +547,21 @@ async fn serve_pictrs<B>(
 ) -> Routed {
     use api::pictrs::PictrsRequest;
     let proxy = &state.proxy;
-    let original = |source| ProxyRequest { source, variant: None };
+    let original = |source| ProxyRequest::new(source, None);
+    // Unsigned: fills count against the pict-rs allowance of their origin.
+    let allowed = |source: &url::Url| {
+        let request = original(source.clone());
+        async move {
+            let unsigned = &state.unsigned;
+            unsigned_allowed(proxy, unsigned, &unsigned.pictrs, &request).await
+        }
+    };
+    match &parsed {
+        PictrsRequest::Original(source)
+        | PictrsRequest::Process(source, _)
+        | PictrsRequest::Details(source) => allowed(source).await?,
+        PictrsRequest::Healthz => {}
+    }
     match parsed {
         PictrsRequest::Healthz => {
             Ok((response::json(http::StatusCode::OK, "{}\n".into()), CacheStatus::Bypass, 0))
@@ -536,7 +569,7 @@ async fn serve_pictrs<B>(
         PictrsRequest::Original(source) => serve_request(proxy, &original(source), req).await,
         PictrsRequest::Process(source, rendition) => {
             let name = rendition.name();
-            let request = ProxyRequest { source, variant: Some(name.clone()) };
+            let request = ProxyRequest::new(source, Some(name.clone()));
             let (entry, cache) =
                 proxy.get_rendition(&request, &name, rendition.spec(), Trigger::View).await?;
             respond(proxy, &entry, cache, req).await

@@ -55,7 +55,7 @@ pub fn parse(path: &str, key: &[u8], preview: &str) -> Result<Parsed, ProxyError
         return Ok(Parsed::Redirect(format!("{prefix}{sig}/{url64}/{expected}")));
     }
     let variant = is_preview.then(|| preview.to_string());
-    Ok(Parsed::Request(ProxyRequest { source, variant }))
+    Ok(Parsed::Request(ProxyRequest::new(source, variant)))
 }
 
 /// The last segment of the source URL's path, as it appears (percent-encoded) in the URL.

@@ -39,7 +39,7 @@ pub fn parse(path: &str, query: Option<&str>, key: &[u8]) -> Result<ProxyRequest
         return Err(ProxyError::BadSignature);
     }
     let text = String::from_utf8(source).map_err(|_| ProxyError::BadUrl("URL is not UTF-8"))?;
-    Ok(ProxyRequest { source: parse_source(&text)?, variant: None })
+    Ok(ProxyRequest::new(parse_source(&text)?, None))
 }
 
 /// The camo URL of `source` under `base`.

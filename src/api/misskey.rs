@@ -79,7 +79,7 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<MisskeyRequest, ProxyErr
     };
     let variant = preset(has).map(str::to_string);
     Ok(MisskeyRequest {
-        request: ProxyRequest { source, variant },
+        request: ProxyRequest::new(source, variant),
         fallback: has("fallback"),
         filename,
     })

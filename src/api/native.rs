@@ -87,7 +87,7 @@ pub fn parse(path: &str, signer: &Signer) -> Result<ProxyRequest, ProxyError> {
         .decode(src64)
         .map_err(|_| ProxyError::BadUrl("source is not base64url without padding"))?;
     let text = String::from_utf8(raw).map_err(|_| ProxyError::BadUrl("source is not UTF-8"))?;
-    Ok(ProxyRequest { source: parse_source(&text)?, variant })
+    Ok(ProxyRequest::new(parse_source(&text)?, variant))
 }
 
 fn is_variant_name(v: &str) -> bool {

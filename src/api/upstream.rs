@@ -132,12 +132,15 @@ impl Upstreams {
 
 impl Upstream {
     /// The origin's URL of `rest` (the path after the prefix, as the viewer sent it,
-    /// percent-encoded): never anything outside `base`.
+    /// percent-encoded): never anything outside `base`. Made from the object key `rest`
+    /// names, decoded and escaped again one way (every byte but the unreserved ones), so every
+    /// spelling of one object (`a.png`, `%61.png`, `a%2Epng`) is one source and one fetch.
     fn source(&self, rest: &str) -> Result<Url, ProxyError> {
         let refused = || Err(ProxyError::BadUrl("not a file path"));
         if rest.is_empty() || rest.ends_with('/') || rest.len() > crate::api::MAX_SOURCE_LEN {
             return refused();
         }
+        let mut canonical = String::with_capacity(rest.len());
         for segment in rest.split('/') {
             let decoded = percent_encoding::percent_decode_str(segment).collect::<Vec<u8>>();
             let bad = decoded.is_empty()
@@ -147,8 +150,12 @@ impl Upstream {
             if bad {
                 return refused();
             }
+            if !canonical.is_empty() {
+                canonical.push('/');
+            }
+            canonical.extend(percent_encoding::percent_encode(&decoded, OBJECT_KEY));
         }
-        let url = self.base.join(rest).map_err(|_| ProxyError::BadUrl("not a file path"))?;
+        let url = self.base.join(&canonical).map_err(|_| ProxyError::BadUrl("not a file path"))?;
         match url.as_str().starts_with(self.base.as_str()) && url.query().is_none() {
             true => Ok(url),
             false => refused(),
@@ -165,6 +172,10 @@ impl Bucket {
         self.store.signed_url(http::Method::GET, &path, SIGNED_FOR).await
     }
 }
+
+/// Bytes of an object key escaped in its source URL: all but the unreserved ones (RFC 3986).
+const OBJECT_KEY: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
 /// Characters of a key prefix escaped before it is read as a URL path.
 const PATH: &percent_encoding::AsciiSet =
@@ -203,6 +214,11 @@ mod tests {
             "https://bucket.example.test/mastodon/media_attachments/files/1/original/a.png"
         );
         assert_eq!(ok("/system/a%20b.png"), "https://bucket.example.test/mastodon/a%20b.png");
+        // One object, one source, however its key is spelt.
+        for spelling in ["/system/a.png", "/system/%61.png", "/system/a%2Epng", "/system/a%2epng"] {
+            assert_eq!(ok(spelling), "https://bucket.example.test/mastodon/a.png", "{spelling}");
+        }
+        assert_eq!(ok("/system/(1)%2B.png"), "https://bucket.example.test/mastodon/%281%29%2B.png");
         assert!(u.route(None, "/other/a.png", false).is_none(), "outside the prefix");
         for bad in [
             "/system/../x.png",

@@ -22,7 +22,7 @@ impl Proxy {
                     || url::Url::parse(&r.url).is_ok_and(|u| normalizer.cache_url(&u) == wanted)
             })
             .await?;
-        let original = crate::api::ProxyRequest { source: url.clone(), variant: None };
+        let original = crate::api::ProxyRequest::new(url.clone(), None);
         self.negative.invalidate(&original.key(&self.normalizer)).await;
         Ok(report)
     }

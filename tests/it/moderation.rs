@@ -22,7 +22,12 @@ use crate::util::*;
 
 const CAMO_KEY: &str = "camo-moderation-key-0123456789-abcdefgh";
 
-async fn admin(p: &Parasol, method: http::Method, path: &str, body: Value) -> (u16, Value) {
+pub(crate) async fn admin(
+    p: &Parasol,
+    method: http::Method,
+    path: &str,
+    body: Value,
+) -> (u16, Value) {
     let r = client()
         .request(method, p.admin_url(path))
         .bearer_auth(ADMIN_TOKEN)

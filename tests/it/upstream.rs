@@ -174,3 +174,105 @@ async fn raw_status(addr: std::net::SocketAddr, path: &str) -> u16 {
     let answer = String::from_utf8_lossy(&answer);
     answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
+
+/// Issue 25: every spelling of one object is one source, one cache key and one fetch: on an
+/// `[[upstream]]` prefix (anonymous, so a spelling per request would be a fetch per request),
+/// and for bans on the Misskey route.
+#[tokio::test]
+async fn six_spellings_of_one_object_are_one_fetch_and_one_ban() {
+    let origin = Origin::start("127.0.0.84").await;
+    let img = png_bytes(20_000, 840);
+    origin.route("/bucket/a.png", Route::ok(img.clone()));
+    origin.route("/photo.jpg", Route::ok(png_bytes(5_000, 841)));
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[compat]\nmisskey = true\n[[upstream]]\nprefix = \"/system/\"\norigin = \"{}\"\n",
+        origin.url("/bucket/")
+    );
+    let p = Parasol::start(upstream_config(dir.path(), &["127.0.0.84/32"], &extra)).await;
+    for path in [
+        "/system/a.png",
+        "/system/%61.png",
+        "/system/a%2Epng",
+        "/system/a%2epng",
+        "/system/%61%2E%70%6E%67",
+        "/system/a.%70ng",
+    ] {
+        let (status, got) = raw_get(p.public, path).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(got == img, "{path}: the object's bytes");
+    }
+    assert_eq!(origin.hits("/bucket/a.png"), 1, "one fetch for six spellings");
+    assert_eq!(p.blob_count(), 1);
+
+    // A URL banned in one spelling is refused in every other, on the unsigned route too.
+    let banned = origin.url("/photo.jpg");
+    let (status, _) = crate::moderation::admin(
+        &p,
+        http::Method::POST,
+        "/admin/ban",
+        serde_json::json!({"url": banned}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let misskey = |source: &str| {
+        let src: String = url::form_urlencoded::byte_serialize(source.as_bytes()).collect();
+        format!("http://{}/proxy/x.webp?url={src}", p.public)
+    };
+    for spelling in [
+        banned.clone(),
+        banned.replace("/photo.jpg", "/%70hoto.jpg"),
+        format!("{banned}?"),
+        banned.replace("/photo.jpg", "/x/../photo%2Ejpg"),
+    ] {
+        let r = get(&misskey(&spelling)).await;
+        assert_eq!(r.status(), 451, "{spelling}");
+    }
+    assert_eq!(origin.hits("/photo.jpg"), 0, "never fetched");
+    p.stop().await;
+}
+
+/// GET `path` exactly as written (an HTTP client would resolve dot segments and escapes):
+/// the status and body.
+async fn raw_get(addr: std::net::SocketAddr, path: &str) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: media.test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let at = answer.windows(4).position(|w| w == b"\r\n\r\n").map_or(answer.len(), |a| a + 4);
+    let head = String::from_utf8_lossy(&answer[..at]).to_string();
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, answer[at..].to_vec())
+}
+
+/// Issue 25: a bucket that cannot be reached is logged (at debug level, for an operator), but
+/// never with the signed URL that was asked: a log line is not the place for a credential's
+/// signature, or its access key id.
+#[tokio::test]
+async fn a_failed_signed_request_is_logged_without_its_url() {
+    // A port nothing listens on, on a loopback address of its own.
+    let closed = std::net::TcpListener::bind("127.0.0.87:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("parasol.toml");
+    let upstream = format!(
+        "[[upstream]]\nprefix = \"/\"\n[upstream.s3]\nendpoint = \"http://127.0.0.87:{port}\"\n\
+         bucket = \"{BUCKET}\"\naccess_key_id = \"{ACCESS}\"\nsecret_access_key = \"{SECRET}\"\n"
+    );
+    std::fs::write(&config, config_toml(&dir.path().join("cache"), &["127.0.0.87/32"], &upstream))
+        .unwrap();
+    let (child, public, _admin, _, kept) =
+        crate::cli::spawn_serving_kept(dir.path(), &[], Some(&config));
+    let r = get(&format!("http://{public}/media/a.png")).await;
+    assert_eq!(r.status(), 502);
+    let logged = || kept.lock().unwrap().join("\n");
+    assert!(eventually(|| logged().contains("origin request failed")).await, "{}", logged());
+    let log = logged();
+    assert!(!log.contains("X-Amz-"), "no signed query in the log: {log}");
+    assert!(!log.contains(ACCESS) && !log.contains(SECRET), "no credential: {log}");
+    child.sigterm();
+    assert!(child.wait().await.success());
+}
