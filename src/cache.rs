@@ -100,6 +100,37 @@ pub struct Entry {
     /// the entry is (or until [`Entry::release_file`]), so a hot entry costs no open and close
     /// per response.
     file: std::sync::Mutex<Option<std::sync::Arc<std::fs::File>>>,
+    /// The file the body was verified against (read and hashed, or written from it by this
+    /// process): only that file, unchanged, is sent with `sendfile` for the body.
+    identity: Option<FileId>,
+}
+
+/// What tells one file from another, or from itself changed: device, inode, size and
+/// modification time (to the nanosecond). A file replaced under the blob's name has another
+/// inode; one written in place, another size or time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+    pub len: u64,
+    pub mtime: (i64, i64),
+}
+
+impl FileId {
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+        }
+    }
+
+    /// Whether `file` is still this one, unchanged (one `fstat`).
+    pub fn matches(&self, file: &std::fs::File) -> bool {
+        file.metadata().is_ok_and(|meta| FileId::of(&meta) == *self)
+    }
 }
 
 /// Most blob files entries hold open at once (beyond it, a response opens its own); the
@@ -145,19 +176,35 @@ impl Entry {
             origin_blake3: None,
             origin: None,
             file: std::sync::Mutex::new(None),
+            identity: None,
         }
     }
 
+    /// The file the body was verified against; without one, the body is never sent from a
+    /// file.
+    pub fn with_identity(mut self, identity: Option<FileId>) -> Self {
+        self.identity = identity;
+        self
+    }
+
     /// The blob's file for `sendfile`: the one this entry holds, else opened now when that
-    /// cannot wait for the disk, and then held while fewer than [`HELD_FILES`] are. `None`
-    /// when it cannot be opened so.
+    /// cannot wait for the disk, and then held while fewer than [`HELD_FILES`] are. Only the
+    /// file the body was verified against, unchanged since (checked each time: one `fstat`):
+    /// a file replaced or written over on disk is not sent under the body's ETag. `None`
+    /// when there is no such file to be had without waiting.
     pub fn file(&self, disk: &disk::BlobStore) -> Option<std::sync::Arc<std::fs::File>> {
         use std::sync::atomic::Ordering;
+        let identity = self.identity?;
         let mut held = self.file.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(file) = &*held {
-            return Some(file.clone());
+            if identity.matches(file) {
+                return Some(file.clone());
+            }
+            *held = None;
+            HELD.fetch_sub(1, Ordering::Relaxed);
+            return None;
         }
-        let file = disk.open_now(&self.hash)?;
+        let file = disk.open_now(&self.hash).filter(|f| identity.matches(f))?;
         if HELD.fetch_add(1, Ordering::Relaxed) < HELD_FILES {
             *held = Some(file.clone());
         } else {

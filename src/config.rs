@@ -610,15 +610,28 @@ pub struct CompatConfig {
     pub purge_token: String,
     /// Misskey's unsigned `/proxy/<name>.webp?url=…`.
     pub misskey: bool,
-    /// Origin fills per source host per minute through the unsigned Misskey route; beyond it,
-    /// 503 (cached objects are still served).
+    /// Origin fills per source origin (a registrable domain, an IPv4 /24, an IPv6 /56) per
+    /// minute through the unsigned Misskey route; beyond it, 503 (cached objects are still
+    /// served).
     pub misskey_fills_per_minute: u32,
     /// Address of the pict-rs API for Lemmy (`/image/original?proxy=`, `/image/process.<ext>`,
     /// `/image/details/original`): unsigned, so an internal address only Lemmy (or the nginx
-    /// in front of pict-rs) reaches, never the public one. Unset: off.
+    /// in front of pict-rs) reaches, never the public one. Unset: off. An address that is not
+    /// loopback or private (`0.0.0.0` included) is refused unless `pictrs_secret` is set.
     pub pictrs_listen: Option<SocketAddr>,
     /// Largest `thumbnail=N` the pict-rs API renders; larger asks are fitted to it.
     pub pictrs_max_thumbnail: u32,
+    /// When set, every request on the pict-rs listener must carry it as
+    /// `X-Parasol-Secret` (the nginx in front of pict-rs adds it); others get 403. At least
+    /// 32 bytes.
+    #[serde(serialize_with = "redact_str")]
+    pub pictrs_secret: String,
+    /// Origin fills per source origin per minute through the pict-rs API (Lemmy fetches every
+    /// image of a post as it arrives); beyond it, 503.
+    pub pictrs_fills_per_minute: u32,
+    /// Origin fills per minute through the unsigned routes (Misskey, pict-rs) all together,
+    /// whatever their origins: many origins cannot add up to more.
+    pub unsigned_fills_per_minute: u32,
 }
 
 impl Default for CompatConfig {
@@ -632,6 +645,9 @@ impl Default for CompatConfig {
             misskey_fills_per_minute: 120,
             pictrs_listen: None,
             pictrs_max_thumbnail: 2048,
+            pictrs_secret: String::new(),
+            pictrs_fills_per_minute: 600,
+            unsigned_fills_per_minute: 1200,
         }
     }
 }
@@ -758,10 +774,12 @@ impl Config {
                 }
                 None => {
                     // A secret's value is never echoed, not even the wrong one.
-                    let message = match SECRETS.iter().find(|s| key.starts_with(*s)) {
-                        Some(&"signing.keys") => "must be a list of strings (value not shown)",
-                        Some(_) => "must be a string (value not shown)",
-                        None => {
+                    let message = match is_secret(&key) {
+                        true if key.starts_with("signing.keys") => {
+                            "must be a list of strings (value not shown)"
+                        }
+                        true => "must be a string (value not shown)",
+                        false => {
                             return Err(ConfigError::Key {
                                 key,
                                 message: error.into_inner().to_string(),
@@ -789,6 +807,7 @@ impl Config {
             ("compat.camo_key", &self.compat.camo_key),
             ("compat.akkoma_secret", &self.compat.akkoma_secret),
             ("compat.purge_token", &self.compat.purge_token),
+            ("compat.pictrs_secret", &self.compat.pictrs_secret),
         ] {
             if !secret.is_empty() && secret.len() < 32 {
                 return bad(key, "needs at least 32 bytes (or empty, for off)".into());
@@ -861,6 +880,31 @@ impl Config {
             && !(16..=8192).contains(&self.compat.pictrs_max_thumbnail)
         {
             return bad("compat.pictrs_max_thumbnail", "must be 16-8192".into());
+        }
+        // Unsigned: anyone who reaches it makes parasol fetch. Never on a public address
+        // without a secret only the nginx in front knows.
+        if let Some(addr) = self.compat.pictrs_listen {
+            if !internal_address(addr.ip()) && self.compat.pictrs_secret.is_empty() {
+                return bad(
+                    "compat.pictrs_listen",
+                    format!(
+                        "{addr} is not a loopback or private address: the pict-rs API is \
+                         unsigned; listen on an internal address or set compat.pictrs_secret"
+                    ),
+                );
+            }
+        }
+        let compat = &self.compat;
+        if compat.misskey_fills_per_minute == 0
+            || compat.pictrs_fills_per_minute == 0
+            || compat.unsigned_fills_per_minute == 0
+        {
+            return bad(
+                "compat",
+                "misskey_fills_per_minute, pictrs_fills_per_minute and \
+                 unsigned_fills_per_minute must be above zero"
+                    .into(),
+            );
         }
         for (i, u) in self.upstream.iter().enumerate() {
             let key = format!("upstream[{i}]");
@@ -947,14 +991,50 @@ fn read(path: &Path) -> Result<String, ConfigError> {
 }
 
 /// Keys whose values are secrets: redacted in `check-config`, never quoted in an error.
+/// `[[upstream]]` keys are numbered: [`is_secret`] matches them by their end.
 const SECRETS: &[&str] = &[
     "server.admin_token",
     "signing.keys",
     "compat.camo_key",
     "compat.akkoma_secret",
     "compat.purge_token",
+    "compat.pictrs_secret",
     "shared.secret_access_key",
+    "upstream[*].s3.secret_access_key",
 ];
+
+/// Whether the value at `key` (as serde names it: `upstream[0].s3.secret_access_key`) is a
+/// secret.
+fn is_secret(key: &str) -> bool {
+    SECRETS.iter().any(|s| match s.split_once("[*]") {
+        Some((list, rest)) => key
+            .strip_prefix(list)
+            .and_then(|k| k.strip_prefix('['))
+            .and_then(|k| k.split_once(']'))
+            .is_some_and(|(n, k)| n.bytes().all(|b| b.is_ascii_digit()) && k.starts_with(rest)),
+        None => key.starts_with(s),
+    })
+}
+
+/// Loopback, private (RFC 1918, unique local), link-local or CGNAT: reachable only from
+/// inside. `0.0.0.0` and `::` (every interface) are not.
+fn internal_address(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(100, 64, 0, 0), 10)
+                    .is_ok_and(|cgnat| cgnat.contains(&v4))
+        }
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unique_local()
+                || v6.is_unicast_link_local()
+                || v6.to_ipv4_mapped().is_some_and(|v4| internal_address(v4.into()))
+        }
+    }
+}
 
 /// A TOML syntax error by line and column and what was expected, without the line itself:
 /// the line may hold a secret.
@@ -1171,6 +1251,13 @@ mod tests {
             // The wrong type, from the file or from the environment.
             ("[server]\nadmin_token = 31337\n".to_string(), vec![]),
             (String::new(), vec![("PARASOL__SIGNING__KEYS", format!("[\"{secret}\""))]),
+            // A secret of a numbered [[upstream]], of the wrong type.
+            (
+                "[[upstream]]\nprefix = \"/s/\"\n[upstream.s3]\nsecret_access_key = 31337\n"
+                    .to_string(),
+                vec![],
+            ),
+            ("[compat]\npictrs_secret = 31337\n".to_string(), vec![]),
         ];
         for (text, vars) in cases {
             let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -1184,6 +1271,38 @@ mod tests {
             "{message}"
         );
         assert!(!message.contains("short\""), "{message}");
+    }
+
+    #[test]
+    fn secrets_are_known_by_their_keys() {
+        for key in [
+            "server.admin_token",
+            "signing.keys[1]",
+            "compat.pictrs_secret",
+            "upstream[0].s3.secret_access_key",
+            "upstream[12].s3.secret_access_key",
+        ] {
+            assert!(is_secret(key), "{key}");
+        }
+        for key in ["upstream[0].s3.bucket", "upstream[x].s3.secret_access_key", "server.listen"] {
+            assert!(!is_secret(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn an_unsigned_pictrs_listener_stays_internal_unless_a_secret_guards_it() {
+        let with = |extra: &str| Config::from_sources("t", extra, env(&[]));
+        for internal in ["127.0.0.1:8091", "10.1.2.3:8091", "192.168.1.2:8091", "[fd00::1]:8091"] {
+            assert!(with(&format!("[compat]\npictrs_listen = \"{internal}\"\n")).is_ok());
+        }
+        for public in ["0.0.0.0:8091", "203.0.113.7:8091", "[::]:8091", "[2001:db8::1]:8091"] {
+            let refused = with(&format!("[compat]\npictrs_listen = \"{public}\"\n")).unwrap_err();
+            assert!(refused.to_string().contains("pictrs_secret"), "{public}: {refused}");
+            let secret = "a-secret-only-nginx-knows-0123456789";
+            let guarded =
+                format!("[compat]\npictrs_listen = \"{public}\"\npictrs_secret = \"{secret}\"\n");
+            assert!(with(&guarded).is_ok(), "{public}");
+        }
     }
 
     #[test]

@@ -216,7 +216,11 @@ impl Fetcher {
             let outcome = match sent {
                 Ok(Ok(response)) => Ok(response),
                 Ok(Err(e)) => {
-                    // The whole chain, for an operator at debug level (never to a viewer).
+                    // The whole chain, for an operator at debug level (never to a viewer), by
+                    // host: the URL may be a signed one (a private bucket's), and a log line is
+                    // no place for a signature or an access key id.
+                    let mapped = map_reqwest(&e);
+                    let e = e.without_url();
                     let mut chain = e.to_string();
                     let mut source = std::error::Error::source(&e);
                     while let Some(s) = source {
@@ -224,8 +228,9 @@ impl Fetcher {
                         chain.push_str(&s.to_string());
                         source = s.source();
                     }
-                    tracing::debug!(error = chain, "origin request failed");
-                    Err(by_origin(map_reqwest(&e)))
+                    let host = url.host_str().unwrap_or_default();
+                    tracing::debug!(host, error = chain, "origin request failed");
+                    Err(by_origin(mapped))
                 }
                 Err(_) => Err(ProxyError::OriginTimeout), // no response headers in time
             };

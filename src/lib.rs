@@ -186,6 +186,8 @@ pub struct Bound {
     /// The pict-rs API for Lemmy (`compat.pictrs_listen`).
     pictrs: Option<TcpListener>,
     proxy: Arc<proxy::Proxy>,
+    /// The unsigned routes' fill allowances, shared by the Misskey route and pict-rs API.
+    unsigned: Arc<api::rate::Unsigned>,
     signer: signing::Signer,
     audit_task: tokio::task::JoinHandle<()>,
     config_path: Option<std::path::PathBuf>,
@@ -305,11 +307,13 @@ impl Bound {
         let (blobs, bytes) = (usage.disk_blobs, usage.disk_bytes);
         tracing::info!(entries, blobs, bytes, "disk cache loaded");
         tokio::spawn(proxy::Proxy::maintain(Arc::downgrade(&proxy), started));
+        let unsigned = Arc::new(api::rate::Unsigned::new(&proxy.config.compat));
         Ok(Bound {
             public,
             admin,
             pictrs,
             proxy,
+            unsigned,
             signer,
             audit_task,
             config_path: options.config_path,
@@ -332,11 +336,10 @@ impl Bound {
     /// The state behind the public listener's routes (for benches that call
     /// [`server::handle_public`] directly).
     pub fn public_state(&self) -> Arc<server::Public> {
-        let rate = self.proxy.config.compat.misskey_fills_per_minute;
         Arc::new(server::Public {
             proxy: self.proxy.clone(),
             signer: self.signer.clone(),
-            misskey_rate: api::rate::DomainRate::new(rate),
+            unsigned: self.unsigned.clone(),
             native: Default::default(),
         })
     }
@@ -354,7 +357,7 @@ impl Bound {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let reloader = self.reloader();
         let public_state = self.public_state();
-        let Bound { public, admin, pictrs, proxy, audit_task, .. } = self;
+        let Bound { public, admin, pictrs, proxy, unsigned, audit_task, .. } = self;
         let server = &proxy.config.server;
         let grace = server.shutdown_grace.0;
         let limits = server::ConnLimits {
@@ -379,7 +382,7 @@ impl Bound {
         ));
         // The pict-rs API drains with the public listener: both carry viewers' requests.
         let pictrs_loop = pictrs.map(|listener| {
-            let state = Arc::new(server::Pictrs::new(proxy.clone()));
+            let state = Arc::new(server::Pictrs::new(proxy.clone(), unsigned.clone()));
             tokio::spawn(server::serve(
                 listener,
                 move |req| server::handle_pictrs(state.clone(), req),

@@ -66,6 +66,12 @@ pub fn bearer_matches(headers: &http::HeaderMap, token: &str) -> bool {
     !token.is_empty() && blake3::hash(offered.as_bytes()) == blake3::hash(token.as_bytes())
 }
 
+/// Whether `offered` is `secret` (never empty), compared in constant time (as blake3 hashes,
+/// whose equality is constant time, so neither length nor content leaks by timing).
+pub fn secret_matches(offered: &[u8], secret: &str) -> bool {
+    !secret.is_empty() && blake3::hash(offered) == blake3::hash(secret.as_bytes())
+}
+
 fn mac(key: &[u8], message: &[u8]) -> HmacSha256 {
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
     mac.update(message);

@@ -83,7 +83,7 @@ pub fn parse(path: &str, query: Option<&str>, max_size: u32) -> Result<PictrsReq
                 if n == 0 {
                     return Err(ProxyError::BadUrl("thumbnail must be above zero"));
                 }
-                size = Some(n.min(max_size));
+                size = Some(rounded(n, max_size));
             }
             // Other pict-rs operations (blur, crop, identity) are not filters here; pict-rs
             // drops the ones it is not configured for, and so does this.
@@ -113,6 +113,17 @@ pub fn parse(path: &str, query: Option<&str>, max_size: u32) -> Result<PictrsReq
             Ok(PictrsRequest::Process(source()?, Rendition { size, format, animated }))
         }
     }
+}
+
+/// The size a `thumbnail=N` is rendered at: `N` rounded up to a power of two from 64, at most
+/// `max` (the listener is unsigned: thirty values of N would otherwise be thirty renders and
+/// thirty cache entries of one picture; this way a format has at most eight sizes).
+fn rounded(n: u32, max: u32) -> u32 {
+    let mut size = 64u32;
+    while size < n && size < max {
+        size = size.saturating_mul(2);
+    }
+    size.min(max)
 }
 
 /// pict-rs's error body: `{"msg": "...", "code": "..."}`.
@@ -162,6 +173,20 @@ mod tests {
         assert!(parse("/image/original", Some("proxy=file%3A%2F%2F%2Fetc%2Fpasswd"), 512).is_err());
         assert!(parse("/image/original", Some(&format!("{q}&{q}")), 512).is_err());
         assert!(matches!(parse("/image/upload", Some(&q), 512), Err(ProxyError::NoRoute)));
+    }
+
+    #[test]
+    fn thumbnail_sizes_round_up_to_a_few() {
+        let q = |n: u32| format!("proxy={LEMMY_ENCODED}&thumbnail={n}");
+        let size = |n: u32, max: u32| match parse("/image/process.webp", Some(&q(n)), max) {
+            Ok(PictrsRequest::Process(_, r)) => r.size,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((size(1, 2048), size(64, 2048), size(65, 2048)), (64, 64, 128));
+        assert_eq!((size(256, 2048), size(300, 2048), size(2000, 2048)), (256, 512, 2048));
+        assert_eq!((size(9000, 2048), size(300, 400), size(20, 16)), (2048, 400, 16));
+        let sizes: std::collections::HashSet<u32> = (1..=10_000).map(|n| size(n, 8192)).collect();
+        assert!(sizes.len() <= 8, "{sizes:?}");
     }
 
     #[test]

@@ -151,13 +151,14 @@ impl BlobStore {
     /// blobs served without re-hashing; the others are not rewritten when already present,
     /// which is looked for only when `maybe_stored` (the disk budget counts the blob: one that
     /// it does not count has no file, and a `statx` per fill is saved).
+    /// Returns the blob's path and the identity of the file now holding those bytes.
     pub async fn write(
         &self,
         hash: &blake3::Hash,
         bytes: bytes::Bytes,
         sync: bool,
         maybe_stored: bool,
-    ) -> io::Result<PathBuf> {
+    ) -> io::Result<(PathBuf, super::FileId)> {
         let (temp, dest) = (self.temp_path()?, self.path(hash));
         let look = !sync && maybe_stored;
         let sync = sync && self.fsync;
@@ -167,13 +168,18 @@ impl BlobStore {
             // crash tore is replaced, as a body held in memory may be sent from its file.
             // One that differs goes first, so a failed write below cannot leave it in place.
             if look {
-                let held = std::fs::metadata(&dest).ok().map(|m| {
-                    m.len() == bytes.len() as u64
-                        && std::fs::read(&dest).is_ok_and(|on_disk| on_disk == bytes[..])
+                let held = std::fs::File::open(&dest).ok().and_then(|mut file| {
+                    use std::io::Read;
+                    let id = super::FileId::of(&file.metadata().ok()?);
+                    let mut on_disk = Vec::with_capacity(bytes.len());
+                    let same = id.len == bytes.len() as u64
+                        && file.read_to_end(&mut on_disk).is_ok()
+                        && on_disk == bytes[..];
+                    Some(same.then_some(id))
                 });
                 match held {
-                    Some(true) => return Ok(dest),
-                    Some(false) => {
+                    Some(Some(id)) => return Ok((dest, id)),
+                    Some(None) => {
                         let _ = std::fs::remove_file(&dest);
                     }
                     None => {}
@@ -187,21 +193,25 @@ impl BlobStore {
                 if sync {
                     file.sync_all()?;
                 }
-                rename_into_place(&temp, &dest)
+                // The rename keeps device, inode, size and time: the identity of what was
+                // written is the placed blob's.
+                let id = super::FileId::of(&file.metadata()?);
+                rename_into_place(&temp, &dest).map(|()| id)
             })();
             if written.is_err() {
                 let _ = std::fs::remove_file(&temp);
             }
-            written.map(|()| dest)
+            written.map(|id| (dest, id))
         })
         .await
         .map_err(io::Error::other)?
     }
 
-    /// The whole blob, read on a blocking thread in one call.
-    pub async fn read(&self, hash: &blake3::Hash) -> io::Result<bytes::Bytes> {
+    /// The whole blob, read on a blocking thread in one call, and the identity of the file
+    /// it was read from.
+    pub async fn read(&self, hash: &blake3::Hash) -> io::Result<(bytes::Bytes, super::FileId)> {
         let path = self.path(hash);
-        tokio::task::spawn_blocking(move || std::fs::read(path).map(bytes::Bytes::from))
+        tokio::task::spawn_blocking(move || read_identified(&path))
             .await
             .map_err(io::Error::other)?
     }
@@ -210,20 +220,23 @@ impl BlobStore {
     /// it is not `len` bytes or does not hash to `hash`. When the file's name and pages are all
     /// cached (the usual hit) it is opened, read and hashed on this thread without waiting for
     /// the disk; otherwise the whole check runs on the blocking pool.
+    /// With the bytes, the identity of the file they were read from (and verified against).
     pub async fn read_verified(
         &self,
         hash: &blake3::Hash,
         len: u64,
-    ) -> io::Result<Option<bytes::Bytes>> {
+    ) -> io::Result<Option<(bytes::Bytes, super::FileId)>> {
         let path = self.path(hash);
         if len <= INLINE_READ {
             if let Some(file) = open_cached(&path) {
+                let file = file?;
+                let id = super::FileId::of(&file.metadata()?);
                 // One byte more than expected tells a longer file from the right one; fewer
                 // than `len` may be the end of a short file or of what is cached, so the
                 // blocking read decides.
-                match read_cached(&file?, 0, len as usize + 1) {
+                match read_cached(&file, 0, len as usize + 1) {
                     Some(bytes) if bytes.len() as u64 == len => {
-                        return Ok(verified(bytes, len, hash));
+                        return Ok(verified(bytes, len, hash).map(|b| (b, id)));
                     }
                     Some(bytes) if bytes.len() as u64 > len => return Ok(None),
                     _ => {}
@@ -232,7 +245,8 @@ impl BlobStore {
         }
         let hash = *hash;
         tokio::task::spawn_blocking(move || {
-            std::fs::read(path).map(|bytes| verified(bytes, len, &hash))
+            let (bytes, id) = read_identified(&path)?;
+            Ok(verified(bytes.into(), len, &hash).map(|b| (b, id)))
         })
         .await
         .map_err(io::Error::other)?
@@ -392,6 +406,17 @@ fn cached_pages(file: &std::fs::File, offset: u64, len: u64) -> io::Result<(u64,
 }
 
 /// `bytes` if they are `len` long and hash to `hash`.
+/// The whole file at `path` and the identity of the file read (one open: the bytes are that
+/// file's, whatever the name points to later).
+fn read_identified(path: &Path) -> io::Result<(bytes::Bytes, super::FileId)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let id = super::FileId::of(&file.metadata()?);
+    let mut bytes = Vec::with_capacity(id.len as usize);
+    file.read_to_end(&mut bytes)?;
+    Ok((bytes.into(), id))
+}
+
 fn verified(bytes: Vec<u8>, len: u64, hash: &blake3::Hash) -> Option<bytes::Bytes> {
     (bytes.len() as u64 == len && blake3::hash(&bytes) == *hash).then(|| bytes.into())
 }
@@ -448,10 +473,12 @@ mod tests {
         for len in [1usize, 4096, 65_536, 300_000] {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
             let hash = blake3::hash(&bytes);
-            store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
+            let (_, written) = store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
             let len = len as u64;
-            let read = store.read_verified(&hash, len).await.unwrap();
-            assert_eq!(read.as_deref(), Some(&bytes[..]), "{len} bytes");
+            let (read, id) = store.read_verified(&hash, len).await.unwrap().unwrap();
+            assert_eq!(&read[..], &bytes[..], "{len} bytes");
+            assert_eq!(id, written, "read from the file written");
+            assert_eq!(id.len, len);
             let path = store.path(&hash);
             let mut longer = bytes.clone();
             longer.push(0);
@@ -477,11 +504,12 @@ mod tests {
         let store = BlobStore::open(dir.path(), false).unwrap();
         let bytes: Vec<u8> = (0..50_000usize).map(|i| (i * 31 % 241) as u8).collect();
         let hash = blake3::hash(&bytes);
-        let path = store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
+        let (path, first_id) = store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
         let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
         let first = inode(&path);
-        store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
+        let (_, again) = store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
         assert_eq!(inode(&path), first, "the same bytes are not written again");
+        assert_eq!(again, first_id, "and the file kept is the one written");
         std::fs::write(&path, vec![0u8; bytes.len()]).unwrap();
         store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), bytes, "a torn copy is replaced");

@@ -157,10 +157,10 @@ impl Store {
             self.index.remove(key);
             return Ok(None);
         };
-        let body = if record.len <= self.config.memory_max_object_bytes {
+        let (body, identity) = if record.len <= self.config.memory_max_object_bytes {
             // Small blobs: read whole, their length and hash checked.
             match self.disk.read_verified(&hash, record.len).await {
-                Ok(Some(bytes)) => Some(bytes),
+                Ok(Some((bytes, identity))) => (Some(bytes), Some(identity)),
                 Ok(None) => {
                     self.drop_blob(&hash, "blob does not match its hash").await;
                     return Ok(None);
@@ -176,7 +176,7 @@ impl Store {
                 self.drop_blob(&hash, "blob missing or of the wrong size").await;
                 return Ok(None);
             }
-            None
+            (None, None)
         };
         let (touch, victims) = match self.budget.touch(hash.as_bytes()) {
             Some(touch) => (touch, Vec::new()),
@@ -187,7 +187,8 @@ impl Store {
         let entry = Entry::new(hash, record.len, &record.content_type, body)
             .with_touch(touch)
             .with_final_host(record.final_host.as_deref())
-            .with_origin(record.origin.as_ref());
+            .with_origin(record.origin.as_ref())
+            .with_identity(identity);
         Ok(Some(Arc::new(entry)))
     }
 
@@ -208,12 +209,17 @@ impl Store {
             // The in-flight hold ends here: from now on the bytes count against the memory
             // tier (or are dropped).
             Held::Memory(bytes, _hold) => {
-                (self.disk.write(&hash, bytes.clone(), durable, counted).await, Some(bytes))
+                let written = self.disk.write(&hash, bytes.clone(), durable, counted).await;
+                (written.map(|(_, id)| Some(id)), Some(bytes))
             }
-            Held::Disk(temp) => (self.disk.commit(temp, &hash, durable).await, None),
+            Held::Disk(temp) => (self.disk.commit(temp, &hash, durable).await.map(|_| None), None),
         };
+        let mut identity = None;
         let stored = match written {
-            Ok(_) => self.index.put(key, &record).map_err(ProxyError::internal),
+            Ok(id) => {
+                identity = id;
+                self.index.put(key, &record).map_err(ProxyError::internal)
+            }
             Err(e) => Err(ProxyError::storage(e)),
         };
         if let Err(e) = stored {
@@ -243,7 +249,13 @@ impl Store {
                     (_, true) => true,
                     // Just seen absent: no look for a stored copy.
                     (Some(bytes), false) => {
-                        self.disk.write(&hash, bytes.clone(), durable, false).await.is_ok()
+                        match self.disk.write(&hash, bytes.clone(), durable, false).await {
+                            Ok((_, id)) => {
+                                identity = Some(id);
+                                true
+                            }
+                            Err(_) => false,
+                        }
                     }
                     (None, false) => false,
                 };
@@ -261,11 +273,16 @@ impl Store {
             _ if len > self.config.memory_max_object_bytes => None,
             Some(bytes) => Some(bytes),
             None => match self.disk.read(&hash).await {
-                Ok(bytes) if bytes.len() as u64 == len => Some(bytes),
+                Ok((bytes, id)) if bytes.len() as u64 == len => {
+                    identity = Some(id);
+                    Some(bytes)
+                }
                 _ => None,
             },
         };
-        let entry = Entry::new(hash, len, content_type, body).with_touch(touch);
+        let entry = Entry::new(hash, len, content_type, body)
+            .with_touch(touch)
+            .with_identity(identity.filter(|id| id.len == len));
         Ok(Arc::new(entry.with_final_host(final_host.as_deref()).with_origin(origin.as_ref())))
     }
 

@@ -123,6 +123,19 @@ pub(crate) fn spawn_serving_logged(
     envs: &[(&str, &str)],
     config: Option<&Path>,
 ) -> (Running, SocketAddr, SocketAddr, Vec<serde_json::Value>) {
+    let (child, public, admin, before, _) = spawn_serving_kept(cwd, envs, config);
+    (child, public, admin, before)
+}
+
+/// Every log line written after it listened, kept as it comes.
+pub(crate) type Kept = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// [`spawn_serving_logged`], also keeping every later log line.
+pub(crate) fn spawn_serving_kept(
+    cwd: &Path,
+    envs: &[(&str, &str)],
+    config: Option<&Path>,
+) -> (Running, SocketAddr, SocketAddr, Vec<serde_json::Value>, Kept) {
     let mut cmd = parasol(cwd);
     cmd.arg("serve");
     if let Some(file) = config {
@@ -152,8 +165,16 @@ pub(crate) fn spawn_serving_logged(
         before.push(v);
     };
     // Keep draining stderr so the child never blocks on a full pipe; echo it for failures.
-    std::thread::spawn(move || lines.for_each(|l| eprintln!("child: {}", l.unwrap_or_default())));
-    (child, addrs.0, addrs.1, before)
+    let kept = Kept::default();
+    let keep = kept.clone();
+    std::thread::spawn(move || {
+        for line in lines {
+            let line = line.unwrap_or_default();
+            eprintln!("child: {line}");
+            keep.lock().unwrap().push(line);
+        }
+    });
+    (child, addrs.0, addrs.1, before, kept)
 }
 
 /// A missing outside program (ffmpeg, heif-convert) is named once in the start-up log, with

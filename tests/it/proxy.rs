@@ -403,10 +403,17 @@ async fn hits_held_in_memory_are_sent_from_their_file_byte_exact() {
     expected += (big.len() + other.len()) as u64;
     assert_eq!(p.metric(FROM_FILE).await, expected, "both pipelined bodies from their files");
 
-    // The file cut short in place (as the entry's open handle sees it), then gone: the
-    // memory's copy is sent, whole and exact.
+    // The file written over in place with other bytes of the same length (as the entry's open
+    // handle sees it): not the bytes its ETag names, so the memory's copy is sent.
     let hex = blake3::hash(&big).to_hex();
     let blob = dir.path().join("blobs").join(&hex[..2]).join(hex.as_str());
+    let mut forged = big.to_vec();
+    forged[big.len() / 2] ^= 0xff;
+    std::fs::write(&blob, &forged).unwrap();
+    assert_eq!(body(get(&big_url).await).await, big, "file written over in place");
+    assert_eq!(p.metric(FROM_FILE).await, expected, "not from the file");
+    // The file cut short in place (as the entry's open handle sees it), then gone: the
+    // memory's copy is sent, whole and exact.
     let file = std::fs::OpenOptions::new().write(true).open(&blob).unwrap();
     file.set_len(big.len() as u64 / 2).unwrap();
     assert_eq!(body(get(&big_url).await).await, big, "file cut short");

@@ -682,3 +682,42 @@ async fn heic_and_transparent_avif_render_through_heif_convert() {
     assert!(img.get_pixel(150, 100).0[3] < 30, "the transparent half stays transparent");
     p.stop().await;
 }
+
+/// Issue 25: an outside program (ffmpeg here) reads the cached file it is given, but the
+/// cache's files are never opened to other users for it: run as root, parasol runs the
+/// program as `nobody` on a copy of its own, and a blob kept 0600 stays 0600.
+#[tokio::test]
+#[cfg_attr(not(has_ffmpeg), ignore = "needs ffmpeg: apt-get install ffmpeg")]
+async fn a_blob_read_by_an_outside_program_is_never_opened_to_others() {
+    use std::os::unix::fs::PermissionsExt;
+    let mp4 = ffmpeg_make(
+        "-f lavfi -i color=c=red:s=320x240:d=1 -r 5 -c:v libx264 -preset ultrafast",
+        "mp4",
+    );
+    let origin = Origin::start("127.0.0.18").await;
+    origin.route("/v.mp4", Route::ok(mp4.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.18/32"])).await;
+    let url = p.url(&origin.url("/v.mp4"));
+    assert!(body(get(&url).await).await == mp4);
+    // Kept as a strict umask (systemd's UMask=0077) would have made it.
+    let hex = blake3::hash(&mp4).to_hex();
+    let blob = dir.path().join("blobs").join(&hex[..2]).join(hex.as_str());
+    std::fs::set_permissions(&blob, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let r = get(&format!("{url}/static")).await;
+    assert_eq!(r.status(), 200, "the poster was taken");
+    assert!(image::load_from_memory(&body(r).await).is_ok());
+    let mode = std::fs::metadata(&blob).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the blob was not opened to others");
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("parasol-tool-"))
+        .filter_map(|e| std::fs::read_dir(e.path()).ok())
+        .flatten()
+        .flatten()
+        .filter(|f| f.file_name() == "in" && std::fs::read(f.path()).is_ok_and(|b| b == mp4))
+        .collect();
+    assert!(left.is_empty(), "the copy went with its job");
+    p.stop().await;
+}
