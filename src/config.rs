@@ -408,9 +408,9 @@ pub struct MediaConfig {
     /// kills its worker and answers 422 `media_too_costly`.
     pub worker_memory: Size,
     /// CPU time one job may use; past it the kernel stops the worker (422
-    /// `media_too_costly`). A job also gets three times this on the wall clock: one still
-    /// running then was starved of the CPU by a busy machine (503 `media_busy`, not blamed
-    /// on the file).
+    /// `media_too_costly`). On the wall clock a job may take as long as it makes progress: one
+    /// that gets no CPU at all for a while, or takes twenty times this, was starved (503
+    /// `media_busy`, not blamed on the file).
     pub job_timeout: Dur,
     /// CPU time of rasterising one SVG (at most `job_timeout`): a picture of a few hundred
     /// bytes needs far less than a 50-megapixel photo.

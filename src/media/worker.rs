@@ -18,9 +18,10 @@
 //! - **Deadline in CPU time**: a job may use `media.job_timeout` of CPU (rasterising an SVG,
 //!   `media.svg_timeout`); past it the kernel stops the worker and the file is answered 422
 //!   `media_too_costly`, remembered by the file's blake3 for a day, so the next viewer of the
-//!   same bytes does not start it again. The wall clock gets three times as long: a job that
-//!   is still running then was starved of the CPU by a busy machine (or stopped), which says
-//!   nothing about the file, and answers 503 `media_busy`.
+//!   same bytes does not start it again. On the wall clock a job may take as long as it keeps
+//!   making progress (a busy machine slows it, no more); one that stops getting any CPU, or
+//!   takes [`MAX_WALL_FACTOR`] times its budget, was starved (stopped, or a machine too
+//!   busy), which says nothing about the file, and answers 503 `media_busy`.
 //! - **Bytes**: a job's input is written from memory or streamed from its file, and its
 //!   output is handed to a [`ChunkSink`] as it arrives, so the server holds no extra copy.
 //!
@@ -52,10 +53,15 @@ pub use schedule::Lane;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
-/// How much longer than its CPU budget a job may take on the wall clock before it counts as
-/// starved: on a machine whose other work leaves a worker a third of a core, a job still
-/// finishes.
+/// How much longer than its CPU budget a job may take on the wall clock before it is asked
+/// whether it still makes progress: from then on, every further budget's worth of wall time,
+/// a job that used no CPU in it (stopped, blocked) is ended as starved, and one that did (a
+/// busy machine, where a niced worker gets a tenth of a core beside a compiler) goes on.
 pub const WALL_FACTOR: u32 = 3;
+
+/// The most wall time a job may take, in CPU budgets, however it progresses: a viewer's
+/// wait is bounded on any machine.
+pub const MAX_WALL_FACTOR: u32 = 20;
 
 /// Too-costly verdicts within [`STRIKE_WINDOW`] after which an origin gets no new jobs for
 /// [`STRIKE_WINDOW`].
@@ -441,8 +447,9 @@ impl MediaPool {
             let started = worker.cpu_ms;
             let reused = worker.jobs > 0;
             let max = self.config.max_input;
+            let pid = worker.pid;
             let exchange = exchange(&mut worker, &job, input, sink, max);
-            let failure = match tokio::time::timeout(budget * WALL_FACTOR, exchange).await {
+            let failure = match self.while_progressing(pid, budget, exchange).await {
                 Ok(Ok(Answer { reply: Reply::Retired, .. })) if !fresh => {
                     fresh = true;
                     continue;
@@ -468,7 +475,7 @@ impl MediaPool {
                     continue;
                 }
                 Ok(Err(failure)) => failure,
-                Err(_) => return Err(self.overran(task, worker, started, budget, origin)),
+                Err(()) => return Err(self.overran(task, worker, started, budget, origin)),
             };
             return Err(self.failed(task, worker, failure, origin).await);
         }
@@ -492,10 +499,36 @@ impl MediaPool {
         Ok(Admitted { _slot: slot, _running: RunningJob(&self.metrics.running) })
     }
 
-    /// A job past its wall-clock deadline ([`WALL_FACTOR`] times its CPU budget, which the
-    /// kernel enforces): its worker is killed. Still alive with its CPU budget not spent, it
-    /// was starved of the CPU (a machine too busy, perhaps on purpose, or stopped), which
-    /// says nothing about the file.
+    /// Waits for `work`, a job of process `pid` whose CPU time the kernel limits to `budget`,
+    /// for as long as the process makes progress ([`WALL_FACTOR`], [`MAX_WALL_FACTOR`]): the
+    /// deadline that counts is CPU time, so a busy machine makes a job slower, never a
+    /// failure. `Err` once it made none for a budget's worth of wall time, or ran out of it.
+    pub(crate) async fn while_progressing<F: std::future::Future>(
+        &self,
+        pid: u32,
+        budget: Duration,
+        work: F,
+    ) -> Result<F::Output, ()> {
+        let work = std::pin::pin!(work);
+        let mut work = work;
+        let started = tokio::time::Instant::now();
+        let (mut wait, mut seen) = (budget * WALL_FACTOR, self.cpu_ticks(pid));
+        loop {
+            if let Ok(done) = tokio::time::timeout(wait, &mut work).await {
+                return Ok(done);
+            }
+            let now = self.cpu_ticks(pid);
+            if now == seen || started.elapsed() + budget > budget * MAX_WALL_FACTOR {
+                return Err(());
+            }
+            (wait, seen) = (budget, now);
+        }
+    }
+
+    /// A job that stopped making progress before its CPU time was spent (or ran out of wall
+    /// time, [`Self::while_progressing`]): its worker is killed. With its CPU budget not
+    /// spent, it was starved of the CPU (stopped, or a machine too busy, perhaps on purpose),
+    /// which says nothing about the file.
     fn overran(
         &self,
         task: &Task,

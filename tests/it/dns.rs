@@ -134,6 +134,7 @@ async fn a_silent_nameserver_costs_each_lookup_its_deadline_and_nothing_else() {
     }
     // Each within its 500 ms (more than one deadline only for those waiting for a slot).
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(10), "all answered after {took:?}");
+    // Generous: a machine busy beside the tests stretches everything.
+    assert!(took < Duration::from_secs(30), "all answered after {took:?}");
     p.stop().await;
 }

@@ -68,10 +68,7 @@ async fn one_origin_s_costly_files_leave_the_other_workers_to_everyone_else() {
     photos.route("/face.jpg", Route::ok(photo_with_gps(2)));
     let dir = tempfile::tempdir().unwrap();
     // The bombs may run long: what is measured is who else gets a worker meanwhile.
-    let cfg = media_config(
-        dir.path(),
-        "workers = 2\njob_timeout = \"60s\"\nsvg_timeout = \"60s\"\nqueue_wait = \"120s\"",
-    );
+    let cfg = media_config(dir.path(), "workers = 2\njob_timeout = \"60s\"\nsvg_timeout = \"60s\"");
     let p = Parasol::start_with(cfg, lookup).await;
     let flood: Vec<_> = (0..8)
         .map(|n| {
@@ -94,7 +91,8 @@ async fn one_origin_s_costly_files_leave_the_other_workers_to_everyone_else() {
     // served while every bomb still runs or waits: they got the other worker.
     let photo = p.url(&named(&photos, "photos.test", "/photo.jpg"));
     let avatar = format!("{}/avatar", p.url(&named(&photos, "photos.test", "/face.jpg")));
-    let quick = Duration::from_secs(20);
+    // Long enough for a machine busy beside the tests; what is asserted is the order.
+    let quick = Duration::from_secs(120);
     let (photo, avatar) = tokio::join!(
         tokio::time::timeout(quick, get(&photo)),
         tokio::time::timeout(quick, get(&avatar))
@@ -120,7 +118,7 @@ async fn an_origin_whose_files_keep_costing_too_much_gets_no_new_jobs_for_a_whil
     let p = Parasol::start_with(cfg, lookup).await;
     for n in 0..3 {
         let url = p.url(&named(&bombs, "a.bombs.test", &format!("/bomb-{n}.svg")));
-        let r = tokio::time::timeout(Duration::from_secs(60), get(&url)).await.unwrap();
+        let r = tokio::time::timeout(crate::media::CPU_BOUND, get(&url)).await.unwrap();
         assert_eq!(r.status(), 422, "bomb {n}: stopped at its CPU time");
         assert_eq!(r.headers()["x-parasol-error"], "media_too_costly");
     }

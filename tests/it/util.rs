@@ -172,6 +172,11 @@ pub fn config(dir: &Path, allow: &[&str]) -> Config {
         .expect("test config is valid")
 }
 
+/// How long the tests' media jobs may wait for a worker (`media.queue_wait`): the tests of a
+/// run share two cores, and one origin's jobs run one at a time, so on a machine busy beside
+/// them (a build) a job can wait far longer than the default's 10 s without anything wrong.
+pub const QUEUE_WAIT: Duration = Duration::from_secs(120);
+
 /// The TOML behind [`config`], with `extra` appended (further sections).
 pub fn config_toml(dir: &Path, allow: &[&str], extra: &str) -> String {
     let allow = allow.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
@@ -229,7 +234,11 @@ impl Parasol {
         Self::start_opts(config, options(lookup, None)).await
     }
 
-    pub async fn start_opts(config: Config, options: parasol::Options) -> Parasol {
+    /// Media jobs may wait [`QUEUE_WAIT`] for a worker, unless the test set a wait of its own.
+    pub async fn start_opts(mut config: Config, options: parasol::Options) -> Parasol {
+        if config.media.queue_wait.0 == parasol::config::MediaConfig::default().queue_wait.0 {
+            config.media.queue_wait = parasol::config::Dur(QUEUE_WAIT);
+        }
         let dir = config.cache.dir.clone();
         let bound = parasol::Bound::bind(config, options).await.expect("parasol binds");
         let (public, admin, pictrs) =
@@ -345,6 +354,29 @@ pub async fn eventually_async<F: std::future::Future<Output = bool>>(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     false
+}
+
+/// Runs `attempt` until one begins and ends within one wall-clock minute (three tries at
+/// most), and returns what it found: fill allowances count per clock minute, so a run that
+/// straddles two minutes sees two allowances. Each attempt must start from fresh state (a
+/// parasol of its own).
+pub async fn within_one_minute<T, F, Fut>(mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let minute = || {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        now.unwrap().as_secs() / 60
+    };
+    for _ in 0..3 {
+        let started = minute();
+        let found = attempt().await;
+        if minute() == started {
+            return found;
+        }
+    }
+    panic!("three tries, each across the turn of a minute");
 }
 
 pub fn ip(s: &str) -> IpAddr {

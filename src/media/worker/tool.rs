@@ -37,7 +37,7 @@ use seccompiler::{
 };
 use tokio::io::AsyncReadExt;
 
-use super::{Lane, Limits, MediaPool, WALL_FACTOR, relay_stderr};
+use super::{Lane, Limits, MediaPool, relay_stderr};
 use crate::cache::ChunkSink;
 use crate::error::ProxyError;
 
@@ -491,23 +491,23 @@ impl MediaPool {
             let status = child.wait().await.map_err(ProxyError::internal)?;
             Ok((status, total))
         };
-        let wall = self.config.job_timeout * WALL_FACTOR;
-        let (status, mut total) = match tokio::time::timeout(wall, work).await {
-            Ok(result) => result?,
-            Err(_) => {
-                // As for a worker: the kernel stops a program at its CPU time; one still
-                // running at the wall-clock deadline was starved of the CPU.
-                let used_ms = self.cpu_ticks(pid) * 1000 / self.ticks;
-                let _ = child.start_kill();
-                if u128::from(used_ms) < self.config.job_timeout.as_millis() {
-                    self.count("starved");
-                    tracing::warn!(tool = job.name, used_ms, "media tool starved of the CPU");
-                    return Err(ProxyError::MediaBusy);
+        let (status, mut total) =
+            match self.while_progressing(pid, self.config.job_timeout, work).await {
+                Ok(result) => result?,
+                Err(()) => {
+                    // As for a worker: the kernel stops a program at its CPU time; one that
+                    // stopped making progress before it was spent was starved of the CPU.
+                    let used_ms = self.cpu_ticks(pid) * 1000 / self.ticks;
+                    let _ = child.start_kill();
+                    if u128::from(used_ms) < self.config.job_timeout.as_millis() {
+                        self.count("starved");
+                        tracing::warn!(tool = job.name, used_ms, "media tool starved of the CPU");
+                        return Err(ProxyError::MediaBusy);
+                    }
+                    tracing::warn!(tool = job.name, "media tool over its CPU time: killed");
+                    return Err(ProxyError::MediaTooCostly("over its CPU time".into()));
                 }
-                tracing::warn!(tool = job.name, "media tool over its CPU time: killed");
-                return Err(ProxyError::MediaTooCostly("over its CPU time".into()));
-            }
-        };
+            };
         // A program that wrote its result to a file: that file is the result.
         if let (Some(out), Some(0)) = (&output, status.code()) {
             total = read_output(out, max, sink).await?;
