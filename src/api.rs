@@ -92,6 +92,11 @@ pub fn parse_source(text: &str) -> Result<Url, ProxyError> {
     if name.len() > 253 || name.split('.').any(|label| label.len() > 63) {
         return Err(ProxyError::BadUrl("source host name too long"));
     }
+    // `x.test.` is `x.test` (the root's label, which DNS adds anyway).
+    if name.len() != host.len() {
+        let name = name.to_string();
+        url.set_host(Some(&name)).map_err(|_| ProxyError::BadUrl("source URL has no host"))?;
+    }
     url.set_fragment(None);
     if let Some(path) = canonical_escapes(url.path()) {
         url.set_path(&path);
@@ -188,6 +193,7 @@ mod tests {
             "https://media.example.test/system/x/%2e%2E/a.png",
             "https://media.example.test/system/a.png?",
             "https://media.example.test/%73ystem/a.png#top",
+            "https://media.example.test./system/a.png",
         ] {
             let u = parse_source(spelling).unwrap();
             assert_eq!(u.as_str(), "https://media.example.test/system/a.png", "{spelling}");

@@ -69,6 +69,10 @@ pub enum ProxyError {
     NoRendition(std::sync::Arc<str>),
     #[error("media work over its limits: {0}")]
     MediaTooCostly(std::sync::Arc<str>),
+    /// The file's site had files too costly to render three times in ten minutes: no new
+    /// media jobs of it for a while. Not the file's own verdict.
+    #[error("media of this site refused for a while")]
+    MediaOriginRefused,
     #[error("media workers busy")]
     MediaBusy,
     #[error("origin answered status {0}")]
@@ -125,7 +129,7 @@ impl ProxyError {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedType | BadImage(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            MediaTooCostly(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            MediaTooCostly(_) | MediaOriginRefused => StatusCode::UNPROCESSABLE_ENTITY,
             OriginStatus(_) | OriginInvalid(_) | OriginUnreachable | InsecureRedirect
             | OriginTls(_) => StatusCode::BAD_GATEWAY,
             OriginTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -159,6 +163,7 @@ impl ProxyError {
             BadImage(_) => "bad_image",
             NoRendition(_) => "no_rendition",
             MediaTooCostly(_) => "media_too_costly",
+            MediaOriginRefused => "media_origin_refused",
             MediaBusy => "media_busy",
             OriginStatus(_) => "origin_status",
             OriginInvalid(_) => "origin_invalid",
@@ -182,7 +187,7 @@ impl ProxyError {
                 Cause::Origin
             }
             // The file did it: a decoder ran out of time or memory on it, or died.
-            MediaTooCostly(_) => Cause::Origin,
+            MediaTooCostly(_) | MediaOriginRefused => Cause::Origin,
             OriginUnreachable | OriginTimeout | OriginTls(_) => Cause::Origin,
             Banned(_) | Overloaded | StorageFull | MediaBusy | ScannerUnavailable | Internal(_) => {
                 Cause::Us
@@ -211,6 +216,7 @@ impl ProxyError {
             BadImage(_) => "image cannot be rendered",
             NoRendition(_) => "no such rendition of this file",
             MediaTooCostly(_) => "image too costly to render",
+            MediaOriginRefused => "images of this site are refused for a while",
             OriginStatus(_) | OriginInvalid(_) | OriginUnreachable | InsecureRedirect
             | OriginTls(_) => "origin failed",
             OriginTimeout => "origin timed out",

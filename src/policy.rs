@@ -78,6 +78,19 @@ pub fn origin_of(host: &str) -> String {
     host[host.len() - suffix - 1 - label.len()..].to_string()
 }
 
+/// The site a host belongs to, for penalties that must not reach other tenants of a shared
+/// host: its registrable domain under the whole public suffix list, private section included
+/// (each `*.r2.dev` bucket, each `*.github.io` page is a site of its own, while
+/// `a.attacker.example` and `b.attacker.example` are one). An IP address is itself.
+pub fn site_of(host: &str) -> String {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(&host);
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        return bare.to_string();
+    }
+    psl::domain_str(&host).map_or_else(|| host.clone(), str::to_string)
+}
+
 /// Length of the public suffix of `name` (lowercase, no trailing dot) under the list's ICANN
 /// section: where the longest match is a private suffix, the ICANN suffix below it. 0 when
 /// the list knows none.
@@ -235,6 +248,11 @@ mod tests {
         assert_ne!(origin_of("[2001:db8:0:100::1]"), "2001:db8::/56");
         assert_eq!(origin_of("[::ffff:192.0.2.7]"), "192.0.2.0/24");
         assert_eq!(origin_of("localhost"), "localhost");
+        // Sites, for penalties: tenants of a shared host are apart, an owner's names are one.
+        assert_eq!(site_of("bucket-1.r2.dev"), "bucket-1.r2.dev");
+        assert_ne!(site_of("bucket-1.r2.dev"), site_of("bucket-2.r2.dev"));
+        assert_eq!(site_of("a.files.attacker.test"), site_of("b.attacker.test"));
+        assert_eq!(site_of("192.0.2.7"), "192.0.2.7");
     }
 
     #[test]

@@ -173,9 +173,20 @@ impl Bucket {
     }
 }
 
-/// Bytes of an object key escaped in its source URL: all but the unreserved ones (RFC 3986).
-const OBJECT_KEY: &percent_encoding::AsciiSet =
-    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+/// Bytes of an object key escaped in its source URL: the ones the `url` crate escapes in a
+/// path, and `%` (a literal one): the source is then what [`crate::api::parse_source`] makes of
+/// the object's URL written plainly, so a URL ban or purge of it names this very entry.
+const OBJECT_KEY: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}');
 
 /// Characters of a key prefix escaped before it is read as a URL path.
 const PATH: &percent_encoding::AsciiSet =
@@ -218,7 +229,17 @@ mod tests {
         for spelling in ["/system/a.png", "/system/%61.png", "/system/a%2Epng", "/system/a%2epng"] {
             assert_eq!(ok(spelling), "https://bucket.example.test/mastodon/a.png", "{spelling}");
         }
-        assert_eq!(ok("/system/(1)%2B.png"), "https://bucket.example.test/mastodon/%281%29%2B.png");
+        assert_eq!(ok("/system/(1)%2B.png"), "https://bucket.example.test/mastodon/(1)+.png");
+        // The same object as parse_source spells its URL.
+        for path in [
+            "/system/(1)%2B.png",
+            "/system/a%20b.png",
+            "/system/%C3%A9t%C3%A9.png",
+            "/system/x%25y.png",
+        ] {
+            let source = ok(path);
+            assert_eq!(crate::api::parse_source(&source).unwrap().as_str(), source, "{path}");
+        }
         assert!(u.route(None, "/other/a.png", false).is_none(), "outside the prefix");
         for bad in [
             "/system/../x.png",

@@ -405,7 +405,6 @@ fn cached_pages(file: &std::fs::File, offset: u64, len: u64) -> io::Result<(u64,
     Ok((stat.cache, (offset + len).div_ceil(PAGE) - offset / PAGE))
 }
 
-/// `bytes` if they are `len` long and hash to `hash`.
 /// The whole file at `path` and the identity of the file read (one open: the bytes are that
 /// file's, whatever the name points to later).
 fn read_identified(path: &Path) -> io::Result<(bytes::Bytes, super::FileId)> {
@@ -417,6 +416,7 @@ fn read_identified(path: &Path) -> io::Result<(bytes::Bytes, super::FileId)> {
     Ok((bytes.into(), id))
 }
 
+/// `bytes` if they are `len` long and hash to `hash`.
 fn verified(bytes: Vec<u8>, len: u64, hash: &blake3::Hash) -> Option<bytes::Bytes> {
     (bytes.len() as u64 == len && blake3::hash(&bytes) == *hash).then(|| bytes.into())
 }

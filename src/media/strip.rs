@@ -28,8 +28,9 @@ mod markers {
     pub const COM: u8 = 0xFE;
 }
 
-/// Most cuts a plan may ask for; a real file has a handful.
-pub const MAX_CUTS: usize = 4096;
+/// Most cuts a plan may ask for (adjacent ones are one): a real file has a handful, and the
+/// answer stays well inside a reply header's bound.
+pub const MAX_CUTS: usize = 1024;
 
 /// Where to cut an original: what a worker answers for a strip.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +64,72 @@ pub enum Piece {
 }
 
 impl Cuts {
+    /// Checks every cut against the file itself (`len` bytes of `content_type`, read with
+    /// `read_at(offset, buf)`, false when it cannot fill `buf`): each must be nothing but
+    /// whole metadata segments, walked here by their own markers and lengths, and an
+    /// orientation block goes after SOI or after the JFIF header. A worker taken over by the
+    /// file can then remove only metadata, never pick the bytes that remain.
+    pub fn verify(
+        &self,
+        content_type: &str,
+        len: u64,
+        read_at: &mut dyn FnMut(u64, &mut [u8]) -> bool,
+    ) -> Result<(), &'static str> {
+        let not_metadata = "a cut that is not whole metadata segments";
+        for &(start, end) in &self.remove {
+            let mut at = start;
+            while at < end {
+                let mut head = [0u8; 8];
+                let want = if content_type == "image/jpeg" { 4 } else { 8 };
+                if at + want as u64 > len || !read_at(at, &mut head[..want]) {
+                    return Err(not_metadata);
+                }
+                let next = match content_type {
+                    "image/jpeg" => {
+                        let marker = [markers::APP1, markers::APP13, markers::COM];
+                        let seg = u64::from(u16::from_be_bytes([head[2], head[3]]));
+                        if head[0] != 0xFF || !marker.contains(&head[1]) || seg < 2 {
+                            return Err(not_metadata);
+                        }
+                        at + 2 + seg
+                    }
+                    "image/png" => {
+                        const PRIVATE: [&[u8; 4]; 5] =
+                            [b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"];
+                        if !PRIVATE.iter().any(|p| p[..] == head[4..8]) {
+                            return Err(not_metadata);
+                        }
+                        at + 12
+                            + u64::from(u32::from_be_bytes([head[0], head[1], head[2], head[3]]))
+                    }
+                    "image/webp" => {
+                        if !matches!(&head[..4], b"EXIF" | b"XMP ") {
+                            return Err(not_metadata);
+                        }
+                        let size =
+                            u64::from(u32::from_le_bytes([head[4], head[5], head[6], head[7]]));
+                        (at + 8 + size + size % 2).min(len)
+                    }
+                    _ => return Err("not a format that is stripped"),
+                };
+                if next > end {
+                    return Err(not_metadata);
+                }
+                at = next;
+            }
+        }
+        if let Fix::Orientation { at, .. } = self.fix {
+            let mut app0 = [0u8; 4];
+            let after_jfif = read_at(2, &mut app0)
+                && app0[..2] == [0xFF, markers::APP0]
+                && at == 4 + u64::from(u16::from_be_bytes([app0[2], app0[3]]));
+            if at != 2 && !after_jfif {
+                return Err("an orientation block out of place");
+            }
+        }
+        Ok(())
+    }
+
     /// The stripped file, in order, as ranges of the input (`len` bytes of `content_type`,
     /// whose first bytes are `head`: at least 32 of them, or all) and bytes written here.
     /// Refused when the cuts do not fit the file: out of order, out of bounds, into the
@@ -138,8 +205,19 @@ impl Cuts {
         Ok(pieces)
     }
 
-    /// The stripped copy of `bytes`, made in memory.
+    /// The stripped copy of `bytes`, made in memory, once [`Self::verify`] passed.
     pub fn apply(&self, bytes: &[u8], content_type: &str) -> Result<Bytes, &'static str> {
+        let mut read_at = |at: u64, buf: &mut [u8]| {
+            let at = at as usize;
+            match bytes.get(at..at + buf.len()) {
+                Some(src) => {
+                    buf.copy_from_slice(src);
+                    true
+                }
+                None => false,
+            }
+        };
+        self.verify(content_type, bytes.len() as u64, &mut read_at)?;
         let head = &bytes[..bytes.len().min(64)];
         let mut out = Vec::with_capacity(bytes.len());
         for piece in self.pieces(content_type, bytes.len() as u64, head)? {
@@ -157,20 +235,34 @@ impl Cuts {
 /// Where to cut `bytes` (a JPEG, PNG or WebP) to remove its metadata; `None` when there is
 /// nothing to remove (or the format is not one this strips, or it cannot be parsed, in which
 /// case the original is served unchanged: the sniffer already vouched for its type). Runs
-/// in a media worker.
-pub fn plan(bytes: &[u8], content_type: &str) -> Option<Cuts> {
-    let cuts = match content_type {
-        "image/jpeg" => plan_jpeg(bytes)?,
-        "image/png" => plan_png(bytes)?,
-        "image/webp" => plan_webp(bytes)?,
-        _ => return None,
+/// in a media worker. Refused: metadata in more places than [`MAX_CUTS`] (never served
+/// with it left in).
+pub fn plan(bytes: &[u8], content_type: &str) -> Result<Option<Cuts>, &'static str> {
+    let parsed = match content_type {
+        "image/jpeg" => plan_jpeg(bytes),
+        "image/png" => plan_png(bytes),
+        "image/webp" => plan_webp(bytes),
+        _ => None,
     };
-    (!cuts.remove.is_empty()).then_some(cuts)
+    let Some(mut cuts) = parsed else { return Ok(None) };
+    // Adjacent cuts are one (a file of a thousand text chunks is a few cuts).
+    cuts.remove.dedup_by(|next, prev| {
+        let adjacent = prev.1 == next.0;
+        if adjacent {
+            prev.1 = next.1;
+        }
+        adjacent
+    });
+    match cuts.remove.len() {
+        0 => Ok(None),
+        n if n > MAX_CUTS => Err("metadata in too many places"),
+        _ => Ok(Some(cuts)),
+    }
 }
 
 /// [`plan`] and [`Cuts::apply`] in one: the stripped copy, or `None`.
 pub fn strip(bytes: &Bytes, content_type: &str) -> Option<Bytes> {
-    plan(bytes, content_type)?.apply(bytes, content_type).ok()
+    plan(bytes, content_type).ok()??.apply(bytes, content_type).ok()
 }
 
 fn u16_be(b: &[u8], at: usize) -> Option<usize> {
@@ -485,6 +577,53 @@ mod tests {
         let stripped = strip(&tagged, "image/webp").expect("something removed");
         assert!(!stripped.windows(12).any(|w| w == b"home-address"));
         assert!(image::load_from_memory(&stripped).is_ok(), "still decodes after the strip");
+    }
+
+    /// A worker taken over by a file could answer any cuts: only whole metadata segments of
+    /// the file itself are taken, so it can never choose which of the file's bytes remain.
+    #[test]
+    fn cuts_must_be_whole_metadata_segments_of_the_file() {
+        let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 48, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 5) as u8, 90])
+        }));
+        let mut plain = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut plain, image::ImageFormat::Jpeg).unwrap();
+        let mut jpeg = Jpeg::from_bytes(plain.into_inner().into()).unwrap();
+        jpeg.set_exif(Some(Bytes::from(minimal_exif(6).to_vec())));
+        let mut tagged = Vec::new();
+        jpeg.encoder().write_to(&mut tagged).unwrap();
+        let honest = plan(&tagged, "image/jpeg").unwrap().expect("an EXIF segment to cut");
+        assert!(honest.apply(&tagged, "image/jpeg").is_ok());
+        let len = tagged.len() as u64;
+        let forged = [
+            // Pixel data, anywhere past the header.
+            Cuts { remove: vec![(len / 2, len / 2 + 10)], fix: Fix::None },
+            // The honest cut and a few more bytes after it.
+            Cuts { remove: vec![(honest.remove[0].0, honest.remove[0].1 + 3)], fix: Fix::None },
+            // The orientation block in the middle of the pixels.
+            Cuts { fix: Fix::Orientation { at: len / 2, orientation: 6 }, ..honest.clone() },
+        ];
+        for cuts in forged {
+            assert!(cuts.apply(&tagged, "image/jpeg").is_err(), "{cuts:?}");
+        }
+        // A PNG of many text chunks in a row: one cut, accepted.
+        let mut png = Png::from_bytes(Bytes::from(crate::media::strip::tests::png())).unwrap();
+        for n in 0..2000 {
+            let text = Bytes::from(format!("k\0{n}"));
+            png.chunks_mut().insert(1, img_parts::png::PngChunk::new(*b"tEXt", text));
+        }
+        let mut out = Vec::new();
+        png.encoder().write_to(&mut out).unwrap();
+        let cuts = plan(&out, "image/png").unwrap().unwrap();
+        assert_eq!(cuts.remove.len(), 1, "adjacent chunks are one cut");
+        assert!(cuts.apply(&out, "image/png").is_ok());
+    }
+
+    fn png() -> Vec<u8> {
+        let img = image::DynamicImage::ImageRgb8(image::RgbImage::new(8, 8));
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub const MAX_CONVOLVE_ORDER: f64 = 8.0;
 /// XML nodes a document may have.
 const MAX_NODES: u32 = 200_000;
 
+const SVG_NAMESPACE: &str = "http://www.w3.org/2000/svg";
+
 /// Checks `svg` before rendering and returns it with costly parameters clamped (borrowed when
 /// nothing needed changing). Refused: a document that is not UTF-8 XML, that has a DOCTYPE
 /// (entities, the "billion laughs"), more than [`MAX_FILTER_PRIMITIVES`] filter primitives
@@ -95,17 +97,24 @@ pub fn screen(svg: &[u8]) -> Result<Cow<'_, [u8]>, ProxyError> {
             "feConvolveMatrix" => ("order", MAX_CONVOLVE_ORDER),
             _ => continue,
         };
-        let Some(attr) = node.attributes().find(|a| a.name() == attribute) else { continue };
-        let numbers = numbers(attr.value());
-        if !numbers.iter().any(|n| *n > most) {
-            continue;
+        // Every attribute of that name the renderer reads: in no namespace or SVG's (one in
+        // another namespace, placed first, must not shield the real one).
+        let read = |a: &roxmltree::Attribute| {
+            a.name() == attribute && matches!(a.namespace(), None | Some(SVG_NAMESPACE))
+        };
+        for attr in node.attributes().filter(read) {
+            let numbers = numbers(attr.value());
+            if !numbers.iter().any(|n| *n > most) {
+                continue;
+            }
+            if name == "feConvolveMatrix" {
+                return Err(ProxyError::bad_image("SVG convolution too large"));
+            }
+            let clamped: Vec<String> = numbers.iter().map(|n| n.min(most).to_string()).collect();
+            edits.push((attr.range_value(), clamped.join(" ")));
         }
-        if name == "feConvolveMatrix" {
-            return Err(ProxyError::bad_image("SVG convolution too large"));
-        }
-        let clamped: Vec<String> = numbers.iter().map(|n| n.min(most).to_string()).collect();
-        edits.push((attr.range_value(), clamped.join(" ")));
     }
+    edits.sort_by_key(|(range, _)| range.start);
     if edits.is_empty() {
         return Ok(Cow::Borrowed(svg));
     }
@@ -203,6 +212,11 @@ mod tests {
         assert!(text.contains(r#"numOctaves="10""#), "{text}");
         assert!(text.contains(r#"radius="5 10""#), "{text}");
         assert!(text.contains(r#"baseFrequency="0.05""#), "the rest as it was: {text}");
+        // An attribute of another namespace first does not shield the one the renderer reads.
+        let shielded = br#"<svg xmlns="http://www.w3.org/2000/svg" xmlns:x="urn:x"><filter id="f"><feTurbulence x:numOctaves="1" numOctaves="4000000000"/></filter></svg>"#;
+        let screened = screen(shielded).unwrap();
+        let text = std::str::from_utf8(&screened).unwrap();
+        assert!(text.contains(r#"x:numOctaves="1" numOctaves="10""#), "{text}");
         let plain = br#"<svg xmlns="http://www.w3.org/2000/svg"><filter id="f"><feTurbulence numOctaves="3"/></filter></svg>"#;
         assert!(matches!(screen(plain).unwrap(), Cow::Borrowed(_)), "nothing to change");
         let many = format!(

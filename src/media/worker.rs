@@ -5,16 +5,19 @@
 //! it can open no file, socket or program ([`sandbox`]).
 //!
 //! - **Pool**: up to `media.workers` jobs at once (and one metadata strip beyond them), each
-//!   on a worker process started on demand and kept between jobs; a worker is retired after
+//!   on a worker process kept between jobs of its source host; a fresh one stands by for the
+//!   next new host (started in the background, about 2 ms); a worker is retired after
 //!   `media.worker_jobs` jobs, or at once after any failure.
-//! - **Fair queue** ([`schedule`]): one origin may hold only its share of the workers and of
-//!   the queue; a job waits at most `media.queue_wait`; beyond the queue, 503 `media_busy` at
-//!   once. An origin whose files keep ending `too_costly` gets no new jobs for a while.
-//! - **A worker is trusted no more than one file**: a worker only ever runs jobs of one
-//!   origin, every job carries a random id its reply must echo, and a byte more than the reply
-//!   is a protocol break that ends the worker. A strip answers the byte ranges to cut, which
-//!   the server cuts from its own copy ([`crate::media::strip`]), so a worker can never add a
-//!   byte to an original.
+//! - **Fair queue** ([`schedule`]): one origin ([`crate::policy::origin_of`]) may hold only
+//!   its share of the workers and of the queue; a job waits at most `media.queue_wait`;
+//!   beyond the queue, 503 `media_busy` at once. A site ([`crate::policy::site_of`]) whose
+//!   files keep ending `too_costly` gets no new jobs for a while.
+//! - **A worker is trusted no more than one file**: a worker only ever runs jobs of one source
+//!   host, every job carries a random id its reply must echo, and a reply of another kind or a
+//!   byte more than the reply is a protocol break that ends the worker. A strip answers the
+//!   byte ranges to cut, which the server checks are whole metadata segments and cuts from its
+//!   own copy ([`crate::media::strip`]), so a worker can neither add a byte to an original nor
+//!   choose which of its bytes remain.
 //! - **Deadline in CPU time**: a job may use `media.job_timeout` of CPU (rasterising an SVG,
 //!   `media.svg_timeout`); past it the kernel stops the worker and the file is answered 422
 //!   `media_too_costly`, remembered by the file's blake3 for a day, so the next viewer of the
@@ -37,7 +40,7 @@ pub mod tool;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::cache::ChunkSink;
@@ -184,14 +187,16 @@ impl Drop for RunningJob<'_> {
 }
 
 pub struct MediaPool {
-    config: PoolConfig,
+    config: Arc<PoolConfig>,
     /// Who runs next ([`schedule`]).
     schedule: schedule::Schedule,
     /// Workers between jobs, oldest first, each with the host it serves (none yet: a fresh
     /// one). A std mutex: held only to push or take.
-    idle: Mutex<std::collections::VecDeque<Worker>>,
-    /// Too-costly verdicts by origin in the last [`STRIKE_WINDOW`], and the origins refused
-    /// new jobs for having had [`STRIKES`] of them.
+    idle: Arc<Mutex<std::collections::VecDeque<Worker>>>,
+    /// A fresh worker is being started in the background to stand by for a new host.
+    refilling: Arc<std::sync::atomic::AtomicBool>,
+    /// Too-costly verdicts by site ([`crate::policy::site_of`]) in the last
+    /// [`STRIKE_WINDOW`], and the sites refused new jobs for having had [`STRIKES`] of them.
     strikes: moka::sync::Cache<String, std::sync::Arc<std::sync::atomic::AtomicU32>>,
     refused: moka::sync::Cache<String, ()>,
     /// Files whose job ran out of time or memory or killed its worker, by blake3 of the
@@ -213,7 +218,8 @@ impl MediaPool {
         };
         Self {
             schedule: schedule::Schedule::new(config.shares),
-            idle: Mutex::new(std::collections::VecDeque::new()),
+            idle: Default::default(),
+            refilling: Default::default(),
             strikes: strikes(),
             refused: moka::sync::Cache::builder()
                 .max_capacity(100_000)
@@ -229,7 +235,7 @@ impl MediaPool {
                 .ok()
                 .flatten()
                 .map_or(100, |t| t.max(1) as u64),
-            config,
+            config: Arc::new(config),
         }
     }
 
@@ -294,6 +300,24 @@ impl MediaPool {
         host: &str,
         sink: &mut S,
     ) -> Result<Outcome, ProxyError> {
+        match self.remembered(task, &input, content, host, sink).await? {
+            Reply::Done { width, height } => Ok(Outcome::Done { width, height }),
+            Reply::Unchanged => Ok(Outcome::Unchanged),
+            other => Err(ProxyError::internal(format!("media worker answered {other:?}"))),
+        }
+    }
+
+    /// [`Self::submit`], unless the same bytes (`content`) were found too costly for the same
+    /// task within a day; a new such verdict is remembered. Only what a worker did on a file
+    /// is: never a refusal of its site or a busy pool.
+    async fn remembered<S: ChunkSink>(
+        &self,
+        task: &Task,
+        input: &Input,
+        content: Option<&blake3::Hash>,
+        host: &str,
+        sink: &mut S,
+    ) -> Result<Reply, ProxyError> {
         let verdict = content.map(|hash| {
             let mut key = blake3::Hasher::new();
             key.update(hash.as_bytes()).update(task.name().as_bytes());
@@ -305,15 +329,11 @@ impl MediaPool {
                 return Err(ProxyError::MediaTooCostly(why));
             }
         }
-        let result = self.submit(task, &input, host, sink).await;
+        let result = self.submit(task, input, host, sink).await;
         if let (Err(ProxyError::MediaTooCostly(why)), Some(key)) = (&result, verdict) {
             self.verdicts.insert(key, why.clone()).await;
         }
-        match result? {
-            Reply::Done { width, height } => Ok(Outcome::Done { width, height }),
-            Reply::Unchanged => Ok(Outcome::Unchanged),
-            other => Err(ProxyError::internal(format!("media worker answered {other:?}"))),
-        }
+        result
     }
 
     /// A strip of `input` (a JPEG, PNG or WebP from `host`): the cuts that remove its
@@ -327,19 +347,10 @@ impl MediaPool {
         host: &str,
     ) -> Result<Option<crate::media::strip::Cuts>, ProxyError> {
         let task = Task::Strip { content_type: content_type.into() };
-        match self.submit(&task, &input, host, &mut Vec::new()).await {
-            Ok(Reply::Cut(cuts)) => Ok(Some(cuts)),
-            Ok(Reply::Unchanged) => Ok(None),
-            Ok(other) => Err(ProxyError::internal(format!("media worker answered {other:?}"))),
-            Err(e @ ProxyError::MediaTooCostly(_)) => {
-                let mut key = blake3::Hasher::new();
-                key.update(content.as_bytes()).update(task.name().as_bytes());
-                if let ProxyError::MediaTooCostly(why) = &e {
-                    self.verdicts.insert(*key.finalize().as_bytes(), why.clone()).await;
-                }
-                Err(e)
-            }
-            Err(e) => Err(e),
+        match self.remembered(&task, &input, Some(content), host, &mut Vec::new()).await? {
+            Reply::Cut(cuts) => Ok(Some(cuts)),
+            Reply::Unchanged => Ok(None),
+            other => Err(ProxyError::internal(format!("media worker answered {other:?}"))),
         }
     }
 
@@ -357,32 +368,31 @@ impl MediaPool {
         }
     }
 
-    /// Refuses jobs of an origin whose files were too costly [`STRIKES`] times lately: 422,
-    /// like the files themselves (remembered for `cache.negative_ttl`, so its viewers do not
-    /// refetch the file just to be refused again).
-    fn check_origin(&self, origin: &str) -> Result<(), ProxyError> {
-        if self.refused.contains_key(origin) {
+    /// Refuses jobs of a site whose files were too costly [`STRIKES`] times lately: 422
+    /// `media_origin_refused` (remembered for `cache.negative_ttl`, so its viewers do not
+    /// refetch a file just to be refused again; never as the file's own verdict).
+    fn check_site(&self, site: &str) -> Result<(), ProxyError> {
+        if self.refused.contains_key(site) {
             self.count("origin_refused");
-            return Err(ProxyError::MediaTooCostly("this origin's files were too costly".into()));
+            return Err(ProxyError::MediaOriginRefused);
         }
         Ok(())
     }
 
-    /// Counts a too-costly verdict against `origin`; at [`STRIKES`], it is refused for
+    /// Counts a too-costly verdict against `site`; at [`STRIKES`], it is refused for
     /// [`STRIKE_WINDOW`].
-    fn strike(&self, origin: &str) {
+    fn strike(&self, site: &str) {
         use std::sync::atomic::Ordering;
-        let count = self.strikes.get_with(origin.to_string(), Default::default);
-        if count.fetch_add(1, Ordering::Relaxed) + 1 >= STRIKES
-            && !self.refused.contains_key(origin)
+        let count = self.strikes.get_with(site.to_string(), Default::default);
+        if count.fetch_add(1, Ordering::Relaxed) + 1 >= STRIKES && !self.refused.contains_key(site)
         {
             tracing::warn!(
-                origin,
+                site,
                 strikes = STRIKES,
-                "an origin's files keep being too costly: refused for a while"
+                "a site's files keep being too costly: refused new media jobs for a while"
             );
-            self.refused.insert(origin.to_string(), ());
-            self.strikes.invalidate(origin);
+            self.refused.insert(site.to_string(), ());
+            self.strikes.invalidate(site);
         }
     }
 
@@ -414,14 +424,15 @@ impl MediaPool {
         }
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         let origin = &crate::policy::origin_of(&host);
-        self.check_origin(origin)?;
+        let site = &crate::policy::site_of(&host);
+        self.check_site(site)?;
         let lane = match task {
             Task::Strip { .. } => Lane::Strip,
             _ => Lane::Decode,
         };
         let _admitted = self.admit(origin, lane).await?;
         // Refused while it waited: it does not run either.
-        self.check_origin(origin)?;
+        self.check_site(site)?;
         let budget = self.cpu_budget(task);
         let job = Job {
             id: random_id(),
@@ -443,8 +454,15 @@ impl MediaPool {
                     }
                 },
             };
-            worker.host.get_or_insert_with(|| host.as_str().into());
-            let started = worker.cpu_ms;
+            if worker.host.is_none() {
+                // The fresh worker standing by is this host's now: another takes its place,
+                // so the next new host need not wait for a process to start.
+                self.refill();
+                worker.host = Some(host.as_str().into());
+            }
+            // Read here, not taken from the worker's word: a worker a file took over could
+            // claim any number, and always be judged starved.
+            let started = self.cpu_ticks(worker.pid) * 1000 / self.ticks;
             let reused = worker.jobs > 0;
             let max = self.config.max_input;
             let pid = worker.pid;
@@ -475,9 +493,9 @@ impl MediaPool {
                     continue;
                 }
                 Ok(Err(failure)) => failure,
-                Err(()) => return Err(self.overran(task, worker, started, budget, origin)),
+                Err(()) => return Err(self.overran(task, worker, started, budget, site)),
             };
-            return Err(self.failed(task, worker, failure, origin).await);
+            return Err(self.failed(task, worker, failure, site).await);
         }
     }
 
@@ -535,7 +553,7 @@ impl MediaPool {
         mut worker: Worker,
         started_ms: u64,
         budget: Duration,
-        origin: &str,
+        site: &str,
     ) -> ProxyError {
         let used_ms = (self.cpu_ticks(worker.pid) * 1000 / self.ticks).saturating_sub(started_ms);
         let _ = worker.child.start_kill();
@@ -549,7 +567,7 @@ impl MediaPool {
             return ProxyError::MediaBusy;
         }
         self.count("too_costly");
-        self.strike(origin);
+        self.strike(site);
         tracing::warn!(task = task.name(), "media job over its CPU time: worker killed");
         ProxyError::MediaTooCostly("over its CPU time".into())
     }
@@ -587,7 +605,7 @@ impl MediaPool {
         task: &Task,
         mut worker: Worker,
         failure: Failure,
-        origin: &str,
+        site: &str,
     ) -> ProxyError {
         match failure {
             Failure::Input(e) | Failure::Sink(e) => {
@@ -607,7 +625,7 @@ impl MediaPool {
                     }
                 };
                 self.count("too_costly");
-                self.strike(origin);
+                self.strike(site);
                 tracing::warn!(task = task.name(), why, "media worker failed mid-job");
                 ProxyError::MediaTooCostly(why.into())
             }
@@ -632,19 +650,31 @@ impl MediaPool {
     }
 
     /// Keeps `worker` for its host's next job. At most one worker per slot is kept: the
-    /// oldest goes first.
+    /// oldest that has a host goes first (a fresh one stands by for any host).
     fn put_idle(&self, worker: Worker) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.push_back(worker);
-        while idle.len() > self.config.shares.workers.max(1) + 1 {
-            if let Some(mut oldest) = idle.pop_front() {
-                let _ = oldest.child.start_kill();
-            }
-        }
+        keep_idle(&self.idle, worker, self.config.shares.workers.max(1) + 1);
     }
 
-    /// CPU time (user and system, clock ticks) of process `pid`, 0 when unreadable. Read
-    /// only when a job overran.
+    /// Starts a fresh worker in the background to stand by, unless one is idle or starting.
+    fn refill(&self) {
+        use std::sync::atomic::Ordering;
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.iter().any(|w| w.host.is_none()) || self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        drop(idle);
+        let (config, idle, refilling) =
+            (self.config.clone(), self.idle.clone(), self.refilling.clone());
+        tokio::spawn(async move {
+            if let Ok((worker, _)) = spawn_worker(&config).await {
+                keep_idle(&idle, worker, config.shares.workers.max(1) + 1);
+            }
+            refilling.store(false, Ordering::Release);
+        });
+    }
+
+    /// CPU time (user and system, clock ticks) of process `pid`, 0 when unreadable. Read at
+    /// a job's start, and while it runs past its first deadline.
     fn cpu_ticks(&self, pid: u32) -> u64 {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         // The name may hold spaces and parentheses: fields are counted after its last ')'.
@@ -656,57 +686,75 @@ impl MediaPool {
 
     /// Starts a worker and waits for it to report its sandbox in place.
     async fn spawn(&self) -> Result<(Worker, String), ProxyError> {
-        let exe = &self.config.exe;
-        let limits = &self.config.limits;
-        let mut cmd = tokio::process::Command::new(exe);
-        cmd.arg("media-worker")
-            .args(["--memory", &limits.memory.to_string()])
-            .args(["--cpu-seconds", &limits.cpu_seconds.to_string()])
-            .args(["--jobs", &limits.jobs.to_string()])
-            .args(["--max-input", &self.config.max_input.to_string()])
-            .env_clear()
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            // Its own process group: a Ctrl-C meant for the server does not kill the jobs
-            // it is draining.
-            .process_group(0);
-        let cannot = |e: &dyn std::fmt::Display| {
-            ProxyError::internal(format!("cannot start media worker {}: {e}", exe.display()))
-        };
-        let mut child = cmd.spawn().map_err(|e| cannot(&e))?;
-        let pid = child.id().unwrap_or(0);
-        let (Some(stdin), Some(stdout), Some(stderr)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
-            return Err(cannot(&"no pipes"));
-        };
-        tokio::spawn(relay_stderr(pid, stderr));
-        // 1 MiB pipes (the default is 64 KiB): a 4 MB photo crosses in four wake-ups, not 64.
-        // Best effort: the system's pipe-max-size may be lower.
-        for fd in [stdin.as_fd(), stdout.as_fd()] {
-            let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
-        }
-        let mut stdout = BufReader::with_capacity(1 << 16, stdout);
-        let hello = protocol::read_header::<Answer>(&mut stdout);
-        match tokio::time::timeout(Duration::from_secs(10), hello).await {
-            Ok(Ok((Answer { reply: Reply::Ready { landlock, .. }, cpu_ms, .. }, 0))) => {
-                let worker = Worker { child, pid, stdin, stdout, jobs: 0, cpu_ms, host: None };
-                Ok((worker, landlock))
-            }
-            Ok(Ok((Answer { reply: Reply::Unsafe { why }, .. }, _))) => {
-                Err(cannot(&format!("sandbox: {why}")))
-            }
-            Ok(Ok((other, _))) => Err(cannot(&format!("unexpected greeting {:?}", other.reply))),
-            Ok(Err(e)) => Err(cannot(&e)),
-            Err(_) => Err(cannot(&"no greeting within 10 s")),
-        }
+        spawn_worker(&self.config).await
     }
 
     fn count(&self, outcome: &'static str) {
         self.metrics.jobs.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+}
+
+/// Keeps `worker` among the idle ones, at most `most` of them: the oldest that has a host goes
+/// first, a fresh one last.
+fn keep_idle(idle: &Mutex<std::collections::VecDeque<Worker>>, worker: Worker, most: usize) {
+    let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
+    idle.push_back(worker);
+    while idle.len() > most {
+        let at = idle.iter().position(|w| w.host.is_some()).unwrap_or(0);
+        if let Some(mut gone) = idle.remove(at) {
+            let _ = gone.child.start_kill();
+        }
+    }
+}
+
+/// Starts a worker of `config` and waits for it to report its sandbox in place.
+async fn spawn_worker(config: &PoolConfig) -> Result<(Worker, String), ProxyError> {
+    let exe = &config.exe;
+    let limits = &config.limits;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("media-worker")
+        .args(["--memory", &limits.memory.to_string()])
+        .args(["--cpu-seconds", &limits.cpu_seconds.to_string()])
+        .args(["--jobs", &limits.jobs.to_string()])
+        .args(["--max-input", &config.max_input.to_string()])
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        // Its own process group: a Ctrl-C meant for the server does not kill the jobs
+        // it is draining.
+        .process_group(0);
+    let cannot = |e: &dyn std::fmt::Display| {
+        ProxyError::internal(format!("cannot start media worker {}: {e}", exe.display()))
+    };
+    let mut child = cmd.spawn().map_err(|e| cannot(&e))?;
+    let pid = child.id().unwrap_or(0);
+    let (Some(stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err(cannot(&"no pipes"));
+    };
+    tokio::spawn(relay_stderr(pid, stderr));
+    // 1 MiB pipes (the default is 64 KiB): a 4 MB photo crosses in four wake-ups, not 64.
+    // Best effort: the system's pipe-max-size may be lower.
+    for fd in [stdin.as_fd(), stdout.as_fd()] {
+        let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
+    }
+    let mut stdout = BufReader::with_capacity(1 << 16, stdout);
+    let hello = protocol::read_header::<Answer>(&mut stdout);
+    match tokio::time::timeout(Duration::from_secs(10), hello).await {
+        Ok(Ok((Answer { reply: Reply::Ready { landlock, .. }, cpu_ms, .. }, 0))) => {
+            let worker = Worker { child, pid, stdin, stdout, jobs: 0, cpu_ms, host: None };
+            Ok((worker, landlock))
+        }
+        Ok(Ok((Answer { reply: Reply::Unsafe { why }, .. }, _))) => {
+            Err(cannot(&format!("sandbox: {why}")))
+        }
+        Ok(Ok((other, _))) => Err(cannot(&format!("unexpected greeting {:?}", other.reply))),
+        Ok(Err(e)) => Err(cannot(&e)),
+        Err(_) => Err(cannot(&"no greeting within 10 s")),
     }
 }
 

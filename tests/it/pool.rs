@@ -112,6 +112,7 @@ async fn an_origin_whose_files_keep_costing_too_much_gets_no_new_jobs_for_a_whil
     for n in 0..4 {
         bombs.route(&format!("/bomb-{n}.svg"), Route::ok(blurs(100 + n)));
     }
+    bombs.route("/same-as-3.svg", Route::ok(blurs(103)));
     photos.route("/photo.jpg", Route::ok(photo_with_gps(3)));
     let dir = tempfile::tempdir().unwrap();
     let cfg = media_config(dir.path(), "workers = 2\nsvg_timeout = \"1s\"");
@@ -127,9 +128,15 @@ async fn an_origin_whose_files_keep_costing_too_much_gets_no_new_jobs_for_a_whil
     let url = p.url(&named(&bombs, "b.bombs.test", "/bomb-3.svg"));
     let r = tokio::time::timeout(Duration::from_secs(5), get(&url)).await.unwrap();
     assert_eq!(r.status(), 422);
+    assert_eq!(r.headers()["x-parasol-error"], "media_origin_refused");
     assert_eq!(p.metric("parasol_media_jobs_total{outcome=\"origin_refused\"}").await, 1);
     assert_eq!(p.metric("parasol_media_origins_refused").await, 1);
     assert_eq!(p.metric("parasol_media_jobs_total{outcome=\"too_costly\"}").await, 3);
+    // The refusal is the site's, not the file's: the same bytes elsewhere are refused for the
+    // site again, never as a verdict remembered for them.
+    let url = p.url(&named(&bombs, "a.bombs.test", "/same-as-3.svg"));
+    assert_eq!(get(&url).await.headers()["x-parasol-error"], "media_origin_refused");
+    assert_eq!(p.metric("parasol_media_jobs_total{outcome=\"remembered\"}").await, 0);
     // Another origin is not affected.
     let photo = p.url(&named(&photos, "photos.test", "/photo.jpg"));
     assert_eq!(get(&photo).await.status(), 200);

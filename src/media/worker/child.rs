@@ -136,8 +136,9 @@ fn execute(
             Err(e) => refused(e),
         },
         Task::Strip { content_type } => match crate::media::strip::plan(&body, content_type) {
-            Some(cuts) => (Reply::Cut(cuts), Vec::new()),
-            None => (Reply::Unchanged, Vec::new()),
+            Ok(Some(cuts)) => (Reply::Cut(cuts), Vec::new()),
+            Ok(None) => (Reply::Unchanged, Vec::new()),
+            Err(why) => refused(ProxyError::bad_image(why)),
         },
         Task::SelfCheck { open, connect } => {
             (Reply::Report(Box::new(self_check(open, *connect, entered, limits))), Vec::new())

@@ -104,15 +104,15 @@ struct State {
 impl State {
     /// The slot a job of `origin` in `lane` would take now, if any.
     fn place(&self, shares: &Shares, origin: &str, lane: Lane) -> Option<Place> {
-        let running = self.origins.get(origin).map_or(0, |l| l.running);
-        if running >= shares.origin_running() {
-            return None;
+        // The reserve first, so strips leave the workers to decodes; whatever the origin runs
+        // (a strip never waits behind renders, not even its own origin's).
+        if lane == Lane::Strip && !self.reserve {
+            return Some(Place::Reserve);
         }
-        match lane {
-            // The reserve first, so strips leave the workers to decodes.
-            Lane::Strip if !self.reserve => Some(Place::Reserve),
-            _ if self.running < shares.workers.max(1) => Some(Place::Worker),
-            _ => None,
+        let running = self.origins.get(origin).map_or(0, |l| l.running);
+        match running < shares.origin_running() && self.running < shares.workers.max(1) {
+            true => Some(Place::Worker),
+            false => None,
         }
     }
 
@@ -315,6 +315,11 @@ mod tests {
         assert!(futures_util::poll!(decode.as_mut()).is_pending());
         drop(strip);
         assert!(futures_util::poll!(decode.as_mut()).is_pending(), "the reserve is not for it");
+        // An origin that has its share of the workers running still gets its strip through.
+        let s = Schedule::new(shares(2, 8));
+        let _render = s.admit("a.test", Lane::Decode).await.unwrap();
+        let _strip = s.admit("a.test", Lane::Strip).await.unwrap();
+        assert_eq!(s.load(), (2, 0));
     }
 
     #[tokio::test(start_paused = true)]

@@ -381,6 +381,7 @@ impl MediaPool {
         sink: &mut S,
     ) -> Result<(), ProxyError> {
         let origin = &crate::policy::origin_of(host);
+        let site = &crate::policy::site_of(host);
         let mut key = blake3::Hasher::new();
         key.update(content.as_bytes()).update(job.name.as_bytes());
         let verdict = *key.finalize().as_bytes();
@@ -388,14 +389,14 @@ impl MediaPool {
             self.count("remembered");
             return Err(ProxyError::MediaTooCostly(why));
         }
-        self.check_origin(origin)?;
+        self.check_site(site)?;
         let _admitted = self.admit(origin, Lane::Decode).await?;
         let result = self.tool_exchange(job, path, sink).await;
         match &result {
             Ok(()) => self.count("ok"),
             Err(ProxyError::MediaTooCostly(why)) => {
                 self.count("too_costly");
-                self.strike(origin);
+                self.strike(site);
                 self.verdicts.insert(verdict, why.clone()).await;
             }
             Err(ProxyError::BadImage(_)) => self.count("refused"),
