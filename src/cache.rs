@@ -16,6 +16,7 @@ pub mod memory;
 pub mod received;
 pub mod shared;
 pub mod store;
+pub mod upkeep;
 pub mod verify;
 
 use bytes::Bytes;

@@ -186,6 +186,8 @@ pub struct Bound {
     /// The pict-rs API for Lemmy (`compat.pictrs_listen`).
     pictrs: Option<TcpListener>,
     proxy: Arc<proxy::Proxy>,
+    /// Ends (`recv` is `None`) once the proxy is dropped, whoever held it last.
+    proxy_closed: tokio::sync::mpsc::Receiver<()>,
     /// The unsigned routes' fill allowances, shared by the Misskey route and pict-rs API.
     unsigned: Arc<api::rate::Unsigned>,
     signer: signing::Signer,
@@ -291,13 +293,29 @@ impl Bound {
         );
         let moderation = moderation::Moderation::new(log, scanner)
             .with_normalizer(policy::Normalizer::new(&config.policy.normalize));
-        let proxy = Arc::new(
-            proxy::Proxy::new(config, fetcher, audit, disk, index, metrics, media)
-                .with_moderation(moderation)
-                .with_shared(shared)
-                .with_upstreams(upstreams),
+        let store_config = cache::store::StoreConfig {
+            memory_bytes: config.cache.memory_bytes.0,
+            memory_max_object_bytes: config.cache.memory_max_object_bytes.0,
+            disk_bytes: config.cache.disk_bytes.0,
+            fsync: config.cache.fsync,
+            inflight_bytes: config.media.inflight_bytes.0,
+        };
+        let store_metrics = cache::store::StoreMetrics {
+            evictions: metrics.evictions.clone(),
+            blobs_dropped: metrics.blobs_dropped.clone(),
+        };
+        let store = Arc::new(
+            cache::store::Store::new(store_config, disk, index, store_metrics).with_shared(shared),
         );
-        let entries = proxy.store.load_budget().await.map_err(StartError::Setup)?;
+        let entries = store.load_budget().await.map_err(StartError::Setup)?;
+        store.start_upkeep(config.cache.retention.0, started);
+        let (closed, proxy_closed) = tokio::sync::mpsc::channel(1);
+        let proxy = Arc::new(
+            proxy::Proxy::new(config, fetcher, audit, store, metrics, media)
+                .with_moderation(moderation)
+                .with_upstreams(upstreams)
+                .with_closed(closed),
+        );
         proxy.load_moderation().await.map_err(StartError::Setup)?;
         if proxy.store.shared().is_some() {
             let every = proxy.config.moderation.sync_interval.0;
@@ -306,13 +324,13 @@ impl Bound {
         let usage = proxy.store.usage().await;
         let (blobs, bytes) = (usage.disk_blobs, usage.disk_bytes);
         tracing::info!(entries, blobs, bytes, "disk cache loaded");
-        tokio::spawn(proxy::Proxy::maintain(Arc::downgrade(&proxy), started));
         let unsigned = Arc::new(api::rate::Unsigned::new(&proxy.config.compat));
         Ok(Bound {
             public,
             admin,
             pictrs,
             proxy,
+            proxy_closed,
             unsigned,
             signer,
             audit_task,
@@ -357,7 +375,8 @@ impl Bound {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let reloader = self.reloader();
         let public_state = self.public_state();
-        let Bound { public, admin, pictrs, proxy, unsigned, audit_task, .. } = self;
+        let Bound { public, admin, pictrs, proxy, mut proxy_closed, unsigned, audit_task, .. } =
+            self;
         let server = &proxy.config.server;
         let grace = server.shutdown_grace.0;
         let limits = server::ConnLimits {
@@ -412,12 +431,11 @@ impl Bound {
         let _ = admin_loop.await;
         drop(admin_state);
         // Fill tasks finishing after their viewers were answered still hold the proxy (and
-        // with it the index): wait for them, within the grace period, so that the stores are
-        // closed when this returns and the same cache can be opened again at once.
-        while Arc::strong_count(&proxy) > 1 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        // with it the index): wait for the last of them to let go, within the grace period,
+        // so that the stores are closed when this returns and the same cache can be opened
+        // again at once.
         drop(proxy);
+        let _ = tokio::time::timeout_at(deadline, proxy_closed.recv()).await;
         // Fills still running hold the last audit handles; they too get what is left of the
         // grace period, and past it the process ends without them.
         let _ = tokio::time::timeout_at(deadline, audit_task).await;

@@ -10,7 +10,6 @@ mod store;
 
 pub use crate::cache::store::PurgeReport;
 pub use moderate::BanReport;
-mod upkeep;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,9 +18,7 @@ use tokio::sync::watch;
 
 use crate::api::ProxyRequest;
 use crate::audit::{AuditLog, Trigger};
-use crate::cache::disk::BlobStore;
 use crate::cache::growing::Growing;
-use crate::cache::index::Index;
 use crate::cache::received::{Held, Received};
 use crate::cache::store::Store;
 use crate::cache::{Entry, Key};
@@ -113,13 +110,18 @@ pub struct Proxy {
     /// A fill uses it, so an expired URL asked for after eviction does not fail (and its
     /// failure is not remembered for the entry) while a newer one is known. Bounded.
     newest: moka::sync::Cache<Key, (url::Url, u64)>,
-    /// Memory, disk, index, disk budget and shared bucket ([`crate::cache::store`]).
-    pub store: Store,
+    /// Memory, disk, index, disk budget and shared bucket ([`crate::cache::store`]), which
+    /// runs its own upkeep.
+    pub store: Arc<Store>,
     /// Fills in progress. A std mutex: it is held only to look up or insert, never across await.
     inflight: Mutex<HashMap<Key, Arc<watch::Sender<FillState>>>>,
     pub metrics: Metrics,
     /// `[[upstream]]`: path prefixes served from one fixed origin.
     pub upstreams: crate::api::upstream::Upstreams,
+    /// Dropped with the proxy, when the last task holding it (a fill finishing after its
+    /// viewers were answered) lets go: shutdown waits on its receiver (mini-redis's
+    /// `shutdown_complete`), then knows the stores are closed.
+    closed: Option<tokio::sync::mpsc::Sender<()>>,
 }
 
 impl Proxy {
@@ -127,8 +129,7 @@ impl Proxy {
         config: Config,
         fetcher: Fetcher,
         audit: AuditLog,
-        disk: BlobStore,
-        index: Index,
+        store: Arc<Store>,
         metrics: Metrics,
         media: MediaPool,
     ) -> Self {
@@ -142,19 +143,8 @@ impl Proxy {
             .max_capacity(100_000)
             .time_to_live(config.cache.negative_ttl.0.max(std::time::Duration::from_millis(1)))
             .build();
-        let store_config = crate::cache::store::StoreConfig {
-            memory_bytes: config.cache.memory_bytes.0,
-            memory_max_object_bytes: config.cache.memory_max_object_bytes.0,
-            disk_bytes: config.cache.disk_bytes.0,
-            fsync: config.cache.fsync,
-            inflight_bytes: config.media.inflight_bytes.0,
-        };
-        let store_metrics = crate::cache::store::StoreMetrics {
-            evictions: metrics.evictions.clone(),
-            blobs_dropped: metrics.blobs_dropped.clone(),
-        };
         Self {
-            store: Store::new(store_config, disk, index, store_metrics),
+            store,
             normalizer: crate::policy::Normalizer::new(&config.policy.normalize),
             newest: moka::sync::Cache::new(100_000),
             types: TypePolicy::new(&config.media.allowed_types)
@@ -172,7 +162,15 @@ impl Proxy {
             metrics,
             config,
             upstreams: Default::default(),
+            closed: None,
         }
+    }
+
+    /// `closed` is dropped with the proxy: its receiver's `recv` ends once the last holder
+    /// of the proxy is gone.
+    pub fn with_closed(mut self, closed: tokio::sync::mpsc::Sender<()>) -> Self {
+        self.closed = Some(closed);
+        self
     }
 
     /// Moderation with its scanner (the default has none).
@@ -183,11 +181,6 @@ impl Proxy {
 
     pub fn with_upstreams(mut self, upstreams: crate::api::upstream::Upstreams) -> Self {
         self.upstreams = upstreams;
-        self
-    }
-
-    pub fn with_shared(mut self, shared: Option<crate::cache::shared::SharedTier>) -> Self {
-        self.store = self.store.with_shared(shared);
         self
     }
 
@@ -262,6 +255,50 @@ impl Proxy {
             return Err((e, CacheStatus::Blocked));
         }
         Ok(Found::Entry(found.0, found.1))
+    }
+
+    /// Drops everything cached for the source `url` (the original and its renditions) and
+    /// any failure remembered for it, so the next view asks the origin again.
+    /// URLs that share its cache entry (`[[policy.normalize]]`) go with it.
+    pub async fn purge_url(&self, url: &url::Url) -> Result<PurgeReport, ProxyError> {
+        let normalizer = self.normalizer.clone();
+        let wanted = normalizer.cache_url(url).into_owned();
+        let report = self
+            .store
+            .purge(move |r| {
+                r.url == wanted
+                    || url::Url::parse(&r.url).is_ok_and(|u| normalizer.cache_url(&u) == wanted)
+            })
+            .await?;
+        let original = crate::api::ProxyRequest::new(url.clone(), None);
+        self.negative.invalidate(&original.key(&self.normalizer)).await;
+        Ok(report)
+    }
+
+    /// Applies a new `[policy]` and purges everything cached from domains it now refuses.
+    pub async fn apply_policy(
+        &self,
+        config: &crate::config::PolicyConfig,
+    ) -> Result<PurgeReport, ProxyError> {
+        let policy = crate::policy::Policy::new(config);
+        self.fetcher.set_policy(policy.clone());
+        let report = self
+            .store
+            .purge(move |r| {
+                // The source's host, and the host the bytes came from after redirects.
+                let (source, landed) = r.hosts();
+                source.is_none_or(|h| policy.check(&h).is_err())
+                    || landed.is_some_and(|h| policy.check(h).is_err())
+            })
+            .await?;
+        tracing::info!(
+            blocked = config.blocked_domains.len(),
+            allowed = config.allowed_domains.len(),
+            purged_entries = report.entries,
+            purged_bytes = report.bytes,
+            "domain policy applied"
+        );
+        Ok(report)
     }
 
     /// Lets this fill's waiters read it as it arrives (when they asked for that).

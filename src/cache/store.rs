@@ -68,6 +68,16 @@ pub struct Store {
     shared: Option<SharedTier>,
     config: StoreConfig,
     metrics: StoreMetrics,
+    /// The upkeep task this store owns ([`super::upkeep`]), aborted when it is dropped.
+    upkeep: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(task) = self.upkeep.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
+    }
 }
 
 impl Store {
@@ -81,6 +91,15 @@ impl Store {
             shared: None,
             config,
             metrics,
+            upkeep: Default::default(),
+        }
+    }
+
+    /// Owns the upkeep task `task` (one: a second replaces and ends the first).
+    pub(super) fn own_upkeep(&self, task: tokio::task::AbortHandle) {
+        let old = self.upkeep.lock().unwrap_or_else(|p| p.into_inner()).replace(task);
+        if let Some(old) = old {
+            old.abort();
         }
     }
 
