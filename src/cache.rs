@@ -7,6 +7,7 @@
 //! content-addressed blobs in the [`disk`] store: two URLs with the same bytes share one blob.
 
 pub mod budget;
+pub mod coalesce;
 pub mod disk;
 pub mod evict;
 pub mod growing;

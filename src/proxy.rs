@@ -11,10 +11,7 @@ mod store;
 pub use crate::cache::store::PurgeReport;
 pub use moderate::BanReport;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
-use tokio::sync::watch;
+use std::sync::Arc;
 
 use crate::api::ProxyRequest;
 use crate::audit::{AuditLog, Trigger};
@@ -29,18 +26,6 @@ use crate::fetch::limit::FillLimits;
 use crate::media::TypePolicy;
 use crate::media::worker::MediaPool;
 use crate::telemetry::{CacheStatus, Metrics};
-
-/// Removes a key from the in-flight map when dropped.
-struct InflightSlot {
-    proxy: Arc<Proxy>,
-    key: Key,
-}
-
-impl Drop for InflightSlot {
-    fn drop(&mut self) {
-        self.proxy.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
-    }
-}
 
 /// A received body as a media job's input: the bytes in memory, or the temp blob's file.
 trait AsInput {
@@ -61,16 +46,7 @@ impl AsInput for Received {
     }
 }
 
-type FillResult = Result<(Arc<Entry>, CacheStatus), ProxyError>;
-
-/// Where a fill is, as its waiters see it.
-#[derive(Clone)]
-enum FillState {
-    Pending,
-    /// The body is arriving and may be read as it does ([`crate::cache::growing`]).
-    Growing(Arc<Growing>),
-    Done(FillResult),
-}
+use crate::cache::coalesce::{Coalescer, FillResult, Joined};
 
 /// What a lookup found: a stored entry, or a fill to read as it arrives.
 pub enum Found {
@@ -113,8 +89,8 @@ pub struct Proxy {
     /// Memory, disk, index, disk budget and shared bucket ([`crate::cache::store`]), which
     /// runs its own upkeep.
     pub store: Arc<Store>,
-    /// Fills in progress. A std mutex: it is held only to look up or insert, never across await.
-    inflight: Mutex<HashMap<Key, Arc<watch::Sender<FillState>>>>,
+    /// Fills in progress: one per key ([`crate::cache::coalesce`]).
+    fills: Arc<Coalescer>,
     pub metrics: Metrics,
     /// `[[upstream]]`: path prefixes served from one fixed origin.
     pub upstreams: crate::api::upstream::Upstreams,
@@ -158,7 +134,7 @@ impl Proxy {
             negative,
             fetcher,
             audit,
-            inflight: Mutex::new(HashMap::new()),
+            fills: Default::default(),
             metrics,
             config,
             upstreams: Default::default(),
@@ -303,16 +279,7 @@ impl Proxy {
 
     /// Lets this fill's waiters read it as it arrives (when they asked for that).
     fn publish_growing(&self, key: Key, growing: Arc<Growing>) {
-        let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = inflight.get(&key) {
-            tx.send_if_modified(|state| match state {
-                FillState::Pending => {
-                    *state = FillState::Growing(growing);
-                    true
-                }
-                _ => false,
-            });
-        }
+        self.fills.publish_growing(key, growing);
     }
 
     /// `req`, or the same entry under the URL seen that expires last (for URLs with an
@@ -381,46 +348,22 @@ impl Proxy {
         if let Some(err) = self.negative.get(&key).await {
             return Err((err, CacheStatus::Negative));
         }
-        let (mut rx, leader) = {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            match inflight.get(&key) {
-                Some(tx) => (tx.subscribe(), false),
-                None => {
-                    let tx = Arc::new(watch::channel(FillState::Pending).0);
-                    let rx = tx.subscribe();
-                    inflight.insert(key, tx.clone());
-                    let this = self.clone();
-                    tokio::spawn(async move {
-                        // Leaves the map however the task ends, a panic included, so a key is
-                        // never stuck waiting on a fill that is gone.
-                        let slot = InflightSlot { proxy: this.clone(), key };
-                        let result = fill(this.clone()).await;
-                        if let Err(e) = &result {
-                            if e.is_negative_cacheable() && !this.negative.contains_key(&key) {
-                                this.negative.insert(key, e.clone()).await;
-                            }
-                        }
-                        // Publish before leaving the map, so a newcomer finds either the entry
-                        // in a tier or this fill, never neither.
-                        tx.send_replace(FillState::Done(result));
-                        drop(slot);
-                    });
-                    (rx, true)
+        let this = self.clone();
+        let fill = async move {
+            let result = fill(this.clone()).await;
+            // Remembered before it is published: a newcomer finds it, or the fill.
+            if let Err(e) = &result {
+                if e.is_negative_cacheable() && !this.negative.contains_key(&key) {
+                    this.negative.insert(key, e.clone()).await;
                 }
             }
+            result
         };
-        let waited = rx.wait_for(|state| match state {
-            FillState::Pending => false,
-            FillState::Growing(_) => stream,
-            FillState::Done(_) => true,
-        });
+        let (joined, leader) = self.fills.join(key, fill, stream).await;
         let status = if leader { CacheStatus::Miss } else { CacheStatus::Coalesced };
-        let outcome = match waited.await.map(|state| state.clone()) {
-            Ok(FillState::Growing(growing)) => return Ok(Found::Growing(growing, status)),
-            Ok(FillState::Done(result)) => result,
-            Ok(FillState::Pending) | Err(_) => {
-                Err(ProxyError::internal("fill task ended without a result"))
-            }
+        let outcome = match joined {
+            Joined::Growing(growing) => return Ok(Found::Growing(growing, status)),
+            Joined::Done(result) => result,
         };
         match outcome {
             Ok((entry, status)) if leader => Ok(Found::Entry(entry, status)),
