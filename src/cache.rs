@@ -8,6 +8,7 @@
 
 pub mod budget;
 pub mod coalesce;
+pub mod digests;
 pub mod disk;
 pub mod evict;
 pub mod growing;
@@ -73,6 +74,27 @@ impl Key {
 
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
+    }
+}
+
+/// A body to read, whole: in memory, or the first `len` bytes of a file (a media job's
+/// input, a scanner's upload).
+#[derive(Debug, Clone)]
+pub enum Input {
+    Memory(Bytes),
+    File { path: std::path::PathBuf, len: u64 },
+}
+
+impl Input {
+    pub fn len(&self) -> u64 {
+        match self {
+            Input::Memory(b) => b.len() as u64,
+            Input::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

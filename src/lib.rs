@@ -287,12 +287,6 @@ impl Bound {
                     "moderation.scanner_url: {e}"
                 )))
             })?;
-        let log = moderation::log::ModerationLog::new(
-            config.moderation_log_path(),
-            metrics.moderation.clone(),
-        );
-        let moderation = moderation::Moderation::new(log, scanner)
-            .with_normalizer(policy::Normalizer::new(&config.policy.normalize));
         let store_config = cache::store::StoreConfig {
             memory_bytes: config.cache.memory_bytes.0,
             memory_max_object_bytes: config.cache.memory_max_object_bytes.0,
@@ -309,18 +303,25 @@ impl Bound {
         );
         let entries = store.load_budget().await.map_err(StartError::Setup)?;
         store.start_upkeep(config.cache.retention.0, started);
+        let log = moderation::log::ModerationLog::new(
+            config.moderation_log_path(),
+            metrics.moderation.clone(),
+        );
+        let moderation = Arc::new(
+            moderation::Moderation::new(log, scanner, store.clone())
+                .with_normalizer(policy::Normalizer::new(&config.policy.normalize)),
+        );
+        moderation.load(&config.moderation.hash_lists).await.map_err(StartError::Setup)?;
+        if store.shared().is_some() {
+            let every = config.moderation.sync_interval.0;
+            tokio::spawn(moderation::Moderation::sync_bans(Arc::downgrade(&moderation), every));
+        }
         let (closed, proxy_closed) = tokio::sync::mpsc::channel(1);
         let proxy = Arc::new(
-            proxy::Proxy::new(config, fetcher, audit, store, metrics, media)
-                .with_moderation(moderation)
+            proxy::Proxy::new(config, fetcher, audit, store, moderation, metrics, media)
                 .with_upstreams(upstreams)
                 .with_closed(closed),
         );
-        proxy.load_moderation().await.map_err(StartError::Setup)?;
-        if proxy.store.shared().is_some() {
-            let every = proxy.config.moderation.sync_interval.0;
-            tokio::spawn(proxy::Proxy::sync_bans(Arc::downgrade(&proxy), every));
-        }
         let usage = proxy.store.usage().await;
         let (blobs, bytes) = (usage.disk_blobs, usage.disk_bytes);
         tracing::info!(entries, blobs, bytes, "disk cache loaded");

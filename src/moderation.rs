@@ -14,16 +14,18 @@
 //! its content (a ban made since). Everything refused is 451 `banned`. Every decision is a line
 //! of the moderation log and a count in `parasol_moderation_total{rule,action}` ([`log`]).
 
+mod bans;
 pub mod lists;
 pub mod log;
 pub mod scanner;
+
+pub use bans::BanReport;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
-use sha2::Digest;
 
 use crate::error::ProxyError;
 use lists::HashLists;
@@ -98,40 +100,7 @@ impl Ban {
     }
 }
 
-/// Digests of the origin's bytes that lists and SHA-256 bans need; computed on a fill only
-/// while such a rule exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Digests {
-    pub sha256: [u8; 32],
-    pub md5: [u8; 16],
-}
-
-impl Digests {
-    /// The digests an index record kept of the origin's bytes, when it kept both.
-    pub fn of_origin(origin: &crate::cache::index::OriginDigests) -> Option<Digests> {
-        let sha256 = hex::decode(origin.sha256.as_deref()?).ok()?.try_into().ok()?;
-        let md5 = hex::decode(origin.md5.as_deref()?).ok()?.try_into().ok()?;
-        Some(Digests { sha256, md5 })
-    }
-}
-
-/// Computes [`Digests`] as the bytes arrive.
-#[derive(Clone, Default)]
-pub struct Digester {
-    sha256: sha2::Sha256,
-    md5: md5::Md5,
-}
-
-impl Digester {
-    pub fn update(&mut self, bytes: &[u8]) {
-        self.sha256.update(bytes);
-        self.md5.update(bytes);
-    }
-
-    pub fn finish(self) -> Digests {
-        Digests { sha256: self.sha256.finalize().into(), md5: self.md5.finalize().into() }
-    }
-}
+pub use crate::cache::digests::{Digester, Digests};
 
 /// The rules in force, swapped whole when they change, so a check never waits on a writer.
 #[derive(Default)]
@@ -159,10 +128,20 @@ pub struct Moderation {
     /// `[[policy.normalize]]`: a URL ban covers every URL that is the same cache entry (a
     /// re-signed CDN URL of the banned one).
     normalizer: crate::policy::Normalizer,
+    /// Where bans are kept and what they purge (the index, every tier, the bucket).
+    store: Arc<crate::cache::store::Store>,
+    /// Called when a ban is lifted: the refusals remembered elsewhere (the proxy's negative
+    /// cache) are forgotten, so the lift applies at once.
+    on_lift: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Moderation {
-    pub fn new(log: log::ModerationLog, scanner: Option<scanner::Scanner>) -> Self {
+    /// Moderation of what `store` holds, logging to `log`, with the `scanner` if any.
+    pub fn new(
+        log: log::ModerationLog,
+        scanner: Option<scanner::Scanner>,
+        store: Arc<crate::cache::store::Store>,
+    ) -> Self {
         Self {
             rules: RwLock::default(),
             any_request_rule: AtomicBool::new(false),
@@ -172,7 +151,45 @@ impl Moderation {
             log,
             scanner,
             normalizer: Default::default(),
+            store,
+            on_lift: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Has `forget` called whenever a ban is lifted (once set, for good).
+    pub fn on_lift(&self, forget: impl Fn() + Send + Sync + 'static) {
+        let _ = self.on_lift.set(Box::new(forget));
+    }
+
+    /// The checkpoint of a hit (an entry found stored, whose bytes came from `host`): a ban
+    /// made since it was cached of its host, its bytes, or the origin's bytes it was prepared
+    /// from. A refusal is logged.
+    pub async fn check_hit(
+        &self,
+        entry: &crate::cache::Entry,
+        host: Option<&str>,
+    ) -> Result<(), ProxyError> {
+        let banned = host.map_or(Ok(()), |h| self.check_host(h));
+        let banned = banned.and_then(|()| self.check_hash(&entry.hash));
+        let origin = entry.origin_blake3.as_ref();
+        let banned = banned.and_then(|()| origin.map_or(Ok(()), |h| self.check_hash(h)));
+        // A SHA-256 ban or list made since a prepared file was stored names the origin's bytes.
+        let digests = entry.origin.as_deref();
+        let banned = banned.and_then(|()| digests.map_or(Ok(()), |o| self.check_origin_digests(o)));
+        if let Err(ProxyError::Banned(rule)) = &banned {
+            self.log.record_refusal(rule, Some(&entry.hash), host).await;
+        }
+        banned
+    }
+
+    /// The checkpoint of a request, before any lookup: its URL (`cache_url`, the form its
+    /// key is made of) and its host. A refusal is logged.
+    pub async fn check_url(&self, source: &url::Url, cache_url: &str) -> Result<(), ProxyError> {
+        let checked = self.check_request(source, cache_url);
+        if let Err(ProxyError::Banned(rule)) = &checked {
+            self.log.record_refusal(rule, None, source.host_str()).await;
+        }
+        checked
     }
 
     pub fn with_normalizer(mut self, normalizer: crate::policy::Normalizer) -> Self {
@@ -185,14 +202,14 @@ impl Moderation {
     }
 
     /// Replaces the bans in force (at start, from the index).
-    pub fn set_bans(&self, bans: impl IntoIterator<Item = Ban>) {
+    fn set_rules(&self, bans: impl IntoIterator<Item = Ban>) {
         let mut all = self.bans.lock().unwrap_or_else(|p| p.into_inner());
         *all = bans.into_iter().map(|b| (b.id(), b)).collect();
         self.rebuild(&all);
     }
 
     /// Adds (or replaces) a ban. Whether it is new.
-    pub fn add(&self, ban: Ban) -> bool {
+    fn add_rule(&self, ban: Ban) -> bool {
         let mut all = self.bans.lock().unwrap_or_else(|p| p.into_inner());
         let new = all.insert(ban.id(), ban).is_none();
         self.rebuild(&all);
@@ -200,7 +217,7 @@ impl Moderation {
     }
 
     /// Lifts the ban `id`; the ban, if there was one.
-    pub fn lift(&self, id: &str) -> Option<Ban> {
+    fn remove_rule(&self, id: &str) -> Option<Ban> {
         let mut all = self.bans.lock().unwrap_or_else(|p| p.into_inner());
         let lifted = all.remove(id);
         self.rebuild(&all);

@@ -4,19 +4,18 @@
 //! A fill runs on its own task, so a viewer who disconnects cancels nothing for the others;
 //! every viewer asking for the same key meanwhile waits on that one fill.
 
-mod moderate;
 mod prepare;
 mod store;
 
 pub use crate::cache::store::PurgeReport;
-pub use moderate::BanReport;
+pub use crate::moderation::BanReport;
 
 use std::sync::Arc;
 
 use crate::api::ProxyRequest;
 use crate::audit::{AuditLog, Trigger};
 use crate::cache::growing::Growing;
-use crate::cache::received::{Held, Received};
+use crate::cache::received::Received;
 use crate::cache::store::Store;
 use crate::cache::{Entry, Key};
 use crate::config::Config;
@@ -26,25 +25,6 @@ use crate::fetch::limit::FillLimits;
 use crate::media::TypePolicy;
 use crate::media::worker::MediaPool;
 use crate::telemetry::{CacheStatus, Metrics};
-
-/// A received body as a media job's input: the bytes in memory, or the temp blob's file.
-trait AsInput {
-    fn input(
-        &mut self,
-    ) -> impl std::future::Future<Output = std::io::Result<crate::media::worker::Input>> + Send;
-}
-
-impl AsInput for Received {
-    async fn input(&mut self) -> std::io::Result<crate::media::worker::Input> {
-        use crate::media::worker::Input;
-        Ok(match &mut self.body {
-            Held::Memory(bytes, _) => Input::Memory(bytes.clone()),
-            Held::Disk(temp) => {
-                Input::File { path: temp.flushed_path().await?.to_path_buf(), len: self.len }
-            }
-        })
-    }
-}
 
 use crate::cache::coalesce::{Coalescer, FillResult, Joined};
 
@@ -78,8 +58,9 @@ pub struct Proxy {
     pub limits: FillLimits,
     /// Every decode, render and strip runs here, in sandboxed worker processes.
     pub media: MediaPool,
-    /// Bans, hash lists and the scanner.
-    pub moderation: crate::moderation::Moderation,
+    /// Bans, hash lists and the scanner: the proxy asks it at each checkpoint (request, fill,
+    /// hit).
+    pub moderation: Arc<crate::moderation::Moderation>,
     /// `[[policy.normalize]]`: which URLs share a cache entry.
     pub normalizer: crate::policy::Normalizer,
     /// For entries whose URLs carry an expiry: the URL seen that expires last, and when.
@@ -106,19 +87,18 @@ impl Proxy {
         fetcher: Fetcher,
         audit: AuditLog,
         store: Arc<Store>,
+        moderation: Arc<crate::moderation::Moderation>,
         metrics: Metrics,
         media: MediaPool,
     ) -> Self {
-        let log = crate::moderation::log::ModerationLog::new(
-            config.moderation_log_path(),
-            metrics.moderation.clone(),
-        );
-        let moderation = crate::moderation::Moderation::new(log, None)
-            .with_normalizer(crate::policy::Normalizer::new(&config.policy.normalize));
-        let negative = moka::future::Cache::builder()
+        let negative: moka::future::Cache<Key, ProxyError> = moka::future::Cache::builder()
             .max_capacity(100_000)
             .time_to_live(config.cache.negative_ttl.0.max(std::time::Duration::from_millis(1)))
             .build();
+        // A lifted ban applies at once: the refusals remembered here go (all of them: lifts
+        // are rare, and the rest is refetched at most once each).
+        let forget = negative.clone();
+        moderation.on_lift(move || forget.invalidate_all());
         Self {
             store,
             normalizer: crate::policy::Normalizer::new(&config.policy.normalize),
@@ -146,12 +126,6 @@ impl Proxy {
     /// of the proxy is gone.
     pub fn with_closed(mut self, closed: tokio::sync::mpsc::Sender<()>) -> Self {
         self.closed = Some(closed);
-        self
-    }
-
-    /// Moderation with its scanner (the default has none).
-    pub fn with_moderation(mut self, moderation: crate::moderation::Moderation) -> Self {
-        self.moderation = moderation;
         self
     }
 
@@ -189,11 +163,9 @@ impl Proxy {
         // Refused destinations and blocked domains are refused even when cached: a domain
         // blocked a second ago is not served from memory.
         self.fetcher.check_destination(&req.source).map_err(|e| (e, CacheStatus::Blocked))?;
-        if let Err(e) = self.moderation.check_request(&req.source, req.cache_url(&self.normalizer))
-        {
-            self.log_refusal(&e, None, req.source.host_str()).await;
-            return Err((e, CacheStatus::Blocked));
-        }
+        let cache_url = req.cache_url(&self.normalizer);
+        let checked = self.moderation.check_url(&req.source, cache_url).await;
+        checked.map_err(|e| (e, CacheStatus::Blocked))?;
         let key = req.key(&self.normalizer);
         let request = self.newest_request(key, req);
         let fill = move |this: Arc<Self>| async move {
@@ -218,18 +190,8 @@ impl Proxy {
         // Banned since it was cached (the ban purged it; this covers the moment between the
         // two, and entries a slow fill published after it).
         let host = found.0.final_host.as_deref().or(req.source.host_str());
-        let banned = host.map_or(Ok(()), |h| self.moderation.check_host(h));
-        let banned = banned.and_then(|()| self.moderation.check_hash(&found.0.hash));
-        let origin = found.0.origin_blake3.as_ref();
-        let banned = banned.and_then(|()| origin.map_or(Ok(()), |h| self.moderation.check_hash(h)));
-        // A SHA-256 ban or list made since a prepared file was stored names the origin's bytes.
-        let digests = found.0.origin.as_deref();
-        let banned = banned
-            .and_then(|()| digests.map_or(Ok(()), |o| self.moderation.check_origin_digests(o)));
-        if let Err(e) = banned {
-            self.log_refusal(&e, Some(&found.0.hash), host).await;
-            return Err((e, CacheStatus::Blocked));
-        }
+        let checked = self.moderation.check_hit(&found.0, host).await;
+        checked.map_err(|e| (e, CacheStatus::Blocked))?;
         Ok(Found::Entry(found.0, found.1))
     }
 
@@ -292,13 +254,6 @@ impl Proxy {
                 self.newest.insert(key, (req.source.clone(), expiry));
                 req.clone()
             }
-        }
-    }
-
-    /// A viewer's request refused by a ban: one line of the moderation log.
-    async fn log_refusal(&self, e: &ProxyError, hash: Option<&blake3::Hash>, host: Option<&str>) {
-        if let ProxyError::Banned(rule) = e {
-            self.moderation.log.record_refusal(rule, hash, host).await;
         }
     }
 
@@ -428,10 +383,8 @@ impl Proxy {
             })
             .await?;
         // A ban may name a rendition by the ETag it was served with.
-        if let Err(e) = self.moderation.check_hash(&found.0.hash) {
-            self.log_refusal(&e, Some(&found.0.hash), req.source.host_str()).await;
-            return Err((e, CacheStatus::Blocked));
-        }
+        let checked = self.moderation.check_hit(&found.0, req.source.host_str()).await;
+        checked.map_err(|e| (e, CacheStatus::Blocked))?;
         Ok(found)
     }
 
@@ -511,14 +464,14 @@ impl Proxy {
                     | ProxyError::UnsupportedType
             )
         };
-        if let Err(e) = self.moderate_received(&r, "shared bucket").await {
+        if let Err(e) = self.moderation.check_received(&r, "shared bucket").await {
             return Err((hash, e.to_string(), doomed(&e)));
         }
         match self.prepare(r, &prepare::host_of_url(url)).await {
             Ok(mut prepared) if prepared.hash == hash => {
                 // Moderation holds for the bucket too: a banned file, or one the scanner has
                 // not seen on this node.
-                match self.moderate_prepared(&mut prepared, "shared bucket").await {
+                match self.moderation.check_prepared(&mut prepared, "shared bucket").await {
                     Ok(()) => Ok(prepared),
                     Err(e) => Err((hash, e.to_string(), doomed(&e))),
                 }

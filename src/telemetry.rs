@@ -61,6 +61,13 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// `parasol_moderation_total{rule,action}`: which rule decided what.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModerationLabels {
+    pub rule: &'static str,
+    pub action: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SharedLabels {
     /// `lookup` (a local miss asks the bucket) or `publish` (a fill is uploaded).
@@ -94,7 +101,7 @@ pub struct Metrics {
     pub media_running: Gauge,
     /// `parasol_media_origins_refused`, set when scraped.
     pub media_origins_refused: Gauge,
-    pub moderation: Family<crate::moderation::log::ModerationLabels, Counter>,
+    pub moderation: Family<ModerationLabels, Counter>,
     pub inflight_bytes: Gauge,
     pub blobs_dropped: Counter,
     pub shared: Family<SharedLabels, Counter>,
@@ -181,7 +188,7 @@ impl Metrics {
              skipped: a strip not sent to a worker, no byte of the file marking metadata",
             media_jobs.clone(),
         );
-        let moderation = Family::<crate::moderation::log::ModerationLabels, Counter>::default();
+        let moderation = Family::<ModerationLabels, Counter>::default();
         registry.register(
             "moderation",
             "Moderation decisions by rule (url, hash, sha256, domain, hash_list, scanner) and \

@@ -18,7 +18,7 @@ pub struct Received {
     /// The host the bytes came from, when redirects led away from the source's host.
     pub(crate) final_host: Option<String>,
     /// SHA-256 and MD5 of the origin's bytes, computed while a rule needs them.
-    pub(crate) digests: Option<crate::moderation::Digests>,
+    pub(crate) digests: Option<super::digests::Digests>,
     /// What is known of the origin's bytes, when these bytes are not those (prepared ones),
     /// or came from the bucket with its record.
     pub(crate) origin: Option<crate::cache::index::OriginDigests>,
@@ -52,7 +52,7 @@ pub struct Sink {
     temp: Option<TempBlob>,
     hasher: blake3::Hasher,
     /// SHA-256 and MD5 too, while a moderation rule needs them.
-    digester: Option<crate::moderation::Digester>,
+    digester: Option<super::digests::Digester>,
     head: Vec<u8>,
     len: u64,
 }
@@ -73,7 +73,7 @@ impl Sink {
 
     /// Also computes the digests moderation rules look for.
     pub fn with_digests(mut self, on: bool) -> Self {
-        self.digester = on.then(crate::moderation::Digester::default);
+        self.digester = on.then(super::digests::Digester::default);
         self
     }
 
@@ -171,9 +171,22 @@ impl Sink {
             len: self.len,
             content_type,
             final_host: None,
-            digests: self.digester.map(crate::moderation::Digester::finish),
+            digests: self.digester.map(super::digests::Digester::finish),
             origin: None,
         }
+    }
+}
+
+impl Received {
+    /// The body as a media job's or the scanner's input: the bytes in memory, or the temp
+    /// blob's file (flushed first).
+    pub async fn input(&mut self) -> std::io::Result<super::Input> {
+        Ok(match &mut self.body {
+            Held::Memory(bytes, _) => super::Input::Memory(bytes.clone()),
+            Held::Disk(temp) => {
+                super::Input::File { path: temp.flushed_path().await?.to_path_buf(), len: self.len }
+            }
+        })
     }
 }
 

@@ -68,12 +68,13 @@ pub use super::ChunkSink;
 
 use std::collections::HashSet;
 
-/// A ban's object in the bucket: the ban, or the tombstone of a lifted one.
+/// A ban's object in the bucket: the tombstone of a lifted one, or the ban (as moderation
+/// writes it: the bucket keeps it, moderation reads it).
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(untagged)]
 enum BanObject {
     Lifted { lifted: String, at: u64 },
-    Ban(crate::moderation::Ban),
+    Ban(serde_json::Value),
 }
 
 pub type BlobStream = futures_util::stream::BoxStream<'static, Result<Bytes, object_store::Error>>;
@@ -227,12 +228,10 @@ impl SharedTier {
         Path::from(format!("{}bans/{}", self.prefix, hex::encode(id)))
     }
 
-    /// Publishes a ban so that every node learns it.
-    pub async fn put_ban(&self, ban: &crate::moderation::Ban) -> Result<(), SharedError> {
-        let mut shared = ban.clone();
-        shared.shared = true;
-        let value = serde_json::to_vec(&shared).map_err(|e| SharedError::Record(e.to_string()))?;
-        self.timed(self.store.put(&self.ban_path(&ban.id()), PutPayload::from(value))).await?;
+    /// Publishes the ban `id` (`ban`, as moderation writes it) so that every node learns it.
+    pub async fn put_ban(&self, id: &str, ban: &serde_json::Value) -> Result<(), SharedError> {
+        let value = serde_json::to_vec(ban).map_err(|e| SharedError::Record(e.to_string()))?;
+        self.timed(self.store.put(&self.ban_path(id), PutPayload::from(value))).await?;
         Ok(())
     }
 
@@ -247,11 +246,9 @@ impl SharedTier {
         Ok(())
     }
 
-    /// Every ban in the bucket, and the ids of those lifted. An object that cannot be read is
-    /// skipped (and logged).
-    pub async fn bans(
-        &self,
-    ) -> Result<(Vec<crate::moderation::Ban>, HashSet<String>), SharedError> {
+    /// Every ban in the bucket (as moderation wrote it), and the ids of those lifted. An
+    /// object that cannot be read is skipped (and logged).
+    pub async fn bans(&self) -> Result<(Vec<serde_json::Value>, HashSet<String>), SharedError> {
         use futures_util::TryStreamExt;
         let prefix = Path::from(format!("{}bans", self.prefix));
         let listed: Vec<_> = self.timed(self.store.list(Some(&prefix)).try_collect()).await?;

@@ -97,20 +97,7 @@ pub struct PoolConfig {
 }
 
 /// A job's file: already in memory, or a file streamed into the worker.
-#[derive(Debug, Clone)]
-pub enum Input {
-    Memory(Bytes),
-    File { path: PathBuf, len: u64 },
-}
-
-impl Input {
-    fn len(&self) -> u64 {
-        match self {
-            Input::Memory(b) => b.len() as u64,
-            Input::File { len, .. } => *len,
-        }
-    }
-}
+pub use crate::cache::Input;
 
 /// What came of a job whose reply was not an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,17 +5,12 @@
 
 use std::path::{Path, PathBuf};
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ModerationLabels {
-    pub rule: &'static str,
-    pub action: &'static str,
-}
+pub use crate::telemetry::ModerationLabels;
 
 /// One decision.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

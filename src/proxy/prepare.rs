@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use super::{AsInput, Proxy, Received};
+use super::{Proxy, Received};
 use crate::cache::ChunkSink;
 use crate::cache::{Entry, Key};
 use crate::config::AnimationPolicy;

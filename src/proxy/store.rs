@@ -60,7 +60,7 @@ impl Proxy {
     ) -> Result<Arc<Entry>, ProxyError> {
         let host = received.final_host.clone();
         let host = host.as_deref().or(req.source.host_str()).unwrap_or_default();
-        self.moderate_received(&received, host).await?;
+        self.moderation.check_received(&received, host).await?;
         let origin_hash = received.hash;
         let source_host = req.source.host_str().unwrap_or_default();
         let mut prepared = self.prepare(received, source_host).await?;
@@ -75,7 +75,7 @@ impl Proxy {
                 md5: digests.map(|d| hex::encode(d.md5)),
             });
         }
-        self.moderate_prepared(&mut prepared, host).await?;
+        self.moderation.check_prepared(&mut prepared, host).await?;
         self.store.insert(key, req.source.as_str(), prepared).await
     }
 

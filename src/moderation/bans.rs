@@ -1,19 +1,21 @@
-//! The proxy's side of moderation: making and lifting bans (kept in the index, purged from
-//! every tier, shared through the bucket), checking each fill before it is stored, loading hash
-//! lists and finding what they match among files already cached.
+//! Moderation's lifecycle: making and lifting bans (kept in the index, purged from every
+//! tier, shared through the bucket and kept in step with it), loading hash lists and finding
+//! what they match among files already cached, and the checks of a fill's bytes, the
+//! scanner's among them.
 
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{AsInput, Proxy, PurgeReport, Received};
+use super::lists::HashLists;
+use super::scanner::Verdict;
+use super::{Ban, BanKind, Digester, Moderation};
+use crate::cache::received::Received;
+use crate::cache::store::PurgeReport;
 use crate::error::ProxyError;
-use crate::moderation::lists::HashLists;
-use crate::moderation::scanner::Verdict;
-use crate::moderation::{Ban, BanKind, Digester};
 
 /// SHA-256 and MD5 of the file at `path`, read on a blocking thread.
-async fn read_digests(path: std::path::PathBuf) -> Option<crate::moderation::Digests> {
+async fn read_digests(path: std::path::PathBuf) -> Option<super::Digests> {
     tokio::task::spawn_blocking(move || {
         use std::io::Read;
         let mut file = std::fs::File::open(path).ok()?;
@@ -31,6 +33,14 @@ async fn read_digests(path: std::path::PathBuf) -> Option<crate::moderation::Dig
     .flatten()
 }
 
+/// `ban` as the bucket keeps it: marked shared (a node that learns it from there knows it
+/// came from there).
+fn as_shared(ban: &Ban) -> serde_json::Value {
+    let mut shared = ban.clone();
+    shared.shared = true;
+    serde_json::to_value(shared).unwrap_or_default()
+}
+
 /// What a ban did.
 #[derive(Debug, Clone, Serialize)]
 pub struct BanReport {
@@ -45,25 +55,25 @@ pub struct BanReport {
     pub unmatched: u64,
 }
 
-impl Proxy {
+impl Moderation {
     /// Puts `ban` in force: kept in the index, purged from memory, disk and (for its content)
     /// the bucket, shared with other nodes, logged.
     pub async fn ban(self: &Arc<Self>, mut ban: Ban) -> Result<BanReport, ProxyError> {
         // Published first: once the bucket has it, the bucket governs it (a node lifting it
         // lifts it everywhere). One that could not be published is published at the next sync.
         if let (Some(shared), false) = (self.store.shared(), ban.shared) {
-            match shared.put_ban(&ban).await {
+            match shared.put_ban(&ban.id(), &as_shared(&ban)).await {
                 Ok(()) => ban.shared = true,
                 Err(e) => shared.warn("ban", &e),
             }
         }
         let value = serde_json::to_vec(&ban).map_err(ProxyError::internal)?;
         self.store.put_ban(ban.id(), value).await?;
-        self.moderation.add(ban.clone());
+        self.add_rule(ban.clone());
         let hash =
             (ban.kind == BanKind::Hash).then(|| blake3::Hash::from_hex(&ban.value).ok()).flatten();
         let reason = ban.reason.as_deref();
-        self.moderation.log.record(ban.kind.as_str(), "banned", hash.as_ref(), None, reason).await;
+        self.log.record(ban.kind.as_str(), "banned", hash.as_ref(), None, reason).await;
         let (purged, unmatched) = self.purge_banned(&ban).await?;
         if unmatched > 0 {
             tracing::warn!(
@@ -72,10 +82,7 @@ impl Proxy {
             );
         }
         if purged.entries > 0 {
-            self.moderation
-                .log
-                .record(ban.kind.as_str(), "purged", hash.as_ref(), None, reason)
-                .await;
+            self.log.record(ban.kind.as_str(), "purged", hash.as_ref(), None, reason).await;
         }
         let scanning = ban.kind == BanKind::Sha256;
         if scanning {
@@ -93,16 +100,18 @@ impl Proxy {
             tombstone.map_err(|e| ProxyError::internal(format!("shared bucket: {e}")))?;
         }
         self.store.remove_ban(id.to_string()).await?;
-        let Some(ban) = self.moderation.lift(id) else { return Ok(None) };
+        let Some(ban) = self.remove_rule(id) else { return Ok(None) };
         self.forget_refusals();
-        self.moderation.log.record(ban.kind.as_str(), "lifted", None, None, None).await;
+        self.log.record(ban.kind.as_str(), "lifted", None, None, None).await;
         Ok(Some(ban))
     }
 
     /// A lifted ban applies at once: the refusals remembered in the negative cache go (all
     /// of it: lifts are rare, and the rest is refetched at most once each).
     fn forget_refusals(&self) {
-        self.negative.invalidate_all();
+        if let Some(forget) = self.on_lift.get() {
+            forget();
+        }
     }
 
     /// Removes what `ban` covers from every tier; with it, the entries it could not be
@@ -190,7 +199,10 @@ impl Proxy {
 
     /// At start: the bans kept in the index, and the configured hash lists (whose matches
     /// among cached files are then looked for in the background).
-    pub async fn load_moderation(self: &Arc<Self>) -> Result<(), ProxyError> {
+    pub async fn load(
+        self: &Arc<Self>,
+        hash_lists: &[std::path::PathBuf],
+    ) -> Result<(), ProxyError> {
         let stored = self.store.bans().await?;
         let bans: Vec<Ban> =
             stored.iter().filter_map(|raw| serde_json::from_slice(raw).ok()).collect();
@@ -198,8 +210,8 @@ impl Proxy {
             let unreadable = stored.len() - bans.len();
             tracing::error!(unreadable, "bans in the index that cannot be read");
         }
-        self.moderation.set_bans(bans);
-        self.reload_lists(&self.config.moderation.hash_lists.clone()).await?;
+        self.set_rules(bans);
+        self.reload_lists(hash_lists).await?;
         Ok(())
     }
 
@@ -219,7 +231,7 @@ impl Proxy {
             tracing::warn!(skipped = lists.skipped, "hash list lines that are not digests");
         }
         let any = !lists.is_empty();
-        self.moderation.set_lists(lists);
+        self.set_lists(lists);
         tracing::info!(sha256 = len.0, md5 = len.1, "hash lists loaded");
         if any {
             self.scan_cached();
@@ -248,7 +260,7 @@ impl Proxy {
                 // kept them (every prepared entry since they are kept); otherwise the stored
                 // bytes, unless preparing changed those (then there is nothing to match, and
                 // the entry is counted).
-                let kept = record.origin.as_ref().map(crate::moderation::Digests::of_origin);
+                let kept = record.origin.as_ref().map(super::Digests::of_origin);
                 let digests = match kept {
                     Some(Some(digests)) => Some(digests),
                     Some(None) => {
@@ -258,16 +270,12 @@ impl Proxy {
                     None => read_digests(proxy.store.blob_path(&hash)).await,
                 };
                 let Some(digests) = digests else { continue };
-                if let Err(ProxyError::Banned(rule)) = proxy.moderation.check_digests(&digests) {
+                if let Err(ProxyError::Banned(rule)) = proxy.check_digests(&digests) {
                     let (host, _) = record.hosts();
                     match proxy.purge_content(&hash).await {
                         Ok(_) => {
                             let host = host.as_deref();
-                            proxy
-                                .moderation
-                                .log
-                                .record(rule, "purged", Some(&hash), host, None)
-                                .await
+                            proxy.log.record(rule, "purged", Some(&hash), host, None).await
                         }
                         Err(e) => tracing::error!(error = %e, "cannot purge a listed file"),
                     }
@@ -284,15 +292,11 @@ impl Proxy {
 
     /// The checks of a fill's bytes as the origin sent them, before anything is prepared or
     /// stored: a content ban of those bytes, SHA-256 bans, hash lists.
-    pub(super) async fn moderate_received(
-        &self,
-        r: &Received,
-        host: &str,
-    ) -> Result<(), ProxyError> {
-        let landing = r.final_host.as_deref().map_or(Ok(()), |h| self.moderation.check_host(h));
-        let hash = landing.and_then(|()| self.moderation.check_hash(&r.hash));
+    pub async fn check_received(&self, r: &Received, host: &str) -> Result<(), ProxyError> {
+        let landing = r.final_host.as_deref().map_or(Ok(()), |h| self.check_host(h));
+        let hash = landing.and_then(|()| self.check_hash(&r.hash));
         let verdict = hash.and_then(|()| match &r.digests {
-            Some(digests) => self.moderation.check_digests(digests),
+            Some(digests) => self.check_digests(digests),
             None => Ok(()),
         });
         // What a record from the bucket says of the origin's bytes (these are prepared ones).
@@ -301,7 +305,7 @@ impl Proxy {
             None => Ok(()),
         });
         if let Err(ProxyError::Banned(rule)) = &verdict {
-            self.moderation.log.record(rule, "refused", Some(&r.hash), Some(host), None).await;
+            self.log.record(rule, "refused", Some(&r.hash), Some(host), None).await;
         }
         verdict
     }
@@ -309,26 +313,26 @@ impl Proxy {
     /// Rules about the origin's bytes, by the digests kept of them.
     fn check_origin(&self, origin: &crate::cache::index::OriginDigests) -> Result<(), ProxyError> {
         if let Ok(hash) = blake3::Hash::from_hex(&origin.blake3) {
-            self.moderation.check_hash(&hash)?;
+            self.check_hash(&hash)?;
         }
-        match crate::moderation::Digests::of_origin(origin) {
-            Some(digests) => self.moderation.check_digests(&digests),
+        match super::Digests::of_origin(origin) {
+            Some(digests) => self.check_digests(&digests),
             None => Ok(()),
         }
     }
 
     /// The checks of the bytes about to be stored and served: a content ban, then the
     /// scanner (once per file), whose no becomes a content ban.
-    pub(super) async fn moderate_prepared(
+    pub async fn check_prepared(
         self: &Arc<Self>,
         r: &mut Received,
         host: &str,
     ) -> Result<(), ProxyError> {
-        if let Err(e) = self.moderation.check_hash(&r.hash) {
-            self.moderation.log.record("hash", "refused", Some(&r.hash), Some(host), None).await;
+        if let Err(e) = self.check_hash(&r.hash) {
+            self.log.record("hash", "refused", Some(&r.hash), Some(host), None).await;
             return Err(e);
         }
-        let Some(scanner) = &self.moderation.scanner else { return Ok(()) };
+        let Some(scanner) = &self.scanner else { return Ok(()) };
         let scannable =
             r.content_type.starts_with("image/") || r.content_type.starts_with("video/");
         if !scannable || scanner.known_allowed(&r.hash).await {
@@ -337,10 +341,7 @@ impl Proxy {
         let input = r.input().await.map_err(ProxyError::storage)?;
         match scanner.scan(&r.hash, r.content_type, host, input).await {
             Verdict::Allowed => {
-                self.moderation
-                    .log
-                    .record("scanner", "allowed", Some(&r.hash), Some(host), None)
-                    .await;
+                self.log.record("scanner", "allowed", Some(&r.hash), Some(host), None).await;
                 Ok(())
             }
             Verdict::Refused(status) => {
@@ -350,16 +351,14 @@ impl Proxy {
                         tracing::error!(error = %e, "cannot keep the scanner's ban");
                     }
                 }
-                self.moderation
-                    .log
+                self.log
                     .record("scanner", "refused", Some(&r.hash), Some(host), Some(&reason))
                     .await;
                 Err(ProxyError::Banned("scanner"))
             }
             Verdict::Unavailable(why) => {
                 tracing::warn!(why, "moderation scanner unavailable");
-                self.moderation
-                    .log
+                self.log
                     .record("scanner", "unscanned", Some(&r.hash), Some(host), Some(&why))
                     .await;
                 match scanner.fail {
@@ -374,13 +373,17 @@ impl Proxy {
     /// the bucket are put in force (and purged here), bans it holds a tombstone of are lifted,
     /// and this node's own bans it lacks are published. A ban merely missing from the bucket
     /// is never lifted.
-    pub async fn sync_bans(this: std::sync::Weak<Proxy>, every: std::time::Duration) {
+    pub async fn sync_bans(this: std::sync::Weak<Moderation>, every: std::time::Duration) {
         loop {
             let Some(proxy) = this.upgrade() else { return };
             let Some(shared) = proxy.store.shared().cloned() else { return };
             match shared.bans().await {
                 Ok((remote, lifted)) => {
-                    let local = proxy.moderation.bans();
+                    let remote: Vec<Ban> = remote
+                        .into_iter()
+                        .filter_map(|value| serde_json::from_value(value).ok())
+                        .collect();
+                    let local = proxy.bans();
                     let local_ids: std::collections::HashSet<String> =
                         local.iter().map(Ban::id).collect();
                     let remote_ids: std::collections::HashSet<String> =
@@ -410,7 +413,7 @@ impl Proxy {
 
     /// Publishes a ban made here that the bucket did not get, and records that it has it now.
     async fn republish(&self, shared: &crate::cache::shared::SharedTier, mut ban: Ban) {
-        if let Err(e) = shared.put_ban(&ban).await {
+        if let Err(e) = shared.put_ban(&ban.id(), &as_shared(&ban)).await {
             shared.warn("ban", &e);
             return;
         }
@@ -418,18 +421,15 @@ impl Proxy {
         if let Ok(value) = serde_json::to_vec(&ban) {
             let _ = self.store.put_ban(ban.id(), value).await;
         }
-        self.moderation.add(ban);
+        self.add_rule(ban);
     }
 
     /// Lifts a ban on this node only (the bucket says it was lifted).
     async fn lift_here(&self, id: &str) -> Result<(), ProxyError> {
         self.store.remove_ban(id.to_string()).await?;
-        if let Some(ban) = self.moderation.lift(id) {
+        if let Some(ban) = self.remove_rule(id) {
             self.forget_refusals();
-            self.moderation
-                .log
-                .record(ban.kind.as_str(), "lifted", None, None, Some("shared"))
-                .await;
+            self.log.record(ban.kind.as_str(), "lifted", None, None, Some("shared")).await;
         }
         Ok(())
     }
