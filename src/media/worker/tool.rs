@@ -37,7 +37,8 @@ use seccompiler::{
 };
 use tokio::io::AsyncReadExt;
 
-use super::{Lane, Limits, MediaPool, relay_stderr};
+use super::process::{death, relay_stderr};
+use super::{Lane, Limits, MediaPool};
 use crate::cache::ChunkSink;
 use crate::error::ProxyError;
 
@@ -524,7 +525,7 @@ impl MediaPool {
             // costly one.
             (Some(_), _) => Err(ProxyError::bad_image("the file has no picture to take")),
             (None, signal) => {
-                let why = super::death(status);
+                let why = death(status);
                 tracing::warn!(tool = job.name, ?signal, why, "media tool failed");
                 Err(ProxyError::MediaTooCostly(why.into()))
             }
