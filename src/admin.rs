@@ -112,7 +112,7 @@ async fn metrics(proxy: &Proxy) -> Response<Body> {
     m.cache_bytes.get_or_create(&disk).set(usage.disk_bytes as i64);
     m.cache_entries.get_or_create(&disk).set(usage.disk_blobs as i64);
     m.inflight_bytes.set(usage.inflight_bytes as i64);
-    m.media_origins_refused.set(proxy.media.origins_refused() as i64);
+    m.media_origins_refused.set(proxy.media().pool().origins_refused() as i64);
     let mut response = text(StatusCode::OK, m.encode());
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -5,7 +5,7 @@
 //! every viewer asking for the same key meanwhile waits on that one fill.
 
 mod prepare;
-mod store;
+mod sources;
 
 pub use crate::cache::store::PurgeReport;
 pub use crate::moderation::BanReport;
@@ -21,8 +21,6 @@ use crate::cache::{Entry, Key};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::fetch::Fetcher;
-use crate::fetch::limit::FillLimits;
-use crate::media::TypePolicy;
 use crate::media::worker::MediaPool;
 use crate::telemetry::{CacheStatus, Metrics};
 
@@ -49,15 +47,18 @@ impl Found {
 /// Shared state of a running proxy.
 pub struct Proxy {
     pub config: Config,
-    pub fetcher: Fetcher,
+    /// The outbound audit log (its writer ends when the last handle goes).
     pub audit: AuditLog,
     /// Recent origin failures by key, so a dead origin is asked once per `cache.negative_ttl`
     /// rather than once per viewer.
     negative: moka::future::Cache<Key, ProxyError>,
-    types: TypePolicy,
-    pub limits: FillLimits,
-    /// Every decode, render and strip runs here, in sandboxed worker processes.
-    pub media: MediaPool,
+    /// The origin as a source of fills ([`sources::Origin`]).
+    origin: sources::Origin,
+    /// The bucket other nodes share, a source of fills and where they go ([`sources::Bucket`]).
+    bucket: sources::Bucket,
+    /// The media work of fills and renditions: every decode, render and strip runs in
+    /// sandboxed worker processes ([`prepare::Prepare`]).
+    prep: prepare::Prepare,
     /// Bans, hash lists and the scanner: the proxy asks it at each checkpoint (request, fill,
     /// hit).
     pub moderation: Arc<crate::moderation::Moderation>,
@@ -73,8 +74,6 @@ pub struct Proxy {
     /// Fills in progress: one per key ([`crate::cache::coalesce`]).
     fills: Arc<Coalescer>,
     pub metrics: Metrics,
-    /// `[[upstream]]`: path prefixes served from one fixed origin.
-    pub upstreams: crate::api::upstream::Upstreams,
     /// Dropped with the proxy, when the last task holding it (a fill finishing after its
     /// viewers were answered) lets go: shutdown waits on its receiver (mini-redis's
     /// `shutdown_complete`), then knows the stores are closed.
@@ -99,26 +98,31 @@ impl Proxy {
         // are rare, and the rest is refetched at most once each).
         let forget = negative.clone();
         moderation.on_lift(move || forget.invalidate_all());
+        let fills: Arc<Coalescer> = Default::default();
+        let origin = sources::Origin::new(
+            &config,
+            fetcher,
+            store.clone(),
+            moderation.clone(),
+            fills.clone(),
+            metrics.clone(),
+        );
+        let bucket =
+            sources::Bucket::new(&config, store.clone(), moderation.clone(), metrics.clone());
         Self {
-            store,
             normalizer: crate::policy::Normalizer::new(&config.policy.normalize),
             newest: moka::sync::Cache::new(100_000),
-            types: TypePolicy::new(&config.media.allowed_types)
-                .rasterizing_svg(config.media.svg == crate::config::SvgPolicy::Rasterize),
-            media,
+            prep: prepare::Prepare::new(media, store.clone(), config.media.clone(), &metrics),
             moderation,
-            limits: FillLimits::new(
-                config.fetch.max_fills as usize,
-                config.fetch.max_per_origin as usize,
-            ),
             negative,
-            fetcher,
+            origin,
+            bucket,
             audit,
-            fills: Default::default(),
+            fills,
             metrics,
             config,
-            upstreams: Default::default(),
             closed: None,
+            store,
         }
     }
 
@@ -130,8 +134,18 @@ impl Proxy {
     }
 
     pub fn with_upstreams(mut self, upstreams: crate::api::upstream::Upstreams) -> Self {
-        self.upstreams = upstreams;
+        self.origin.upstreams = upstreams;
         self
+    }
+
+    /// `[[upstream]]`: path prefixes served from one fixed origin.
+    pub fn upstreams(&self) -> &crate::api::upstream::Upstreams {
+        &self.origin.upstreams
+    }
+
+    /// The media work of fills and renditions (measures, what can be rendered, the pool).
+    pub fn media(&self) -> &prepare::Prepare {
+        &self.prep
     }
 
     /// Finds or fills the entry for `req`. Viewer-facing: errors come back with the cache
@@ -162,7 +176,10 @@ impl Proxy {
     ) -> Result<Found, (ProxyError, CacheStatus)> {
         // Refused destinations and blocked domains are refused even when cached: a domain
         // blocked a second ago is not served from memory.
-        self.fetcher.check_destination(&req.source).map_err(|e| (e, CacheStatus::Blocked))?;
+        self.origin
+            .fetcher
+            .check_destination(&req.source)
+            .map_err(|e| (e, CacheStatus::Blocked))?;
         let cache_url = req.cache_url(&self.normalizer);
         let checked = self.moderation.check_url(&req.source, cache_url).await;
         checked.map_err(|e| (e, CacheStatus::Blocked))?;
@@ -185,7 +202,7 @@ impl Proxy {
         };
         // Bytes a redirect brought from a domain blocked since: refused like the domain.
         if let Some(host) = found.0.final_host.as_deref() {
-            self.fetcher.policy().check(host).map_err(|e| (e, CacheStatus::Blocked))?;
+            self.origin.fetcher.policy().check(host).map_err(|e| (e, CacheStatus::Blocked))?;
         }
         // Banned since it was cached (the ban purged it; this covers the moment between the
         // two, and entries a slow fill published after it).
@@ -219,7 +236,7 @@ impl Proxy {
         config: &crate::config::PolicyConfig,
     ) -> Result<PurgeReport, ProxyError> {
         let policy = crate::policy::Policy::new(config);
-        self.fetcher.set_policy(policy.clone());
+        self.origin.fetcher.set_policy(policy.clone());
         let report = self
             .store
             .purge(move |r| {
@@ -239,11 +256,6 @@ impl Proxy {
         Ok(report)
     }
 
-    /// Lets this fill's waiters read it as it arrives (when they asked for that).
-    fn publish_growing(&self, key: Key, growing: Arc<Growing>) {
-        self.fills.publish_growing(key, growing);
-    }
-
     /// `req`, or the same entry under the URL seen that expires last (for URLs with an
     /// expiry, `[[policy.normalize]]`), remembering `req`'s URL if it is that one.
     fn newest_request(&self, key: Key, req: &ProxyRequest) -> ProxyRequest {
@@ -255,13 +267,6 @@ impl Proxy {
                 req.clone()
             }
         }
-    }
-
-    /// Whether renditions of a file of `content_type` are pictures of it: the formats the
-    /// media workers decode, and AVIF while there is ffmpeg.
-    pub fn can_render(&self, content_type: &str) -> bool {
-        crate::media::DECODED.contains(&content_type)
-            || (content_type.starts_with("image/") && self.media.frame_tool(content_type).is_some())
     }
 
     /// Whether `req` is held in memory or on disk (no fill needed).
@@ -372,8 +377,9 @@ impl Proxy {
                     this.store.remember(key, entry.clone()).await;
                     return Ok((entry, CacheStatus::HitDisk));
                 }
-                let entry = match this.render_and_store(key, &url, &original, &spec).await? {
-                    Some(rendered) => rendered,
+                let rendered = this.prep.render(&url, &original, &spec).await?;
+                let entry = match rendered {
+                    Some(rendered) => this.store.insert(key, &url, rendered).await?,
                     // The preset keeps this original (kept in memory under the rendition's
                     // key, so the worker is asked once while it stays there).
                     None => original.clone(),
@@ -394,150 +400,63 @@ impl Proxy {
             self.store.remember(key, entry.clone()).await;
             return Ok((entry, CacheStatus::HitDisk));
         }
-        if let Some(entry) = self.load_from_shared(key).await {
+        if let Some(entry) = self.bucket.load(key, &self.prep).await {
             self.store.remember(key, entry.clone()).await;
             return Ok((entry, CacheStatus::HitShared));
         }
         let entry = self.fetch_and_store(key, req, trigger).await?;
         self.store.remember(key, entry.clone()).await;
-        self.publish(key, req.source.as_str(), &entry);
+        self.bucket.publish(key, req.source.as_str(), &entry);
         Ok((entry, CacheStatus::Miss))
     }
 
-    /// Asks the shared bucket for `key` and stores what it has on this node. Any failure of
-    /// the bucket is a miss here (counted and logged): the origin is asked instead.
-    async fn load_from_shared(self: &Arc<Self>, key: Key) -> Option<Arc<Entry>> {
-        let shared = self.store.shared()?;
-        let outcome = match self.receive_shared(shared, key).await {
-            Ok(Some((url, received))) => match self.vet_shared(received, &url).await {
-                Ok(received) => match self.store.insert(key, &url, received).await {
-                    Ok(entry) => {
-                        self.metrics.shared_result("lookup", "hit");
-                        return Some(entry);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot store a blob from the shared tier");
-                        "error"
-                    }
-                },
-                Err((hash, why, true)) => {
-                    // Not what a node would have published: gone, so the origin's answer
-                    // (fetched now) replaces it.
-                    tracing::warn!(%hash, why, "shared tier blob refused and deleted");
-                    shared.discard(&key, &hash).await;
-                    "refused"
-                }
-                // This node could not vet it now (workers busy, the scanner away): a miss
-                // here, the bucket keeps it.
-                Err((hash, why, false)) => {
-                    tracing::debug!(%hash, why, "shared tier blob not vetted now");
-                    "error"
-                }
-            },
-            Ok(None) => "miss",
-            Err(e) => {
-                shared.warn("lookup", &e);
-                "error"
-            }
-        };
-        self.metrics.shared_result("lookup", outcome);
-        None
-    }
-
-    /// A body from the bucket passes the preparation an origin's body gets (SVG drawn to PNG,
-    /// metadata stripped, in a media worker). A node publishes only prepared bodies, so one
-    /// that preparing would change, or that preparing refuses, did not come from a node.
-    /// The error says whether the blob is to be deleted from the bucket: when it is not what
-    /// a node publishes (or is banned), not when this node merely could not vet it now.
-    async fn vet_shared(
-        self: &Arc<Self>,
-        r: Received,
-        url: &str,
-    ) -> Result<Received, (blake3::Hash, String, bool)> {
-        let hash = r.hash;
-        let doomed = |e: &ProxyError| {
-            matches!(
-                e,
-                ProxyError::Banned(_)
-                    | ProxyError::BadImage(_)
-                    | ProxyError::MediaTooCostly(_)
-                    | ProxyError::UnsupportedType
-            )
-        };
-        if let Err(e) = self.moderation.check_received(&r, "shared bucket").await {
-            return Err((hash, e.to_string(), doomed(&e)));
-        }
-        match self.prepare(r, &prepare::host_of_url(url)).await {
-            Ok(mut prepared) if prepared.hash == hash => {
-                // Moderation holds for the bucket too: a banned file, or one the scanner has
-                // not seen on this node.
-                match self.moderation.check_prepared(&mut prepared, "shared bucket").await {
-                    Ok(()) => Ok(prepared),
-                    Err(e) => Err((hash, e.to_string(), doomed(&e))),
-                }
-            }
-            Ok(_) => Err((hash, "not prepared (an SVG, or metadata left in)".into(), true)),
-            Err(e) => Err((hash, e.to_string(), doomed(&e))),
-        }
-    }
-
-    /// The record and body of `key` from the bucket (verified by the tier), sniffed as an
-    /// origin's answer is. Small bodies come into memory, larger ones stream into a temp blob.
-    async fn receive_shared(
+    /// Fetches `req.source` and stores it. `fetch.timeout` bounds the origin's part
+    /// ([`sources::Origin::fetch`]); storing what arrived in time always runs to the end, so a
+    /// deadline can never leave a blob on disk that the budget does not count.
+    async fn fetch_and_store(
         &self,
-        shared: &crate::cache::shared::SharedTier,
         key: Key,
-    ) -> Result<Option<(String, Received)>, crate::cache::shared::SharedError> {
-        let max = self.config.cache.max_object_bytes.0;
-        let digests = self.moderation.wants_digests();
-        let mut sink = self.store.sink().with_digests(digests);
-        let Some(record) = shared.download(&key, max, &mut sink).await? else { return Ok(None) };
-        // The bucket's word on the type is not taken either: sniffed again, as from an origin.
-        let not_allowed =
-            |_| crate::cache::shared::SharedError::Record("not an allowed type".into());
-        let content_type = self.types.sniff(sink.head()).map_err(not_allowed)?;
-        let mut received = sink.finish(content_type);
-        received.final_host = record.final_host.clone();
-        received.origin = record.origin.clone();
-        if received.hash != record.blake3().expect("download checked the hash") {
-            return Err(crate::cache::shared::SharedError::Record("hash mismatch".into()));
+        req: &ProxyRequest,
+        trigger: Trigger,
+    ) -> Result<Arc<Entry>, ProxyError> {
+        let result = match self.origin.fetch(key, req, trigger).await {
+            Ok(received) => self.moderate_and_store(key, req, received).await,
+            Err(e) => Err(e),
+        };
+        if let Err(ProxyError::StorageFull) = result {
+            // The disk filled before the budget did (other files share it, or disk_bytes is
+            // set too high): make room for a few objects like this one, so the next try fits.
+            self.store.make_room(self.config.cache.max_object_bytes.0).await;
         }
-        Ok(Some((record.url, received)))
+        result
     }
 
-    /// Uploads a fill to the shared bucket in the background, so other nodes need not ask the
-    /// origin. Bounded: when too many uploads wait, this one is skipped (and counted).
-    fn publish(&self, key: Key, url: &str, entry: &Arc<Entry>) {
-        let Some(shared) = self.store.shared().cloned() else { return };
-        let Some(ticket) = shared.upload_ticket() else {
-            self.metrics.shared_result("publish", "skipped");
-            return;
-        };
-        let content_type = entry.content_type.to_str().unwrap_or_default();
-        let record = crate::cache::index::Record::new(&entry.hash, entry.len, content_type, url)
-            .with_final_host(entry.final_host.as_deref())
-            .with_origin(entry.origin.as_deref().cloned());
-        let (body, hash) = (entry.body.clone(), entry.hash);
-        let path = self.store.blob_path(&hash);
-        let ok = self.metrics.shared_counter("publish", "ok");
-        let failed = self.metrics.shared_counter("publish", "error");
-        tokio::spawn(async move {
-            let _ticket = ticket;
-            let Some(_slot) = shared.upload_slot().await else { return };
-            let published = match body {
-                Some(bytes) => shared.publish(&key, &record, bytes).await,
-                // Large: uploaded in parts from the file (evicted meanwhile: an error, counted).
-                None => shared.publish_file(&key, &record, path).await,
-            };
-            match published {
-                Ok(()) => {
-                    ok.inc();
-                }
-                Err(e) => {
-                    failed.inc();
-                    shared.warn("publish", &e);
-                }
-            }
-        });
+    /// Moderation of the origin's bytes, preparation, moderation of the bytes to serve (the
+    /// scanner among it), then the store: nothing refused is stored or served.
+    async fn moderate_and_store(
+        &self,
+        key: Key,
+        req: &ProxyRequest,
+        received: Received,
+    ) -> Result<Arc<Entry>, ProxyError> {
+        let host = received.final_host.clone();
+        let host = host.as_deref().or(req.source.host_str()).unwrap_or_default();
+        self.moderation.check_received(&received, host).await?;
+        let origin_hash = received.hash;
+        let source_host = req.source.host_str().unwrap_or_default();
+        let mut prepared = self.prep.prepare(received, source_host).await?;
+        // Kept with the entry when the origin's bytes are not the stored ones (preparing then
+        // computed their digests), or their digests were computed: rules about the origin's
+        // bytes find it by them later, also on a hit.
+        let digests = prepared.digests;
+        if prepared.hash != origin_hash || digests.is_some() {
+            prepared.origin = Some(crate::cache::index::OriginDigests {
+                blake3: origin_hash.to_hex().to_string(),
+                sha256: digests.map(|d| hex::encode(d.sha256)),
+                md5: digests.map(|d| hex::encode(d.md5)),
+            });
+        }
+        self.moderation.check_prepared(&mut prepared, host).await?;
+        self.store.insert(key, req.source.as_str(), prepared).await
     }
 }

@@ -271,7 +271,7 @@ async fn route<B>(public: &Public, req: &Request<B>) -> (&'static str, Routed) {
         return ("none", bypass(ProxyError::UriTooLong));
     }
     let compat = &public.proxy.config.compat;
-    let upstreams = &public.proxy.upstreams;
+    let upstreams = public.proxy.upstreams();
     let host = || {
         let header = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok());
         header.or(req.uri().host())
@@ -373,7 +373,7 @@ async fn serve_misskey<B>(
         let (entry, cache) = public.proxy.get(&original, Trigger::View).await?;
         let content_type = entry.content_type.to_str().unwrap_or_default();
         let video = name == "thumbnail" && content_type.starts_with("video/");
-        if !video && !public.proxy.can_render(content_type) {
+        if !video && !public.proxy.media().can_render(content_type) {
             return Err((ProxyError::NoRendition("not a picture".into()), cache));
         }
     }
@@ -578,13 +578,13 @@ async fn serve_pictrs<B>(
             let host = source.host_str().unwrap_or_default().to_string();
             let (entry, cache) = proxy.get(&original(source), Trigger::View).await?;
             let content_type = entry.content_type.to_str().unwrap_or_default().to_string();
-            if !content_type.starts_with("video/") && !proxy.can_render(&content_type) {
+            if !content_type.starts_with("video/") && !proxy.media().can_render(&content_type) {
                 return Err((ProxyError::NoRendition("not a picture".into()), cache));
             }
             let measured = state
                 .details
                 .try_get_with(entry.hash, async {
-                    let d = proxy.measure(&entry, &host).await?;
+                    let d = proxy.media().measure(&entry, &host).await?;
                     let format = match (content_type.starts_with("video/"), d.frames) {
                         (true, _) => "Video",
                         (false, Some(_)) => "Animation",

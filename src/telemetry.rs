@@ -81,9 +81,10 @@ pub struct TierLabels {
     pub tier: &'static str,
 }
 
-/// All metrics, registered once at start.
+/// All metrics, registered once at start. A clone shares them (each handle is one).
+#[derive(Clone)]
 pub struct Metrics {
-    registry: Registry,
+    registry: std::sync::Arc<Registry>,
     pub requests: Family<RequestLabels, Counter>,
     pub cache: Family<CacheLabels, Counter>,
     pub origin: Family<OutcomeLabels, Counter>,
@@ -237,7 +238,7 @@ impl Metrics {
             evictions,
             blobs_dropped,
             audit_violations,
-            registry,
+            registry: std::sync::Arc::new(registry),
             requests,
             cache,
             origin,

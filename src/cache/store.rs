@@ -118,9 +118,28 @@ impl Store {
         Sink::new(&self.disk, &self.inflight)
     }
 
-    /// The file of a stored blob (for a media job's input, or an upload).
-    pub fn blob_path(&self, hash: &blake3::Hash) -> PathBuf {
+    /// The file of a stored blob (the upkeep's scrub).
+    pub(super) fn blob_path(&self, hash: &blake3::Hash) -> PathBuf {
         self.disk.path(hash)
+    }
+
+    /// A stored entry's bytes as a media job's (or the scanner's) input: from memory when it
+    /// is held there, else its blob's file.
+    pub fn input(&self, entry: &Entry) -> super::Input {
+        match &entry.body {
+            Some(bytes) => super::Input::Memory(bytes.clone()),
+            None => self.file_input(entry),
+        }
+    }
+
+    /// A stored entry's blob file as an input (an outside program reads a file).
+    pub fn file_input(&self, entry: &Entry) -> super::Input {
+        self.blob_input(&entry.hash, entry.len)
+    }
+
+    /// The blob `hash` of `len` bytes as an input (a scan of what is stored, an upload).
+    pub fn blob_input(&self, hash: &blake3::Hash, len: u64) -> super::Input {
+        super::Input::File { path: self.disk.path(hash), len }
     }
 
     /// The entry in memory, if it is there.

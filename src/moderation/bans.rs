@@ -267,7 +267,10 @@ impl Moderation {
                         unmatchable += 1;
                         continue;
                     }
-                    None => read_digests(proxy.store.blob_path(&hash)).await,
+                    None => match proxy.store.blob_input(&hash, record.len) {
+                        crate::cache::Input::File { path, .. } => read_digests(path).await,
+                        crate::cache::Input::Memory(_) => None,
+                    },
                 };
                 let Some(digests) = digests else { continue };
                 if let Err(ProxyError::Banned(rule)) = proxy.check_digests(&digests) {

@@ -8,11 +8,13 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use super::{Proxy, Received};
+use super::Received;
 use crate::cache::ChunkSink;
-use crate::cache::{Entry, Key};
+use crate::cache::Entry;
+use crate::cache::store::Store;
 use crate::config::AnimationPolicy;
 use crate::error::ProxyError;
+use crate::media::worker::MediaPool;
 use crate::media::worker::protocol::Task;
 use crate::media::worker::{Input, Outcome};
 
@@ -53,15 +55,48 @@ async fn origin_digests(input: &Input) -> std::io::Result<crate::moderation::Dig
     Ok(digester.finish())
 }
 
-impl Proxy {
+/// The media work of fills and renditions, over the worker pool and the store's files.
+pub struct Prepare {
+    /// Every decode, render and strip runs here, in sandboxed worker processes.
+    pub(super) media: MediaPool,
+    /// Where results arrive (sinks) and whose files are inputs.
+    store: Arc<Store>,
+    /// `[media]`: limits, whether to strip, the animation budgets.
+    config: crate::config::MediaConfig,
+    /// `parasol_renders_total`.
+    renders: prometheus_client::metrics::counter::Counter,
+    /// `parasol_media_jobs_total{outcome="skipped"}`: strips no worker was asked for.
+    skipped: prometheus_client::metrics::counter::Counter,
+}
+
+impl Prepare {
+    pub fn new(
+        media: MediaPool,
+        store: Arc<Store>,
+        config: crate::config::MediaConfig,
+        metrics: &crate::telemetry::Metrics,
+    ) -> Self {
+        let skipped = crate::telemetry::OutcomeLabels { outcome: "skipped" };
+        let skipped = metrics.media_jobs.get_or_create(&skipped).clone();
+        Self { media, store, config, renders: metrics.renders.clone(), skipped }
+    }
+
+    /// The worker pool (its gauges, for the metrics page).
+    pub fn pool(&self) -> &MediaPool {
+        &self.media
+    }
+
+    /// Whether renditions of a file of `content_type` are pictures of it: the formats the
+    /// media workers decode, and AVIF while there is ffmpeg.
+    pub fn can_render(&self, content_type: &str) -> bool {
+        crate::media::DECODED.contains(&content_type)
+            || (content_type.starts_with("image/") && self.media.frame_tool(content_type).is_some())
+    }
+
     /// What is stored is what may be served: an SVG becomes a PNG, metadata is stripped.
     /// When that changes the bytes, the result carries the origin's digests (`digests`).
     /// `host`: the source's, whose workers and share of the pool the jobs take.
-    pub(super) async fn prepare(
-        &self,
-        received: Received,
-        host: &str,
-    ) -> Result<Received, ProxyError> {
+    pub async fn prepare(&self, received: Received, host: &str) -> Result<Received, ProxyError> {
         let received = self.rasterize_svg(received, host).await?;
         self.strip_metadata(received, host).await
     }
@@ -75,8 +110,8 @@ impl Proxy {
         if r.len > crate::media::svg::MAX_SVG_BYTES {
             return Err(ProxyError::bad_image("SVG too large to render"));
         }
-        let task = Task::Rasterize { max_pixels: self.config.media.max_pixels };
-        self.metrics.renders.inc();
+        let task = Task::Rasterize { max_pixels: self.config.max_pixels };
+        self.renders.inc();
         let input = r.input().await.map_err(ProxyError::storage)?;
         let digests = match r.digests {
             Some(d) => d,
@@ -95,14 +130,13 @@ impl Proxy {
     async fn strip_metadata(&self, mut r: Received, host: &str) -> Result<Received, ProxyError> {
         const LARGEST: u64 = 64 << 20;
         let strippable = matches!(r.content_type, "image/jpeg" | "image/png" | "image/webp");
-        if !self.config.media.strip_metadata || !strippable || r.len > LARGEST {
+        if !self.config.strip_metadata || !strippable || r.len > LARGEST {
             return Ok(r);
         }
         // In memory, a file none of whose bytes mark metadata needs no worker.
         if let crate::cache::received::Held::Memory(bytes, _) = &r.body {
             if !crate::media::strip::may_carry_metadata(bytes, r.content_type) {
-                let skipped = crate::telemetry::OutcomeLabels { outcome: "skipped" };
-                self.metrics.media_jobs.get_or_create(&skipped).inc();
+                self.skipped.inc();
                 return Ok(r);
             }
         }
@@ -215,30 +249,25 @@ impl Proxy {
         Ok(stripped)
     }
 
-    /// Renders the cached `original` as `spec` in a worker and stores the result under `key`;
-    /// `None` when the preset serves the original as it is.
-    pub(super) async fn render_and_store(
+    /// Renders the cached `original` (of the source `url`) as `spec` in a worker; `None` when
+    /// the preset serves the original as it is.
+    pub async fn render(
         &self,
-        key: Key,
         url: &str,
         original: &Entry,
         spec: &crate::config::VariantConfig,
-    ) -> Result<Option<Arc<Entry>>, ProxyError> {
+    ) -> Result<Option<Received>, ProxyError> {
         // A video (its first frame) or an AVIF (ffmpeg's decoder) is first made a PNG, kept
         // (perhaps as a temp file) until the render has read it.
         let mut frame = match needs_frame(original.content_type.to_str().unwrap_or_default()) {
             true => Some(self.take_frame(original, &host_of_url(url)).await?),
             false => None,
         };
-        let (input, content) = match (frame.as_mut(), &original.body) {
-            (Some(frame), _) => (frame.input().await.map_err(ProxyError::storage)?, frame.hash),
-            (None, Some(bytes)) => (Input::Memory(bytes.clone()), original.hash),
-            (None, None) => {
-                let path = self.store.blob_path(&original.hash);
-                (Input::File { path, len: original.len }, original.hash)
-            }
+        let (input, content) = match frame.as_mut() {
+            Some(frame) => (frame.input().await.map_err(ProxyError::storage)?, frame.hash),
+            None => (self.store.input(original), original.hash),
         };
-        let media = &self.config.media;
+        let media = &self.config;
         let animation = crate::media::animation::AnimationLimits {
             max_frames: media.max_frames,
             max_pixels: media.max_animation_pixels,
@@ -248,7 +277,7 @@ impl Proxy {
             max_pixels: media.max_pixels,
             animation: (spec.animation == AnimationPolicy::Keep).then_some(animation),
         };
-        self.metrics.renders.inc();
+        self.renders.inc();
         // JPEG has no transparency: a picture with some comes back as PNG.
         let expect: &[&'static str] = match spec.format {
             crate::config::VariantFormat::Jpeg => &["image/jpeg", "image/png"],
@@ -259,7 +288,7 @@ impl Proxy {
         // Unchanged: the preset serves this original as it is (an animation, for Akkoma).
         let Some(mut rendered) = rendered else { return Ok(None) };
         rendered.final_host = original.final_host.as_deref().map(str::to_string);
-        self.store.insert(key, url, rendered).await.map(Some)
+        Ok(Some(rendered))
     }
 
     /// The size, frames and blurhash of the cached `original` (of its first frame, for a
@@ -274,15 +303,12 @@ impl Proxy {
             true => Some(self.take_frame(original, host).await?),
             false => None,
         };
-        let input = match (frame.as_mut(), &original.body) {
-            (Some(frame), _) => frame.input().await.map_err(ProxyError::storage)?,
-            (None, Some(bytes)) => Input::Memory(bytes.clone()),
-            (None, None) => {
-                Input::File { path: self.store.blob_path(&original.hash), len: original.len }
-            }
+        let input = match frame.as_mut() {
+            Some(frame) => frame.input().await.map_err(ProxyError::storage)?,
+            None => self.store.input(original),
         };
         let content = frame.as_ref().map_or(original.hash, |f| f.hash);
-        let media = &self.config.media;
+        let media = &self.config;
         let task = Task::Details {
             max_pixels: media.max_pixels,
             animation: crate::media::animation::AnimationLimits {
@@ -305,7 +331,9 @@ impl Proxy {
         let content_type = original.content_type.to_str().unwrap_or_default();
         let job = self.media.frame_tool(content_type).ok_or(ProxyError::UnsupportedType)?;
         let mut sink = self.store.sink();
-        let path = self.store.blob_path(&original.hash);
+        let Input::File { path, .. } = self.store.file_input(original) else {
+            return Err(ProxyError::internal("no file of a stored blob"));
+        };
         self.media.run_tool(&job, &path, &original.hash, host, &mut sink).await?;
         if infer::get(sink.head()).map(|t| t.mime_type()) != Some("image/png") {
             return Err(ProxyError::bad_image("no picture came of it"));
