@@ -55,7 +55,7 @@ impl Reloader {
         let proxy = self.proxy.upgrade().ok_or("parasol is shutting down")?;
         let config = crate::Config::load(self.config_path.as_deref()).map_err(|e| e.to_string())?;
         let lists = &config.moderation.hash_lists;
-        proxy.moderation.reload_lists(lists).await.map_err(|e| e.to_string())?;
+        proxy.moderation().reload_lists(lists).await.map_err(|e| e.to_string())?;
         proxy.apply_policy(&config.policy).await.map_err(|e| e.to_string())
     }
 }
@@ -79,7 +79,7 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body>
                 return r;
             }
             let delete = req.method() == Method::DELETE;
-            if let Some(denied) = refuse(&admin.proxy.config.server.admin_token, req.headers()) {
+            if let Some(denied) = refuse(&admin.proxy.config().server.admin_token, req.headers()) {
                 return denied;
             }
             let Ok(body) = Limited::new(req.into_body(), MAX_BODY).collect().await else {
@@ -103,8 +103,8 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body>
 }
 
 async fn metrics(proxy: &Proxy) -> Response<Body> {
-    let m = &proxy.metrics;
-    let usage = proxy.store.usage().await;
+    let m = proxy.metrics();
+    let usage = proxy.usage().await;
     let memory = TierLabels { tier: "memory" };
     m.cache_bytes.get_or_create(&memory).set(usage.memory_bytes as i64);
     m.cache_entries.get_or_create(&memory).set(usage.memory_entries as i64);
@@ -216,17 +216,7 @@ async fn purge(proxy: &Proxy, body: &[u8]) -> Response<Body> {
             Err(e) => return json_error(StatusCode::BAD_REQUEST, e.public_message()),
         },
         (None, Some(domain)) => match crate::policy::normalize_domain(&domain) {
-            Some(domain) => {
-                proxy
-                    .store
-                    .purge(move |r| {
-                        // By the source's host or the host a redirect took the fill to.
-                        let (source, landed) = r.hosts();
-                        source.is_some_and(|h| crate::policy::covers(&domain, &h))
-                            || landed.is_some_and(|h| crate::policy::covers(&domain, h))
-                    })
-                    .await
-            }
+            Some(domain) => proxy.purge_domain(domain).await,
             None => return json_error(StatusCode::BAD_REQUEST, "not a domain name"),
         },
         _ => return json_error(StatusCode::BAD_REQUEST, usage),

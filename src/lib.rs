@@ -318,14 +318,14 @@ impl Bound {
         }
         let (closed, proxy_closed) = tokio::sync::mpsc::channel(1);
         let proxy = Arc::new(
-            proxy::Proxy::new(config, fetcher, audit, store, moderation, metrics, media)
+            proxy::Proxy::new(config, fetcher, store, moderation, metrics, media)
                 .with_upstreams(upstreams)
                 .with_closed(closed),
         );
-        let usage = proxy.store.usage().await;
+        let usage = proxy.usage().await;
         let (blobs, bytes) = (usage.disk_blobs, usage.disk_bytes);
         tracing::info!(entries, blobs, bytes, "disk cache loaded");
-        let unsigned = Arc::new(api::rate::Unsigned::new(&proxy.config.compat));
+        let unsigned = Arc::new(api::rate::Unsigned::new(&proxy.config().compat));
         Ok(Bound {
             public,
             admin,
@@ -378,7 +378,7 @@ impl Bound {
         let public_state = self.public_state();
         let Bound { public, admin, pictrs, proxy, mut proxy_closed, unsigned, audit_task, .. } =
             self;
-        let server = &proxy.config.server;
+        let server = &proxy.config().server;
         let grace = server.shutdown_grace.0;
         let limits = server::ConnLimits {
             header_timeout: server.header_timeout.0,

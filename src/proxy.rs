@@ -13,7 +13,7 @@ pub use crate::moderation::BanReport;
 use std::sync::Arc;
 
 use crate::api::ProxyRequest;
-use crate::audit::{AuditLog, Trigger};
+use crate::audit::Trigger;
 use crate::cache::growing::Growing;
 use crate::cache::received::Received;
 use crate::cache::store::Store;
@@ -46,9 +46,7 @@ impl Found {
 
 /// Shared state of a running proxy.
 pub struct Proxy {
-    pub config: Config,
-    /// The outbound audit log (its writer ends when the last handle goes).
-    pub audit: AuditLog,
+    config: Config,
     /// Recent origin failures by key, so a dead origin is asked once per `cache.negative_ttl`
     /// rather than once per viewer.
     negative: moka::future::Cache<Key, ProxyError>,
@@ -61,19 +59,19 @@ pub struct Proxy {
     prep: prepare::Prepare,
     /// Bans, hash lists and the scanner: the proxy asks it at each checkpoint (request, fill,
     /// hit).
-    pub moderation: Arc<crate::moderation::Moderation>,
+    moderation: Arc<crate::moderation::Moderation>,
     /// `[[policy.normalize]]`: which URLs share a cache entry.
-    pub normalizer: crate::policy::Normalizer,
+    normalizer: crate::policy::Normalizer,
     /// For entries whose URLs carry an expiry: the URL seen that expires last, and when.
     /// A fill uses it, so an expired URL asked for after eviction does not fail (and its
     /// failure is not remembered for the entry) while a newer one is known. Bounded.
     newest: moka::sync::Cache<Key, (url::Url, u64)>,
     /// Memory, disk, index, disk budget and shared bucket ([`crate::cache::store`]), which
     /// runs its own upkeep.
-    pub store: Arc<Store>,
+    store: Arc<Store>,
     /// Fills in progress: one per key ([`crate::cache::coalesce`]).
     fills: Arc<Coalescer>,
-    pub metrics: Metrics,
+    metrics: Metrics,
     /// Dropped with the proxy, when the last task holding it (a fill finishing after its
     /// viewers were answered) lets go: shutdown waits on its receiver (mini-redis's
     /// `shutdown_complete`), then knows the stores are closed.
@@ -84,7 +82,6 @@ impl Proxy {
     pub fn new(
         config: Config,
         fetcher: Fetcher,
-        audit: AuditLog,
         store: Arc<Store>,
         moderation: Arc<crate::moderation::Moderation>,
         metrics: Metrics,
@@ -117,7 +114,6 @@ impl Proxy {
             negative,
             origin,
             bucket,
-            audit,
             fills,
             metrics,
             config,
@@ -146,6 +142,43 @@ impl Proxy {
     /// The media work of fills and renditions (measures, what can be rendered, the pool).
     pub fn media(&self) -> &prepare::Prepare {
         &self.prep
+    }
+
+    /// The configuration it runs on.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Its metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Bans, hash lists and the scanner.
+    pub fn moderation(&self) -> &Arc<crate::moderation::Moderation> {
+        &self.moderation
+    }
+
+    /// What the tiers hold now.
+    pub async fn usage(&self) -> crate::cache::store::Usage {
+        self.store.usage().await
+    }
+
+    /// The response for a found `entry` (a viewer's `method` and `headers`, on `conn` when
+    /// its body may go from a file); a blob found gone or resized meanwhile is forgotten, so
+    /// the next request refills it.
+    pub async fn respond(
+        &self,
+        entry: &Entry,
+        method: &http::Method,
+        headers: &http::HeaderMap,
+        conn: Option<&Arc<crate::server::sendfile::Offers>>,
+    ) -> Result<(http::Response<crate::response::Body>, u64), ProxyError> {
+        let served = crate::response::serve(entry, self.store.blobs(), method, headers, conn).await;
+        if served.is_err() {
+            self.store.forget_if_broken(&entry.hash, entry.len).await;
+        }
+        served
     }
 
     /// Finds or fills the entry for `req`. Viewer-facing: errors come back with the cache
@@ -228,6 +261,11 @@ impl Proxy {
         let original = crate::api::ProxyRequest::new(url.clone(), None);
         self.negative.invalidate(&original.key(&self.normalizer)).await;
         Ok(report)
+    }
+
+    /// Drops everything cached from `domain` (normalised) or its subdomains.
+    pub async fn purge_domain(&self, domain: String) -> Result<PurgeReport, ProxyError> {
+        self.store.purge_domain(domain).await
     }
 
     /// Applies a new `[policy]` and purges everything cached from domains it now refuses.

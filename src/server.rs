@@ -236,10 +236,10 @@ pub async fn handle_public<B>(public: Arc<Public>, req: Request<B>) -> Response<
             (response::error(&e), cache, 0)
         }
     };
-    proxy.metrics.cache_result(cache);
-    proxy.metrics.bytes_served.inc_by(sent);
+    proxy.metrics().cache_result(cache);
+    proxy.metrics().bytes_served.inc_by(sent);
     let status = response.status().as_u16();
-    proxy.metrics.requests.get_or_create(&RequestLabels { route, status }).inc();
+    proxy.metrics().requests.get_or_create(&RequestLabels { route, status }).inc();
     tracing::debug!(
         route,
         status,
@@ -270,7 +270,7 @@ async fn route<B>(public: &Public, req: &Request<B>) -> (&'static str, Routed) {
     if target_len > MAX_URI_LEN {
         return ("none", bypass(ProxyError::UriTooLong));
     }
-    let compat = &public.proxy.config.compat;
+    let compat = &public.proxy.config().compat;
     let upstreams = public.proxy.upstreams();
     let host = || {
         let header = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok());
@@ -393,14 +393,14 @@ async fn serve_misskey<B>(
 /// is checked as for a view, the token in constant time.
 async fn purge<B>(public: &Public, parsed: Result<Target, ProxyError>, req: &Request<B>) -> Routed {
     let refused = |e| Err((e, CacheStatus::Bypass));
-    if !crate::signing::bearer_matches(req.headers(), &public.proxy.config.compat.purge_token) {
+    if !crate::signing::bearer_matches(req.headers(), &public.proxy.config().compat.purge_token) {
         return refused(ProxyError::BadSignature);
     }
     let source = match parsed {
         Ok(Target::Request(request)) => request.source,
         // The filename segment does not matter for a purge.
         Ok(Target::Redirect(location)) => {
-            let key = public.proxy.config.compat.akkoma_secret.as_bytes();
+            let key = public.proxy.config().compat.akkoma_secret.as_bytes();
             match api::akkoma::parse(&location, key, "") {
                 Ok(api::akkoma::Parsed::Request(request)) => request.source,
                 _ => return refused(ProxyError::BadUrl("not an Akkoma URL")),
@@ -458,7 +458,7 @@ async fn serve_request<B>(proxy: &Arc<Proxy>, request: &ProxyRequest, req: &Requ
             // Still arriving: read as it does.
             crate::proxy::Found::Growing(growing, cache) => {
                 // Its bytes are counted as they go.
-                let served = &proxy.metrics.bytes_served;
+                let served = &proxy.metrics().bytes_served;
                 let response =
                     response::serve_growing(growing, req.method(), req.headers(), served);
                 return Ok((response, cache, 0));
@@ -478,15 +478,12 @@ async fn respond<B>(
 ) -> Routed {
     let conn = sendfile::current();
     if let Some(conn) = &conn {
-        conn.count_into(&proxy.metrics.bytes_sent_from_file);
+        conn.count_into(&proxy.metrics().bytes_sent_from_file);
     }
     let (method, headers) = (req.method(), req.headers());
-    match response::serve(entry, proxy.store.blobs(), method, headers, conn.as_ref()).await {
+    match proxy.respond(entry, method, headers, conn.as_ref()).await {
         Ok((response, sent)) => Ok((response, cache, sent)),
-        Err(e) => {
-            proxy.store.forget_if_broken(&entry.hash, entry.len).await;
-            Err((e, cache))
-        }
+        Err(e) => Err((e, cache)),
     }
 }
 
@@ -509,7 +506,7 @@ impl Pictrs {
 /// Handles one request on the pict-rs listener ([`api::pictrs`]).
 pub async fn handle_pictrs<B>(state: Arc<Pictrs>, req: Request<B>) -> Response<Body> {
     let proxy = &state.proxy;
-    let secret = &proxy.config.compat.pictrs_secret;
+    let secret = &proxy.config().compat.pictrs_secret;
     let guarded = secret.is_empty() || {
         let sent = req.headers().get("x-parasol-secret").map_or(&b""[..], |v| v.as_bytes());
         crate::signing::secret_matches(sent, secret)
@@ -518,7 +515,7 @@ pub async fn handle_pictrs<B>(state: Arc<Pictrs>, req: Request<B>) -> Response<B
         _ if !guarded => Err((ProxyError::BadSignature, CacheStatus::Bypass)),
         false => Err((ProxyError::MethodNotAllowed, CacheStatus::Bypass)),
         true => {
-            let max = proxy.config.compat.pictrs_max_thumbnail;
+            let max = proxy.config().compat.pictrs_max_thumbnail;
             match api::pictrs::parse(req.uri().path(), req.uri().query(), max) {
                 Err(e) => Err((e, CacheStatus::Bypass)),
                 Ok(parsed) => serve_pictrs(&state, parsed, &req).await,
@@ -533,10 +530,10 @@ pub async fn handle_pictrs<B>(state: Arc<Pictrs>, req: Request<B>) -> Response<B
             (response::json(status, api::pictrs::error_body(&e)), cache, 0)
         }
     };
-    proxy.metrics.cache_result(cache);
-    proxy.metrics.bytes_served.inc_by(sent);
+    proxy.metrics().cache_result(cache);
+    proxy.metrics().bytes_served.inc_by(sent);
     let status = response.status().as_u16();
-    proxy.metrics.requests.get_or_create(&RequestLabels { route: "pictrs", status }).inc();
+    proxy.metrics().requests.get_or_create(&RequestLabels { route: "pictrs", status }).inc();
     response
 }
 

@@ -52,7 +52,7 @@ pub async fn ban(proxy: &Arc<Proxy>, body: &[u8]) -> Response<Body> {
         Ok(ban) => ban,
         Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
     };
-    match proxy.moderation.ban(ban).await {
+    match proxy.moderation().ban(ban).await {
         Ok(report) => json(StatusCode::OK, &serde_json::json!(report)),
         Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, e.public_message()),
     }
@@ -63,7 +63,7 @@ pub async fn lift(proxy: &Arc<Proxy>, body: &[u8]) -> Response<Body> {
         Ok(ban) => ban,
         Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
     };
-    match proxy.moderation.lift(&ban.id()).await {
+    match proxy.moderation().lift(&ban.id()).await {
         Ok(Some(lifted)) => json(StatusCode::OK, &serde_json::json!({ "lifted": lifted })),
         Ok(None) => json_error(StatusCode::NOT_FOUND, "no such ban"),
         Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, e.public_message()),
@@ -71,5 +71,5 @@ pub async fn lift(proxy: &Arc<Proxy>, body: &[u8]) -> Response<Body> {
 }
 
 pub fn list(proxy: &Proxy) -> Response<Body> {
-    json(StatusCode::OK, &serde_json::json!({ "bans": proxy.moderation.bans() }))
+    json(StatusCode::OK, &serde_json::json!({ "bans": proxy.moderation().bans() }))
 }

@@ -383,6 +383,17 @@ impl Store {
         Ok(report)
     }
 
+    /// Removes everything fetched from `domain` (normalised) or its subdomains: by the
+    /// source's host, or the host a redirect took the fill to.
+    pub async fn purge_domain(&self, domain: String) -> Result<PurgeReport, ProxyError> {
+        self.purge(move |r| {
+            let (source, landed) = r.hosts();
+            source.is_some_and(|h| crate::policy::covers(&domain, &h))
+                || landed.is_some_and(|h| crate::policy::covers(&domain, h))
+        })
+        .await
+    }
+
     /// Drops what nobody asked for since `cutoff` (Unix seconds; `cache.retention`).
     pub async fn drop_idle(&self, cutoff: u64) {
         let idle = self.budget.idle_since(cutoff);

@@ -122,16 +122,7 @@ impl Moderation {
                 let url = ban.value.clone();
                 self.store.purge(move |r| r.url == url).await
             }
-            BanKind::Domain => {
-                let domain = ban.value.clone();
-                self.store
-                    .purge(move |r| {
-                        let (source, landed) = r.hosts();
-                        source.is_some_and(|h| crate::policy::covers(&domain, &h))
-                            || landed.is_some_and(|h| crate::policy::covers(&domain, h))
-                    })
-                    .await
-            }
+            BanKind::Domain => self.store.purge_domain(ban.value.clone()).await,
             BanKind::Hash => match blake3::Hash::from_hex(&ban.value) {
                 Ok(hash) => self.purge_content(&hash).await,
                 Err(_) => Ok(PurgeReport::default()),
