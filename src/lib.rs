@@ -5,51 +5,40 @@
 //! instance's viewers. The origin sees parasol's address and a fixed User-Agent at the time
 //! parasol chose to fetch; never a viewer's address, browser, cookies, language or time.
 //!
-//! # Layout
-//! - [`config`]: TOML + `PARASOL__*` environment → validated [`Config`].
-//! - [`error`]: the one boundary error, with status, stable code and who caused it.
-//! - [`signing`]: HMAC-SHA256 of native URLs, key rotation, the generated default key.
-//! - [`api`]: one module per URL scheme, each producing an [`api::ProxyRequest`]; also
-//!   [`api::pictrs`] (Lemmy's pict-rs API, its own listener) and [`api::upstream`]
-//!   (`[[upstream]]` prefixes served from an instance's own bucket).
-//! - [`policy`]: blocked and allowed origin domains.
-//! - [`fetch`]: the origin client; [`fetch::guard`] decides which addresses may be dialed,
-//!   [`fetch::peer`] re-checks the connected socket, [`fetch::limit`] caps fills.
-//! - [`cache`]: [`cache::Key`] and [`cache::Entry`]; [`cache::store::Store`] owns the memory
-//!   tier, disk blobs, redb index, disk budget ([`cache::budget`], S3-FIFO in
-//!   [`cache::evict`]) and shared bucket, and keeps them consistent (load and check, insert,
-//!   purge, drop, evict, reconcile); [`cache::received`] is a body on its way in;
-//!   [`cache::verify`] checks a cache directory offline.
-//! - [`media`]: content sniffing and the type allowlist; [`media::worker`] runs every decode,
-//!   render and metadata strip in sandboxed worker processes (`parasol media-worker`) under
-//!   kernel limits, and `media/{decode,variants,animation,details,svg,strip}.rs` is what runs inside
-//!   them; [`media::worker::tool`] runs ffmpeg (video posters) and heif-convert (HEIC, AVIF)
-//!   behind the same walls.
-//! - [`proxy`]: the request lifecycle: lookup, coalesced fill, the shared bucket's vetting;
-//!   `proxy/store.rs` receives origin bodies (within the in-flight budget,
-//!   [`cache::inflight`]) and hands them to the store, `proxy/prepare.rs` hands media work to
-//!   the worker pool, `proxy/upkeep.rs` purges by URL or policy and runs the store's upkeep.
-//! - [`response`]: 200/206/304/416 and error responses from an entry.
-//! - [`server`]: accept loops, graceful shutdown, viewer routing; [`admin`]: probes, metrics.
-//! - [`moderation`]: bans (kept in the index, shared through the bucket), hash lists, the
-//!   scanner's veto, the moderation log; `proxy/moderate.rs` applies them to fills and hits.
-//! - [`audit`]: the outbound request log. [`telemetry`]: logging and metric names.
+//! # Rooms
+//! Each module owns its state; a module calls only those listed after it (the layers run
+//! one way: no module calls back up).
+//!
+//! | room | owns | calls |
+//! |---|---|---|
+//! | [`server`], [`admin`] | listeners, connections, routing, the admin API | `proxy`, `api`, `response` |
+//! | [`proxy`] | the request lifecycle: the negative cache, the newest expiring URL of an entry; one room per source and job: `proxy/sources.rs` (the origin, the shared bucket), `proxy/prepare.rs` (media work) | `moderation`, `cache`, `fetch`, `media`, `api` |
+//! | [`moderation`] | bans, hash lists, the scanner, the moderation log; checks at each checkpoint (request, fill, hit) | `cache`, `media` (an input for the scanner) |
+//! | [`api`] | URL schemes → [`api::ProxyRequest`] with its canonical URL; the unsigned routes' allowances | `signing`, `policy` |
+//! | [`media`] | the worker pool ([`media::worker`]: fair queue, processes, sandbox, tools) and what runs inside a worker | `cache` (sinks, inputs) |
+//! | [`response`] | 200/206/304/416 and error responses from an entry | `cache` |
+//! | [`fetch`] | the origin client: guard, peer check, fill slots, name resolution | `audit`, `policy` |
+//! | [`cache`] | the store ([`cache::store::Store`]: memory tier, blobs, redb index, S3-FIFO budget, shared bucket, its own upkeep), coalescing of fills ([`cache::coalesce`]), bodies on their way in, digests | `telemetry`, `error` |
+//! | [`policy`], [`signing`], [`config`], [`telemetry`], [`audit`], [`error`] | leaves: domain policy and origins, HMAC, configuration by section, metrics, the outbound log, the one error | — |
 //!
 //! # Request lifecycle
-//! Hit: route → verify signature → key = blake3(canonical source URL, variant) → memory →
-//! response, whose headers were built once when the entry was filled.
+//! Hit: route → verify signature → canonical source URL and key (once) → moderation's check
+//! of the URL → memory → moderation's check of the hit → response, whose headers were built
+//! once when the entry was filled.
 //!
-//! Miss: one leader task per key, spawned so that a viewer who disconnects cancels nothing:
-//! disk index → (absent) guarded fetch → stream to memory or a temp file while hashing,
-//! sniffing and counting → release the fill slot → a media worker rasterises SVG and strips
-//! metadata → admit to the disk budget → rename into place → index → evict what the budget
-//! no longer holds → publish to every waiting viewer. A large original that passes through
-//! unchanged is published to its waiters as soon as its type is sniffed and read from the
-//! temp file as it grows ([`cache::growing`]); the rest of the fill runs unchanged. A variant is a second fill keyed by the
-//! original's content: the original's bytes go to a worker, the rendition comes back.
+//! Miss: one leader task per key ([`cache::coalesce`]), spawned so that a viewer who
+//! disconnects cancels nothing: disk index → shared bucket → guarded fetch from the origin,
+//! streamed to memory or a temp file while hashing, sniffing and counting → the fill slot
+//! goes back → moderation's check of the origin's bytes → a media worker rasterises SVG and
+//! finds the metadata to cut → moderation's check of the bytes to serve (the scanner) →
+//! admit to the disk budget → rename into place → index → evict what the budget no longer
+//! holds → publish to every waiting viewer (and to the shared bucket). A large original that
+//! passes through unchanged is published to its waiters as soon as its type is sniffed and
+//! read from the temp file as it grows ([`cache::growing`]). A variant is a second fill keyed
+//! by the original's content: the original's bytes go to a worker, the rendition comes back.
 //!
-//! Background: at start the budget is rebuilt from the index and reconciled with the blob
-//! files; retention drops idle blobs; a scrub re-hashes large blobs daily.
+//! Background: at start the budget is rebuilt from the index; the store's own task reconciles
+//! it with the blob files, drops idle blobs (retention) and re-hashes large blobs daily.
 
 // One exception, with its measurement: the media worker's allocator tuning (`mallopt`, in
 // `media/worker/child.rs`). Everything else is safe code.
