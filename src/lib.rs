@@ -150,6 +150,89 @@ pub fn media_pool(
     media::worker::MediaPool::new(pool, pool_metrics)
 }
 
+/// One line per outside program the media workers run: where it is, or what is off
+/// without it.
+fn log_tools(config: &Config, media: &media::worker::MediaPool) {
+    let tools = [
+        (
+            "ffmpeg",
+            media.ffmpeg(),
+            &config.media.ffmpeg,
+            "video posters; AVIF without heif-convert",
+            "ffmpeg",
+        ),
+        (
+            "heif-convert",
+            media.heif_convert(),
+            &config.media.heif_convert,
+            "HEIC; AVIF (else ffmpeg: untiled, opaque only)",
+            "libheif-examples",
+        ),
+    ];
+    for (tool, found, configured, renders, package) in tools {
+        match found {
+            Some(path) => {
+                tracing::info!(tool, path = %path.display(), renders, "media tool found")
+            }
+            None => tracing::warn!(
+                tool,
+                configured = configured.as_str(),
+                renders,
+                "media tool not found: these renditions answer 415 (install {package} or set media.{})",
+                tool.replace('-', "_")
+            ),
+        }
+    }
+}
+
+/// The store `config` asks for, over the opened `disk` and `index`.
+fn store(
+    config: &Config,
+    disk: cache::disk::BlobStore,
+    index: cache::index::Index,
+    metrics: &telemetry::Metrics,
+) -> cache::store::Store {
+    let store_config = cache::store::StoreConfig {
+        memory_bytes: config.cache.memory_bytes.0,
+        memory_max_object_bytes: config.cache.memory_max_object_bytes.0,
+        disk_bytes: config.cache.disk_bytes.0,
+        fsync: config.cache.fsync,
+        inflight_bytes: config.media.inflight_bytes.0,
+    };
+    let store_metrics = cache::store::StoreMetrics {
+        evictions: metrics.evictions.clone(),
+        blobs_dropped: metrics.blobs_dropped.clone(),
+    };
+    cache::store::Store::new(store_config, disk, index, store_metrics)
+}
+
+/// Moderation of `store`, with its bans and hash lists loaded, and (with a shared bucket)
+/// kept in step with the other nodes' bans.
+async fn moderation(
+    config: &Config,
+    store: Arc<cache::store::Store>,
+    metrics: &telemetry::Metrics,
+) -> Result<Arc<moderation::Moderation>, StartError> {
+    let scanner = moderation::scanner::Scanner::from_config(&config.moderation).map_err(|e| {
+        StartError::Setup(error::ProxyError::internal(format!("moderation.scanner_url: {e}")))
+    })?;
+    let log = moderation::log::ModerationLog::new(
+        config.moderation_log_path(),
+        metrics.moderation.clone(),
+    );
+    let shared = store.shared().is_some();
+    let moderation = Arc::new(
+        moderation::Moderation::new(log, scanner, store)
+            .with_normalizer(policy::Normalizer::new(&config.policy.normalize)),
+    );
+    moderation.load(&config.moderation.hash_lists).await.map_err(StartError::Setup)?;
+    if shared {
+        let every = config.moderation.sync_interval.0;
+        tokio::spawn(moderation::Moderation::sync_bans(Arc::downgrade(&moderation), every));
+    }
+    Ok(moderation)
+}
+
 /// The signing keys in effect: the configured ones, or the key generated once and kept in the
 /// cache directory (with a warning, since a key in the cache dir is lost with the cache).
 pub fn signing_keys(config: &Config) -> Result<Vec<String>, StartError> {
@@ -239,72 +322,11 @@ impl Bound {
         let media = media_pool(&config, options.worker_exe, &metrics);
         let landlock = media.warm().await.map_err(StartError::Media)?;
         tracing::info!(workers = config.media.workers, landlock, "media workers sandboxed");
-        // One line per outside program: where it is, or what is off without it.
-        let tools = [
-            (
-                "ffmpeg",
-                media.ffmpeg(),
-                &config.media.ffmpeg,
-                "video posters; AVIF without heif-convert",
-                "ffmpeg",
-            ),
-            (
-                "heif-convert",
-                media.heif_convert(),
-                &config.media.heif_convert,
-                "HEIC; AVIF (else ffmpeg: untiled, opaque only)",
-                "libheif-examples",
-            ),
-        ];
-        for (tool, found, configured, renders, package) in tools {
-            match found {
-                Some(path) => {
-                    tracing::info!(tool, path = %path.display(), renders, "media tool found")
-                }
-                None => tracing::warn!(
-                    tool,
-                    configured = configured.as_str(),
-                    renders,
-                    "media tool not found: these renditions answer 415 (install {package} or set media.{})",
-                    tool.replace('-', "_")
-                ),
-            }
-        }
-        let scanner =
-            moderation::scanner::Scanner::from_config(&config.moderation).map_err(|e| {
-                StartError::Setup(error::ProxyError::internal(format!(
-                    "moderation.scanner_url: {e}"
-                )))
-            })?;
-        let store_config = cache::store::StoreConfig {
-            memory_bytes: config.cache.memory_bytes.0,
-            memory_max_object_bytes: config.cache.memory_max_object_bytes.0,
-            disk_bytes: config.cache.disk_bytes.0,
-            fsync: config.cache.fsync,
-            inflight_bytes: config.media.inflight_bytes.0,
-        };
-        let store_metrics = cache::store::StoreMetrics {
-            evictions: metrics.evictions.clone(),
-            blobs_dropped: metrics.blobs_dropped.clone(),
-        };
-        let store = Arc::new(
-            cache::store::Store::new(store_config, disk, index, store_metrics).with_shared(shared),
-        );
+        log_tools(&config, &media);
+        let store = Arc::new(store(&config, disk, index, &metrics).with_shared(shared));
         let entries = store.load_budget().await.map_err(StartError::Setup)?;
         store.start_upkeep(config.cache.retention.0, started);
-        let log = moderation::log::ModerationLog::new(
-            config.moderation_log_path(),
-            metrics.moderation.clone(),
-        );
-        let moderation = Arc::new(
-            moderation::Moderation::new(log, scanner, store.clone())
-                .with_normalizer(policy::Normalizer::new(&config.policy.normalize)),
-        );
-        moderation.load(&config.moderation.hash_lists).await.map_err(StartError::Setup)?;
-        if store.shared().is_some() {
-            let every = config.moderation.sync_interval.0;
-            tokio::spawn(moderation::Moderation::sync_bans(Arc::downgrade(&moderation), every));
-        }
+        let moderation = moderation(&config, store.clone(), &metrics).await?;
         let (closed, proxy_closed) = tokio::sync::mpsc::channel(1);
         let proxy = Arc::new(
             proxy::Proxy::new(config, fetcher, store, moderation, metrics, media)

@@ -114,140 +114,111 @@ impl Default for Metrics {
     }
 }
 
-impl Metrics {
-    pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("parasol");
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "requests",
-            "Viewer requests by route and response status",
-            requests.clone(),
-        );
-        let cache = Family::<CacheLabels, Counter>::default();
-        registry.register(
-            "cache_results",
-            "Cache decisions: hit_memory, hit_disk, miss, coalesced, negative, blocked, bypass",
-            cache.clone(),
-        );
-        let origin = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
-            "origin_fetches",
-            "Origin fetches by outcome (ok or error code)",
-            origin.clone(),
-        );
-        let buckets = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-        let origin_seconds = Histogram::new(buckets);
-        registry.register(
-            "origin_fetch_seconds",
-            "Time from sending an origin request to the last body byte",
-            origin_seconds.clone(),
-        );
-        let bytes_served = Counter::default();
-        registry.register("served_bytes", "Body bytes sent to viewers", bytes_served.clone());
-        let bytes_sent_from_file = Counter::default();
-        registry.register(
-            "served_from_file_bytes",
-            "Body bytes sent to viewers from a blob's file (sendfile) instead of from memory",
-            bytes_sent_from_file.clone(),
-        );
-        let bytes_fetched = Counter::default();
-        registry.register(
-            "fetched_bytes",
-            "Body bytes received from origins",
-            bytes_fetched.clone(),
-        );
-        let cache_bytes = Family::<TierLabels, Gauge>::default();
-        registry.register("cache_bytes", "Bytes held per cache tier", cache_bytes.clone());
-        let cache_entries = Family::<TierLabels, Gauge>::default();
-        registry.register("cache_entries", "Entries held per cache tier", cache_entries.clone());
-        let audit_violations = Counter::default();
-        registry.register(
-            "audit_violations",
-            "Outbound requests that carried a header outside the allowlist (should stay 0)",
-            audit_violations.clone(),
-        );
-        let evictions = Counter::default();
-        registry.register(
-            "evictions",
-            "Blobs evicted from disk to stay within cache.disk_bytes or cache.retention",
-            evictions.clone(),
-        );
-        let renders = Counter::default();
-        registry.register(
-            "renders",
-            "Variant renditions computed (decode, resize, encode)",
-            renders.clone(),
-        );
-        let media_jobs = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
-            "media_jobs",
-            "Media worker jobs by outcome: ok, unchanged, refused (decoder said no), too_costly \
+/// Each metric's name (after the `parasol_` prefix) and help text.
+const HELP: &[(&str, &str)] = &[
+    ("requests", "Viewer requests by route and response status"),
+    (
+        "cache_results",
+        "Cache decisions: hit_memory, hit_disk, miss, coalesced, negative, blocked, bypass",
+    ),
+    ("origin_fetches", "Origin fetches by outcome (ok or error code)"),
+    ("origin_fetch_seconds", "Time from sending an origin request to the last body byte"),
+    ("served_bytes", "Body bytes sent to viewers"),
+    (
+        "served_from_file_bytes",
+        "Body bytes sent to viewers from a blob's file (sendfile) instead of from memory",
+    ),
+    ("fetched_bytes", "Body bytes received from origins"),
+    ("cache_bytes", "Bytes held per cache tier"),
+    ("cache_entries", "Entries held per cache tier"),
+    (
+        "audit_violations",
+        "Outbound requests that carried a header outside the allowlist (should stay 0)",
+    ),
+    ("evictions", "Blobs evicted from disk to stay within cache.disk_bytes or cache.retention"),
+    ("renders", "Variant renditions computed (decode, resize, encode)"),
+    (
+        "media_jobs",
+        "Media worker jobs by outcome: ok, unchanged, refused (decoder said no), too_costly \
              (CPU time, memory, crash, a broken protocol), remembered (a known too-costly file), \
              origin_refused (its origin's files were too costly lately), busy (the queue or \
              the origin's share of it full), waited (no worker within media.queue_wait), \
              starved (over the wall-clock deadline without using its CPU time), error; \
              skipped: a strip not sent to a worker, no byte of the file marking metadata",
-            media_jobs.clone(),
-        );
-        let moderation = Family::<ModerationLabels, Counter>::default();
-        registry.register(
-            "moderation",
-            "Moderation decisions by rule (url, hash, sha256, domain, hash_list, scanner) and \
+    ),
+    (
+        "moderation",
+        "Moderation decisions by rule (url, hash, sha256, domain, hash_list, scanner) and \
              action (refused, purged, banned, lifted, allowed, unscanned)",
-            moderation.clone(),
-        );
-        let media_running = Gauge::default();
-        registry.register(
-            "media_jobs_running",
-            "Media jobs on a worker now (at most media.workers, and one metadata strip)",
-            media_running.clone(),
-        );
-        let media_origins_refused = Gauge::default();
-        registry.register(
-            "media_origins_refused",
-            "Origins refused new media jobs now: their files were too costly three times in \
+    ),
+    (
+        "media_jobs_running",
+        "Media jobs on a worker now (at most media.workers, and one metadata strip)",
+    ),
+    (
+        "media_origins_refused",
+        "Origins refused new media jobs now: their files were too costly three times in \
              ten minutes",
-            media_origins_refused.clone(),
-        );
-        let inflight_bytes = Gauge::default();
-        registry.register(
-            "inflight_bytes",
-            "Bytes of bodies held in memory on their way into the cache (media.inflight_bytes)",
-            inflight_bytes.clone(),
-        );
-        let blobs_dropped = Counter::default();
-        registry.register(
-            "blobs_dropped",
-            "Blobs deleted because their bytes no longer matched their hash or size (refetched on demand)",
-            blobs_dropped.clone(),
-        );
-        let shared = Family::<SharedLabels, Counter>::default();
-        registry.register(
-            "shared_tier",
-            "Calls to the shared bucket ([shared]) by operation and outcome",
-            shared.clone(),
-        );
+    ),
+    (
+        "inflight_bytes",
+        "Bytes of bodies held in memory on their way into the cache (media.inflight_bytes)",
+    ),
+    (
+        "blobs_dropped",
+        "Blobs deleted because their bytes no longer matched their hash or size (refetched on demand)",
+    ),
+    ("shared_tier", "Calls to the shared bucket ([shared]) by operation and outcome"),
+];
+
+/// Registers `metric` as `name` with its help from [`HELP`], and hands it back.
+fn register<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    metric: M,
+) -> M {
+    let help = HELP.iter().find(|(n, _)| *n == name).map_or("", |(_, h)| h);
+    debug_assert!(!help.is_empty(), "metric {name} has no help text");
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("parasol");
         Self {
-            shared,
-            renders,
-            media_jobs,
-            media_running,
-            media_origins_refused,
-            moderation,
-            inflight_bytes,
-            evictions,
-            blobs_dropped,
-            audit_violations,
+            requests: register(&mut registry, "requests", Family::default()),
+            cache: register(&mut registry, "cache_results", Family::default()),
+            origin: register(&mut registry, "origin_fetches", Family::default()),
+            origin_seconds: register(
+                &mut registry,
+                "origin_fetch_seconds",
+                Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            ),
+            bytes_served: register(&mut registry, "served_bytes", Counter::default()),
+            bytes_sent_from_file: register(
+                &mut registry,
+                "served_from_file_bytes",
+                Counter::default(),
+            ),
+            bytes_fetched: register(&mut registry, "fetched_bytes", Counter::default()),
+            cache_bytes: register(&mut registry, "cache_bytes", Family::default()),
+            cache_entries: register(&mut registry, "cache_entries", Family::default()),
+            audit_violations: register(&mut registry, "audit_violations", Counter::default()),
+            evictions: register(&mut registry, "evictions", Counter::default()),
+            renders: register(&mut registry, "renders", Counter::default()),
+            media_jobs: register(&mut registry, "media_jobs", Family::default()),
+            moderation: register(&mut registry, "moderation", Family::default()),
+            media_running: register(&mut registry, "media_jobs_running", Gauge::default()),
+            media_origins_refused: register(
+                &mut registry,
+                "media_origins_refused",
+                Gauge::default(),
+            ),
+            inflight_bytes: register(&mut registry, "inflight_bytes", Gauge::default()),
+            blobs_dropped: register(&mut registry, "blobs_dropped", Counter::default()),
+            shared: register(&mut registry, "shared_tier", Family::default()),
             registry: std::sync::Arc::new(registry),
-            requests,
-            cache,
-            origin,
-            origin_seconds,
-            bytes_served,
-            bytes_sent_from_file,
-            bytes_fetched,
-            cache_bytes,
-            cache_entries,
         }
     }
 

@@ -158,7 +158,6 @@ impl Prepare {
         content_type: &'static str,
         known: Option<crate::moderation::Digests>,
     ) -> Result<Received, ProxyError> {
-        use crate::media::strip::Piece;
         let refused = |why: &str| {
             tracing::warn!(why, "media worker's cuts refused");
             ProxyError::bad_image("the worker's cuts do not fit the file")
@@ -175,70 +174,8 @@ impl Prepare {
                 }
             }
             Input::File { path, len } => {
-                // The cuts are checked against the file first (a read at each segment).
-                let (at, cuts_, len_) = (path.clone(), cuts.clone(), *len);
-                let verified = tokio::task::spawn_blocking(move || {
-                    use std::os::unix::fs::FileExt;
-                    let file = std::fs::File::open(at)?;
-                    let mut read_at = |at: u64, buf: &mut [u8]| file.read_exact_at(buf, at).is_ok();
-                    Ok::<_, std::io::Error>(cuts_.verify(content_type, len_, &mut read_at))
-                });
-                verified
-                    .await
-                    .map_err(ProxyError::internal)?
-                    .map_err(ProxyError::storage)?
-                    .map_err(refused)?;
-                // Read once, start to end: the pieces kept go to the sink, every byte to the
-                // digests.
-                let mut file = tokio::fs::File::open(path).await.map_err(ProxyError::storage)?;
-                let mut head = vec![0u8; 64.min(*len as usize)];
-                file.read_exact(&mut head).await.map_err(ProxyError::storage)?;
-                let pieces = cuts.pieces(content_type, *len, &head).map_err(refused)?;
-                file.seek(std::io::SeekFrom::Start(0)).await.map_err(ProxyError::storage)?;
-                let mut file = file.take(*len);
-                let out: u64 = pieces
-                    .iter()
-                    .map(|p| match p {
-                        Piece::Keep(s, e) => e - s,
-                        Piece::Put(b) => b.len() as u64,
-                    })
-                    .sum();
-                sink.begin(out).await.map_err(ProxyError::storage)?;
-                let mut digester = crate::moderation::Digester::default();
-                let (mut buf, mut at) = (vec![0u8; 1 << 16], 0u64);
-                for piece in &pieces {
-                    let (start, end) = match piece {
-                        Piece::Put(bytes) => {
-                            sink.push(bytes).await.map_err(ProxyError::storage)?;
-                            continue;
-                        }
-                        Piece::Keep(start, end) => (*start, *end),
-                    };
-                    // What lies before the piece (a cut) is read for the digests only.
-                    while at < end {
-                        let want = (end - at).min(buf.len() as u64) as usize;
-                        let n = file.read(&mut buf[..want]).await.map_err(ProxyError::storage)?;
-                        if n == 0 {
-                            return Err(ProxyError::internal("a temp file shrank"));
-                        }
-                        digester.update(&buf[..n]);
-                        let (from, to) = (at, at + n as u64);
-                        if to > start {
-                            let skip = start.saturating_sub(from) as usize;
-                            sink.push(&buf[skip..n]).await.map_err(ProxyError::storage)?;
-                        }
-                        at = to;
-                    }
-                }
-                // The rest, read for the digests.
-                loop {
-                    let n = file.read(&mut buf).await.map_err(ProxyError::storage)?;
-                    if n == 0 {
-                        break;
-                    }
-                    digester.update(&buf[..n]);
-                }
-                known.unwrap_or_else(|| digester.finish())
+                let digests = cut_file(path, *len, cuts, content_type, &mut sink).await?;
+                known.unwrap_or(digests)
             }
         };
         if infer::get(sink.head()).map(|t| t.mime_type()) != Some(content_type) {
@@ -395,4 +332,81 @@ impl crate::cache::ChunkSink for Bounded {
         self.0.extend_from_slice(chunk);
         Ok(())
     }
+}
+
+/// The stripped copy of the file at `path` (`len` bytes of `content_type`) into `sink`, once
+/// `cuts` are checked against it (a read at each segment); read once, start to end: the pieces
+/// kept go to the sink, every byte to the digests, which are returned.
+async fn cut_file(
+    path: &std::path::Path,
+    len: u64,
+    cuts: &crate::media::strip::Cuts,
+    content_type: &'static str,
+    sink: &mut crate::cache::received::Sink,
+) -> Result<crate::moderation::Digests, ProxyError> {
+    use crate::media::strip::Piece;
+    let refused = |why: &str| {
+        tracing::warn!(why, "media worker's cuts refused");
+        ProxyError::bad_image("the worker's cuts do not fit the file")
+    };
+    // The cuts are checked against the file first (a read at each segment).
+    let (at, cuts_, len_) = (path.to_path_buf(), cuts.clone(), len);
+    let verified = tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open(at)?;
+        let mut read_at = |at: u64, buf: &mut [u8]| file.read_exact_at(buf, at).is_ok();
+        Ok::<_, std::io::Error>(cuts_.verify(content_type, len_, &mut read_at))
+    });
+    verified.await.map_err(ProxyError::internal)?.map_err(ProxyError::storage)?.map_err(refused)?;
+    // Read once, start to end: the pieces kept go to the sink, every byte to the
+    // digests.
+    let mut file = tokio::fs::File::open(path).await.map_err(ProxyError::storage)?;
+    let mut head = vec![0u8; 64.min(len as usize)];
+    file.read_exact(&mut head).await.map_err(ProxyError::storage)?;
+    let pieces = cuts.pieces(content_type, len, &head).map_err(refused)?;
+    file.seek(std::io::SeekFrom::Start(0)).await.map_err(ProxyError::storage)?;
+    let mut file = file.take(len);
+    let out: u64 = pieces
+        .iter()
+        .map(|p| match p {
+            Piece::Keep(s, e) => e - s,
+            Piece::Put(b) => b.len() as u64,
+        })
+        .sum();
+    sink.begin(out).await.map_err(ProxyError::storage)?;
+    let mut digester = crate::moderation::Digester::default();
+    let (mut buf, mut at) = (vec![0u8; 1 << 16], 0u64);
+    for piece in &pieces {
+        let (start, end) = match piece {
+            Piece::Put(bytes) => {
+                sink.push(bytes).await.map_err(ProxyError::storage)?;
+                continue;
+            }
+            Piece::Keep(start, end) => (*start, *end),
+        };
+        // What lies before the piece (a cut) is read for the digests only.
+        while at < end {
+            let want = (end - at).min(buf.len() as u64) as usize;
+            let n = file.read(&mut buf[..want]).await.map_err(ProxyError::storage)?;
+            if n == 0 {
+                return Err(ProxyError::internal("a temp file shrank"));
+            }
+            digester.update(&buf[..n]);
+            let (from, to) = (at, at + n as u64);
+            if to > start {
+                let skip = start.saturating_sub(from) as usize;
+                sink.push(&buf[skip..n]).await.map_err(ProxyError::storage)?;
+            }
+            at = to;
+        }
+    }
+    // The rest, read for the digests.
+    loop {
+        let n = file.read(&mut buf).await.map_err(ProxyError::storage)?;
+        if n == 0 {
+            break;
+        }
+        digester.update(&buf[..n]);
+    }
+    Ok(digester.finish())
 }

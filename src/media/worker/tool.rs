@@ -299,6 +299,28 @@ pub struct ToolJob {
 struct Scratch(PathBuf);
 
 impl Scratch {
+    /// A job's scratch directory, when it needs one, and the file it reads: the program
+    /// reopens its stdin (`/dev/stdin`). Run as parasol's own user, it may read the blob at
+    /// `path` itself; as `nobody` (parasol runs as root), it reads a copy of its own in its
+    /// scratch directory, so no cached file is ever opened to other users. `writes`: the
+    /// program writes its result into a file.
+    async fn for_job(writes: bool, path: &Path) -> Result<(Option<Scratch>, PathBuf), ProxyError> {
+        let as_nobody = nix::unistd::geteuid().is_root();
+        if !writes && !as_nobody {
+            return Ok((None, path.to_path_buf()));
+        }
+        let blob = path.to_path_buf();
+        let made = tokio::task::spawn_blocking(move || {
+            Scratch::new(writes, as_nobody.then_some(blob.as_path()))
+        });
+        let scratch = made.await.map_err(ProxyError::internal)?.map_err(ProxyError::storage)?;
+        let input = match as_nobody {
+            true => scratch.0.join(INPUT_NAME),
+            false => path.to_path_buf(),
+        };
+        Ok((Some(scratch), input))
+    }
+
     /// A scratch directory with an empty output file (`output`) and, given `input`, a copy
     /// of that file for the program to read.
     fn new(output: bool, input: Option<&Path>) -> std::io::Result<Scratch> {
@@ -327,6 +349,25 @@ impl Scratch {
             }
         }
         Ok(scratch)
+    }
+}
+
+/// What a program's exit (`status`, having written `total` bytes) says of the job.
+fn judge(job: &ToolJob, status: std::process::ExitStatus, total: u64) -> Result<(), ProxyError> {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(0), _) if total > 0 => Ok(()),
+        (Some(code), _) if code == i32::from(UNSAFE_EXIT) => {
+            Err(ProxyError::internal("the media tool's sandbox could not be raised"))
+        }
+        // The program said no (it could not read the file): the file's fault, not a costly
+        // one.
+        (Some(_), _) => Err(ProxyError::bad_image("the file has no picture to take")),
+        (None, signal) => {
+            let why = death(status);
+            tracing::warn!(tool = job.name, ?signal, why, "media tool failed");
+            Err(ProxyError::MediaTooCostly(why.into()))
+        }
     }
 }
 
@@ -408,35 +449,18 @@ impl MediaPool {
         result
     }
 
-    async fn tool_exchange<S: ChunkSink>(
+    /// The command that runs `job` sandboxed on `input` (its stdin): `parasol media-worker
+    /// --tool`, which raises the walls and then becomes the program; with `scratch`, the
+    /// directory it may write `output` into.
+    fn tool_command(
         &self,
         job: &ToolJob,
-        path: &Path,
-        sink: &mut S,
-    ) -> Result<(), ProxyError> {
-        // The program reopens its stdin (`/dev/stdin`). Run as parasol's own user, it may
-        // read the blob itself; as `nobody` (parasol runs as root), it reads a copy of its own
-        // in its scratch directory, so no cached file is ever opened to other users.
-        let as_nobody = nix::unistd::geteuid().is_root();
-        let writes = job.args.iter().any(|a| a == OUTPUT);
-        let scratch = match writes || as_nobody {
-            true => {
-                let (path, copy) = (path.to_path_buf(), as_nobody);
-                let made = tokio::task::spawn_blocking(move || {
-                    Scratch::new(writes, copy.then_some(path.as_path()))
-                });
-                Some(made.await.map_err(ProxyError::internal)?.map_err(ProxyError::storage)?)
-            }
-            false => None,
-        };
-        let input = match (&scratch, as_nobody) {
-            (Some(scratch), true) => scratch.0.join(INPUT_NAME),
-            _ => path.to_path_buf(),
-        };
-        let file = std::fs::File::open(&input).map_err(crate::error::ProxyError::storage)?;
+        input: std::fs::File,
+        scratch: Option<&Path>,
+        output: Option<&Path>,
+    ) -> tokio::process::Command {
         let limits = &self.config.limits;
-        let output = writes.then(|| scratch.as_ref().map(|s| s.0.join(OUTPUT_NAME))).flatten();
-        let args = job.args.iter().map(|a| match (&output, a.as_str()) {
+        let args = job.args.iter().map(|a| match (output, a.as_str()) {
             (Some(out), OUTPUT) => out.as_os_str().to_owned(),
             _ => OsString::from(a),
         });
@@ -444,9 +468,8 @@ impl MediaPool {
         cmd.arg("media-worker")
             .args(["--memory", &limits.memory.to_string()])
             .args(["--cpu-seconds", &limits.cpu_seconds.to_string()]);
-        // The directory it may write its result into (not where its input copy is).
-        if let Some(scratch) = scratch.as_ref().filter(|_| writes) {
-            cmd.arg("--scratch").arg(&scratch.0);
+        if let Some(scratch) = scratch {
+            cmd.arg("--scratch").arg(scratch);
         }
         cmd.arg("--tool")
             .arg(&job.program)
@@ -454,11 +477,27 @@ impl MediaPool {
             .args(args)
             .env_clear()
             .current_dir("/")
-            .stdin(Stdio::from(file))
+            .stdin(Stdio::from(input))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
+        cmd
+    }
+
+    async fn tool_exchange<S: ChunkSink>(
+        &self,
+        job: &ToolJob,
+        path: &Path,
+        sink: &mut S,
+    ) -> Result<(), ProxyError> {
+        let writes = job.args.iter().any(|a| a == OUTPUT);
+        let (scratch, input) = Scratch::for_job(writes, path).await?;
+        let file = std::fs::File::open(&input).map_err(crate::error::ProxyError::storage)?;
+        let output = writes.then(|| scratch.as_ref().map(|s| s.0.join(OUTPUT_NAME))).flatten();
+        // The directory it may write its result into (not where its input copy is).
+        let writable = scratch.as_ref().filter(|_| writes).map(|s| s.0.as_path());
+        let mut cmd = self.tool_command(job, file, writable, output.as_deref());
         let mut child = cmd.spawn().map_err(|e| {
             ProxyError::internal(format!("cannot start {}: {e}", self.config.exe.display()))
         })?;
@@ -515,20 +554,6 @@ impl MediaPool {
             total = read_output(out, max, sink).await?;
         }
         drop(scratch);
-        use std::os::unix::process::ExitStatusExt;
-        match (status.code(), status.signal()) {
-            (Some(0), _) if total > 0 => Ok(()),
-            (Some(code), _) if code == i32::from(UNSAFE_EXIT) => {
-                Err(ProxyError::internal("the media tool's sandbox could not be raised"))
-            }
-            // The program said no (it could not read the file): the file's fault, not a
-            // costly one.
-            (Some(_), _) => Err(ProxyError::bad_image("the file has no picture to take")),
-            (None, signal) => {
-                let why = death(status);
-                tracing::warn!(tool = job.name, ?signal, why, "media tool failed");
-                Err(ProxyError::MediaTooCostly(why.into()))
-            }
-        }
+        judge(job, status, total)
     }
 }
