@@ -169,45 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             audit(&file, json)
         }
-        Command::Sign { url, variant, scheme, config } => {
-            let config = load(config.as_deref())?;
-            let source = parasol::api::parse_source(&url)
-                .map_err(|e| anyhow::anyhow!("{url}: {}", e.public_message()))?;
-            let base = &config.server.public_base_url;
-            let compat = &config.compat;
-            if let Some(v) = variant.as_deref().filter(|v| !config.variants.contains_key(*v)) {
-                let known: Vec<&str> = config.variants.keys().map(String::as_str).collect();
-                anyhow::bail!("unknown --variant {v:?}: configured are {}", known.join(", "));
-            }
-            let signed = match scheme {
-                Scheme::Native => {
-                    let signer = parasol::signing::Signer::new(parasol::signing_keys(&config)?);
-                    parasol::api::native::sign_url(
-                        base,
-                        &signer,
-                        source.as_str(),
-                        variant.as_deref(),
-                    )
-                }
-                Scheme::Camo if !compat.camo_key.is_empty() => parasol::api::camo::sign_url(
-                    base.as_str(),
-                    compat.camo_key.as_bytes(),
-                    source.as_str(),
-                ),
-                Scheme::Akkoma if !compat.akkoma_secret.is_empty() => {
-                    parasol::api::akkoma::sign_url(
-                        base.as_str(),
-                        compat.akkoma_secret.as_bytes(),
-                        &source,
-                        variant.is_some(),
-                    )
-                }
-                Scheme::Camo => anyhow::bail!("--scheme camo needs compat.camo_key"),
-                Scheme::Akkoma => anyhow::bail!("--scheme akkoma needs compat.akkoma_secret"),
-            };
-            println!("{signed}");
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Sign { url, variant, scheme, config } => sign(url, variant, scheme, config),
         Command::MediaWorker { open, connect, config, .. } => {
             let config = load(config.as_deref())?;
             let metrics = parasol::telemetry::Metrics::new();
@@ -227,6 +189,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `parasol sign`: the URL of `url` (as `variant`) in `scheme`, printed.
+fn sign(
+    url: String,
+    variant: Option<String>,
+    scheme: Scheme,
+    config: Option<std::path::PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let config = load(config.as_deref())?;
+    let source = parasol::api::parse_source(&url)
+        .map_err(|e| anyhow::anyhow!("{url}: {}", e.public_message()))?;
+    let base = &config.server.public_base_url;
+    let compat = &config.compat;
+    if let Some(v) = variant.as_deref().filter(|v| !config.variants.contains_key(*v)) {
+        let known: Vec<&str> = config.variants.keys().map(String::as_str).collect();
+        anyhow::bail!("unknown --variant {v:?}: configured are {}", known.join(", "));
+    }
+    let signed = match scheme {
+        Scheme::Native => {
+            let signer = parasol::signing::Signer::new(parasol::signing_keys(&config)?);
+            parasol::api::native::sign_url(base, &signer, source.as_str(), variant.as_deref())
+        }
+        Scheme::Camo if !compat.camo_key.is_empty() => {
+            parasol::api::camo::sign_url(base.as_str(), compat.camo_key.as_bytes(), source.as_str())
+        }
+        Scheme::Akkoma if !compat.akkoma_secret.is_empty() => parasol::api::akkoma::sign_url(
+            base.as_str(),
+            compat.akkoma_secret.as_bytes(),
+            &source,
+            variant.is_some(),
+        ),
+        Scheme::Camo => anyhow::bail!("--scheme camo needs compat.camo_key"),
+        Scheme::Akkoma => anyhow::bail!("--scheme akkoma needs compat.akkoma_secret"),
+    };
+    println!("{signed}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load(path: Option<&std::path::Path>) -> anyhow::Result<Config> {

@@ -385,22 +385,7 @@ impl MediaPool {
         // them, may be what ran out): only a fresh worker's failure is the file's.
         let mut fresh = false;
         loop {
-            let mut worker = match if fresh { None } else { self.take_idle(&host) } {
-                Some(worker) => worker,
-                None => match self.spawn().await {
-                    Ok((worker, _)) => worker,
-                    Err(e) => {
-                        self.count("error");
-                        return Err(e);
-                    }
-                },
-            };
-            if worker.host.is_none() {
-                // The fresh worker standing by is this host's now: another takes its place,
-                // so the next new host need not wait for a process to start.
-                self.refill();
-                worker.host = Some(host.as_str().into());
-            }
+            let mut worker = self.worker_for(&host, fresh).await?;
             // Read here, not taken from the worker's word: a worker a file took over could
             // claim any number, and always be judged starved.
             let started = self.cpu_ticks(worker.pid) * 1000 / self.ticks;
@@ -438,6 +423,28 @@ impl MediaPool {
             };
             return Err(self.failed(task, worker, failure, site).await);
         }
+    }
+
+    /// A worker for a job of `host`: an idle one of that host, or (`fresh`, or none idle) a
+    /// fresh one, then tagged with the host.
+    async fn worker_for(&self, host: &str, fresh: bool) -> Result<Worker, ProxyError> {
+        let mut worker = match if fresh { None } else { self.take_idle(host) } {
+            Some(worker) => worker,
+            None => match self.spawn().await {
+                Ok((worker, _)) => worker,
+                Err(e) => {
+                    self.count("error");
+                    return Err(e);
+                }
+            },
+        };
+        if worker.host.is_none() {
+            // The fresh worker standing by is this host's now: another takes its place, so
+            // the next new host need not wait for a process to start.
+            self.refill();
+            worker.host = Some(host.into());
+        }
+        Ok(worker)
     }
 
     /// A slot of the fair queue (or 503 `media_busy`: at once when the queue or the origin's

@@ -165,6 +165,59 @@ fn landlock(program: &Path, scratch: Option<&Path>) -> Result<(), String> {
     }
 }
 
+/// The calls a media program is refused outright (see [`filter`]).
+const REFUSED: &[i64] = &[
+    libc::SYS_socket,
+    libc::SYS_socketpair,
+    libc::SYS_connect,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_fork,
+    libc::SYS_vfork,
+    libc::SYS_clone3,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_kill,
+    libc::SYS_tkill,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_userfaultfd,
+    libc::SYS_io_uring_setup,
+    libc::SYS_kexec_load,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_setrlimit,
+    libc::SYS_personality,
+    libc::SYS_rt_sigqueueinfo,
+    libc::SYS_pidfd_open,
+    libc::SYS_pidfd_send_signal,
+    libc::SYS_pidfd_getfd,
+    libc::SYS_setsid,
+    libc::SYS_setpgid,
+    libc::SYS_sched_setscheduler,
+    libc::SYS_sched_setattr,
+    libc::SYS_sched_setparam,
+    libc::SYS_ioprio_set,
+    libc::SYS_migrate_pages,
+    libc::SYS_move_pages,
+    libc::SYS_kcmp,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_open_by_handle_at,
+];
+
 /// The calls a media program never needs, refused (`ENOSYS`, which the C library treats as
 /// "not there"): sockets, new processes (threads stay allowed), tracing, other processes'
 /// memory, signals and scheduling, leaving the server's death behind (`PR_SET_PDEATHSIG`,
@@ -173,60 +226,8 @@ fn landlock(program: &Path, scratch: Option<&Path>) -> Result<(), String> {
 fn filter() -> Result<BpfProgram, String> {
     use super::sandbox::{cond, rule};
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| format!("seccomp: {e}"))?;
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = [
-        libc::SYS_socket,
-        libc::SYS_socketpair,
-        libc::SYS_connect,
-        libc::SYS_bind,
-        libc::SYS_listen,
-        libc::SYS_accept,
-        libc::SYS_accept4,
-        libc::SYS_fork,
-        libc::SYS_vfork,
-        libc::SYS_clone3,
-        libc::SYS_ptrace,
-        libc::SYS_process_vm_readv,
-        libc::SYS_process_vm_writev,
-        libc::SYS_kill,
-        libc::SYS_tkill,
-        libc::SYS_mount,
-        libc::SYS_umount2,
-        libc::SYS_pivot_root,
-        libc::SYS_chroot,
-        libc::SYS_unshare,
-        libc::SYS_setns,
-        libc::SYS_bpf,
-        libc::SYS_perf_event_open,
-        libc::SYS_keyctl,
-        libc::SYS_add_key,
-        libc::SYS_request_key,
-        libc::SYS_userfaultfd,
-        libc::SYS_io_uring_setup,
-        libc::SYS_kexec_load,
-        libc::SYS_init_module,
-        libc::SYS_finit_module,
-        libc::SYS_delete_module,
-        libc::SYS_setrlimit,
-        libc::SYS_personality,
-        libc::SYS_rt_sigqueueinfo,
-        libc::SYS_pidfd_open,
-        libc::SYS_pidfd_send_signal,
-        libc::SYS_pidfd_getfd,
-        libc::SYS_setsid,
-        libc::SYS_setpgid,
-        libc::SYS_sched_setscheduler,
-        libc::SYS_sched_setattr,
-        libc::SYS_sched_setparam,
-        libc::SYS_ioprio_set,
-        libc::SYS_migrate_pages,
-        libc::SYS_move_pages,
-        libc::SYS_kcmp,
-        libc::SYS_name_to_handle_at,
-        libc::SYS_open_by_handle_at,
-    ]
-    .into_iter()
-    .map(|nr| (nr, Vec::new()))
-    .collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        REFUSED.iter().copied().map(|nr| (nr, Vec::new())).collect();
     // A clone without CLONE_THREAD is a new process; threads are allowed.
     let thread = libc::CLONE_THREAD as u64;
     rules.insert(libc::SYS_clone, vec![rule(vec![cond(0, SeccompCmpOp::MaskedEq(thread), 0)?])?]);
