@@ -5,6 +5,9 @@
 //!
 //!   cargo bench --bench hot_path
 
+// Benches time the wall clock by design.
+#![allow(clippy::disallowed_types)]
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

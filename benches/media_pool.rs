@@ -15,6 +15,9 @@
 //! Run: `cargo build --release && cargo bench --bench media_pool` (`ROUNDS=n`, default 3;
 //! `PARASOL_BIN=/path/to/parasol` measures another build, for a before and after).
 
+// Benches time the wall clock by design.
+#![allow(clippy::disallowed_types)]
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};

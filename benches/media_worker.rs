@@ -11,6 +11,9 @@
 //! Run: `cargo bench --bench media_worker` (`ROUNDS=n` for more samples, `SOURCE=emoji` or
 //! `SOURCE=JPEG` for one source).
 
+// Benches time the wall clock by design.
+#![allow(clippy::disallowed_types)]
+
 use std::io::Cursor;
 use std::time::{Duration, Instant};
 

@@ -18,6 +18,9 @@
 //! ['127.0.0.2/32']` beside its other defaults. Then: `cargo build --release && cargo bench
 //! --bench misskey`.
 
+// Benches time the wall clock by design.
+#![allow(clippy::disallowed_types)]
+
 use std::io::Cursor;
 use std::net::TcpListener;
 use std::path::Path;

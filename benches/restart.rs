@@ -4,6 +4,9 @@
 //!
 //! Run: `cargo bench --bench restart`
 
+// Benches time the wall clock by design.
+#![allow(clippy::disallowed_types)]
+
 use std::time::{Duration, Instant};
 
 use parasol::cache::Key;

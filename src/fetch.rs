@@ -8,7 +8,7 @@ pub mod limit;
 pub mod peer;
 
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use http::{HeaderMap, HeaderValue, header};
 use url::{Host, Url};

@@ -146,6 +146,9 @@ struct Queue {
 struct QueueState {
     queued: Changes,
     /// When the oldest change in `queued` came.
+    // The writer thread's condition-variable timing: real time, which a test's paused tokio
+    // clock must not stop.
+    #[allow(clippy::disallowed_types)]
     since: Option<std::time::Instant>,
     committing: Arc<Changes>,
     /// Callers waiting until everything queued before them is committed.
@@ -169,6 +172,8 @@ impl Queue {
 /// `BATCH_WINDOW` (at once for a flush or at closing), all in one transaction (group commit),
 /// and makes commits durable at most `every` apart. It holds the database only while
 /// committing; it ends once closed and everything queued is committed.
+// A std thread's timing (see `since`): real time.
+#[allow(clippy::disallowed_types)]
 fn write_loop(db: std::sync::Weak<redb::Database>, queue: Arc<Queue>, every: std::time::Duration) {
     use std::time::Instant;
     let mut last_durable = Instant::now();
@@ -291,7 +296,9 @@ impl Index {
         let first = state.queued.is_empty();
         state.queued.extend(changes);
         if first && !state.queued.is_empty() {
-            state.since = Some(std::time::Instant::now());
+            #[allow(clippy::disallowed_types)]
+            let now = std::time::Instant::now();
+            state.since = Some(now);
             drop(state);
             queue.wake.notify_one();
         }

@@ -113,7 +113,7 @@ mod tests {
             text.push('\n');
         }
         std::fs::write(&path, text).unwrap();
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let lists = HashLists::load(&[path]).unwrap();
         let took = started.elapsed();
         eprintln!("1,000,000 SHA-256 digests loaded in {took:?}");

@@ -5,7 +5,7 @@
 //! is, and fills published for the others).
 
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use super::Received;
 use super::prepare::Prepare;

@@ -199,10 +199,11 @@ async fn a_fill_cut_short_ends_its_viewers_broken_and_stores_nothing() {
         "only true bytes were sent"
     );
     assert!(got.len() <= 1 << 20);
-    // Nothing stored; the failure is remembered like any origin failure.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(p.blob_count(), 0);
+    // The failure is remembered like any origin failure (so the fill has ended: it remembers
+    // before it publishes), and nothing was stored.
     assert_eq!(get(&url).await.status(), 502);
+    assert_eq!(origin.requests.load(Ordering::SeqCst), 1, "remembered, not asked again");
+    assert_eq!(p.blob_count(), 0);
     p.stop().await;
 }
 
@@ -247,7 +248,9 @@ async fn a_fill_of_unknown_length_streams_chunked_and_ends_only_when_whole() {
     let (got, ended) = read_rest(&mut viewer, Vec::new()).await;
     assert!(ended.is_err(), "the response ends broken, not complete, after {} bytes", got.len());
     assert!(got.len() <= 2 << 20 && got[..] == original[..got.len()], "only true bytes");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Remembered as failed (the fill has ended), and not stored.
+    assert_eq!(get(&p.url(&cut.url("/cut.mp4"))).await.status(), 502);
+    assert_eq!(cut.requests.load(Ordering::SeqCst), 1);
     assert_eq!(p.blob_count(), 1, "the cut fill is not stored");
     p.stop().await;
 }
