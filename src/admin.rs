@@ -32,10 +32,13 @@ const MAX_PREFETCH_URLS: usize = 1000;
 /// flood origins or starve viewers' fills.
 const PREFETCH_CONCURRENCY: usize = 4;
 
+/// State of the admin listener.
 pub struct Admin {
+    /// The proxy whose state the probes, metrics and admin API report and change.
     pub proxy: Arc<Proxy>,
     /// True from the moment both listeners accept until shutdown begins.
     pub ready: AtomicBool,
+    /// Re-reads the configuration (`POST /admin/reload`, like SIGHUP).
     pub reloader: Reloader,
 }
 
@@ -51,6 +54,8 @@ pub struct Reloader {
 }
 
 impl Reloader {
+    /// Re-reads the config file and applies what may change while running (the domain policy,
+    /// the hash lists); what it purged as a result.
     pub async fn reload(&self) -> Result<PurgeReport, String> {
         let proxy = self.proxy.upgrade().ok_or("parasol is shutting down")?;
         let config = crate::Config::load(self.config_path.as_deref()).map_err(|e| e.to_string())?;
@@ -60,6 +65,8 @@ impl Reloader {
     }
 }
 
+/// Handles one request on the admin listener: probes, metrics, and (with the admin token)
+/// the admin API.
 pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     match path.as_str() {

@@ -29,23 +29,30 @@ pub enum Trigger {
 pub struct Record {
     /// RFC 3339 UTC time the request was sent.
     pub ts: String,
+    /// Why the request was made (a viewer's miss, a scan, a refill).
     pub trigger: Trigger,
+    /// The HTTP method sent.
     pub method: String,
+    /// The URL requested (a signed bucket URL with its signature and credential redacted).
     pub url: String,
+    /// The host connected to.
     pub host: String,
     /// The IP:port actually connected, when a connection was made.
     pub addr: Option<String>,
     /// Every header sent, by name.
     pub headers: BTreeMap<String, String>,
+    /// The response's status, when one came.
     pub status: Option<u16>,
     /// Body bytes received.
     pub bytes: u64,
+    /// Milliseconds from sending the request to the end of the body.
     pub ms: u64,
     /// `ok`, `redirect`, or the error code of the failure.
     pub outcome: String,
 }
 
 impl Record {
+    /// The current time as the log writes it (RFC 3339, UTC).
     pub fn now() -> String {
         humantime::format_rfc3339_millis(SystemTime::now()).to_string()
     }
@@ -76,6 +83,7 @@ pub struct AuditLog {
 /// Where and how much to log.
 #[derive(Debug, Clone)]
 pub struct Rotation {
+    /// The log file; rotated copies sit beside it.
     pub path: PathBuf,
     /// Rotate once the current file reaches this many bytes.
     pub max_bytes: u64,
@@ -105,6 +113,8 @@ impl AuditLog {
         Ok((AuditLog { tx, violations }, task))
     }
 
+    /// Appends `record` (in order, without waiting for the disk): every request parasol sends
+    /// is one line.
     pub async fn record(&self, record: Record) {
         self.check(&record);
         if self.tx.send(record).await.is_err() {
@@ -204,25 +214,35 @@ async fn rotate(
 /// What `parasol audit` reports for one origin host.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct HostSummary {
+    /// Requests sent to the host.
     pub requests: u64,
+    /// Body bytes received from it.
     pub bytes: u64,
+    /// Every header name sent to it.
     pub header_names: BTreeSet<String>,
+    /// When the first request was sent.
     pub first: String,
+    /// When the last request was sent.
     pub last: String,
 }
 
 /// One request that carried a header outside the allowlist.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Violation {
+    /// The log line (1-based).
     pub line: usize,
+    /// The host the request went to.
     pub host: String,
+    /// The headers outside the allowlist.
     pub headers: Vec<String>,
 }
 
 /// The whole log, summarised.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
+    /// What each host was sent.
     pub hosts: BTreeMap<String, HostSummary>,
+    /// Requests that carried a header outside the allowlist (none, unless something is wrong).
     pub violations: Vec<Violation>,
     /// Line numbers that are not audit records (a truncated last line after a crash, say).
     pub unreadable_lines: Vec<usize>,

@@ -43,6 +43,7 @@ pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
 pub trait ChunkSink {
     /// Called once with the record's length, before the first chunk.
     fn begin(&mut self, len: u64) -> impl Future<Output = std::io::Result<()>> + Send;
+    /// Takes the next chunk of the body.
     fn push(&mut self, chunk: &[u8]) -> impl Future<Output = std::io::Result<()>> + Send;
 }
 
@@ -63,6 +64,7 @@ impl ChunkSink for Vec<u8> {
 pub struct Key(pub [u8; 32]);
 
 impl Key {
+    /// The key of `canonical_url` as `variant` (`None`: the original).
     pub fn new(canonical_url: &str, variant: Option<&str>) -> Self {
         let mut h = blake3::Hasher::new();
         h.update(canonical_url.as_bytes());
@@ -72,6 +74,7 @@ impl Key {
         Key(*h.finalize().as_bytes())
     }
 
+    /// The key in hex (its name in the index and the bucket).
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
@@ -81,11 +84,19 @@ impl Key {
 /// input, a scanner's upload).
 #[derive(Debug, Clone)]
 pub enum Input {
+    /// The bytes themselves.
     Memory(Bytes),
-    File { path: std::path::PathBuf, len: u64 },
+    /// The first `len` bytes of the file at `path`.
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// How many of its bytes are the input.
+        len: u64,
+    },
 }
 
 impl Input {
+    /// Its length in bytes.
     pub fn len(&self) -> u64 {
         match self {
             Input::Memory(b) => b.len() as u64,
@@ -93,6 +104,7 @@ impl Input {
         }
     }
 
+    /// Whether it has no bytes.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -103,6 +115,7 @@ impl Input {
 pub struct Entry {
     /// blake3 of exactly the bytes served; also the blob's name and the ETag.
     pub hash: blake3::Hash,
+    /// Length of the body in bytes.
     pub len: u64,
     /// Type sniffed from the bytes, never the origin's claim.
     pub content_type: HeaderValue,
@@ -134,13 +147,18 @@ pub struct Entry {
 /// inode; one written in place, another size or time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileId {
+    /// The device the file is on.
     pub dev: u64,
+    /// Its inode.
     pub ino: u64,
+    /// Its size in bytes.
     pub len: u64,
+    /// Its modification time (seconds and nanoseconds since the epoch).
     pub mtime: (i64, i64),
 }
 
 impl FileId {
+    /// The identity of the file `meta` describes.
     pub fn of(meta: &std::fs::Metadata) -> Self {
         use std::os::unix::fs::MetadataExt;
         Self {
@@ -178,6 +196,8 @@ pub const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 pub const CSP: &str = "default-src 'none'; sandbox";
 
 impl Entry {
+    /// An entry for the bytes hashing to `hash` (`len` of them, sniffed as `content_type`),
+    /// in memory (`body`) or on disk, with the headers every response of it carries.
     pub fn new(hash: blake3::Hash, len: u64, content_type: &str, body: Option<Bytes>) -> Self {
         let content_type = HeaderValue::from_str(content_type)
             .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
@@ -246,6 +266,7 @@ impl Entry {
         }
     }
 
+    /// What is known of the origin's bytes it was prepared from (bans of those refuse it).
     pub fn with_origin(mut self, origin: Option<&index::OriginDigests>) -> Self {
         let hex = origin.map(|o| o.blake3.as_str());
         self.origin_blake3 =
@@ -254,11 +275,13 @@ impl Entry {
         self
     }
 
+    /// The host the bytes came from after redirects.
     pub fn with_final_host(mut self, host: Option<&str>) -> Self {
         self.final_host = host.map(std::sync::Arc::from);
         self
     }
 
+    /// Its access record in the disk budget.
     pub fn with_touch(mut self, touch: std::sync::Arc<evict::Touch>) -> Self {
         self.touch = Some(touch);
         self

@@ -37,18 +37,28 @@ const ENV_PREFIX: &str = "PARASOL__";
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// `[server]`: where parasol listens and how it names itself.
     pub server: ServerConfig,
+    /// `[signing]`: the keys of native URLs.
     pub signing: SigningConfig,
+    /// `[cache]`: the memory and disk tiers.
     pub cache: CacheConfig,
+    /// `[fetch]`: how parasol talks to origins.
     pub fetch: FetchConfig,
+    /// `[policy]`: which origins may be fetched, and which URLs share an entry.
     pub policy: PolicyConfig,
+    /// `[media]`: what may be served, and the media workers.
     pub media: MediaConfig,
     /// Server-defined renditions by name; the five Misskey-compatible presets are always
     /// there unless redefined.
     pub variants: std::collections::BTreeMap<String, VariantConfig>,
+    /// `[compat]`: other media proxies' URL schemes.
     pub compat: CompatConfig,
+    /// `[audit]`: the outbound request log.
     pub audit: AuditConfig,
+    /// `[shared]`: the bucket several nodes share.
     pub shared: SharedConfig,
+    /// `[moderation]`: hash lists, the scanner, the moderation log.
     pub moderation: ModerationConfig,
     /// `[[upstream]]`: path prefixes served from one fixed origin (an instance's own bucket).
     pub upstream: Vec<UpstreamConfig>,
@@ -57,12 +67,30 @@ pub struct Config {
 /// A configuration problem, always naming the key or file it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// The file is not TOML (where, and what was expected; never the line itself).
     #[error("config file {path} is not valid TOML: {message}")]
-    Syntax { path: String, message: String },
+    Syntax {
+        /// The file.
+        path: String,
+        /// The parser's complaint.
+        message: String,
+    },
+    /// A key has a value it may not have.
     #[error("config key `{key}`: {message}")]
-    Key { key: String, message: String },
+    Key {
+        /// The key, dotted (`fetch.timeout`).
+        key: String,
+        /// What is wrong with its value.
+        message: String,
+    },
 }
 
 impl Config {

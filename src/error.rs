@@ -18,6 +18,7 @@ pub enum Cause {
 }
 
 impl Cause {
+    /// The cause as a label (`viewer`, `origin`, `us`).
     pub fn as_str(self) -> &'static str {
         match self {
             Cause::Viewer => "viewer",
@@ -27,68 +28,98 @@ impl Cause {
     }
 }
 
+/// Every way a request can fail, each with a status ([`ProxyError::status`]), a stable code
+/// ([`ProxyError::code`]) and who caused it ([`ProxyError::cause`]).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
+    /// The request's URL does not parse (why, in fixed words).
     #[error("malformed proxy URL: {0}")]
     BadUrl(&'static str),
+    /// The signature does not match.
     #[error("bad signature")]
     BadSignature,
+    /// No preset has that name.
     #[error("unknown variant")]
     UnknownVariant,
+    /// No route takes this path.
     #[error("no such route")]
     NoRoute,
+    /// The request target is longer than parasol reads.
     #[error("request target too long")]
     UriTooLong,
+    /// Only GET and HEAD (and Akkoma's PURGE) are answered.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// The origin's address may not be dialed (why: loopback, private, ...).
     #[error("destination refused: {0}")]
     BlockedDestination(&'static str),
+    /// The source is not an http(s) URL without credentials.
     #[error("URL refused: {0}")]
     RefusedUrl(&'static str),
+    /// The domain policy refuses the origin.
     #[error("domain blocked by policy")]
     BlockedDomain,
+    /// A moderation rule refuses it (which rule).
     #[error("banned by moderation: {0}")]
     Banned(&'static str),
+    /// The scanner could not be asked, and `moderation.scanner_fail` is closed.
     #[error("scanner unavailable")]
     ScannerUnavailable,
+    /// A redirect led to a refused destination.
     #[error("origin redirected to a refused destination")]
     RedirectRefused,
+    /// A redirect led from https to plain http.
     #[error("origin redirected from https to plain http")]
     InsecureRedirect,
+    /// The origin answered 404 or 410.
     #[error("origin answered not found")]
     NotFound,
+    /// Larger than `cache.max_object_bytes`.
     #[error("object larger than the configured limit")]
     TooLarge,
+    /// The bytes are not of an allowed type.
     #[error("content type not allowed")]
     UnsupportedType,
+    /// A decoder refused the file (why).
     #[error("image cannot be rendered: {0}")]
     BadImage(std::sync::Arc<str>),
     /// The preset has nothing to show for this file: a Misskey flag on something that is not
     /// a picture, a badge whose mask is empty.
     #[error("no rendition: {0}")]
     NoRendition(std::sync::Arc<str>),
+    /// A worker ran out of CPU time or memory on the file, or died (why).
     #[error("media work over its limits: {0}")]
     MediaTooCostly(std::sync::Arc<str>),
     /// The file's site had files too costly to render three times in ten minutes: no new
     /// media jobs of it for a while. Not the file's own verdict.
     #[error("media of this site refused for a while")]
     MediaOriginRefused,
+    /// No media worker within `media.queue_wait`, or the queue (or the origin's share of it)
+    /// is full.
     #[error("media workers busy")]
     MediaBusy,
+    /// The origin answered with this status.
     #[error("origin answered status {0}")]
     OriginStatus(u16),
+    /// The origin's response cannot be used (why).
     #[error("origin response invalid: {0}")]
     OriginInvalid(&'static str),
+    /// The origin could not be reached.
     #[error("origin unreachable")]
     OriginUnreachable,
+    /// The origin's TLS was refused (why).
     #[error("origin's TLS refused: {0}")]
     OriginTls(&'static str),
+    /// The origin did not answer in time.
     #[error("origin timed out")]
     OriginTimeout,
+    /// Too many fills or connections at once.
     #[error("overloaded")]
     Overloaded,
+    /// The disk is full.
     #[error("cache storage full")]
     StorageFull,
+    /// A fault of parasol's own (the detail goes to the log only).
     #[error("internal error: {0}")]
     Internal(std::sync::Arc<str>),
 }
@@ -114,6 +145,7 @@ impl ProxyError {
         }
     }
 
+    /// The HTTP status a viewer gets.
     pub fn status(&self) -> StatusCode {
         use ProxyError::*;
         match self {
@@ -176,6 +208,7 @@ impl ProxyError {
         }
     }
 
+    /// Who caused it.
     pub fn cause(&self) -> Cause {
         use ProxyError::*;
         match self {

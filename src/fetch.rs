@@ -54,11 +54,16 @@ pub struct OwnEndpoints {
 /// An origin response whose status was 200 and whose body is still to be read; carries the
 /// audit record to complete once the body is done.
 pub struct Origin {
+    /// The origin's response, its body still to be read.
     pub response: reqwest::Response,
+    /// The request's line of the audit log, written once the body is read.
     pub pending: PendingRecord,
 }
 
 impl Fetcher {
+    /// A client sending `config`'s fixed headers, dialing only what `policy` and its guard
+    /// allow, resolving names with `lookup`, logging every request to `audit`, never dialing
+    /// `own` (parasol's own listeners).
     pub fn new(
         config: &FetchConfig,
         policy: Policy,
@@ -158,10 +163,12 @@ impl Fetcher {
         Ok(())
     }
 
+    /// The domain policy in force.
     pub fn policy(&self) -> Arc<Policy> {
         self.policy.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Replaces the domain policy (a reload).
     pub fn set_policy(&self, policy: Policy) {
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
     }
@@ -343,6 +350,7 @@ impl PendingRecord {
         Some(record)
     }
 
+    /// Writes the request's line: its status, body bytes and outcome.
     pub async fn finish(mut self, status: Option<u16>, bytes: u64, outcome: &str) {
         if let Some(record) = self.complete(status, bytes, outcome) {
             self.audit.record(record).await;

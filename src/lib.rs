@@ -43,6 +43,7 @@
 // One exception, with its measurement: the media worker's allocator tuning (`mallopt`, in
 // `media/worker/child.rs`). Everything else is safe code.
 #![deny(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod admin;
 pub mod api;
@@ -74,18 +75,40 @@ use fetch::guard::Lookup;
 /// Why parasol could not start. Printed by `main` and exits non-zero.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why it could not be bound.
+        source: std::io::Error,
+    },
+    /// The cache directory could not be made or opened.
     #[error("cache directory {path}: {source}")]
-    CacheDir { path: String, source: std::io::Error },
+    CacheDir {
+        /// The directory.
+        path: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The signing key could not be read or generated.
     #[error("signing key: {0}")]
     Key(std::io::Error),
+    /// The index could not be opened.
     #[error("{0}")]
     Index(#[from] cache::index::IndexError),
+    /// The audit log could not be opened.
     #[error("audit log {path}: {source}")]
-    Audit { path: String, source: std::io::Error },
+    Audit {
+        /// The log's file.
+        path: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// Something configured could not be set up (a bucket, a resolver, the scanner).
     #[error("{0}")]
     Setup(error::ProxyError),
+    /// The media workers could not be started or sandboxed.
     #[error("media worker: {0}")]
     Media(error::ProxyError),
 }
@@ -350,10 +373,12 @@ impl Bound {
         })
     }
 
+    /// Where viewers connect.
     pub fn public_addr(&self) -> SocketAddr {
         self.public.local_addr().expect("bound listener has an address")
     }
 
+    /// Where probes, metrics and the admin API answer.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin.local_addr().expect("bound listener has an address")
     }

@@ -48,6 +48,7 @@ pub const DECODED: &[&str] = &[
 pub const SVG: &str = "image/svg+xml";
 
 impl TypePolicy {
+    /// A policy allowing the MIME `patterns` (`image/*` or exact).
     pub fn new(patterns: &[String]) -> Self {
         Self {
             patterns: patterns.iter().map(|p| p.trim().to_ascii_lowercase()).collect(),
@@ -55,6 +56,7 @@ impl TypePolicy {
         }
     }
 
+    /// Whether SVG is admitted (to be rasterised, never served as-is).
     pub fn rasterizing_svg(mut self, on: bool) -> Self {
         self.rasterize_svg = on;
         self

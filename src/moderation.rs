@@ -45,6 +45,7 @@ pub enum BanKind {
 }
 
 impl BanKind {
+    /// The kind as the API and the log name it.
     pub fn as_str(self) -> &'static str {
         match self {
             BanKind::Url => "url",
@@ -58,9 +59,11 @@ impl BanKind {
 /// One ban.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ban {
+    /// What the ban names.
     pub kind: BanKind,
     /// The canonical URL, lowercase hex digest, or normalised domain.
     pub value: String,
+    /// Why, in the operator's words (at most 500 bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Unix seconds.
@@ -123,7 +126,9 @@ pub struct Moderation {
     any_digest_rule: AtomicBool,
     /// Every ban, by id; the source of `rules`.
     bans: std::sync::Mutex<BTreeMap<String, Ban>>,
+    /// The moderation log: every decision, one JSON line.
     pub log: log::ModerationLog,
+    /// The outside scanner, when `moderation.scanner_url` is set.
     pub scanner: Option<scanner::Scanner>,
     /// `[[policy.normalize]]`: a URL ban covers every URL that is the same cache entry (a
     /// re-signed CDN URL of the banned one).
@@ -192,6 +197,7 @@ impl Moderation {
         checked
     }
 
+    /// With `[[policy.normalize]]`: a URL ban covers every URL of the same entry.
     pub fn with_normalizer(mut self, normalizer: crate::policy::Normalizer) -> Self {
         self.normalizer = normalizer;
         self
@@ -224,6 +230,7 @@ impl Moderation {
         lifted
     }
 
+    /// Every ban in force.
     pub fn bans(&self) -> Vec<Ban> {
         self.bans.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
@@ -236,6 +243,7 @@ impl Moderation {
         self.install(rules);
     }
 
+    /// The hash lists in force.
     pub fn lists(&self) -> Arc<HashLists> {
         self.rules().lists.clone()
     }

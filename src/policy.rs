@@ -17,6 +17,7 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The policy `config` describes.
     pub fn new(config: &PolicyConfig) -> Self {
         let norm = |list: &[String]| list.iter().filter_map(|d| normalize_domain(d)).collect();
         Self { blocked: norm(&config.blocked_domains), allowed: norm(&config.allowed_domains) }
@@ -118,6 +119,7 @@ pub struct Normalizer {
 }
 
 impl Normalizer {
+    /// The rules `rules` describe (invalid suffixes left out).
     pub fn new(rules: &[crate::config::NormalizeConfig]) -> Self {
         let rules = rules
             .iter()

@@ -28,7 +28,9 @@ use crate::cache::coalesce::{Coalescer, FillResult, Joined};
 
 /// What a lookup found: a stored entry, or a fill to read as it arrives.
 pub enum Found {
+    /// Stored: the entry, and where it was found.
     Entry(Arc<Entry>, CacheStatus),
+    /// Still arriving: its body as it does, and how it was found.
     Growing(Arc<Growing>, CacheStatus),
 }
 
@@ -79,6 +81,8 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// A proxy over `store`, fetching with `fetcher`, moderated by `moderation`, its media work
+    /// on `media`, as `config` says.
     pub fn new(
         config: Config,
         fetcher: Fetcher,
@@ -129,6 +133,7 @@ impl Proxy {
         self
     }
 
+    /// With `[[upstream]]` prefixes served from fixed origins.
     pub fn with_upstreams(mut self, upstreams: crate::api::upstream::Upstreams) -> Self {
         self.origin.upstreams = upstreams;
         self

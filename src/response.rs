@@ -24,10 +24,12 @@ pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error
 /// the blocking pool), so slow viewers of large ranges pin little.
 pub const DISK_CHUNK: u64 = 64 * 1024;
 
+/// A body of `bytes`, whole.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
+/// An empty body.
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }

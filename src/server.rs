@@ -34,7 +34,9 @@ pub const MAX_URI_LEN: usize = 8192;
 
 /// State the viewer-facing routes need.
 pub struct Public {
+    /// The request lifecycle behind every route.
     pub proxy: Arc<Proxy>,
+    /// Verifies native URLs.
     pub signer: Signer,
     /// The unsigned routes' fill allowances (shared with the pict-rs listener).
     pub unsigned: Arc<crate::api::rate::Unsigned>,
@@ -491,6 +493,7 @@ async fn respond<B>(
 
 /// State of the pict-rs listener (`compat.pictrs_listen`).
 pub struct Pictrs {
+    /// The request lifecycle behind every route.
     pub proxy: Arc<Proxy>,
     /// The unsigned routes' fill allowances (shared with the Misskey route).
     pub unsigned: Arc<crate::api::rate::Unsigned>,
@@ -500,6 +503,7 @@ pub struct Pictrs {
 }
 
 impl Pictrs {
+    /// The state of a pict-rs listener over `proxy`, with the unsigned routes' allowances.
     pub fn new(proxy: Arc<Proxy>, unsigned: Arc<crate::api::rate::Unsigned>) -> Self {
         Self { proxy, unsigned, details: moka::future::Cache::new(10_000) }
     }

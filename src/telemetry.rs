@@ -14,7 +14,9 @@ use prometheus_client::registry::Registry;
 /// How a request was answered with respect to the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheStatus {
+    /// Found in the memory tier.
     HitMemory,
+    /// Found on disk.
     HitDisk,
     /// Not on this node, found in the shared bucket: no origin request.
     HitShared,
@@ -31,6 +33,7 @@ pub enum CacheStatus {
 }
 
 impl CacheStatus {
+    /// The decision as a label.
     pub fn as_str(self) -> &'static str {
         match self {
             CacheStatus::HitMemory => "hit_memory",
@@ -45,29 +48,39 @@ impl CacheStatus {
     }
 }
 
+/// `parasol_requests_total{route,status}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
+    /// The URL scheme (native, camo, misskey, akkoma, upstream, pictrs, none).
     pub route: &'static str,
+    /// The response's status.
     pub status: u16,
 }
 
+/// `parasol_cache_results_total{result}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
+    /// The cache decision ([`CacheStatus::as_str`]).
     pub result: &'static str,
 }
 
+/// An outcome label (`ok`, or an error code).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
+    /// The outcome.
     pub outcome: &'static str,
 }
 
 /// `parasol_moderation_total{rule,action}`: which rule decided what.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModerationLabels {
+    /// The rule that decided.
     pub rule: &'static str,
+    /// What it decided.
     pub action: &'static str,
 }
 
+/// `parasol_shared_tier_total{op,outcome}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SharedLabels {
     /// `lookup` (a local miss asks the bucket) or `publish` (a fill is uploaded).
@@ -76,8 +89,10 @@ pub struct SharedLabels {
     pub outcome: &'static str,
 }
 
+/// `parasol_cache_bytes{tier}` and `parasol_cache_entries{tier}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TierLabels {
+    /// `memory` or `disk`.
     pub tier: &'static str,
 }
 
@@ -85,26 +100,43 @@ pub struct TierLabels {
 #[derive(Clone)]
 pub struct Metrics {
     registry: std::sync::Arc<Registry>,
+    /// `parasol_requests_total`.
     pub requests: Family<RequestLabels, Counter>,
+    /// `parasol_cache_results_total`.
     pub cache: Family<CacheLabels, Counter>,
+    /// `parasol_origin_fetches_total`.
     pub origin: Family<OutcomeLabels, Counter>,
+    /// `parasol_origin_fetch_seconds`.
     pub origin_seconds: Histogram,
+    /// `parasol_served_bytes_total`.
     pub bytes_served: Counter,
     /// Of those, the bytes sent from a blob's file with `sendfile` rather than from memory.
     pub bytes_sent_from_file: Counter,
+    /// `parasol_fetched_bytes_total`.
     pub bytes_fetched: Counter,
+    /// `parasol_cache_bytes`, set when scraped.
     pub cache_bytes: Family<TierLabels, Gauge>,
+    /// `parasol_cache_entries`, set when scraped.
     pub cache_entries: Family<TierLabels, Gauge>,
+    /// `parasol_audit_violations_total`.
     pub audit_violations: Counter,
+    /// `parasol_evictions_total`.
     pub evictions: Counter,
+    /// `parasol_renders_total`.
     pub renders: Counter,
+    /// `parasol_media_jobs_total`.
     pub media_jobs: Family<OutcomeLabels, Counter>,
+    /// `parasol_media_jobs_running`.
     pub media_running: Gauge,
     /// `parasol_media_origins_refused`, set when scraped.
     pub media_origins_refused: Gauge,
+    /// `parasol_moderation_total`.
     pub moderation: Family<ModerationLabels, Counter>,
+    /// `parasol_inflight_bytes`, set when scraped.
     pub inflight_bytes: Gauge,
+    /// `parasol_blobs_dropped_total`.
     pub blobs_dropped: Counter,
+    /// `parasol_shared_tier_total`.
     pub shared: Family<SharedLabels, Counter>,
 }
 
@@ -184,6 +216,7 @@ fn register<M: prometheus_client::registry::Metric + Clone>(
 }
 
 impl Metrics {
+    /// Every metric, registered.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("parasol");
         Self {
@@ -222,6 +255,7 @@ impl Metrics {
         }
     }
 
+    /// Counts one call of the shared bucket (`op`, `outcome`).
     pub fn shared_result(&self, op: &'static str, outcome: &'static str) {
         self.shared_counter(op, outcome).inc();
     }
@@ -231,6 +265,7 @@ impl Metrics {
         self.shared.get_or_create(&SharedLabels { op, outcome }).clone()
     }
 
+    /// Counts one cache decision.
     pub fn cache_result(&self, status: CacheStatus) {
         self.cache.get_or_create(&CacheLabels { result: status.as_str() }).inc();
     }

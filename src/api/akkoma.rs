@@ -12,12 +12,15 @@ use sha1::Sha1;
 use super::{ProxyRequest, parse_source};
 use crate::error::ProxyError;
 
+/// The path prefix of Akkoma's media proxy URLs.
 pub const PREFIX: &str = "/proxy/";
 
 /// A parsed Akkoma URL: the request, or the canonical path to redirect to when the filename
 /// segment is not the source URL's file name (Akkoma's own proxy redirects the same way).
 pub enum Parsed {
+    /// A verified request.
     Request(ProxyRequest),
+    /// A URL whose filename segment is not the source's: the canonical URL to redirect to.
     Redirect(String),
 }
 

@@ -10,6 +10,7 @@ use sha1::Sha1;
 use super::{ProxyRequest, parse_source};
 use crate::error::ProxyError;
 
+/// The path prefix of camo URLs.
 pub const PREFIX: &str = "/camo/";
 
 fn mac(key: &[u8], message: &[u8]) -> Hmac<Sha1> {

@@ -14,8 +14,10 @@ use crate::error::ProxyError;
 /// The path form's prefix.
 const PATH_FORM: &str = "/proxy/image/";
 
+/// A Misskey media-proxy request: what to serve, and how to name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MisskeyRequest {
+    /// The source and the preset its flags name.
     pub request: ProxyRequest,
     /// `fallback`: answer a placeholder image instead of an error.
     pub fallback: bool,
@@ -54,6 +56,7 @@ fn preset(has: impl Fn(&str) -> bool) -> Option<&'static str> {
     })
 }
 
+/// Parses a Misskey media-proxy path and query (unsigned: anyone may ask).
 pub fn parse(path: &str, query: Option<&str>) -> Result<MisskeyRequest, ProxyError> {
     let pairs: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or("").as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))

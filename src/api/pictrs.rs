@@ -21,9 +21,13 @@ use crate::error::ProxyError;
 /// What a pict-rs request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PictrsRequest {
+    /// `/image/original?proxy=`: the file.
     Original(url::Url),
+    /// `/image/process.<ext>?proxy=`: a rendition.
     Process(url::Url, Rendition),
+    /// `/image/details/original?proxy=`: size, frames, type and blurhash.
     Details(url::Url),
+    /// `/healthz`.
     Healthz,
 }
 
@@ -32,6 +36,7 @@ pub enum PictrsRequest {
 pub struct Rendition {
     /// Fits inside `size` × `size`.
     pub size: u32,
+    /// The encoding the extension asked for.
     pub format: VariantFormat,
     /// Animations stay animated (asked for as GIF, APNG or WebP, as pict-rs keeps them).
     pub animated: bool,
@@ -44,6 +49,7 @@ impl Rendition {
         format!("pictrs:{}:{}:{motion}", self.size, self.format.as_str())
     }
 
+    /// The preset this rendition is made with.
     pub fn spec(&self) -> VariantConfig {
         VariantConfig {
             width: Some(self.size),

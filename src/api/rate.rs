@@ -19,6 +19,7 @@ use std::time::Duration;
 /// Domains with a window at once. Each costs well under 200 bytes.
 const CAPACITY: u64 = 100_000;
 
+/// One route's fill allowance per origin and minute.
 pub struct DomainRate {
     per_minute: u32,
     /// Per domain, the current minute (high 32 bits) and the fills counted in it (low 32).
@@ -26,6 +27,7 @@ pub struct DomainRate {
 }
 
 impl DomainRate {
+    /// An allowance of `per_minute` fills per origin.
     pub fn new(per_minute: u32) -> Self {
         let windows = moka::sync::Cache::builder()
             .max_capacity(CAPACITY)
@@ -72,13 +74,16 @@ fn count_in(window: &AtomicU64, minute: u64, per_minute: u32) -> bool {
 
 /// The allowances of the unsigned routes: each route's per origin, and one for all together.
 pub struct Unsigned {
+    /// The Misskey route's allowance per origin.
     pub misskey: DomainRate,
+    /// The pict-rs API's allowance per origin.
     pub pictrs: DomainRate,
     all_per_minute: u32,
     all: AtomicU64,
 }
 
 impl Unsigned {
+    /// The allowances `compat` sets.
     pub fn new(compat: &crate::config::CompatConfig) -> Self {
         Self {
             misskey: DomainRate::new(compat.misskey_fills_per_minute),

@@ -91,6 +91,7 @@ impl Upstreams {
         Ok(Self { entries })
     }
 
+    /// Whether no `[[upstream]]` is configured (routing skips them all).
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

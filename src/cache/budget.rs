@@ -15,8 +15,11 @@ use super::evict::{S3Fifo, Touch};
 /// A blob to delete, with every key that named it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Victim {
+    /// The blob's name.
     pub hash: [u8; 32],
+    /// Its size in bytes.
     pub len: u64,
+    /// The keys (URL and variant) that named it, whose records go with it.
     pub keys: Vec<Key>,
 }
 
@@ -45,12 +48,14 @@ impl Inner {
     }
 }
 
+/// The disk's byte budget: which blobs are held, by which keys, and which go first (S3-FIFO).
 pub struct DiskBudget {
     capacity: u64,
     inner: Mutex<Inner>,
 }
 
 impl DiskBudget {
+    /// A budget of `capacity` bytes.
     pub fn new(capacity: u64) -> Self {
         let inner =
             Inner { policy: S3Fifo::new(capacity), keys: HashMap::new(), named: HashMap::new() };
@@ -61,6 +66,7 @@ impl DiskBudget {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Its size in bytes.
     pub fn capacity(&self) -> u64 {
         self.capacity
     }

@@ -35,7 +35,9 @@ enum FillState {
 
 /// What a caller got: the fill's result, or (having asked to stream) the body as it arrives.
 pub enum Joined {
+    /// The fill ended: the entry, or why not.
     Done(FillResult),
+    /// The body, as it arrives.
     Growing(Arc<Growing>),
 }
 
@@ -120,6 +122,7 @@ impl Coalescer {
         self.fills.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Whether no fill is in progress.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

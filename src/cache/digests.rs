@@ -8,7 +8,9 @@ use sha2::Digest;
 /// while such a rule exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Digests {
+    /// SHA-256 of the bytes.
     pub sha256: [u8; 32],
+    /// MD5 of the bytes.
     pub md5: [u8; 16],
 }
 
@@ -29,11 +31,13 @@ pub struct Digester {
 }
 
 impl Digester {
+    /// Takes the next bytes.
     pub fn update(&mut self, bytes: &[u8]) {
         self.sha256.update(bytes);
         self.md5.update(bytes);
     }
 
+    /// The digests of everything taken.
     pub fn finish(self) -> Digests {
         Digests { sha256: self.sha256.finalize().into(), md5: self.md5.finalize().into() }
     }

@@ -19,11 +19,16 @@ const WRITE_BUFFER: usize = 256 * 1024;
 /// One blob file found on disk.
 #[derive(Debug, Clone)]
 pub struct BlobFile {
+    /// Its name.
     pub hash: blake3::Hash,
+    /// Its size in bytes.
     pub len: u64,
+    /// When it was last written.
     pub modified: std::time::SystemTime,
 }
 
+/// The blob files under `<cache.dir>/blobs`, named by their blake3 (fanned out by its first
+/// byte), and their temp files under `<cache.dir>/tmp`.
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     blobs: PathBuf,
@@ -34,6 +39,7 @@ pub struct BlobStore {
 /// A blob being written. Dropping it without [`BlobStore::commit`] removes the temp file, so
 /// a failed, refused or timed-out fill leaves nothing behind.
 pub struct TempBlob {
+    /// The temp file, written as the body arrives.
     pub file: tokio::io::BufWriter<tokio::fs::File>,
     path: PathBuf,
     committed: bool,
@@ -115,6 +121,7 @@ impl BlobStore {
         Ok(self.tmp.join(hex::encode(name)))
     }
 
+    /// A new temp file, removed when dropped unless committed under a blob's name.
     pub async fn create_temp(&self) -> io::Result<TempBlob> {
         let path = self.temp_path()?;
         let file = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&path).await?;
@@ -303,6 +310,7 @@ impl BlobStore {
         .map_err(io::Error::other)?
     }
 
+    /// Deletes the blob `hash` (gone already: nothing to do).
     pub async fn remove(&self, hash: &blake3::Hash) {
         let _ = tokio::fs::remove_file(self.path(hash)).await;
     }

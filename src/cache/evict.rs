@@ -38,11 +38,13 @@ impl Touch {
         self.last_access.store(now_secs(), Ordering::Relaxed);
     }
 
+    /// When the blob was last asked for (Unix seconds).
     pub fn last_access(&self) -> u64 {
         self.last_access.load(Ordering::Relaxed)
     }
 }
 
+/// The wall clock in Unix seconds: blobs' ages survive a restart.
 pub fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -77,6 +79,7 @@ pub struct S3Fifo<K> {
 }
 
 impl<K: Hash + Eq + Clone> S3Fifo<K> {
+    /// A queue of `capacity` bytes.
     pub fn new(capacity: u64) -> Self {
         Self {
             capacity,
@@ -96,14 +99,17 @@ impl<K: Hash + Eq + Clone> S3Fifo<K> {
         self.small_bytes + self.main_bytes
     }
 
+    /// Blobs held.
     pub fn len(&self) -> usize {
         self.live.len()
     }
 
+    /// Whether it holds no blob.
     pub fn is_empty(&self) -> bool {
         self.live.is_empty()
     }
 
+    /// The access record of `key`, if it holds it.
     pub fn touch(&self, key: &K) -> Option<Arc<Touch>> {
         self.live.get(key).map(|s| s.touch.clone())
     }

@@ -24,6 +24,7 @@ pub enum Progress {
     Failed,
 }
 
+/// A fill's body as it arrives in its temp file, readable by viewers before it is whole.
 pub struct Growing {
     /// Sniffed from the first bytes, as for any fill.
     pub content_type: &'static str,
@@ -38,6 +39,7 @@ pub struct Growing {
 const CHUNK: u64 = 64 * 1024;
 
 impl Growing {
+    /// A growing body of `content_type` (`len` when the origin declared one) in `file`.
     pub fn new(
         content_type: &'static str,
         len: Option<u64>,
@@ -63,6 +65,7 @@ impl Growing {
         self.progress.send_replace(Progress::Complete(len));
     }
 
+    /// The fill failed: readers end their responses broken.
     pub fn fail(&self) {
         self.progress.send_if_modified(|p| match p {
             Progress::Complete(_) | Progress::Failed => false,
@@ -73,6 +76,7 @@ impl Growing {
         });
     }
 
+    /// How much has arrived, and whether it is whole or failed.
     pub fn progress(&self) -> Progress {
         *self.progress.borrow()
     }

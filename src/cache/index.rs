@@ -30,7 +30,9 @@ const BANS: TableDefinition<&str, &[u8]> = TableDefinition::new("bans");
 pub struct Record {
     /// blake3 hex of the blob.
     pub hash: String,
+    /// The blob's length in bytes.
     pub len: u64,
+    /// The type sniffed from its bytes.
     pub content_type: String,
     /// The canonical source URL, so entries can be purged by URL or domain.
     pub url: String,
@@ -50,9 +52,12 @@ pub struct Record {
 /// Digests of the bytes an origin sent (lowercase hex).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct OriginDigests {
+    /// blake3 of the origin's bytes.
     pub blake3: String,
+    /// Their SHA-256, when it was computed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// Their MD5, when it was computed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub md5: Option<String>,
 }
@@ -71,11 +76,13 @@ impl Record {
         }
     }
 
+    /// With what is known of the origin's bytes.
     pub fn with_origin(mut self, origin: Option<OriginDigests>) -> Self {
         self.origin = origin;
         self
     }
 
+    /// With the host the bytes came from after redirects.
     pub fn with_final_host(mut self, host: Option<&str>) -> Self {
         self.final_host = host.map(str::to_string);
         self
@@ -88,11 +95,13 @@ impl Record {
         (source, self.final_host.as_deref())
     }
 
+    /// The blob's blake3, parsed (`None`: a damaged record).
     pub fn blake3(&self) -> Option<blake3::Hash> {
         blake3::Hash::from_hex(&self.hash).ok()
     }
 }
 
+/// The redb index: a record per key, and the bans; writes are queued and group-committed.
 #[derive(Clone)]
 pub struct Index {
     db: Arc<redb::Database>,
@@ -254,6 +263,7 @@ fn commit(db: &redb::Database, batch: &Changes, durable: bool) -> Result<(), Ind
     txn.commit().map_err(err)
 }
 
+/// A failure of the index (redb's error, in words).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("cache index: {0}")]
 pub struct IndexError(String);
@@ -263,6 +273,7 @@ fn err(e: impl std::fmt::Display) -> IndexError {
 }
 
 impl Index {
+    /// Opens (or creates) the index at `path`, starting its writer.
     pub fn open(path: &Path) -> Result<Self, IndexError> {
         Self::open_syncing(path, DURABLE_EVERY)
     }
@@ -360,6 +371,7 @@ impl Index {
         .map_err(err)?
     }
 
+    /// The record of `key`, if any.
     pub async fn get(&self, key: Key) -> Result<Option<Record>, IndexError> {
         if let Some(change) = self.writer.queue.pending(&key) {
             return Ok(change.and_then(|value| serde_json::from_slice(&value).ok()));
@@ -394,6 +406,7 @@ impl Index {
 /// What [`Index::purge`] removed.
 #[derive(Debug, Default)]
 pub struct Purged {
+    /// The records removed, with their keys.
     pub removed: Vec<(Key, Record)>,
 }
 

@@ -11,6 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// Granularity of the budget: permits are KiB, so a `u32` of them covers 4 TiB.
 const UNIT: u64 = 1024;
 
+/// Bytes fills and media results may hold in memory at once (`media.inflight_bytes`).
 #[derive(Clone)]
 pub struct InflightBudget {
     permits: Arc<Semaphore>,
@@ -23,6 +24,7 @@ pub struct Hold {
 }
 
 impl InflightBudget {
+    /// A budget of `bytes`.
     pub fn new(bytes: u64) -> Self {
         let units = (bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS as u64) as usize;
         Self { permits: Arc::new(Semaphore::new(units)) }

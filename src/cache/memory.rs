@@ -8,12 +8,14 @@ use super::{Entry, Key};
 /// (which carry no body) still count against the budget.
 const ENTRY_OVERHEAD: u64 = 512;
 
+/// The memory tier: entries weighed by their body's length, within a byte budget (moka).
 #[derive(Clone)]
 pub struct MemoryTier {
     cache: moka::future::Cache<Key, Arc<Entry>>,
 }
 
 impl MemoryTier {
+    /// A tier of `budget_bytes`.
     pub fn new(budget_bytes: u64) -> Self {
         let cache = moka::future::Cache::builder()
             .max_capacity(budget_bytes)
@@ -25,10 +27,12 @@ impl MemoryTier {
         Self { cache }
     }
 
+    /// The entry of `key`, if held.
     pub async fn get(&self, key: &Key) -> Option<Arc<Entry>> {
         self.cache.get(key).await
     }
 
+    /// Holds `entry` under `key` (the tier decides by its weight).
     pub async fn insert(&self, key: Key, entry: Arc<Entry>) {
         self.cache.insert(key, entry).await;
     }

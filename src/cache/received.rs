@@ -28,7 +28,9 @@ pub struct Received {
 /// blocking call, and kept for the memory tier) under a hold on the in-flight budget, larger
 /// ones (or any, while the budget is spent) streamed into a temp blob.
 pub enum Held {
+    /// In memory, with its hold on the in-flight budget.
     Memory(Bytes, Option<crate::cache::inflight::Hold>),
+    /// In a temp blob.
     Disk(crate::cache::disk::TempBlob),
 }
 
@@ -58,6 +60,7 @@ pub struct Sink {
 }
 
 impl Sink {
+    /// A sink writing into `disk`'s temp files, holding memory from `budget`.
     pub fn new(disk: &BlobStore, budget: &InflightBudget) -> Self {
         Sink {
             disk: disk.clone(),
@@ -95,6 +98,7 @@ impl Sink {
         Ok(())
     }
 
+    /// Takes the next chunk: kept for the sniffer, hashed, held or written.
     pub async fn push_chunk(&mut self, chunk: &[u8]) -> std::io::Result<()> {
         let take = SNIFF_LEN.saturating_sub(self.head.len()).min(chunk.len());
         self.head.extend_from_slice(&chunk[..take]);
@@ -154,6 +158,7 @@ impl Sink {
         &self.head
     }
 
+    /// The body received, of `content_type` (sniffed by the caller).
     pub fn finish(mut self, content_type: &'static str) -> Received {
         let body = match (self.memory, self.temp) {
             (Some((mut held, hold, _)), _) => {

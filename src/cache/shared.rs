@@ -29,6 +29,7 @@ const MAX_PENDING_UPLOADS: usize = 4096;
 /// Uploads running at once.
 const MAX_RUNNING_UPLOADS: usize = 16;
 
+/// The bucket several nodes share (`[shared]`): blobs by blake3, records by key, bans.
 #[derive(Clone)]
 pub struct SharedTier {
     store: Arc<dyn ObjectStore>,
@@ -53,12 +54,16 @@ impl Drop for UploadTicket {
 /// Why a call to the bucket did not give an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum SharedError {
+    /// The bucket did not answer within `shared.timeout`.
     #[error("shared tier timed out after {0:?}")]
     Timeout(Duration),
+    /// The bucket answered an error.
     #[error("shared tier: {0}")]
     Store(#[from] object_store::Error),
+    /// An object of the bucket is not what a node writes.
     #[error("shared tier: unreadable record: {0}")]
     Record(String),
+    /// A local file could not be read or written.
     #[error("shared tier: local file: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -77,6 +82,7 @@ enum BanObject {
     Ban(serde_json::Value),
 }
 
+/// A blob's bytes as the bucket streams them.
 pub type BlobStream = futures_util::stream::BoxStream<'static, Result<Bytes, object_store::Error>>;
 
 /// Part size of a multipart upload (S3's minimum is 5 MiB).

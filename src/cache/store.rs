@@ -41,9 +41,11 @@ pub struct PurgeReport {
 /// How the store is sized and how careful its writes are; from `[cache]` and `[media]`.
 #[derive(Debug, Clone, Copy)]
 pub struct StoreConfig {
+    /// Budget of the memory tier (`cache.memory_bytes`).
     pub memory_bytes: u64,
     /// Largest body kept in memory (and re-hashed on every load from disk).
     pub memory_max_object_bytes: u64,
+    /// Budget of the disk (`cache.disk_bytes`).
     pub disk_bytes: u64,
     /// fsync large blobs before their record is committed.
     pub fsync: bool,
@@ -54,10 +56,13 @@ pub struct StoreConfig {
 /// The store's counters (registered with the rest of the metrics in `telemetry`).
 #[derive(Clone, Default)]
 pub struct StoreMetrics {
+    /// `parasol_evictions_total`.
     pub evictions: Counter,
+    /// `parasol_blobs_dropped_total`.
     pub blobs_dropped: Counter,
 }
 
+/// The one owner of what is stored (see the module).
 pub struct Store {
     memory: MemoryTier,
     disk: BlobStore,
@@ -81,6 +86,7 @@ impl Drop for Store {
 }
 
 impl Store {
+    /// A store over `disk` and `index`, sized by `config`.
     pub fn new(config: StoreConfig, disk: BlobStore, index: Index, metrics: StoreMetrics) -> Self {
         Self {
             memory: MemoryTier::new(config.memory_bytes),
@@ -103,6 +109,7 @@ impl Store {
         }
     }
 
+    /// With the bucket other nodes share, if any.
     pub fn with_shared(mut self, shared: Option<SharedTier>) -> Self {
         self.shared = shared;
         self
@@ -459,10 +466,12 @@ impl Store {
         self.index.put_ban(id, value).await.map_err(ProxyError::internal)
     }
 
+    /// Removes the ban `id`; whether there was one.
     pub async fn remove_ban(&self, id: String) -> Result<bool, ProxyError> {
         self.index.remove_ban(id).await.map_err(ProxyError::internal)
     }
 
+    /// Every ban kept, as moderation wrote them.
     pub async fn bans(&self) -> Result<Vec<Vec<u8>>, ProxyError> {
         self.index.bans().await.map_err(ProxyError::internal)
     }
@@ -471,10 +480,15 @@ impl Store {
 /// What the store holds now (for `/metrics` and the start-up log).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
+    /// Bytes of bodies in the memory tier.
     pub memory_bytes: u64,
+    /// Entries in the memory tier.
     pub memory_entries: u64,
+    /// Bytes of blobs on disk.
     pub disk_bytes: u64,
+    /// Blobs on disk.
     pub disk_blobs: usize,
+    /// Bytes fills and media results hold in memory now.
     pub inflight_bytes: u64,
 }
 

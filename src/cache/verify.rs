@@ -34,8 +34,11 @@ pub fn hash_file(path: &Path) -> std::io::Result<(blake3::Hash, u64)> {
 /// What a verification found and fixed.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
 pub struct Report {
+    /// Index records read.
     pub records: u64,
+    /// Blobs whose bytes were hashed.
     pub blobs_checked: u64,
+    /// Bytes hashed.
     pub bytes_hashed: u64,
     /// Records removed because their blob was missing, short, long or corrupt.
     pub records_removed: u64,
@@ -46,6 +49,7 @@ pub struct Report {
 }
 
 impl Report {
+    /// Whether the check removed or repaired anything.
     pub fn fixed_anything(&self) -> bool {
         self.records_removed + self.corrupt_blobs_removed + self.orphans_removed > 0
     }

@@ -58,9 +58,13 @@ impl Default for CacheConfig {
 pub struct SharedConfig {
     /// `http(s)://host:port` of the S3 API; empty turns the shared tier off.
     pub endpoint: String,
+    /// The bucket's name.
     pub bucket: String,
+    /// Its region (`us-east-1` when empty).
     pub region: String,
+    /// The access key id to sign requests with.
     pub access_key_id: String,
+    /// Its secret (redacted wherever the configuration is shown).
     #[serde(serialize_with = "redact_str")]
     pub secret_access_key: String,
     /// Prefix of every object name, so one bucket can hold other things too.
@@ -154,9 +158,13 @@ impl UpstreamConfig {
 pub struct UpstreamS3 {
     /// `http(s)://host:port` of the S3 API.
     pub endpoint: String,
+    /// The bucket's name.
     pub bucket: String,
+    /// Its region (`us-east-1` when empty).
     pub region: String,
+    /// The access key id to sign requests with.
     pub access_key_id: String,
+    /// Its secret (redacted wherever the configuration is shown).
     #[serde(serialize_with = "redact_str")]
     pub secret_access_key: String,
     /// Prepended to the path to name the object, e.g. `mastodon/` when the files sit there.

@@ -15,12 +15,14 @@ use super::*;
 pub struct FetchConfig {
     /// The one User-Agent every origin sees; never the viewer's.
     pub user_agent: String,
+    /// Longest time to open a connection to an origin.
     pub connect_timeout: Dur,
     /// Total deadline of one origin fetch, headers and body: the only guard against an origin
     /// that drips a byte at a time.
     pub timeout: Dur,
     /// Deadline for an origin's response headers, per request (redirect hops included).
     pub header_timeout: Dur,
+    /// Redirects followed at most, each hop checked like the first.
     pub max_redirects: u32,
     /// CIDRs exempt from the private-address block (exact networks, e.g. `127.0.0.2/32`).
     pub allow_networks: Vec<IpNet>,
@@ -88,9 +90,12 @@ impl Default for PolicyConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NormalizeConfig {
+    /// The host suffix the rule covers (`cdninstagram.com`).
     pub host_suffix: String,
+    /// Query parameters left out of the key (`oh`, `oe`, a `_nc_` prefix as `_nc_*`).
     #[serde(default)]
     pub ignore_params: Vec<String>,
+    /// Whether every host under the suffix is one entry (CDN edges of one file).
     #[serde(default)]
     pub merge_hosts: bool,
     /// A query parameter holding the URL's expiry (Unix time, hex): of the URLs seen for one

@@ -91,7 +91,9 @@ impl Default for MediaConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VariantConfig {
+    /// Largest width of the rendition (never enlarged).
     pub width: Option<u32>,
+    /// Largest height of the rendition (never enlarged).
     pub height: Option<u32>,
     /// The encoding. A picture with transparency asked for as JPEG (which has none) comes out
     /// as PNG instead, rather than with its transparent parts painted black.
@@ -153,12 +155,16 @@ pub enum SvgPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VariantFormat {
+    /// WebP (lossy, or lossless with `lossless`).
     Webp,
+    /// PNG.
     Png,
+    /// JPEG (a picture with transparency comes back as PNG).
     Jpeg,
 }
 
 impl VariantFormat {
+    /// The MIME type it is served as.
     pub fn mime_type(self) -> &'static str {
         match self {
             VariantFormat::Webp => "image/webp",

@@ -20,6 +20,7 @@ pub struct ModerationConfig {
     /// When the scanner cannot be asked (down, timed out): `open` serves the file unscanned
     /// (and asks again next time), `closed` refuses it for now (503).
     pub scanner_fail: ScannerFail,
+    /// Longest wait for the scanner's verdict.
     pub scanner_timeout: Dur,
     /// Scans in flight at once; more wait their turn (within `scanner_timeout`).
     pub scanner_concurrency: u32,
@@ -52,7 +53,9 @@ impl Default for ModerationConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ScannerFail {
+    /// Serve the file unscanned (and log it).
     Open,
+    /// Refuse the file (503 `scanner_unavailable`) until the scanner answers.
     Closed,
 }
 

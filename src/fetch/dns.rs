@@ -34,6 +34,7 @@ pub struct DnsLookup {
 }
 
 impl DnsLookup {
+    /// A resolver asking `config`'s nameservers (or the system's), within its deadline.
     pub fn new(config: &FetchConfig) -> io::Result<Self> {
         let provider = TokioConnectionProvider::default();
         let mut builder = if config.nameservers.is_empty() {

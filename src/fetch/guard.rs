@@ -112,11 +112,14 @@ pub struct Guard {
 #[derive(Debug, thiserror::Error)]
 #[error("destination {addr} refused: {reason}")]
 pub struct Refused {
+    /// The address refused.
     pub addr: IpAddr,
+    /// Why.
     pub reason: Reason,
 }
 
 impl Guard {
+    /// A guard that also lets `allow` through (`fetch.allow_networks`).
     pub fn new(allow: Vec<IpNet>) -> Self {
         Self { allow, own: Vec::new(), ports: vec![80, 443] }
     }
@@ -199,6 +202,7 @@ pub fn is_local_name(host: &str) -> bool {
 /// Resolves names to addresses. Injectable so tests can map `*.test` names to loopback
 /// origins without a DNS server, and so a hostile answer can be simulated without dialing it.
 pub trait Lookup: Send + Sync + 'static {
+    /// The addresses of `host`.
     fn lookup(&self, host: &str) -> Pin<Box<dyn Future<Output = io::Result<Vec<IpAddr>>> + Send>>;
 }
 
@@ -207,6 +211,7 @@ pub trait Lookup: Send + Sync + 'static {
 pub struct StaticLookup(pub HashMap<String, Vec<IpAddr>>);
 
 impl StaticLookup {
+    /// With `host` resolving to `addrs`.
     pub fn with(mut self, host: &str, addrs: &[IpAddr]) -> Self {
         self.0.insert(host.to_ascii_lowercase(), addrs.to_vec());
         self
@@ -225,7 +230,9 @@ impl Lookup for StaticLookup {
 /// reqwest resolver that refuses a name when any of its addresses is refused by the [`Guard`].
 #[derive(Clone)]
 pub struct GuardedResolver {
+    /// What may be dialed.
     pub guard: Arc<Guard>,
+    /// How names are resolved.
     pub lookup: Arc<dyn Lookup>,
 }
 

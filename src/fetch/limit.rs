@@ -11,6 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ProxyError;
 
+/// Fill slots: `fetch.max_fills` in all, `fetch.max_per_origin` per origin host.
 pub struct FillLimits {
     global: Arc<Semaphore>,
     per_origin: usize,
@@ -68,6 +69,7 @@ fn slot_of(
 }
 
 impl FillLimits {
+    /// Slots of `max_fills` in all and `per_origin` per host.
     pub fn new(max_fills: usize, per_origin: usize) -> Self {
         Self {
             global: Arc::new(Semaphore::new(max_fills.max(1))),

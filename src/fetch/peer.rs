@@ -20,6 +20,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Wraps the connector service with [`PeerCheck`].
 #[derive(Clone)]
 pub struct PeerCheckLayer {
+    /// What the connected address must pass.
     pub guard: Arc<Guard>,
 }
 
@@ -31,6 +32,7 @@ impl<S> tower_layer::Layer<S> for PeerCheckLayer {
     }
 }
 
+/// A connection whose peer address was checked after connecting.
 #[derive(Clone)]
 pub struct PeerCheck<S> {
     inner: S,

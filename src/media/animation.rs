@@ -23,6 +23,7 @@ use crate::error::ProxyError;
 /// How much animation a render may decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AnimationLimits {
+    /// Frames decoded at most; a longer animation gets its first frame.
     pub max_frames: u32,
     /// Canvas pixels summed over the frames decoded.
     pub max_pixels: u64,

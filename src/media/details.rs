@@ -16,12 +16,16 @@ const HASH_SIDE: u32 = 64;
 /// Components of the blurhash across and down (4×3, as most Fediverse software makes them).
 const COMPONENTS: (u32, u32) = (4, 3);
 
+/// What Lemmy's `details` asks of a picture.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Details {
+    /// Width in pixels.
     pub width: u32,
+    /// Height in pixels.
     pub height: u32,
     /// Frames of an animation; `None` for a still picture.
     pub frames: Option<u32>,
+    /// A 4×3 blurhash of it.
     pub blurhash: String,
 }
 

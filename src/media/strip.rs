@@ -45,11 +45,14 @@ pub struct Cuts {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "fix", rename_all = "snake_case")]
 pub enum Fix {
+    /// Nothing besides the cuts.
     None,
     /// JPEG: a minimal EXIF block (APP1) holding only this orientation, inserted at `at`
     /// (an offset of the input, at a segment boundary).
     Orientation {
+        /// Where it goes.
         at: u64,
+        /// The orientation it holds (2-8).
         orientation: u16,
     },
     /// WebP: the RIFF size written anew, and the extended header's EXIF and XMP flags cleared.
@@ -59,7 +62,9 @@ pub enum Fix {
 /// A part of the stripped file: a range of the input, or bytes the server wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Piece {
+    /// The input's bytes `[start, end)`.
     Keep(u64, u64),
+    /// Bytes the server wrote.
     Put(Vec<u8>),
 }
 

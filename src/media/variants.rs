@@ -18,9 +18,13 @@ use crate::error::ProxyError;
 /// A rendered variant.
 #[derive(Debug)]
 pub struct Rendered {
+    /// The encoded rendition.
     pub bytes: Vec<u8>,
+    /// Its type.
     pub content_type: &'static str,
+    /// Its width in pixels.
     pub width: u32,
+    /// Its height in pixels.
     pub height: u32,
 }
 

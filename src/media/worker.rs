@@ -78,6 +78,7 @@ pub struct PoolConfig {
     pub exe: PathBuf,
     /// Workers, queue, each origin's share and the longest wait ([`schedule::Shares`]).
     pub shares: schedule::Shares,
+    /// The kernel limits of each worker.
     pub limits: Limits,
     /// CPU time of one job; its wall-clock deadline is [`WALL_FACTOR`] times as long.
     pub job_timeout: Duration,
@@ -98,7 +99,12 @@ pub use crate::cache::Input;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// The result went to the sink.
-    Done { width: u32, height: u32 },
+    Done {
+        /// The picture's width in pixels (0 when not a picture).
+        width: u32,
+        /// Its height.
+        height: u32,
+    },
     /// Nothing to change: the input stands.
     Unchanged,
 }
@@ -127,6 +133,7 @@ impl Drop for RunningJob<'_> {
     }
 }
 
+/// The media worker pool (see the module).
 pub struct MediaPool {
     config: Arc<PoolConfig>,
     /// Who runs next ([`schedule`]).
@@ -153,6 +160,7 @@ pub struct MediaPool {
 }
 
 impl MediaPool {
+    /// A pool run as `config` says, counting into `metrics`.
     pub fn new(config: PoolConfig, metrics: PoolMetrics) -> Self {
         let strikes = || {
             moka::sync::Cache::builder().max_capacity(100_000).time_to_live(STRIKE_WINDOW).build()

@@ -44,7 +44,9 @@ fn as_shared(ban: &Ban) -> serde_json::Value {
 /// What a ban did.
 #[derive(Debug, Clone, Serialize)]
 pub struct BanReport {
+    /// The ban, as kept.
     pub ban: Ban,
+    /// What it removed at once.
     pub purged: PurgeReport,
     /// A SHA-256 ban purges at once what was prepared from the bytes it names (their digests
     /// are kept with the entry); files stored as the origin sent them are read to be matched,

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use super::Digests;
 
+/// The digests of the configured hash lists, sorted for binary search.
 #[derive(Debug, Default)]
 pub struct HashLists {
     sha256: Vec<[u8; 32]>,
@@ -47,6 +48,7 @@ impl HashLists {
         Ok(lists)
     }
 
+    /// Whether no digest is held.
     pub fn is_empty(&self) -> bool {
         self.sha256.is_empty() && self.md5.is_empty()
     }
@@ -56,6 +58,7 @@ impl HashLists {
         (self.sha256.len(), self.md5.len())
     }
 
+    /// Whether a list names these digests (by SHA-256 or MD5).
     pub fn contains(&self, digests: &Digests) -> bool {
         self.sha256.binary_search(&digests.sha256).is_ok()
             || self.md5.binary_search(&digests.md5).is_ok()

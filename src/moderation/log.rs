@@ -22,14 +22,18 @@ pub struct Decision {
     /// `refused` (a fill or a request), `purged` (cached entries removed), `banned`, `lifted`,
     /// `allowed` (a scanner's yes), `unscanned` (the scanner could not be asked).
     pub action: String,
+    /// The file's blake3, when the decision is about a file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
+    /// The host, when the decision is about one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// Why, in the operator's (or the scanner's) words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 
+/// The moderation log (`moderation.log`), and its metric.
 pub struct ModerationLog {
     path: PathBuf,
     file: tokio::sync::Mutex<Option<tokio::fs::File>>,
@@ -41,6 +45,7 @@ pub struct ModerationLog {
 }
 
 impl ModerationLog {
+    /// A log written to `path`, counting into `metric`.
     pub fn new(path: PathBuf, metric: Family<ModerationLabels, Counter>) -> Self {
         let recent = moka::sync::Cache::builder()
             .max_capacity(100_000)
@@ -121,13 +126,17 @@ async fn open(path: &Path) -> std::io::Result<tokio::fs::File> {
 /// Counts of a moderation log by rule and action, and its first and last decision.
 #[derive(Debug, Default, Serialize)]
 pub struct Summary {
+    /// Decisions counted by rule, then action.
     pub decisions: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    /// When the first decision was made.
     pub first: Option<String>,
+    /// When the last decision was made.
     pub last: Option<String>,
     /// Line numbers that are not decisions.
     pub unreadable_lines: Vec<usize>,
 }
 
+/// Counts the decisions of a moderation log's `text` (`parasol audit --moderation`).
 pub fn summarize(text: &str) -> Summary {
     let mut summary = Summary::default();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {

@@ -20,6 +20,7 @@ use crate::media::worker::Input;
 /// What the scanner said.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
+    /// The scanner had no objection.
     Allowed,
     /// The scanner's status.
     Refused(u16),
@@ -27,11 +28,13 @@ pub enum Verdict {
     Unavailable(String),
 }
 
+/// The outside scanner each new original is shown to before it is first served.
 pub struct Scanner {
     client: reqwest::Client,
     url: url::Url,
     slots: Semaphore,
     timeout: Duration,
+    /// What to do when it cannot be asked.
     pub fail: ScannerFail,
     /// Files it let through, by blake3.
     allowed: moka::future::Cache<[u8; 32], ()>,

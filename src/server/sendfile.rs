@@ -209,6 +209,7 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// A connection over `stream` whose bodies may go from files `offers` names.
     pub fn new(stream: TcpStream, offers: Arc<Offers>) -> Self {
         Self { io: TokioIo::new(stream), offers }
     }

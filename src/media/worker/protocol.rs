@@ -25,8 +25,11 @@ pub const MAX_HEADER: u32 = 64 << 10;
 /// file took over cannot answer a job before it has read it), and the CPU seconds it may use.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Job {
+    /// Random: the reply must echo it.
     pub id: u64,
+    /// The CPU seconds the job may use.
     pub cpu_seconds: u64,
+    /// What to do.
     #[serde(flatten)]
     pub task: Task,
 }
@@ -37,7 +40,9 @@ pub struct Job {
 pub enum Task {
     /// Decode the body, fit it to the preset, encode it as the preset says.
     Render {
+        /// The preset.
         spec: VariantConfig,
+        /// Largest picture decoded.
         max_pixels: u64,
         /// Budgets for keeping an animation, when the preset does.
         #[serde(default)]
@@ -45,14 +50,30 @@ pub enum Task {
     },
     /// Measure the picture: its size, frame count and blurhash ([`crate::media::details`]),
     /// answered as a JSON body.
-    Details { max_pixels: u64, animation: crate::media::animation::AnimationLimits },
+    Details {
+        /// The most pixels to decode.
+        max_pixels: u64,
+        /// The limits an animation is measured within.
+        animation: crate::media::animation::AnimationLimits,
+    },
     /// Draw an SVG document to a PNG.
-    Rasterize { max_pixels: u64 },
+    Rasterize {
+        /// The most pixels the PNG may have.
+        max_pixels: u64,
+    },
     /// Find the personal metadata of a JPEG, PNG or WebP: answered as the cuts that remove
     /// it ([`Reply::Cut`]), which the server makes.
-    Strip { content_type: String },
+    Strip {
+        /// The file's type (`image/jpeg`, `image/png`, `image/webp`).
+        content_type: String,
+    },
     /// Try what the sandbox must refuse, from inside a worker, and report what happened.
-    SelfCheck { open: PathBuf, connect: SocketAddr },
+    SelfCheck {
+        /// A file the worker must not be able to open.
+        open: PathBuf,
+        /// An address it must not be able to reach.
+        connect: SocketAddr,
+    },
 }
 
 impl Task {
@@ -89,13 +110,29 @@ impl Task {
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
     /// Sent once, right after start: the sandbox is in place and jobs may come.
-    Ready { version: String, landlock: String },
+    Ready {
+        /// The worker's version.
+        version: String,
+        /// Landlock's status in the worker.
+        landlock: String,
+    },
     /// The sandbox could not be installed; the worker exits after saying so.
-    Unsafe { why: String },
+    Unsafe {
+        /// Why the sandbox could not be raised.
+        why: String,
+    },
     /// The job's result is the body.
-    Done { width: u32, height: u32 },
+    Done {
+        /// The result's width in pixels (0 when not a picture).
+        width: u32,
+        /// Its height.
+        height: u32,
+    },
     /// The preset has nothing to show for this file (a badge whose mask is empty).
-    NoRendition { reason: String },
+    NoRendition {
+        /// Why.
+        reason: String,
+    },
     /// Nothing to change (a strip that found no metadata): the input stands. No body.
     Unchanged,
     /// A strip's answer: where to cut the input. No body.
@@ -103,7 +140,12 @@ pub enum Reply {
     /// The decoder refused the file (unreadable, over the limits its header declares).
     /// `retire`: the worker will exit after this reply (a decoder panicked; its state is
     /// not trusted for another job).
-    Refused { reason: String, retire: bool },
+    Refused {
+        /// Why.
+        reason: String,
+        /// Whether the worker exits after this reply.
+        retire: bool,
+    },
     /// The worker did not run the job and is exiting: its lifetime CPU budget is spent. The
     /// server sends the job to a fresh worker.
     Retired,
@@ -119,8 +161,10 @@ pub struct Answer {
     /// The [`Job::id`] answered (0 for the greeting).
     #[serde(default)]
     pub job: u64,
+    /// What the worker says.
     #[serde(flatten)]
     pub reply: Reply,
+    /// CPU time it has used in all, in milliseconds.
     #[serde(default)]
     pub cpu_ms: u64,
 }
@@ -128,9 +172,13 @@ pub struct Answer {
 /// The self-check's findings: each probe is `refused: <error>` or what it managed to do.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SelfReport {
+    /// Opening a file.
     pub open: String,
+    /// Connecting to an address.
     pub connect: String,
+    /// Running a program.
     pub exec: String,
+    /// Starting a thread.
     pub thread: String,
     /// An allocation the size of the memory limit.
     pub allocate: String,
@@ -146,6 +194,7 @@ pub struct SelfReport {
     pub descriptors: Vec<i32>,
     /// Environment variables the worker was started with.
     pub environment: usize,
+    /// Landlock's status.
     pub landlock: String,
     /// Soft and hard address-space limit, bytes.
     pub address_space: (u64, u64),

@@ -202,6 +202,7 @@ impl Drop for Slot {
 }
 
 impl Schedule {
+    /// A queue with `shares`.
     pub fn new(shares: Shares) -> Self {
         Self { shares, state: Arc::default() }
     }

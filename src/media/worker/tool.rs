@@ -288,7 +288,9 @@ pub fn frame_args() -> Vec<String> {
 /// One run of an outside program: which, with what arguments.
 #[derive(Debug, Clone)]
 pub struct ToolJob {
+    /// The program.
     pub program: PathBuf,
+    /// Its arguments ([`OUTPUT`] stands for the result file).
     pub args: Vec<String>,
     /// A short name for logs, metrics and remembered verdicts (`frame`, `heif`).
     pub name: &'static str,
