@@ -236,7 +236,7 @@ impl Entry {
     /// file the body was verified against, unchanged since (checked each time: one `fstat`):
     /// a file replaced or written over on disk is not sent under the body's ETag. `None`
     /// when there is no such file to be had without waiting.
-    pub fn file(&self, disk: &disk::BlobStore) -> Option<std::sync::Arc<std::fs::File>> {
+    fn file(&self, disk: &disk::BlobStore) -> Option<std::sync::Arc<std::fs::File>> {
         use std::sync::atomic::Ordering;
         let identity = self.identity?;
         let mut held = self.file.lock().unwrap_or_else(|e| e.into_inner());

@@ -18,7 +18,7 @@
 //! | [`media`] | the worker pool ([`media::worker`]: fair queue, processes, sandbox, tools) and what runs inside a worker | `cache` (sinks, inputs) |
 //! | [`response`] | 200/206/304/416 and error responses from an entry | `cache` |
 //! | [`fetch`] | the origin client: guard, peer check, fill slots, name resolution | `audit`, `policy` |
-//! | [`cache`] | the store ([`cache::store::Store`]: memory tier, blobs, redb index, S3-FIFO budget, shared bucket, its own upkeep), coalescing of fills ([`cache::coalesce`]), bodies on their way in, digests | `telemetry`, `error` |
+//! | [`cache`] | the store ([`cache::store::Store`]: memory tier, blobs, redb index, S3-FIFO budget, its own upkeep), the shared bucket's client ([`cache::shared`], handed to the proxy's bucket source and to moderation), coalescing of fills ([`cache::coalesce`]), bodies on their way in, digests | `telemetry`, `error` |
 //! | [`policy`], [`signing`], [`config`], [`telemetry`], [`audit`], [`error`] | leaves: domain policy and origins, HMAC, configuration by section, metrics, the outbound log, the one error | — |
 //!
 //! # Request lifecycle
@@ -234,6 +234,7 @@ fn store(
 async fn moderation(
     config: &Config,
     store: Arc<cache::store::Store>,
+    shared: Option<cache::shared::SharedTier>,
     metrics: &telemetry::Metrics,
 ) -> Result<Arc<moderation::Moderation>, StartError> {
     let scanner = moderation::scanner::Scanner::from_config(&config.moderation).map_err(|e| {
@@ -243,13 +244,14 @@ async fn moderation(
         config.moderation_log_path(),
         metrics.moderation.clone(),
     );
-    let shared = store.shared().is_some();
+    let syncs = shared.is_some();
     let moderation = Arc::new(
         moderation::Moderation::new(log, scanner, store)
+            .with_shared(shared)
             .with_normalizer(policy::Normalizer::new(&config.policy.normalize)),
     );
     moderation.load(&config.moderation.hash_lists).await.map_err(StartError::Setup)?;
-    if shared {
+    if syncs {
         let every = config.moderation.sync_interval.0;
         tokio::spawn(moderation::Moderation::sync_bans(Arc::downgrade(&moderation), every));
     }
@@ -346,14 +348,15 @@ impl Bound {
         let landlock = media.warm().await.map_err(StartError::Media)?;
         tracing::info!(workers = config.media.workers, landlock, "media workers sandboxed");
         log_tools(&config, &media);
-        let store = Arc::new(store(&config, disk, index, &metrics).with_shared(shared));
+        let store = Arc::new(store(&config, disk, index, &metrics));
         let entries = store.load_budget().await.map_err(StartError::Setup)?;
         store.start_upkeep(config.cache.retention.0, started);
-        let moderation = moderation(&config, store.clone(), &metrics).await?;
+        let moderation = moderation(&config, store.clone(), shared.clone(), &metrics).await?;
         let (closed, proxy_closed) = tokio::sync::mpsc::channel(1);
         let proxy = Arc::new(
             proxy::Proxy::new(config, fetcher, store, moderation, metrics, media)
                 .with_upstreams(upstreams)
+                .with_bucket(shared)
                 .with_closed(closed),
         );
         let usage = proxy.usage().await;

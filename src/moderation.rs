@@ -135,6 +135,9 @@ pub struct Moderation {
     normalizer: crate::policy::Normalizer,
     /// Where bans are kept and what they purge (the index, every tier, the bucket).
     store: Arc<crate::cache::store::Store>,
+    /// The bucket other nodes share, when `[shared]` is set: bans are kept in step through it,
+    /// and a banned blob leaves it.
+    shared: Option<crate::cache::shared::SharedTier>,
     /// Called when a ban is lifted: the refusals remembered elsewhere (the proxy's negative
     /// cache) are forgotten, so the lift applies at once.
     on_lift: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
@@ -157,8 +160,15 @@ impl Moderation {
             scanner,
             normalizer: Default::default(),
             store,
+            shared: None,
             on_lift: std::sync::OnceLock::new(),
         }
+    }
+
+    /// With the bucket other nodes share (`[shared]`), if any.
+    pub fn with_shared(mut self, shared: Option<crate::cache::shared::SharedTier>) -> Self {
+        self.shared = shared;
+        self
     }
 
     /// Has `forget` called whenever a ban is lifted (once set, for good).

@@ -55,7 +55,7 @@ pub struct Proxy {
     /// The origin as a source of fills ([`sources::Origin`]).
     origin: sources::Origin,
     /// The bucket other nodes share, a source of fills and where they go ([`sources::Bucket`]).
-    bucket: sources::Bucket,
+    bucket: Option<sources::Bucket>,
     /// The media work of fills and renditions: every decode, render and strip runs in
     /// sandboxed worker processes ([`prepare::Prepare`]).
     prep: prepare::Prepare,
@@ -108,8 +108,6 @@ impl Proxy {
             fills.clone(),
             metrics.clone(),
         );
-        let bucket =
-            sources::Bucket::new(&config, store.clone(), moderation.clone(), metrics.clone());
         Self {
             normalizer: crate::policy::Normalizer::new(&config.policy.normalize),
             newest: moka::sync::Cache::new(100_000),
@@ -117,7 +115,7 @@ impl Proxy {
             moderation,
             negative,
             origin,
-            bucket,
+            bucket: None,
             fills,
             metrics,
             config,
@@ -130,6 +128,16 @@ impl Proxy {
     /// of the proxy is gone.
     pub fn with_closed(mut self, closed: tokio::sync::mpsc::Sender<()>) -> Self {
         self.closed = Some(closed);
+        self
+    }
+
+    /// With the bucket other nodes share (`[shared]`) as a source of fills and where this
+    /// node's fills go.
+    pub fn with_bucket(mut self, shared: Option<crate::cache::shared::SharedTier>) -> Self {
+        self.bucket = shared.map(|shared| {
+            let (store, moderation) = (self.store.clone(), self.moderation.clone());
+            sources::Bucket::new(shared, &self.config, store, moderation, self.metrics.clone())
+        });
         self
     }
 
@@ -179,7 +187,7 @@ impl Proxy {
         headers: &http::HeaderMap,
         conn: Option<&Arc<crate::server::sendfile::Offers>>,
     ) -> Result<(http::Response<crate::response::Body>, u64), ProxyError> {
-        let served = crate::response::serve(entry, self.store.blobs(), method, headers, conn).await;
+        let served = crate::response::serve(entry, &self.store, method, headers, conn).await;
         if served.is_err() {
             self.store.forget_if_broken(&entry.hash, entry.len).await;
         }
@@ -443,13 +451,17 @@ impl Proxy {
             self.store.remember(key, entry.clone()).await;
             return Ok((entry, CacheStatus::HitDisk));
         }
-        if let Some(entry) = self.bucket.load(key, &self.prep).await {
-            self.store.remember(key, entry.clone()).await;
-            return Ok((entry, CacheStatus::HitShared));
+        if let Some(bucket) = &self.bucket {
+            if let Some(entry) = bucket.load(key, &self.prep).await {
+                self.store.remember(key, entry.clone()).await;
+                return Ok((entry, CacheStatus::HitShared));
+            }
         }
         let entry = self.fetch_and_store(key, req, trigger).await?;
         self.store.remember(key, entry.clone()).await;
-        self.bucket.publish(key, req.source.as_str(), &entry);
+        if let Some(bucket) = &self.bucket {
+            bucket.publish(key, req.source.as_str(), &entry);
+        }
         Ok((entry, CacheStatus::Miss))
     }
 

@@ -11,7 +11,7 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 
 use crate::cache::Entry;
-use crate::cache::disk::BlobStore;
+use crate::cache::store::Store;
 use crate::error::ProxyError;
 use crate::server::sendfile::{self, Offers};
 
@@ -72,7 +72,7 @@ pub fn placeholder(png: Bytes) -> Response<Body> {
 /// number of body bytes it will send.
 pub async fn serve(
     entry: &Entry,
-    disk: &BlobStore,
+    store: &Store,
     method: &Method,
     headers: &HeaderMap,
     conn: Option<&Arc<Offers>>,
@@ -96,7 +96,7 @@ pub async fn serve(
     let len = range.end() - range.start() + 1;
     let body = match method == Method::HEAD {
         true => empty(),
-        false => body(entry, disk, &range, conn).await?,
+        false => body(entry, store, &range, conn).await?,
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;
@@ -117,7 +117,7 @@ pub async fn serve(
 /// cached chunk of a disk body, which then holds no memory at all.
 async fn body(
     entry: &Entry,
-    disk: &BlobStore,
+    store: &Store,
     range: &RangeInclusive<u64>,
     conn: Option<&Arc<Offers>>,
 ) -> Result<Body, ProxyError> {
@@ -128,7 +128,8 @@ async fn body(
         if let Some(conn) = conn.filter(|_| len >= sendfile::MIN_LEN) {
             // Only when the page cache holds every page of the range: sending it then never
             // waits for the disk.
-            let file = entry.file(disk).filter(|f| crate::cache::disk::resident(f, start, len));
+            let file =
+                store.file_now(entry).filter(|f| crate::cache::disk::resident(f, start, len));
             if let Some(file) = file {
                 conn.memory(bytes.clone(), file, start);
             }
@@ -142,7 +143,7 @@ async fn body(
             ProxyError::internal(e)
         }
     };
-    let file = disk.open_blob(&entry.hash).await.map_err(vanished)?;
+    let file = store.open_blob(entry).await.map_err(vanished)?;
     // Sized when loaded, but a file cut short since would be sent short to every viewer.
     if file.metadata().map_err(ProxyError::internal)?.len() != entry.len {
         return Err(ProxyError::internal("blob of the wrong size"));

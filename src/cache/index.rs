@@ -137,7 +137,7 @@ impl Drop for Writer {
 pub const DURABLE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Longest time a change waits for others to share its commit. Nobody waits for it: readers
-/// of this process see queued changes at once (see [`Queue`]).
+/// of this process see queued changes at once (see `Queue`).
 pub const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Changes per key, the latest only: `Some` a record to put, `None` a removal.

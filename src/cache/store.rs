@@ -1,5 +1,5 @@
 //! The one owner of what is stored: the memory tier, the disk blobs, the redb index, the disk
-//! budget (S3-FIFO) and the shared bucket, and the rules that keep them consistent:
+//! budget (S3-FIFO), and the rules that keep them consistent:
 //! - a blob is on disk iff the budget counts it, and the budget counts it iff an index record
 //!   names it (start-up reconciliation repairs what a crash left between the two);
 //! - a record's blob is checked before it is served (small ones re-hashed on load, large ones
@@ -9,7 +9,9 @@
 //! - eviction removes a blob's records before its file, and never a file a reader holds.
 //!
 //! The proxy asks it for entries, hands it verified bodies to insert, and tells it what to
-//! purge; nothing else reaches the tiers.
+//! purge; a response asks it for an entry's blob file; nothing else reaches the tiers. The
+//! bucket other nodes share ([`super::shared`]) is not one of its tiers: the proxy reads and
+//! fills it as a source, moderation keeps bans in step through it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,7 +25,6 @@ use super::index::{Index, Record};
 use super::inflight::InflightBudget;
 use super::memory::MemoryTier;
 use super::received::{Held, Received, Sink};
-use super::shared::SharedTier;
 use super::{Entry, Key};
 use crate::error::ProxyError;
 
@@ -70,7 +71,6 @@ pub struct Store {
     budget: DiskBudget,
     /// Bodies held in memory by fills and media results.
     inflight: InflightBudget,
-    shared: Option<SharedTier>,
     config: StoreConfig,
     metrics: StoreMetrics,
     /// The upkeep task this store owns ([`super::upkeep`]), aborted when it is dropped.
@@ -94,7 +94,6 @@ impl Store {
             inflight: InflightBudget::new(config.inflight_bytes),
             disk,
             index,
-            shared: None,
             config,
             metrics,
             upkeep: Default::default(),
@@ -107,17 +106,6 @@ impl Store {
         if let Some(old) = old {
             old.abort();
         }
-    }
-
-    /// With the bucket other nodes share, if any.
-    pub fn with_shared(mut self, shared: Option<SharedTier>) -> Self {
-        self.shared = shared;
-        self
-    }
-
-    /// The bucket several nodes share, when `[shared]` is set.
-    pub fn shared(&self) -> Option<&SharedTier> {
-        self.shared.as_ref()
     }
 
     /// Where a new body goes as it arrives.
@@ -172,9 +160,16 @@ impl Store {
         Usage { memory_bytes, memory_entries, disk_bytes, disk_blobs, inflight_bytes }
     }
 
-    /// The blobs, for serving an entry's bytes (`response::serve`).
-    pub fn blobs(&self) -> &BlobStore {
-        &self.disk
+    /// An entry's blob opened for reading, to be sent a chunk at a time
+    /// ([`super::disk::read_chunk`]).
+    pub async fn open_blob(&self, entry: &Entry) -> std::io::Result<Arc<std::fs::File>> {
+        self.disk.open_blob(&entry.hash).await
+    }
+
+    /// An entry's blob file for `sendfile`, only when it can be had without waiting for the
+    /// disk and is the file its body was verified against ([`Entry`] holds it).
+    pub fn file_now(&self, entry: &Entry) -> Option<Arc<std::fs::File>> {
+        entry.file(&self.disk)
     }
 
     /// After serving `hash` of `len` bytes failed: a blob found gone meanwhile (deleted by
@@ -344,7 +339,7 @@ impl Store {
 
     /// Deletes a blob that cannot be served (corrupt, truncated, vanished) with every index
     /// record and memory entry naming it, so the next request refetches it.
-    pub async fn drop_blob(&self, hash: &blake3::Hash, why: &str) {
+    pub(super) async fn drop_blob(&self, hash: &blake3::Hash, why: &str) {
         tracing::warn!(blob = %hash.to_hex(), why, "dropping blob");
         self.metrics.blobs_dropped.inc();
         let keys = self.budget.drop_blob(hash.as_bytes());
@@ -402,7 +397,7 @@ impl Store {
     }
 
     /// Drops what nobody asked for since `cutoff` (Unix seconds; `cache.retention`).
-    pub async fn drop_idle(&self, cutoff: u64) {
+    pub(super) async fn drop_idle(&self, cutoff: u64) {
         let idle = self.budget.idle_since(cutoff);
         if !idle.is_empty() {
             tracing::info!(blobs = idle.len(), "retention: dropping blobs nobody asked for");
@@ -429,7 +424,7 @@ impl Store {
     /// Deletes blob files the budget does not know (left by a crash between rename and index
     /// commit), and drops blobs whose file is missing or of another size than recorded. Files
     /// written since `started` are left alone: their fill may not have committed yet.
-    pub async fn reconcile(&self, started: SystemTime) {
+    pub(super) async fn reconcile(&self, started: SystemTime) {
         let files = match self.disk.list().await {
             Ok(files) => files,
             Err(e) => {
@@ -457,7 +452,7 @@ impl Store {
     }
 
     /// Largest body kept in memory; larger ones are served from their file.
-    pub fn memory_max_object_bytes(&self) -> u64 {
+    pub(super) fn memory_max_object_bytes(&self) -> u64 {
         self.config.memory_max_object_bytes
     }
 

@@ -4,7 +4,7 @@
 //! thread pool: a worker may start no thread). Runs only inside a media worker.
 //!
 //! Every decoder is opened the same way: the header is read first and the picture refused
-//! above `media.max_pixels` (or [`MAX_DIMENSION`] on a side) before any pixel is decoded, then
+//! above `media.max_pixels` (or `MAX_DIMENSION` on a side) before any pixel is decoded, then
 //! the decoder runs with `image::Limits` as a second line, and EXIF orientation is applied.
 
 use std::io::Cursor;

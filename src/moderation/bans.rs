@@ -63,7 +63,7 @@ impl Moderation {
     pub async fn ban(self: &Arc<Self>, mut ban: Ban) -> Result<BanReport, ProxyError> {
         // Published first: once the bucket has it, the bucket governs it (a node lifting it
         // lifts it everywhere). One that could not be published is published at the next sync.
-        if let (Some(shared), false) = (self.store.shared(), ban.shared) {
+        if let (Some(shared), false) = (&self.shared, ban.shared) {
             match shared.put_ban(&ban.id(), &as_shared(&ban)).await {
                 Ok(()) => ban.shared = true,
                 Err(e) => shared.warn("ban", &e),
@@ -97,7 +97,7 @@ impl Moderation {
     pub async fn lift(&self, id: &str) -> Result<Option<Ban>, ProxyError> {
         // The bucket first: if its tombstone cannot be written, the next sync would put the ban
         // back, so the lift fails as a whole.
-        if let Some(shared) = self.store.shared() {
+        if let Some(shared) = &self.shared {
             let tombstone = shared.lift_ban(id).await;
             tombstone.map_err(|e| ProxyError::internal(format!("shared bucket: {e}")))?;
         }
@@ -184,7 +184,7 @@ impl Moderation {
             report.blobs += renditions.blobs;
             report.bytes += renditions.bytes;
         }
-        if let Some(shared) = self.store.shared() {
+        if let Some(shared) = &self.shared {
             shared.discard_blob(hash).await;
         }
         Ok(report)
@@ -372,7 +372,7 @@ impl Moderation {
     pub async fn sync_bans(this: std::sync::Weak<Moderation>, every: std::time::Duration) {
         loop {
             let Some(proxy) = this.upgrade() else { return };
-            let Some(shared) = proxy.store.shared().cloned() else { return };
+            let Some(shared) = proxy.shared.clone() else { return };
             match shared.bans().await {
                 Ok((remote, lifted)) => {
                     let remote: Vec<Ban> = remote

@@ -256,6 +256,8 @@ fn body_error(e: reqwest::Error) -> ProxyError {
 /// The bucket several nodes share, as a source of fills (what another node fetched) and where
 /// this node's fills go for the others.
 pub struct Bucket {
+    /// The bucket.
+    shared: crate::cache::shared::SharedTier,
     store: Arc<Store>,
     /// A body from the bucket passes the moderation an origin's does.
     moderation: Arc<Moderation>,
@@ -268,19 +270,20 @@ pub struct Bucket {
 
 impl Bucket {
     pub fn new(
+        shared: crate::cache::shared::SharedTier,
         config: &crate::config::Config,
         store: Arc<Store>,
         moderation: Arc<Moderation>,
         metrics: Metrics,
     ) -> Self {
         let max_object_bytes = config.cache.max_object_bytes.0;
-        Self { store, moderation, types: types(config), metrics, max_object_bytes }
+        Self { shared, store, moderation, types: types(config), metrics, max_object_bytes }
     }
 
     /// Asks the shared bucket for `key` and stores what it has on this node. Any failure of
     /// the bucket is a miss here (counted and logged): the origin is asked instead.
     pub async fn load(&self, key: Key, prep: &Prepare) -> Option<Arc<Entry>> {
-        let shared = self.store.shared()?;
+        let shared = &self.shared;
         let outcome = match self.receive(shared, key).await {
             Ok(Some((url, received))) => match self.vet(received, &url, prep).await {
                 Ok(received) => match self.store.insert(key, &url, received).await {
@@ -382,7 +385,7 @@ impl Bucket {
     /// Uploads a fill to the shared bucket in the background, so other nodes need not ask the
     /// origin. Bounded: when too many uploads wait, this one is skipped (and counted).
     pub fn publish(&self, key: Key, url: &str, entry: &Arc<Entry>) {
-        let Some(shared) = self.store.shared().cloned() else { return };
+        let shared = self.shared.clone();
         let Some(ticket) = shared.upload_ticket() else {
             self.metrics.shared_result("publish", "skipped");
             return;

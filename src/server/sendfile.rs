@@ -35,7 +35,7 @@ use tokio::net::TcpStream;
 /// 2 cores, one object at a time (`cargo build --release`, wrk -c64, CPU per request of the
 /// server, medians of 5 alternating rounds): with the file opened for each response, its
 /// open and close cost more than the copy saved up to 64 KiB (44-61 µs against 38-41 there);
-/// held open by the entry ([`crate::cache::Entry::file`]) the file wins from 32 KiB (30
+/// held open by the entry ([`crate::cache::store::Store::file_now`]) the file wins from 32 KiB (30
 /// against 34 µs), at 60 KiB (37 against 40) and at 200 KiB (72 against 86).
 pub const MIN_LEN: u64 = 32 * 1024;
 
