@@ -173,6 +173,31 @@ pub fn media_pool(
     media::worker::MediaPool::new(pool, pool_metrics)
 }
 
+/// The public, admin and (if set) pict-rs listeners, and the addresses and host name the
+/// fetcher must never reach because they are parasol's own.
+async fn listeners(
+    config: &Config,
+) -> Result<(TcpListener, TcpListener, Option<TcpListener>, fetch::OwnEndpoints), StartError> {
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
+    };
+    let public = bind(config.server.listen).await?;
+    let admin = bind(config.server.admin_listen).await?;
+    let pictrs = match config.compat.pictrs_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let own = fetch::OwnEndpoints {
+        host: config.server.public_base_url.host_str().map(String::from),
+        addrs: [Some(&public), Some(&admin), pictrs.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l.local_addr().ok())
+            .collect(),
+    };
+    Ok((public, admin, pictrs, own))
+}
+
 /// One line per outside program the media workers run: where it is, or what is off
 /// without it.
 fn log_tools(config: &Config, media: &media::worker::MediaPool) {
@@ -312,23 +337,7 @@ impl Bound {
             audit::AuditLog::start(rotation, metrics.audit_violations.clone())
                 .await
                 .map_err(|source| StartError::Audit { path: audit_path, source })?;
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
-        };
-        let public = bind(config.server.listen).await?;
-        let admin = bind(config.server.admin_listen).await?;
-        let pictrs = match config.compat.pictrs_listen {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
-        };
-        let own = fetch::OwnEndpoints {
-            host: config.server.public_base_url.host_str().map(String::from),
-            addrs: [Some(&public), Some(&admin), pictrs.as_ref()]
-                .into_iter()
-                .flatten()
-                .filter_map(|l| l.local_addr().ok())
-                .collect(),
-        };
+        let (public, admin, pictrs, own) = listeners(&config).await?;
         let upstreams = api::upstream::Upstreams::new(&config.upstream)
             .await
             .map_err(|e| StartError::Setup(error::ProxyError::internal(e)))?;
