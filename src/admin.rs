@@ -6,6 +6,7 @@
 //! while in-flight requests drain.
 
 mod bans;
+pub mod client;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -69,14 +70,16 @@ impl Reloader {
 /// the admin API.
 pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
     match path.as_str() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if admin.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/metrics" => metrics(&admin.proxy).await,
-        "/admin/prefetch" | "/admin/purge" | "/admin/reload" | "/admin/ban" | "/admin/bans" => {
+        "/admin/prefetch" | "/admin/purge" | "/admin/reload" | "/admin/ban" | "/admin/bans"
+        | "/admin/origins" => {
             let allowed = match path.as_str() {
-                "/admin/bans" => "GET",
+                "/admin/bans" | "/admin/origins" => "GET",
                 "/admin/ban" => "POST, DELETE",
                 _ => "POST",
             };
@@ -94,6 +97,7 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body>
             };
             let body = body.to_bytes();
             match path.as_str() {
+                "/admin/origins" => origins(&admin.proxy, query.as_deref()).await,
                 "/admin/prefetch" => prefetch(&admin.proxy, &body).await,
                 "/admin/purge" => purge(&admin.proxy, &body).await,
                 "/admin/bans" => bans::list(&admin.proxy),
@@ -120,12 +124,45 @@ async fn metrics(proxy: &Proxy) -> Response<Body> {
     m.cache_entries.get_or_create(&disk).set(usage.disk_blobs as i64);
     m.inflight_bytes.set(usage.inflight_bytes as i64);
     m.media_origins_refused.set(proxy.media().pool().origins_refused() as i64);
+    proxy.export_origin_metrics();
     let mut response = text(StatusCode::OK, m.encode());
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     response
+}
+
+/// Most rows `GET /admin/origins` answers when no `limit` is given.
+const ORIGINS_LIMIT: usize = 100;
+
+/// `GET /admin/origins?sort=stored|fetched|served|requests&limit=N`: what each origin costs,
+/// largest first ([`crate::ledger`]).
+async fn origins(proxy: &Proxy, query: Option<&str>) -> Response<Body> {
+    let (mut by, mut limit) = (crate::ledger::SortBy::default(), ORIGINS_LIMIT);
+    for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match &*name {
+            "sort" => match value.parse() {
+                Ok(sort) => by = sort,
+                Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+            },
+            "limit" => match value.parse::<usize>() {
+                Ok(n) if n > 0 => limit = n,
+                _ => return json_error(StatusCode::BAD_REQUEST, "limit must be a positive number"),
+            },
+            other => {
+                let message = format!("unknown parameter {other:?}: use sort and limit");
+                return json_error(StatusCode::BAD_REQUEST, &message);
+            }
+        }
+    }
+    match proxy.origins(by, limit).await {
+        Ok(rows) => json(StatusCode::OK, &serde_json::json!({ "origins": rows })),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the index for the origins' ledger");
+            json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the index")
+        }
+    }
 }
 
 /// Admin writes need `Authorization: Bearer <server.admin_token>`, and are refused outright

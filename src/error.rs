@@ -116,6 +116,17 @@ pub enum ProxyError {
     /// Too many fills or connections at once.
     #[error("overloaded")]
     Overloaded,
+    /// The origin asked parasol to wait (`Retry-After`), or keeps failing: no new fills from
+    /// it until then.
+    #[error("origin backing off")]
+    OriginBackoff,
+    /// Its origin rule's `fetches_per_second` has no turn free before the fill's deadline.
+    #[error("origin paced")]
+    OriginPaced,
+    /// The source URL's signature expired (its normalize rule's `expiry_param` has passed),
+    /// and no fresher URL of the file is known.
+    #[error("source URL expired")]
+    SourceExpired,
     /// The disk is full.
     #[error("cache storage full")]
     StorageFull,
@@ -155,7 +166,9 @@ impl ProxyError {
             | BlockedDomain
             | RedirectRefused
             | RefusedUrl(_) => StatusCode::FORBIDDEN,
-            UnknownVariant | NoRoute | NotFound | NoRendition(_) => StatusCode::NOT_FOUND,
+            UnknownVariant | NoRoute | NotFound | NoRendition(_) | SourceExpired => {
+                StatusCode::NOT_FOUND
+            }
             Banned(_) => StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS,
             UriTooLong => StatusCode::URI_TOO_LONG,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -165,9 +178,8 @@ impl ProxyError {
             OriginStatus(_) | OriginInvalid(_) | OriginUnreachable | InsecureRedirect
             | OriginTls(_) => StatusCode::BAD_GATEWAY,
             OriginTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Overloaded | StorageFull | MediaBusy | ScannerUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Overloaded | StorageFull | MediaBusy | ScannerUnavailable | OriginBackoff
+            | OriginPaced => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -203,6 +215,9 @@ impl ProxyError {
             OriginTls(_) => "origin_tls",
             OriginTimeout => "origin_timeout",
             Overloaded => "overloaded",
+            OriginBackoff => "origin_backoff",
+            OriginPaced => "origin_paced",
+            SourceExpired => "source_expired",
             StorageFull => "storage_full",
             Internal(_) => "internal",
         }
@@ -215,6 +230,10 @@ impl ProxyError {
             BadUrl(_) | BadSignature | UnknownVariant | NoRoute | UriTooLong => Cause::Viewer,
             MethodNotAllowed => Cause::Viewer,
             BlockedDestination(_) | BlockedDomain | RefusedUrl(_) => Cause::Viewer,
+            // The URL the viewer holds has expired: not the origin's failure.
+            SourceExpired => Cause::Viewer,
+            // Parasol's own restraint toward the origin: tried again once it is over.
+            OriginBackoff | OriginPaced => Cause::Us,
             NotFound | TooLarge | UnsupportedType | BadImage(_) | NoRendition(_)
             | OriginStatus(_) | OriginInvalid(_) | RedirectRefused | InsecureRedirect => {
                 Cause::Origin
@@ -256,6 +275,8 @@ impl ProxyError {
             Overloaded | StorageFull | MediaBusy | ScannerUnavailable => {
                 "overloaded, try again later"
             }
+            OriginBackoff | OriginPaced => "origin asked to wait, try again later",
+            SourceExpired => "source URL expired",
             Internal(_) => "internal error",
         }
     }

@@ -2,6 +2,7 @@
 //! every destination before connecting, follows redirects itself (so each hop is checked and
 //! audited), and maps failures onto [`ProxyError`].
 
+pub mod backoff;
 pub mod dns;
 pub mod guard;
 pub mod limit;
@@ -40,6 +41,10 @@ pub struct Fetcher {
     /// The resolver, also asked before a request to a port outside `fetch.ports`.
     lookup: Arc<dyn Lookup>,
     audit: AuditLog,
+    /// What each origin costs: every line of the audit log counts there too.
+    ledger: Arc<crate::ledger::Ledger>,
+    /// Hosts left alone for a while, as they asked or by their failures.
+    backoff: backoff::Backoff,
 }
 
 /// parasol's own addresses, refused as destinations so a URL cannot make it fetch from itself.
@@ -115,7 +120,31 @@ impl Fetcher {
             max_redirects: config.max_redirects,
             headers,
             audit,
+            ledger: Arc::default(),
+            backoff: backoff::Backoff::default(),
         })
+    }
+
+    /// Counting every request it sends into `ledger`.
+    pub fn with_ledger(mut self, ledger: Arc<crate::ledger::Ledger>) -> Self {
+        self.ledger = ledger;
+        self
+    }
+
+    /// Leaving hosts alone as `backoff` says (it counts the pauses it begins).
+    pub fn with_backoff(mut self, backoff: backoff::Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Ok unless `host` is being left alone now ([`ProxyError::OriginBackoff`]).
+    pub fn check_backoff(&self, host: &str) -> Result<(), ProxyError> {
+        self.backoff.check(host)
+    }
+
+    /// Hosts being left alone now.
+    pub fn backing_off(&self) -> usize {
+        self.backoff.active()
     }
 
     /// Checks that `url` may be fetched at all: scheme, credentials, IP literals, local names
@@ -210,14 +239,17 @@ impl Fetcher {
                 return Err(ProxyError::InsecureRedirect);
             }
             self.check_port(&url).await.map_err(by_origin)?;
-            permit.move_to(url.host_str().unwrap_or_default()).await?;
+            let host = url.host_str().unwrap_or_default();
+            self.backoff.check(host)?;
+            permit.move_to(host, self.policy().rule(host).map(|r| &**r)).await?;
             let request = self
                 .client
                 .get(url.clone())
                 .headers(self.headers.clone())
                 .build()
                 .map_err(|_| by_origin(ProxyError::BadUrl("source URL cannot be requested")))?;
-            let mut pending = PendingRecord::new(self.draft(&url, &request, trigger), &self.audit);
+            let draft = self.draft(&url, &request, trigger);
+            let mut pending = PendingRecord::new(draft, &self.audit, &self.ledger);
             let sent =
                 tokio::time::timeout(self.header_timeout, self.client.execute(request)).await;
             let outcome = match sent {
@@ -241,14 +273,21 @@ impl Fetcher {
                 }
                 Err(_) => Err(ProxyError::OriginTimeout), // no response headers in time
             };
+            let host = url.host_str().unwrap_or_default();
             let response = match outcome {
                 Ok(r) => r,
                 Err(err) => {
+                    // No answer is a failure; a certificate refused is parasol's verdict, the
+                    // same each time, and remembered per URL like other refusals.
+                    if matches!(err, ProxyError::OriginUnreachable | ProxyError::OriginTimeout) {
+                        self.backoff.observe(host, backoff::Answer::Failed);
+                    }
                     pending.finish(None, 0, err.code()).await;
                     return Err(err);
                 }
             };
             let status = response.status();
+            self.backoff.observe(host, answer_of(&response));
             if let Some(record) = pending.record.as_mut() {
                 record.addr = response.remote_addr().map(|a| a.to_string());
                 record.status = Some(status.as_u16());
@@ -307,6 +346,20 @@ impl Fetcher {
     }
 }
 
+/// What an origin's response means for backing off from its host.
+fn answer_of(response: &reqwest::Response) -> backoff::Answer {
+    let status = response.status().as_u16();
+    let asked = || {
+        let value = response.headers().get(header::RETRY_AFTER)?.to_str().ok()?;
+        backoff::retry_after(value, std::time::SystemTime::now())
+    };
+    match status {
+        429 | 503 => asked().map_or(backoff::Answer::Failed, backoff::Answer::RetryAfter),
+        500.. => backoff::Answer::Failed,
+        _ => backoff::Answer::Fine,
+    }
+}
+
 /// `url` as the audit log shows it: the secret parts of a signed bucket request (an
 /// `[[upstream]]` with credentials) replaced, so the log never holds a usable signature.
 fn redact_signature(url: &Url) -> String {
@@ -334,19 +387,24 @@ pub struct PendingRecord {
     record: Option<Record>,
     started: Instant,
     audit: AuditLog,
+    ledger: Arc<crate::ledger::Ledger>,
 }
 
 impl PendingRecord {
-    fn new(record: Record, audit: &AuditLog) -> Self {
-        Self { record: Some(record), started: Instant::now(), audit: audit.clone() }
+    fn new(record: Record, audit: &AuditLog, ledger: &Arc<crate::ledger::Ledger>) -> Self {
+        let (audit, ledger) = (audit.clone(), ledger.clone());
+        Self { record: Some(record), started: Instant::now(), audit, ledger }
     }
 
+    /// The record as it will be written, counted in the ledger as it is.
     fn complete(&mut self, status: Option<u16>, bytes: u64, outcome: &str) -> Option<Record> {
         let mut record = self.record.take()?;
         record.status = record.status.or(status);
         record.bytes = bytes;
         record.ms = self.started.elapsed().as_millis() as u64;
         record.outcome = outcome.to_string();
+        let failed = !matches!(outcome, "ok" | "redirect");
+        self.ledger.fetched(&record.host, bytes, failed, crate::cache::evict::now_secs());
         Some(record)
     }
 

@@ -52,6 +52,7 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod fetch;
+pub mod ledger;
 pub mod media;
 pub mod moderation;
 pub mod policy;
@@ -348,8 +349,11 @@ impl Bound {
                 StartError::Setup(error::ProxyError::internal(format!("name resolution: {e}")))
             })?),
         };
+        let ledger = Arc::new(ledger::Ledger::default());
         let fetcher = fetch::Fetcher::new(&config.fetch, policy, lookup, audit.clone(), own)
-            .map_err(StartError::Setup)?;
+            .map_err(StartError::Setup)?
+            .with_ledger(ledger.clone())
+            .with_backoff(fetch::backoff::Backoff::new(metrics.origin_backoffs.clone()));
         let started = std::time::SystemTime::now();
         let shared = cache::shared::SharedTier::from_config(&config.shared)
             .map_err(|e| StartError::Setup(error::ProxyError::internal(e)))?;
@@ -366,8 +370,10 @@ impl Bound {
             proxy::Proxy::new(config, fetcher, store, moderation, metrics, media)
                 .with_upstreams(upstreams)
                 .with_bucket(shared)
+                .with_ledger(ledger)
                 .with_closed(closed),
         );
+        proxy.load_ledger().await;
         let usage = proxy.usage().await;
         let (blobs, bytes) = (usage.disk_blobs, usage.disk_bytes);
         tracing::info!(entries, blobs, bytes, "disk cache loaded");
@@ -465,6 +471,7 @@ impl Bound {
             admin_rx,
             admin_limits,
         ));
+        let ledger_saver = tokio::spawn(save_ledger_every(Arc::downgrade(&proxy), LEDGER_EVERY));
         tracing::info!("parasol is serving");
         shutdown.await;
         // One deadline for all of the shutdown, whatever is still running.
@@ -479,6 +486,10 @@ impl Bound {
         let _ = stop_admin.send(true);
         let _ = admin_loop.await;
         drop(admin_state);
+        ledger_saver.abort();
+        if let Err(e) = proxy.save_ledger().await {
+            tracing::warn!(error = %e, "cannot keep the origin ledger");
+        }
         // Fill tasks finishing after their viewers were answered still hold the proxy (and
         // with it the index): wait for the last of them to let go, within the grace period,
         // so that the stores are closed when this returns and the same cache can be opened
@@ -489,6 +500,20 @@ impl Bound {
         // grace period, and past it the process ends without them.
         let _ = tokio::time::timeout_at(deadline, audit_task).await;
         tracing::info!("stopped");
+    }
+}
+
+/// How often the origins' ledger is written to the index (and once more at shutdown).
+const LEDGER_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Keeps the origins' ledger in the index every `every`, while the proxy lives.
+async fn save_ledger_every(proxy: std::sync::Weak<proxy::Proxy>, every: std::time::Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(proxy) = proxy.upgrade() else { return };
+        if let Err(e) = proxy.save_ledger().await {
+            tracing::warn!(error = %e, "cannot keep the origin ledger");
+        }
     }
 }
 

@@ -88,6 +88,22 @@ enum Command {
         #[arg(last = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// What each origin costs, from a running parasol's admin API (`GET /admin/origins`):
+    /// stored, fetched and served bytes, requests, hits, errors, last fetch.
+    Usage {
+        /// Order by: stored, fetched, served or requests (largest first).
+        #[arg(long, default_value = "stored")]
+        sort: String,
+        /// Print at most this many origins.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print the admin API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The running server's config (its admin listener and token).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Summarise the outbound audit log: per origin host, requests, bytes, headers sent.
     /// Exits 1 if any request carried a header outside the outbound allowlist.
     Audit {
@@ -182,6 +198,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(if report.is_sandboxed() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Usage { sort, limit, json, config } => {
+            let config = load(config.as_deref())?;
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let query = format!("/admin/origins?sort={sort}&limit={limit}");
+            let answer = runtime
+                .block_on(parasol::admin::client::get_json(&config, &query))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                let rows: Vec<parasol::ledger::Row> =
+                    serde_json::from_value(answer["origins"].clone())?;
+                print!("{}", parasol::admin::client::origins_table(&rows));
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => {
             let config = load(config.as_deref())?;

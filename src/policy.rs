@@ -4,7 +4,12 @@
 //! `threads.net.` but never `notthreads.net`. The check runs on the source URL and again on every
 //! redirect hop, before any DNS lookup or connection.
 
-use crate::config::PolicyConfig;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::{PolicyConfig, StoreMode};
 use crate::error::ProxyError;
 
 /// The compiled `[policy]` section.
@@ -14,13 +19,100 @@ pub struct Policy {
     blocked: Vec<String>,
     /// Normalised allowed suffixes; empty means "any domain not blocked".
     allowed: Vec<String>,
+    /// `[[policy.origin]]`, in order: the first that covers a host applies.
+    origins: Vec<Arc<OriginRule>>,
+}
+
+/// A compiled `[[policy.origin]]` rule.
+#[derive(Debug)]
+pub struct OriginRule {
+    /// Normalised domains it covers.
+    pub domains: Vec<String>,
+    /// Kept in the cache, or streamed and never kept.
+    pub store: StoreMode,
+    /// Not evicted younger than this (within `cache.pinned_share`).
+    pub keep_at_least: Option<Duration>,
+    /// Its `cache.max_object_bytes`.
+    pub max_object_bytes: Option<u64>,
+    /// Its `fetch.max_per_origin`.
+    pub max_concurrent: Option<usize>,
+    /// Its fetches' turns, when `fetches_per_second` is set (all its hosts share them).
+    pub pace: Option<Pace>,
+}
+
+/// Turns for fetches, `per_second` at most, evenly spaced (no burst): a fetch waits for the
+/// next free turn, or is refused at once when that turn comes after its deadline.
+#[derive(Debug)]
+pub struct Pace {
+    interval: Duration,
+    /// When the next turn is free.
+    next: Mutex<Instant>,
+}
+
+impl Pace {
+    /// Turns `per_second` apart.
+    pub fn new(per_second: f64) -> Self {
+        Self {
+            interval: Duration::from_secs_f64(1.0 / per_second),
+            next: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Waits for this fetch's turn; [`ProxyError::OriginPaced`] at once (no turn taken) when
+    /// it would come after `deadline`.
+    pub async fn turn(&self, deadline: Instant) -> Result<(), ProxyError> {
+        let at = {
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let at = (*next).max(Instant::now());
+            if at > deadline {
+                return Err(ProxyError::OriginPaced);
+            }
+            *next = at + self.interval;
+            at
+        };
+        tokio::time::sleep_until(at).await;
+        Ok(())
+    }
 }
 
 impl Policy {
     /// The policy `config` describes.
     pub fn new(config: &PolicyConfig) -> Self {
         let norm = |list: &[String]| list.iter().filter_map(|d| normalize_domain(d)).collect();
-        Self { blocked: norm(&config.blocked_domains), allowed: norm(&config.allowed_domains) }
+        let origins = config
+            .origin
+            .iter()
+            .map(|rule| {
+                Arc::new(OriginRule {
+                    domains: norm(&rule.domains),
+                    store: rule.store,
+                    keep_at_least: rule.keep_at_least.map(|d| d.0),
+                    max_object_bytes: rule.max_object_bytes.map(|s| s.0),
+                    max_concurrent: rule.max_concurrent.map(|n| n as usize),
+                    pace: rule.fetches_per_second.map(Pace::new),
+                })
+            })
+            .collect();
+        Self {
+            blocked: norm(&config.blocked_domains),
+            allowed: norm(&config.allowed_domains),
+            origins,
+        }
+    }
+
+    /// The `[[policy.origin]]` rule for `host`: the first whose domains cover it.
+    pub fn rule(&self, host: &str) -> Option<&Arc<OriginRule>> {
+        self.origins.iter().find(|r| r.domains.iter().any(|d| covers(d, host)))
+    }
+
+    /// Whether any `[[policy.origin]]` rule is configured.
+    pub fn has_rules(&self) -> bool {
+        !self.origins.is_empty()
+    }
+
+    /// The domains named by rules, in order (the ledger's metric labels).
+    pub fn rule_domains(&self) -> impl Iterator<Item = &str> {
+        self.origins.iter().flat_map(|r| r.domains.iter().map(String::as_str))
     }
 
     /// Ok when `host` (a domain or an IP literal as the URL spells it) may be fetched.
@@ -255,6 +347,60 @@ mod tests {
         assert_ne!(site_of("bucket-1.r2.dev"), site_of("bucket-2.r2.dev"));
         assert_eq!(site_of("a.files.attacker.test"), site_of("b.attacker.test"));
         assert_eq!(site_of("192.0.2.7"), "192.0.2.7");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn paced_turns_are_spaced_and_a_turn_past_the_deadline_is_refused_at_once() {
+        let pace = Pace::new(4.0);
+        let start = Instant::now();
+        let far = start + Duration::from_secs(60);
+        for i in 0..5u32 {
+            pace.turn(far).await.unwrap();
+            assert_eq!(Instant::now() - start, Duration::from_millis(250) * i);
+        }
+        // The next turn is 250 ms away: a fill due back sooner is refused without waiting,
+        // and takes no turn from the next.
+        let soon = Instant::now() + Duration::from_millis(100);
+        assert!(matches!(pace.turn(soon).await, Err(ProxyError::OriginPaced)));
+        assert_eq!(Instant::now() - start, Duration::from_millis(1000));
+        pace.turn(far).await.unwrap();
+        assert_eq!(Instant::now() - start, Duration::from_millis(1250));
+    }
+
+    #[test]
+    fn the_first_origin_rule_that_covers_a_host_applies() {
+        let text = r#"
+            [[policy.origin]]
+            domains = ["cdn.example.test"]
+            max_concurrent = 1
+            [[policy.origin]]
+            domains = ["example.test", "other.test"]
+            store = "stream"
+            keep_at_least = "7d"
+        "#;
+        let config = crate::Config::from_sources("t", text, std::iter::empty()).unwrap();
+        let p = Policy::new(&config.policy);
+        assert_eq!(p.rule("a.cdn.example.test").unwrap().max_concurrent, Some(1));
+        let second = p.rule("www.example.test").unwrap();
+        assert_eq!(second.store, StoreMode::Stream);
+        assert_eq!(second.keep_at_least, Some(Duration::from_secs(7 * 86_400)));
+        assert!(p.rule("Other.Test.").is_some());
+        assert!(p.rule("notexample.test").is_none());
+        let key = |text: &str| match crate::Config::from_sources("t", text, std::iter::empty()) {
+            Err(crate::config::ConfigError::Key { key, message }) => format!("{key}: {message}"),
+            other => panic!("{text}: {other:?}"),
+        };
+        for (bad, says) in [
+            ("domains = []", "domains"),
+            ("domains = [\"https://x.test\"]", "not a domain"),
+            ("domains = [\"x.test\"]\nfetches_per_second = 0", "fetches_per_second"),
+            ("domains = [\"x.test\"]\nmax_concurrent = 0", "max_concurrent"),
+            ("domains = [\"x.test\"]\nstore = \"disk\"", "store"),
+            ("domains = [\"x.test\"]\nkeep_at_least = \"0s\"", "keep_at_least"),
+        ] {
+            let message = key(&format!("[[policy.origin]]\n{bad}\n"));
+            assert!(message.contains("policy.origin") && message.contains(says), "{message}");
+        }
     }
 
     #[test]

@@ -26,6 +26,13 @@ use crate::telemetry::{CacheStatus, Metrics};
 
 use crate::cache::coalesce::{Coalescer, FillResult, Joined};
 
+/// How far ahead of parasol's clock an origin's may run: a 403 for a URL expiring within
+/// this is taken for the expiry, not a refusal.
+const EXPIRY_SKEW_SECS: u64 = 300;
+
+/// The name the ledger is kept under in the index's state table.
+const LEDGER_STATE: &str = "ledger";
+
 /// What a lookup found: a stored entry, or a fill to read as it arrives.
 pub enum Found {
     /// Stored: the entry, and where it was found.
@@ -74,6 +81,8 @@ pub struct Proxy {
     /// Fills in progress: one per key ([`crate::cache::coalesce`]).
     fills: Arc<Coalescer>,
     metrics: Metrics,
+    /// What each origin costs ([`crate::ledger`]); the fetcher counts its requests there.
+    ledger: Arc<crate::ledger::Ledger>,
     /// Dropped with the proxy, when the last task holding it (a fill finishing after its
     /// viewers were answered) lets go: shutdown waits on its receiver (mini-redis's
     /// `shutdown_complete`), then knows the stores are closed.
@@ -119,6 +128,7 @@ impl Proxy {
             fills,
             metrics,
             config,
+            ledger: Arc::default(),
             closed: None,
             store,
         }
@@ -139,6 +149,90 @@ impl Proxy {
             sources::Bucket::new(shared, &self.config, store, moderation, self.metrics.clone())
         });
         self
+    }
+
+    /// Counting viewers' requests into `ledger` (the one its fetcher counts into).
+    pub fn with_ledger(mut self, ledger: Arc<crate::ledger::Ledger>) -> Self {
+        self.ledger = ledger;
+        self
+    }
+
+    /// What each origin costs.
+    pub fn ledger(&self) -> &Arc<crate::ledger::Ledger> {
+        &self.ledger
+    }
+
+    /// The ledger's rows with what is stored of each origin now (read from the index), ordered
+    /// by `by`, at most `limit`.
+    pub async fn origins(
+        &self,
+        by: crate::ledger::SortBy,
+        limit: usize,
+    ) -> Result<Vec<crate::ledger::Row>, ProxyError> {
+        let mut rows: std::collections::HashMap<String, crate::ledger::Row> =
+            self.ledger.rows().into_iter().map(|r| (r.domain.clone(), r)).collect();
+        for (_, record) in self.store.records().await? {
+            let Some(host) = record.hosts().0 else { continue };
+            let domain = crate::policy::origin_of(&host);
+            let row = rows
+                .entry(domain.clone())
+                .or_insert_with(|| crate::ledger::Row { domain, ..Default::default() });
+            row.stored_objects += 1;
+            row.stored_bytes += record.len;
+        }
+        Ok(crate::ledger::sorted(rows.into_values().collect(), by, limit))
+    }
+
+    /// Keeps the ledger's counters in the index, so they survive a restart.
+    pub async fn save_ledger(&self) -> Result<(), ProxyError> {
+        self.store.put_state(LEDGER_STATE, self.ledger.to_json()).await
+    }
+
+    /// Adds the counters an earlier run kept; ones that cannot be read are reported and left.
+    pub async fn load_ledger(&self) {
+        match self.store.state(LEDGER_STATE).await {
+            Ok(Some(bytes)) => match self.ledger.load_json(&bytes) {
+                Ok(origins) => tracing::info!(origins, "origin ledger loaded"),
+                Err(e) => tracing::warn!(error = %e, "origin ledger unreadable, starting afresh"),
+            },
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the origin ledger"),
+        }
+    }
+
+    /// Brings the per-origin metrics up to the ledger: a series per domain a
+    /// `[[policy.origin]]` rule names, `other` for the rest (bounded cardinality).
+    pub fn export_origin_metrics(&self) {
+        let policy = self.origin.fetcher.policy();
+        let named: Vec<&str> = policy.rule_domains().collect();
+        let mut totals: std::collections::HashMap<&str, (u64, u64, u64)> = Default::default();
+        let rows = self.ledger.rows();
+        for row in &rows {
+            let label = named
+                .iter()
+                .find(|d| {
+                    crate::policy::covers(d, &row.domain) || crate::policy::covers(&row.domain, d)
+                })
+                .copied()
+                .unwrap_or("other");
+            let t = totals.entry(label).or_default();
+            t.0 += row.requests;
+            t.1 += row.fetched_bytes;
+            t.2 += row.served_bytes;
+        }
+        let m = &self.metrics;
+        for (domain, (requests, fetched, served)) in totals {
+            let labels = crate::telemetry::DomainLabels { domain: domain.to_string() };
+            for (family, total) in [
+                (&m.origin_requests, requests),
+                (&m.origin_fetched_bytes, fetched),
+                (&m.origin_served_bytes, served),
+            ] {
+                let counter = family.get_or_create(&labels);
+                counter.inc_by(total.saturating_sub(counter.get()));
+            }
+        }
+        m.origins_backing_off.set(self.origin.fetcher.backing_off() as i64);
     }
 
     /// With `[[upstream]]` prefixes served from fixed origins.
@@ -474,8 +568,21 @@ impl Proxy {
         req: &ProxyRequest,
         trigger: Trigger,
     ) -> Result<Arc<Entry>, ProxyError> {
+        // An expired URL is not fetched (it cannot succeed, and would tell the origin someone
+        // still looks); its origin is not counted as failing for it.
+        let expiry = self.normalizer.expiry(&req.source);
+        let now = crate::cache::evict::now_secs();
+        if expiry.is_some_and(|at| at < now) {
+            return Err(ProxyError::SourceExpired);
+        }
         let result = match self.origin.fetch(key, req, trigger).await {
             Ok(received) => self.moderate_and_store(key, req, received).await,
+            // A 403 for a URL that expires about now (the origin's clock may run ahead).
+            Err(ProxyError::OriginStatus(403))
+                if expiry.is_some_and(|at| at <= now + EXPIRY_SKEW_SECS) =>
+            {
+                Err(ProxyError::SourceExpired)
+            }
             Err(e) => Err(e),
         };
         if let Err(ProxyError::StorageFull) = result {

@@ -183,7 +183,7 @@ pub fn serve_growing(
     growing: std::sync::Arc<crate::cache::growing::Growing>,
     method: &Method,
     headers: &HeaderMap,
-    served: &prometheus_client::metrics::counter::Counter,
+    served: impl Fn(u64) + Send + 'static,
 ) -> Response<Body> {
     let (total, content_type) = (growing.len, HeaderValue::from_static(growing.content_type));
     let range = match (headers.get(header::RANGE).and_then(|v| v.to_str().ok()), total) {
@@ -213,9 +213,8 @@ pub fn serve_growing(
     let body = match method == Method::HEAD {
         true => empty(),
         false => {
-            let served = served.clone();
             let counted = growing.stream(start, end).inspect_ok(move |frame| {
-                served.inc_by(frame.data_ref().map_or(0, |d| d.len() as u64));
+                served(frame.data_ref().map_or(0, |d| d.len() as u64));
             });
             StreamBody::new(counted).boxed_unsync()
         }

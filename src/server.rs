@@ -445,7 +445,26 @@ async fn serve_akkoma_preview<B>(
     Ok((response, cache, sent))
 }
 
+/// Serves `request` and counts it in its origin's line of the ledger.
 async fn serve_request<B>(proxy: &Arc<Proxy>, request: &ProxyRequest, req: &Request<B>) -> Routed {
+    let origin = proxy.ledger().of_host(request.source.host_str().unwrap_or_default());
+    let routed = find_and_serve(proxy, request, req, &origin).await;
+    let hit = routed.as_ref().is_ok_and(|(_, cache, _)| {
+        matches!(cache, CacheStatus::HitMemory | CacheStatus::HitDisk | CacheStatus::HitShared)
+    });
+    origin.viewed(hit);
+    if let Ok((_, _, sent)) = &routed {
+        origin.served(*sent);
+    }
+    routed
+}
+
+async fn find_and_serve<B>(
+    proxy: &Arc<Proxy>,
+    request: &ProxyRequest,
+    req: &Request<B>,
+    origin: &Arc<crate::ledger::Counters>,
+) -> Routed {
     let (entry, cache) = match &request.variant {
         Some(name) => proxy.get_variant(request, name, Trigger::View).await?,
         None => match proxy.get_streaming(request, Trigger::View).await? {
@@ -462,9 +481,12 @@ async fn serve_request<B>(proxy: &Arc<Proxy>, request: &ProxyRequest, req: &Requ
             // Still arriving: read as it does.
             crate::proxy::Found::Growing(growing, cache) => {
                 // Its bytes are counted as they go.
-                let served = &proxy.metrics().bytes_served;
-                let response =
-                    response::serve_growing(growing, req.method(), req.headers(), served);
+                let (served, origin) = (proxy.metrics().bytes_served.clone(), origin.clone());
+                let count = move |n| {
+                    served.inc_by(n);
+                    origin.served(n);
+                };
+                let response = response::serve_growing(growing, req.method(), req.headers(), count);
                 return Ok((response, cache, 0));
             }
         },

@@ -96,6 +96,20 @@ pub struct TierLabels {
     pub tier: &'static str,
 }
 
+/// `parasol_origin_backoffs_total{reason}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `retry_after` (the origin asked) or `failures` (it kept failing).
+    pub reason: &'static str,
+}
+
+/// The per-origin series: a domain named by a `[[policy.origin]]` rule, or `other`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DomainLabels {
+    /// The rule's domain, or `other` for every origin no rule names.
+    pub domain: String,
+}
+
 /// All metrics, registered once at start. A clone shares them (each handle is one).
 #[derive(Clone)]
 pub struct Metrics {
@@ -138,6 +152,16 @@ pub struct Metrics {
     pub blobs_dropped: Counter,
     /// `parasol_shared_tier_total`.
     pub shared: Family<SharedLabels, Counter>,
+    /// `parasol_origin_backoffs_total`.
+    pub origin_backoffs: Family<ReasonLabels, Counter>,
+    /// `parasol_origins_backing_off`, set when scraped.
+    pub origins_backing_off: Gauge,
+    /// `parasol_origin_requests_total{domain}`, brought up to the ledger when scraped.
+    pub origin_requests: Family<DomainLabels, Counter>,
+    /// `parasol_origin_fetched_bytes_total{domain}`, likewise.
+    pub origin_fetched_bytes: Family<DomainLabels, Counter>,
+    /// `parasol_origin_served_bytes_total{domain}`, likewise.
+    pub origin_served_bytes: Family<DomainLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -201,6 +225,17 @@ const HELP: &[(&str, &str)] = &[
         "Blobs deleted because their bytes no longer matched their hash or size (refetched on demand)",
     ),
     ("shared_tier", "Calls to the shared bucket ([shared]) by operation and outcome"),
+    (
+        "origin_backoffs",
+        "Pauses begun toward an origin host: retry_after (a 429 or 503 asked) or failures",
+    ),
+    ("origins_backing_off", "Origin hosts parasol leaves alone now (no new fills)"),
+    (
+        "origin_requests",
+        "Viewer requests by origin: each domain a [[policy.origin]] rule names, other for the rest",
+    ),
+    ("origin_fetched_bytes", "Body bytes fetched by origin (as origin_requests)"),
+    ("origin_served_bytes", "Body bytes served to viewers by origin (as origin_requests)"),
 ];
 
 /// Registers `metric` as `name` with its help from [`HELP`], and hands it back.
@@ -251,6 +286,15 @@ impl Metrics {
             inflight_bytes: register(&mut registry, "inflight_bytes", Gauge::default()),
             blobs_dropped: register(&mut registry, "blobs_dropped", Counter::default()),
             shared: register(&mut registry, "shared_tier", Family::default()),
+            origin_backoffs: register(&mut registry, "origin_backoffs", Family::default()),
+            origins_backing_off: register(&mut registry, "origins_backing_off", Gauge::default()),
+            origin_requests: register(&mut registry, "origin_requests", Family::default()),
+            origin_fetched_bytes: register(
+                &mut registry,
+                "origin_fetched_bytes",
+                Family::default(),
+            ),
+            origin_served_bytes: register(&mut registry, "origin_served_bytes", Family::default()),
             registry: std::sync::Arc::new(registry),
         }
     }

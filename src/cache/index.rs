@@ -25,6 +25,9 @@ const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
 /// Moderation bans by id (`kind:value`), as JSON: kept with the index so they survive restarts.
 const BANS: TableDefinition<&str, &[u8]> = TableDefinition::new("bans");
 
+/// State other rooms keep across restarts by name (the origins' ledger), as they wrote it.
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
+
 /// What the index remembers of one cached rendition.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Record {
@@ -287,6 +290,7 @@ impl Index {
         let txn = db.begin_write().map_err(err)?;
         txn.open_table(ENTRIES).map_err(err)?;
         txn.open_table(BANS).map_err(err)?;
+        txn.open_table(STATE).map_err(err)?;
         txn.commit().map_err(err)?;
         let db = Arc::new(db);
         let queue = Arc::new(Queue { state: Default::default(), wake: Default::default() });
@@ -335,6 +339,30 @@ impl Index {
                 .insert(id.as_str(), value.as_slice())
                 .map_err(err)?;
             txn.commit().map_err(err)
+        })
+        .await
+        .map_err(err)?
+    }
+
+    /// Keeps `value` under `name` in the state table, durably.
+    pub async fn put_state(&self, name: &'static str, value: Vec<u8>) -> Result<(), IndexError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_write().map_err(err)?;
+            txn.open_table(STATE).map_err(err)?.insert(name, value.as_slice()).map_err(err)?;
+            txn.commit().map_err(err)
+        })
+        .await
+        .map_err(err)?
+    }
+
+    /// What is kept under `name` in the state table.
+    pub async fn state(&self, name: &'static str) -> Result<Option<Vec<u8>>, IndexError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(err)?;
+            let table = txn.open_table(STATE).map_err(err)?;
+            Ok(table.get(name).map_err(err)?.map(|v| v.value().to_vec()))
         })
         .await
         .map_err(err)?

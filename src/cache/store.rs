@@ -466,6 +466,16 @@ impl Store {
         self.index.remove_ban(id).await.map_err(ProxyError::internal)
     }
 
+    /// Keeps another room's state under `name` across restarts (the origins' ledger).
+    pub async fn put_state(&self, name: &'static str, value: Vec<u8>) -> Result<(), ProxyError> {
+        self.index.put_state(name, value).await.map_err(ProxyError::internal)
+    }
+
+    /// The state kept under `name`, if any.
+    pub async fn state(&self, name: &'static str) -> Result<Option<Vec<u8>>, ProxyError> {
+        self.index.state(name).await.map_err(ProxyError::internal)
+    }
+
     /// Every ban kept, as moderation wrote them.
     pub async fn bans(&self) -> Result<Vec<Vec<u8>>, ProxyError> {
         self.index.bans().await.map_err(ProxyError::internal)

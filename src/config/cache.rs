@@ -31,6 +31,23 @@ pub struct CacheConfig {
     /// ones are re-hashed on every load, so a torn one is refetched, never served). Off trades
     /// crash safety for fill speed: after a power cut a large blob may hold wrong bytes.
     pub fsync: bool,
+    /// Share of `disk_bytes` that files pinned by a `[[policy.origin]]` rule's `keep_at_least`
+    /// may hold; pinned files beyond it are evicted as usual, oldest first.
+    pub pinned_share: f64,
+    /// What becomes of a file over `max_object_bytes` (or its origin rule's): `refuse` (413,
+    /// the default) or `stream` (streamed to its viewers, never kept).
+    pub oversize: Oversize,
+}
+
+/// What becomes of a file over its size limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Oversize {
+    /// 413 `too_large`.
+    #[default]
+    Refuse,
+    /// Streamed to its viewers as it arrives and never kept.
+    Stream,
 }
 
 impl Default for CacheConfig {
@@ -44,6 +61,8 @@ impl Default for CacheConfig {
             retention: Dur(Duration::from_secs(30 * 86_400)),
             negative_ttl: Dur(Duration::from_secs(30)),
             fsync: true,
+            pinned_share: 0.5,
+            oversize: Oversize::Refuse,
         }
     }
 }
@@ -177,6 +196,9 @@ impl CacheConfig {
     pub(super) fn check(&self) -> Result<(), ConfigError> {
         if self.memory_bytes.0 == 0 || self.max_object_bytes.0 == 0 {
             return bad("cache", "memory_bytes and max_object_bytes must be above zero");
+        }
+        if !(0.0..=1.0).contains(&self.pinned_share) {
+            return bad("cache.pinned_share", "must be between 0 and 1");
         }
         Ok(())
     }

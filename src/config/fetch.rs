@@ -76,12 +76,56 @@ pub struct PolicyConfig {
     /// `[[policy.normalize]]`: URLs that differ only in what a rule ignores share one cache
     /// entry (and one fetch). The default holds Meta's CDNs; a configured list replaces it.
     pub normalize: Vec<NormalizeConfig>,
+    /// `[[policy.origin]]`: rules per origin (how its files are kept, how politely it is
+    /// asked); the first rule whose domains cover a host applies to it.
+    pub origin: Vec<OriginRuleConfig>,
 }
 
 impl Default for PolicyConfig {
     fn default() -> Self {
-        Self { blocked_domains: Vec::new(), allowed_domains: Vec::new(), normalize: meta_cdns() }
+        Self {
+            blocked_domains: Vec::new(),
+            allowed_domains: Vec::new(),
+            normalize: meta_cdns(),
+            origin: Vec::new(),
+        }
     }
+}
+
+/// How an origin's files are kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreMode {
+    /// Stored in the cache like any other (the default).
+    #[default]
+    Cache,
+    /// Served to its viewers as it arrives (one fetch for all who ask at once) and never
+    /// kept: nothing of it is written to the cache's disk or kept in memory.
+    Stream,
+}
+
+/// One `[[policy.origin]]` rule: what parasol does differently for the hosts under `domains`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginRuleConfig {
+    /// Domains the rule covers, matched on whole labels as `blocked_domains` are.
+    pub domains: Vec<String>,
+    /// `cache` (default) or `stream` (served as it arrives, never kept).
+    #[serde(default)]
+    pub store: StoreMode,
+    /// Its files are not evicted younger than this, within `cache.pinned_share` of the disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_at_least: Option<Dur>,
+    /// Overrides `cache.max_object_bytes` for these origins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_object_bytes: Option<Size>,
+    /// Fetches started per second at most, all its hosts together (politeness): more wait
+    /// their turn within `fetch.timeout`, and are answered 503 when that would not do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetches_per_second: Option<f64>,
+    /// Overrides `fetch.max_per_origin` for its hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
 }
 
 /// One cache-key rule: for hosts under `host_suffix`, the query parameters named in
@@ -152,6 +196,36 @@ impl PolicyConfig {
             if let Some(d) = list.iter().find(|d| normalize_domain(d).is_none()) {
                 return bad(key, format!("{d:?} is not a domain name"));
             }
+        }
+        for (i, rule) in self.origin.iter().enumerate() {
+            rule.check().or_else(|message| bad(&format!("policy.origin[{i}]"), message))?;
+        }
+        Ok(())
+    }
+}
+
+impl OriginRuleConfig {
+    /// What is wrong with the rule, said as `policy.origin[i]`'s complaint.
+    fn check(&self) -> Result<(), String> {
+        if self.domains.is_empty() {
+            return Err("domains: name at least one domain".into());
+        }
+        if let Some(d) = self.domains.iter().find(|d| normalize_domain(d).is_none()) {
+            return Err(format!("domains: {d:?} is not a domain name"));
+        }
+        if let Some(rate) = self.fetches_per_second {
+            if !(rate.is_finite() && rate > 0.0 && rate <= 10_000.0) {
+                return Err("fetches_per_second: must be above 0 and at most 10000".into());
+            }
+        }
+        if self.max_concurrent == Some(0) {
+            return Err("max_concurrent: must be at least 1".into());
+        }
+        if self.max_object_bytes.is_some_and(|s| s.0 == 0) {
+            return Err("max_object_bytes: must be above 0".into());
+        }
+        if self.keep_at_least.is_some_and(|d| d.0.is_zero()) {
+            return Err("keep_at_least: must be above 0 (leave it out for no pin)".into());
         }
         Ok(())
     }

@@ -8,8 +8,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::error::ProxyError;
+use crate::policy::OriginRule;
 
 /// Fill slots: `fetch.max_fills` in all, `fetch.max_per_origin` per origin host.
 pub struct FillLimits {
@@ -27,6 +29,8 @@ pub struct FillPermit {
     host: String,
     origins: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
     per_origin: usize,
+    /// The fill's deadline: a paced origin's turn after it is refused at once.
+    deadline: Instant,
 }
 
 impl Drop for FillPermit {
@@ -36,15 +40,24 @@ impl Drop for FillPermit {
 }
 
 impl FillPermit {
-    /// Moves the origin slot to `host` (a redirect's next hop), waiting for one there.
-    pub async fn move_to(&mut self, host: &str) -> Result<(), ProxyError> {
+    /// Moves the origin slot to `host` (a redirect's next hop, under `rule`), waiting for one
+    /// there and for its turn when the rule paces it.
+    pub async fn move_to(
+        &mut self,
+        host: &str,
+        rule: Option<&OriginRule>,
+    ) -> Result<(), ProxyError> {
         if host == self.host {
             return Ok(());
         }
         self.release_origin();
-        let semaphore = slot_of(&self.origins, host, self.per_origin);
+        let per_origin = rule.and_then(|r| r.max_concurrent).unwrap_or(self.per_origin);
+        let semaphore = slot_of(&self.origins, host, per_origin);
         self.origin = Some(semaphore.acquire_owned().await.map_err(|_| ProxyError::Overloaded)?);
         self.host = host.to_string();
+        if let Some(pace) = rule.and_then(|r| r.pace.as_ref()) {
+            pace.turn(self.deadline).await?;
+        }
         Ok(())
     }
 
@@ -79,19 +92,32 @@ impl FillLimits {
     }
 
     /// A slot for `host`, waiting for one if this host already has `fetch.max_per_origin`
-    /// fills running; then a global slot now or [`ProxyError::Overloaded`]. In this order, fills
-    /// queued behind one slow origin hold no global slot, so they cannot starve other origins.
-    pub async fn acquire(&self, host: &str) -> Result<FillPermit, ProxyError> {
-        let semaphore = slot_of(&self.origins, host, self.per_origin);
+    /// (or its `rule`'s `max_concurrent`) fills running; then its turn when the rule paces it
+    /// (before `deadline`, else [`ProxyError::OriginPaced`]); then a global slot now or
+    /// [`ProxyError::Overloaded`]. In this order, fills queued behind one slow origin hold no
+    /// global slot, so they cannot starve other origins.
+    pub async fn acquire(
+        &self,
+        host: &str,
+        rule: Option<&OriginRule>,
+        deadline: Instant,
+    ) -> Result<FillPermit, ProxyError> {
+        let per_origin = rule.and_then(|r| r.max_concurrent).unwrap_or(self.per_origin);
+        let semaphore = slot_of(&self.origins, host, per_origin);
         let origin = semaphore.acquire_owned().await.map_err(|_| ProxyError::Overloaded)?;
-        let global = self.global.clone().try_acquire_owned().map_err(|_| ProxyError::Overloaded)?;
-        Ok(FillPermit {
+        let permit = |global| FillPermit {
             _global: global,
             origin: Some(origin),
             host: host.to_string(),
             origins: self.origins.clone(),
             per_origin: self.per_origin,
-        })
+            deadline,
+        };
+        if let Some(pace) = rule.and_then(|r| r.pace.as_ref()) {
+            pace.turn(deadline).await?;
+        }
+        let global = self.global.clone().try_acquire_owned().map_err(|_| ProxyError::Overloaded)?;
+        Ok(permit(global))
     }
 
     /// Hosts with fills in progress or waiting (for tests and metrics).

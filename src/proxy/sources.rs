@@ -89,8 +89,14 @@ impl Origin {
     ) -> Result<Received, ProxyError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let host = req.source.host_str().unwrap_or_default();
+        // A host being left alone is answered at once: no slot, no turn is waited for.
+        self.fetcher.check_backoff(host).inspect_err(|e| {
+            self.metrics.origin.get_or_create(&OutcomeLabels { outcome: e.code() }).inc();
+        })?;
         tokio::time::timeout_at(deadline, async {
-            let mut permit = self.limits.acquire(host).await?;
+            let policy = self.fetcher.policy();
+            let rule = policy.rule(host).map(|r| &**r);
+            let mut permit = self.limits.acquire(host, rule, deadline).await?;
             self.receive(key, req, trigger, &mut permit).await
         })
         .await
@@ -127,8 +133,10 @@ impl Origin {
             && landed.is_none_or(|h| self.moderation.check_host(h).is_ok());
         let mut count = 0u64;
         let growing = readable.then_some(key);
+        let rule = self.fetcher.policy().rule(req.source.host_str().unwrap_or_default()).cloned();
+        let max = rule.and_then(|r| r.max_object_bytes).unwrap_or(self.max_object_bytes);
         let result =
-            self.read_body(&mut response, &mut count, growing).await.map(|mut received| {
+            self.read_body(&mut response, &mut count, growing, max).await.map(|mut received| {
                 received.final_host = final_host;
                 received
             });
@@ -150,8 +158,8 @@ impl Origin {
         response: &mut reqwest::Response,
         received: &mut u64,
         growing: Option<Key>,
+        max: u64,
     ) -> Result<Received, ProxyError> {
-        let max = self.max_object_bytes;
         let declared = response.content_length();
         if declared.is_some_and(|n| n > max) {
             return Err(ProxyError::TooLarge);

@@ -14,6 +14,7 @@ mod hostile;
 mod lemmy;
 mod media;
 mod moderation;
+mod origins;
 mod pool;
 mod privacy;
 mod proxy;

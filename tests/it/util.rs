@@ -60,6 +60,8 @@ pub struct Seen {
     /// The query string, when there was one.
     pub query: Option<String>,
     pub headers: HeaderMap,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -147,6 +149,7 @@ async fn answer(
         path: path.clone(),
         query,
         headers: req.headers().clone(),
+        at: std::time::Instant::now(),
     });
     let route = st.routes.lock().unwrap().get(&path).cloned().unwrap_or(Route::status(404));
     let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;

@@ -1,0 +1,87 @@
+//! The admin API from the command line (`parasol usage`, `parasol lookup`): a request to a
+//! running server's admin listener, found and authorised from its configuration.
+
+use crate::Config;
+
+/// The admin listener's base URL as `config` names it (an unspecified address is asked on
+/// loopback).
+pub fn base_url(config: &Config) -> String {
+    let mut addr = config.server.admin_listen;
+    if addr.ip().is_unspecified() {
+        let loopback: std::net::IpAddr = match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        };
+        addr.set_ip(loopback);
+    }
+    format!("http://{addr}")
+}
+
+/// GETs `path_and_query` from the admin API of the server `config` describes, with its admin
+/// token; the JSON it answers, or what went wrong in words for an operator.
+pub async fn get_json(config: &Config, path_and_query: &str) -> Result<serde_json::Value, String> {
+    if config.server.admin_token.is_empty() {
+        return Err("server.admin_token is not set: the admin API is closed".into());
+    }
+    let url = format!("{}{path_and_query}", base_url(config));
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let response =
+        client.get(&url).bearer_auth(&config.server.admin_token).send().await.map_err(|e| {
+            format!("cannot reach parasol's admin listener at {}: {e}", base_url(config))
+        })?;
+    let status = response.status();
+    let bytes = response.bytes().await.map_err(|e| format!("the answer was cut short: {e}"))?;
+    let body: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("the admin listener answered {status} without JSON: {e}"))?;
+    if !status.is_success() {
+        let why = body.get("error").and_then(|e| e.as_str()).unwrap_or("no reason given");
+        return Err(format!("the admin listener answered {status}: {why}"));
+    }
+    Ok(body)
+}
+
+/// The origins' ledger as a table, one origin per line.
+pub fn origins_table(rows: &[crate::ledger::Row]) -> String {
+    use std::fmt::Write;
+    let size = |n: u64| bytesize::ByteSize(n).display().iec_short().to_string();
+    let mut out = format!(
+        "{:<32} {:>10} {:>8} {:>10} {:>8} {:>10} {:>9} {:>8} {:>7}  {}\n",
+        "domain",
+        "stored",
+        "objects",
+        "fetched",
+        "fetches",
+        "served",
+        "requests",
+        "hits",
+        "errors",
+        "last fetch"
+    );
+    for r in rows {
+        let last = r.last_fetch.map_or_else(
+            || "-".to_string(),
+            |t| {
+                let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t);
+                humantime::format_rfc3339_seconds(at).to_string()
+            },
+        );
+        let _ = writeln!(
+            out,
+            "{:<32} {:>10} {:>8} {:>10} {:>8} {:>10} {:>9} {:>8} {:>7}  {last}",
+            r.domain,
+            size(r.stored_bytes),
+            r.stored_objects,
+            size(r.fetched_bytes),
+            r.fetches,
+            size(r.served_bytes),
+            r.requests,
+            r.hits,
+            r.errors,
+        );
+    }
+    out
+}
