@@ -35,6 +35,7 @@ async fn build_store(dir: &std::path::Path) -> Vec<String> {
             stored_at: 1_700_000_000 + i as u64,
             final_host: None,
             origin: None,
+            pinned_until: None,
         };
         batch.push((Key::new(&url, None), record));
         if batch.len() == 10_000 {

@@ -247,6 +247,7 @@ fn store(
         disk_bytes: config.cache.disk_bytes.0,
         fsync: config.cache.fsync,
         inflight_bytes: config.media.inflight_bytes.0,
+        pinned_share: config.cache.pinned_share,
     };
     let store_metrics = cache::store::StoreMetrics {
         evictions: metrics.evictions.clone(),

@@ -619,6 +619,10 @@ impl Proxy {
             });
         }
         self.moderation.check_prepared(&mut prepared, host).await?;
+        // Its origin rule's keep_at_least, from now.
+        let rule = self.origin.fetcher.policy().rule(source_host).cloned();
+        let keep = rule.and_then(|r| r.keep_at_least).map(|d| d.as_secs());
+        prepared.keep_until = keep.map(|secs| crate::cache::evict::now_secs() + secs);
         self.store.insert(key, req.source.as_str(), prepared).await
     }
 }

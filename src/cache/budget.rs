@@ -57,8 +57,13 @@ pub struct DiskBudget {
 impl DiskBudget {
     /// A budget of `capacity` bytes.
     pub fn new(capacity: u64) -> Self {
-        let inner =
-            Inner { policy: S3Fifo::new(capacity), keys: HashMap::new(), named: HashMap::new() };
+        Self::with_pinned_share(capacity, 0.5)
+    }
+
+    /// A budget of `capacity` bytes, of which pinned blobs may hold `share`.
+    pub fn with_pinned_share(capacity: u64, share: f64) -> Self {
+        let policy = S3Fifo::new(capacity).with_pinned_share(share);
+        let inner = Inner { policy, keys: HashMap::new(), named: HashMap::new() };
         Self { capacity, inner: Mutex::new(inner) }
     }
 
@@ -80,13 +85,25 @@ impl DiskBudget {
     /// Records that `key` names blob `hash` of `len` bytes. Returns the blob's access record and
     /// the blobs to evict to stay within the budget.
     pub fn admit(&self, hash: [u8; 32], len: u64, key: Key) -> (Arc<Touch>, Vec<Victim>) {
+        self.admit_pinned(hash, len, key, 0)
+    }
+
+    /// [`Self::admit`], the blob not to be evicted before `pinned_until` (Unix seconds; 0:
+    /// no pin) while pinned blobs hold at most their share.
+    pub fn admit_pinned(
+        &self,
+        hash: [u8; 32],
+        len: u64,
+        key: Key,
+        pinned_until: u64,
+    ) -> (Arc<Touch>, Vec<Victim>) {
         let mut inner = self.lock();
         let keys = inner.keys.entry(hash).or_default();
         if !keys.contains(&key) {
             keys.push(key);
             inner.name(key);
         }
-        let (touch, evicted) = inner.policy.insert(hash, len);
+        let (touch, evicted) = inner.policy.insert_pinned(hash, len, pinned_until);
         let victims = collect(&mut inner, evicted);
         (touch, victims)
     }

@@ -59,6 +59,9 @@ struct Slot {
     touch: Arc<Touch>,
     size: u64,
     queue: Queue,
+    /// Not evicted before this (Unix seconds; 0: not pinned), while pinned objects hold at
+    /// most their share of the budget.
+    pinned_until: u64,
 }
 
 /// The policy over keys `K` weighing `size` bytes each, holding at most `capacity` bytes.
@@ -70,6 +73,10 @@ pub struct S3Fifo<K> {
     main_bytes: u64,
     ghost: VecDeque<K>,
     ghost_set: HashSet<K>,
+    /// Bytes of pinned objects (pinned when admitted, not yet seen expired).
+    pinned_bytes: u64,
+    /// Most bytes pinned objects may hold: beyond it they are evicted as others are.
+    pinned_cap: u64,
     /// Queue entries left behind by [`remove`](Self::remove); the queues are compacted when
     /// they outnumber live objects, so removals cannot grow memory without bound.
     stale: usize,
@@ -89,9 +96,22 @@ impl<K: Hash + Eq + Clone> S3Fifo<K> {
             main_bytes: 0,
             ghost: VecDeque::new(),
             ghost_set: HashSet::new(),
+            pinned_bytes: 0,
+            pinned_cap: capacity / 2,
             stale: 0,
             live: HashMap::new(),
         }
+    }
+
+    /// With pinned objects holding at most `share` of the budget (`cache.pinned_share`).
+    pub fn with_pinned_share(mut self, share: f64) -> Self {
+        self.pinned_cap = (self.capacity as f64 * share.clamp(0.0, 1.0)) as u64;
+        self
+    }
+
+    /// Bytes of pinned objects.
+    pub fn pinned(&self) -> u64 {
+        self.pinned_bytes
     }
 
     /// Bytes held.
@@ -117,8 +137,29 @@ impl<K: Hash + Eq + Clone> S3Fifo<K> {
     /// Adds `key` (or returns its existing touch) and evicts until the budget holds. Returns
     /// the touch to record hits on and the evicted `(key, size)` pairs, oldest first.
     pub fn insert(&mut self, key: K, size: u64) -> (Arc<Touch>, Vec<(K, u64)>) {
-        if let Some(slot) = self.live.get(&key) {
+        self.insert_pinned(key, size, 0)
+    }
+
+    /// [`Self::insert`], not to be evicted before `pinned_until` (Unix seconds; 0: no pin)
+    /// while pinned objects hold at most their share. An object held already keeps the later
+    /// of its pins.
+    pub fn insert_pinned(
+        &mut self,
+        key: K,
+        size: u64,
+        pinned_until: u64,
+    ) -> (Arc<Touch>, Vec<(K, u64)>) {
+        if let Some(slot) = self.live.get_mut(&key) {
+            if pinned_until > slot.pinned_until {
+                if slot.pinned_until == 0 {
+                    self.pinned_bytes += slot.size;
+                }
+                slot.pinned_until = pinned_until;
+            }
             return (slot.touch.clone(), Vec::new());
+        }
+        if pinned_until > 0 {
+            self.pinned_bytes += size;
         }
         let touch = Arc::new(Touch::new());
         let queue = if self.ghost_set.remove(&key) { Queue::Main } else { Queue::Small };
@@ -132,7 +173,7 @@ impl<K: Hash + Eq + Clone> S3Fifo<K> {
                 self.main_bytes += size;
             }
         }
-        self.live.insert(key.clone(), Slot { touch: touch.clone(), size, queue });
+        self.live.insert(key.clone(), Slot { touch: touch.clone(), size, queue, pinned_until });
         let evicted = self.evict_to(self.capacity, Some(&key));
         (touch, evicted)
     }
@@ -140,6 +181,7 @@ impl<K: Hash + Eq + Clone> S3Fifo<K> {
     /// Forgets `key` (purged or found corrupt). Returns its size if it was held.
     pub fn remove(&mut self, key: &K) -> Option<u64> {
         let slot = self.live.remove(key)?;
+        self.unpin(&slot);
         match slot.queue {
             Queue::Small => self.small_bytes -= slot.size,
             Queue::Main => self.main_bytes -= slot.size,
@@ -160,25 +202,48 @@ impl<K: Hash + Eq + Clone> S3Fifo<K> {
     /// space). `keep` is never evicted: the object just inserted.
     pub fn evict_to(&mut self, target: u64, keep: Option<&K>) -> Vec<(K, u64)> {
         let mut evicted = Vec::new();
-        // Each round evicts, promotes or spends one frequency unit, so this ends; the guard
-        // bounds it anyway should every survivor be `keep`.
-        let mut rounds = 4 * (self.small.len() + self.main.len()) + 8;
+        let now = now_secs();
+        // Each round evicts, promotes, spends one frequency unit or passes a pinned object,
+        // so this ends; the guard bounds it anyway should every survivor be `keep` or pinned.
+        let mut rounds = 6 * (self.small.len() + self.main.len()) + 8;
         while self.used() > target && rounds > 0 {
             rounds -= 1;
             if self.small_bytes > self.capacity / 10 || self.main.is_empty() {
-                self.evict_small(keep, &mut evicted);
+                self.evict_small(keep, now, &mut evicted);
             } else {
-                self.evict_main(keep, &mut evicted);
+                self.evict_main(keep, now, &mut evicted);
             }
         }
         evicted
     }
 
+    /// Whether `key`'s pin holds now: it is not over, and pinned objects are within their
+    /// share. A pin found over is dropped.
+    fn pinned_now(&mut self, key: &K, now: u64) -> bool {
+        let Some(slot) = self.live.get_mut(key) else { return false };
+        if slot.pinned_until == 0 {
+            return false;
+        }
+        if slot.pinned_until <= now {
+            slot.pinned_until = 0;
+            self.pinned_bytes -= slot.size;
+            return false;
+        }
+        self.pinned_bytes <= self.pinned_cap
+    }
+
+    fn unpin(&mut self, slot: &Slot) {
+        if slot.pinned_until > 0 {
+            self.pinned_bytes -= slot.size;
+        }
+    }
+
     /// Keys whose last access is older than `cutoff` (Unix seconds).
     pub fn idle_since(&self, cutoff: u64) -> Vec<K> {
+        let now = now_secs();
         self.live
             .iter()
-            .filter(|(_, s)| s.touch.last_access() < cutoff)
+            .filter(|(_, s)| s.touch.last_access() < cutoff && s.pinned_until <= now)
             .map(|(k, _)| k.clone())
             .collect()
     }
@@ -187,13 +252,14 @@ impl<K: Hash + Eq + Clone> S3Fifo<K> {
         self.live.get(key).is_some_and(|s| Arc::ptr_eq(&s.touch, touch))
     }
 
-    fn evict_small(&mut self, keep: Option<&K>, evicted: &mut Vec<(K, u64)>) {
+    fn evict_small(&mut self, keep: Option<&K>, now: u64, evicted: &mut Vec<(K, u64)>) {
         let Some((key, touch)) = self.small.pop_front() else { return };
         if !self.is_live(&key, &touch) {
             return;
         }
         let size = self.live[&key].size;
-        if touch.freq.load(Ordering::Relaxed) > 1 || keep == Some(&key) {
+        let pinned = self.pinned_now(&key, now);
+        if touch.freq.load(Ordering::Relaxed) > 1 || keep == Some(&key) || pinned {
             // Asked for again while on probation: promote.
             touch.freq.store(0, Ordering::Relaxed);
             self.small_bytes -= size;
@@ -204,23 +270,31 @@ impl<K: Hash + Eq + Clone> S3Fifo<K> {
             self.main.push_back((key, touch));
         } else {
             self.small_bytes -= size;
-            self.live.remove(&key);
+            if let Some(slot) = self.live.remove(&key) {
+                self.unpin(&slot);
+            }
             self.remember_ghost(key.clone());
             evicted.push((key, size));
         }
     }
 
-    fn evict_main(&mut self, keep: Option<&K>, evicted: &mut Vec<(K, u64)>) {
+    fn evict_main(&mut self, keep: Option<&K>, now: u64, evicted: &mut Vec<(K, u64)>) {
         let Some((key, touch)) = self.main.pop_front() else { return };
         if !self.is_live(&key, &touch) {
             return;
         }
         let freq = touch.freq.load(Ordering::Relaxed);
-        if freq > 0 || keep == Some(&key) {
+        if self.pinned_now(&key, now) {
+            self.main.push_back((key, touch));
+        } else if freq > 0 || keep == Some(&key) {
             touch.freq.store(freq.saturating_sub(1), Ordering::Relaxed);
             self.main.push_back((key, touch));
         } else {
-            let size = self.live.remove(&key).map_or(0, |s| s.size);
+            let slot = self.live.remove(&key);
+            if let Some(slot) = &slot {
+                self.unpin(slot);
+            }
+            let size = slot.map_or(0, |s| s.size);
             self.main_bytes -= size;
             evicted.push((key, size));
         }
@@ -282,6 +356,34 @@ mod tests {
         let (k, _) = evicted[0];
         c.insert(k, 1000);
         assert!(c.touch(&k).is_some());
+    }
+
+    #[test]
+    fn pinned_objects_survive_a_flood_within_their_share_and_go_when_over_it() {
+        let far = now_secs() + 3600;
+        let mut c = S3Fifo::new(1000).with_pinned_share(0.5);
+        c.insert_pinned("pinned".to_string(), 200, far);
+        c.insert("plain".to_string(), 200);
+        for i in 0..100 {
+            c.insert(format!("cold{i}"), 100);
+            assert!(c.used() <= 1000);
+        }
+        assert!(c.touch(&"pinned".into()).is_some(), "a pinned object outlives the flood");
+        assert!(c.touch(&"plain".into()).is_none(), "an unpinned one does not");
+        assert_eq!(c.pinned(), 200);
+        // Pins beyond the share: evicted as others are, until the rest fit in it.
+        for i in 0..5 {
+            c.insert_pinned(format!("pin{i}"), 200, far);
+        }
+        assert!(c.used() <= 1000);
+        assert!(c.pinned() <= 500 + 200, "pinned {} of a 500 share", c.pinned());
+        // An expired pin protects nothing.
+        let mut c = S3Fifo::new(300);
+        c.insert_pinned("old", 200, now_secs() - 1);
+        c.insert("a", 100);
+        c.insert("b", 100);
+        assert!(c.touch(&"old").is_none());
+        assert_eq!(c.pinned(), 0);
     }
 
     #[test]

@@ -50,6 +50,10 @@ pub struct Record {
     /// (SHA-256 and MD5 lists, a ban of the origin's blake3) find the entry by them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<OriginDigests>,
+    /// Not evicted before this (Unix seconds): the `keep_at_least` of its origin's rule when
+    /// it was stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned_until: Option<u64>,
 }
 
 /// Digests of the bytes an origin sent (lowercase hex).
@@ -76,7 +80,13 @@ impl Record {
             stored_at: super::evict::now_secs(),
             final_host: None,
             origin: None,
+            pinned_until: None,
         }
+    }
+
+    /// Its pin for the disk budget (Unix seconds; 0: none).
+    pub fn pin(&self) -> u64 {
+        self.pinned_until.unwrap_or(0)
     }
 
     /// With what is known of the origin's bytes.

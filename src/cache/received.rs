@@ -22,6 +22,8 @@ pub struct Received {
     /// What is known of the origin's bytes, when these bytes are not those (prepared ones),
     /// or came from the bucket with its record.
     pub(crate) origin: Option<crate::cache::index::OriginDigests>,
+    /// Not evicted before this (Unix seconds): its origin rule's `keep_at_least`.
+    pub(crate) keep_until: Option<u64>,
 }
 
 /// Where a received body waits to be stored: small ones in memory (written to disk in one
@@ -178,6 +180,7 @@ impl Sink {
             final_host: None,
             digests: self.digester.map(super::digests::Digester::finish),
             origin: None,
+            keep_until: None,
         }
     }
 }

@@ -52,6 +52,8 @@ pub struct StoreConfig {
     pub fsync: bool,
     /// Bytes fills and media results may hold in memory at once.
     pub inflight_bytes: u64,
+    /// Share of the disk budget pinned blobs may hold (`cache.pinned_share`).
+    pub pinned_share: f64,
 }
 
 /// The store's counters (registered with the rest of the metrics in `telemetry`).
@@ -90,7 +92,7 @@ impl Store {
     pub fn new(config: StoreConfig, disk: BlobStore, index: Index, metrics: StoreMetrics) -> Self {
         Self {
             memory: MemoryTier::new(config.memory_bytes),
-            budget: DiskBudget::new(config.disk_bytes),
+            budget: DiskBudget::with_pinned_share(config.disk_bytes, config.pinned_share),
             inflight: InflightBudget::new(config.inflight_bytes),
             disk,
             index,
@@ -220,7 +222,7 @@ impl Store {
         };
         let (touch, victims) = match self.budget.touch(hash.as_bytes()) {
             Some(touch) => (touch, Vec::new()),
-            None => self.budget.admit(*hash.as_bytes(), record.len, key),
+            None => self.budget.admit_pinned(*hash.as_bytes(), record.len, key, record.pin()),
         };
         touch.hit();
         self.drop_victims(victims).await;
@@ -235,13 +237,14 @@ impl Store {
     /// Stores a received body under `key`: admitted to the budget first (which may evict to
     /// make room for it), then the rename into place, then the index record.
     pub async fn insert(&self, key: Key, url: &str, r: Received) -> Result<Arc<Entry>, ProxyError> {
-        let Received { body, hash, len, content_type, final_host, origin, .. } = r;
+        let Received { body, hash, len, content_type, final_host, origin, keep_until, .. } = r;
         // A blob the budget does not count has no file (reconciliation at start sees to it).
         let counted = self.budget.counts(hash.as_bytes());
-        let (touch, victims) = self.budget.admit(*hash.as_bytes(), len, key);
+        let pin = keep_until.unwrap_or(0);
+        let (touch, victims) = self.budget.admit_pinned(*hash.as_bytes(), len, key, pin);
         let record =
             Record::new(&hash, len, content_type, url).with_final_host(final_host.as_deref());
-        let record = record.with_origin(origin.clone());
+        let record = Record { pinned_until: keep_until, ..record.with_origin(origin.clone()) };
         // Blobs up to memory_max_object_bytes are re-hashed on every load from disk, so a torn
         // one after a power cut is refetched, never served: only larger ones need the fsync.
         let durable = self.config.fsync && len > self.config.memory_max_object_bytes;
@@ -279,7 +282,7 @@ impl Store {
         let mut tries = 0;
         while !self.budget.holds(hash.as_bytes(), &key) {
             tries += 1;
-            let (again, late) = self.budget.admit(*hash.as_bytes(), len, key);
+            let (again, late) = self.budget.admit_pinned(*hash.as_bytes(), len, key, pin);
             touch = again;
             self.drop_victims(late).await;
             let present = self.disk.len(&hash).await == Some(len);
@@ -414,7 +417,8 @@ impl Store {
         let mut victims = Vec::new();
         for (key, record) in records {
             if let Some(hash) = record.blake3() {
-                victims.extend(self.budget.admit(*hash.as_bytes(), record.len, key).1);
+                let pin = record.pin();
+                victims.extend(self.budget.admit_pinned(*hash.as_bytes(), record.len, key, pin).1);
             }
         }
         self.drop_victims(victims).await;
@@ -511,6 +515,7 @@ mod tests {
             final_host: None,
             digests: None,
             origin: None,
+            keep_until: None,
         }
     }
 
@@ -529,6 +534,7 @@ mod tests {
             disk_bytes: 3000,
             fsync: false,
             inflight_bytes: 1 << 20,
+            pinned_share: 0.5,
         };
         let store = Arc::new(Store::new(config, disk, index, StoreMetrics::default()));
         let fills = (0..100u32).map(|n| {

@@ -433,8 +433,9 @@ async fn re_signed_cdn_urls_share_one_entry_and_one_fetch() {
     let port = origin.addr.port();
     let url =
         |edge: &str, query: &str| format!("http://{edge}.cdn.test:{port}/v/t51/1_n.jpg?{query}");
-    let a = url("edge-a", "stp=s1&oh=00_A&oe=67A1&_nc_gid=first");
-    let b = url("edge-b", "oe=67FF&oh=00_B&stp=s1&_nc_gid=second");
+    // Expiries in 2034, hex Unix time as Meta writes them: b expires after a.
+    let a = url("edge-a", "stp=s1&oh=00_A&oe=7A0000A1&_nc_gid=first");
+    let b = url("edge-b", "oe=7A0000FF&oh=00_B&stp=s1&_nc_gid=second");
     let (ra, rb) = (get(&p.url(&a)).await, get(&p.url(&b)).await);
     assert_eq!((ra.status().as_u16(), rb.status().as_u16()), (200, 200));
     assert_eq!(ra.headers()["etag"], rb.headers()["etag"]);
@@ -456,7 +457,7 @@ async fn re_signed_cdn_urls_share_one_entry_and_one_fetch() {
     let (status, answer) =
         admin_post(&p, "/admin/ban", Some(ADMIN_TOKEN), json!({ "url": a })).await;
     assert_eq!(status, 200, "{answer}");
-    let resigned = url("edge-c", "stp=s1&oh=00_D&oe=6800&_nc_gid=third");
+    let resigned = url("edge-c", "stp=s1&oh=00_D&oe=7A000100&_nc_gid=third");
     assert_eq!(get(&p.url(&resigned)).await.status(), 451);
     assert_eq!(get(&p.url(&b)).await.status(), 451);
     assert_eq!(origin.hits("/v/t51/1_n.jpg"), 3);

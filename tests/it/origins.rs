@@ -358,3 +358,43 @@ async fn usage_without_a_running_server_says_so() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot reach parasol's admin listener"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_file_kept_at_least_survives_a_flood_that_evicts_an_unpinned_one() {
+    let origin = Origin::start("127.0.0.8").await;
+    let png = |path: &str, seed| {
+        origin.route(path, Route::ok(png_bytes(10_000, seed)).header("content-type", "image/png"));
+    };
+    png("/pin.png", 700);
+    png("/early.png", 701);
+    for i in 0..20 {
+        png(&format!("/f{i}.png"), 710 + i);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let extra = r#"
+        [[policy.origin]]
+        domains = ["keep.test"]
+        keep_at_least = "1h"
+    "#;
+    let toml = config_toml(dir.path(), &["127.0.0.8/32"], extra)
+        .replace("fsync = false", "fsync = false\ndisk_bytes = \"60KiB\"\npinned_share = 0.5");
+    let lookup = parasol::fetch::guard::StaticLookup::default()
+        .with("media.keep.test", &[ip("127.0.0.8")])
+        .with("media.flood.test", &[ip("127.0.0.8")]);
+    let p = Parasol::start_with(parse(&toml), lookup).await;
+    let pinned = p.url(&named(&origin, "media.keep.test", "/pin.png"));
+    let early = p.url(&named(&origin, "media.flood.test", "/early.png"));
+    assert_eq!(get(&pinned).await.status(), 200);
+    assert_eq!(get(&early).await.status(), 200);
+    for i in 0..20 {
+        let url = p.url(&named(&origin, "media.flood.test", &format!("/f{i}.png")));
+        assert_eq!(get(&url).await.status(), 200);
+    }
+    assert!(p.metric("parasol_cache_bytes{tier=\"disk\"}").await <= 60 << 10);
+    assert!(p.metric("parasol_evictions_total").await >= 15);
+    assert_eq!(get(&pinned).await.status(), 200);
+    assert_eq!(origin.hits("/pin.png"), 1, "the pinned file was kept");
+    assert_eq!(get(&early).await.status(), 200);
+    assert_eq!(origin.hits("/early.png"), 2, "the unpinned one was evicted and fetched again");
+    p.stop().await;
+}
