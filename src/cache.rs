@@ -140,6 +140,12 @@ pub struct Entry {
     /// The file the body was verified against (read and hashed, or written from it by this
     /// process): only that file, unchanged, is sent with `sendfile` for the body.
     identity: Option<FileId>,
+    /// A body that is not kept (its origin's rule says `store = "stream"`, or it is over the
+    /// size limit with `cache.oversize = "stream"`) and too large for memory: the temp file it
+    /// arrived in, removed when the last holder of the entry lets go.
+    unkept: Option<std::sync::Arc<disk::TempBlob>>,
+    /// Whether the store keeps it (false: served to the viewers of its fill, then gone).
+    kept: bool,
 }
 
 /// What tells one file from another, or from itself changed: device, inode, size and
@@ -221,7 +227,27 @@ impl Entry {
             origin: None,
             file: std::sync::Mutex::new(None),
             identity: None,
+            unkept: None,
+            kept: true,
         }
+    }
+
+    /// Not kept by the store: served from memory or from `temp` (the file it arrived in) to
+    /// those who hold it, then gone.
+    pub fn unkept(mut self, temp: Option<disk::TempBlob>) -> Self {
+        self.unkept = temp.map(std::sync::Arc::new);
+        self.kept = false;
+        self
+    }
+
+    /// Whether the store keeps it.
+    pub fn is_kept(&self) -> bool {
+        self.kept
+    }
+
+    /// The file an unkept body is read from.
+    pub(crate) fn unkept_path(&self) -> Option<&std::path::Path> {
+        self.unkept.as_deref().map(disk::TempBlob::path)
     }
 
     /// The file the body was verified against; without one, the body is never sent from a

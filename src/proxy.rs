@@ -282,7 +282,7 @@ impl Proxy {
         conn: Option<&Arc<crate::server::sendfile::Offers>>,
     ) -> Result<(http::Response<crate::response::Body>, u64), ProxyError> {
         let served = crate::response::serve(entry, &self.store, method, headers, conn).await;
-        if served.is_err() {
+        if served.is_err() && entry.is_kept() {
             self.store.forget_if_broken(&entry.hash, entry.len).await;
         }
         served
@@ -524,6 +524,10 @@ impl Proxy {
                 }
                 let rendered = this.prep.render(&url, &original, &spec).await?;
                 let entry = match rendered {
+                    // A rendition of what is not kept is not kept either.
+                    Some(rendered) if !original.is_kept() => {
+                        return Ok((this.store.unkept(rendered).await?, CacheStatus::Miss));
+                    }
                     Some(rendered) => this.store.insert(key, &url, rendered).await?,
                     // The preset keeps this original (kept in memory under the rendition's
                     // key, so the worker is asked once while it stays there).
@@ -552,6 +556,9 @@ impl Proxy {
             }
         }
         let entry = self.fetch_and_store(key, req, trigger).await?;
+        if !entry.is_kept() {
+            return Ok((entry, CacheStatus::Miss));
+        }
         self.store.remember(key, entry.clone()).await;
         if let Some(bucket) = &self.bucket {
             bucket.publish(key, req.source.as_str(), &entry);
@@ -606,6 +613,10 @@ impl Proxy {
         self.moderation.check_received(&received, host).await?;
         let origin_hash = received.hash;
         let source_host = req.source.host_str().unwrap_or_default();
+        // Its origin's rule: how long it is kept at least, or that it is not kept at all.
+        let rule = self.origin.fetcher.policy().rule(source_host).cloned();
+        let streamed = received.oversize
+            || rule.as_ref().is_some_and(|r| r.store == crate::config::StoreMode::Stream);
         let mut prepared = self.prep.prepare(received, source_host).await?;
         // Kept with the entry when the origin's bytes are not the stored ones (preparing then
         // computed their digests), or their digests were computed: rules about the origin's
@@ -619,8 +630,9 @@ impl Proxy {
             });
         }
         self.moderation.check_prepared(&mut prepared, host).await?;
-        // Its origin rule's keep_at_least, from now.
-        let rule = self.origin.fetcher.policy().rule(source_host).cloned();
+        if streamed {
+            return self.store.unkept(prepared).await;
+        }
         let keep = rule.and_then(|r| r.keep_at_least).map(|d| d.as_secs());
         prepared.keep_until = keep.map(|secs| crate::cache::evict::now_secs() + secs);
         self.store.insert(key, req.source.as_str(), prepared).await

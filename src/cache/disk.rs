@@ -45,7 +45,18 @@ pub struct TempBlob {
     committed: bool,
 }
 
+impl std::fmt::Debug for TempBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TempBlob").field("path", &self.path).finish()
+    }
+}
+
 impl TempBlob {
+    /// Where it is written (readers need it flushed: [`Self::flushed_path`]).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Everything written so far.
     pub async fn read_back(&mut self) -> io::Result<Vec<u8>> {
         self.file.flush().await?;

@@ -24,6 +24,8 @@ pub struct Received {
     pub(crate) origin: Option<crate::cache::index::OriginDigests>,
     /// Not evicted before this (Unix seconds): its origin rule's `keep_at_least`.
     pub(crate) keep_until: Option<u64>,
+    /// Over its size limit, read only to be streamed (`cache.oversize = "stream"`): not kept.
+    pub(crate) oversize: bool,
 }
 
 /// Where a received body waits to be stored: small ones in memory (written to disk in one
@@ -181,6 +183,7 @@ impl Sink {
             digests: self.digester.map(super::digests::Digester::finish),
             origin: None,
             keep_until: None,
+            oversize: false,
         }
     }
 }

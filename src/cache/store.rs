@@ -131,7 +131,10 @@ impl Store {
 
     /// A stored entry's blob file as an input (an outside program reads a file).
     pub fn file_input(&self, entry: &Entry) -> super::Input {
-        self.blob_input(&entry.hash, entry.len)
+        match entry.unkept_path() {
+            Some(path) => super::Input::File { path: path.to_path_buf(), len: entry.len },
+            None => self.blob_input(&entry.hash, entry.len),
+        }
     }
 
     /// The blob `hash` of `len` bytes as an input (a scan of what is stored, an upload).
@@ -165,13 +168,35 @@ impl Store {
     /// An entry's blob opened for reading, to be sent a chunk at a time
     /// ([`super::disk::read_chunk`]).
     pub async fn open_blob(&self, entry: &Entry) -> std::io::Result<Arc<std::fs::File>> {
-        self.disk.open_blob(&entry.hash).await
+        match entry.unkept_path() {
+            Some(path) => std::fs::File::open(path).map(Arc::new),
+            None => self.disk.open_blob(&entry.hash).await,
+        }
     }
 
     /// An entry's blob file for `sendfile`, only when it can be had without waiting for the
     /// disk and is the file its body was verified against ([`Entry`] holds it).
     pub fn file_now(&self, entry: &Entry) -> Option<Arc<std::fs::File>> {
-        entry.file(&self.disk)
+        entry.is_kept().then(|| entry.file(&self.disk)).flatten()
+    }
+
+    /// An entry for a received body the store does not keep: its bytes in memory, or its temp
+    /// file held by the entry until the last viewer is done with it. Nothing is indexed,
+    /// counted or left on disk.
+    pub async fn unkept(&self, r: Received) -> Result<Arc<Entry>, ProxyError> {
+        let Received { body, hash, len, content_type, final_host, origin, .. } = r;
+        let (bytes, temp) = match body {
+            Held::Memory(bytes, _hold) => (Some(bytes), None),
+            Held::Disk(mut temp) => {
+                temp.flushed_path().await.map_err(ProxyError::storage)?;
+                (None, Some(temp))
+            }
+        };
+        let entry = Entry::new(hash, len, content_type, bytes)
+            .with_final_host(final_host.as_deref())
+            .with_origin(origin.as_ref())
+            .unkept(temp);
+        Ok(Arc::new(entry))
     }
 
     /// After serving `hash` of `len` bytes failed: a blob found gone meanwhile (deleted by
@@ -516,6 +541,7 @@ mod tests {
             digests: None,
             origin: None,
             keep_until: None,
+            oversize: false,
         }
     }
 

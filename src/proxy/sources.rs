@@ -43,6 +43,9 @@ pub struct Origin {
     timeout: std::time::Duration,
     /// `cache.max_object_bytes`.
     max_object_bytes: u64,
+    /// With `cache.oversize = "stream"`: the largest body streamed (not kept) over the size
+    /// limit, a quarter of `cache.disk_bytes` (its temp file holds disk beside the budget).
+    oversize_cap: Option<u64>,
     /// `moderation.keep_digests`: SHA-256 and MD5 of every fill, rule or not.
     keep_digests: bool,
     /// `media.strip_metadata`: JPEG, PNG and WebP are prepared, never read as they arrive.
@@ -73,6 +76,8 @@ impl Origin {
             metrics,
             timeout: config.fetch.timeout.0,
             max_object_bytes: config.cache.max_object_bytes.0,
+            oversize_cap: (config.cache.oversize == crate::config::Oversize::Stream)
+                .then_some(config.cache.disk_bytes.0 / 4),
             keep_digests: config.moderation.keep_digests,
             strip_metadata: config.media.strip_metadata,
         }
@@ -161,7 +166,9 @@ impl Origin {
         max: u64,
     ) -> Result<Received, ProxyError> {
         let declared = response.content_length();
-        if declared.is_some_and(|n| n > max) {
+        // Over `max`, up to the oversize cap: read, served, not kept.
+        let cap = self.oversize_cap.map_or(max, |cap| cap.max(max));
+        if declared.is_some_and(|n| n > cap) {
             return Err(ProxyError::TooLarge);
         }
         // An HTTP/1 body delimited only by the connection closing cannot be told apart from
@@ -189,7 +196,7 @@ impl Origin {
         let mut flushed = (0u64, Instant::now());
         while let Some(chunk) = response.chunk().await.map_err(body_error)? {
             *received += chunk.len() as u64;
-            if *received > max {
+            if *received > cap {
                 return Err(ProxyError::TooLarge);
             }
             if declared.is_some_and(|n| *received > n) {
@@ -240,7 +247,9 @@ impl Origin {
             Some(t) => t,
             None => self.types.sniff(sink.head())?,
         };
-        Ok(sink.finish(content_type))
+        let mut received_body = sink.finish(content_type);
+        received_body.oversize = *received > max;
+        Ok(received_body)
     }
 
     /// Whether a fill of `content_type` is stored as it came (nothing rasterises it or strips

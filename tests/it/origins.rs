@@ -398,3 +398,71 @@ async fn a_file_kept_at_least_survives_a_flood_that_evicts_an_unpinned_one() {
     assert_eq!(origin.hits("/early.png"), 2, "the unpinned one was evicted and fetched again");
     p.stop().await;
 }
+
+/// An MP4 of `n` bytes as far as sniffing goes (a video passes through unprepared).
+fn mp4_bytes(n: usize, fill: u8) -> bytes::Bytes {
+    let mut v = b"\0\0\0\x18ftypisom\0\0\x02\0isomiso2".to_vec();
+    v.resize(n, fill);
+    bytes::Bytes::from(v)
+}
+
+#[tokio::test]
+async fn a_streamed_origin_and_an_oversize_file_are_served_exactly_and_never_kept() {
+    let origin = Origin::start("127.0.0.9").await;
+    let small = png_bytes(20_000, 800);
+    let video = mp4_bytes(3_000_000, 0x5a);
+    let kept = mp4_bytes(50_000, 0x11);
+    let route = |path: &str, body: &bytes::Bytes| origin.route(path, Route::ok(body.clone()));
+    route("/small.png", &small);
+    route("/video.mp4", &video);
+    route("/kept.mp4", &kept);
+    let dir = tempfile::tempdir().unwrap();
+    let extra = r#"
+        [[policy.origin]]
+        domains = ["ephemeral.test"]
+        store = "stream"
+    "#;
+    let toml = config_toml(dir.path(), &["127.0.0.9/32"], extra).replace(
+        "fsync = false",
+        "fsync = false\nmemory_max_object_bytes = \"1MiB\"\nmax_object_bytes = \"1MiB\"\noversize = \"stream\"",
+    );
+    let lookup = parasol::fetch::guard::StaticLookup::default()
+        .with("media.ephemeral.test", &[ip("127.0.0.9")])
+        .with("media.steady.test", &[ip("127.0.0.9")]);
+    let p = Parasol::start_with(parse(&toml), lookup).await;
+    let nothing_kept = |what: &str| {
+        let (blobs, temps) =
+            (files_under(&dir.path().join("blobs")), files_under(&dir.path().join("tmp")));
+        assert_eq!((blobs, temps), (0, 0), "{what}: blob and temp files left");
+    };
+    // The streamed origin: small (in memory) and large (from its temp file), each twice.
+    for (path, expected) in [("/small.png", &small), ("/video.mp4", &video)] {
+        let url = p.url(&named(&origin, "media.ephemeral.test", path));
+        for _ in 0..2 {
+            let r = get(&url).await;
+            assert_eq!(r.status(), 200, "{path}");
+            assert_eq!(&body(r).await, expected, "{path}");
+        }
+        assert_eq!(origin.hits(path), 2, "{path}: fetched for each view, never kept");
+    }
+    assert!(eventually(|| files_under(&dir.path().join("tmp")) == 0).await);
+    nothing_kept("stream");
+    // Over max_object_bytes with oversize = "stream": served exactly, not kept; a file within
+    // the limit from the same origin is kept.
+    let big = p.url(&named(&origin, "media.steady.test", "/video.mp4"));
+    for _ in 0..2 {
+        let r = get(&big).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(body(r).await, video);
+    }
+    assert_eq!(origin.hits("/video.mp4"), 4);
+    assert!(eventually(|| files_under(&dir.path().join("tmp")) == 0).await);
+    nothing_kept("oversize");
+    let small_enough = p.url(&named(&origin, "media.steady.test", "/kept.mp4"));
+    for _ in 0..2 {
+        assert_eq!(body(get(&small_enough).await).await, kept);
+    }
+    assert_eq!(origin.hits("/kept.mp4"), 1);
+    assert_eq!(p.blob_count(), 1);
+    p.stop().await;
+}
