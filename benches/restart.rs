@@ -36,6 +36,7 @@ async fn build_store(dir: &std::path::Path) -> Vec<String> {
             final_host: None,
             origin: None,
             pinned_until: None,
+            variant: None,
         };
         batch.push((Key::new(&url, None), record));
         if batch.len() == 10_000 {

@@ -7,6 +7,7 @@
 
 mod bans;
 pub mod client;
+mod lookup;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -77,9 +78,9 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body>
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/metrics" => metrics(&admin.proxy).await,
         "/admin/prefetch" | "/admin/purge" | "/admin/reload" | "/admin/ban" | "/admin/bans"
-        | "/admin/origins" => {
+        | "/admin/origins" | "/admin/lookup" => {
             let allowed = match path.as_str() {
-                "/admin/bans" | "/admin/origins" => "GET",
+                "/admin/bans" | "/admin/origins" | "/admin/lookup" => "GET",
                 "/admin/ban" => "POST, DELETE",
                 _ => "POST",
             };
@@ -98,6 +99,7 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body>
             let body = body.to_bytes();
             match path.as_str() {
                 "/admin/origins" => origins(&admin.proxy, query.as_deref()).await,
+                "/admin/lookup" => lookup::lookup(&admin.proxy, query.as_deref()).await,
                 "/admin/prefetch" => prefetch(&admin.proxy, &body).await,
                 "/admin/purge" => purge(&admin.proxy, &body).await,
                 "/admin/bans" => bans::list(&admin.proxy),

@@ -104,6 +104,20 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Find any stored file, from a running parasol's admin API (`GET /admin/lookup`): every
+    /// URL and rendition that yields it and the URLs viewers reach it by, its origin, size,
+    /// age, pin and ban state.
+    Lookup {
+        /// A source URL, a blake3 (of the bytes served or the origin's) or a SHA-256 of the
+        /// origin's bytes.
+        query: String,
+        /// Print the admin API's JSON instead.
+        #[arg(long)]
+        json: bool,
+        /// The running server's config (its admin listener, token and signing keys).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Summarise the outbound audit log: per origin host, requests, bytes, headers sent.
     /// Exits 1 if any request carried a header outside the outbound allowlist.
     Audit {
@@ -213,6 +227,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let rows: Vec<parasol::ledger::Row> =
                     serde_json::from_value(answer["origins"].clone())?;
                 print!("{}", parasol::admin::client::origins_table(&rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lookup { query, json, config } => {
+            let config = load(config.as_deref())?;
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let q: String =
+                form_urlencoded::Serializer::new(String::new()).append_pair("q", &query).finish();
+            let answer = runtime
+                .block_on(parasol::admin::client::get_json(&config, &format!("/admin/lookup?{q}")))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                let signer = parasol::signing::Signer::new(parasol::signing_keys(&config)?);
+                print!("{}", parasol::admin::client::lookup_text(&config, &signer, &answer));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -183,6 +183,16 @@ impl Proxy {
         Ok(crate::ledger::sorted(rows.into_values().collect(), by, limit))
     }
 
+    /// Every index record (an admin's lookup).
+    pub async fn records(&self) -> Result<Vec<(Key, crate::cache::index::Record)>, ProxyError> {
+        self.store.records().await
+    }
+
+    /// The form of `url` its cache key is made of (`[[policy.normalize]]`).
+    pub fn cache_url(&self, url: &url::Url) -> String {
+        self.normalizer.cache_url(url).into_owned()
+    }
+
     /// Keeps the ledger's counters in the index, so they survive a restart.
     pub async fn save_ledger(&self) -> Result<(), ProxyError> {
         self.store.put_state(LEDGER_STATE, self.ledger.to_json()).await
@@ -516,6 +526,7 @@ impl Proxy {
         }
         let key = Key::new(&format!("blake3:{}", original.hash.to_hex()), Some(name));
         let url = req.source.to_string();
+        let name = name.to_string();
         let found = self
             .lookup_or_fill(key, move |this| async move {
                 if let Some(entry) = this.store.load(key).await? {
@@ -528,7 +539,9 @@ impl Proxy {
                     Some(rendered) if !original.is_kept() => {
                         return Ok((this.store.unkept(rendered).await?, CacheStatus::Miss));
                     }
-                    Some(rendered) => this.store.insert(key, &url, rendered).await?,
+                    Some(rendered) => {
+                        this.store.insert_as(key, &url, Some(&name), rendered).await?
+                    }
                     // The preset keeps this original (kept in memory under the rendition's
                     // key, so the worker is asked once while it stays there).
                     None => original.clone(),

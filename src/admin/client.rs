@@ -85,3 +85,94 @@ pub fn origins_table(rows: &[crate::ledger::Row]) -> String {
     }
     out
 }
+
+/// A lookup's answer (`GET /admin/lookup`) as text: each blob, then each URL and rendition
+/// that yields it with the URLs viewers reach it by, in every scheme `config` enables
+/// (signed with `signer`).
+pub fn lookup_text(
+    config: &Config,
+    signer: &crate::signing::Signer,
+    answer: &serde_json::Value,
+) -> String {
+    use std::fmt::Write;
+    let size = |n: u64| bytesize::ByteSize(n).display().iec_short().to_string();
+    let at = |t: u64| {
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
+            .to_string()
+    };
+    let blobs = answer["blobs"].as_array().cloned().unwrap_or_default();
+    let mut out = String::new();
+    if blobs.is_empty() {
+        let _ = writeln!(out, "nothing stored for {}", answer["query"].as_str().unwrap_or(""));
+    }
+    let (base, compat) = (&config.server.public_base_url, &config.compat);
+    for b in &blobs {
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+        let _ = writeln!(
+            out,
+            "blob {}  {}  {}",
+            text(&b["blake3"]),
+            size(b["len"].as_u64().unwrap_or(0)),
+            text(&b["content_type"])
+        );
+        let domains: Vec<String> =
+            b["domains"].as_array().into_iter().flatten().map(text).collect();
+        let pinned =
+            b["pinned_until"].as_u64().map_or("no".to_string(), |t| format!("until {}", at(t)));
+        let banned = b["banned"].as_str().map_or("no".to_string(), |r| format!("yes ({r})"));
+        let _ =
+            writeln!(out, "  origin: {}  pinned: {pinned}  banned: {banned}", domains.join(", "));
+        if let Some(origin) = b["origin"].as_object() {
+            let digest =
+                |k: &str| origin.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
+            let _ = writeln!(
+                out,
+                "  origin's bytes: blake3 {}  sha256 {}",
+                digest("blake3"),
+                digest("sha256")
+            );
+        }
+        for e in b["entries"].as_array().into_iter().flatten() {
+            let url = text(&e["url"]);
+            let variant = e["variant"].as_str();
+            let age = std::time::Duration::from_secs(e["age_seconds"].as_u64().unwrap_or(0));
+            let _ = writeln!(
+                out,
+                "  {url}  [{}]  stored {} ago",
+                variant.unwrap_or("original"),
+                humantime::format_duration(age)
+            );
+            let _ = writeln!(
+                out,
+                "    native   {}",
+                crate::api::native::sign_url(base, signer, &url, variant)
+            );
+            let Ok(source) = url::Url::parse(&url) else { continue };
+            if compat.misskey && variant.is_none() {
+                let query: String = form_urlencoded::Serializer::new(String::new())
+                    .append_pair("url", source.as_str())
+                    .finish();
+                let _ = writeln!(out, "    misskey  {}proxy/image.webp?{query}", base.as_str());
+            }
+            if !compat.camo_key.is_empty() && variant.is_none() {
+                let camo = crate::api::camo::sign_url(
+                    base.as_str(),
+                    compat.camo_key.as_bytes(),
+                    source.as_str(),
+                );
+                let _ = writeln!(out, "    camo     {camo}");
+            }
+            if !compat.akkoma_secret.is_empty() {
+                let preview = variant.is_some();
+                let akkoma = crate::api::akkoma::sign_url(
+                    base.as_str(),
+                    compat.akkoma_secret.as_bytes(),
+                    &source,
+                    preview,
+                );
+                let _ = writeln!(out, "    akkoma   {akkoma}");
+            }
+        }
+    }
+    out
+}

@@ -54,6 +54,9 @@ pub struct Record {
     /// it was stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned_until: Option<u64>,
+    /// The rendition it is of its URL's file, when it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
 }
 
 /// Digests of the bytes an origin sent (lowercase hex).
@@ -81,6 +84,7 @@ impl Record {
             final_host: None,
             origin: None,
             pinned_until: None,
+            variant: None,
         }
     }
 

@@ -262,6 +262,18 @@ impl Store {
     /// Stores a received body under `key`: admitted to the budget first (which may evict to
     /// make room for it), then the rename into place, then the index record.
     pub async fn insert(&self, key: Key, url: &str, r: Received) -> Result<Arc<Entry>, ProxyError> {
+        self.insert_as(key, url, None, r).await
+    }
+
+    /// [`Self::insert`] of the rendition `variant` of `url`'s file (the record names it, so a
+    /// lookup can say which rendition a blob is).
+    pub async fn insert_as(
+        &self,
+        key: Key,
+        url: &str,
+        variant: Option<&str>,
+        r: Received,
+    ) -> Result<Arc<Entry>, ProxyError> {
         let Received { body, hash, len, content_type, final_host, origin, keep_until, .. } = r;
         // A blob the budget does not count has no file (reconciliation at start sees to it).
         let counted = self.budget.counts(hash.as_bytes());
@@ -269,7 +281,11 @@ impl Store {
         let (touch, victims) = self.budget.admit_pinned(*hash.as_bytes(), len, key, pin);
         let record =
             Record::new(&hash, len, content_type, url).with_final_host(final_host.as_deref());
-        let record = Record { pinned_until: keep_until, ..record.with_origin(origin.clone()) };
+        let record = Record {
+            pinned_until: keep_until,
+            variant: variant.map(str::to_string),
+            ..record.with_origin(origin.clone())
+        };
         // Blobs up to memory_max_object_bytes are re-hashed on every load from disk, so a torn
         // one after a power cut is refetched, never served: only larger ones need the fsync.
         let durable = self.config.fsync && len > self.config.memory_max_object_bytes;

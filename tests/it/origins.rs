@@ -466,3 +466,113 @@ async fn a_streamed_origin_and_an_oversize_file_are_served_exactly_and_never_kep
     assert_eq!(p.blob_count(), 1);
     p.stop().await;
 }
+
+#[tokio::test]
+async fn lookup_finds_every_url_and_rendition_of_a_file_by_url_blake3_or_sha256() {
+    let origin = Origin::start("127.0.0.10").await;
+    let jpeg = bytes::Bytes::from(crate::variants::gradient_jpeg(640, 480));
+    origin.route("/a.jpg", Route::ok(jpeg.clone()));
+    origin.route("/copy.jpg", Route::ok(jpeg.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let extra = r#"
+        [moderation]
+        keep_digests = true
+        [compat]
+        misskey = true
+        [[policy.origin]]
+        domains = ["found.test"]
+        keep_at_least = "2d"
+    "#;
+    let toml = config_toml(dir.path(), &["127.0.0.10/32"], extra);
+    let lookup = parasol::fetch::guard::StaticLookup::default()
+        .with("files.found.test", &[ip("127.0.0.10")]);
+    let p = Parasol::start_with(parse(&toml), lookup).await;
+    let source = named(&origin, "files.found.test", "/a.jpg");
+    let copy = named(&origin, "files.found.test", "/copy.jpg");
+    let original = body(get(&p.url(&source)).await).await;
+    assert_eq!(body(get(&p.url(&copy)).await).await, original);
+    let base = url::Url::parse(&format!("http://{}/", p.public)).unwrap();
+    let signer = parasol::signing::Signer::new([KEY]);
+    let preview = parasol::api::native::sign_url(&base, &signer, &source, Some("preview"));
+    assert_eq!(get(&preview).await.status(), 200);
+    let ask = |q: String| {
+        let url = p.admin_url(&format!(
+            "/admin/lookup?{}",
+            form_urlencoded::Serializer::new(String::new()).append_pair("q", &q).finish()
+        ));
+        async move {
+            let r = client().get(url).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+            (
+                r.status().as_u16(),
+                serde_json::from_slice::<serde_json::Value>(&r.bytes().await.unwrap()).unwrap(),
+            )
+        }
+    };
+    // By URL: the stored original (named by both URLs) and the rendition.
+    let (status, by_url) = ask(source.clone()).await;
+    assert_eq!(status, 200, "{by_url}");
+    let blobs = by_url["blobs"].as_array().unwrap();
+    assert_eq!(blobs.len(), 2, "{by_url}");
+    let stored = blobs.iter().find(|b| b["entries"].as_array().unwrap().len() == 2).unwrap();
+    let urls: Vec<&str> =
+        stored["entries"].as_array().unwrap().iter().map(|e| e["url"].as_str().unwrap()).collect();
+    assert_eq!(urls, [source.as_str(), copy.as_str()]);
+    assert_eq!(stored["blake3"].as_str().unwrap(), blake3::hash(&original).to_hex().as_str());
+    assert_eq!(stored["len"], original.len());
+    assert_eq!(stored["domains"], serde_json::json!(["found.test"]));
+    assert!(stored["banned"].is_null());
+    let pinned = stored["pinned_until"].as_u64().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(pinned > now + 86_400 && pinned <= now + 2 * 86_400 + 5, "{pinned}");
+    let rendition = blobs.iter().find(|b| b["entries"][0]["variant"] == "preview").unwrap();
+    assert_eq!(rendition["entries"][0]["url"], source.as_str());
+    // By the blake3 of the bytes served, and by the SHA-256 of the origin's.
+    let (_, by_blake3) = ask(stored["blake3"].as_str().unwrap().to_uppercase()).await;
+    assert_eq!(by_blake3["blobs"].as_array().unwrap().len(), 1);
+    assert_eq!(by_blake3["blobs"][0], *stored);
+    use sha2::Digest;
+    let sha256 = hex::encode(sha2::Sha256::digest(&jpeg));
+    let (_, by_sha256) = ask(sha256).await;
+    assert_eq!(by_sha256["blobs"][0]["blake3"], stored["blake3"], "{by_sha256}");
+    let (_, unknown) = ask("https://files.found.test/never.jpg".into()).await;
+    assert_eq!(unknown["blobs"], serde_json::json!([]));
+    for bad in ["", "abc", "ftp://x.test/a"] {
+        assert_eq!(ask(bad.to_string()).await.0, 400, "{bad:?}");
+    }
+    // `parasol lookup` prints the same, and the URLs viewers reach the file by.
+    let file = dir.path().join("parasol.toml");
+    let running =
+        toml.replace("admin_listen = \"127.0.0.1:0\"", &format!("admin_listen = \"{}\"", p.admin));
+    std::fs::write(&file, running).unwrap();
+    let run = |args: Vec<String>| {
+        let file = file.clone();
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_parasol"))
+                .arg("lookup")
+                .args(args)
+                .arg("--config")
+                .arg(&file)
+                .output()
+                .await
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8(out.stdout).unwrap()
+        }
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&run(vec![source.clone(), "--json".into()]).await).unwrap();
+    assert_eq!(json["blobs"], by_url["blobs"]);
+    let text = run(vec![source.clone()]).await;
+    assert!(text.contains(&format!("blob {}", stored["blake3"].as_str().unwrap())), "{text}");
+    assert!(text.contains("[preview]") && text.contains("[original]"), "{text}");
+    assert!(text.contains("origin: found.test") && text.contains("pinned: until"), "{text}");
+    let native = parasol::api::native::sign_url(
+        &parasol::Config::default().server.public_base_url,
+        &signer,
+        &source,
+        Some("preview"),
+    );
+    assert!(text.contains(&native), "{text}");
+    assert!(text.contains("misskey  "), "{text}");
+    p.stop().await;
+}
