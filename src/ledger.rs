@@ -107,10 +107,30 @@ pub struct Row {
 #[derive(Default)]
 pub struct Ledger {
     domains: RwLock<HashMap<Arc<str>, Arc<Counters>>>,
-    hosts: RwLock<HashMap<Box<str>, Arc<Counters>>>,
+    /// Each host's counters, found on every viewer request (foldhash: a host is hashed per
+    /// request, and SipHash's cost there is measurable).
+    hosts: RwLock<HashMap<Box<str>, Arc<Counters>, foldhash::fast::RandomState>>,
 }
 
 impl Ledger {
+    /// One viewer request of `host`'s files: a `hit` when no origin fetch was needed, and
+    /// the body bytes sent. One lookup under a read lock, then relaxed adds.
+    pub fn viewed(&self, host: &str, hit: bool, sent: u64) {
+        let hosts = self.hosts.read().unwrap_or_else(|p| p.into_inner());
+        match hosts.get(host) {
+            Some(c) => {
+                c.viewed(hit);
+                c.served(sent);
+            }
+            None => {
+                drop(hosts);
+                let c = self.of_host(host);
+                c.viewed(hit);
+                c.served(sent);
+            }
+        }
+    }
+
     /// The counters of `host`'s origin.
     pub fn of_host(&self, host: &str) -> Arc<Counters> {
         if let Some(c) = self.hosts.read().unwrap_or_else(|p| p.into_inner()).get(host) {

@@ -11,15 +11,15 @@
 //!
 //! | room | owns | calls |
 //! |---|---|---|
-//! | [`server`], [`admin`] | listeners, connections, routing, the admin API | `proxy`, `api`, `response` |
-//! | [`proxy`] | the request lifecycle: the negative cache, the newest expiring URL of an entry; one room per source and job: `proxy/sources.rs` (the origin, the shared bucket), `proxy/prepare.rs` (media work) | `moderation`, `cache`, `fetch`, `media`, `api` |
+//! | [`server`], [`admin`] | listeners, connections, routing, the admin API (and its client for `parasol usage` and `lookup`) | `proxy`, `api`, `response`, `ledger` |
+//! | [`proxy`] | the request lifecycle: the negative cache, the newest expiring URL of an entry (an expired one is not fetched), whether a fill is kept (pinned) or only streamed by its origin's rule, the ledger's handle; one room per source and job: `proxy/sources.rs` (the origin, the shared bucket), `proxy/prepare.rs` (media work) | `moderation`, `cache`, `fetch`, `media`, `api`, `ledger` |
 //! | [`moderation`] | bans, hash lists, the scanner, the moderation log; checks at each checkpoint (request, fill, hit) | `cache`, `media` (an input for the scanner) |
 //! | [`api`] | URL schemes → [`api::ProxyRequest`] with its canonical URL; the unsigned routes' allowances | `signing`, `policy` |
 //! | [`media`] | the worker pool ([`media::worker`]: fair queue, processes, sandbox, tools) and what runs inside a worker | `cache` (sinks, inputs) |
 //! | [`response`] | 200/206/304/416 and error responses from an entry | `cache` |
-//! | [`fetch`] | the origin client: guard, peer check, fill slots, name resolution | `audit`, `policy` |
+//! | [`fetch`] | the origin client: guard, peer check, fill slots (per-rule concurrency and pace), backoff from hosts that asked or keep failing, name resolution | `audit`, `policy`, `ledger` |
 //! | [`cache`] | the store ([`cache::store::Store`]: memory tier, blobs, redb index, S3-FIFO budget, its own upkeep), the shared bucket's client ([`cache::shared`], handed to the proxy's bucket source and to moderation), coalescing of fills ([`cache::coalesce`]), bodies on their way in, digests | `telemetry`, `error` |
-//! | [`policy`], [`signing`], [`config`], [`telemetry`], [`audit`], [`error`] | leaves: domain policy and origins, HMAC, configuration by section, metrics, the outbound log, the one error | — |
+//! | [`policy`], [`ledger`], [`signing`], [`config`], [`telemetry`], [`audit`], [`error`] | leaves: domain policy, origins and their `[[policy.origin]]` rules, what each origin costs, HMAC, configuration by section, metrics, the outbound log, the one error | — |
 //!
 //! # Request lifecycle
 //! Hit: route → verify signature → canonical source URL and key (once) → moderation's check

@@ -447,24 +447,19 @@ async fn serve_akkoma_preview<B>(
 
 /// Serves `request` and counts it in its origin's line of the ledger.
 async fn serve_request<B>(proxy: &Arc<Proxy>, request: &ProxyRequest, req: &Request<B>) -> Routed {
-    let origin = proxy.ledger().of_host(request.source.host_str().unwrap_or_default());
-    let routed = find_and_serve(proxy, request, req, &origin).await;
-    let hit = routed.as_ref().is_ok_and(|(_, cache, _)| {
-        matches!(cache, CacheStatus::HitMemory | CacheStatus::HitDisk | CacheStatus::HitShared)
-    });
-    origin.viewed(hit);
-    if let Ok((_, _, sent)) = &routed {
-        origin.served(*sent);
-    }
+    let routed = find_and_serve(proxy, request, req).await;
+    let (hit, sent) = match &routed {
+        Ok((_, cache, sent)) => (
+            matches!(cache, CacheStatus::HitMemory | CacheStatus::HitDisk | CacheStatus::HitShared),
+            *sent,
+        ),
+        Err(_) => (false, 0),
+    };
+    proxy.ledger().viewed(request.source.host_str().unwrap_or_default(), hit, sent);
     routed
 }
 
-async fn find_and_serve<B>(
-    proxy: &Arc<Proxy>,
-    request: &ProxyRequest,
-    req: &Request<B>,
-    origin: &Arc<crate::ledger::Counters>,
-) -> Routed {
+async fn find_and_serve<B>(proxy: &Arc<Proxy>, request: &ProxyRequest, req: &Request<B>) -> Routed {
     let (entry, cache) = match &request.variant {
         Some(name) => proxy.get_variant(request, name, Trigger::View).await?,
         None => match proxy.get_streaming(request, Trigger::View).await? {
@@ -481,7 +476,8 @@ async fn find_and_serve<B>(
             // Still arriving: read as it does.
             crate::proxy::Found::Growing(growing, cache) => {
                 // Its bytes are counted as they go.
-                let (served, origin) = (proxy.metrics().bytes_served.clone(), origin.clone());
+                let served = proxy.metrics().bytes_served.clone();
+                let origin = proxy.ledger().of_host(request.source.host_str().unwrap_or_default());
                 let count = move |n| {
                     served.inc_by(n);
                     origin.served(n);
