@@ -576,3 +576,51 @@ async fn lookup_finds_every_url_and_rendition_of_a_file_by_url_blake3_or_sha256(
     assert!(text.contains("misskey  "), "{text}");
     p.stop().await;
 }
+
+#[tokio::test]
+async fn origin_rules_reload_with_the_policy() {
+    let origin = Origin::start("127.0.0.11").await;
+    let img = png_bytes(5_000, 900);
+    origin.route("/r.png", Route::ok(img.clone()).header("content-type", "image/png"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("parasol.toml");
+    let rule = "[[policy.origin]]\ndomains = [\"reload.test\"]\nmax_object_bytes = \"1000\"\n";
+    std::fs::write(&file, config_toml(dir.path(), &["127.0.0.11/32"], rule)).unwrap();
+    let lookup: std::sync::Arc<dyn parasol::fetch::guard::Lookup> = std::sync::Arc::new(
+        parasol::fetch::guard::StaticLookup::default().with("a.reload.test", &[ip("127.0.0.11")]),
+    );
+    let config = parasol::Config::load(Some(&file)).unwrap();
+    let p = Parasol::start_opts(config, options(lookup, Some(file.clone()))).await;
+    let url = p.url(&named(&origin, "a.reload.test", "/r.png"));
+    assert_eq!(get(&url).await.status(), 413);
+    // The rule goes; after a reload, the file is fetched within the default limit.
+    std::fs::write(&file, config_toml(dir.path(), &["127.0.0.11/32"], "")).unwrap();
+    let reload = client()
+        .post(p.admin_url("/admin/reload"))
+        .bearer_auth(ADMIN_TOKEN)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 200);
+    // (413 is remembered per URL for cache.negative_ttl: ask by another spelling of the file.)
+    let again = p.url(&named(&origin, "a.reload.test", "/r.png?v=2"));
+    origin.route("/r.png", Route::ok(img.clone()).header("content-type", "image/png"));
+    let r = get(&again).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(body(r).await, img);
+    // A rule that does not check is refused whole: the running policy stays.
+    let bad = "[[policy.origin]]\ndomains = []\n";
+    std::fs::write(&file, config_toml(dir.path(), &["127.0.0.11/32"], bad)).unwrap();
+    let reload = client()
+        .post(p.admin_url("/admin/reload"))
+        .bearer_auth(ADMIN_TOKEN)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 400);
+    let text = reload.text().await.unwrap();
+    assert!(text.contains("policy.origin[0]"), "{text}");
+    p.stop().await;
+}
