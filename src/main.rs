@@ -215,12 +215,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Usage { sort, limit, json, config } => {
             let config = load(config.as_deref())?;
-            let runtime =
-                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-            let query = format!("/admin/origins?sort={sort}&limit={limit}");
-            let answer = runtime
-                .block_on(parasol::admin::client::get_json(&config, &query))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let answer = admin_get(&config, &format!("/admin/origins?sort={sort}&limit={limit}"))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
@@ -232,13 +227,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Lookup { query, json, config } => {
             let config = load(config.as_deref())?;
-            let runtime =
-                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             let q: String =
                 form_urlencoded::Serializer::new(String::new()).append_pair("q", &query).finish();
-            let answer = runtime
-                .block_on(parasol::admin::client::get_json(&config, &format!("/admin/lookup?{q}")))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let answer = admin_get(&config, &format!("/admin/lookup?{q}"))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
@@ -253,6 +244,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// GETs `path_and_query` from the admin API of the running server `config` describes.
+fn admin_get(config: &Config, path_and_query: &str) -> anyhow::Result<serde_json::Value> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime
+        .block_on(parasol::admin::client::get_json(config, path_and_query))
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// `parasol sign`: the URL of `url` (as `variant`) in `scheme`, printed.

@@ -105,7 +105,6 @@ pub fn lookup_text(
     if blobs.is_empty() {
         let _ = writeln!(out, "nothing stored for {}", answer["query"].as_str().unwrap_or(""));
     }
-    let (base, compat) = (&config.server.public_base_url, &config.compat);
     for b in &blobs {
         let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
         let _ = writeln!(
@@ -142,37 +141,37 @@ pub fn lookup_text(
                 variant.unwrap_or("original"),
                 humantime::format_duration(age)
             );
-            let _ = writeln!(
-                out,
-                "    native   {}",
-                crate::api::native::sign_url(base, signer, &url, variant)
-            );
-            let Ok(source) = url::Url::parse(&url) else { continue };
-            if compat.misskey && variant.is_none() {
-                let query: String = form_urlencoded::Serializer::new(String::new())
-                    .append_pair("url", source.as_str())
-                    .finish();
-                let _ = writeln!(out, "    misskey  {}proxy/image.webp?{query}", base.as_str());
-            }
-            if !compat.camo_key.is_empty() && variant.is_none() {
-                let camo = crate::api::camo::sign_url(
-                    base.as_str(),
-                    compat.camo_key.as_bytes(),
-                    source.as_str(),
-                );
-                let _ = writeln!(out, "    camo     {camo}");
-            }
-            if !compat.akkoma_secret.is_empty() {
-                let preview = variant.is_some();
-                let akkoma = crate::api::akkoma::sign_url(
-                    base.as_str(),
-                    compat.akkoma_secret.as_bytes(),
-                    &source,
-                    preview,
-                );
-                let _ = writeln!(out, "    akkoma   {akkoma}");
+            for (scheme, viewed) in viewer_urls(config, signer, &url, variant) {
+                let _ = writeln!(out, "    {scheme:<8} {viewed}");
             }
         }
     }
     out
+}
+
+/// The URLs viewers reach `url` (as `variant`) by, in every scheme `config` enables.
+fn viewer_urls(
+    config: &Config,
+    signer: &crate::signing::Signer,
+    url: &str,
+    variant: Option<&str>,
+) -> Vec<(&'static str, String)> {
+    let (base, compat) = (&config.server.public_base_url, &config.compat);
+    let mut urls = vec![("native", crate::api::native::sign_url(base, signer, url, variant))];
+    let Ok(source) = url::Url::parse(url) else { return urls };
+    if compat.misskey && variant.is_none() {
+        let query: String =
+            form_urlencoded::Serializer::new(String::new()).append_pair("url", url).finish();
+        urls.push(("misskey", format!("{}proxy/image.webp?{query}", base.as_str())));
+    }
+    if !compat.camo_key.is_empty() && variant.is_none() {
+        let key = compat.camo_key.as_bytes();
+        urls.push(("camo", crate::api::camo::sign_url(base.as_str(), key, source.as_str())));
+    }
+    if !compat.akkoma_secret.is_empty() {
+        let key = compat.akkoma_secret.as_bytes();
+        let preview = variant.is_some();
+        urls.push(("akkoma", crate::api::akkoma::sign_url(base.as_str(), key, &source, preview)));
+    }
+    urls
 }
