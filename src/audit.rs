@@ -14,14 +14,61 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-/// Why parasol contacted an origin.
+/// Why parasol contacted an origin. Written as `"view"`, `"prefetch"` or `"arrival"` (an
+/// arrival's drawn delay goes in the record's `delay_ms`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(into = "TriggerName", from = "TriggerName")]
 pub enum Trigger {
     /// A viewer asked for something that was not cached.
     View,
     /// An admin asked parasol to fetch ahead of any viewer.
     Prefetch,
+    /// A post arrived on a feed ([`crate::feed`]); fetched this long after its arrival, a
+    /// moment drawn at random within the feed's `delay`.
+    Arrival {
+        /// The delay drawn, in milliseconds.
+        delay_ms: u64,
+    },
+}
+
+/// A trigger's name in the log.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum TriggerName {
+    View,
+    Prefetch,
+    Arrival,
+}
+
+impl From<Trigger> for TriggerName {
+    fn from(t: Trigger) -> Self {
+        match t {
+            Trigger::View => TriggerName::View,
+            Trigger::Prefetch => TriggerName::Prefetch,
+            Trigger::Arrival { .. } => TriggerName::Arrival,
+        }
+    }
+}
+
+impl From<TriggerName> for Trigger {
+    fn from(t: TriggerName) -> Self {
+        match t {
+            TriggerName::View => Trigger::View,
+            TriggerName::Prefetch => Trigger::Prefetch,
+            TriggerName::Arrival => Trigger::Arrival { delay_ms: 0 },
+        }
+    }
+}
+
+impl Trigger {
+    /// Its name in the log and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::View => "view",
+            Trigger::Prefetch => "prefetch",
+            Trigger::Arrival { .. } => "arrival",
+        }
+    }
 }
 
 /// One outbound request, as written to the log (DESIGN.md §1.5).
@@ -49,6 +96,9 @@ pub struct Record {
     pub ms: u64,
     /// `ok`, `redirect`, or the error code of the failure.
     pub outcome: String,
+    /// For an arrival: the delay drawn after the post arrived, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
 }
 
 impl Record {
@@ -216,6 +266,8 @@ async fn rotate(
 pub struct HostSummary {
     /// Requests sent to the host.
     pub requests: u64,
+    /// Of those, how many each trigger caused (`view`, `prefetch`, `arrival`).
+    pub by_trigger: BTreeMap<String, u64>,
     /// Body bytes received from it.
     pub bytes: u64,
     /// Every header name sent to it.
@@ -267,6 +319,7 @@ pub fn summarize(reader: impl std::io::BufRead) -> std::io::Result<Summary> {
         }
         let host = summary.hosts.entry(record.host.clone()).or_default();
         host.requests += 1;
+        *host.by_trigger.entry(record.trigger.as_str().to_string()).or_default() += 1;
         host.bytes += record.bytes;
         host.header_names.extend(record.headers.keys().cloned());
         if host.first.is_empty() || record.ts < host.first {

@@ -13,6 +13,7 @@ use url::Url;
 
 mod cache;
 mod compat;
+mod feed;
 mod fetch;
 mod media;
 mod moderation;
@@ -21,6 +22,7 @@ mod values;
 
 pub use cache::*;
 pub use compat::*;
+pub use feed::*;
 pub use fetch::*;
 pub use media::*;
 pub use moderation::*;
@@ -62,6 +64,8 @@ pub struct Config {
     pub moderation: ModerationConfig,
     /// `[[upstream]]`: path prefixes served from one fixed origin (an instance's own bucket).
     pub upstream: Vec<UpstreamConfig>,
+    /// `[[feed]]`: instances' timelines followed, to fetch media when a post arrives.
+    pub feed: Vec<FeedConfig>,
 }
 
 /// A configuration problem, always naming the key or file it is about.
@@ -181,6 +185,9 @@ impl Config {
             u.check().or_else(|message| bad(&format!("upstream[{i}]"), message))?;
         }
         self.moderation.check()?;
+        for (i, f) in self.feed.iter().enumerate() {
+            f.check().or_else(|message| bad(&format!("feed[{i}]"), message))?;
+        }
         self.media.check()
     }
 
@@ -216,6 +223,8 @@ const SECRETS: &[&str] = &[
     "compat.pictrs_secret",
     "shared.secret_access_key",
     "upstream[*].s3.secret_access_key",
+    "feed[*].url",
+    "feed[*].token",
 ];
 
 /// Whether the value at `key` (as serde names it: `upstream[0].s3.secret_access_key`) is a

@@ -342,6 +342,10 @@ impl Fetcher {
             bytes: 0,
             ms: 0,
             outcome: String::new(),
+            delay_ms: match trigger {
+                Trigger::Arrival { delay_ms } => Some(delay_ms),
+                _ => None,
+            },
         }
     }
 }

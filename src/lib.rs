@@ -51,6 +51,7 @@ pub mod audit;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod feed;
 pub mod fetch;
 pub mod ledger;
 pub mod media;
@@ -431,6 +432,7 @@ impl Bound {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let reloader = self.reloader();
         let public_state = self.public_state();
+        let self_signer = self.signer.clone();
         let Bound { public, admin, pictrs, proxy, mut proxy_closed, unsigned, audit_task, .. } =
             self;
         let server = &proxy.config().server;
@@ -473,6 +475,8 @@ impl Bound {
             admin_limits,
         ));
         let ledger_saver = tokio::spawn(save_ledger_every(Arc::downgrade(&proxy), LEDGER_EVERY));
+        let feed_metrics = proxy.metrics().feeds.clone();
+        feed::start(proxy.config(), &proxy, self_signer, feed_metrics);
         tracing::info!("parasol is serving");
         shutdown.await;
         // One deadline for all of the shutdown, whatever is still running.

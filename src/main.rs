@@ -403,13 +403,16 @@ fn audit(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(
-            "{:<40} {:>9} {:>14}  {:<24} {:<24} headers",
-            "host", "requests", "bytes", "first", "last"
+            "{:<40} {:>9} {:>7} {:>14}  {:<24} {:<24} headers",
+            "host", "requests", "views", "bytes", "first", "last"
         );
         for (host, s) in &summary.hosts {
             let names: Vec<&str> = s.header_names.iter().map(String::as_str).collect();
+            // The share of its fetches a viewer's look caused (the rest: arrivals, prefetches).
+            let views = s.by_trigger.get("view").copied().unwrap_or(0);
+            let share = format!("{}%", views * 100 / s.requests.max(1));
             println!(
-                "{host:<40} {:>9} {:>14}  {:<24} {:<24} {}",
+                "{host:<40} {:>9} {share:>7} {:>14}  {:<24} {:<24} {}",
                 s.requests,
                 s.bytes,
                 s.first,

@@ -424,6 +424,11 @@ impl Proxy {
         }
     }
 
+    /// The cache key of `req`.
+    pub fn key_of(&self, req: &ProxyRequest) -> Key {
+        req.key(&self.normalizer)
+    }
+
     /// Whether `req` is held in memory or on disk (no fill needed).
     pub async fn is_cached(&self, req: &ProxyRequest) -> bool {
         let key = req.key(&self.normalizer);

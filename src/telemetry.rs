@@ -103,6 +103,13 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// `parasol_origin_fetch_triggers_total{trigger}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabels {
+    /// `view`, `prefetch` or `arrival`.
+    pub trigger: &'static str,
+}
+
 /// The per-origin series: a domain named by a `[[policy.origin]]` rule, or `other`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DomainLabels {
@@ -154,6 +161,10 @@ pub struct Metrics {
     pub shared: Family<SharedLabels, Counter>,
     /// `parasol_origin_backoffs_total`.
     pub origin_backoffs: Family<ReasonLabels, Counter>,
+    /// `parasol_origin_fetch_triggers_total`.
+    pub fetch_triggers: Family<TriggerLabels, Counter>,
+    /// `parasol_feed_events_total` and `parasol_arrivals_total`.
+    pub feeds: crate::feed::FeedMetrics,
     /// `parasol_origins_backing_off`, set when scraped.
     pub origins_backing_off: Gauge,
     /// `parasol_origin_requests_total{domain}`, brought up to the ledger when scraped.
@@ -231,6 +242,16 @@ const HELP: &[(&str, &str)] = &[
     ),
     ("origins_backing_off", "Origin hosts parasol leaves alone now (no new fills)"),
     (
+        "origin_fetch_triggers",
+        "Fills that went to an origin, by what caused them: view, prefetch or arrival",
+    ),
+    ("feed_events", "Feed events: post, caught_up (read after a reconnection), disconnect, bad"),
+    (
+        "arrivals",
+        "Files of arriving posts: queued, known (cached or queued already), dropped (queue \
+             full), fetched, cached (cached by then), failed",
+    ),
+    (
         "origin_requests",
         "Viewer requests by origin: each domain a [[policy.origin]] rule names, other for the rest",
     ),
@@ -288,6 +309,11 @@ impl Metrics {
             shared: register(&mut registry, "shared_tier", Family::default()),
             origin_backoffs: register(&mut registry, "origin_backoffs", Family::default()),
             origins_backing_off: register(&mut registry, "origins_backing_off", Gauge::default()),
+            fetch_triggers: register(&mut registry, "origin_fetch_triggers", Family::default()),
+            feeds: crate::feed::FeedMetrics {
+                events: register(&mut registry, "feed_events", Family::default()),
+                arrivals: register(&mut registry, "arrivals", Family::default()),
+            },
             origin_requests: register(&mut registry, "origin_requests", Family::default()),
             origin_fetched_bytes: register(
                 &mut registry,

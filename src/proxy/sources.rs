@@ -94,6 +94,8 @@ impl Origin {
     ) -> Result<Received, ProxyError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let host = req.source.host_str().unwrap_or_default();
+        let triggered = crate::telemetry::TriggerLabels { trigger: trigger.as_str() };
+        self.metrics.fetch_triggers.get_or_create(&triggered).inc();
         // A host being left alone is answered at once: no slot, no turn is waited for.
         self.fetcher.check_backoff(host).inspect_err(|e| {
             self.metrics.origin.get_or_create(&OutcomeLabels { outcome: e.code() }).inc();

@@ -10,6 +10,7 @@ mod cli;
 mod compat;
 mod dns;
 mod durability;
+mod feeds;
 mod hostile;
 mod lemmy;
 mod media;

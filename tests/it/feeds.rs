@@ -1,0 +1,336 @@
+//! Fetching when a post arrives: test servers that speak each feed's protocol deliver posts
+//! whose media live on a recording origin; parasol fetches each file once, after arrival and
+//! within the feed's delay, before any view, and the views are hits.
+//!
+//! The Mastodon stand-in follows mastodon/mastodon `streaming/index.js` (`streamToHttp`:
+//! `text/event-stream`, a `:)` comment on connect, `event: update` + `data: <Status JSON>` +
+//! blank line per status, the token as `Authorization: Bearer`) and
+//! `app/controllers/api/v1/timelines/public_controller.rb` with `concerns/paginable.rb`
+//! (`remote=true&since_id=`, newest first, at most 40). The Misskey stand-in follows
+//! misskey-dev/misskey `server/api/StreamingApiServerService.ts` (`/streaming?i=TOKEN`),
+//! `stream/Connection.ts` (`{"type":"connect","body":{"channel","id","params"}}`) and
+//! `stream/channel.ts` (`{"type":"channel","body":{"id","type":"note","body":<Note>}}`).
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::util::*;
+
+/// A Mastodon API stand-in: the public remote stream and the public timeline.
+#[derive(Default)]
+struct Mastodon {
+    /// Every status posted, oldest first.
+    statuses: Mutex<Vec<serde_json::Value>>,
+    /// The open stream's sender, if a client is connected.
+    stream: Mutex<Option<tokio::sync::mpsc::Sender<Bytes>>>,
+    /// Requests seen: path and query, and the Authorization header.
+    seen: Mutex<Vec<(String, Option<String>)>>,
+}
+
+impl Mastodon {
+    async fn start(ip: &str) -> (Arc<Mastodon>, std::net::SocketAddr) {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mastodon::default());
+        let st = state.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| st.clone().answer(req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (state, addr)
+    }
+
+    async fn answer(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
+        let target = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+        let auth = req.headers().get("authorization").map(|v| v.to_str().unwrap().to_string());
+        self.seen.lock().unwrap().push((target.clone(), auth.clone()));
+        if auth.as_deref() != Some("Bearer feed-token") {
+            let body = Full::new(Bytes::from_static(b"{\"error\":\"Missing access token\"}"));
+            let mut r = Response::new(body.boxed());
+            *r.status_mut() = http::StatusCode::UNAUTHORIZED;
+            return Ok(r);
+        }
+        if req.uri().path() == "/api/v1/streaming/public/remote" {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+            let _ = tx.send(Bytes::from_static(b":)\n")).await;
+            *self.stream.lock().unwrap() = Some(tx);
+            let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+            });
+            let mut r = Response::new(StreamBody::new(frames).boxed());
+            r.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+            return Ok(r);
+        }
+        if req.uri().path() == "/api/v1/timelines/public" {
+            let query: Vec<(String, String)> =
+                form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+                    .into_owned()
+                    .collect();
+            let param = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+            let since: u64 = param("since_id").and_then(|s| s.parse().ok()).unwrap_or(0);
+            let limit: usize = param("limit").and_then(|s| s.parse().ok()).unwrap_or(20).min(40);
+            let statuses = self.statuses.lock().unwrap();
+            let mut page: Vec<&serde_json::Value> = statuses
+                .iter()
+                .filter(|s| s["id"].as_str().unwrap().parse::<u64>().unwrap() > since)
+                .collect();
+            page.reverse();
+            page.truncate(limit);
+            let body = serde_json::to_vec(&page).unwrap();
+            return Ok(Response::new(Full::new(Bytes::from(body)).boxed()));
+        }
+        let mut r = Response::new(Full::new(Bytes::from_static(b"{}")).boxed());
+        *r.status_mut() = http::StatusCode::NOT_FOUND;
+        Ok(r)
+    }
+
+    /// Posts `status`: kept for the timeline, and sent on the stream if one is open.
+    async fn post(&self, status: serde_json::Value) {
+        self.statuses.lock().unwrap().push(status.clone());
+        let tx = self.stream.lock().unwrap().clone();
+        if let Some(tx) = tx {
+            let event = format!("event: update\ndata: {status}\n\n");
+            let _ = tx.send(Bytes::from(event)).await;
+        }
+    }
+
+    /// Ends the open stream, as a restarted streaming server would.
+    fn drop_stream(&self) {
+        self.stream.lock().unwrap().take();
+    }
+
+    fn connected(&self) -> bool {
+        self.stream.lock().unwrap().as_ref().is_some_and(|tx| !tx.is_closed())
+    }
+}
+
+/// A remote status whose media, avatar and emoji are files on `origin` (reached as
+/// `files.remote.test`).
+fn status(id: u64, origin: &Origin) -> serde_json::Value {
+    let file = |name: &str| format!("http://files.remote.test:{}/{name}", origin.addr.port());
+    serde_json::json!({
+        "id": id.to_string(),
+        "content": format!("<p>post {id}</p>"),
+        "media_attachments": [{
+            "url": file(&format!("m{id}.png")),
+            "preview_url": file(&format!("m{id}s.png")),
+            "remote_url": file(&format!("m{id}.png")),
+        }],
+        "account": {"avatar": file("avatar.png"), "avatar_static": file("avatar.png"),
+                    "header": null, "header_static": null, "emojis": []},
+        "emojis": [{"shortcode": "blob", "url": file(&format!("e{id}.png")), "static_url": file(&format!("e{id}.png"))}],
+        "card": null,
+        "reblog": null,
+    })
+}
+
+fn serve_files(origin: &Origin, names: &[String]) {
+    for (i, name) in names.iter().enumerate() {
+        let body = png_bytes(3_000 + i * 100, 1_000 + i as u64);
+        origin.route(&format!("/{name}"), Route::ok(body).header("content-type", "image/png"));
+    }
+}
+
+fn feed_config(dir: &std::path::Path, kind: &str, base: &str, delay: &str) -> parasol::Config {
+    let extra = format!(
+        "[[feed]]\nkind = \"{kind}\"\nurl = \"{base}\"\ntoken = \"feed-token\"\ndelay = \"{delay}\"\n"
+    );
+    let toml = config_toml(dir, &["127.0.0.13/32"], &extra);
+    parasol::Config::from_sources("test", &toml, std::iter::empty()).expect("valid config")
+}
+
+/// The audit log's records.
+fn audit(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("outbound.jsonl")).unwrap_or_default();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[tokio::test]
+async fn a_mastodon_feed_fetches_each_file_once_after_arrival_and_catches_up_after_a_drop() {
+    let origin = Origin::start("127.0.0.13").await;
+    let names: Vec<String> = (1..=3)
+        .flat_map(|i| [format!("m{i}.png"), format!("m{i}s.png"), format!("e{i}.png")])
+        .chain(["avatar.png".to_string()])
+        .collect();
+    serve_files(&origin, &names);
+    let (mastodon, addr) = Mastodon::start("127.0.0.12").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = feed_config(dir.path(), "mastodon", &format!("http://{addr}"), "2s");
+    let lookup = parasol::fetch::guard::StaticLookup::default()
+        .with("files.remote.test", &[ip("127.0.0.13")]);
+    let p = Parasol::start_with(config, lookup).await;
+    assert!(eventually(|| mastodon.connected()).await, "parasol connects to the stream");
+    // A status arrives: its four files are fetched once each, after arrival, within 2 s.
+    let arrived = Instant::now();
+    mastodon.post(status(1, &origin)).await;
+    let first = ["m1.png", "m1s.png", "e1.png", "avatar.png"];
+    let fetched = |names: &[&str]| names.iter().all(|n| origin.hits(&format!("/{n}")) == 1);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !fetched(&first) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(fetched(&first), "{:?}", origin.seen().iter().map(|s| &s.path).collect::<Vec<_>>());
+    for seen in origin.seen() {
+        let after = seen.at - arrived;
+        assert!(after < Duration::from_secs(2) + Duration::from_millis(1500), "{after:?}");
+    }
+    // The audit log says why, and the delay drawn.
+    let records = audit(dir.path());
+    assert_eq!(records.len(), 4);
+    for r in &records {
+        assert_eq!(r["trigger"], "arrival", "{r}");
+        assert!(r["delay_ms"].as_u64().unwrap() < 2_000, "{r}");
+    }
+    // Views are hits: no origin request.
+    for name in first {
+        let source = format!("http://files.remote.test:{}/{name}", origin.addr.port());
+        assert_eq!(get(&p.url(&source)).await.status(), 200);
+    }
+    assert!(fetched(&first), "a view after arrival asks the origin nothing");
+    // The stream drops; two statuses arrive meanwhile; parasol reconnects and catches up.
+    mastodon.drop_stream();
+    mastodon.post(status(2, &origin)).await;
+    mastodon.post(status(3, &origin)).await;
+    let rest = ["m2.png", "m2s.png", "e2.png", "m3.png", "m3s.png", "e3.png"];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fetched(&rest) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        fetched(&rest),
+        "caught up: {:?}",
+        origin.seen().iter().map(|s| &s.path).collect::<Vec<_>>()
+    );
+    assert_eq!(origin.hits("/avatar.png"), 1, "the avatar they share is fetched once");
+    let seen = mastodon.seen.lock().unwrap().clone();
+    let catch_up = seen.iter().find(|(t, _)| t.starts_with("/api/v1/timelines/public")).unwrap();
+    assert!(
+        catch_up.0.contains("remote=true") && catch_up.0.contains("since_id=1"),
+        "{catch_up:?}"
+    );
+    assert!(seen.iter().all(|(t, auth)| !t.contains("feed-token") && auth.is_some()), "{seen:?}");
+    let metrics = p.metrics().await;
+    assert!(metrics.contains("parasol_feed_events_total{outcome=\"post\"} 1"), "{metrics}");
+    assert!(metrics.contains("parasol_feed_events_total{outcome=\"caught_up\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("parasol_origin_fetch_triggers_total{trigger=\"arrival\"} 10"),
+        "{metrics}"
+    );
+    p.stop().await;
+}
+
+/// A Misskey streaming stand-in: accepts `/streaming?i=feed-token`, waits for the client to
+/// connect `globalTimeline`, then sends each note pushed into it on that channel.
+async fn misskey(
+    ip: &str,
+) -> (std::net::SocketAddr, tokio::sync::mpsc::Sender<serde_json::Value>, Arc<Mutex<Vec<String>>>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<serde_json::Value>(16);
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        let Ok((stream, _)) = listener.accept().await else { return };
+        let check =
+            |req: &tokio_tungstenite::tungstenite::handshake::server::Request,
+             resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
+                log.lock().unwrap().push(req.uri().to_string());
+                Ok(resp)
+            };
+        let mut ws = tokio_tungstenite::accept_hdr_async(stream, check).await.unwrap();
+        let connect = loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    break serde_json::from_str::<serde_json::Value>(&t).unwrap();
+                }
+                Some(Ok(_)) => continue,
+                _ => return,
+            }
+        };
+        assert_eq!(connect["type"], "connect");
+        assert_eq!(connect["body"]["channel"], "globalTimeline");
+        let id = connect["body"]["id"].clone();
+        while let Some(note) = rx.recv().await {
+            let message = serde_json::json!({"type": "channel", "body": {"id": id, "type": "note", "body": note}});
+            if ws.send(Message::text(message.to_string())).await.is_err() {
+                return;
+            }
+        }
+    });
+    (addr, tx, seen)
+}
+
+#[tokio::test]
+async fn a_misskey_feed_warms_remote_notes_and_leaves_local_ones() {
+    let origin = Origin::start("127.0.0.13").await;
+    let names: Vec<String> = ["f.webp", "t.webp", "a.webp", "x.png", "local.png"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    serve_files(&origin, &names);
+    let (addr, notes, seen) = misskey("127.0.0.14").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = feed_config(dir.path(), "misskey", &format!("http://{addr}"), "1s");
+    let lookup = parasol::fetch::guard::StaticLookup::default()
+        .with("files.remote.test", &[ip("127.0.0.13")]);
+    let p = Parasol::start_with(config, lookup).await;
+    let file = |name: &str| format!("http://files.remote.test:{}/{name}", origin.addr.port());
+    let local = serde_json::json!({"id": "9zz01", "user": {"host": null, "avatarUrl": file("local.png")}, "files": []});
+    let remote = serde_json::json!({
+        "id": "9zz02",
+        "user": {"host": "remote.test", "avatarUrl": file("a.webp"), "emojis": {}},
+        "files": [{"url": file("f.webp"), "thumbnailUrl": file("t.webp")}],
+        "emojis": {"x": file("x.png")},
+        "reactionEmojis": {},
+    });
+    // (The channel buffers until parasol has connected.)
+    notes.send(local).await.unwrap();
+    notes.send(remote).await.unwrap();
+    let wanted = ["f.webp", "t.webp", "a.webp", "x.png"];
+    let fetched = || wanted.iter().all(|n| origin.hits(&format!("/{n}")) == 1);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !fetched() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(fetched(), "{:?}", origin.seen().iter().map(|s| &s.path).collect::<Vec<_>>());
+    assert_eq!(origin.hits("/local.png"), 0, "a local note's files are the instance's own");
+    assert_eq!(seen.lock().unwrap().as_slice(), ["/streaming?i=feed-token"]);
+    assert!(audit(dir.path()).iter().all(|r| r["trigger"] == "arrival"));
+    let r = get(&p.url(&file("f.webp"))).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(origin.hits("/f.webp"), 1, "the view is a hit");
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn feed_secrets_are_redacted_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = feed_config(dir.path(), "mastodon", "https://secret-instance.test", "5m");
+    let shown = config.to_redacted_toml();
+    assert!(!shown.contains("secret-instance") && !shown.contains("feed-token"), "{shown}");
+    let bad =
+        config_toml(dir.path(), &[], "[[feed]]\nkind = \"mastodon\"\nurl = \"ftp://x.test\"\n");
+    let e = parasol::Config::from_sources("t", &bad, std::iter::empty()).unwrap_err().to_string();
+    assert!(e.contains("feed[0]") && !e.contains("x.test"), "{e}");
+}
