@@ -587,6 +587,16 @@ async fn serve_pictrs<B>(
         PictrsRequest::Healthz => {
             Ok((response::json(http::StatusCode::OK, "{}\n".into()), CacheStatus::Bypass, 0))
         }
+        // Lemmy asks for the `original` and `details` of every image as a post is received
+        // (LemmyNet/lemmy `crates/api/api_utils/src/utils.rs`, `proxy_image_link_internal`),
+        // itself; a viewer's request it relays carries the X-Forwarded-For it adds
+        // (`crates/routes/src/images/download.rs`). Lemmy's own are arrivals, recorded so.
+        PictrsRequest::Original(source) if !req.headers().contains_key("x-forwarded-for") => {
+            let request = original(source);
+            let arrival = Trigger::Arrival { delay_ms: 0 };
+            proxy.get(&request, arrival).await?;
+            serve_request(proxy, &request, req).await
+        }
         PictrsRequest::Original(source) => serve_request(proxy, &original(source), req).await,
         PictrsRequest::Process(source, rendition) => {
             let name = rendition.name();
@@ -597,7 +607,8 @@ async fn serve_pictrs<B>(
         }
         PictrsRequest::Details(source) => {
             let host = source.host_str().unwrap_or_default().to_string();
-            let (entry, cache) = proxy.get(&original(source), Trigger::View).await?;
+            let arrival = Trigger::Arrival { delay_ms: 0 };
+            let (entry, cache) = proxy.get(&original(source), arrival).await?;
             let content_type = entry.content_type.to_str().unwrap_or_default().to_string();
             if !content_type.starts_with("video/") && !proxy.media().can_render(&content_type) {
                 return Err((ProxyError::NoRendition("not a picture".into()), cache));

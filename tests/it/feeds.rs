@@ -240,6 +240,7 @@ async fn a_mastodon_feed_fetches_each_file_once_after_arrival_and_catches_up_aft
 
 /// A Misskey streaming stand-in: accepts `/streaming?i=feed-token`, waits for the client to
 /// connect `globalTimeline`, then sends each note pushed into it on that channel.
+#[allow(clippy::result_large_err)] // tungstenite's handshake callback returns its own type
 async fn misskey(
     ip: &str,
 ) -> (std::net::SocketAddr, tokio::sync::mpsc::Sender<serde_json::Value>, Arc<Mutex<Vec<String>>>) {

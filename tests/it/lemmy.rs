@@ -76,6 +76,11 @@ async fn lemmy_ingest_and_viewers_through_the_pictrs_api() {
     assert!(humantime::parse_rfc3339(created).is_ok(), "{created}");
     let blurhash = details["blurhash"].as_str().unwrap();
     assert_eq!(blurhash.len(), 28, "a 4x3 blurhash: {blurhash}");
+    // Lemmy's own requests at ingest are arrivals in the audit log, not views.
+    let log_path = dir.path().join("outbound.jsonl");
+    let logged = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(eventually(|| logged().lines().count() == 1).await, "{}", logged());
+    assert!(logged().contains("\"trigger\":\"arrival\""), "{}", logged());
 
     // A viewer: Lemmy's stored thumbnail link asks process.<ext of the URL>?thumbnail=512
     // (image_max_thumbnail_size), relaying the viewer's headers.
