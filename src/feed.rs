@@ -247,19 +247,32 @@ impl Feeds {
     }
 }
 
+/// Where views that may not fetch (`policy.view_fetch = "never"`) queue their file, and the
+/// window its fetch is drawn in.
+pub struct Pending {
+    /// The queue.
+    pub arrivals: Arc<Arrivals>,
+    /// The feeds' longest `delay`, or 5 minutes without a feed.
+    pub window: Duration,
+}
+
 /// Starts the arrival fetcher and one follower per `[[feed]]` of `config`, all ending with
-/// the proxy. Nothing starts when no feed is configured.
+/// the proxy. Nothing starts when no feed is configured and views may fetch. With
+/// `policy.view_fetch = "never"`, answers where views queue their files.
 pub fn start(
     config: &crate::Config,
     proxy: &Arc<Proxy>,
     signer: crate::signing::Signer,
     metrics: FeedMetrics,
-) {
-    if config.feed.is_empty() {
-        return;
+) -> Option<Pending> {
+    let never = config.policy.view_fetch == crate::config::ViewFetch::Never;
+    if config.feed.is_empty() && !never {
+        return None;
     }
     let arrivals = Arc::new(Arrivals::new(MAX_QUEUED, metrics.clone()));
     tokio::spawn(arrivals.clone().run(Arc::downgrade(proxy)));
+    let window = config.feed.iter().map(|f| f.delay.0).max().unwrap_or(Duration::from_secs(300));
+    let pending = never.then(|| Pending { arrivals: arrivals.clone(), window });
     let client = match reqwest::Client::builder()
         .no_proxy()
         .connect_timeout(Duration::from_secs(10))
@@ -269,7 +282,7 @@ pub fn start(
         Ok(client) => client,
         Err(e) => {
             tracing::error!(error = %e, "feeds not started: cannot build their client");
-            return;
+            return pending;
         }
     };
     let feeds = Arc::new(Feeds {
@@ -288,6 +301,7 @@ pub fn start(
             }
         });
     }
+    pending
 }
 
 /// The pause before reconnection `attempt` (0 for the first): 1 s doubling to

@@ -411,11 +411,16 @@ impl Bound {
     /// The state behind the public listener's routes (for benches that call
     /// [`server::handle_public`] directly).
     pub fn public_state(&self) -> Arc<server::Public> {
+        self.public_state_with(None)
+    }
+
+    fn public_state_with(&self, pending: Option<feed::Pending>) -> Arc<server::Public> {
         Arc::new(server::Public {
             proxy: self.proxy.clone(),
             signer: self.signer.clone(),
             unsigned: self.unsigned.clone(),
             native: Default::default(),
+            pending,
         })
     }
 
@@ -431,8 +436,13 @@ impl Bound {
     /// up to `server.shutdown_grace`, and flushes the audit log.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let reloader = self.reloader();
-        let public_state = self.public_state();
-        let self_signer = self.signer.clone();
+        let pending = feed::start(
+            self.proxy.config(),
+            &self.proxy,
+            self.signer.clone(),
+            self.proxy.metrics().feeds.clone(),
+        );
+        let public_state = self.public_state_with(pending);
         let Bound { public, admin, pictrs, proxy, mut proxy_closed, unsigned, audit_task, .. } =
             self;
         let server = &proxy.config().server;
@@ -475,8 +485,6 @@ impl Bound {
             admin_limits,
         ));
         let ledger_saver = tokio::spawn(save_ledger_every(Arc::downgrade(&proxy), LEDGER_EVERY));
-        let feed_metrics = proxy.metrics().feeds.clone();
-        feed::start(proxy.config(), &proxy, self_signer, feed_metrics);
         tracing::info!("parasol is serving");
         shutdown.await;
         // One deadline for all of the shutdown, whatever is still running.

@@ -326,13 +326,7 @@ impl Proxy {
     ) -> Result<Found, (ProxyError, CacheStatus)> {
         // Refused destinations and blocked domains are refused even when cached: a domain
         // blocked a second ago is not served from memory.
-        self.origin
-            .fetcher
-            .check_destination(&req.source)
-            .map_err(|e| (e, CacheStatus::Blocked))?;
-        let cache_url = req.cache_url(&self.normalizer);
-        let checked = self.moderation.check_url(&req.source, cache_url).await;
-        checked.map_err(|e| (e, CacheStatus::Blocked))?;
+        self.check_request(req).await.map_err(|e| (e, CacheStatus::Blocked))?;
         let key = req.key(&self.normalizer);
         let request = self.newest_request(key, req);
         let fill = move |this: Arc<Self>| async move {
@@ -360,6 +354,14 @@ impl Proxy {
         let checked = self.moderation.check_hit(&found.0, host).await;
         checked.map_err(|e| (e, CacheStatus::Blocked))?;
         Ok(Found::Entry(found.0, found.1))
+    }
+
+    /// Whether `req` may be asked for at all: its destination, the domain policy, and
+    /// moderation's rules on its URL and host.
+    pub async fn check_request(&self, req: &ProxyRequest) -> Result<(), ProxyError> {
+        self.origin.fetcher.check_destination(&req.source)?;
+        let cache_url = req.cache_url(&self.normalizer);
+        self.moderation.check_url(&req.source, cache_url).await
     }
 
     /// Drops everything cached for the source `url` (the original and its renditions) and

@@ -42,6 +42,8 @@ pub struct Public {
     pub unsigned: Arc<crate::api::rate::Unsigned>,
     /// Native paths already verified and parsed.
     pub native: crate::api::native::Memo,
+    /// With `policy.view_fetch = "never"`: where a view of a file not cached queues it.
+    pub pending: Option<crate::feed::Pending>,
 }
 
 /// Runs an accept loop on `listener` until `shutdown` turns true, then drains.
@@ -312,6 +314,16 @@ async fn route<B>(public: &Public, req: &Request<B>) -> (&'static str, Routed) {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return (route, bypass(ProxyError::MethodNotAllowed));
     }
+    let named = match &parsed {
+        Ok(Target::Request(request)) => Some(request),
+        Ok(Target::Misskey(m)) => Some(&m.request),
+        _ => None,
+    };
+    if let (Some(request), Some(pending)) = (named, &public.pending) {
+        if let Some(answer) = pending_view(&public.proxy, pending, request).await {
+            return (route, Ok(answer));
+        }
+    }
     match parsed {
         Err(e) => (route, bypass(e)),
         Ok(Target::Request(request)) if route == "akkoma" && request.variant.is_some() => {
@@ -335,6 +347,29 @@ async fn route<B>(public: &Public, req: &Request<B>) -> (&'static str, Routed) {
             }
         }
     }
+}
+
+/// With `policy.view_fetch = "never"`: a view of a file not cached (its original, for a
+/// rendition) does not fetch it. It is queued for a fetch at a random moment within the
+/// feeds' delay, and the viewer gets a 1×1 transparent placeholder (Misskey's `fallback`
+/// image), not to be cached, marked `X-Parasol-Pending: 1`. Refusals (a blocked domain, a
+/// ban) are answered as usual by the normal path.
+async fn pending_view(
+    proxy: &Proxy,
+    pending: &crate::feed::Pending,
+    request: &ProxyRequest,
+) -> Option<(Response<Body>, CacheStatus, u64)> {
+    if proxy.is_cached(&request.original()).await {
+        return None;
+    }
+    proxy.check_request(request).await.ok()?;
+    let key = proxy.key_of(request);
+    pending.arrivals.push(request.clone(), key, pending.window);
+    let mut response = response::placeholder(api::misskey::placeholder_png());
+    let h = response.headers_mut();
+    h.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    h.insert("x-parasol-pending", http::HeaderValue::from_static("1"));
+    Some((response, CacheStatus::Bypass, 0))
 }
 
 /// The unsigned Misskey route may cause at most `compat.misskey_fills_per_minute` origin

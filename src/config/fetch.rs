@@ -79,6 +79,22 @@ pub struct PolicyConfig {
     /// `[[policy.origin]]`: rules per origin (how its files are kept, how politely it is
     /// asked); the first rule whose domains cover a host applies to it.
     pub origin: Vec<OriginRuleConfig>,
+    /// Whether a view may fetch: `allow` (the default), or `never`: a view of a file not
+    /// cached yet answers a placeholder and queues the file for a fetch at a random moment
+    /// within the feeds' `delay` (5 minutes without a feed), so an origin never sees a fetch
+    /// at a moment a viewer chose. Read at start.
+    pub view_fetch: ViewFetch,
+}
+
+/// Whether a view may fetch from an origin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ViewFetch {
+    /// A view of a file not cached fetches it at once (as every media proxy does).
+    #[default]
+    Allow,
+    /// It answers a placeholder and queues the file for a fetch at a random later moment.
+    Never,
 }
 
 impl Default for PolicyConfig {
@@ -88,6 +104,7 @@ impl Default for PolicyConfig {
             allowed_domains: Vec::new(),
             normalize: meta_cdns(),
             origin: Vec::new(),
+            view_fetch: ViewFetch::Allow,
         }
     }
 }

@@ -335,3 +335,49 @@ async fn feed_secrets_are_redacted_and_checked() {
     let e = parasol::Config::from_sources("t", &bad, std::iter::empty()).unwrap_err().to_string();
     assert!(e.contains("feed[0]") && !e.contains("x.test"), "{e}");
 }
+
+#[tokio::test]
+async fn with_view_fetch_never_a_view_gets_a_placeholder_and_the_fetch_comes_later() {
+    let origin = Origin::start("127.0.0.13").await;
+    let img = png_bytes(4_000, 77);
+    origin.route("/late.png", Route::ok(img.clone()).header("content-type", "image/png"));
+    let (_mastodon, addr) = Mastodon::start("127.0.0.12").await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[policy]\nview_fetch = \"never\"\n[[feed]]\nkind = \"mastodon\"\nurl = \"http://{addr}\"\n\
+         token = \"feed-token\"\ndelay = \"2s\"\n"
+    );
+    let toml = config_toml(dir.path(), &["127.0.0.13/32"], &extra);
+    let config = parasol::Config::from_sources("test", &toml, std::iter::empty()).unwrap();
+    let p = Parasol::start(config).await;
+    let url = p.url(&origin.url("/late.png"));
+    let viewed = Instant::now();
+    let r = get(&url).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-parasol-pending"], "1");
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    assert_eq!(r.headers()["content-type"], "image/png");
+    assert_ne!(body(r).await, img, "a placeholder, not the file");
+    assert_eq!(origin.hits("/late.png"), 0, "the view fetched nothing");
+    // Fetched later, within the window, as an arrival; then served.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while origin.hits("/late.png") == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(origin.hits("/late.png"), 1);
+    let at = origin.seen()[0].at - viewed;
+    assert!(at < Duration::from_millis(3_500), "fetched {at:?} after the view");
+    assert!(eventually(|| audit(dir.path()).len() == 1).await);
+    assert_eq!(audit(dir.path())[0]["trigger"], "arrival");
+    let r = get(&url).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-parasol-pending").is_none());
+    assert_eq!(body(r).await, img);
+    assert_eq!(origin.hits("/late.png"), 1);
+    // A refused destination is answered as usual (one answer for every unusable
+    // destination), not queued.
+    let refused = get(&p.url("http://127.0.0.1:9/secret.png")).await;
+    assert_eq!(refused.status(), 502);
+    assert!(refused.headers().get("x-parasol-pending").is_none());
+    p.stop().await;
+}
