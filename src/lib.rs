@@ -11,7 +11,8 @@
 //!
 //! | room | owns | calls |
 //! |---|---|---|
-//! | [`server`], [`admin`] | listeners, connections, routing, the admin API (and its client for `parasol usage` and `lookup`) | `proxy`, `api`, `response`, `ledger` |
+//! | [`server`], [`admin`] | listeners, connections, routing, the admin API (and its client for `parasol usage` and `lookup`) | `proxy`, `api`, `response`, `ledger`, `feed` |
+//! | [`feed`] | the instances' timelines followed, the arrival queue and its fetcher | `proxy`, `api`, `signing` |
 //! | [`proxy`] | the request lifecycle: the negative cache, the newest expiring URL of an entry (an expired one is not fetched), whether a fill is kept (pinned) or only streamed by its origin's rule, the ledger's handle; one room per source and job: `proxy/sources.rs` (the origin, the shared bucket), `proxy/prepare.rs` (media work) | `moderation`, `cache`, `fetch`, `media`, `api`, `ledger` |
 //! | [`moderation`] | bans, hash lists, the scanner, the moderation log; checks at each checkpoint (request, fill, hit) | `cache`, `media` (an input for the scanner) |
 //! | [`api`] | URL schemes → [`api::ProxyRequest`] with its canonical URL; the unsigned routes' allowances | `signing`, `policy` |
