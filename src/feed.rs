@@ -47,6 +47,9 @@ pub struct FeedMetrics {
     /// (`known`), dropped from a full queue (`dropped`), fetched (`fetched`), failed
     /// (`failed`), found cached when due (`cached`).
     pub arrivals: Family<OutcomeLabels, Counter>,
+    /// `parasol_feed_lag_seconds`: how long before its arrival here the last post received
+    /// was created (the instance's and the feed's delay together).
+    pub lag: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl FeedMetrics {
@@ -56,6 +59,15 @@ impl FeedMetrics {
 
     fn arrival(&self, outcome: &'static str) {
         self.arrivals.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// A post created at `created` (RFC 3339, as both APIs write it) arrived now.
+    fn arrived_at(&self, created: Option<&str>) {
+        let Some(created) = created.and_then(|c| humantime::parse_rfc3339_weak(c).ok()) else {
+            return;
+        };
+        let lag = std::time::SystemTime::now().duration_since(created).unwrap_or_default();
+        self.lag.set(lag.as_secs() as i64);
     }
 }
 

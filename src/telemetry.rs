@@ -247,6 +247,10 @@ const HELP: &[(&str, &str)] = &[
     ),
     ("feed_events", "Feed events: post, caught_up (read after a reconnection), disconnect, bad"),
     (
+        "feed_lag_seconds",
+        "How long before it reached parasol the last post a feed delivered was created",
+    ),
+    (
         "arrivals",
         "Files of arriving posts: queued, known (cached or queued already), dropped (queue \
              full), fetched, cached (cached by then), failed",
@@ -313,6 +317,7 @@ impl Metrics {
             feeds: crate::feed::FeedMetrics {
                 events: register(&mut registry, "feed_events", Family::default()),
                 arrivals: register(&mut registry, "arrivals", Family::default()),
+                lag: register(&mut registry, "feed_lag_seconds", Default::default()),
             },
             origin_requests: register(&mut registry, "origin_requests", Family::default()),
             origin_fetched_bytes: register(

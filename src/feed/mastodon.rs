@@ -126,6 +126,7 @@ async fn received(feeds: &Feeds, feed: &FeedConfig, data: &str, newest: &mut Opt
         return;
     };
     feeds.metrics.event("post");
+    feeds.metrics.arrived_at(status["created_at"].as_str());
     remember(newest, &status);
     let mut urls = Vec::new();
     extract::mastodon_status(&status, &mut urls);

@@ -133,6 +133,7 @@ async fn received(
         return;
     }
     feeds.metrics.event("post");
+    feeds.metrics.arrived_at(note["createdAt"].as_str());
     remember(newest, note);
     // The global timeline carries local notes too; their files are the instance's own.
     if note["user"]["host"].is_null() && note["renote"]["user"]["host"].is_null() {

@@ -113,6 +113,14 @@ impl Mastodon {
         }
     }
 
+    /// Sends `status` on the open stream only (a flood the timeline need not keep).
+    async fn send_live(&self, status: String) {
+        let tx = self.stream.lock().unwrap().clone();
+        if let Some(tx) = tx {
+            let _ = tx.send(Bytes::from(format!("event: update\ndata: {status}\n\n"))).await;
+        }
+    }
+
     /// Ends the open stream, as a restarted streaming server would.
     fn drop_stream(&self) {
         self.stream.lock().unwrap().take();
@@ -379,5 +387,61 @@ async fn with_view_fetch_never_a_view_gets_a_placeholder_and_the_fetch_comes_lat
     let refused = get(&p.url("http://127.0.0.1:9/secret.png")).await;
     assert_eq!(refused.status(), 502);
     assert!(refused.headers().get("x-parasol-pending").is_none());
+    p.stop().await;
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_flood_of_posts_keeps_the_queue_and_memory_bounded() {
+    let origin = Origin::start("127.0.0.13").await;
+    let (mastodon, addr) = Mastodon::start("127.0.0.12").await;
+    let dir = tempfile::tempdir().unwrap();
+    // A day's delay: almost nothing falls due while the test runs; the rest waits.
+    let config = feed_config(dir.path(), "mastodon", &format!("http://{addr}"), "24h");
+    let lookup = parasol::fetch::guard::StaticLookup::default()
+        .with("files.remote.test", &[ip("127.0.0.13")]);
+    let p = Parasol::start_with(config, lookup).await;
+    assert!(eventually(|| mastodon.connected()).await);
+    let before = rss_kib();
+    let posts = parasol::feed::MAX_QUEUED + 10_000;
+    let port = origin.addr.port();
+    for i in 0..posts {
+        let status = format!(
+            "{{\"id\":\"{}\",\"created_at\":\"2026-12-07T10:00:00Z\",\"account\":{{}},\
+             \"media_attachments\":[{{\"url\":\"http://files.remote.test:{port}/flood/{i}.png\"}}]}}",
+            1_000_000 + i
+        );
+        mastodon.send_live(status).await;
+    }
+    let received = || async { p.metric("parasol_feed_events_total{outcome=\"post\"}").await };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while received().await < posts as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(received().await, posts as u64);
+    assert_eq!(p.metric("parasol_arrivals_total{outcome=\"queued\"}").await, posts as u64);
+    // The queue ends full: what did not fit was dropped, oldest first, or fell due (a delay
+    // drawn within the seconds this takes) and was taken out.
+    let dropped = p.metric("parasol_arrivals_total{outcome=\"dropped\"}").await;
+    let mut taken = 0;
+    for outcome in ["fetched", "failed", "cached"] {
+        taken += p.metric(&format!("parasol_arrivals_total{{outcome=\"{outcome}\"}}")).await;
+    }
+    let in_flight = posts as u64 - parasol::feed::MAX_QUEUED as u64 - dropped;
+    assert!(in_flight >= taken && in_flight < 100, "dropped {dropped}, taken {taken}");
+    assert!(origin.seen().len() < 100, "only what fell due was fetched");
+    let grown = rss_kib().saturating_sub(before);
+    eprintln!("flood: RSS grew {grown} KiB with {} files queued", parasol::feed::MAX_QUEUED);
+    assert!(
+        grown < 200 << 10,
+        "a queue of {} files grew RSS by {grown} KiB",
+        parasol::feed::MAX_QUEUED
+    );
+    assert!(p.metric("parasol_feed_lag_seconds").await > 0);
     p.stop().await;
 }
