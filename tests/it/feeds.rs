@@ -475,3 +475,165 @@ async fn a_flood_of_posts_keeps_the_queue_and_memory_bounded() {
     assert!(p.metric("parasol_feed_lag_seconds").await > 0);
     p.stop().await;
 }
+
+/// A Misskey stand-in that also answers the catch-up endpoint: the streaming socket at
+/// `/streaming?i=feed-token` (upgraded by hyper) and `POST /api/notes/global-timeline`
+/// (`{"i", "sinceId", "limit"}`, oldest first after `sinceId`, as
+/// `QueryService.makePaginationQuery` orders it).
+#[derive(Default)]
+struct MisskeyServer {
+    notes: Mutex<Vec<serde_json::Value>>,
+    socket: Mutex<Option<tokio::sync::mpsc::Sender<Option<serde_json::Value>>>>,
+    catch_ups: Mutex<Vec<serde_json::Value>>,
+}
+
+impl MisskeyServer {
+    async fn start(ip: &str) -> (Arc<MisskeyServer>, std::net::SocketAddr) {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(MisskeyServer::default());
+        let st = state.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| st.clone().answer(req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        (state, addr)
+    }
+
+    async fn answer(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::{Message, protocol::Role};
+        if req.uri().path() == "/api/notes/global-timeline" {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let asked: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            self.catch_ups.lock().unwrap().push(asked.clone());
+            let since = asked["sinceId"].as_str().unwrap_or("").to_string();
+            let limit = asked["limit"].as_u64().unwrap_or(10) as usize;
+            let notes = self.notes.lock().unwrap();
+            let page: Vec<&serde_json::Value> = notes
+                .iter()
+                .filter(|n| n["id"].as_str().unwrap() > since.as_str())
+                .take(limit)
+                .collect();
+            return Ok(Response::new(Full::new(Bytes::from(serde_json::to_vec(&page).unwrap()))));
+        }
+        let key = req.headers().get("sec-websocket-key").cloned();
+        if req.uri() != "/streaming?i=feed-token" || key.is_none() {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = http::StatusCode::UNAUTHORIZED;
+            return Ok(r);
+        }
+        let accept =
+            tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.unwrap().as_bytes());
+        let upgrade = hyper::upgrade::on(&mut req);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<serde_json::Value>>(64);
+        *self.socket.lock().unwrap() = Some(tx);
+        tokio::spawn(async move {
+            let Ok(upgraded) = upgrade.await else { return };
+            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                None,
+            )
+            .await;
+            let id = loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => {
+                        let m: serde_json::Value = serde_json::from_str(&t).unwrap();
+                        if m["type"] == "connect" && m["body"]["channel"] == "globalTimeline" {
+                            break m["body"]["id"].clone();
+                        }
+                    }
+                    Some(Ok(_)) => continue,
+                    _ => return,
+                }
+            };
+            while let Some(Some(note)) = rx.recv().await {
+                let message = serde_json::json!({"type": "channel", "body": {"id": id, "type": "note", "body": note}});
+                if ws.send(Message::text(message.to_string())).await.is_err() {
+                    return;
+                }
+            }
+            let _ = ws.close(None).await;
+        });
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("connection", "Upgrade".parse().unwrap());
+        h.insert("sec-websocket-accept", accept.parse().unwrap());
+        Ok(r)
+    }
+
+    /// Posts `note`: kept for catch-up, and sent on the socket if one is open.
+    async fn post(&self, note: serde_json::Value) {
+        self.notes.lock().unwrap().push(note.clone());
+        let tx = self.socket.lock().unwrap().clone();
+        if let Some(tx) = tx {
+            let _ = tx.send(Some(note)).await;
+        }
+    }
+
+    /// Closes the socket, as a restarted Misskey would.
+    async fn drop_socket(&self) {
+        let tx = self.socket.lock().unwrap().take();
+        if let Some(tx) = tx {
+            let _ = tx.send(None).await;
+        }
+    }
+
+    fn connected(&self) -> bool {
+        self.socket.lock().unwrap().as_ref().is_some_and(|tx| !tx.is_closed())
+    }
+}
+
+#[tokio::test]
+async fn a_misskey_feed_that_drops_is_caught_up_without_losing_a_note() {
+    let origin = Origin::start("127.0.0.13").await;
+    let names: Vec<String> = (1..=3).map(|i| format!("n{i}.webp")).collect();
+    serve_files(&origin, &names);
+    let (misskey, addr) = MisskeyServer::start("127.0.0.15").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = feed_config(dir.path(), "misskey", &format!("http://{addr}"), "1s");
+    let lookup = parasol::fetch::guard::StaticLookup::default()
+        .with("files.remote.test", &[ip("127.0.0.13")]);
+    let p = Parasol::start_with(config, lookup).await;
+    assert!(eventually(|| misskey.connected()).await, "parasol connects");
+    let note = |i: u32| {
+        let file = format!("http://files.remote.test:{}/n{i}.webp", origin.addr.port());
+        serde_json::json!({"id": format!("9zz0{i}"), "user": {"host": "remote.test"},
+                           "files": [{"url": file, "thumbnailUrl": null}]})
+    };
+    misskey.post(note(1)).await;
+    let hit = |i: u32| origin.hits(&format!("/n{i}.webp")) == 1;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !hit(1) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(hit(1));
+    misskey.drop_socket().await;
+    misskey.post(note(2)).await;
+    misskey.post(note(3)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(hit(2) && hit(3)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(hit(2) && hit(3), "{:?}", origin.seen().iter().map(|s| &s.path).collect::<Vec<_>>());
+    let asked = misskey.catch_ups.lock().unwrap().clone();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0]["sinceId"], "9zz01");
+    assert_eq!(asked[0]["i"], "feed-token");
+    assert_eq!(origin.hits("/n1.webp"), 1);
+    p.stop().await;
+}
