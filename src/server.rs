@@ -314,15 +314,8 @@ async fn route<B>(public: &Public, req: &Request<B>) -> (&'static str, Routed) {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return (route, bypass(ProxyError::MethodNotAllowed));
     }
-    let named = match &parsed {
-        Ok(Target::Request(request)) => Some(request),
-        Ok(Target::Misskey(m)) => Some(&m.request),
-        _ => None,
-    };
-    if let (Some(request), Some(pending)) = (named, &public.pending) {
-        if let Some(answer) = pending_view(&public.proxy, pending, request).await {
-            return (route, Ok(answer));
-        }
+    if let Some(answer) = pending_view(public, &parsed).await {
+        return (route, Ok(answer));
     }
     match parsed {
         Err(e) => (route, bypass(e)),
@@ -355,10 +348,16 @@ async fn route<B>(public: &Public, req: &Request<B>) -> (&'static str, Routed) {
 /// image), not to be cached, marked `X-Parasol-Pending: 1`. Refusals (a blocked domain, a
 /// ban) are answered as usual by the normal path.
 async fn pending_view(
-    proxy: &Proxy,
-    pending: &crate::feed::Pending,
-    request: &ProxyRequest,
+    public: &Public,
+    parsed: &Result<Target, ProxyError>,
 ) -> Option<(Response<Body>, CacheStatus, u64)> {
+    let pending = public.pending.as_ref()?;
+    let request = match parsed {
+        Ok(Target::Request(request)) => request,
+        Ok(Target::Misskey(m)) => &m.request,
+        _ => return None,
+    };
+    let proxy = &public.proxy;
     if proxy.is_cached(&request.original()).await {
         return None;
     }
