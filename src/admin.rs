@@ -60,7 +60,8 @@ impl Reloader {
     /// the hash lists); what it purged as a result.
     pub async fn reload(&self) -> Result<PurgeReport, String> {
         let proxy = self.proxy.upgrade().ok_or("parasol is shutting down")?;
-        let config = crate::Config::load(self.config_path.as_deref()).map_err(|e| e.to_string())?;
+        let config =
+            crate::config::Config::load(self.config_path.as_deref()).map_err(|e| e.to_string())?;
         let lists = &config.moderation.hash_lists;
         proxy.moderation().reload_lists(lists).await.map_err(|e| e.to_string())?;
         proxy.apply_policy(&config.policy).await.map_err(|e| e.to_string())

@@ -20,15 +20,13 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::api::ProxyRequest;
 use crate::audit::Trigger;
 use crate::proxy::Proxy;
-use crate::telemetry::OutcomeLabels;
+pub use crate::telemetry::FeedMetrics;
 
 /// Files waiting for their fetch, at most; beyond it the oldest arrival is dropped (counted).
 pub const MAX_QUEUED: usize = 100_000;
@@ -36,40 +34,6 @@ pub const MAX_QUEUED: usize = 100_000;
 const FETCHES_AT_ONCE: usize = 4;
 /// The longest pause between a feed's reconnections.
 pub const MAX_RECONNECT: Duration = Duration::from_secs(60);
-
-/// What the feeds count (registered with the rest in `telemetry`).
-#[derive(Clone, Default)]
-pub struct FeedMetrics {
-    /// `parasol_feed_events_total{outcome}`: posts received (`post`), caught up
-    /// (`caught_up`), connections lost (`disconnect`), messages not understood (`bad`).
-    pub events: Family<OutcomeLabels, Counter>,
-    /// `parasol_arrivals_total{outcome}`: files queued (`queued`), already cached or queued
-    /// (`known`), dropped from a full queue (`dropped`), fetched (`fetched`), failed
-    /// (`failed`), found cached when due (`cached`).
-    pub arrivals: Family<OutcomeLabels, Counter>,
-    /// `parasol_feed_lag_seconds`: how long before its arrival here the last post received
-    /// was created (the instance's and the feed's delay together).
-    pub lag: prometheus_client::metrics::gauge::Gauge,
-}
-
-impl FeedMetrics {
-    fn event(&self, outcome: &'static str) {
-        self.events.get_or_create(&OutcomeLabels { outcome }).inc();
-    }
-
-    fn arrival(&self, outcome: &'static str) {
-        self.arrivals.get_or_create(&OutcomeLabels { outcome }).inc();
-    }
-
-    /// A post created at `created` (RFC 3339, as both APIs write it) arrived now.
-    fn arrived_at(&self, created: Option<&str>) {
-        let Some(created) = created.and_then(|c| humantime::parse_rfc3339_weak(c).ok()) else {
-            return;
-        };
-        let lag = std::time::SystemTime::now().duration_since(created).unwrap_or_default();
-        self.lag.set(lag.as_secs() as i64);
-    }
-}
 
 struct Item {
     request: ProxyRequest,
@@ -272,7 +236,7 @@ pub struct Pending {
 /// the proxy. Nothing starts when no feed is configured and views may fetch. With
 /// `policy.view_fetch = "never"`, answers where views queue their files.
 pub fn start(
-    config: &crate::Config,
+    config: &crate::config::Config,
     proxy: &Arc<Proxy>,
     signer: crate::signing::Signer,
     metrics: FeedMetrics,

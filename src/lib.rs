@@ -11,8 +11,8 @@
 //!
 //! | room | owns | calls |
 //! |---|---|---|
-//! | [`server`], [`admin`] | listeners, connections, routing, the admin API (and its client for `parasol usage` and `lookup`) | `proxy`, `api`, `response`, `ledger`, `feed` |
-//! | [`feed`] | the instances' timelines followed, the arrival queue and its fetcher | `proxy`, `api`, `signing` |
+//! | [`feed`] | the instances' timelines followed, the arrival queue and its fetcher (`lib.rs` hands the server a closure into the queue for `view_fetch = "never"`) | `proxy`, `api`, `signing` |
+//! | [`server`], [`admin`] | listeners, connections, routing, the admin API (and its client for `parasol usage` and `lookup`) | `proxy`, `api`, `response`, `ledger` |
 //! | [`proxy`] | the request lifecycle: the negative cache, the newest expiring URL of an entry (an expired one is not fetched), whether a fill is kept (pinned) or only streamed by its origin's rule, the ledger's handle; one room per source and job: `proxy/sources.rs` (the origin, the shared bucket), `proxy/prepare.rs` (media work) | `moderation`, `cache`, `fetch`, `media`, `api`, `ledger` |
 //! | [`moderation`] | bans, hash lists, the scanner, the moderation log; checks at each checkpoint (request, fill, hit) | `cache`, `media` (an input for the scanner) |
 //! | [`api`] | URL schemes → [`api::ProxyRequest`] with its canonical URL; the unsigned routes' allowances | `signing`, `policy` |
@@ -415,7 +415,7 @@ impl Bound {
         self.public_state_with(None)
     }
 
-    fn public_state_with(&self, pending: Option<feed::Pending>) -> Arc<server::Public> {
+    fn public_state_with(&self, pending: Option<server::Pending>) -> Arc<server::Public> {
         Arc::new(server::Public {
             proxy: self.proxy.clone(),
             signer: self.signer.clone(),
@@ -443,6 +443,9 @@ impl Bound {
             self.signer.clone(),
             self.proxy.metrics().feeds.clone(),
         );
+        let pending = pending.map(|p| -> server::Pending {
+            Arc::new(move |request, key| p.arrivals.push(request, key, p.window))
+        });
         let public_state = self.public_state_with(pending);
         let Bound { public, admin, pictrs, proxy, mut proxy_closed, unsigned, audit_task, .. } =
             self;

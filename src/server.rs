@@ -42,8 +42,9 @@ pub struct Public {
     pub unsigned: Arc<crate::api::rate::Unsigned>,
     /// Native paths already verified and parsed.
     pub native: crate::api::native::Memo,
-    /// With `policy.view_fetch = "never"`: where a view of a file not cached queues it.
-    pub pending: Option<crate::feed::Pending>,
+    /// With `policy.view_fetch = "never"`: queues a view's file for a fetch later (the
+    /// arrival queue's, handed in by the composition in `lib.rs`).
+    pub pending: Option<Pending>,
 }
 
 /// Runs an accept loop on `listener` until `shutdown` turns true, then drains.
@@ -342,6 +343,9 @@ async fn route<B>(public: &Public, req: &Request<B>) -> (&'static str, Routed) {
     }
 }
 
+/// Queues a request (and its cache key) for a fetch at a random later moment.
+pub type Pending = Arc<dyn Fn(ProxyRequest, crate::cache::Key) + Send + Sync>;
+
 /// With `policy.view_fetch = "never"`: a view of a file not cached (its original, for a
 /// rendition) does not fetch it. It is queued for a fetch at a random moment within the
 /// feeds' delay, and the viewer gets a 1×1 transparent placeholder (Misskey's `fallback`
@@ -362,8 +366,7 @@ async fn pending_view(
         return None;
     }
     proxy.check_request(request).await.ok()?;
-    let key = proxy.key_of(request);
-    pending.arrivals.push(request.clone(), key, pending.window);
+    pending(request.clone(), proxy.key_of(request));
     let mut response = response::placeholder(api::misskey::placeholder_png());
     let h = response.headers_mut();
     h.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));

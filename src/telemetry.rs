@@ -117,6 +117,40 @@ pub struct DomainLabels {
     pub domain: String,
 }
 
+/// What the feeds ([`crate::feed`]) count.
+#[derive(Clone, Default)]
+pub struct FeedMetrics {
+    /// `parasol_feed_events_total{outcome}`: posts received (`post`), caught up
+    /// (`caught_up`), connections lost (`disconnect`), messages not understood (`bad`).
+    pub events: Family<OutcomeLabels, Counter>,
+    /// `parasol_arrivals_total{outcome}`: files queued (`queued`), already cached or queued
+    /// (`known`), dropped from a full queue (`dropped`), fetched (`fetched`), failed
+    /// (`failed`), found cached when due (`cached`).
+    pub arrivals: Family<OutcomeLabels, Counter>,
+    /// `parasol_feed_lag_seconds`: how long before its arrival here the last post received
+    /// was created (the instance's and the feed's delay together).
+    pub lag: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl FeedMetrics {
+    pub(crate) fn event(&self, outcome: &'static str) {
+        self.events.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    pub(crate) fn arrival(&self, outcome: &'static str) {
+        self.arrivals.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// A post created at `created` (RFC 3339, as both APIs write it) arrived now.
+    pub(crate) fn arrived_at(&self, created: Option<&str>) {
+        let Some(created) = created.and_then(|c| humantime::parse_rfc3339_weak(c).ok()) else {
+            return;
+        };
+        let lag = std::time::SystemTime::now().duration_since(created).unwrap_or_default();
+        self.lag.set(lag.as_secs() as i64);
+    }
+}
+
 /// All metrics, registered once at start. A clone shares them (each handle is one).
 #[derive(Clone)]
 pub struct Metrics {
@@ -164,7 +198,7 @@ pub struct Metrics {
     /// `parasol_origin_fetch_triggers_total`.
     pub fetch_triggers: Family<TriggerLabels, Counter>,
     /// `parasol_feed_events_total` and `parasol_arrivals_total`.
-    pub feeds: crate::feed::FeedMetrics,
+    pub feeds: FeedMetrics,
     /// `parasol_origins_backing_off`, set when scraped.
     pub origins_backing_off: Gauge,
     /// `parasol_origin_requests_total{domain}`, brought up to the ledger when scraped.
@@ -314,7 +348,7 @@ impl Metrics {
             origin_backoffs: register(&mut registry, "origin_backoffs", Family::default()),
             origins_backing_off: register(&mut registry, "origins_backing_off", Gauge::default()),
             fetch_triggers: register(&mut registry, "origin_fetch_triggers", Family::default()),
-            feeds: crate::feed::FeedMetrics {
+            feeds: FeedMetrics {
                 events: register(&mut registry, "feed_events", Family::default()),
                 arrivals: register(&mut registry, "arrivals", Family::default()),
                 lag: register(&mut registry, "feed_lag_seconds", Default::default()),

@@ -1,7 +1,7 @@
 //! The admin API from the command line (`parasol usage`, `parasol lookup`): a request to a
 //! running server's admin listener, found and authorised from its configuration.
 
-use crate::Config;
+use crate::config::Config;
 
 /// The admin listener's base URL as `config` names it (an unspecified address is asked on
 /// loopback).

@@ -113,7 +113,7 @@ pub struct Ours {
 
 impl Ours {
     /// parasol as `config` describes it, verifying native URLs with `signer`.
-    pub fn new(config: &crate::Config, signer: crate::signing::Signer) -> Self {
+    pub fn new(config: &crate::config::Config, signer: crate::signing::Signer) -> Self {
         let base = &config.server.public_base_url;
         let host = base.host_str().map(|h| (h.to_ascii_lowercase(), base.port_or_known_default()));
         Self { host, signer, compat: config.compat.clone() }
