@@ -591,6 +591,19 @@ pub async fn handle_pictrs<B>(state: Arc<Pictrs>, req: Request<B>) -> Response<B
             (response::json(status, api::pictrs::error_body(&e)), cache, 0)
         }
     };
+    // Every error of the pict-rs API is its JSON, a range it cannot satisfy too (its
+    // Content-Range kept).
+    let response = match response.status() {
+        http::StatusCode::RANGE_NOT_SATISFIABLE => {
+            let body = "{\"msg\":\"range not satisfiable\",\"code\":\"range_not_satisfiable\"}\n";
+            let mut json = response::json(http::StatusCode::RANGE_NOT_SATISFIABLE, body.into());
+            if let Some(range) = response.headers().get(http::header::CONTENT_RANGE) {
+                json.headers_mut().insert(http::header::CONTENT_RANGE, range.clone());
+            }
+            json
+        }
+        _ => response,
+    };
     proxy.metrics().cache_result(cache);
     proxy.metrics().bytes_served.inc_by(sent);
     let status = response.status().as_u16();
@@ -627,8 +640,12 @@ async fn serve_pictrs<B>(
         // Lemmy asks for the `original` and `details` of every image as a post is received
         // (LemmyNet/lemmy `crates/api/api_utils/src/utils.rs`, `proxy_image_link_internal`),
         // itself; a viewer's request it relays carries the X-Forwarded-For it adds
-        // (`crates/routes/src/images/download.rs`). Lemmy's own are arrivals, recorded so.
-        PictrsRequest::Original(source) if !req.headers().contains_key("x-forwarded-for") => {
+        // (`crates/routes/src/images/download.rs`), which the recipe in front of parasol
+        // turns into `X-Parasol-Viewer: 1`. Lemmy's own are arrivals, recorded so.
+        PictrsRequest::Original(source)
+            if !req.headers().contains_key("x-forwarded-for")
+                && !req.headers().contains_key("x-parasol-viewer") =>
+        {
             let request = original(source);
             let arrival = Trigger::Arrival { delay_ms: 0 };
             proxy.get(&request, arrival).await?;

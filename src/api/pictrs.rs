@@ -96,6 +96,12 @@ pub fn parse(path: &str, query: Option<&str>, max_size: u32) -> Result<PictrsReq
             _ => {}
         }
     }
+    // Lemmy 0.19 before 0.19.21 put the URL in unencoded (LemmyNet/lemmy#5749): a URL with a
+    // query of its own then arrives split, its parameters beside pict-rs's. Those pict-rs
+    // does not know belong to the URL.
+    if let Some(joined) = query.and_then(unencoded_proxy) {
+        proxy = Some(joined);
+    }
     let source = || {
         let url = proxy.as_deref().ok_or(ProxyError::BadUrl("no proxy parameter"))?;
         parse_source(url)
@@ -132,6 +138,27 @@ fn rounded(n: u32, max: u32) -> u32 {
     size.min(max)
 }
 
+/// Query parameters pict-rs reads: the rest of a split, unencoded `proxy` URL is the URL's.
+const PICTRS_PARAMS: &[&str] = &["proxy", "thumbnail", "resize", "blur", "crop", "identity"];
+
+/// The `proxy` URL of a query where it was not encoded (its raw value holds `://`), with the
+/// parameters that followed it and that pict-rs does not read put back on it, as written.
+fn unencoded_proxy(query: &str) -> Option<String> {
+    let mut pairs = query.split('&');
+    let mut url = pairs.by_ref().find_map(|p| p.strip_prefix("proxy="))?.to_string();
+    if !url.contains("://") {
+        return None;
+    }
+    for pair in pairs {
+        let name = pair.split('=').next().unwrap_or_default();
+        if !PICTRS_PARAMS.contains(&name) {
+            url.push('&');
+            url.push_str(pair);
+        }
+    }
+    Some(url)
+}
+
 /// pict-rs's error body: `{"msg": "...", "code": "..."}`.
 pub fn error_body(e: &ProxyError) -> String {
     let e = e.to_viewer();
@@ -143,6 +170,30 @@ mod tests {
     use super::*;
 
     const LEMMY_ENCODED: &str = "https%3A%2F%2Fmedia.example.test%2Fa%20b.png%3Fx%3D1";
+
+    #[test]
+    fn an_unencoded_proxy_url_keeps_its_own_query() {
+        // Lemmy 0.19.x: image/process.jpg?proxy=https://…/a.jpg?w=1&h=2&thumbnail=256
+        let q = "proxy=https://media.example.test/a.jpg?w=1&h=2&thumbnail=256";
+        let source = url::Url::parse("https://media.example.test/a.jpg?w=1&h=2").unwrap();
+        let rendition = Rendition { size: 256, format: VariantFormat::Jpeg, animated: false };
+        assert_eq!(
+            parse("/image/process.jpg", Some(q), 2048).unwrap(),
+            PictrsRequest::Process(source.clone(), rendition)
+        );
+        let q = "proxy=https://media.example.test/a.jpg?w=1&h=2";
+        assert_eq!(
+            parse("/image/original", Some(q), 2048).unwrap(),
+            PictrsRequest::Original(source)
+        );
+        // Encoded (Lemmy 1.0, later 0.19): other parameters are not the URL's.
+        let q = "proxy=https%3A%2F%2Fmedia.example.test%2Fa.jpg&h=2";
+        let plain = url::Url::parse("https://media.example.test/a.jpg").unwrap();
+        assert_eq!(
+            parse("/image/original", Some(q), 2048).unwrap(),
+            PictrsRequest::Original(plain)
+        );
+    }
 
     #[test]
     fn lemmy_request_shapes() {

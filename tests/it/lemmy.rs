@@ -99,6 +99,13 @@ async fn lemmy_ingest_and_viewers_through_the_pictrs_api() {
     let r = relayed(http.get(&original)).header("range", "bytes=0-99").send().await.unwrap();
     assert_eq!(r.status(), 206);
     assert!(body(r).await == photo[..100]);
+    // A range past the end is pict-rs's JSON error, as every other error here.
+    let r = relayed(http.get(&original)).header("range", "bytes=99999999-").send().await.unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert_eq!(r.headers()["content-range"].to_str().unwrap(), format!("bytes */{}", photo.len()));
+    let error: Value = serde_json::from_slice(&body(r).await).unwrap();
+    assert_eq!(error["code"], "range_not_satisfiable");
     let r = http.head(&original).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-length"].to_str().unwrap(), photo.len().to_string());

@@ -293,7 +293,8 @@ async fn the_lemmy_recipe_sends_proxied_images_to_parasol_and_the_rest_to_pictrs
     let block = recipe
         .replace("127.0.0.1:8090", &format!("127.0.0.1:{port}"))
         .replace("127.0.0.1:8080", &pictrs.addr.to_string())
-        .replace("127.0.0.1:8091", &p.pictrs.unwrap().to_string());
+        // parasol by name, as in a compose network: the upstream group resolves it at start.
+        .replace("127.0.0.1:8091", &format!("localhost:{}", p.pictrs.unwrap().port()));
     let _running = launch_nginx(dir.path(), &block);
     let up = eventually(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
     assert!(up, "nginx listens");
@@ -327,6 +328,38 @@ async fn the_lemmy_recipe_sends_proxied_images_to_parasol_and_the_rest_to_pictrs
     assert!(pictrs.seen().iter().all(|s| s.query.as_deref().is_none_or(|q| !q.contains("proxy="))));
     for seen in remote.seen() {
         assert!(!seen.headers.contains_key("x-forwarded-for"));
+    }
+    // A viewer's original through Lemmy (its jwt cookie, its Authorization, the
+    // X-Forwarded-For Lemmy adds) is a view in the audit log, as the thumbnail above was;
+    // Lemmy's own request at ingest (no X-Forwarded-For) an arrival. Nothing of the viewer
+    // reaches the origin.
+    let other = remote.url("/remote/cat.jpg?v=2");
+    let encoded_other: String = form_urlencoded::byte_serialize(other.as_bytes()).collect();
+    let r = http
+        .get(format!("{lemmy_pictrs_url}image/original?proxy={encoded_other}"))
+        .header("cookie", "jwt=viewer-session")
+        .header("authorization", "Bearer viewer-token")
+        .header("x-forwarded-for", "203.0.113.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ingest = remote.url("/remote/cat.jpg?v=3");
+    let encoded_ingest: String = form_urlencoded::byte_serialize(ingest.as_bytes()).collect();
+    let r = http.get(format!("{lemmy_pictrs_url}image/original?proxy={encoded_ingest}"));
+    assert_eq!(r.send().await.unwrap().status(), 200);
+    let log_path = dir.path().join("cache/outbound.jsonl");
+    let logged = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(eventually(|| logged().lines().count() == 3).await, "{}", logged());
+    let triggers: Vec<String> = logged()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["trigger"].to_string())
+        .collect();
+    assert_eq!(triggers, ["\"view\"", "\"view\"", "\"arrival\""], "{}", logged());
+    for seen in remote.seen() {
+        for header in ["cookie", "authorization", "x-forwarded-for", "x-parasol-viewer"] {
+            assert!(!seen.headers.contains_key(header), "{header}");
+        }
     }
     p.stop().await;
 }
