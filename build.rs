@@ -22,6 +22,8 @@ fn main() {
         ("has_heif", on_path("heif-convert") && on_path("heif-enc")),
         // Debian's python3, which runs the scripted media workers of the pool's tests.
         ("has_python", Path::new("/usr/bin/python3").is_file()),
+        // Debian's prometheus (and its promtool), for the alerts and the dashboard.
+        ("has_prometheus", on_path("prometheus") && on_path("promtool")),
     ];
     for (cfg, present) in peers {
         println!("cargo:rustc-check-cfg=cfg({cfg})");

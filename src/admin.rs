@@ -77,7 +77,10 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body>
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if admin.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        "/metrics" => metrics(&admin.proxy).await,
+        "/metrics" => {
+            admin.proxy.metrics().ready.set(i64::from(admin.ready.load(Ordering::Acquire)));
+            metrics(&admin.proxy).await
+        }
         "/admin/prefetch" | "/admin/purge" | "/admin/reload" | "/admin/ban" | "/admin/bans"
         | "/admin/origins" | "/admin/lookup" => {
             let allowed = match path.as_str() {
@@ -127,6 +130,10 @@ async fn metrics(proxy: &Proxy) -> Response<Body> {
     m.cache_entries.get_or_create(&disk).set(usage.disk_blobs as i64);
     m.inflight_bytes.set(usage.inflight_bytes as i64);
     m.media_origins_refused.set(proxy.media().pool().origins_refused() as i64);
+    let config = proxy.config();
+    m.cache_capacity.get_or_create(&memory).set(config.cache.memory_bytes.0 as i64);
+    m.cache_capacity.get_or_create(&disk).set(config.cache.disk_bytes.0 as i64);
+    m.media_workers.set(i64::from(config.media.workers));
     proxy.export_origin_metrics();
     let mut response = text(StatusCode::OK, m.encode());
     response.headers_mut().insert(

@@ -197,6 +197,12 @@ pub struct Metrics {
     pub origin_backoffs: Family<ReasonLabels, Counter>,
     /// `parasol_origin_fetch_triggers_total`.
     pub fetch_triggers: Family<TriggerLabels, Counter>,
+    /// `parasol_cache_capacity_bytes{tier}`: the configured budgets, set when scraped.
+    pub cache_capacity: Family<TierLabels, Gauge>,
+    /// `parasol_media_workers`: the configured `media.workers`, set when scraped.
+    pub media_workers: Gauge,
+    /// `parasol_ready`: 1 while the listeners accept (as `/readyz`), set when scraped.
+    pub ready: Gauge,
     /// `parasol_feed_events_total` and `parasol_arrivals_total`.
     pub feeds: FeedMetrics,
     /// `parasol_origins_backing_off`, set when scraped.
@@ -294,6 +300,12 @@ const HELP: &[(&str, &str)] = &[
         "Viewer requests by origin: each domain a [[policy.origin]] rule names, other for the rest",
     ),
     ("origin_fetched_bytes", "Body bytes fetched by origin (as origin_requests)"),
+    (
+        "cache_capacity_bytes",
+        "The configured budget per cache tier (cache.memory_bytes, cache.disk_bytes)",
+    ),
+    ("media_workers", "The configured media workers (media.workers)"),
+    ("ready", "1 while parasol accepts viewers (as /readyz answers), 0 while it drains"),
     ("origin_served_bytes", "Body bytes served to viewers by origin (as origin_requests)"),
 ];
 
@@ -360,8 +372,41 @@ impl Metrics {
                 Family::default(),
             ),
             origin_served_bytes: register(&mut registry, "origin_served_bytes", Family::default()),
+            cache_capacity: register(&mut registry, "cache_capacity_bytes", Family::default()),
+            media_workers: register(&mut registry, "media_workers", Gauge::default()),
+            ready: register(&mut registry, "ready", Gauge::default()),
             registry: std::sync::Arc::new(registry),
         }
+        .with_known_series()
+    }
+
+    /// Every series a dashboard or an alert names exists from the start, at 0, rather than
+    /// only after its first event (a rate over a series that does not exist is no data, not
+    /// zero).
+    fn with_known_series(self) -> Self {
+        use CacheStatus::*;
+        for status in [HitMemory, HitDisk, HitShared, Miss, Coalesced, Negative, Blocked, Bypass] {
+            let _ = self.cache.get_or_create(&CacheLabels { result: status.as_str() });
+        }
+        for outcome in ["ok", "origin_timeout", "origin_unreachable", "origin_status"] {
+            let _ = self.origin.get_or_create(&OutcomeLabels { outcome });
+        }
+        for outcome in ["ok", "unchanged", "refused", "too_costly", "busy", "error"] {
+            let _ = self.media_jobs.get_or_create(&OutcomeLabels { outcome });
+        }
+        for (op, outcome) in [("lookup", "hit"), ("lookup", "miss"), ("lookup", "error")]
+            .into_iter()
+            .chain([("publish", "ok"), ("publish", "error"), ("publish", "skipped")])
+        {
+            let _ = self.shared.get_or_create(&SharedLabels { op, outcome });
+        }
+        for reason in ["retry_after", "failures"] {
+            let _ = self.origin_backoffs.get_or_create(&ReasonLabels { reason });
+        }
+        for trigger in ["view", "prefetch", "arrival"] {
+            let _ = self.fetch_triggers.get_or_create(&TriggerLabels { trigger });
+        }
+        self
     }
 
     /// Counts one call of the shared bucket (`op`, `outcome`).

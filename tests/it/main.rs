@@ -18,6 +18,7 @@ mod moderation;
 mod origins;
 mod pool;
 mod privacy;
+mod prometheus;
 mod proxy;
 mod recipes;
 mod shared;
