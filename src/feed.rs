@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use crate::api::ProxyRequest;
 use crate::audit::Trigger;
+use crate::config::FeedConfig;
 use crate::proxy::Proxy;
 pub use crate::telemetry::FeedMetrics;
 
@@ -272,12 +273,72 @@ pub fn start(
         let (feeds, feed) = (feeds.clone(), feed.clone());
         tokio::spawn(async move {
             match feed.kind {
-                crate::config::FeedKind::Mastodon => mastodon::follow(i, feed, feeds).await,
-                crate::config::FeedKind::Misskey => misskey::follow(i, feed, feeds).await,
+                crate::config::FeedKind::Mastodon => follow(i, feed, feeds, mastodon::Api).await,
+                crate::config::FeedKind::Misskey => follow(i, feed, feeds, misskey::Api).await,
             }
         });
     }
     pending
+}
+
+/// A timeline a feed follows: its stream, and how it catches up after a reconnection.
+pub(crate) trait Timeline {
+    /// Reads the stream of the instance at `base` until it ends; `newest` follows the newest
+    /// post id seen, and `attempt` starts again once the stream answers.
+    async fn stream(
+        &self,
+        base: &str,
+        feed: &FeedConfig,
+        feeds: &Feeds,
+        newest: &mut Option<String>,
+        attempt: &mut u32,
+    ) -> Result<(), String>;
+
+    /// Queues what arrived since `since`; answers the newest id seen.
+    async fn catch_up(
+        &self,
+        base: &str,
+        feed: &FeedConfig,
+        feeds: &Feeds,
+        since: &str,
+    ) -> Result<Option<String>, String>;
+}
+
+/// Follows feed `index` (`feed`, read through `timeline`) until the proxy is gone: the stream,
+/// and after each reconnection (1 s, doubling to [`MAX_RECONNECT`]) a catch-up from the
+/// newest post seen.
+async fn follow(index: usize, feed: FeedConfig, feeds: Arc<Feeds>, timeline: impl Timeline) {
+    let base = feed.url.trim_end_matches('/').to_string();
+    let mut newest: Option<String> = None;
+    let mut attempt = 0u32;
+    loop {
+        if feeds.proxy.strong_count() == 0 {
+            return;
+        }
+        if let Some(since) = newest.clone() {
+            match timeline.catch_up(&base, &feed, &feeds, &since).await {
+                Ok(Some(id)) => newest = Some(id),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(feed = index, error = e, "feed catch-up failed"),
+            }
+        }
+        match timeline.stream(&base, &feed, &feeds, &mut newest, &mut attempt).await {
+            Ok(()) => tracing::info!(feed = index, "feed stream ended; reconnecting"),
+            Err(e) => tracing::warn!(feed = index, error = e, "feed stream failed; reconnecting"),
+        }
+        feeds.metrics.event("disconnect");
+        tokio::time::sleep(reconnect_pause(attempt)).await;
+        attempt = attempt.saturating_add(1);
+    }
+}
+
+/// Keeps in `newest` the newer of it and `id`. Both APIs' ids sort by time: Mastodon's
+/// decimal snowflakes (longer is newer, then by digits) and Misskey's ids of one length.
+pub(crate) fn keep_newer(newest: &mut Option<String>, id: Option<&str>) {
+    let Some(id) = id else { return };
+    if newest.as_deref().is_none_or(|n| (id.len(), id) > (n.len(), n)) {
+        *newest = Some(id.to_string());
+    }
 }
 
 /// The pause before reconnection `attempt` (0 for the first): 1 s doubling to

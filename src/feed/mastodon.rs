@@ -9,11 +9,9 @@
 //! (event `update`, payload the REST Status; boosts are not on public streams),
 //! `app/controllers/api/v1/timelines/public_controller.rb` and `concerns/paginable.rb`.
 
-use std::sync::Arc;
-
 use futures_util::StreamExt;
 
-use super::{Feeds, extract, reconnect_pause};
+use super::{Feeds, Timeline, extract, keep_newer};
 use crate::config::FeedConfig;
 
 /// Statuses asked for per catch-up page (the API's maximum).
@@ -22,74 +20,6 @@ const PAGE: usize = 40;
 const MAX_PAGES: usize = 10;
 /// A stream silent this long (no event, no heartbeat) is taken for lost.
 const SILENCE: std::time::Duration = std::time::Duration::from_secs(90);
-
-/// Follows feed `index` (`feed`) until the proxy is gone.
-pub async fn follow(index: usize, feed: FeedConfig, feeds: Arc<Feeds>) {
-    let base = feed.url.trim_end_matches('/').to_string();
-    let mut newest: Option<String> = None;
-    let mut attempt = 0u32;
-    loop {
-        if feeds.proxy.strong_count() == 0 {
-            return;
-        }
-        if let Some(since) = newest.clone() {
-            match catch_up(&base, &feed, &feeds, &since).await {
-                Ok(Some(id)) => newest = Some(id),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(feed = index, error = e, "feed catch-up failed"),
-            }
-        }
-        match stream(&base, &feed, &feeds, &mut newest, &mut attempt).await {
-            Ok(()) => tracing::info!(feed = index, "feed stream ended; reconnecting"),
-            Err(e) => tracing::warn!(feed = index, error = e, "feed stream failed; reconnecting"),
-        }
-        feeds.metrics.event("disconnect");
-        tokio::time::sleep(reconnect_pause(attempt)).await;
-        attempt = attempt.saturating_add(1);
-    }
-}
-
-/// Reads the stream until it ends; `newest` follows the newest status id seen, and `attempt`
-/// starts again once the stream answers.
-async fn stream(
-    base: &str,
-    feed: &FeedConfig,
-    feeds: &Feeds,
-    newest: &mut Option<String>,
-    attempt: &mut u32,
-) -> Result<(), String> {
-    let url = format!("{base}/api/v1/streaming/public/remote");
-    let mut request = feeds.client.get(url).header("accept", "text/event-stream");
-    if !feed.token.is_empty() {
-        request = request.bearer_auth(&feed.token);
-    }
-    let response = request.send().await.map_err(|e| e.without_url().to_string())?;
-    if !response.status().is_success() {
-        return Err(format!("the streaming API answered {}", response.status()));
-    }
-    *attempt = 0;
-    let mut body = response.bytes_stream();
-    let mut buffer: Vec<u8> = Vec::new();
-    loop {
-        let chunk = match tokio::time::timeout(SILENCE, body.next()).await {
-            Err(_) => return Err("no event or heartbeat for 90 s".into()),
-            Ok(None) => return Ok(()),
-            Ok(Some(chunk)) => chunk.map_err(|e| e.without_url().to_string())?,
-        };
-        buffer.extend_from_slice(&chunk);
-        if buffer.len() > 4 << 20 {
-            return Err("an event over 4 MiB".into());
-        }
-        while let Some((event, rest)) = next_event(&buffer) {
-            if let Some((name, data)) = event {
-                if name == "update" {
-                    received(feeds, feed, &data, newest).await;
-                }
-            }
-            buffer.drain(..buffer.len() - rest);
-        }
-    }
-}
 
 /// The first whole event in `buffer` (its name and data, or `None` for a comment or an
 /// event without data) and how many bytes follow it; `None` while no event is whole.
@@ -133,57 +63,102 @@ async fn received(feeds: &Feeds, feed: &FeedConfig, data: &str, newest: &mut Opt
     feeds.arrived(urls, feed.delay.0).await;
 }
 
-/// Keeps the newer of `newest` and `status`'s id (ids are decimal snowflakes: longer is newer,
-/// then by their digits).
+/// Keeps the newer of `newest` and `status`'s id.
 fn remember(newest: &mut Option<String>, status: &serde_json::Value) {
-    let Some(id) = status["id"].as_str() else { return };
-    let newer = newest.as_deref().is_none_or(|n| (id.len(), id) > (n.len(), n));
-    if newer {
-        *newest = Some(id.to_string());
-    }
+    keep_newer(newest, status["id"].as_str());
 }
 
-/// Reads what arrived since `since` (page by page, newest first, at most `MAX_PAGES`), queues
-/// its media, and answers the newest id seen.
-async fn catch_up(
-    base: &str,
-    feed: &FeedConfig,
-    feeds: &Feeds,
-    since: &str,
-) -> Result<Option<String>, String> {
-    let mut newest = Some(since.to_string());
-    let mut max_id: Option<String> = None;
-    for _ in 0..MAX_PAGES {
-        let mut query = vec![("remote", "true".to_string()), ("since_id", since.to_string())];
-        query.push(("limit", PAGE.to_string()));
-        if let Some(max) = &max_id {
-            query.push(("max_id", max.clone()));
-        }
-        let mut request = feeds.client.get(format!("{base}/api/v1/timelines/public")).query(&query);
+/// The Mastodon API as a [`Timeline`].
+pub struct Api;
+
+impl Timeline for Api {
+    /// Reads the stream until it ends; `newest` follows the newest status id seen, and `attempt`
+    /// starts again once the stream answers.
+    async fn stream(
+        &self,
+        base: &str,
+        feed: &FeedConfig,
+        feeds: &Feeds,
+        newest: &mut Option<String>,
+        attempt: &mut u32,
+    ) -> Result<(), String> {
+        let url = format!("{base}/api/v1/streaming/public/remote");
+        let mut request = feeds.client.get(url).header("accept", "text/event-stream");
         if !feed.token.is_empty() {
             request = request.bearer_auth(&feed.token);
         }
         let response = request.send().await.map_err(|e| e.without_url().to_string())?;
         if !response.status().is_success() {
-            return Err(format!("the timeline answered {}", response.status()));
+            return Err(format!("the streaming API answered {}", response.status()));
         }
-        let bytes = response.bytes().await.map_err(|e| e.without_url().to_string())?;
-        let page: Vec<serde_json::Value> =
-            serde_json::from_slice(&bytes).map_err(|e| format!("not a list of statuses: {e}"))?;
-        for status in &page {
-            feeds.metrics.event("caught_up");
-            remember(&mut newest, status);
-            let mut urls = Vec::new();
-            extract::mastodon_status(status, &mut urls);
-            feeds.arrived(urls, feed.delay.0).await;
-        }
-        // Newest first: the next page is older than this one's last.
-        match page.last().and_then(|s| s["id"].as_str()) {
-            Some(oldest) if page.len() == PAGE => max_id = Some(oldest.to_string()),
-            _ => break,
+        *attempt = 0;
+        let mut body = response.bytes_stream();
+        let mut buffer: Vec<u8> = Vec::new();
+        loop {
+            let chunk = match tokio::time::timeout(SILENCE, body.next()).await {
+                Err(_) => return Err("no event or heartbeat for 90 s".into()),
+                Ok(None) => return Ok(()),
+                Ok(Some(chunk)) => chunk.map_err(|e| e.without_url().to_string())?,
+            };
+            buffer.extend_from_slice(&chunk);
+            if buffer.len() > 4 << 20 {
+                return Err("an event over 4 MiB".into());
+            }
+            while let Some((event, rest)) = next_event(&buffer) {
+                if let Some((name, data)) = event {
+                    if name == "update" {
+                        received(feeds, feed, &data, newest).await;
+                    }
+                }
+                buffer.drain(..buffer.len() - rest);
+            }
         }
     }
-    Ok(newest)
+
+    /// Reads what arrived since `since` (page by page, newest first, at most `MAX_PAGES`), queues
+    /// its media, and answers the newest id seen.
+    async fn catch_up(
+        &self,
+        base: &str,
+        feed: &FeedConfig,
+        feeds: &Feeds,
+        since: &str,
+    ) -> Result<Option<String>, String> {
+        let mut newest = Some(since.to_string());
+        let mut max_id: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let mut query = vec![("remote", "true".to_string()), ("since_id", since.to_string())];
+            query.push(("limit", PAGE.to_string()));
+            if let Some(max) = &max_id {
+                query.push(("max_id", max.clone()));
+            }
+            let mut request =
+                feeds.client.get(format!("{base}/api/v1/timelines/public")).query(&query);
+            if !feed.token.is_empty() {
+                request = request.bearer_auth(&feed.token);
+            }
+            let response = request.send().await.map_err(|e| e.without_url().to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("the timeline answered {}", response.status()));
+            }
+            let bytes = response.bytes().await.map_err(|e| e.without_url().to_string())?;
+            let page: Vec<serde_json::Value> = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("not a list of statuses: {e}"))?;
+            for status in &page {
+                feeds.metrics.event("caught_up");
+                remember(&mut newest, status);
+                let mut urls = Vec::new();
+                extract::mastodon_status(status, &mut urls);
+                feeds.arrived(urls, feed.delay.0).await;
+            }
+            // Newest first: the next page is older than this one's last.
+            match page.last().and_then(|s| s["id"].as_str()) {
+                Some(oldest) if page.len() == PAGE => max_id = Some(oldest.to_string()),
+                _ => break,
+            }
+        }
+        Ok(newest)
+    }
 }
 
 #[cfg(test)]

@@ -9,12 +9,10 @@
 //! `stream/channels/global-timeline.ts`, `endpoints/notes/global-timeline.ts`,
 //! `core/QueryService.ts` (`makePaginationQuery`: ascending with `sinceId` alone).
 
-use std::sync::Arc;
-
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Feeds, extract, reconnect_pause};
+use super::{Feeds, Timeline, extract, keep_newer};
 use crate::config::FeedConfig;
 
 /// The id parasol's channel connection goes by.
@@ -28,32 +26,6 @@ const SILENCE: std::time::Duration = std::time::Duration::from_secs(90);
 /// How often parasol pings a quiet socket.
 const PING_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Follows feed `index` (`feed`) until the proxy is gone.
-pub async fn follow(index: usize, feed: FeedConfig, feeds: Arc<Feeds>) {
-    let base = feed.url.trim_end_matches('/').to_string();
-    let mut newest: Option<String> = None;
-    let mut attempt = 0u32;
-    loop {
-        if feeds.proxy.strong_count() == 0 {
-            return;
-        }
-        if let Some(since) = newest.clone() {
-            match catch_up(&base, &feed, &feeds, &since).await {
-                Ok(Some(id)) => newest = Some(id),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(feed = index, error = e, "feed catch-up failed"),
-            }
-        }
-        match stream(&base, &feed, &feeds, &mut newest, &mut attempt).await {
-            Ok(()) => tracing::info!(feed = index, "feed stream ended; reconnecting"),
-            Err(e) => tracing::warn!(feed = index, error = e, "feed stream failed; reconnecting"),
-        }
-        feeds.metrics.event("disconnect");
-        tokio::time::sleep(reconnect_pause(attempt)).await;
-        attempt = attempt.saturating_add(1);
-    }
-}
-
 /// The streaming URL of `base` (`ws` for `http`, `wss` for `https`) with the token.
 fn streaming_url(base: &str, token: &str) -> Result<String, String> {
     let mut url = url::Url::parse(base).map_err(|_| "not a URL".to_string())?;
@@ -64,54 +36,6 @@ fn streaming_url(base: &str, token: &str) -> Result<String, String> {
         url.query_pairs_mut().append_pair("i", token);
     }
     Ok(url.into())
-}
-
-async fn stream(
-    base: &str,
-    feed: &FeedConfig,
-    feeds: &Feeds,
-    newest: &mut Option<String>,
-    attempt: &mut u32,
-) -> Result<(), String> {
-    let url = streaming_url(base, &feed.token)?;
-    // The error's text never includes the URL (it holds the token).
-    let (mut socket, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .map_err(|e| format!("cannot open the streaming socket: {}", redact(&e.to_string())))?;
-    let connect = serde_json::json!({
-        "type": "connect",
-        "body": { "channel": "globalTimeline", "id": CHANNEL_ID, "params": {} }
-    });
-    socket.send(Message::text(connect.to_string())).await.map_err(|e| e.to_string())?;
-    *attempt = 0;
-    let mut last_heard = tokio::time::Instant::now();
-    loop {
-        let message = tokio::select! {
-            m = socket.next() => m,
-            _ = tokio::time::sleep(PING_EVERY) => {
-                if last_heard.elapsed() > SILENCE {
-                    return Err("silent for 90 s".into());
-                }
-                socket.send(Message::Ping(Vec::new().into())).await.map_err(|e| e.to_string())?;
-                continue;
-            }
-        };
-        last_heard = tokio::time::Instant::now();
-        let text = match message {
-            None | Some(Ok(Message::Close(_))) => return Ok(()),
-            Some(Err(e)) => return Err(e.to_string()),
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(_)) => continue,
-        };
-        let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else {
-            feeds.metrics.event("bad");
-            continue;
-        };
-        let body = &value["body"];
-        if value["type"] == "channel" && body["id"] == CHANNEL_ID && body["type"] == "note" {
-            received(feeds, feed, &body["body"], newest).await;
-        }
-    }
 }
 
 /// A token never reaches a log line, even inside an error's text.
@@ -144,59 +68,112 @@ async fn received(
     feeds.arrived(urls, feed.delay.0).await;
 }
 
+/// Keeps the newer of `newest` and `note`'s id.
 fn remember(newest: &mut Option<String>, note: &serde_json::Value) {
-    let Some(id) = note["id"].as_str() else { return };
-    if newest.as_deref().is_none_or(|n| (id.len(), id) > (n.len(), n)) {
-        *newest = Some(id.to_string());
-    }
+    keep_newer(newest, note["id"].as_str());
 }
 
-/// Reads what arrived since `since`, page by page (at most `MAX_PAGES`), queues its media, and
-/// answers the newest id seen.
-async fn catch_up(
-    base: &str,
-    feed: &FeedConfig,
-    feeds: &Feeds,
-    since: &str,
-) -> Result<Option<String>, String> {
-    let mut newest = Some(since.to_string());
-    let mut after = since.to_string();
-    for _ in 0..MAX_PAGES {
-        let mut body = serde_json::json!({ "sinceId": after, "limit": PAGE });
-        if !feed.token.is_empty() {
-            body["i"] = feed.token.clone().into();
-        }
-        let response = feeds
-            .client
-            .post(format!("{base}/api/notes/global-timeline"))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
+/// Misskey's streaming API as a [`Timeline`].
+pub struct Api;
+
+impl Timeline for Api {
+    async fn stream(
+        &self,
+        base: &str,
+        feed: &FeedConfig,
+        feeds: &Feeds,
+        newest: &mut Option<String>,
+        attempt: &mut u32,
+    ) -> Result<(), String> {
+        let url = streaming_url(base, &feed.token)?;
+        // The error's text never includes the URL (it holds the token).
+        let (mut socket, _) = tokio_tungstenite::connect_async(url)
             .await
-            .map_err(|e| e.without_url().to_string())?;
-        if !response.status().is_success() {
-            return Err(format!("the timeline answered {}", response.status()));
-        }
-        let bytes = response.bytes().await.map_err(|e| e.without_url().to_string())?;
-        let page: Vec<serde_json::Value> =
-            serde_json::from_slice(&bytes).map_err(|e| format!("not a list of notes: {e}"))?;
-        for note in &page {
-            feeds.metrics.event("caught_up");
-            remember(&mut newest, note);
-            if note["user"]["host"].is_null() && note["renote"]["user"]["host"].is_null() {
+            .map_err(|e| format!("cannot open the streaming socket: {}", redact(&e.to_string())))?;
+        let connect = serde_json::json!({
+            "type": "connect",
+            "body": { "channel": "globalTimeline", "id": CHANNEL_ID, "params": {} }
+        });
+        socket.send(Message::text(connect.to_string())).await.map_err(|e| e.to_string())?;
+        *attempt = 0;
+        let mut last_heard = tokio::time::Instant::now();
+        loop {
+            let message = tokio::select! {
+                m = socket.next() => m,
+                _ = tokio::time::sleep(PING_EVERY) => {
+                    if last_heard.elapsed() > SILENCE {
+                        return Err("silent for 90 s".into());
+                    }
+                    socket.send(Message::Ping(Vec::new().into())).await.map_err(|e| e.to_string())?;
+                    continue;
+                }
+            };
+            last_heard = tokio::time::Instant::now();
+            let text = match message {
+                None | Some(Ok(Message::Close(_))) => return Ok(()),
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(Message::Text(text))) => text,
+                Some(Ok(_)) => continue,
+            };
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else {
+                feeds.metrics.event("bad");
                 continue;
+            };
+            let body = &value["body"];
+            if value["type"] == "channel" && body["id"] == CHANNEL_ID && body["type"] == "note" {
+                received(feeds, feed, &body["body"], newest).await;
             }
-            let mut urls = Vec::new();
-            extract::misskey_note(note, &mut urls);
-            feeds.arrived(urls, feed.delay.0).await;
-        }
-        // The next page starts after the newest note of this one, whatever order it came in.
-        match newest.clone() {
-            Some(n) if page.len() == PAGE && n != after => after = n,
-            _ => break,
         }
     }
-    Ok(newest)
+
+    /// Reads what arrived since `since`, page by page (at most `MAX_PAGES`), queues its media, and
+    /// answers the newest id seen.
+    async fn catch_up(
+        &self,
+        base: &str,
+        feed: &FeedConfig,
+        feeds: &Feeds,
+        since: &str,
+    ) -> Result<Option<String>, String> {
+        let mut newest = Some(since.to_string());
+        let mut after = since.to_string();
+        for _ in 0..MAX_PAGES {
+            let mut body = serde_json::json!({ "sinceId": after, "limit": PAGE });
+            if !feed.token.is_empty() {
+                body["i"] = feed.token.clone().into();
+            }
+            let response = feeds
+                .client
+                .post(format!("{base}/api/notes/global-timeline"))
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .map_err(|e| e.without_url().to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("the timeline answered {}", response.status()));
+            }
+            let bytes = response.bytes().await.map_err(|e| e.without_url().to_string())?;
+            let page: Vec<serde_json::Value> =
+                serde_json::from_slice(&bytes).map_err(|e| format!("not a list of notes: {e}"))?;
+            for note in &page {
+                feeds.metrics.event("caught_up");
+                remember(&mut newest, note);
+                if note["user"]["host"].is_null() && note["renote"]["user"]["host"].is_null() {
+                    continue;
+                }
+                let mut urls = Vec::new();
+                extract::misskey_note(note, &mut urls);
+                feeds.arrived(urls, feed.delay.0).await;
+            }
+            // The next page starts after the newest note of this one, whatever order it came in.
+            match newest.clone() {
+                Some(n) if page.len() == PAGE && n != after => after = n,
+                _ => break,
+            }
+        }
+        Ok(newest)
+    }
 }
 
 #[cfg(test)]
