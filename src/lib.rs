@@ -415,6 +415,15 @@ impl Bound {
         self.public_state_with(None)
     }
 
+    /// Starts the feeds and the arrival fetcher (when configured); what the server queues a
+    /// view's file with when views may not fetch.
+    fn start_feeds(&self) -> Option<server::Pending> {
+        let metrics = self.proxy.metrics().feeds.clone();
+        let config = self.proxy.config();
+        let pending = feed::start(config, &self.proxy, self.signer.clone(), metrics)?;
+        Some(Arc::new(move |request, key| pending.arrivals.push(request, key, pending.window)))
+    }
+
     fn public_state_with(&self, pending: Option<server::Pending>) -> Arc<server::Public> {
         Arc::new(server::Public {
             proxy: self.proxy.clone(),
@@ -437,16 +446,7 @@ impl Bound {
     /// up to `server.shutdown_grace`, and flushes the audit log.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let reloader = self.reloader();
-        let pending = feed::start(
-            self.proxy.config(),
-            &self.proxy,
-            self.signer.clone(),
-            self.proxy.metrics().feeds.clone(),
-        );
-        let pending = pending.map(|p| -> server::Pending {
-            Arc::new(move |request, key| p.arrivals.push(request, key, p.window))
-        });
-        let public_state = self.public_state_with(pending);
+        let public_state = self.public_state_with(self.start_feeds());
         let Bound { public, admin, pictrs, proxy, mut proxy_closed, unsigned, audit_task, .. } =
             self;
         let server = &proxy.config().server;

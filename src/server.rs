@@ -659,41 +659,46 @@ async fn serve_pictrs<B>(
                 proxy.get_rendition(&request, &name, rendition.spec(), Trigger::View).await?;
             respond(proxy, &entry, cache, req).await
         }
-        PictrsRequest::Details(source) => {
-            let host = source.host_str().unwrap_or_default().to_string();
-            let arrival = Trigger::Arrival { delay_ms: 0 };
-            let (entry, cache) = proxy.get(&original(source), arrival).await?;
-            let content_type = entry.content_type.to_str().unwrap_or_default().to_string();
-            if !content_type.starts_with("video/") && !proxy.media().can_render(&content_type) {
-                return Err((ProxyError::NoRendition("not a picture".into()), cache));
-            }
-            let measured = state
-                .details
-                .try_get_with(entry.hash, async {
-                    let d = proxy.media().measure(&entry, &host).await?;
-                    let format = match (content_type.starts_with("video/"), d.frames) {
-                        (true, _) => "Video",
-                        (false, Some(_)) => "Animation",
-                        (false, None) => "Image",
-                    };
-                    let created_at =
-                        humantime::format_rfc3339_seconds(std::time::SystemTime::now());
-                    Ok::<_, ProxyError>(Arc::new(serde_json::json!({
-                        "width": d.width,
-                        "height": d.height,
-                        "frames": d.frames,
-                        "content_type": content_type,
-                        "created_at": created_at.to_string(),
-                        "format": format,
-                        "blurhash": d.blurhash,
-                    })))
-                })
-                .await
-                .map_err(|e| ((*e).clone(), cache))?;
-            let body = measured.to_string() + "\n";
-            Ok((response::json(http::StatusCode::OK, body), cache, 0))
-        }
+        PictrsRequest::Details(source) => pictrs_details(state, source).await,
     }
+}
+
+/// pict-rs's `details` of `source`: what Lemmy asks as a post arrives (fetched as an arrival),
+/// measured once per file.
+async fn pictrs_details(state: &Pictrs, source: url::Url) -> Routed {
+    let proxy = &state.proxy;
+    let original = |source| ProxyRequest::new(source, None);
+    let host = source.host_str().unwrap_or_default().to_string();
+    let arrival = Trigger::Arrival { delay_ms: 0 };
+    let (entry, cache) = proxy.get(&original(source), arrival).await?;
+    let content_type = entry.content_type.to_str().unwrap_or_default().to_string();
+    if !content_type.starts_with("video/") && !proxy.media().can_render(&content_type) {
+        return Err((ProxyError::NoRendition("not a picture".into()), cache));
+    }
+    let measured = state
+        .details
+        .try_get_with(entry.hash, async {
+            let d = proxy.media().measure(&entry, &host).await?;
+            let format = match (content_type.starts_with("video/"), d.frames) {
+                (true, _) => "Video",
+                (false, Some(_)) => "Animation",
+                (false, None) => "Image",
+            };
+            let created_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+            Ok::<_, ProxyError>(Arc::new(serde_json::json!({
+                "width": d.width,
+                "height": d.height,
+                "frames": d.frames,
+                "content_type": content_type,
+                "created_at": created_at.to_string(),
+                "format": format,
+                "blurhash": d.blurhash,
+            })))
+        })
+        .await
+        .map_err(|e| ((*e).clone(), cache))?;
+    let body = measured.to_string() + "\n";
+    Ok((response::json(http::StatusCode::OK, body), cache, 0))
 }
 
 fn log_error(e: &ProxyError, route: &str, cache: CacheStatus) {
