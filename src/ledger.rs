@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 const MAX_DOMAINS: usize = 50_000;
 /// Hosts whose domain is remembered at most (a host's domain is looked up once).
 const MAX_HOSTS: usize = 100_000;
-/// Where domains beyond [`MAX_DOMAINS`] are counted.
+/// Where domains beyond the first 50,000 are counted.
 pub const OTHER: &str = "(other)";
 
 /// One origin's counters.

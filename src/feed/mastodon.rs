@@ -68,7 +68,7 @@ fn remember(newest: &mut Option<String>, status: &serde_json::Value) {
     keep_newer(newest, status["id"].as_str());
 }
 
-/// The Mastodon API as a [`Timeline`].
+/// The Mastodon API as a timeline a feed follows (its stream, its catch-up).
 pub struct Api;
 
 impl Timeline for Api {

@@ -73,7 +73,7 @@ fn remember(newest: &mut Option<String>, note: &serde_json::Value) {
     keep_newer(newest, note["id"].as_str());
 }
 
-/// Misskey's streaming API as a [`Timeline`].
+/// Misskey's streaming API as a timeline a feed follows (its stream, its catch-up).
 pub struct Api;
 
 impl Timeline for Api {
