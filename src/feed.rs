@@ -332,6 +332,44 @@ async fn follow(index: usize, feed: FeedConfig, feeds: Arc<Feeds>, timeline: imp
     }
 }
 
+/// How one API writes a post: where its creation time is, the media URLs it holds, and
+/// whether it came from another server (only those are warmed).
+pub(crate) struct Shape {
+    /// The creation time's field (RFC 3339).
+    pub created: &'static str,
+    /// Its media URLs ([`extract`]).
+    pub media: fn(&serde_json::Value, &mut Vec<String>),
+    /// Whether it is a remote post.
+    pub remote: fn(&serde_json::Value) -> bool,
+}
+
+impl Feeds {
+    /// A post arrived, on the stream (`live`) or read in a catch-up: counted, its id kept in
+    /// `newest`, and the media of a remote one queued.
+    pub(crate) async fn received(
+        &self,
+        feed: &FeedConfig,
+        shape: &Shape,
+        post: &serde_json::Value,
+        newest: &mut Option<String>,
+        live: bool,
+    ) {
+        if live {
+            self.metrics.event("post");
+            self.metrics.arrived_at(post[shape.created].as_str());
+        } else {
+            self.metrics.event("caught_up");
+        }
+        keep_newer(newest, post["id"].as_str());
+        if !(shape.remote)(post) {
+            return;
+        }
+        let mut urls = Vec::new();
+        (shape.media)(post, &mut urls);
+        self.arrived(urls, feed.delay.0).await;
+    }
+}
+
 /// Keeps in `newest` the newer of it and `id`. Both APIs' ids sort by time: Mastodon's
 /// decimal snowflakes (longer is newer, then by digits) and Misskey's ids of one length.
 pub(crate) fn keep_newer(newest: &mut Option<String>, id: Option<&str>) {

@@ -241,7 +241,7 @@ impl Fetcher {
             self.check_port(&url).await.map_err(by_origin)?;
             let host = url.host_str().unwrap_or_default();
             self.backoff.check(host)?;
-            permit.move_to(host, self.policy().rule(host).map(|r| &**r)).await?;
+            permit.move_to(host, &self.policy()).await?;
             let request = self
                 .client
                 .get(url.clone())

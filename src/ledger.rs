@@ -35,12 +35,14 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// One viewer request of its files; `hit` when no origin fetch was needed for it.
-    pub fn viewed(&self, hit: bool) {
+    /// One viewer request of its files: a `hit` when no origin fetch was needed for it, and
+    /// the body bytes sent.
+    pub fn viewed(&self, hit: bool, sent: u64) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         if hit {
             self.hits.fetch_add(1, Ordering::Relaxed);
         }
+        self.served(sent);
     }
 
     /// Body bytes sent to a viewer.
@@ -117,18 +119,11 @@ impl Ledger {
     /// the body bytes sent. One lookup under a read lock, then relaxed adds.
     pub fn viewed(&self, host: &str, hit: bool, sent: u64) {
         let hosts = self.hosts.read().unwrap_or_else(|p| p.into_inner());
-        match hosts.get(host) {
-            Some(c) => {
-                c.viewed(hit);
-                c.served(sent);
-            }
-            None => {
-                drop(hosts);
-                let c = self.of_host(host);
-                c.viewed(hit);
-                c.served(sent);
-            }
+        if let Some(c) = hosts.get(host) {
+            return c.viewed(hit, sent);
         }
+        drop(hosts);
+        self.of_host(host).viewed(hit, sent);
     }
 
     /// The counters of `host`'s origin.
@@ -240,8 +235,7 @@ mod tests {
         let ledger = Ledger::default();
         ledger.fetched("scontent-a.cdninstagram.com", 100, false, 10);
         ledger.fetched("scontent-b.cdninstagram.com", 50, true, 20);
-        ledger.of_host("x.cdninstagram.com").viewed(true);
-        ledger.of_host("x.cdninstagram.com").served(150);
+        ledger.viewed("x.cdninstagram.com", true, 150);
         ledger.fetched("files.example.test", 7, false, 5);
         let rows = sorted(ledger.rows(), SortBy::Fetched, 10);
         assert_eq!(rows.len(), 2);

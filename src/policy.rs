@@ -105,11 +105,6 @@ impl Policy {
         self.origins.iter().find(|r| r.domains.iter().any(|d| covers(d, host)))
     }
 
-    /// Whether any `[[policy.origin]]` rule is configured.
-    pub fn has_rules(&self) -> bool {
-        !self.origins.is_empty()
-    }
-
     /// The domains named by rules, in order (the ledger's metric labels).
     pub fn rule_domains(&self) -> impl Iterator<Item = &str> {
         self.origins.iter().flat_map(|r| r.domains.iter().map(String::as_str))

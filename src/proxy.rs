@@ -602,8 +602,12 @@ impl Proxy {
         if expiry.is_some_and(|at| at < now) {
             return Err(ProxyError::SourceExpired);
         }
-        let result = match self.origin.fetch(key, req, trigger).await {
-            Ok(received) => self.moderate_and_store(key, req, received).await,
+        // The source's origin rule, read once for the whole fill (a reload meanwhile applies
+        // to the next).
+        let policy = self.origin.fetcher.policy();
+        let rule = policy.rule(req.source.host_str().unwrap_or_default()).map(|r| &**r);
+        let result = match self.origin.fetch(key, req, trigger, rule).await {
+            Ok(received) => self.moderate_and_store(key, req, received, rule).await,
             // A 403 for a URL that expires about now (the origin's clock may run ahead).
             Err(ProxyError::OriginStatus(403))
                 if expiry.is_some_and(|at| at <= now + EXPIRY_SKEW_SECS) =>
@@ -627,6 +631,7 @@ impl Proxy {
         key: Key,
         req: &ProxyRequest,
         received: Received,
+        rule: Option<&crate::policy::OriginRule>,
     ) -> Result<Arc<Entry>, ProxyError> {
         let host = received.final_host.clone();
         let host = host.as_deref().or(req.source.host_str()).unwrap_or_default();
@@ -634,9 +639,8 @@ impl Proxy {
         let origin_hash = received.hash;
         let source_host = req.source.host_str().unwrap_or_default();
         // Its origin's rule: how long it is kept at least, or that it is not kept at all.
-        let rule = self.origin.fetcher.policy().rule(source_host).cloned();
-        let streamed = received.oversize
-            || rule.as_ref().is_some_and(|r| r.store == crate::config::StoreMode::Stream);
+        let streamed =
+            received.oversize || rule.is_some_and(|r| r.store == crate::config::StoreMode::Stream);
         let mut prepared = self.prep.prepare(received, source_host).await?;
         // Kept with the entry when the origin's bytes are not the stored ones (preparing then
         // computed their digests), or their digests were computed: rules about the origin's

@@ -482,9 +482,19 @@ async fn serve_akkoma_preview<B>(
     Ok((response, cache, sent))
 }
 
-/// Serves `request` and counts it in its origin's line of the ledger.
+/// Serves a viewer's `request` and counts it in its origin's line of the ledger.
 async fn serve_request<B>(proxy: &Arc<Proxy>, request: &ProxyRequest, req: &Request<B>) -> Routed {
-    let routed = find_and_serve(proxy, request, req).await;
+    serve_request_as(proxy, request, req, Trigger::View).await
+}
+
+/// [`serve_request`], a fill it causes recorded as `trigger`.
+async fn serve_request_as<B>(
+    proxy: &Arc<Proxy>,
+    request: &ProxyRequest,
+    req: &Request<B>,
+    trigger: Trigger,
+) -> Routed {
+    let routed = find_and_serve(proxy, request, req, trigger).await;
     let (hit, sent) = match &routed {
         Ok((_, cache, sent)) => (
             matches!(cache, CacheStatus::HitMemory | CacheStatus::HitDisk | CacheStatus::HitShared),
@@ -496,10 +506,15 @@ async fn serve_request<B>(proxy: &Arc<Proxy>, request: &ProxyRequest, req: &Requ
     routed
 }
 
-async fn find_and_serve<B>(proxy: &Arc<Proxy>, request: &ProxyRequest, req: &Request<B>) -> Routed {
+async fn find_and_serve<B>(
+    proxy: &Arc<Proxy>,
+    request: &ProxyRequest,
+    req: &Request<B>,
+    trigger: Trigger,
+) -> Routed {
     let (entry, cache) = match &request.variant {
-        Some(name) => proxy.get_variant(request, name, Trigger::View).await?,
-        None => match proxy.get_streaming(request, Trigger::View).await? {
+        Some(name) => proxy.get_variant(request, name, trigger).await?,
+        None => match proxy.get_streaming(request, trigger).await? {
             crate::proxy::Found::Entry(entry, cache) => (entry, cache),
             // Still arriving, of unknown length, to a viewer whose framing cannot say that a
             // body ended broken (HTTP/1.0: the end of the connection is the end of the body,
@@ -508,7 +523,7 @@ async fn find_and_serve<B>(proxy: &Arc<Proxy>, request: &ProxyRequest, req: &Req
             crate::proxy::Found::Growing(growing, _)
                 if growing.len.is_none() && req.version() < http::Version::HTTP_11 =>
             {
-                proxy.get(request, Trigger::View).await?
+                proxy.get(request, trigger).await?
             }
             // Still arriving: read as it does.
             crate::proxy::Found::Growing(growing, cache) => {
@@ -646,10 +661,8 @@ async fn serve_pictrs<B>(
             if !req.headers().contains_key("x-forwarded-for")
                 && !req.headers().contains_key("x-parasol-viewer") =>
         {
-            let request = original(source);
             let arrival = Trigger::Arrival { delay_ms: 0 };
-            proxy.get(&request, arrival).await?;
-            serve_request(proxy, &request, req).await
+            serve_request_as(proxy, &original(source), req, arrival).await
         }
         PictrsRequest::Original(source) => serve_request(proxy, &original(source), req).await,
         PictrsRequest::Process(source, rendition) => {

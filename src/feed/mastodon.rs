@@ -11,7 +11,7 @@
 
 use futures_util::StreamExt;
 
-use super::{Feeds, Timeline, extract, keep_newer};
+use super::{Feeds, Shape, Timeline, extract};
 use crate::config::FeedConfig;
 
 /// Statuses asked for per catch-up page (the API's maximum).
@@ -49,23 +49,17 @@ fn next_event(buffer: &[u8]) -> Option<(Option<(String, String)>, usize)> {
     Some((event, buffer.len() - (end + sep)))
 }
 
-/// A status arrived: its media are queued, its id remembered.
-async fn received(feeds: &Feeds, feed: &FeedConfig, data: &str, newest: &mut Option<String>) {
-    let Ok(status) = serde_json::from_str::<serde_json::Value>(data) else {
-        feeds.metrics.event("bad");
-        return;
-    };
-    feeds.metrics.event("post");
-    feeds.metrics.arrived_at(status["created_at"].as_str());
-    remember(newest, &status);
-    let mut urls = Vec::new();
-    extract::mastodon_status(&status, &mut urls);
-    feeds.arrived(urls, feed.delay.0).await;
-}
+/// A status as the Mastodon API writes it: the public remote stream and timeline carry only
+/// remote ones.
+const STATUS: Shape =
+    Shape { created: "created_at", media: extract::mastodon_status, remote: |_| true };
 
-/// Keeps the newer of `newest` and `status`'s id.
-fn remember(newest: &mut Option<String>, status: &serde_json::Value) {
-    keep_newer(newest, status["id"].as_str());
+/// A status arrived on the stream (`data`, its JSON).
+async fn received(feeds: &Feeds, feed: &FeedConfig, data: &str, newest: &mut Option<String>) {
+    match serde_json::from_str::<serde_json::Value>(data) {
+        Ok(status) => feeds.received(feed, &STATUS, &status, newest, true).await,
+        Err(_) => feeds.metrics.event("bad"),
+    }
 }
 
 /// The Mastodon API as a timeline a feed follows (its stream, its catch-up).
@@ -145,11 +139,7 @@ impl Timeline for Api {
             let page: Vec<serde_json::Value> = serde_json::from_slice(&bytes)
                 .map_err(|e| format!("not a list of statuses: {e}"))?;
             for status in &page {
-                feeds.metrics.event("caught_up");
-                remember(&mut newest, status);
-                let mut urls = Vec::new();
-                extract::mastodon_status(status, &mut urls);
-                feeds.arrived(urls, feed.delay.0).await;
+                feeds.received(feed, &STATUS, status, &mut newest, false).await;
             }
             // Newest first: the next page is older than this one's last.
             match page.last().and_then(|s| s["id"].as_str()) {
@@ -183,7 +173,7 @@ mod tests {
     fn the_newest_id_is_the_largest_snowflake() {
         let mut newest = None;
         for id in ["109", "1100", "999", "1099"] {
-            remember(&mut newest, &serde_json::json!({ "id": id }));
+            crate::feed::keep_newer(&mut newest, Some(id));
         }
         assert_eq!(newest.as_deref(), Some("1100"));
     }

@@ -12,7 +12,7 @@
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Feeds, Timeline, extract, keep_newer};
+use super::{Feeds, Shape, Timeline, extract};
 use crate::config::FeedConfig;
 
 /// The id parasol's channel connection goes by.
@@ -52,26 +52,19 @@ async fn received(
     note: &serde_json::Value,
     newest: &mut Option<String>,
 ) {
-    if !note.is_object() {
-        feeds.metrics.event("bad");
-        return;
+    match note.is_object() {
+        true => feeds.received(feed, &NOTE, note, newest, true).await,
+        false => feeds.metrics.event("bad"),
     }
-    feeds.metrics.event("post");
-    feeds.metrics.arrived_at(note["createdAt"].as_str());
-    remember(newest, note);
-    // The global timeline carries local notes too; their files are the instance's own.
-    if note["user"]["host"].is_null() && note["renote"]["user"]["host"].is_null() {
-        return;
-    }
-    let mut urls = Vec::new();
-    extract::misskey_note(note, &mut urls);
-    feeds.arrived(urls, feed.delay.0).await;
 }
 
-/// Keeps the newer of `newest` and `note`'s id.
-fn remember(newest: &mut Option<String>, note: &serde_json::Value) {
-    keep_newer(newest, note["id"].as_str());
-}
+/// A note as Misskey writes it. The global timeline carries local notes too (`user.host`
+/// null, and not a renote of a remote one): their files are the instance's own.
+const NOTE: Shape = Shape {
+    created: "createdAt",
+    media: extract::misskey_note,
+    remote: |note| !(note["user"]["host"].is_null() && note["renote"]["user"]["host"].is_null()),
+};
 
 /// Misskey's streaming API as a timeline a feed follows (its stream, its catch-up).
 pub struct Api;
@@ -157,14 +150,7 @@ impl Timeline for Api {
             let page: Vec<serde_json::Value> =
                 serde_json::from_slice(&bytes).map_err(|e| format!("not a list of notes: {e}"))?;
             for note in &page {
-                feeds.metrics.event("caught_up");
-                remember(&mut newest, note);
-                if note["user"]["host"].is_null() && note["renote"]["user"]["host"].is_null() {
-                    continue;
-                }
-                let mut urls = Vec::new();
-                extract::misskey_note(note, &mut urls);
-                feeds.arrived(urls, feed.delay.0).await;
+                feeds.received(feed, &NOTE, note, &mut newest, false).await;
             }
             // The next page starts after the newest note of this one, whatever order it came in.
             match newest.clone() {

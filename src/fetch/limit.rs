@@ -11,7 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::error::ProxyError;
-use crate::policy::OriginRule;
+use crate::policy::{OriginRule, Policy};
 
 /// Fill slots: `fetch.max_fills` in all, `fetch.max_per_origin` per origin host.
 pub struct FillLimits {
@@ -40,16 +40,13 @@ impl Drop for FillPermit {
 }
 
 impl FillPermit {
-    /// Moves the origin slot to `host` (a redirect's next hop, under `rule`), waiting for one
-    /// there and for its turn when the rule paces it.
-    pub async fn move_to(
-        &mut self,
-        host: &str,
-        rule: Option<&OriginRule>,
-    ) -> Result<(), ProxyError> {
+    /// Moves the origin slot to `host` (a redirect's next hop, under its rule in `policy`),
+    /// waiting for one there and for its turn when the rule paces it.
+    pub async fn move_to(&mut self, host: &str, policy: &Policy) -> Result<(), ProxyError> {
         if host == self.host {
             return Ok(());
         }
+        let rule = policy.rule(host).map(|r| &**r);
         self.release_origin();
         let per_origin = rule.and_then(|r| r.max_concurrent).unwrap_or(self.per_origin);
         let semaphore = slot_of(&self.origins, host, per_origin);

@@ -19,6 +19,7 @@ use crate::fetch::Fetcher;
 use crate::fetch::limit::FillLimits;
 use crate::media::{SNIFF_LEN, TypePolicy};
 use crate::moderation::Moderation;
+use crate::policy::OriginRule;
 use crate::telemetry::{Metrics, OutcomeLabels};
 
 /// The origin as a source of fills.
@@ -84,13 +85,15 @@ impl Origin {
     }
 
     /// Fetches `req.source` into a received body, within a fill slot and `fetch.timeout`
-    /// (waiting for a per-origin slot, headers, body). The slot goes back when the body is in,
-    /// before a media worker sees it: slow or stuck media jobs never hold fills from others.
+    /// (waiting for a per-origin slot, headers, body), as its origin's `rule` says. The slot
+    /// goes back when the body is in, before a media worker sees it: slow or stuck media jobs
+    /// never hold fills from others.
     pub async fn fetch(
         &self,
         key: Key,
         req: &ProxyRequest,
         trigger: Trigger,
+        rule: Option<&OriginRule>,
     ) -> Result<Received, ProxyError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let host = req.source.host_str().unwrap_or_default();
@@ -101,10 +104,9 @@ impl Origin {
             self.metrics.origin.get_or_create(&OutcomeLabels { outcome: e.code() }).inc();
         })?;
         tokio::time::timeout_at(deadline, async {
-            let policy = self.fetcher.policy();
-            let rule = policy.rule(host).map(|r| &**r);
             let mut permit = self.limits.acquire(host, rule, deadline).await?;
-            self.receive(key, req, trigger, &mut permit).await
+            let max = rule.and_then(|r| r.max_object_bytes).unwrap_or(self.max_object_bytes);
+            self.receive(key, req, trigger, &mut permit, max).await
         })
         .await
         .unwrap_or_else(|_| {
@@ -121,6 +123,7 @@ impl Origin {
         req: &ProxyRequest,
         trigger: Trigger,
         permit: &mut crate::fetch::limit::FillPermit,
+        max: u64,
     ) -> Result<Received, ProxyError> {
         let started = Instant::now();
         // An object of a bucket read with credentials is fetched by a freshly signed URL.
@@ -140,8 +143,6 @@ impl Origin {
             && landed.is_none_or(|h| self.moderation.check_host(h).is_ok());
         let mut count = 0u64;
         let growing = readable.then_some(key);
-        let rule = self.fetcher.policy().rule(req.source.host_str().unwrap_or_default()).cloned();
-        let max = rule.and_then(|r| r.max_object_bytes).unwrap_or(self.max_object_bytes);
         let result =
             self.read_body(&mut response, &mut count, growing, max).await.map(|mut received| {
                 received.final_host = final_host;

@@ -8,7 +8,12 @@ use serde_json::{Value, json};
 
 use crate::util::*;
 
-async fn admin_post(p: &Parasol, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+pub(crate) async fn admin_post(
+    p: &Parasol,
+    path: &str,
+    token: Option<&str>,
+    body: Value,
+) -> (u16, Value) {
     let mut req = client()
         .post(p.admin_url(path))
         .header("content-type", "application/json")

@@ -23,7 +23,33 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::admin::audit_lines;
 use crate::util::*;
+
+/// Serves `answer` over HTTP/1.1 on `ip`, port 0 (connections may be upgraded, for a
+/// WebSocket); its address.
+async fn serve_on<F, Fut, B>(ip: &str, answer: F) -> std::net::SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service_fn(answer))
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
 
 /// A Mastodon API stand-in: the public remote stream and the public timeline.
 #[derive(Default)]
@@ -38,21 +64,9 @@ struct Mastodon {
 
 impl Mastodon {
     async fn start(ip: &str) -> (Arc<Mastodon>, std::net::SocketAddr) {
-        let listener = TcpListener::bind((ip, 0)).await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mastodon::default());
         let st = state.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let st = st.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| st.clone().answer(req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let addr = serve_on(ip, move |req| st.clone().answer(req)).await;
         (state, addr)
     }
 
@@ -166,12 +180,6 @@ fn feed_config(dir: &std::path::Path, kind: &str, base: &str, delay: &str) -> pa
     parasol::Config::from_sources("test", &toml, std::iter::empty()).expect("valid config")
 }
 
-/// The audit log's records.
-fn audit(dir: &std::path::Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(dir.join("outbound.jsonl")).unwrap_or_default();
-    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
 #[tokio::test]
 async fn a_mastodon_feed_fetches_each_file_once_after_arrival_and_catches_up_after_a_drop() {
     let origin = Origin::start("127.0.0.13").await;
@@ -202,7 +210,7 @@ async fn a_mastodon_feed_fetches_each_file_once_after_arrival_and_catches_up_aft
         assert!(after < Duration::from_secs(2) + Duration::from_millis(1500), "{after:?}");
     }
     // The audit log says why, and the delay drawn.
-    let records = audit(dir.path());
+    let records = audit_lines(dir.path());
     assert_eq!(records.len(), 4);
     for r in &records {
         assert_eq!(r["trigger"], "arrival", "{r}");
@@ -345,7 +353,7 @@ async fn a_misskey_feed_warms_remote_notes_and_leaves_local_ones() {
     assert!(fetched(), "{:?}", origin.seen().iter().map(|s| &s.path).collect::<Vec<_>>());
     assert_eq!(origin.hits("/local.png"), 0, "a local note's files are the instance's own");
     assert_eq!(seen.lock().unwrap().as_slice(), ["/streaming?i=feed-token"]);
-    assert!(audit(dir.path()).iter().all(|r| r["trigger"] == "arrival"));
+    assert!(audit_lines(dir.path()).iter().all(|r| r["trigger"] == "arrival"));
     let r = get(&p.url(&file("f.webp"))).await;
     assert_eq!(r.status(), 200);
     assert_eq!(origin.hits("/f.webp"), 1, "the view is a hit");
@@ -403,8 +411,8 @@ async fn with_view_fetch_never_a_view_gets_a_placeholder_and_the_fetch_comes_lat
     assert_eq!(origin.hits("/late.png"), 1);
     let at = origin.seen()[0].at - viewed;
     assert!(at < Duration::from_millis(3_500), "fetched {at:?} after the view");
-    assert!(eventually(|| audit(dir.path()).len() == 1).await);
-    assert_eq!(audit(dir.path())[0]["trigger"], "arrival");
+    assert!(eventually(|| audit_lines(dir.path()).len() == 1).await);
+    assert_eq!(audit_lines(dir.path())[0]["trigger"], "arrival");
     let r = get(&url).await;
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("x-parasol-pending").is_none());
@@ -489,22 +497,9 @@ struct MisskeyServer {
 
 impl MisskeyServer {
     async fn start(ip: &str) -> (Arc<MisskeyServer>, std::net::SocketAddr) {
-        let listener = TcpListener::bind((ip, 0)).await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(MisskeyServer::default());
         let st = state.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let st = st.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| st.clone().answer(req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades()
-                        .await;
-                });
-            }
-        });
+        let addr = serve_on(ip, move |req| st.clone().answer(req)).await;
         (state, addr)
     }
 

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::admin::admin_post;
 use crate::util::*;
 
 /// A config whose `[fetch] timeout` is `timeout` and with `extra` sections.
@@ -208,6 +209,28 @@ async fn an_expired_url_is_not_fetched_and_does_not_count_as_a_failing_origin() 
     p.stop().await;
 }
 
+/// The config file of the running parasol `p` (started from `toml`, whose admin listener
+/// was bound to port 0), for the commands that ask its admin API.
+fn running_config(dir: &std::path::Path, toml: &str, p: &Parasol) -> std::path::PathBuf {
+    let file = dir.join("parasol.toml");
+    let admin = format!("admin_listen = \"{}\"", p.admin);
+    std::fs::write(&file, toml.replace("admin_listen = \"127.0.0.1:0\"", &admin)).unwrap();
+    file
+}
+
+/// What `parasol <args> --config <file>` prints; it must succeed.
+async fn cli(file: &std::path::Path, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_parasol"))
+        .args(args)
+        .arg("--config")
+        .arg(file)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Body bytes per host in the audit log, for hosts under `domain`.
 fn audit_bytes(dir: &std::path::Path, domain: &str) -> (u64, u64) {
     let log = std::fs::read_to_string(dir.join("outbound.jsonl")).unwrap();
@@ -306,29 +329,11 @@ async fn the_ledger_agrees_with_the_audit_log_survives_a_restart_and_usage_print
     assert!(metrics.contains(&line), "{metrics}");
     assert!(metrics.contains("parasol_origin_requests_total{domain=\"other\"} 1"), "{metrics}");
     // `parasol usage` prints what the admin API says.
-    let file = dir.path().join("parasol.toml");
-    let running =
-        toml.replace("admin_listen = \"127.0.0.1:0\"", &format!("admin_listen = \"{}\"", p.admin));
-    std::fs::write(&file, running).unwrap();
-    let usage = |args: &'static [&'static str]| {
-        let file = file.clone();
-        async move {
-            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_parasol"))
-                .arg("usage")
-                .args(args)
-                .arg("--config")
-                .arg(&file)
-                .output()
-                .await
-                .unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            String::from_utf8(out.stdout).unwrap()
-        }
-    };
+    let file = running_config(dir.path(), &toml, &p);
     let printed: serde_json::Value =
-        serde_json::from_str(&usage(&["--json", "--sort", "fetched"]).await).unwrap();
+        serde_json::from_str(&cli(&file, &["usage", "--json", "--sort", "fetched"]).await).unwrap();
     assert_eq!(printed, origins(&p, "?sort=fetched&limit=50").await);
-    let table = usage(&["--sort", "served"]).await;
+    let table = cli(&file, &["usage", "--sort", "served"]).await;
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines[0].starts_with("domain"), "{table}");
     assert!(lines[1].starts_with("alpha.test") && lines[2].starts_with("beta.test"), "{table}");
@@ -553,29 +558,11 @@ async fn lookup_finds_every_url_and_rendition_of_a_file_by_url_blake3_or_sha256(
         assert_eq!(ask(bad.to_string()).await.0, 400, "{bad:?}");
     }
     // `parasol lookup` prints the same, and the URLs viewers reach the file by.
-    let file = dir.path().join("parasol.toml");
-    let running =
-        toml.replace("admin_listen = \"127.0.0.1:0\"", &format!("admin_listen = \"{}\"", p.admin));
-    std::fs::write(&file, running).unwrap();
-    let run = |args: Vec<String>| {
-        let file = file.clone();
-        async move {
-            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_parasol"))
-                .arg("lookup")
-                .args(args)
-                .arg("--config")
-                .arg(&file)
-                .output()
-                .await
-                .unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            String::from_utf8(out.stdout).unwrap()
-        }
-    };
+    let file = running_config(dir.path(), &toml, &p);
     let json: serde_json::Value =
-        serde_json::from_str(&run(vec![source.clone(), "--json".into()]).await).unwrap();
+        serde_json::from_str(&cli(&file, &["lookup", &source, "--json"]).await).unwrap();
     assert_eq!(without_ages(&json["blobs"]), without_ages(&by_url["blobs"]));
-    let text = run(vec![source.clone()]).await;
+    let text = cli(&file, &["lookup", &source]).await;
     assert!(text.contains(&format!("blob {}", stored["blake3"].as_str().unwrap())), "{text}");
     assert!(text.contains("[preview]") && text.contains("[original]"), "{text}");
     assert!(text.contains("origin: found.test") && text.contains("pinned: until"), "{text}");
@@ -608,14 +595,8 @@ async fn origin_rules_reload_with_the_policy() {
     assert_eq!(get(&url).await.status(), 413);
     // The rule goes; after a reload, the file is fetched within the default limit.
     std::fs::write(&file, config_toml(dir.path(), &["127.0.0.11/32"], "")).unwrap();
-    let reload = client()
-        .post(p.admin_url("/admin/reload"))
-        .bearer_auth(ADMIN_TOKEN)
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(reload.status(), 200);
+    let reload = |p| admin_post(p, "/admin/reload", Some(ADMIN_TOKEN), serde_json::json!({}));
+    assert_eq!(reload(&p).await.0, 200);
     // (413 is remembered per URL for cache.negative_ttl: ask by another spelling of the file.)
     let again = p.url(&named(&origin, "a.reload.test", "/r.png?v=2"));
     origin.route("/r.png", Route::ok(img.clone()).header("content-type", "image/png"));
@@ -625,15 +606,8 @@ async fn origin_rules_reload_with_the_policy() {
     // A rule that does not check is refused whole: the running policy stays.
     let bad = "[[policy.origin]]\ndomains = []\n";
     std::fs::write(&file, config_toml(dir.path(), &["127.0.0.11/32"], bad)).unwrap();
-    let reload = client()
-        .post(p.admin_url("/admin/reload"))
-        .bearer_auth(ADMIN_TOKEN)
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(reload.status(), 400);
-    let text = reload.text().await.unwrap();
-    assert!(text.contains("policy.origin[0]"), "{text}");
+    let (status, answer) = reload(&p).await;
+    assert_eq!(status, 400);
+    assert!(answer.to_string().contains("policy.origin[0]"), "{answer}");
     p.stop().await;
 }
