@@ -118,6 +118,15 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Exit 0 if a running parasol answers its admin listener's `/healthz` (with `--ready`,
+    /// `/readyz`), else 1: a container's or a load balancer's health check.
+    Health {
+        #[arg(long)]
+        ready: bool,
+        /// The running server's config (its admin listener).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Summarise the outbound audit log: per origin host, requests, bytes, headers sent.
     /// Exits 1 if any request carried a header outside the outbound allowlist.
     Audit {
@@ -237,6 +246,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", parasol::admin::client::lookup_text(&config, &signer, &answer));
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Health { ready, config } => {
+            let config = load(config.as_deref())?;
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            match runtime.block_on(parasol::admin::client::health(&config, ready)) {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e) => {
+                    eprintln!("parasol health: {e}");
+                    Ok(ExitCode::from(1))
+                }
+            }
         }
         Command::CheckConfig { config } => {
             let config = load(config.as_deref())?;

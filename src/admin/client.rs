@@ -44,6 +44,23 @@ pub async fn get_json(config: &Config, path_and_query: &str) -> Result<serde_jso
     Ok(body)
 }
 
+/// `parasol health`: Ok when the server `config` describes answers its liveness check
+/// (`/healthz`), or with `ready` its readiness check (`/readyz`); else what went wrong.
+pub async fn health(config: &Config, ready: bool) -> Result<(), String> {
+    let path = if ready { "/readyz" } else { "/healthz" };
+    let url = format!("{}{path}", base_url(config));
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let response = client.get(&url).send().await.map_err(|e| format!("{url}: {e}"))?;
+    match response.status() {
+        reqwest::StatusCode::OK => Ok(()),
+        status => Err(format!("{url} answered {status}")),
+    }
+}
+
 /// The origins' ledger as a table, one origin per line.
 pub fn origins_table(rows: &[crate::ledger::Row]) -> String {
     use std::fmt::Write;
