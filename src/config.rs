@@ -66,6 +66,8 @@ pub struct Config {
     pub upstream: Vec<UpstreamConfig>,
     /// `[[feed]]`: instances' timelines followed, to fetch media when a post arrives.
     pub feed: Vec<FeedConfig>,
+    /// `[telemetry]`: traces over OTLP.
+    pub telemetry: TelemetryConfig,
 }
 
 /// A configuration problem, always naming the key or file it is about.
@@ -185,6 +187,7 @@ impl Config {
             u.check().or_else(|message| bad(&format!("upstream[{i}]"), message))?;
         }
         self.moderation.check()?;
+        self.telemetry.check()?;
         for (i, f) in self.feed.iter().enumerate() {
             f.check().or_else(|message| bad(&format!("feed[{i}]"), message))?;
         }
@@ -225,6 +228,7 @@ const SECRETS: &[&str] = &[
     "upstream[*].s3.secret_access_key",
     "feed[*].url",
     "feed[*].token",
+    "telemetry.otlp_headers",
 ];
 
 /// Whether the value at `key` (as serde names it: `upstream[0].s3.secret_access_key`) is a

@@ -168,7 +168,10 @@ fn main() -> ExitCode {
             None => parasol::media::worker::child::run(limits, max_input),
         };
     }
-    parasol::telemetry::init_logging();
+    // `serve` sets its logging up once its config has said where traces go.
+    if !matches!(cli.command, None | Some(Command::Serve { .. })) {
+        parasol::telemetry::init_logging(None);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -317,7 +320,12 @@ fn load(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
 }
 
 fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
+    // Errors until the log is set up are printed by `main`.
     let config = load(path.as_deref())?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let traces = parasol::telemetry::traces::layer(&config.telemetry, runtime.handle());
+    let (layer, exporter) = traces.map_err(anyhow::Error::msg)?.unzip();
+    parasol::telemetry::init_logging(layer);
     // Every viewer connection and every blob streamed holds a descriptor, as do the blobs of
     // entries sent with sendfile; the usual soft limit of 1024 would run out long before
     // server.max_connections.
@@ -332,7 +340,6 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let served = runtime.block_on(async move {
         let shutdown = shutdown_signal()?;
         let hangups = sighup()?;
@@ -343,6 +350,10 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         bound.serve(shutdown).await;
         Ok(())
     });
+    // The last spans go out while the runtime that sends them still runs.
+    if let Some(exporter) = exporter {
+        exporter.shutdown();
+    }
     // Whatever is still running once the grace period is over (a fill waiting on its origin,
     // a job on a stuck worker, whose process is killed as its task is dropped) is cancelled;
     // a blocking file write gets one more second.

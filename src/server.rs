@@ -25,7 +25,8 @@ use crate::error::ProxyError;
 use crate::proxy::Proxy;
 use crate::response::{self, Body};
 use crate::signing::Signer;
-use crate::telemetry::{CacheStatus, RequestLabels};
+use crate::telemetry::{CacheStatus, RequestLabels, traces};
+use tracing::Instrument;
 
 pub mod sendfile;
 
@@ -234,7 +235,13 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 /// Generic over the request body, which is never read: benches call it without a socket.
 pub async fn handle_public<B>(public: Arc<Public>, req: Request<B>) -> Response<Body> {
     let started = Instant::now();
-    let (route, result) = route(&public, &req).await;
+    let span = traces::request(req.method());
+    // Traced, the request's future is boxed: one level more would be deeper than the
+    // compiler lays out, and untraced requests need no allocation.
+    let (route, result) = match span.is_disabled() {
+        true => route(&public, &req).await,
+        false => Box::pin(route(&public, &req).instrument(span.clone())).await,
+    };
     let proxy = &public.proxy;
     let (response, cache, sent) = match result {
         Ok((response, cache, sent)) => (response, cache, sent),
@@ -247,6 +254,7 @@ pub async fn handle_public<B>(public: Arc<Public>, req: Request<B>) -> Response<
     proxy.metrics().bytes_served.inc_by(sent);
     let status = response.status().as_u16();
     proxy.metrics().requests.get_or_create(&RequestLabels { route, status }).inc();
+    traces::answered(&span, route, status, cache.as_str());
     tracing::debug!(
         route,
         status,
@@ -582,6 +590,7 @@ impl Pictrs {
 /// Handles one request on the pict-rs listener ([`api::pictrs`]).
 pub async fn handle_pictrs<B>(state: Arc<Pictrs>, req: Request<B>) -> Response<Body> {
     let proxy = &state.proxy;
+    let span = traces::request(req.method());
     let secret = &proxy.config().compat.pictrs_secret;
     let guarded = secret.is_empty() || {
         let sent = req.headers().get("x-parasol-secret").map_or(&b""[..], |v| v.as_bytes());
@@ -594,7 +603,10 @@ pub async fn handle_pictrs<B>(state: Arc<Pictrs>, req: Request<B>) -> Response<B
             let max = proxy.config().compat.pictrs_max_thumbnail;
             match api::pictrs::parse(req.uri().path(), req.uri().query(), max) {
                 Err(e) => Err((e, CacheStatus::Bypass)),
-                Ok(parsed) => serve_pictrs(&state, parsed, &req).await,
+                Ok(parsed) if span.is_disabled() => serve_pictrs(&state, parsed, &req).await,
+                Ok(parsed) => {
+                    Box::pin(serve_pictrs(&state, parsed, &req).instrument(span.clone())).await
+                }
             }
         }
     };
@@ -623,6 +635,7 @@ pub async fn handle_pictrs<B>(state: Arc<Pictrs>, req: Request<B>) -> Response<B
     proxy.metrics().bytes_served.inc_by(sent);
     let status = response.status().as_u16();
     proxy.metrics().requests.get_or_create(&RequestLabels { route: "pictrs", status }).inc();
+    traces::answered(&span, "pictrs", status, cache.as_str());
     response
 }
 

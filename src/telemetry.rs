@@ -4,6 +4,8 @@
 //! operator can see why a request went to the origin. Logs and metrics never carry a viewer's
 //! address or a source URL at info level.
 
+pub mod traces;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -434,20 +436,26 @@ impl Metrics {
     }
 }
 
-/// Installs the global tracing subscriber: human-readable by default, JSON lines when
-/// `PARASOL_LOG_FORMAT=json`; filtered by `RUST_LOG` (default `info`).
-pub fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colour only on a terminal: journald and log files get plain text.
+/// Installs the global tracing subscriber: the log, human-readable by default, JSON lines when
+/// `PARASOL_LOG_FORMAT=json`, filtered by `RUST_LOG` (default `info`); beside it `traces`,
+/// the exporter's layer when `[telemetry]` has one ([`traces::layer`]).
+pub fn init_logging(traces: Option<traces::Layer>) {
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The spans made for traces are never logged.
+    let filter = match format!("{}=off", traces::TARGET).parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
+    // Colour only on a terminal: journald and log files get plain text.
+    let log = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = if std::env::var("PARASOL_LOG_FORMAT").is_ok_and(|v| v == "json") {
-        builder.json().try_init()
+    let log = if std::env::var("PARASOL_LOG_FORMAT").is_ok_and(|v| v == "json") {
+        log.json().with_filter(filter).boxed()
     } else {
-        builder.try_init()
+        log.with_filter(filter).boxed()
     };
+    let _ = tracing_subscriber::registry().with(traces).with(log).try_init();
 }

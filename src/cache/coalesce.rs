@@ -14,6 +14,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::growing::Growing;
 use super::{Entry, Key};
@@ -77,8 +78,12 @@ impl Coalescer {
                     let rx = tx.subscribe();
                     fills.insert(key, tx.clone());
                     let slot = Slot { coalescer: self.clone(), key };
+                    // Made here, so the fill's span is a child of the leader's request.
+                    let span = crate::telemetry::traces::fill();
+                    let traced = span.clone();
                     tokio::spawn(async move {
-                        let result = fill.await;
+                        let result = fill.instrument(traced).await;
+                        crate::telemetry::traces::outcome(&span, &result);
                         // Published before the key leaves the table (the slot's drop).
                         tx.send_replace(FillState::Done(result));
                         drop(slot);

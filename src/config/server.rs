@@ -78,6 +78,67 @@ impl Default for AuditConfig {
     }
 }
 
+/// `[telemetry]`: traces of requests, fills, media jobs and shared-tier traffic, exported
+/// over OTLP/HTTP (protobuf) to a collector. Off while `otlp_endpoint` is empty.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// The collector's OTLP/HTTP URL (`http://collector:4318`); `/v1/traces` is added when
+    /// the URL has no path of its own. Empty: no spans are made at all.
+    pub otlp_endpoint: String,
+    /// Headers sent with every export (a collector's API key, say); secrets.
+    #[serde(serialize_with = "redact_map")]
+    pub otlp_headers: std::collections::BTreeMap<String, String>,
+    /// Share of requests traced, 0 to 1.
+    pub sample_ratio: f64,
+    /// `service.name` of the spans (one per node or deployment, say).
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            otlp_headers: Default::default(),
+            sample_ratio: 1.0,
+            service_name: "parasol".into(),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    /// Where spans are sent, or `None` when tracing is off.
+    pub fn traces_url(&self) -> Option<Url> {
+        let mut url = http_url("telemetry.otlp_endpoint", &self.otlp_endpoint).ok()?;
+        if url.path() == "/" {
+            url.set_path("/v1/traces");
+        }
+        Some(url)
+    }
+
+    pub(super) fn check(&self) -> Result<(), ConfigError> {
+        if !self.otlp_endpoint.is_empty() {
+            if let Err(message) = http_url("telemetry.otlp_endpoint", &self.otlp_endpoint) {
+                return bad("telemetry.otlp_endpoint", message);
+            }
+        }
+        for (name, value) in &self.otlp_headers {
+            let valid = http::HeaderName::try_from(name.as_str()).is_ok()
+                && http::HeaderValue::try_from(value.as_str()).is_ok();
+            if !valid {
+                return bad(&format!("telemetry.otlp_headers.{name}"), "is not a valid header");
+            }
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return bad("telemetry.sample_ratio", "must be between 0 and 1");
+        }
+        if self.service_name.is_empty() {
+            return bad("telemetry.service_name", "must not be empty");
+        }
+        Ok(())
+    }
+}
+
 impl ServerConfig {
     pub(super) fn check(&self) -> Result<(), ConfigError> {
         // A short admin token can be guessed, and lets anyone purge or ban.

@@ -69,6 +69,15 @@ pub(crate) fn redact_str<S: Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error
     s.serialize_str(if v.is_empty() { "" } else { "<redacted>" })
 }
 
+pub(crate) fn redact_map<S: Serializer>(
+    v: &std::collections::BTreeMap<String, String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let redacted: std::collections::BTreeMap<&str, &str> =
+        v.keys().map(|k| (k.as_str(), "<redacted>")).collect();
+    redacted.serialize(s)
+}
+
 pub(crate) fn redact_list<S: Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
     let redacted: Vec<&str> = v.iter().map(|_| "<redacted>").collect();
     redacted.serialize(s)

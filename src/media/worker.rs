@@ -53,6 +53,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use protocol::{Answer, Job, Reply, SelfReport, Task};
 pub use sandbox::Limits;
 pub use schedule::Lane;
+use tracing::Instrument;
 
 /// How much longer than its CPU budget a job may take on the wall clock before it is asked
 /// whether it still makes progress: from then on, every further budget's worth of wall time,
@@ -360,8 +361,22 @@ impl MediaPool {
     }
 
     /// Queues (by the origin of `host`), runs on a worker of `host` under the deadline, and
-    /// classifies what happened.
+    /// classifies what happened; traced as a media job.
     async fn submit<S: ChunkSink>(
+        &self,
+        task: &Task,
+        input: &Input,
+        host: &str,
+        sink: &mut S,
+    ) -> Result<Reply, ProxyError> {
+        let span = crate::telemetry::traces::media_job(task.name());
+        let replied = self.queue_and_run(task, input, host, sink).instrument(span.clone()).await;
+        crate::telemetry::traces::outcome(&span, &replied);
+        replied
+    }
+
+    /// [`Self::submit`]'s work.
+    async fn queue_and_run<S: ChunkSink>(
         &self,
         task: &Task,
         input: &Input,

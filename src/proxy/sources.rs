@@ -20,7 +20,8 @@ use crate::fetch::limit::FillLimits;
 use crate::media::{SNIFF_LEN, TypePolicy};
 use crate::moderation::Moderation;
 use crate::policy::OriginRule;
-use crate::telemetry::{Metrics, OutcomeLabels};
+use crate::telemetry::{Metrics, OutcomeLabels, traces};
+use tracing::Instrument;
 
 /// The origin as a source of fills.
 pub struct Origin {
@@ -103,16 +104,20 @@ impl Origin {
         self.fetcher.check_backoff(host).inspect_err(|e| {
             self.metrics.origin.get_or_create(&OutcomeLabels { outcome: e.code() }).inc();
         })?;
-        tokio::time::timeout_at(deadline, async {
+        let span = traces::origin_fetch(host, trigger.as_str());
+        let fetched = tokio::time::timeout_at(deadline, async {
             let mut permit = self.limits.acquire(host, rule, deadline).await?;
             let max = rule.and_then(|r| r.max_object_bytes).unwrap_or(self.max_object_bytes);
             self.receive(key, req, trigger, &mut permit, max).await
         })
+        .instrument(span.clone())
         .await
         .unwrap_or_else(|_| {
             self.metrics.origin.get_or_create(&OutcomeLabels { outcome: "origin_timeout" }).inc();
             Err(ProxyError::OriginTimeout)
-        })
+        });
+        traces::outcome(&span, &fetched);
+        fetched
     }
 
     /// Streams the origin's body into a temp blob while hashing, sniffing and counting; anything
@@ -303,14 +308,20 @@ impl Bucket {
     /// Asks the shared bucket for `key` and stores what it has on this node. Any failure of
     /// the bucket is a miss here (counted and logged): the origin is asked instead.
     pub async fn load(&self, key: Key, prep: &Prepare) -> Option<Arc<Entry>> {
+        let span = traces::shared("lookup");
+        let (entry, outcome) = self.lookup(key, prep).instrument(span.clone()).await;
+        span.record("parasol.outcome", outcome);
+        self.metrics.shared_result("lookup", outcome);
+        entry
+    }
+
+    /// [`Self::load`]'s work: the entry, and the outcome counted (hit, miss, refused, error).
+    async fn lookup(&self, key: Key, prep: &Prepare) -> (Option<Arc<Entry>>, &'static str) {
         let shared = &self.shared;
         let outcome = match self.receive(shared, key).await {
             Ok(Some((url, received))) => match self.vet(received, &url, prep).await {
                 Ok(received) => match self.store.insert(key, &url, received).await {
-                    Ok(entry) => {
-                        self.metrics.shared_result("lookup", "hit");
-                        return Some(entry);
-                    }
+                    Ok(entry) => return (Some(entry), "hit"),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot store a blob from the shared tier");
                         "error"
@@ -336,8 +347,7 @@ impl Bucket {
                 "error"
             }
         };
-        self.metrics.shared_result("lookup", outcome);
-        None
+        (None, outcome)
     }
 
     /// A body from the bucket passes the preparation an origin's body gets (SVG drawn to PNG,
@@ -418,7 +428,10 @@ impl Bucket {
         let input = self.store.blob_input(&hash, entry.len);
         let ok = self.metrics.shared_counter("publish", "ok");
         let failed = self.metrics.shared_counter("publish", "error");
-        tokio::spawn(async move {
+        // A child of the fill, which it outlives.
+        let span = traces::shared("publish");
+        let traced = span.clone();
+        let upload = async move {
             let _ticket = ticket;
             let Some(_slot) = shared.upload_slot().await else { return };
             let published = match body {
@@ -436,13 +449,16 @@ impl Bucket {
             match published {
                 Ok(()) => {
                     ok.inc();
+                    span.record("parasol.outcome", "ok");
                 }
                 Err(e) => {
                     failed.inc();
                     shared.warn("publish", &e);
+                    span.record("parasol.outcome", "error");
                 }
             }
-        });
+        };
+        tokio::spawn(upload.instrument(traced));
     }
 }
 

@@ -28,7 +28,7 @@ use crate::util::*;
 
 /// Serves `answer` over HTTP/1.1 on `ip`, port 0 (connections may be upgraded, for a
 /// WebSocket); its address.
-async fn serve_on<F, Fut, B>(ip: &str, answer: F) -> std::net::SocketAddr
+pub(crate) async fn serve_on<F, Fut, B>(ip: &str, answer: F) -> std::net::SocketAddr
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Response<B>, Infallible>> + Send + 'static,

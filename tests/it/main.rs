@@ -24,6 +24,7 @@ mod recipes;
 mod shared;
 mod stream;
 mod tls;
+mod traces;
 mod upstream;
 mod util;
 mod variants;
