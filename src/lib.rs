@@ -20,7 +20,7 @@
 //! | [`response`] | 200/206/304/416 and error responses from an entry | `cache` |
 //! | [`fetch`] | the origin client: guard, peer check, fill slots (per-rule concurrency and pace), backoff from hosts that asked or keep failing, name resolution | `audit`, `policy`, `ledger` |
 //! | [`cache`] | the store ([`cache::store::Store`]: memory tier, blobs, redb index, S3-FIFO budget, its own upkeep), the shared bucket's client ([`cache::shared`], handed to the proxy's bucket source and to moderation), coalescing of fills ([`cache::coalesce`]), bodies on their way in, digests | `telemetry`, `error` |
-//! | [`policy`], [`ledger`], [`signing`], [`config`], [`telemetry`], [`audit`], [`error`] | leaves: domain policy, origins and their `[[policy.origin]]` rules, what each origin costs, HMAC, configuration by section, metrics, the outbound log, the one error | — |
+//! | [`policy`], [`ledger`], [`signing`], [`config`], [`telemetry`], [`audit`], [`error`] | leaves: domain policy, origins and their `[[policy.origin]]` rules, what each origin costs, HMAC, configuration by section, metrics and traces ([`telemetry::traces`]), the outbound log, the one error | — |
 //!
 //! # Request lifecycle
 //! Hit: route → verify signature → canonical source URL and key (once) → moderation's check
