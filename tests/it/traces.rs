@@ -140,3 +140,56 @@ async fn a_miss_that_renders_is_one_trace_of_request_fills_fetch_and_media_job()
         }
     }
 }
+
+/// The shared tier's traffic of a fill is traced below it: the lookup that missed, then the
+/// publish that followed the origin's answer.
+#[tokio::test]
+#[cfg_attr(not(has_s3s), ignore = "needs s3s-fs: cargo install s3s-fs@0.14.1 --features binary")]
+async fn the_shared_tiers_lookup_and_publish_are_spans_of_the_fill() {
+    use crate::shared::{ACCESS, BUCKET, S3, SECRET};
+    let s3 = S3::start_on("127.0.0.1").await;
+    let (collector, received) = collector("127.0.0.64").await;
+    let origin = Origin::start("127.0.0.63").await;
+    origin.route("/a.png", Route::ok(png_bytes(20_000, 64)));
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, bucket) =
+        (format!("http://{collector}"), format!("http://127.0.0.1:{}", s3.port));
+    let envs = [
+        ("PARASOL__FETCH__ALLOW_NETWORKS", "[\"127.0.0.63/32\"]"),
+        ("PARASOL__SIGNING__KEYS", &format!("[\"{KEY}\"]")),
+        ("PARASOL__TELEMETRY__OTLP_ENDPOINT", &endpoint),
+        ("PARASOL__SHARED__ENDPOINT", &bucket),
+        ("PARASOL__SHARED__BUCKET", BUCKET),
+        ("PARASOL__SHARED__ACCESS_KEY_ID", ACCESS),
+        ("PARASOL__SHARED__SECRET_ACCESS_KEY", SECRET),
+    ];
+    let (child, public, admin) = spawn_serving(dir.path(), &envs, None);
+    let response = get(&signed_url(public, &origin.url("/a.png"))).await;
+    assert_eq!(response.status(), 200);
+    let metrics = format!("http://{admin}/metrics");
+    let published = "parasol_shared_tier_total{op=\"publish\",outcome=\"ok\"} 1";
+    let mut done = false;
+    for _ in 0..200 {
+        if get(&metrics).await.text().await.unwrap().contains(published) {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(done, "the fill was published to the bucket");
+    child.sigterm();
+    assert!(child.wait().await.success());
+
+    let received = received.lock().unwrap().clone();
+    let spans: Vec<&Span> = received.iter().map(|(_, s)| s).collect();
+    let fill = spans.iter().find(|s| s.name == "fill").expect("a fill span");
+    let mut shared: Vec<(String, String)> = spans
+        .iter()
+        .filter(|s| s.name == "shared tier")
+        .inspect(|s| assert_eq!(s.parent_span_id, fill.span_id, "below the fill: {s:#?}"))
+        .map(|s| (attr(s, "parasol.op").unwrap(), attr(s, "parasol.outcome").unwrap()))
+        .collect();
+    shared.sort();
+    let expected = [("lookup", "miss"), ("publish", "ok")].map(|(a, b)| (a.into(), b.into()));
+    assert_eq!(shared, expected, "{spans:#?}");
+}
