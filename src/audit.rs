@@ -211,6 +211,9 @@ async fn write_loop(
     let path = &rotation.path;
     let mut out = tokio::io::BufWriter::new(file);
     while let Some(first) = rx.recv().await {
+        // Lines of the next moments gather first: one wake-up and one write for a burst of
+        // fills, not a wake-up, a hand-off to the blocking pool and a write per line.
+        tokio::time::sleep(GATHER).await;
         let mut next = Some(first);
         // Drain whatever is queued, then flush once: one write per burst, not per line.
         while let Some(record) = next {
@@ -237,6 +240,9 @@ async fn write_loop(
         }
     }
 }
+
+/// How long the writer lets lines gather before it writes them.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// `log.{keep-1}` → `log.{keep}`, …, `log` → `log.1`, then a fresh `log`.
 async fn rotate(
