@@ -24,11 +24,7 @@ pub async fn get_json(config: &Config, path_and_query: &str) -> Result<serde_jso
         return Err("server.admin_token is not set: the admin API is closed".into());
     }
     let url = format!("{}{path_and_query}", base_url(config));
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(std::time::Duration::from_secs(30))
-        .build()
-        .map_err(|e| e.to_string())?;
+    let client = client(30)?;
     let response =
         client.get(&url).bearer_auth(&config.server.admin_token).send().await.map_err(|e| {
             format!("cannot reach parasol's admin listener at {}: {e}", base_url(config))
@@ -49,16 +45,20 @@ pub async fn get_json(config: &Config, path_and_query: &str) -> Result<serde_jso
 pub async fn health(config: &Config, ready: bool) -> Result<(), String> {
     let path = if ready { "/readyz" } else { "/healthz" };
     let url = format!("{}{path}", base_url(config));
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(std::time::Duration::from_secs(5))
-        .build()
-        .map_err(|e| e.to_string())?;
-    let response = client.get(&url).send().await.map_err(|e| format!("{url}: {e}"))?;
+    let response = client(5)?.get(&url).send().await.map_err(|e| format!("{url}: {e}"))?;
     match response.status() {
         reqwest::StatusCode::OK => Ok(()),
         status => Err(format!("{url} answered {status}")),
     }
+}
+
+/// A client for the admin listener (never through a proxy) giving up after `seconds`.
+fn client(seconds: u64) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(seconds))
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 /// The origins' ledger as a table, one origin per line.

@@ -209,7 +209,8 @@ async fn a_missing_media_tool_is_named_once_at_start() {
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let origin = Origin::start("127.0.0.4").await;
     let img = png_bytes(50_000, 30);
-    origin.route("/slow.png", Route::ok(img.clone()).delay(Duration::from_millis(1500)));
+    // Slow enough for the checks made while it drains (two of them start a process).
+    origin.route("/slow.png", Route::ok(img.clone()).delay(Duration::from_millis(3000)));
     // A proxy in the environment must be ignored: origins are contacted directly.
     let env_proxy = Origin::start("127.0.0.5").await;
     let proxy_url = format!("http://{}", env_proxy.addr);
@@ -226,6 +227,17 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     assert_eq!(get(&format!("http://{admin}/readyz")).await.status(), 200);
     let metrics = get(&format!("http://{admin}/metrics")).await.text().await.unwrap();
     assert!(metrics.contains("# HELP parasol_served_bytes"), "{metrics}");
+    // `parasol health`, a container's health check, asks the same listener.
+    let health = |ready: bool| {
+        let mut cmd = tokio::process::Command::from(parasol(dir.path()));
+        cmd.arg("health").env("PARASOL__SERVER__ADMIN_LISTEN", admin.to_string());
+        if ready {
+            cmd.arg("--ready");
+        }
+        cmd.output()
+    };
+    assert!(health(false).await.unwrap().status.success());
+    assert!(health(true).await.unwrap().status.success());
 
     let url = signed_url(public, &origin.url("/slow.png"));
     let in_flight = tokio::spawn(async move { get(&url).await });
@@ -236,12 +248,17 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     assert!(refused, "the public listener closes at once");
     assert!(!in_flight.is_finished(), "still draining");
     assert_eq!(get(&format!("http://{admin}/readyz")).await.status(), 503);
+    assert!(health(false).await.unwrap().status.success(), "alive while it drains");
+    let not_ready = health(true).await.unwrap();
+    assert_eq!(not_ready.status.code(), Some(1), "not ready while it drains");
+    assert!(String::from_utf8_lossy(&not_ready.stderr).contains("503"));
     let r = in_flight.await.unwrap();
     assert_eq!(r.status(), 200, "the in-flight request completes");
     assert_eq!(body(r).await, img);
     let status = child.wait().await;
     assert!(status.success(), "exit status {status:?}");
     assert_eq!(env_proxy.connections(), 0, "HTTP_PROXY was ignored");
+    assert_eq!(health(false).await.unwrap().status.code(), Some(1), "stopped: not alive");
 }
 
 #[tokio::test]
