@@ -3,7 +3,7 @@
 //!
 //! Every span is made under the target [`TARGET`], which the log never shows. With no
 //! exporter no layer wants that target, so each span site costs one cached check and makes
-//! nothing. Attributes name routes, outcomes, sizes and origin hosts: never a viewer's
+//! nothing. Attributes name routes, statuses, outcomes and origin hosts: never a viewer's
 //! address or header, nor a URL (a signed URL is a capability). parasol starts its own traces
 //! and sends no trace context anywhere, least of all to an origin.
 
@@ -23,9 +23,10 @@ pub struct Exporter {
 }
 
 impl Exporter {
-    /// Sends what is queued (a few seconds at most) and stops exporting.
+    /// Sends what is queued (a second at most: a container is killed 10 s after SIGTERM, and
+    /// the drain had 8 of them) and stops exporting.
     pub fn shutdown(self) {
-        if let Err(e) = self.provider.shutdown() {
+        if let Err(e) = self.provider.shutdown_with_timeout(std::time::Duration::from_secs(1)) {
             tracing::warn!(error = %e, "traces: the last spans were not all exported");
         }
     }
@@ -79,11 +80,20 @@ pub fn layer(
 
 /// The span of one viewer request, until its response's head is ready.
 pub fn request(method: &http::Method) -> tracing::Span {
+    // A method of the viewer's own invention is a text of theirs: `_OTHER`, as OpenTelemetry's
+    // HTTP conventions have it.
+    let method = match *method {
+        http::Method::GET | http::Method::HEAD | http::Method::POST | http::Method::PUT => {
+            method.as_str()
+        }
+        http::Method::DELETE | http::Method::OPTIONS | http::Method::PATCH => method.as_str(),
+        _ => "_OTHER",
+    };
     tracing::info_span!(
         target: TARGET,
         "request",
         otel.kind = "server",
-        http.request.method = %method,
+        http.request.method = method,
         http.route = tracing::field::Empty,
         http.response.status_code = tracing::field::Empty,
         parasol.cache = tracing::field::Empty,
@@ -146,6 +156,8 @@ pub fn outcome<T>(span: &tracing::Span, result: &Result<T, crate::error::ProxyEr
 struct Client {
     http: reqwest::Client,
     runtime: tokio::runtime::Handle,
+    /// When a failed export was last logged (Unix seconds).
+    warned: std::sync::atomic::AtomicU64,
 }
 
 /// A collector's answer is a few bytes; more is not read.
@@ -160,7 +172,7 @@ impl Client {
             .timeout(std::time::Duration::from_secs(10))
             .build()
             .map_err(|e| format!("telemetry: cannot make the exporter's client: {e}"))?;
-        Ok(Self { http, runtime })
+        Ok(Self { http, runtime, warned: Default::default() })
     }
 }
 
@@ -187,6 +199,22 @@ impl opentelemetry_http::HttpClient for Client {
             }
             Ok::<_, opentelemetry_http::HttpError>(answer.body(Bytes::from(body))?)
         });
-        task.await.map_err(|e| e.to_string())?
+        let answered = task.await.map_err(|e| e.to_string())?;
+        // The SDK logs nothing of its own here: an operator learns of a wrong endpoint or key
+        // from this, once a minute at most.
+        let failed = match &answered {
+            Ok(answer) if answer.status().is_success() => None,
+            Ok(answer) => Some(format!("the collector answered {}", answer.status())),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = failed {
+            let now = crate::cache::evict::now_secs();
+            let last = self.warned.load(std::sync::atomic::Ordering::Relaxed);
+            if now >= last + 60 {
+                self.warned.store(now, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(error = %why, "traces: an export failed");
+            }
+        }
+        answered
     }
 }

@@ -91,24 +91,34 @@ async fn a_miss_that_renders_is_one_trace_of_request_fills_fetch_and_media_job()
         .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "image/webp");
+    // A method of the viewer's own making is not written into a span as they spelt it.
+    let brew = http::Method::from_bytes(b"BREW-COFFEE").unwrap();
+    let refused = client().request(brew, &url).send().await.unwrap();
+    assert_eq!(refused.status(), 405);
     // SIGTERM sends the spans still queued before the process exits.
     child.sigterm();
     assert!(child.wait().await.success());
 
     let received = received.lock().unwrap().clone();
     assert!(received.iter().all(|(path, _)| path == "/v1/traces"), "posted to /v1/traces");
-    let spans: Vec<&Span> = received.iter().map(|(_, s)| s).collect();
+    let all: Vec<&Span> = received.iter().map(|(_, s)| s).collect();
+    let method = |s: &Span| attr(s, "http.request.method").unwrap_or_default();
+    let mut methods: Vec<String> =
+        all.iter().filter(|s| s.name == "request").map(|s| method(s)).collect();
+    methods.sort();
+    assert_eq!(methods, ["GET", "_OTHER"], "{all:#?}");
+    let request = *all.iter().find(|s| s.name == "request" && method(s) == "GET").unwrap();
+    let spans: Vec<&Span> =
+        all.iter().copied().filter(|s| s.trace_id == request.trace_id).collect();
     let named = |name: &str| -> Vec<&Span> {
         spans.iter().copied().filter(|s| s.name == name).collect::<Vec<_>>()
     };
-    let requests = named("request");
-    assert_eq!(requests.len(), 1, "{spans:#?}");
-    let request = requests[0];
     assert!(request.parent_span_id.is_empty(), "the request is the trace's root");
     assert_eq!(attr(request, "http.route").as_deref(), Some("native"));
     assert_eq!(attr(request, "http.response.status_code").as_deref(), Some("200"));
     assert_eq!(attr(request, "parasol.cache").as_deref(), Some("miss"));
-    assert!(spans.iter().all(|s| s.trace_id == request.trace_id), "one trace: {spans:#?}");
+    let others = all.iter().filter(|s| s.trace_id != request.trace_id);
+    assert!(others.clone().all(|s| s.name == "request"), "the refusal is a trace of its own");
 
     let fills = named("fill");
     assert_eq!(fills.len(), 2, "the original's fill and the rendition's: {fills:#?}");
@@ -131,10 +141,11 @@ async fn a_miss_that_renders_is_one_trace_of_request_fills_fetch_and_media_job()
 
     // Nothing of the viewer's, and no URL, in any attribute of any span.
     let path = url::Url::parse(&url).unwrap().path().to_string();
-    for span in &spans {
+    for span in &all {
         for kv in &span.attributes {
             let text = format!("{:?}", kv.value);
-            for secret in ["203.0.113.9", "viewer-secret", "viewer-agent", "photo.jpg", &path] {
+            let viewers = ["203.0.113.9", "viewer-secret", "viewer-agent", "BREW", "photo.jpg"];
+            for secret in viewers.iter().chain([&path.as_str()]) {
                 assert!(!text.contains(secret), "{} = {text} names {secret}", kv.key);
             }
         }
