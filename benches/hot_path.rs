@@ -1,6 +1,7 @@
 //! Micro-benches of the serving hot path, in process and without sockets on the viewer side:
 //! route + signature + key + memory hit -> response (200 and 304), a disk hit read in one
-//! call, a refused signature, and blake3 over a fill. The origin is a real hyper server on
+//! call, a small blob loaded from disk (its record, its bytes, their hash) by a parasol whose
+//! memory tier cannot keep it, a refused signature, and blake3 over a fill. The origin is a real hyper server on
 //! 127.0.0.2, asked once per object before measuring.
 //!
 //!   cargo bench --bench hot_path
@@ -63,28 +64,35 @@ fn hot_path(c: &mut Criterion) {
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (state, small, large, bad) = rt.block_on(async {
-        let addr =
-            origin(vec![("/4k.jpg", jpeg(4096, 1)), ("/200k.jpg", jpeg(200 << 10, 2))]).await;
-        let toml = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             [signing]\nkeys = [\"{KEY}\"]\n\
-             [cache]\ndir = \"{}\"\nmemory_max_object_bytes = \"64 KiB\"\n\
-             [fetch]\nallow_networks = [\"127.0.0.2/32\"]\n",
-            dir.path().display()
-        );
-        let config = parasol::Config::from_sources("bench", &toml, std::iter::empty()).unwrap();
-        let base = config.server.public_base_url.clone();
-        let bound = parasol::Bound::bind(
-            config,
-            parasol::Options {
+    let dir64 = tempfile::tempdir().unwrap();
+    let (state, small, large, bad, state64, load64) = rt.block_on(async {
+        let bodies = vec![
+            ("/4k.jpg", jpeg(4096, 1)),
+            ("/200k.jpg", jpeg(200 << 10, 2)),
+            ("/64k.jpg", jpeg(64 << 10, 3)),
+        ];
+        let addr = origin(bodies).await;
+        let bind = |dir: &std::path::Path, cache: &str| {
+            let toml = format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                 [signing]\nkeys = [\"{KEY}\"]\n\
+                 [cache]\ndir = \"{}\"\n{cache}\n\
+                 [fetch]\nallow_networks = [\"127.0.0.2/32\"]\n",
+                dir.display()
+            );
+            let config = parasol::Config::from_sources("bench", &toml, std::iter::empty()).unwrap();
+            let options = parasol::Options {
                 worker_exe: env!("CARGO_BIN_EXE_parasol").into(),
                 ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+            };
+            parasol::Bound::bind(config, options)
+        };
+        let bound = bind(dir.path(), "memory_max_object_bytes = \"64 KiB\"").await.unwrap();
+        // Its memory tier keeps nothing of 64 KiB: every hit is loaded from disk.
+        let bound64 = bind(dir64.path(), "memory_bytes = \"16 KiB\"").await.unwrap();
+        let base = bound.public_state().proxy.config().server.public_base_url.clone();
         let state = bound.public_state();
+        let state64 = bound64.public_state();
         let signer = parasol::signing::Signer::new([KEY]);
         let path = |file: &str| {
             let url = parasol::api::native::sign_url(
@@ -95,15 +103,18 @@ fn hot_path(c: &mut Criterion) {
             );
             url::Url::parse(&url).unwrap().path().to_string()
         };
-        let (small, large) = (path("/4k.jpg"), path("/200k.jpg"));
+        let (small, large, load64) = (path("/4k.jpg"), path("/200k.jpg"), path("/64k.jpg"));
         for p in [&small, &large] {
             let r = parasol::server::handle_public(state.clone(), request(p, None)).await;
             assert_eq!(r.status(), 200, "the bench origin fills {p}");
         }
+        let r = parasol::server::handle_public(state64.clone(), request(&load64, None)).await;
+        assert_eq!(r.status(), 200, "the bench origin fills the 64 KiB file");
         let bad = small.replacen("/m/A", "/m/B", 1).replacen("/m/a", "/m/A", 1);
         // Keep the listeners bound (not served) for the bench's lifetime.
         std::mem::forget(bound);
-        (state, small, large, bad)
+        std::mem::forget(bound64);
+        (state, small, large, bad, state64, load64)
     });
     let etag = rt.block_on(async {
         let r = parasol::server::handle_public(state.clone(), request(&small, None)).await;
@@ -111,7 +122,12 @@ fn hot_path(c: &mut Criterion) {
     });
 
     // Runs `n` requests inside one `block_on`, so the runtime's entry cost is not measured.
-    let timed = |n: u64, path: &str, etag: Option<&str>, read_body: bool| -> Duration {
+    let timed_on = |state: &Arc<parasol::server::Public>,
+                    n: u64,
+                    path: &str,
+                    etag: Option<&str>,
+                    read_body: bool|
+     -> Duration {
         rt.block_on(async {
             let started = Instant::now();
             for _ in 0..n {
@@ -127,11 +143,16 @@ fn hot_path(c: &mut Criterion) {
         })
     };
 
+    let timed = |n, path: &str, etag, read_body| timed_on(&state, n, path, etag, read_body);
     let mut g = c.benchmark_group("serve");
     g.bench_function("memory_hit_4k", |b| b.iter_custom(|n| timed(n, &small, None, false)));
     g.bench_function("memory_hit_304", |b| b.iter_custom(|n| timed(n, &small, Some(&etag), false)));
     g.throughput(Throughput::Bytes(200 << 10));
     g.bench_function("disk_hit_200k", |b| b.iter_custom(|n| timed(n, &large, None, true)));
+    g.throughput(Throughput::Bytes(64 << 10));
+    g.bench_function("disk_load_64k", |b| {
+        b.iter_custom(|n| timed_on(&state64, n, &load64, None, true))
+    });
     g.finish();
     let mut g = c.benchmark_group("refuse");
     g.bench_function("bad_signature", |b| b.iter_custom(|n| timed(n, &bad, None, false)));

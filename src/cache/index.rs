@@ -123,6 +123,58 @@ impl Record {
 pub struct Index {
     db: Arc<redb::Database>,
     writer: Arc<Writer>,
+    recent: Arc<Recent>,
+}
+
+/// Records read or written lately, so that a disk hit finds its record on the serving thread,
+/// without a trip to the blocking pool; redb is read only for the others.
+struct Recent {
+    records: moka::sync::Cache<Key, Arc<Record>>,
+    /// Moved by every change of the table: a record read from redb is kept only if no change
+    /// came between the start of the read and the moment it was kept.
+    epoch: std::sync::atomic::AtomicU64,
+    /// Records read from redb (on the blocking pool) so far.
+    reads: std::sync::atomic::AtomicU64,
+}
+
+/// Bytes of records kept in [`Recent`] at most (some 50,000 records).
+const RECENT_BYTES: u64 = 16 << 20;
+
+impl Recent {
+    fn new() -> Self {
+        let records = moka::sync::Cache::builder()
+            .max_capacity(RECENT_BYTES)
+            .weigher(|_: &Key, r: &Arc<Record>| (r.url.len() + r.content_type.len() + 256) as u32)
+            .build();
+        Self { records, epoch: Default::default(), reads: Default::default() }
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Forgets `keys` after a change to them (the epoch first, so a read in flight keeps
+    /// nothing it read before the change).
+    /// Returns the epoch the change moved it to.
+    fn changed(&self, keys: impl IntoIterator<Item = Key>) -> u64 {
+        let epoch = self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        for key in keys {
+            self.records.invalidate(&key);
+        }
+        epoch
+    }
+
+    /// Keeps `record`, read from redb since `epoch`, unless the table changed meanwhile.
+    fn keep(&self, key: Key, record: &Record, epoch: u64) {
+        if self.epoch() != epoch {
+            return;
+        }
+        self.records.insert(key, Arc::new(record.clone()));
+        // A change between the check and the insert has run `changed` already: undo.
+        if self.epoch() != epoch {
+            self.records.invalidate(&key);
+        }
+    }
 }
 
 /// The writer thread and the changes it has yet to commit. When the last [`Index`] goes, the
@@ -314,12 +366,15 @@ impl Index {
             .spawn(move || write_loop(weak, writes, every))
             .map_err(err)?;
         let writer = Writer { queue, thread: Some(thread), db: db.clone() };
-        Ok(Self { writer: Arc::new(writer), db })
+        Ok(Self { writer: Arc::new(writer), db, recent: Arc::new(Recent::new()) })
     }
 
     /// Queues changes for the writer thread; they are visible to [`Index::get`] at once and
     /// committed within [`BATCH_WINDOW`].
-    fn queue(&self, changes: impl IntoIterator<Item = (Key, Option<Vec<u8>>)>) {
+    /// Returns the epoch of [`Recent`] that these changes moved it to.
+    fn queue(&self, changes: impl IntoIterator<Item = (Key, Option<Vec<u8>>)>) -> u64 {
+        let changes: Vec<_> = changes.into_iter().collect();
+        let epoch = self.recent.changed(changes.iter().map(|(key, _)| *key));
         let queue = &self.writer.queue;
         let mut state = queue.lock();
         let first = state.queued.is_empty();
@@ -331,6 +386,7 @@ impl Index {
             drop(state);
             queue.wake.notify_one();
         }
+        epoch
     }
 
     /// Waits until every change queued so far is committed (not necessarily durable): before
@@ -415,11 +471,17 @@ impl Index {
 
     /// The record of `key`, if any.
     pub async fn get(&self, key: Key) -> Result<Option<Record>, IndexError> {
+        // Read before the queue: a change queued after this moment moves it.
+        let epoch = self.recent.epoch();
         if let Some(change) = self.writer.queue.pending(&key) {
             return Ok(change.and_then(|value| serde_json::from_slice(&value).ok()));
         }
+        if let Some(record) = self.recent.records.get(&key) {
+            return Ok(Some(Record::clone(&record)));
+        }
         let db = self.db.clone();
-        blocking(move || {
+        self.recent.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let found: Option<Record> = blocking(move || {
             let txn = db.begin_read().map_err(err)?;
             let table = txn.open_table(ENTRIES).map_err(err)?;
             let Some(value) = table.get(key.0.as_slice()).map_err(err)? else {
@@ -428,14 +490,21 @@ impl Index {
             // A record we cannot read is treated as absent: the object is refetched.
             Ok(serde_json::from_slice(value.value()).ok())
         })
-        .await
+        .await?;
+        if let Some(record) = &found {
+            self.recent.keep(key, record, epoch);
+        }
+        Ok(found)
     }
 
     /// Stores (or replaces) the record of `key`: seen by [`Index::get`] at once, committed
     /// within [`BATCH_WINDOW`] and durable within [`DURABLE_EVERY`] after that.
     pub fn put(&self, key: Key, record: &Record) -> Result<(), IndexError> {
         let value = serde_json::to_vec(record).map_err(err)?;
-        self.queue([(key, Some(value))]);
+        let epoch = self.queue([(key, Some(value))]);
+        // The newest record of `key`, kept for the hits that follow (unless another change
+        // came right after this one).
+        self.recent.keep(key, record, epoch);
         Ok(())
     }
 
@@ -460,7 +529,7 @@ impl Index {
     ) -> Result<Purged, IndexError> {
         self.flush().await?;
         let db = self.db.clone();
-        blocking(move || {
+        let purged = blocking(move || {
             let mut purged = Purged::default();
             let txn = db.begin_write().map_err(err)?;
             {
@@ -483,7 +552,11 @@ impl Index {
             txn.commit().map_err(err)?;
             Ok(purged)
         })
-        .await
+        .await;
+        if let Ok(purged) = &purged {
+            self.recent.changed(purged.removed.iter().map(|(key, _)| *key));
+        }
+        purged
     }
 
     /// Every record, for rebuilding the disk budget at start (records only: no blob is read).
@@ -512,7 +585,7 @@ impl Index {
     pub async fn put_many(&self, records: Vec<(Key, Record)>) -> Result<(), IndexError> {
         self.flush().await?;
         let db = self.db.clone();
-        blocking(move || {
+        let written = blocking(move || {
             let txn = db.begin_write().map_err(err)?;
             {
                 let mut table = txn.open_table(ENTRIES).map_err(err)?;
@@ -521,9 +594,12 @@ impl Index {
                     table.insert(key.0.as_slice(), value.as_slice()).map_err(err)?;
                 }
             }
-            txn.commit().map_err(err)
+            txn.commit().map_err(err)?;
+            Ok(records)
         })
-        .await
+        .await?;
+        self.recent.changed(written.into_iter().map(|(key, _)| key));
+        Ok(())
     }
 
     /// Removes several records in one transaction (the keys of an evicted blob).
@@ -543,6 +619,52 @@ mod tests {
     use super::*;
     use redb::ReadableTableMetadata;
     use std::time::Duration;
+
+    fn reads(index: &Index) -> u64 {
+        index.recent.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A disk hit's record comes from redb once; the hits after it find it in memory.
+    #[tokio::test]
+    async fn a_record_is_read_from_redb_once_then_from_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        let record = Record::new(&blake3::hash(b"x"), 1, "image/png", "http://a.test/x.png");
+        let index = Index::open(&path).unwrap();
+        index.put(Key([1; 32]), &record).unwrap();
+        assert_eq!(index.get(Key([1; 32])).await.unwrap(), Some(record.clone()));
+        assert_eq!(reads(&index), 0, "what was just written is known");
+        drop(index);
+        let index = Index::open(&path).unwrap();
+        for _ in 0..3 {
+            assert_eq!(index.get(Key([1; 32])).await.unwrap(), Some(record.clone()));
+        }
+        assert_eq!(index.get(Key([2; 32])).await.unwrap(), None);
+        assert_eq!(reads(&index), 2, "one read of the record, one of the absent key");
+    }
+
+    /// Whatever changes a record (a purge, a bulk write, a removal) changes what memory
+    /// answers: a record gone or replaced is never served from it.
+    #[tokio::test]
+    async fn a_purged_or_replaced_record_is_never_served_from_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("index.redb")).unwrap();
+        let key = Key([3; 32]);
+        let a = Record::new(&blake3::hash(b"a"), 1, "image/png", "http://a.test/a.png");
+        let b = Record::new(&blake3::hash(b"b"), 1, "image/png", "http://b.test/b.png");
+        index.put(key, &a).unwrap();
+        index.flush().await.unwrap();
+        assert_eq!(index.get(key).await.unwrap(), Some(a.clone()));
+        let purged = index.purge(|r| r.url.contains("a.test")).await.unwrap();
+        assert_eq!(purged.removed.len(), 1);
+        assert_eq!(index.get(key).await.unwrap(), None, "purged");
+        index.put_many(vec![(key, b.clone())]).await.unwrap();
+        assert_eq!(index.get(key).await.unwrap(), Some(b.clone()), "written in bulk");
+        assert_eq!(index.get(key).await.unwrap(), Some(b.clone()));
+        index.remove(key);
+        index.flush().await.unwrap();
+        assert_eq!(index.get(key).await.unwrap(), None, "removed");
+    }
 
     /// A change is seen by `get` the moment it is queued, before its commit; whole-table
     /// reads wait for it; closing commits whatever is still queued.
