@@ -470,6 +470,12 @@ impl Proxy {
         if let Some(err) = self.negative.get(&key).await {
             return Err((err, CacheStatus::Negative));
         }
+        // A disk hit that needs no wait is loaded here, without a task of its own (the memory
+        // tier's insert boxed: the memory hit above does not carry its state).
+        if let Some(entry) = self.store.load_now(key) {
+            Box::pin(self.store.remember(key, entry.clone())).await;
+            return Ok(Found::Entry(entry, CacheStatus::HitDisk));
+        }
         let this = self.clone();
         let fill = async move {
             let result = fill(this.clone()).await;

@@ -244,23 +244,10 @@ impl BlobStore {
         hash: &blake3::Hash,
         len: u64,
     ) -> io::Result<Option<(bytes::Bytes, super::FileId)>> {
-        let path = self.path(hash);
-        if len <= INLINE_READ {
-            if let Some(file) = open_cached(&path) {
-                let file = file?;
-                let id = super::FileId::of(&file.metadata()?);
-                // One byte more than expected tells a longer file from the right one; fewer
-                // than `len` may be the end of a short file or of what is cached, so the
-                // blocking read decides.
-                match read_cached(&file, 0, len as usize + 1) {
-                    Some(bytes) if bytes.len() as u64 == len => {
-                        return Ok(verified(bytes, len, hash).map(|b| (b, id)));
-                    }
-                    Some(bytes) if bytes.len() as u64 > len => return Ok(None),
-                    _ => {}
-                }
-            }
+        if let Some(done) = self.read_verified_now(hash, len) {
+            return done;
         }
+        let path = self.path(hash);
         let hash = *hash;
         tokio::task::spawn_blocking(move || {
             let (bytes, id) = read_identified(&path)?;
@@ -268,6 +255,35 @@ impl BlobStore {
         })
         .await
         .map_err(io::Error::other)?
+    }
+
+    /// [`Self::read_verified`] on this thread, when that needs no wait for the disk (the file's
+    /// name and bytes are cached, and it is small); `None` when it would wait.
+    pub fn read_verified_now(
+        &self,
+        hash: &blake3::Hash,
+        len: u64,
+    ) -> Option<io::Result<Option<(bytes::Bytes, super::FileId)>>> {
+        if len > INLINE_READ {
+            return None;
+        }
+        let file = match open_cached(&self.path(hash))? {
+            Ok(file) => file,
+            Err(e) => return Some(Err(e)),
+        };
+        let id = match file.metadata() {
+            Ok(meta) => super::FileId::of(&meta),
+            Err(e) => return Some(Err(e)),
+        };
+        // One byte more than expected tells a longer file from the right one; fewer than `len`
+        // may be the end of a short file or of what is cached, so the blocking read decides.
+        match read_cached(&file, 0, len as usize + 1) {
+            Some(bytes) if bytes.len() as u64 == len => {
+                Some(Ok(verified(bytes, len, hash).map(|b| (b, id))))
+            }
+            Some(bytes) if bytes.len() as u64 > len => Some(Ok(None)),
+            _ => None,
+        }
     }
 
     /// The blob opened for reading, to be read in chunks with [`read_chunk`]: on this thread

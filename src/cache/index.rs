@@ -473,11 +473,8 @@ impl Index {
     pub async fn get(&self, key: Key) -> Result<Option<Record>, IndexError> {
         // Read before the queue: a change queued after this moment moves it.
         let epoch = self.recent.epoch();
-        if let Some(change) = self.writer.queue.pending(&key) {
-            return Ok(change.and_then(|value| serde_json::from_slice(&value).ok()));
-        }
-        if let Some(record) = self.recent.records.get(&key) {
-            return Ok(Some(Record::clone(&record)));
+        if let Some(known) = self.get_now(key) {
+            return Ok(known);
         }
         let db = self.db.clone();
         self.recent.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -495,6 +492,16 @@ impl Index {
             self.recent.keep(key, record, epoch);
         }
         Ok(found)
+    }
+
+    /// The record of `key` when it is known without reading redb (queued, or read or written
+    /// lately): `Some(None)` when a queued removal says it is gone, `None` when only redb
+    /// can tell.
+    pub fn get_now(&self, key: Key) -> Option<Option<Record>> {
+        if let Some(change) = self.writer.queue.pending(&key) {
+            return Some(change.and_then(|value| serde_json::from_slice(&value).ok()));
+        }
+        self.recent.records.get(&key).map(|record| Some(Record::clone(&record)))
     }
 
     /// Stores (or replaces) the record of `key`: seen by [`Index::get`] at once, committed

@@ -249,14 +249,25 @@ impl Store {
             Some(touch) => (touch, Vec::new()),
             None => self.budget.admit_pinned(*hash.as_bytes(), record.len, key, record.pin()),
         };
-        touch.hit();
         self.drop_victims(victims).await;
-        let entry = Entry::new(hash, record.len, &record.content_type, body)
-            .with_touch(touch)
-            .with_final_host(record.final_host.as_deref())
-            .with_origin(record.origin.as_ref())
-            .with_identity(identity);
-        Ok(Some(Arc::new(entry)))
+        Ok(Some(loaded(&record, hash, body, identity, touch)))
+    }
+
+    /// [`Self::load`] of a small blob when nothing in it waits: its record known in memory,
+    /// its file's name and bytes in the kernel's caches. `None` when something would wait, or
+    /// is wrong: the caller then loads it the usual way, which deals with what is wrong.
+    pub fn load_now(&self, key: Key) -> Option<Arc<Entry>> {
+        if !self.budget.names(&key) {
+            return None;
+        }
+        let record = self.index.get_now(key)??;
+        let hash = record.blake3()?;
+        if record.len == 0 || record.len > self.config.memory_max_object_bytes {
+            return None;
+        }
+        let (bytes, identity) = self.disk.read_verified_now(&hash, record.len)?.ok()??;
+        let touch = self.budget.touch(hash.as_bytes())?;
+        Some(loaded(&record, hash, Some(bytes), Some(identity), touch))
     }
 
     /// Stores a received body under `key`: admitted to the budget first (which may evict to
@@ -527,6 +538,23 @@ impl Store {
     }
 }
 
+/// The entry of a blob loaded from disk, its access counted.
+fn loaded(
+    record: &Record,
+    hash: blake3::Hash,
+    body: Option<bytes::Bytes>,
+    identity: Option<super::FileId>,
+    touch: Arc<super::evict::Touch>,
+) -> Arc<Entry> {
+    touch.hit();
+    let entry = Entry::new(hash, record.len, &record.content_type, body)
+        .with_touch(touch)
+        .with_final_host(record.final_host.as_deref())
+        .with_origin(record.origin.as_ref())
+        .with_identity(identity);
+    Arc::new(entry)
+}
+
 /// What the store holds now (for `/metrics` and the start-up log).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -559,6 +587,36 @@ mod tests {
             keep_until: None,
             oversize: false,
         }
+    }
+
+    /// A small blob whose record and bytes are cached is loaded on the caller's thread, its
+    /// bytes checked all the same: one altered on disk is not loaded there, and the usual
+    /// load then drops it.
+    #[tokio::test]
+    async fn a_cached_small_blob_is_loaded_without_waiting_and_still_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = BlobStore::open(dir.path(), false).unwrap();
+        let index = Index::open(&dir.path().join("index.redb")).unwrap();
+        let config = StoreConfig {
+            memory_bytes: 1 << 20,
+            memory_max_object_bytes: 1 << 20,
+            disk_bytes: 1 << 20,
+            fsync: false,
+            inflight_bytes: 1 << 20,
+            pinned_share: 0.5,
+        };
+        let store = Store::new(config, disk, index, StoreMetrics::default());
+        let (key, other) = (Key::new("http://o.test/a", None), Key::new("http://o.test/b", None));
+        let stored = store.insert(key, "http://o.test/a", received(1)).await.unwrap();
+        let loaded = store.load_now(key).expect("record and bytes are cached");
+        assert_eq!((loaded.hash, &loaded.body), (stored.hash, &stored.body));
+        assert!(store.load_now(other).is_none(), "nothing stored under it");
+        let path = store.blob_path(&stored.hash);
+        std::fs::write(&path, vec![b'x'; stored.len as usize]).unwrap();
+        assert!(store.load_now(key).is_none(), "altered bytes are not loaded");
+        assert!(store.load(key).await.unwrap().is_none(), "and the usual load drops them");
+        assert_eq!(store.metrics.blobs_dropped.get(), 1);
+        assert!(!path.exists());
     }
 
     /// Fills evict each other's blobs while those are still being written (a budget of three
