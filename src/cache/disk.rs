@@ -1,8 +1,11 @@
 //! The disk tier's blobs: content-addressed files under `<cache.dir>/blobs/ab/<blake3 hex>`.
 //!
-//! A blob is written to `<cache.dir>/tmp/`, optionally fsynced, then renamed into place, so a
-//! crash leaves either no blob or a whole one, never a partial file under a content name. Two
-//! fills of the same bytes race harmlessly: the rename of identical content is idempotent.
+//! A blob served without re-hashing is written to `<cache.dir>/tmp/`, optionally fsynced, then
+//! renamed into place, so a crash leaves either no blob or a whole one under its content name.
+//! A blob re-hashed on every load is written under its name at once (a rename and a temp file's
+//! directory entries cost a sixth of a miss): a crash may tear it, and the hash on its next load
+//! drops it, never serves it. Two fills of the same bytes race harmlessly: the second goes
+//! through a temp file, and the rename of identical content is idempotent.
 //! The temp area is emptied at start, removing what a crash left behind.
 
 use std::io;
@@ -165,8 +168,9 @@ impl BlobStore {
     }
 
     /// Stores `bytes` as the blob `hash` in one blocking call: temp file, write, fsync (when
-    /// `sync` and `cache.fsync`), rename. A failure leaves no file behind. `sync` is asked for
-    /// blobs served without re-hashing; the others are not rewritten when already present,
+    /// `sync` and `cache.fsync`), rename; or, when `checked` (the blob is re-hashed on every
+    /// load), written under its name at once. A failure leaves no file behind. `sync` is asked
+    /// for blobs served without re-hashing; the others are not rewritten when already present,
     /// which is looked for only when `maybe_stored` (the disk budget counts the blob: one that
     /// it does not count has no file, and a `statx` per fill is saved).
     /// Returns the blob's path and the identity of the file now holding those bytes.
@@ -176,6 +180,7 @@ impl BlobStore {
         bytes: bytes::Bytes,
         sync: bool,
         maybe_stored: bool,
+        checked: bool,
     ) -> io::Result<(PathBuf, super::FileId)> {
         let (temp, dest) = (self.temp_path()?, self.path(hash));
         let look = !sync && maybe_stored;
@@ -201,6 +206,19 @@ impl BlobStore {
                         let _ = std::fs::remove_file(&dest);
                     }
                     None => {}
+                }
+            }
+            if checked && !sync {
+                match write_new(&dest, &bytes) {
+                    Ok(id) => return Ok((dest, id)),
+                    // Another fill is writing the same bytes there, or the fan-out directory
+                    // went: this copy goes the careful way, and replaces that one whole.
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::AlreadyExists | io::ErrorKind::NotFound
+                        ) => {}
+                    Err(e) => return Err(e),
                 }
             }
             let written = (|| {
@@ -340,6 +358,20 @@ impl BlobStore {
     /// Deletes the blob `hash` (gone already: nothing to do).
     pub async fn remove(&self, hash: &blake3::Hash) {
         let _ = tokio::fs::remove_file(self.path(hash)).await;
+    }
+}
+
+/// Creates `dest` (which must not exist) holding `bytes`; a failed write removes it again.
+fn write_new(dest: &Path, bytes: &[u8]) -> io::Result<super::FileId> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(dest)?;
+    let written = file.write_all(bytes).and_then(|()| file.metadata());
+    match written {
+        Ok(meta) => Ok(super::FileId::of(&meta)),
+        Err(e) => {
+            let _ = std::fs::remove_file(dest);
+            Err(e)
+        }
     }
 }
 
@@ -498,6 +530,23 @@ fn read_cached(file: &std::fs::File, offset: u64, len: usize) -> Option<Vec<u8>>
 mod tests {
     use super::*;
 
+    /// A blob re-hashed on load is written under its name at once; a file a crash left there
+    /// (torn, not counted so not looked at) is replaced whole by the careful way, never
+    /// appended to or kept.
+    #[tokio::test]
+    async fn a_checked_blob_is_written_in_place_and_replaces_a_torn_one_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), false).unwrap();
+        let bytes = bytes::Bytes::from(vec![5u8; 10_000]);
+        let hash = blake3::hash(&bytes);
+        let (path, id) = store.write(&hash, bytes.clone(), false, false, true).await.unwrap();
+        assert_eq!((std::fs::read(&path).unwrap(), id.len), (bytes.to_vec(), 10_000));
+        std::fs::write(&path, &bytes[..300]).unwrap();
+        let (_, id) = store.write(&hash, bytes.clone(), false, false, true).await.unwrap();
+        assert_eq!((std::fs::read(&path).unwrap(), id.len), (bytes.to_vec(), 10_000));
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temp left");
+    }
+
     /// Whether the blob is read on the serving thread (cached) or on the blocking pool, only a
     /// file of the right length and hash comes back; a longer, shorter or altered one is
     /// refused and a missing one is `NotFound`.
@@ -508,7 +557,8 @@ mod tests {
         for len in [1usize, 4096, 65_536, 300_000] {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
             let hash = blake3::hash(&bytes);
-            let (_, written) = store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
+            let (_, written) =
+                store.write(&hash, bytes.clone().into(), false, true, false).await.unwrap();
             let len = len as u64;
             let (read, id) = store.read_verified(&hash, len).await.unwrap().unwrap();
             assert_eq!(&read[..], &bytes[..], "{len} bytes");
@@ -539,14 +589,16 @@ mod tests {
         let store = BlobStore::open(dir.path(), false).unwrap();
         let bytes: Vec<u8> = (0..50_000usize).map(|i| (i * 31 % 241) as u8).collect();
         let hash = blake3::hash(&bytes);
-        let (path, first_id) = store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
+        let (path, first_id) =
+            store.write(&hash, bytes.clone().into(), false, true, false).await.unwrap();
         let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
         let first = inode(&path);
-        let (_, again) = store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
+        let (_, again) =
+            store.write(&hash, bytes.clone().into(), false, true, false).await.unwrap();
         assert_eq!(inode(&path), first, "the same bytes are not written again");
         assert_eq!(again, first_id, "and the file kept is the one written");
         std::fs::write(&path, vec![0u8; bytes.len()]).unwrap();
-        store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
+        store.write(&hash, bytes.clone().into(), false, true, false).await.unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), bytes, "a torn copy is replaced");
     }
 
@@ -558,7 +610,7 @@ mod tests {
         let store = BlobStore::open(dir.path(), false).unwrap();
         let bytes: Vec<u8> = (0..300_000usize).map(|i| (i * 17 % 239) as u8).collect();
         let hash = blake3::hash(&bytes);
-        store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
+        store.write(&hash, bytes.clone().into(), false, true, false).await.unwrap();
         // Just written: every page is cached.
         let file = store.open_now(&hash).expect("its name is cached");
         assert!(resident(&file, 0, bytes.len() as u64));
@@ -575,7 +627,7 @@ mod tests {
         let store = BlobStore::open(dir.path(), false).unwrap();
         let bytes: Vec<u8> = (0..1_000_000usize).map(|i| (i * 13 % 253) as u8).collect();
         let hash = blake3::hash(&bytes);
-        store.write(&hash, bytes.clone().into(), false, true).await.unwrap();
+        store.write(&hash, bytes.clone().into(), false, true, false).await.unwrap();
         let file = store.open_blob(&hash).await.unwrap();
         let (mut offset, mut out) = (10u64, Vec::new());
         while offset < bytes.len() as u64 {

@@ -304,7 +304,9 @@ impl Store {
             // The in-flight hold ends here: from now on the bytes count against the memory
             // tier (or are dropped).
             Held::Memory(bytes, _hold) => {
-                let written = self.disk.write(&hash, bytes.clone(), durable, counted).await;
+                let checked = len <= self.config.memory_max_object_bytes;
+                let written =
+                    self.disk.write(&hash, bytes.clone(), durable, counted, checked).await;
                 (written.map(|(_, id)| Some(id)), Some(bytes))
             }
             Held::Disk(temp) => (self.disk.commit(temp, &hash, durable).await.map(|_| None), None),
@@ -344,7 +346,8 @@ impl Store {
                     (_, true) => true,
                     // Just seen absent: no look for a stored copy.
                     (Some(bytes), false) => {
-                        match self.disk.write(&hash, bytes.clone(), durable, false).await {
+                        let checked = len <= self.config.memory_max_object_bytes;
+                        match self.disk.write(&hash, bytes.clone(), durable, false, checked).await {
                             Ok((_, id)) => {
                                 identity = Some(id);
                                 true
