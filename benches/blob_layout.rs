@@ -82,7 +82,8 @@ fn segments(dir: &Path, body: &[u8]) -> f64 {
     for i in 0..BLOBS {
         if end + aligned > SEGMENT {
             let path = dir.join(format!("{:016x}.seg", open.len()));
-            let opened = std::fs::OpenOptions::new().read(true).write(true).create(true).open(path);
+            let opened =
+                std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path);
             open.push(opened.unwrap());
             end = 0;
         }
