@@ -16,6 +16,7 @@ pub mod index;
 pub mod inflight;
 pub mod memory;
 pub mod received;
+pub mod segments;
 pub mod shared;
 pub mod store;
 pub mod upkeep;

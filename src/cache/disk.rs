@@ -509,7 +509,7 @@ fn open_cached(path: &Path) -> Option<io::Result<std::fs::File>> {
 /// Up to `len` bytes of `file` from `offset`, only if the page cache already holds at least
 /// the first of them (`preadv2` with `RWF_NOWAIT`, which returns rather than wait for the
 /// disk). `None`: nothing cached, at the end of the file, or a kernel without it.
-fn read_cached(file: &std::fs::File, offset: u64, len: usize) -> Option<Vec<u8>> {
+pub(super) fn read_cached(file: &std::fs::File, offset: u64, len: usize) -> Option<Vec<u8>> {
     use rustix::io::{IoSliceMut, ReadWriteFlags};
     let mut buf = vec![0u8; len];
     match rustix::io::preadv2(
