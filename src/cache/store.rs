@@ -299,12 +299,12 @@ impl Store {
         };
         // Blobs up to memory_max_object_bytes are re-hashed on every load from disk, so a torn
         // one after a power cut is refetched, never served: only larger ones need the fsync.
-        let durable = self.config.fsync && len > self.config.memory_max_object_bytes;
+        let checked = len <= self.config.memory_max_object_bytes;
+        let durable = self.config.fsync && !checked;
         let (written, in_memory) = match body {
             // The in-flight hold ends here: from now on the bytes count against the memory
             // tier (or are dropped).
             Held::Memory(bytes, _hold) => {
-                let checked = len <= self.config.memory_max_object_bytes;
                 let written =
                     self.disk.write(&hash, bytes.clone(), durable, counted, checked).await;
                 (written.map(|(_, id)| Some(id)), Some(bytes))
@@ -346,7 +346,6 @@ impl Store {
                     (_, true) => true,
                     // Just seen absent: no look for a stored copy.
                     (Some(bytes), false) => {
-                        let checked = len <= self.config.memory_max_object_bytes;
                         match self.disk.write(&hash, bytes.clone(), durable, false, checked).await {
                             Ok((_, id)) => {
                                 identity = Some(id);
@@ -592,23 +591,28 @@ mod tests {
         }
     }
 
+    /// A store in `dir` whose disk holds `disk_bytes`, and everything else 1 MiB.
+    fn store(dir: &std::path::Path, disk_bytes: u64) -> Store {
+        let disk = BlobStore::open(dir, false).unwrap();
+        let index = Index::open(&dir.join("index.redb")).unwrap();
+        let config = StoreConfig {
+            memory_bytes: 1 << 20,
+            memory_max_object_bytes: 1 << 20,
+            disk_bytes,
+            fsync: false,
+            inflight_bytes: 1 << 20,
+            pinned_share: 0.5,
+        };
+        Store::new(config, disk, index, StoreMetrics::default())
+    }
+
     /// A small blob whose record and bytes are cached is loaded on the caller's thread, its
     /// bytes checked all the same: one altered on disk is not loaded there, and the usual
     /// load then drops it.
     #[tokio::test]
     async fn a_cached_small_blob_is_loaded_without_waiting_and_still_checked() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = BlobStore::open(dir.path(), false).unwrap();
-        let index = Index::open(&dir.path().join("index.redb")).unwrap();
-        let config = StoreConfig {
-            memory_bytes: 1 << 20,
-            memory_max_object_bytes: 1 << 20,
-            disk_bytes: 1 << 20,
-            fsync: false,
-            inflight_bytes: 1 << 20,
-            pinned_share: 0.5,
-        };
-        let store = Store::new(config, disk, index, StoreMetrics::default());
+        let store = store(dir.path(), 1 << 20);
         let (key, other) = (Key::new("http://o.test/a", None), Key::new("http://o.test/b", None));
         let stored = store.insert(key, "http://o.test/a", received(1)).await.unwrap();
         let loaded = store.load_now(key).expect("record and bytes are cached");
@@ -629,17 +633,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_indexed_key_stays_named_when_fills_evict_each_other() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = BlobStore::open(dir.path(), false).unwrap();
-        let index = Index::open(&dir.path().join("index.redb")).unwrap();
-        let config = StoreConfig {
-            memory_bytes: 1 << 20,
-            memory_max_object_bytes: 1 << 20,
-            disk_bytes: 3000,
-            fsync: false,
-            inflight_bytes: 1 << 20,
-            pinned_share: 0.5,
-        };
-        let store = Arc::new(Store::new(config, disk, index, StoreMetrics::default()));
+        let store = Arc::new(store(dir.path(), 3000));
         let fills = (0..100u32).map(|n| {
             let store = store.clone();
             tokio::spawn(async move {
