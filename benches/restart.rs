@@ -37,6 +37,7 @@ async fn build_store(dir: &std::path::Path) -> Vec<String> {
             origin: None,
             pinned_until: None,
             variant: None,
+            at: None,
         };
         batch.push((Key::new(&url, None), record));
         if batch.len() == 10_000 {

@@ -250,6 +250,9 @@ fn store(
         fsync: config.cache.fsync,
         inflight_bytes: config.media.inflight_bytes.0,
         pinned_share: config.cache.pinned_share,
+        segment_max_object_bytes: (config.cache.segment_max_object_bytes.0)
+            .min(config.cache.memory_max_object_bytes.0)
+            .min(cache::segments::SEGMENT_BYTES),
     };
     let store_metrics = cache::store::StoreMetrics {
         evictions: metrics.evictions.clone(),

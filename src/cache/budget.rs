@@ -172,12 +172,13 @@ impl DiskBudget {
         collect(&mut inner, evicted)
     }
 
-    /// Deletes the blob file at `path` unless the budget holds `hash`; returns whether a file
-    /// was deleted. Runs under the budget's lock, and fills admit a blob before renaming it
-    /// into place, so this can never delete a blob a concurrent fill has just stored.
-    pub fn remove_if_unheld(&self, hash: &[u8; 32], path: &std::path::Path) -> bool {
+    /// Runs `remove` (which deletes the blob and says whether there was one) unless the
+    /// budget holds `hash`; returns whether a blob was deleted. Runs under the budget's lock,
+    /// and fills admit a blob before writing it, so this can never delete a blob a concurrent
+    /// fill has just stored.
+    pub fn remove_if_unheld(&self, hash: &[u8; 32], remove: impl FnOnce() -> bool) -> bool {
         let inner = self.lock();
-        !inner.keys.contains_key(hash) && std::fs::remove_file(path).is_ok()
+        !inner.keys.contains_key(hash) && remove()
     }
 }
 

@@ -37,6 +37,8 @@ pub struct BlobStore {
     blobs: PathBuf,
     tmp: PathBuf,
     fsync: bool,
+    /// The small blobs kept in segment files instead (`<cache.dir>/segments`).
+    segments: std::sync::Arc<super::segments::Segments>,
 }
 
 /// A blob being written. Dropping it without [`BlobStore::commit`] removes the temp file, so
@@ -85,7 +87,13 @@ impl Drop for TempBlob {
 impl BlobStore {
     /// Opens the store under `dir`, creating it, and sweeps leftovers from the temp area.
     pub fn open(dir: &Path, fsync: bool) -> io::Result<Self> {
-        let store = Self { blobs: dir.join("blobs"), tmp: dir.join("tmp"), fsync };
+        let segments = super::segments::Segments::open(&dir.join("segments"))?;
+        let store = Self {
+            blobs: dir.join("blobs"),
+            tmp: dir.join("tmp"),
+            fsync,
+            segments: std::sync::Arc::new(segments),
+        };
         std::fs::create_dir_all(&store.blobs)?;
         let marker = dir.join(LAYOUT_MARKER);
         if !marker.exists() {
@@ -127,6 +135,11 @@ impl BlobStore {
     pub fn path(&self, hash: &blake3::Hash) -> PathBuf {
         let hex = hash.to_hex();
         self.blobs.join(&hex[0..2]).join(hex.as_str())
+    }
+
+    /// The segment files, where small blobs may be kept instead of a file each.
+    pub fn segments(&self) -> &super::segments::Segments {
+        &self.segments
     }
 
     fn temp_path(&self) -> io::Result<PathBuf> {

@@ -57,6 +57,10 @@ pub struct Record {
     /// The rendition it is of its URL's file, when it is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
+    /// Where in the segment files the blob lies, when it is kept there rather than in a file
+    /// of its own (`cache.segment_max_object_bytes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<super::segments::Place>,
 }
 
 /// Digests of the bytes an origin sent (lowercase hex).
@@ -85,6 +89,7 @@ impl Record {
             origin: None,
             pinned_until: None,
             variant: None,
+            at: None,
         }
     }
 

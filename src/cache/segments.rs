@@ -13,7 +13,8 @@
 //! Offsets are never reused: a segment is appended to until full, and the next has a higher
 //! number, so a place once freed never holds other bytes.
 //!
-//! Not yet behind [`super::store::Store`]: the store still keeps a file per blob.
+//! The store ([`super::store::Store`]) keeps blobs up to `cache.segment_max_object_bytes` here,
+//! the others in a file each ([`super::disk`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -70,6 +71,12 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> io::Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(io::Error::other)?
+}
+
+impl std::fmt::Debug for Segments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segments").field("dir", &self.dir).finish_non_exhaustive()
+    }
 }
 
 impl Segments {
@@ -199,26 +206,33 @@ impl Segments {
     /// Frees the blob `hash`: its blocks punched out, or its segment deleted when it was the
     /// last there and the segment takes no more. Whether it was live here.
     pub async fn forget(&self, hash: &blake3::Hash) -> bool {
-        let punch = {
+        match self.release(hash) {
+            Some(freed) => {
+                freed.punch().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// [`Self::forget`] without the wait: the blob is no longer live when this returns (and
+    /// an emptied segment deleted); its hole is punched by [`Freed::punch`]. `None`: it was
+    /// not live here.
+    pub fn release(&self, hash: &blake3::Hash) -> Option<Freed> {
+        {
             let mut inner = self.lock();
-            let Some(place) = inner.live.remove(hash.as_bytes()) else { return false };
+            let place = inner.live.remove(hash.as_bytes())?;
             let count = inner.counts.entry(place.segment).or_default();
             *count = count.saturating_sub(1);
             let left = *count;
             let active = inner.active.is_some_and(|(segment, _)| segment == place.segment);
             if left == 0 && !active {
                 self.delete(&mut inner, place.segment);
-                None
+                Some(Freed(None))
             } else {
-                inner.files.get(&place.segment).cloned().map(|file| (file, place))
+                Some(Freed(inner.files.get(&place.segment).cloned().map(|file| (file, place))))
             }
-        };
-        if let Some((file, place)) = punch {
-            // A hole that cannot be punched (a file system without it) costs space until
-            // the segment goes, never bytes: the place is not live any more.
-            let _ = blocking(move || punch_hole(&file, place.offset, aligned(place.len))).await;
         }
-        true
     }
 
     /// Deletes `segment` and forgets it (under the lock: no append can pick it meanwhile).
@@ -252,8 +266,11 @@ impl Segments {
                     by_segment.entry(place.segment).or_default().push(place);
                 }
             }
-            let unnamed: Vec<u64> =
-                inner.files.keys().filter(|s| !by_segment.contains_key(s)).copied().collect();
+            // The segment appended to since the start (should anything come first) is this
+            // run's own.
+            let active = inner.active.map(|(segment, _)| segment);
+            let unnamed = inner.files.keys().filter(|s| !by_segment.contains_key(s));
+            let unnamed: Vec<u64> = unnamed.filter(|s| Some(**s) != active).copied().collect();
             for segment in unnamed {
                 self.delete(&mut inner, segment);
             }
@@ -278,6 +295,19 @@ impl Segments {
             .await?;
         }
         Ok(bad)
+    }
+}
+
+/// A blob no longer live whose blocks are still to be freed.
+pub struct Freed(Option<(Arc<std::fs::File>, Place)>);
+
+impl Freed {
+    /// Punches out the blob's blocks. One that cannot be punched (a file system without
+    /// holes) costs space until its segment goes, never bytes: the place is not live.
+    pub async fn punch(self) {
+        if let Some((file, place)) = self.0 {
+            let _ = blocking(move || punch_hole(&file, place.offset, aligned(place.len))).await;
+        }
     }
 }
 

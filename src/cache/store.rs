@@ -54,6 +54,10 @@ pub struct StoreConfig {
     pub inflight_bytes: u64,
     /// Share of the disk budget pinned blobs may hold (`cache.pinned_share`).
     pub pinned_share: f64,
+    /// Blobs up to this size held in memory when stored go into the segment files rather than
+    /// a file each (`cache.segment_max_object_bytes`, at most `memory_max_object_bytes`, so
+    /// every one is re-hashed on load); 0: none.
+    pub segment_max_object_bytes: u64,
 }
 
 /// The store's counters (registered with the rest of the metrics in `telemetry`).
@@ -137,6 +141,40 @@ impl Store {
         }
     }
 
+    /// A stored entry's bytes as a file an outside program can read: its blob's file, or for
+    /// a blob kept in a segment a temp file of its bytes, removed when the returned temp goes.
+    pub async fn tool_file(
+        &self,
+        entry: &Entry,
+    ) -> Result<(PathBuf, Option<super::disk::TempBlob>), ProxyError> {
+        let in_segment =
+            entry.unkept_path().is_none() && self.disk.segments().place(&entry.hash).is_some();
+        match (&entry.body, self.file_input(entry)) {
+            (Some(bytes), _) if in_segment => {
+                use tokio::io::AsyncWriteExt;
+                let mut temp = self.disk.create_temp().await.map_err(ProxyError::storage)?;
+                temp.file.write_all(bytes).await.map_err(ProxyError::storage)?;
+                let path = temp.flushed_path().await.map_err(ProxyError::storage)?.to_path_buf();
+                Ok((path, Some(temp)))
+            }
+            (_, super::Input::File { path, .. }) => Ok((path, None)),
+            (_, super::Input::Memory(_)) => Err(ProxyError::internal("no file of a stored blob")),
+        }
+    }
+
+    /// The bytes `record` names as an input (a scan of what is stored): read from its segment,
+    /// or its blob's file. `None`: its segment no longer holds them.
+    pub async fn record_input(&self, record: &Record) -> Option<super::Input> {
+        let hash = record.blake3()?;
+        match record.at {
+            Some(place) => {
+                let bytes = self.disk.segments().read(&hash, place).await.ok()??;
+                Some(super::Input::Memory(bytes))
+            }
+            None => Some(self.blob_input(&hash, record.len)),
+        }
+    }
+
     /// The blob `hash` of `len` bytes as an input (a scan of what is stored, an upload).
     pub fn blob_input(&self, hash: &blake3::Hash, len: u64) -> super::Input {
         super::Input::File { path: self.disk.path(hash), len }
@@ -203,6 +241,10 @@ impl Store {
     /// hand, evicted) or of another size (cut short) is forgotten so the next request refills
     /// it. Any other failure (out of file descriptors, say) leaves the good bytes alone.
     pub async fn forget_if_broken(&self, hash: &blake3::Hash, len: u64) {
+        // A blob in a segment was served from memory, its bytes checked when loaded.
+        if self.disk.segments().place(hash).is_some() {
+            return;
+        }
         if self.disk.len(hash).await != Some(len) {
             self.drop_blob(hash, "blob vanished or resized while serving").await;
         }
@@ -224,7 +266,20 @@ impl Store {
             self.index.remove(key);
             return Ok(None);
         };
-        let (body, identity) = if record.len <= self.config.memory_max_object_bytes {
+        let (body, identity) = if let Some(place) = record.at {
+            match self.disk.segments().read(&hash, place).await {
+                Ok(Some(bytes)) => (Some(bytes), None),
+                Ok(None) => {
+                    self.drop_blob(&hash, "blob does not match its hash").await;
+                    return Ok(None);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    self.drop_blob(&hash, "blob missing").await;
+                    return Ok(None);
+                }
+                Err(e) => return Err(ProxyError::internal(e)),
+            }
+        } else if record.len <= self.config.memory_max_object_bytes {
             // Small blobs: read whole, their length and hash checked.
             match self.disk.read_verified(&hash, record.len).await {
                 Ok(Some((bytes, identity))) => (Some(bytes), Some(identity)),
@@ -265,9 +320,15 @@ impl Store {
         if record.len == 0 || record.len > self.config.memory_max_object_bytes {
             return None;
         }
-        let (bytes, identity) = self.disk.read_verified_now(&hash, record.len)?.ok()??;
+        let (bytes, identity) = match record.at {
+            Some(place) => (self.disk.segments().read_now(&hash, place)?.ok()??, None),
+            None => {
+                let (bytes, identity) = self.disk.read_verified_now(&hash, record.len)?.ok()??;
+                (bytes, Some(identity))
+            }
+        };
         let touch = self.budget.touch(hash.as_bytes())?;
-        Some(loaded(&record, hash, Some(bytes), Some(identity), touch))
+        Some(loaded(&record, hash, Some(bytes), identity, touch))
     }
 
     /// Stores a received body under `key`: admitted to the budget first (which may evict to
@@ -292,7 +353,7 @@ impl Store {
         let (touch, victims) = self.budget.admit_pinned(*hash.as_bytes(), len, key, pin);
         let record =
             Record::new(&hash, len, content_type, url).with_final_host(final_host.as_deref());
-        let record = Record {
+        let mut record = Record {
             pinned_until: keep_until,
             variant: variant.map(str::to_string),
             ..record.with_origin(origin.clone())
@@ -301,9 +362,16 @@ impl Store {
         // one after a power cut is refetched, never served: only larger ones need the fsync.
         let checked = len <= self.config.memory_max_object_bytes;
         let durable = self.config.fsync && !checked;
+        let segments = self.disk.segments();
+        let segmented = len > 0 && len <= self.config.segment_max_object_bytes;
         let (written, in_memory) = match body {
             // The in-flight hold ends here: from now on the bytes count against the memory
             // tier (or are dropped).
+            Held::Memory(bytes, _hold) if segmented => {
+                let placed = segments.append(&hash, bytes.clone()).await;
+                record.at = placed.as_ref().ok().copied();
+                (placed.map(|_| None), Some(bytes))
+            }
             Held::Memory(bytes, _hold) => {
                 let written =
                     self.disk.write(&hash, bytes.clone(), durable, counted, checked).await;
@@ -321,7 +389,7 @@ impl Store {
         };
         if let Err(e) = stored {
             if self.budget.forget(hash.as_bytes(), &key) {
-                self.budget.remove_if_unheld(hash.as_bytes(), &self.disk.path(&hash));
+                self.remove_if_unheld(&hash).await;
             }
             self.drop_victims(victims).await;
             return Err(e);
@@ -339,12 +407,24 @@ impl Store {
             let (again, late) = self.budget.admit_pinned(*hash.as_bytes(), len, key, pin);
             touch = again;
             self.drop_victims(late).await;
-            let present = self.disk.len(&hash).await == Some(len);
+            let present = match record.at {
+                Some(_) => segments.place(&hash).is_some(),
+                None => self.disk.len(&hash).await == Some(len),
+            };
             // A few tries at most, whatever keeps evicting it.
             let rewritten = tries <= 4
                 && match (&in_memory, present) {
                     (_, true) => true,
                     // Just seen absent: no look for a stored copy.
+                    (Some(bytes), false) if segmented => {
+                        match segments.append(&hash, bytes.clone()).await {
+                            Ok(place) => {
+                                record.at = Some(place);
+                                true
+                            }
+                            Err(_) => false,
+                        }
+                    }
                     (Some(bytes), false) => {
                         match self.disk.write(&hash, bytes.clone(), durable, false, checked).await {
                             Ok((_, id)) => {
@@ -401,7 +481,9 @@ impl Store {
         self.metrics.blobs_dropped.inc();
         let keys = self.budget.drop_blob(hash.as_bytes());
         self.remove_keys(keys).await;
-        self.disk.remove(hash).await;
+        if !self.disk.segments().forget(hash).await {
+            self.disk.remove(hash).await;
+        }
     }
 
     /// Evicts blobs chosen by the disk budget, with every key naming them.
@@ -409,9 +491,24 @@ impl Store {
         for victim in victims {
             self.metrics.evictions.inc();
             self.remove_keys(victim.keys).await;
-            let path = self.disk.path(&blake3::Hash::from_bytes(victim.hash));
-            self.budget.remove_if_unheld(&victim.hash, &path);
+            self.remove_if_unheld(&blake3::Hash::from_bytes(victim.hash)).await;
         }
+    }
+
+    /// Deletes the blob `hash` unless a key names it again (under the budget's lock, so never
+    /// one a fill has just admitted): its place in a segment freed, or its file deleted.
+    /// Whether it was deleted.
+    async fn remove_if_unheld(&self, hash: &blake3::Hash) -> bool {
+        let segments = self.disk.segments();
+        let mut freed = None;
+        let removed = self.budget.remove_if_unheld(hash.as_bytes(), || {
+            freed = segments.release(hash);
+            freed.is_some() || std::fs::remove_file(self.disk.path(hash)).is_ok()
+        });
+        if let Some(freed) = freed {
+            freed.punch().await;
+        }
+        removed
     }
 
     async fn remove_keys(&self, keys: Vec<Key>) {
@@ -434,7 +531,7 @@ impl Store {
             let Some(hash) = record.blake3() else { continue };
             // The blob goes only with the last key naming it: identical bytes are shared.
             let last = self.budget.forget(hash.as_bytes(), key);
-            if self.budget.remove_if_unheld(hash.as_bytes(), &self.disk.path(&hash)) || last {
+            if self.remove_if_unheld(&hash).await || last {
                 report.blobs += 1;
                 report.bytes += record.len;
             }
@@ -466,6 +563,21 @@ impl Store {
     /// evicting at once if `cache.disk_bytes` shrank since the last run.
     pub async fn load_budget(&self) -> Result<usize, ProxyError> {
         let mut records = self.index.all().await.map_err(ProxyError::internal)?;
+        // The places records name become live in the segments, and the rest is freed, before
+        // anything is evicted; a record naming a place beyond its segment goes.
+        let named = records.iter().filter_map(|(_, r)| Some((r.blake3()?, r.at?)));
+        let named: Vec<_> = named.collect();
+        let bad = self.disk.segments().restore(named).await.map_err(ProxyError::internal)?;
+        if !bad.is_empty() {
+            tracing::warn!(records = bad.len(), "records naming a place beyond their segment");
+            let bad: std::collections::HashSet<_> = bad.into_iter().collect();
+            let doomed =
+                |r: &Record| r.blake3().is_some_and(|h| bad.contains(&h)) && r.at.is_some();
+            let keys: Vec<Key> =
+                records.iter().filter(|(_, r)| doomed(r)).map(|(key, _)| *key).collect();
+            records.retain(|(_, r)| !doomed(r));
+            self.index.remove_many(keys);
+        }
         records.sort_by_key(|(_, r)| r.stored_at);
         let count = records.len();
         let mut victims = Vec::new();
@@ -495,7 +607,9 @@ impl Store {
             if file.modified >= started {
                 continue;
             }
-            if self.budget.remove_if_unheld(file.hash.as_bytes(), &self.disk.path(&file.hash)) {
+            let path = self.disk.path(&file.hash);
+            let remove = || std::fs::remove_file(&path).is_ok();
+            if self.budget.remove_if_unheld(file.hash.as_bytes(), remove) {
                 orphans += 1;
             }
         }
@@ -602,6 +716,7 @@ mod tests {
             fsync: false,
             inflight_bytes: 1 << 20,
             pinned_share: 0.5,
+            segment_max_object_bytes: 0,
         };
         Store::new(config, disk, index, StoreMetrics::default())
     }

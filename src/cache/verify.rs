@@ -64,12 +64,15 @@ pub async fn verify(dir: &Path) -> Result<Report, String> {
     let records = index.all().await.map_err(|e| e.to_string())?;
     let mut report = Report { records: records.len() as u64, ..Report::default() };
     let mut by_blob: HashMap<String, (u64, Vec<Key>)> = HashMap::new();
+    // Blobs kept in segments, and where (one place per blob: a record naming another lies).
+    let mut placed: HashMap<String, super::segments::Place> = HashMap::new();
     let mut doomed: Vec<Key> = Vec::new();
     for (key, record) in records {
         match record.blake3() {
             Some(_) if record.len > 0 => {
                 let slot = by_blob.entry(record.hash.clone()).or_insert((record.len, Vec::new()));
-                if slot.0 == record.len {
+                let place = record.at.map(|at| *placed.entry(record.hash.clone()).or_insert(at));
+                if slot.0 == record.len && place == record.at {
                     slot.1.push(key);
                 } else {
                     doomed.push(key); // two sizes for one content name: this record lies
@@ -81,9 +84,19 @@ pub async fn verify(dir: &Path) -> Result<Report, String> {
     for (hex, (len, keys)) in &by_blob {
         let Ok(hash) = blake3::Hash::from_hex(hex) else { continue };
         let path = store.path(&hash);
-        let checked = tokio::task::spawn_blocking(move || hash_file(&path))
-            .await
-            .map_err(|e| e.to_string())?;
+        let checked = match placed.get(hex) {
+            Some(place) => match store.segments().read(&hash, *place).await {
+                Ok(Some(bytes)) => Ok((hash, bytes.len() as u64)),
+                Ok(None) => Ok((blake3::hash(b""), 0)),
+                Err(e) => Err(e),
+            },
+            None => tokio::task::spawn_blocking(move || hash_file(&path))
+                .await
+                .map_err(|e| e.to_string())?,
+        };
+        // A segment that holds the place but other bytes: corrupt, as a file would be.
+        let in_segment = placed.contains_key(hex);
+        let segment_held = in_segment && checked.is_ok();
         let good = match checked {
             Ok((actual, actual_len)) => {
                 report.blobs_checked += 1;
@@ -93,15 +106,23 @@ pub async fn verify(dir: &Path) -> Result<Report, String> {
             Err(_) => false, // missing or unreadable
         };
         if !good {
-            if store.len(&hash).await.is_some() {
+            if segment_held || (!in_segment && store.len(&hash).await.is_some()) {
                 report.corrupt_blobs_removed += 1;
             }
-            store.remove(&hash).await;
+            if in_segment {
+                placed.remove(hex);
+            } else {
+                store.remove(&hash).await;
+            }
             doomed.extend(keys.iter().copied());
         }
     }
     report.records_removed = doomed.len() as u64;
     index.remove_many(doomed);
+    // What the good records name stays in the segments; the rest is freed.
+    let named =
+        placed.iter().filter_map(|(hex, place)| Some((blake3::Hash::from_hex(hex).ok()?, *place)));
+    store.segments().restore(named.collect::<Vec<_>>()).await.map_err(|e| e.to_string())?;
     let named: HashSet<&String> = by_blob.keys().collect();
     for file in store.list().await.map_err(|e| e.to_string())? {
         if !named.contains(&file.hash.to_hex().to_string()) {

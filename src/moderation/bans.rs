@@ -260,9 +260,14 @@ impl Moderation {
                         unmatchable += 1;
                         continue;
                     }
-                    None => match proxy.store.blob_input(&hash, record.len) {
-                        crate::cache::Input::File { path, .. } => read_digests(path).await,
-                        crate::cache::Input::Memory(_) => None,
+                    None => match proxy.store.record_input(&record).await {
+                        Some(crate::cache::Input::File { path, .. }) => read_digests(path).await,
+                        Some(crate::cache::Input::Memory(bytes)) => {
+                            let mut digester = Digester::default();
+                            digester.update(&bytes);
+                            Some(digester.finish())
+                        }
+                        None => None,
                     },
                 };
                 let Some(digests) = digests else { continue };

@@ -268,9 +268,7 @@ impl Prepare {
         let content_type = original.content_type.to_str().unwrap_or_default();
         let job = self.media.frame_tool(content_type).ok_or(ProxyError::UnsupportedType)?;
         let mut sink = self.store.sink();
-        let Input::File { path, .. } = self.store.file_input(original) else {
-            return Err(ProxyError::internal("no file of a stored blob"));
-        };
+        let (path, _temp) = self.store.tool_file(original).await?;
         self.media.run_tool(&job, &path, &original.hash, host, &mut sink).await?;
         if infer::get(sink.head()).map(|t| t.mime_type()) != Some("image/png") {
             return Err(ProxyError::bad_image("no picture came of it"));

@@ -217,6 +217,16 @@ async fn a_full_disk_fails_one_fill_cleanly_evicts_and_recovers() {
 /// lost is fetched again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_two_hundred_fills_loses_entries_but_never_serves_wrong_bytes() {
+    sigkill_during_fills(false).await;
+}
+
+/// The same with every file in segments (`cache.segment_max_object_bytes`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_fills_into_segments_loses_entries_but_never_serves_wrong_bytes() {
+    sigkill_during_fills(true).await;
+}
+
+async fn sigkill_during_fills(segments: bool) {
     const FILLS: u64 = 200;
     let origin = Origin::start("127.0.0.14").await;
     let mut expected = Vec::new();
@@ -233,6 +243,7 @@ async fn sigkill_during_two_hundred_fills_loses_entries_but_never_serves_wrong_b
         ("PARASOL__FETCH__ALLOW_NETWORKS", "[\"127.0.0.14/32\"]"),
         ("PARASOL__SIGNING__KEYS", keys.as_str()),
         ("PARASOL__FETCH__MAX_PER_ORIGIN", "200"),
+        ("PARASOL__CACHE__SEGMENT_MAX_OBJECT_BYTES", if segments { "64KiB" } else { "0B" }),
     ];
     let (child, public, _) = crate::cli::spawn_serving(dir.path(), &envs, None);
     let signed = |public, path: &str| signed_url(public, &origin.url(path));
@@ -293,6 +304,8 @@ async fn sigkill_during_two_hundred_fills_loses_entries_but_never_serves_wrong_b
         assert_eq!(asked, usize::from(!survived[i]), "{path}: origin asked only if lost");
     }
     assert_eq!(files_under(&dir.path().join("cache/tmp")), 0, "the temp area was swept");
+    let files = files_under(&dir.path().join("cache/blobs"));
+    assert_eq!(files == 0, segments, "{files} blob files");
     child.sigterm();
     assert!(child.wait().await.success());
 }
@@ -403,5 +416,112 @@ async fn a_store_in_the_two_level_layout_is_moved_and_kept() {
     let r = get(&p.url(&origin.url("/old.png"))).await;
     assert!(body(r).await == png);
     assert_eq!(origin.hits("/old.png"), 1, "served from the moved blob");
+    p.stop().await;
+}
+
+/// Bytes allocated (not merely sized: holes do not count) to the segment files.
+fn segment_blocks(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir.join("segments")) else { return 0 };
+    entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum()
+}
+
+/// With `cache.segment_max_object_bytes`, small files go into segment files, not a file each:
+/// the budget holds by punched holes, the survivors are served after a restart without the
+/// origin, and bytes rotten in a segment are refetched, never served.
+#[tokio::test]
+async fn small_files_in_segments_keep_the_budget_survive_a_restart_and_are_checked() {
+    const OBJECT: usize = 20 * 1024;
+    const BUDGET: u64 = 200 * 1024;
+    let origin = Origin::start("127.0.0.13").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config_with_budget(dir.path(), BUDGET);
+    cfg.cache.segment_max_object_bytes = parasol::config::Size(64 * 1024);
+    let p = Parasol::start(cfg.clone()).await;
+    let mut bodies = Vec::new();
+    for i in 0..30u64 {
+        let path = format!("/s{i}.png");
+        let body = png_bytes(OBJECT, 300 + i);
+        origin.route(&path, Route::ok(body.clone()));
+        assert_eq!(body_of(&p, &origin, &path).await, body);
+        let held = segment_blocks(dir.path());
+        assert!(held <= BUDGET + 2 * OBJECT as u64, "{held} bytes in segments after {i}");
+        bodies.push((path, body));
+    }
+    assert_eq!(blob_bytes(dir.path()), 0, "no file per blob");
+    assert!(segment_blocks(dir.path()) > 0);
+    assert!(p.metric("parasol_evictions_total").await >= 19);
+    p.stop().await;
+
+    // Bit rot in the newest survivor's bytes, found where they lie in a segment.
+    let (rotten_path, rotten_body) = bodies.last().unwrap().clone();
+    let mut rotted = false;
+    for entry in std::fs::read_dir(dir.path().join("segments")).unwrap().flatten() {
+        let mut bytes = std::fs::read(entry.path()).unwrap();
+        if let Some(at) = bytes.windows(rotten_body.len()).position(|w| w == &rotten_body[..]) {
+            bytes[at + 5000] ^= 0xff;
+            std::fs::write(entry.path(), bytes).unwrap();
+            rotted = true;
+        }
+    }
+    assert!(rotted, "the newest file's bytes are in a segment");
+    let p = Parasol::start(cfg).await;
+    for (path, body) in bodies.iter().rev().take(5) {
+        assert_eq!(&body_of(&p, &origin, path).await, body);
+        let fetched = if *path == rotten_path { 2 } else { 1 };
+        assert_eq!(origin.hits(path), fetched, "{path}");
+    }
+    assert_eq!(p.metric("parasol_blobs_dropped_total").await, 1);
+    assert_eq!(blob_bytes(dir.path()), 0);
+    p.stop().await;
+}
+
+/// `parasol verify` checks files kept in segments by their place: rot there removes the
+/// record, the good one stays and is served without the origin.
+#[tokio::test]
+async fn parasol_verify_checks_files_kept_in_segments() {
+    let origin = Origin::start("127.0.0.13").await;
+    let (a, c) = (png_bytes(8_000, 520), png_bytes(9_000, 521));
+    origin.route("/sa.png", Route::ok(a.clone()));
+    origin.route("/sc.png", Route::ok(c.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let mut cfg = config_with_budget(&cache, 10 << 20);
+    cfg.cache.segment_max_object_bytes = parasol::config::Size(64 * 1024);
+    let p = Parasol::start(cfg.clone()).await;
+    for path in ["/sa.png", "/sc.png"] {
+        assert_eq!(get(&p.url(&origin.url(path))).await.status(), 200);
+    }
+    p.stop().await;
+    for entry in std::fs::read_dir(cache.join("segments")).unwrap().flatten() {
+        let mut bytes = std::fs::read(entry.path()).unwrap();
+        if let Some(at) = bytes.windows(a.len()).position(|w| w == &a[..]) {
+            bytes[at + 100] ^= 0x80;
+            std::fs::write(entry.path(), bytes).unwrap();
+        }
+    }
+    let run_verify = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_parasol"))
+            .arg("verify")
+            .env("PARASOL__CACHE__DIR", &cache)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let report = run_verify();
+    assert_eq!((report["records"].as_u64(), report["blobs_checked"].as_u64()), (Some(2), Some(2)));
+    assert_eq!(report["corrupt_blobs_removed"], 1, "{report}");
+    assert_eq!(report["records_removed"], 1, "{report}");
+    let again = run_verify();
+    assert_eq!(
+        (again["records_removed"].as_u64(), again["blobs_checked"].as_u64()),
+        (Some(0), Some(1))
+    );
+    let p = Parasol::start(cfg).await;
+    assert_eq!(body_of(&p, &origin, "/sc.png").await, c);
+    assert_eq!(body_of(&p, &origin, "/sa.png").await, a);
+    assert_eq!((origin.hits("/sc.png"), origin.hits("/sa.png")), (1, 2));
     p.stop().await;
 }

@@ -482,3 +482,39 @@ async fn a_sha256_ban_reaches_a_photo_cached_with_its_metadata_stripped() {
     assert!(eventually(|| p.blob_count() == 0).await, "and purged");
     p.stop().await;
 }
+
+/// A SHA-256 ban finds a cached file kept in a segment (read there, not from a file of its
+/// own), purges it and frees its place; the other file stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sha256_ban_finds_and_purges_a_file_kept_in_a_segment() {
+    let origin = Origin::start("127.0.0.71").await;
+    let (banned, kept) = (png_bytes(5_000, 730), png_bytes(5_000, 731));
+    origin.route("/banned.png", Route::ok(banned.clone()));
+    origin.route("/kept.png", Route::ok(kept.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &["127.0.0.71/32"]);
+    cfg.cache.segment_max_object_bytes = parasol::config::Size(64 * 1024);
+    let p = Parasol::start(cfg).await;
+    for path in ["/banned.png", "/kept.png"] {
+        assert_eq!(get(&p.url(&origin.url(path))).await.status(), 200);
+    }
+    assert_eq!(p.blob_count(), 0, "kept in a segment, not a file each");
+    assert_eq!(p.metric("parasol_cache_bytes{tier=\"disk\"}").await, 10_000);
+    use sha2::Digest;
+    let sha = hex::encode(sha2::Sha256::digest(&banned));
+    let (status, _) = admin(&p, http::Method::POST, "/admin/ban", json!({"sha256": sha})).await;
+    assert_eq!(status, 200);
+    let mut purged = false;
+    for _ in 0..100 {
+        if p.metric("parasol_cache_bytes{tier=\"disk\"}").await == 5_000 {
+            purged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(purged, "the banned file was found in its segment and purged");
+    assert!(refused(&get(&p.url(&origin.url("/banned.png"))).await));
+    assert_eq!(get(&p.url(&origin.url("/kept.png"))).await.status(), 200);
+    assert_eq!(origin.hits("/kept.png"), 1);
+    p.stop().await;
+}

@@ -196,6 +196,7 @@ async fn the_tier_writes_once_reads_back_and_trusts_nothing_it_reads() {
         origin: None,
         pinned_until: None,
         variant: None,
+        at: None,
     };
     let (k1, k2) = (Key::new("http://a.test/1.png", None), Key::new("http://b.test/2.png", None));
     assert!(tier.lookup(&k1).await.unwrap().is_none(), "nothing there yet");
