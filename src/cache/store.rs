@@ -266,40 +266,38 @@ impl Store {
             self.index.remove(key);
             return Ok(None);
         };
-        let (body, identity) = if let Some(place) = record.at {
-            match self.disk.segments().read(&hash, place).await {
-                Ok(Some(bytes)) => (Some(bytes), None),
-                Ok(None) => {
-                    self.drop_blob(&hash, "blob does not match its hash").await;
+        let (body, identity) =
+            if record.at.is_some() || record.len <= self.config.memory_max_object_bytes {
+                // Small blobs: read whole from their segment or their file, length and hash checked.
+                let read = match record.at {
+                    Some(place) => {
+                        let read = self.disk.segments().read(&hash, place).await;
+                        read.map(|bytes| bytes.map(|bytes| (bytes, None)))
+                    }
+                    None => {
+                        let read = self.disk.read_verified(&hash, record.len).await;
+                        read.map(|found| found.map(|(bytes, identity)| (bytes, Some(identity))))
+                    }
+                };
+                match read {
+                    Ok(Some((bytes, identity))) => (Some(bytes), identity),
+                    Ok(None) => {
+                        self.drop_blob(&hash, "blob does not match its hash").await;
+                        return Ok(None);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        self.drop_blob(&hash, "blob missing").await;
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(ProxyError::internal(e)),
+                }
+            } else {
+                if self.disk.len(&hash).await != Some(record.len) {
+                    self.drop_blob(&hash, "blob missing or of the wrong size").await;
                     return Ok(None);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    self.drop_blob(&hash, "blob missing").await;
-                    return Ok(None);
-                }
-                Err(e) => return Err(ProxyError::internal(e)),
-            }
-        } else if record.len <= self.config.memory_max_object_bytes {
-            // Small blobs: read whole, their length and hash checked.
-            match self.disk.read_verified(&hash, record.len).await {
-                Ok(Some((bytes, identity))) => (Some(bytes), Some(identity)),
-                Ok(None) => {
-                    self.drop_blob(&hash, "blob does not match its hash").await;
-                    return Ok(None);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    self.drop_blob(&hash, "blob missing").await;
-                    return Ok(None);
-                }
-                Err(e) => return Err(ProxyError::internal(e)),
-            }
-        } else {
-            if self.disk.len(&hash).await != Some(record.len) {
-                self.drop_blob(&hash, "blob missing or of the wrong size").await;
-                return Ok(None);
-            }
-            (None, None)
-        };
+                (None, None)
+            };
         let (touch, victims) = match self.budget.touch(hash.as_bytes()) {
             Some(touch) => (touch, Vec::new()),
             None => self.budget.admit_pinned(*hash.as_bytes(), record.len, key, record.pin()),
