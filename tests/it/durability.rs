@@ -426,6 +426,20 @@ fn segment_blocks(dir: &Path) -> u64 {
     entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum()
 }
 
+/// Flips `mask` into byte `offset` of `body` where it lies in a segment file under `cache`;
+/// whether it was found there.
+fn rot_in_segment(cache: &Path, body: &[u8], offset: usize, mask: u8) -> bool {
+    for entry in std::fs::read_dir(cache.join("segments")).unwrap().flatten() {
+        let mut bytes = std::fs::read(entry.path()).unwrap();
+        if let Some(at) = bytes.windows(body.len()).position(|w| w == body) {
+            bytes[at + offset] ^= mask;
+            std::fs::write(entry.path(), bytes).unwrap();
+            return true;
+        }
+    }
+    false
+}
+
 /// With `cache.segment_max_object_bytes`, small files go into segment files, not a file each:
 /// the budget holds by punched holes, the survivors are served after a restart without the
 /// origin, and bytes rotten in a segment are refetched, never served.
@@ -455,15 +469,7 @@ async fn small_files_in_segments_keep_the_budget_survive_a_restart_and_are_check
 
     // Bit rot in the newest survivor's bytes, found where they lie in a segment.
     let (rotten_path, rotten_body) = bodies.last().unwrap().clone();
-    let mut rotted = false;
-    for entry in std::fs::read_dir(dir.path().join("segments")).unwrap().flatten() {
-        let mut bytes = std::fs::read(entry.path()).unwrap();
-        if let Some(at) = bytes.windows(rotten_body.len()).position(|w| w == &rotten_body[..]) {
-            bytes[at + 5000] ^= 0xff;
-            std::fs::write(entry.path(), bytes).unwrap();
-            rotted = true;
-        }
-    }
+    let rotted = rot_in_segment(dir.path(), &rotten_body, 5000, 0xff);
     assert!(rotted, "the newest file's bytes are in a segment");
     let p = Parasol::start(cfg).await;
     for (path, body) in bodies.iter().rev().take(5) {
@@ -493,13 +499,7 @@ async fn parasol_verify_checks_files_kept_in_segments() {
         assert_eq!(get(&p.url(&origin.url(path))).await.status(), 200);
     }
     p.stop().await;
-    for entry in std::fs::read_dir(cache.join("segments")).unwrap().flatten() {
-        let mut bytes = std::fs::read(entry.path()).unwrap();
-        if let Some(at) = bytes.windows(a.len()).position(|w| w == &a[..]) {
-            bytes[at + 100] ^= 0x80;
-            std::fs::write(entry.path(), bytes).unwrap();
-        }
-    }
+    assert!(rot_in_segment(&cache, &a, 100, 0x80), "a's bytes are in a segment");
     let run_verify = || {
         let out = Command::new(env!("CARGO_BIN_EXE_parasol"))
             .arg("verify")
