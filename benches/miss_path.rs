@@ -133,7 +133,8 @@ struct Layout {
 }
 
 async fn layout(name: &'static str, disk: usize) -> Layout {
-    let dir = tempfile::tempdir_in(std::env::var("MISS_PATH_DIR").unwrap_or("/tmp".into())).unwrap();
+    let dir =
+        tempfile::tempdir_in(std::env::var("MISS_PATH_DIR").unwrap_or("/tmp".into())).unwrap();
     let segments = if name == "segments" { "segment_max_object_bytes = \"256 KiB\"" } else { "" };
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
@@ -208,7 +209,9 @@ fn main() {
         layouts
     });
     let size = photo().0.len();
-    eprintln!("{n} misses of {size} bytes per round, {concurrency} at a time, disk budget {disk} bytes");
+    eprintln!(
+        "{n} misses of {size} bytes per round, {concurrency} at a time, disk budget {disk} bytes"
+    );
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); layouts.len()];
     for round in 1..=rounds {
         for (i, layout) in layouts.iter().enumerate() {
@@ -216,7 +219,10 @@ fn main() {
             rt.block_on(misses(layout, &origin, &format!("r{round}"), n, concurrency));
             let per = (cpu() - cpu0).as_secs_f64() * 1e6 / n as f64;
             let rate = n as f64 / wall0.elapsed().as_secs_f64();
-            eprintln!("round {round}, {}: {per:.1} µs CPU per miss, {rate:.0} misses/s", layout.name);
+            eprintln!(
+                "round {round}, {}: {per:.1} µs CPU per miss, {rate:.0} misses/s",
+                layout.name
+            );
             results[i].push(per);
         }
     }

@@ -276,6 +276,11 @@ impl Proxy {
         &self.moderation
     }
 
+    /// How many stored files are kept in segment files rather than a file each.
+    pub fn segment_blobs(&self) -> usize {
+        self.store.segment_blobs()
+    }
+
     /// What the tiers hold now.
     pub async fn usage(&self) -> crate::cache::store::Usage {
         self.store.usage().await

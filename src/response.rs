@@ -128,10 +128,10 @@ async fn body(
         if let Some(conn) = conn.filter(|_| len >= sendfile::MIN_LEN) {
             // Only when the page cache holds every page of the range: sending it then never
             // waits for the disk.
-            let file =
-                store.file_now(entry).filter(|f| crate::cache::disk::resident(f, start, len));
-            if let Some(file) = file {
-                conn.memory(bytes.clone(), file, start);
+            let at = store.file_now(entry).map(|at| at.advanced(start));
+            let at = at.filter(|at| crate::cache::disk::resident(&at.file, at.offset, len));
+            if let Some(at) = at {
+                conn.memory(bytes.clone(), at);
             }
         }
         return Ok(full(bytes));

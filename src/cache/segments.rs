@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 /// Bytes a segment holds before the next one is opened.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
@@ -57,6 +57,37 @@ struct Inner {
     live: HashMap<[u8; 32], Place>,
     /// Live blobs per segment.
     counts: HashMap<u64, usize>,
+    /// The lease of each live blob lent out ([`Segments::lend`]) and perhaps still held; only
+    /// live blobs are here.
+    leases: HashMap<[u8; 32], Weak<Lease>>,
+}
+
+/// A live blob's bytes lent out to be sent from its segment file (`sendfile`) after this
+/// returns: freeing the blob while any holder of the lease is alive leaves its blocks in
+/// place, punched when the last holder is done, so a send under way never reads a hole.
+pub struct Lent {
+    /// The segment file.
+    pub file: Arc<std::fs::File>,
+    /// Where the blob lies in it.
+    pub place: Place,
+    _lease: Arc<Lease>,
+}
+
+/// What the holders of a [`Lent`] blob share: the hole to punch once they are all done, when
+/// the blob was freed meanwhile.
+#[derive(Default)]
+struct Lease {
+    deferred: Mutex<Option<(Arc<std::fs::File>, Place)>>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let deferred = self.deferred.get_mut().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((file, place)) = deferred {
+            // As `Freed::punch` would have: a hole that cannot be punched costs space only.
+            let _ = punch_hole(&file, place.offset, aligned(place.len));
+        }
+    }
 }
 
 fn name(segment: u64) -> String {
@@ -108,9 +139,32 @@ impl Segments {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// How many blobs are live here.
+    pub fn live_blobs(&self) -> usize {
+        self.lock().live.len()
+    }
+
     /// Where the blob `hash` lies, if it is live here.
     pub fn place(&self, hash: &blake3::Hash) -> Option<Place> {
         self.lock().live.get(hash.as_bytes()).copied()
+    }
+
+    /// The live blob `hash` lent out to be sent from its segment file: its blocks stay until
+    /// the returned lease (and every other of it) is dropped, even should the blob be freed
+    /// meanwhile. `None` when it is not live here.
+    pub fn lend(&self, hash: &blake3::Hash) -> Option<Lent> {
+        let mut inner = self.lock();
+        let place = *inner.live.get(hash.as_bytes())?;
+        let file = inner.files.get(&place.segment)?.clone();
+        let lease = match inner.leases.get(hash.as_bytes()).and_then(Weak::upgrade) {
+            Some(lease) => lease,
+            None => {
+                let lease = Arc::new(Lease::default());
+                inner.leases.insert(*hash.as_bytes(), Arc::downgrade(&lease));
+                lease
+            }
+        };
+        Some(Lent { file, place, _lease: lease })
     }
 
     /// Stores `bytes` (which hash to `hash`) and returns where; bytes already live are not
@@ -222,15 +276,25 @@ impl Segments {
         {
             let mut inner = self.lock();
             let place = inner.live.remove(hash.as_bytes())?;
+            let lease = inner.leases.remove(hash.as_bytes()).and_then(|lease| lease.upgrade());
             let count = inner.counts.entry(place.segment).or_default();
             *count = count.saturating_sub(1);
             let left = *count;
             let active = inner.active.is_some_and(|(segment, _)| segment == place.segment);
             if left == 0 && !active {
+                // Lent bytes stay readable through the open file after the unlink.
                 self.delete(&mut inner, place.segment);
                 Some(Freed(None))
             } else {
-                Some(Freed(inner.files.get(&place.segment).cloned().map(|file| (file, place))))
+                let freed = inner.files.get(&place.segment).cloned().map(|file| (file, place));
+                match lease {
+                    // Punched when the last holder is done with the bytes.
+                    Some(lease) => {
+                        *lease.deferred.lock().unwrap_or_else(|p| p.into_inner()) = freed;
+                        Some(Freed(None))
+                    }
+                    None => Some(Freed(freed)),
+                }
             }
         }
     }
@@ -381,6 +445,49 @@ mod tests {
         let again = segments.append(&blobs[0].0, blobs[0].1.clone()).await.unwrap();
         assert!(!places.contains(&again), "a new place: {again:?}");
         assert_eq!(segments.read(&blobs[0].0, again).await.unwrap(), Some(blobs[0].1.clone()));
+    }
+
+    /// Bytes lent out stay while the lease is held, even with the blob freed meanwhile (its
+    /// hole punched when the lease goes), and even with its segment deleted; a freed blob is
+    /// not lent again.
+    #[tokio::test]
+    async fn lent_bytes_stay_until_the_lease_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = Segments::open_sized(dir.path(), 128 << 10).unwrap();
+        let blobs: Vec<_> = (1..=3).map(|n| blob(n, 64 << 10)).collect();
+        for (hash, bytes) in &blobs {
+            segments.append(hash, bytes.clone()).await.unwrap();
+        }
+        let read = |lent: &Lent| {
+            let mut buf = vec![0u8; lent.place.len as usize];
+            lent.file.read_exact_at(&mut buf, lent.place.offset).unwrap();
+            buf
+        };
+        let lent = segments.lend(&blobs[0].0).unwrap();
+        let again = segments.lend(&blobs[0].0).unwrap();
+        let before = allocated(dir.path());
+        assert!(segments.forget(&blobs[0].0).await);
+        assert!(segments.lend(&blobs[0].0).is_none(), "no longer live");
+        assert_eq!(read(&lent), blobs[0].1, "lent bytes outlive the blob");
+        assert_eq!(allocated(dir.path()), before, "its blocks stay while lent");
+        drop(lent);
+        assert_eq!(read(&again), blobs[0].1, "until every holder is done");
+        let place = again.place;
+        drop(again);
+        assert!(allocated(dir.path()) <= before - (64 << 10), "then punched");
+        assert_eq!(segments.read(&blobs[0].0, place).await.unwrap(), None);
+        // The last blob of a full segment: the segment is deleted, the lent bytes stay.
+        let lent = segments.lend(&blobs[1].0).unwrap();
+        assert!(segments.forget(&blobs[1].0).await);
+        assert!(!dir.path().join(name(0)).exists(), "the segment is gone");
+        assert_eq!(read(&lent), blobs[1].1);
+        // A lease of a blob still live costs nothing when dropped.
+        let lent = segments.lend(&blobs[2].0).unwrap();
+        drop(lent);
+        assert_eq!(
+            segments.read(&blobs[2].0, segments.place(&blobs[2].0).unwrap()).await.unwrap(),
+            Some(blobs[2].1.clone())
+        );
     }
 
     /// After a restart only named blobs are live: a blob a crash left unnamed loses its blocks,

@@ -203,6 +203,11 @@ impl Store {
         Usage { memory_bytes, memory_entries, disk_bytes, disk_blobs, inflight_bytes }
     }
 
+    /// How many blobs are kept in segment files (the others have a file each).
+    pub fn segment_blobs(&self) -> usize {
+        self.disk.segments().live_blobs()
+    }
+
     /// An entry's blob opened for reading, to be sent a chunk at a time
     /// ([`super::disk::read_chunk`]).
     pub async fn open_blob(&self, entry: &Entry) -> std::io::Result<Arc<std::fs::File>> {
@@ -212,10 +217,21 @@ impl Store {
         }
     }
 
-    /// An entry's blob file for `sendfile`, only when it can be had without waiting for the
-    /// disk and is the file its body was verified against ([`Entry`] holds it).
-    pub fn file_now(&self, entry: &Entry) -> Option<Arc<std::fs::File>> {
-        entry.is_kept().then(|| entry.file(&self.disk)).flatten()
+    /// Where an entry's bytes can be sent from with `sendfile`, only when that needs no wait
+    /// for the disk: the blob's file when it is the one its body was verified against
+    /// ([`Entry`] holds it), or the blob's place in its segment, leased so that its blocks
+    /// stay while the returned place is held.
+    pub fn file_now(&self, entry: &Entry) -> Option<crate::server::sendfile::FileAt> {
+        use crate::server::sendfile::FileAt;
+        if !entry.is_kept() {
+            return None;
+        }
+        if let Some(file) = entry.file(&self.disk) {
+            return Some(FileAt { file, offset: 0, keep: None });
+        }
+        let lent = self.disk.segments().lend(&entry.hash).filter(|l| l.place.len == entry.len)?;
+        let (file, offset) = (lent.file.clone(), lent.place.offset);
+        Some(FileAt { file, offset, keep: Some(Arc::new(lent)) })
     }
 
     /// An entry for a received body the store does not keep: its bytes in memory, or its temp

@@ -23,8 +23,9 @@ pub struct CacheConfig {
     pub disk_bytes: Size,
     /// Files up to this size (and up to `memory_max_object_bytes`) are kept in a few large
     /// segment files under `<dir>/segments` instead of a file each: storing one is a write
-    /// into an open file, evicting one frees its blocks without an unlink. 0 (the default)
-    /// keeps a file per blob.
+    /// into an open file, evicting one frees its blocks without an unlink. 1 MiB by default
+    /// (bodies above 1 MiB are received into a file of their own, which they keep); 0 keeps
+    /// a file per blob.
     pub segment_max_object_bytes: Size,
     /// Larger origin bodies are refused with 413 (checked on Content-Length and while streaming).
     pub max_object_bytes: Size,
@@ -62,7 +63,7 @@ impl Default for CacheConfig {
             memory_bytes: Size(256 << 20),
             memory_max_object_bytes: Size(8 << 20),
             disk_bytes: Size(10 << 30),
-            segment_max_object_bytes: Size(0),
+            segment_max_object_bytes: Size(1 << 20),
             max_object_bytes: Size(100 << 20),
             retention: Dur(Duration::from_secs(30 * 86_400)),
             negative_ttl: Dur(Duration::from_secs(30)),

@@ -86,9 +86,27 @@ struct State {
 
 struct Memory {
     bytes: Bytes,
-    file: Arc<File>,
-    /// Where `bytes`' first byte is in `file`.
-    offset: u64,
+    /// Where `bytes`' first byte is in a file.
+    at: FileAt,
+}
+
+/// A place in a file that holds a body's bytes, and whatever keeps them there while it is
+/// held (a blob's blocks leased in its segment, [`crate::cache::segments::Lent`]).
+#[derive(Clone)]
+pub struct FileAt {
+    /// The file.
+    pub file: Arc<File>,
+    /// Where in it.
+    pub offset: u64,
+    /// Held as long as the bytes may still be sent from `file`.
+    pub keep: Option<Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl FileAt {
+    /// The same file `n` bytes further on.
+    pub fn advanced(&self, n: u64) -> Self {
+        Self { offset: self.offset + n, ..self.clone() }
+    }
 }
 
 struct Segment {
@@ -100,8 +118,7 @@ struct Segment {
 /// Where a slice about to be written is in a file.
 enum Located {
     File {
-        file: Arc<File>,
-        offset: u64,
+        at: FileAt,
         placeholder: bool,
     },
     /// A placeholder slice that is not the next range made: its bytes are nowhere.
@@ -114,10 +131,10 @@ impl Offers {
         self.sent.get_or_init(|| sent.clone());
     }
 
-    /// `bytes`, a body frame, may be sent from `file` at `offset`, which holds the same bytes.
-    pub fn memory(&self, bytes: Bytes, file: Arc<File>, offset: u64) {
+    /// `bytes`, a body frame, may be sent from the file at `at`, which holds the same bytes.
+    pub fn memory(&self, bytes: Bytes, at: FileAt) {
         let mut state = self.lock();
-        state.memory = Some(Memory { bytes, file, offset });
+        state.memory = Some(Memory { bytes, at });
         self.active.store(true, Ordering::Release);
     }
 
@@ -147,7 +164,10 @@ impl Offers {
                     match state.segments.front() {
                         Some(s) if s.len == b.len() => {
                             let (file, offset) = (s.file.clone(), s.offset);
-                            Located::File { file, offset, placeholder: true }
+                            Located::File {
+                                at: FileAt { file, offset, keep: None },
+                                placeholder: true,
+                            }
                         }
                         _ => Located::Orphan,
                     },
@@ -158,8 +178,8 @@ impl Offers {
             if at < start || at + b.len() > start + memory.bytes.len() {
                 return None;
             }
-            let (file, offset) = (memory.file.clone(), memory.offset + (at - start) as u64);
-            Some((i, Located::File { file, offset, placeholder: false }))
+            let at = memory.at.advanced((at - start) as u64);
+            Some((i, Located::File { at, placeholder: false }))
         })
     }
 
@@ -292,9 +312,9 @@ impl hyper::rt::Write for Conn {
     ) -> Poll<io::Result<usize>> {
         let orphan = || io::Error::other("a placeholder frame with no range of a file behind it");
         match self.offers.find(bufs) {
-            Some((0, Located::File { file, offset, placeholder })) => {
+            Some((0, Located::File { at, placeholder })) => {
                 let slice = &bufs[0][..];
-                match ready!(self.poll_sendfile(cx, &file, offset, slice.len()))? {
+                match ready!(self.poll_sendfile(cx, &at.file, at.offset, slice.len()))? {
                     Some(n) => {
                         self.offers.sent(slice, placeholder, n);
                         return Poll::Ready(Ok(n));

@@ -126,7 +126,7 @@ async fn a_purged_blob_is_no_longer_held_open() {
     let big = png_bytes(200_000, 47);
     origin.route("/held.png", Route::ok(big.clone()));
     let dir = tempfile::tempdir().unwrap();
-    let p = Parasol::start(config(dir.path(), &["127.0.0.2/32"])).await;
+    let p = Parasol::start(file_each(config(dir.path(), &["127.0.0.2/32"]))).await;
     let url = p.url(&origin.url("/held.png"));
     for _ in 0..3 {
         assert_eq!(body(get(&url).await).await, big);

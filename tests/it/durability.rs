@@ -33,7 +33,7 @@ async fn the_disk_store_stays_within_its_budget_after_three_times_over() {
     const BUDGET: u64 = 200 * 1024;
     let origin = Origin::start("127.0.0.12").await;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path(), &["127.0.0.12/32"]);
+    let mut cfg = file_each(config(dir.path(), &["127.0.0.12/32"]));
     cfg.cache.disk_bytes = parasol::config::Size(BUDGET);
     let p = Parasol::start(cfg).await;
     let mut bodies = Vec::new();
@@ -51,7 +51,7 @@ async fn the_disk_store_stays_within_its_budget_after_three_times_over() {
     assert_eq!(bytes, blob_bytes(dir.path()), "the metric is what is on disk");
     p.stop().await;
     // After a restart the survivors are served without the origin, and evicted ones refetched.
-    let p = Parasol::start(config_with_budget(dir.path(), BUDGET)).await;
+    let p = Parasol::start(file_each(config_with_budget(dir.path(), BUDGET))).await;
     for (path, body) in bodies.iter().rev().take(5) {
         assert_eq!(&body_of(&p, &origin, path).await, body);
         assert_eq!(origin.hits(path), 1, "{path} survived on disk");
@@ -82,7 +82,7 @@ async fn corrupt_or_truncated_blobs_are_never_served_and_are_refetched() {
     origin.route("/small.png", Route::ok(small.clone()));
     origin.route("/large.png", Route::ok(large.clone()));
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config_with_budget(dir.path(), 10 << 20);
+    let mut cfg = file_each(config_with_budget(dir.path(), 10 << 20));
     cfg.cache.memory_max_object_bytes = parasol::config::Size(64 * 1024);
     let p = Parasol::start(cfg.clone()).await;
     assert_eq!(body_of(&p, &origin, "/small.png").await, small);
@@ -140,7 +140,7 @@ async fn orphan_blob_files_are_removed_at_start() {
     let img = png_bytes(4_000, 203);
     origin.route("/kept.png", Route::ok(img.clone()));
     let dir = tempfile::tempdir().unwrap();
-    let p = Parasol::start(config_with_budget(dir.path(), 10 << 20)).await;
+    let p = Parasol::start(file_each(config_with_budget(dir.path(), 10 << 20))).await;
     assert_eq!(body_of(&p, &origin, "/kept.png").await, img);
     p.stop().await;
     // A blob no index record names, as a crash between rename and index commit leaves.
@@ -150,7 +150,7 @@ async fn orphan_blob_files_are_removed_at_start() {
     std::fs::write(&orphan_path, &orphan).unwrap();
     // Its mtime must predate the next start for the sweep to judge it.
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let p = Parasol::start(config_with_budget(dir.path(), 10 << 20)).await;
+    let p = Parasol::start(file_each(config_with_budget(dir.path(), 10 << 20))).await;
     assert!(eventually(|| !orphan_path.exists()).await, "the orphan was removed");
     assert!(blob_path(dir.path(), &img).exists(), "the indexed blob stays");
     assert_eq!(body_of(&p, &origin, "/kept.png").await, img);
@@ -341,7 +341,7 @@ async fn parasol_verify_repairs_the_store_offline() {
     origin.route("/c.png", Route::ok(c.clone()));
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let cfg = config_with_budget(&cache, 10 << 20);
+    let cfg = file_each(config_with_budget(&cache, 10 << 20));
     let p = Parasol::start(cfg.clone()).await;
     for path in ["/a.png", "/b.png", "/c.png"] {
         assert_eq!(get(&p.url(&origin.url(path))).await.status(), 200);
@@ -399,7 +399,7 @@ async fn a_store_in_the_two_level_layout_is_moved_and_kept() {
     let png = png_bytes(9_000, 97);
     origin.route("/old.png", Route::ok(png.clone()));
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &["127.0.0.13/32"]);
+    let cfg = file_each(config(dir.path(), &["127.0.0.13/32"]));
     let p = Parasol::start(cfg.clone()).await;
     assert_eq!(get(&p.url(&origin.url("/old.png"))).await.status(), 200);
     p.stop().await;

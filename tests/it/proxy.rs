@@ -373,7 +373,7 @@ async fn hits_held_in_memory_are_sent_from_their_file_byte_exact() {
     origin.route("/other.png", Route::ok(other.clone()));
     origin.route("/small.png", Route::ok(small.clone()));
     let dir = tempfile::tempdir().unwrap();
-    let p = Parasol::start(config(dir.path(), &["127.0.0.2/32"])).await;
+    let p = Parasol::start(file_each(config(dir.path(), &["127.0.0.2/32"]))).await;
     let url = |path: &str| p.url(&origin.url(path));
     let (big_url, other_url, small_url) = (url("/big.png"), url("/other.png"), url("/small.png"));
     for u in [&big_url, &other_url, &small_url] {
@@ -426,6 +426,80 @@ async fn hits_held_in_memory_are_sent_from_their_file_byte_exact() {
     assert_eq!(body(get(&big_url).await).await, big, "file gone");
     assert_eq!(p.metric(FROM_FILE).await, expected, "neither from the file");
     assert_eq!(origin.hits("/big.png"), 1);
+    p.stop().await;
+}
+
+/// A hit kept in a segment file (files up to 1 MiB by default) is sent from there with
+/// sendfile like one with a file of its own, byte-exact, whole or in ranges. Purged while a
+/// viewer who reads slowly is still being sent it, the viewer still gets every byte right:
+/// the blob's blocks stay until its response is done (without that, the rest would be sent
+/// from a hole, as zeros), and are freed then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_kept_in_segments_are_sent_from_there_even_when_purged_meanwhile() {
+    use tokio::io::AsyncWriteExt;
+    let origin = Origin::start("127.0.0.2").await;
+    let photo = png_bytes(900 * 1024, 46);
+    origin.route("/seg.png", Route::ok(photo.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config(dir.path(), &["127.0.0.2/32"])).await;
+    let url = p.url(&origin.url("/seg.png"));
+    assert_eq!(body(get(&url).await).await, photo, "filled");
+    assert_eq!(files_under(&dir.path().join("blobs")), 0, "kept in a segment");
+    assert_eq!(p.blob_count(), 1);
+
+    let mut expected = p.metric(FROM_FILE).await;
+    assert_eq!(body(get(&url).await).await, photo);
+    expected += photo.len() as u64;
+    assert_eq!(p.metric(FROM_FILE).await, expected, "the whole body from the segment");
+    let r = client().get(&url).header("range", "bytes=5000-800000").send().await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(body(r).await, photo.slice(5000..800_001));
+    expected += 795_001;
+    assert_eq!(p.metric(FROM_FILE).await, expected, "a range from the segment");
+
+    // A viewer that asks for it 6 times in one write and reads nothing: the socket's buffers
+    // (about 3 MB on loopback) fill up in the middle of one response, and the file is purged.
+    const ASKED: usize = 6;
+    let slow = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    slow.set_recv_buffer_size(4096).unwrap();
+    slow.connect(&p.public.into()).unwrap();
+    slow.set_nonblocking(true).unwrap();
+    let mut conn = tokio::net::TcpStream::from_std(std::net::TcpStream::from(slow)).unwrap();
+    let path = url::Url::parse(&url).unwrap().path().to_string();
+    let one = format!("GET {path} HTTP/1.1\r\nHost: p.test\r\n\r\n");
+    conn.write_all(one.repeat(ASKED).as_bytes()).await.unwrap();
+    // Until the sends stop moving.
+    let mut sent = p.metric(FROM_FILE).await;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = p.metric(FROM_FILE).await;
+        if now == sent && now > expected {
+            break;
+        }
+        sent = now;
+    }
+    let whole = photo.len() as u64;
+    let mid = (sent - expected) % whole;
+    assert!(sent > expected && mid != 0, "stalled in the middle of a body: {mid} of {whole}");
+    let purge = serde_json::json!({ "url": origin.url("/seg.png") });
+    let (status, answer) =
+        crate::admin::admin_post(&p, "/admin/purge", Some(ADMIN_TOKEN), purge).await;
+    assert_eq!((status, &answer["purged"]["blobs"]), (200, &serde_json::json!(1)), "{answer}");
+    for i in 0..ASKED {
+        let (head, got) = read_response(&mut conn).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(got[..] == photo[..], "response {i} has every byte right after the purge");
+    }
+    // Once the responses are done, the purged blob's blocks are freed.
+    assert_eq!(origin.hits("/seg.png"), 2, "the requests after the purge refilled it");
+    assert_eq!(p.blob_count(), 1);
+    let allocated = || {
+        use std::os::unix::fs::MetadataExt;
+        let segments = std::fs::read_dir(dir.path().join("segments")).unwrap();
+        segments.flatten().map(|e| e.metadata().unwrap().blocks() * 512).sum::<u64>()
+    };
+    let one_copy = 910 * 1024;
+    assert!(eventually(|| allocated() <= one_copy).await, "{} bytes allocated", allocated());
     p.stop().await;
 }
 

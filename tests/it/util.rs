@@ -175,6 +175,14 @@ pub fn config(dir: &Path, allow: &[&str]) -> Config {
         .expect("test config is valid")
 }
 
+/// `cfg` with a file per blob (`cache.segment_max_object_bytes = 0`; by default small files go
+/// into segment files): for tests of what the file layout promises, whose blob files they
+/// alter, count or watch.
+pub fn file_each(mut cfg: Config) -> Config {
+    cfg.cache.segment_max_object_bytes = parasol::config::Size(0);
+    cfg
+}
+
 /// How long the tests' media jobs may wait for a worker (`media.queue_wait`): the tests of a
 /// run share two cores, and one origin's jobs run one at a time, so on a machine busy beside
 /// them (a build) a job can wait far longer than the default's 10 s without anything wrong.
@@ -222,6 +230,8 @@ pub struct Parasol {
     /// The pict-rs API's address, when `compat.pictrs_listen` is set.
     pub pictrs: Option<SocketAddr>,
     pub dir: PathBuf,
+    /// Its state, not kept alive by the test (a stopped parasol closes its stores).
+    proxy: std::sync::Weak<parasol::proxy::Proxy>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -246,11 +256,12 @@ impl Parasol {
         let bound = parasol::Bound::bind(config, options).await.expect("parasol binds");
         let (public, admin, pictrs) =
             (bound.public_addr(), bound.admin_addr(), bound.pictrs_addr());
+        let proxy = Arc::downgrade(&bound.public_state().proxy);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(bound.serve(async move {
             let _ = rx.await;
         }));
-        Parasol { public, admin, pictrs, dir, stop: Some(tx), task }
+        Parasol { public, admin, pictrs, dir, proxy, stop: Some(tx), task }
     }
 
     /// The signed native URL for `source`.
@@ -283,9 +294,10 @@ impl Parasol {
         (&mut self.task).await.expect("parasol task ends cleanly");
     }
 
-    /// Blob files currently in the disk store.
+    /// Blobs currently in the disk store: blob files, and blobs kept in segment files.
     pub fn blob_count(&self) -> usize {
-        files_under(&self.dir.join("blobs"))
+        let proxy = self.proxy.upgrade().expect("blobs are counted while parasol runs");
+        files_under(&self.dir.join("blobs")) + proxy.segment_blobs()
     }
 }
 

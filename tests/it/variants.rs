@@ -697,7 +697,8 @@ async fn a_blob_read_by_an_outside_program_is_never_opened_to_others() {
     let origin = Origin::start("127.0.0.18").await;
     origin.route("/v.mp4", Route::ok(mp4.clone()));
     let dir = tempfile::tempdir().unwrap();
-    let p = Parasol::start(config(dir.path(), &["127.0.0.18/32"])).await;
+    // A blob file of its own (one kept in a segment reaches the tool as a temp file).
+    let p = Parasol::start(file_each(config(dir.path(), &["127.0.0.18/32"]))).await;
     let url = p.url(&origin.url("/v.mp4"));
     assert!(body(get(&url).await).await == mp4);
     // Kept as a strict umask (systemd's UMask=0077) would have made it.
