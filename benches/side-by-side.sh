@@ -314,7 +314,10 @@ read -r -a ZIPF_SERVERS <<< "${ZIPF_SERVERS:-parasol-z nginx varnish-z}"   # a s
 origin_z() { wc -l < "$WORK/logs/origin_z.log" 2>/dev/null || echo 0; }
 held() { # bytes of cached objects the cache holds for W4 (files only, not directories)
   case $1 in
-    parasol-z) find "$WORK/parasol-z-cache/blobs" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}' ;;
+    # blob files by size, segment files by the blocks they hold (evicted blobs are holes)
+    parasol-z) { find "$WORK/parasol-z-cache/blobs" -type f -printf '%s\n'
+                 find "$WORK/parasol-z-cache/segments" -type f -printf '%b\n' | awk '{print $1 * 512}'
+               } 2>/dev/null | awk '{s += $1} END {print s + 0}' ;;
     nginx) find "$WORK/ngx_cache_z" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}' ;;
     varnish-z) varnishstat -n "$WORK/varnish-z" -1 -f SMA.s0.g_bytes | awk '{print $2}' ;;
   esac
@@ -437,7 +440,7 @@ table() { # workload servers...
   echo "## W4: Zipf(0.9) over 20,000 x 64 KiB, each cache limited to 256 MiB (20%)"
   echo
   echo "$W4_WARM of warm-up, then $W4_MEASURE measured (other random draws); hit ratio = 1 - origin requests /"
-  echo "requests; bytes held = cached object files (or Varnish's storage), the peak of 1 s samples."
+  echo "requests; bytes held = cached object files (parasol's segment files by the blocks they hold; Varnish's storage), the peak of 1 s samples."
   echo
   echo "| server | hit ratio % | peak bytes held | req/s | CPU µs/req |"
   echo "|---|---|---|---|---|"

@@ -276,10 +276,7 @@ impl Parasol {
 
     /// The value of the first `/metrics` line starting with `prefix`, or 0.
     pub async fn metric(&self, prefix: &str) -> u64 {
-        let text = self.metrics().await;
-        let line = text.lines().find(|l| l.starts_with(prefix));
-        let value = line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<f64>().ok());
-        value.map_or(0, |v| v as u64)
+        metric_at(self.admin, prefix).await
     }
 
     pub fn admin_url(&self, path: &str) -> String {
@@ -299,6 +296,15 @@ impl Parasol {
         let proxy = self.proxy.upgrade().expect("blobs are counted while parasol runs");
         files_under(&self.dir.join("blobs")) + proxy.segment_blobs()
     }
+}
+
+/// The value of the first `/metrics` line starting with `prefix` of the parasol whose admin
+/// listener is `admin`, or 0.
+pub async fn metric_at(admin: SocketAddr, prefix: &str) -> u64 {
+    let text = get(&format!("http://{admin}/metrics")).await.text().await.unwrap();
+    let line = text.lines().find(|l| l.starts_with(prefix));
+    let value = line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<f64>().ok());
+    value.map_or(0, |v| v as u64)
 }
 
 /// The native URL for `source` on a parasol listening at `public`, signed with [`KEY`].
