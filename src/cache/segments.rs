@@ -20,13 +20,27 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Bytes a segment holds before the next one is opened.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 
 /// Blobs start on a block boundary, so a punched hole frees exactly their blocks.
 const ALIGN: u64 = 4096;
+
+/// How long the punching thread gathers holes before it punches them: it wakes at most this
+/// often, whatever the rate of evictions.
+pub const PUNCH_TICK: Duration = Duration::from_millis(10);
+
+/// An append that took longer than this on the caller's thread means the disk is not keeping
+/// up (the kernel makes writers of dirty pages wait): appends then go to the blocking pool for
+/// [`BLOCKING_FOR`], where a wait holds up no viewer.
+const SLOW_WRITE: Duration = Duration::from_millis(5);
+const BLOCKING_FOR: Duration = Duration::from_secs(1);
 
 /// Where a blob's bytes lie.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -44,6 +58,11 @@ pub struct Segments {
     dir: PathBuf,
     segment_bytes: u64,
     inner: Mutex<Inner>,
+    /// Holes for the punching thread.
+    punches: mpsc::Sender<(Arc<std::fs::File>, Place)>,
+    /// Until when (ms after `started`) appends go to the blocking pool: one was slow.
+    blocking_until: AtomicU64,
+    started: Instant,
 }
 
 #[derive(Default)]
@@ -75,16 +94,27 @@ pub struct Lent {
 
 /// What the holders of a [`Lent`] blob share: the hole to punch once they are all done, when
 /// the blob was freed meanwhile.
-#[derive(Default)]
 struct Lease {
     deferred: Mutex<Option<(Arc<std::fs::File>, Place)>>,
+    punches: mpsc::Sender<(Arc<std::fs::File>, Place)>,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         let deferred = self.deferred.get_mut().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some((file, place)) = deferred {
-            // As `Freed::punch` would have: a hole that cannot be punched costs space only.
+        if let Some(hole) = deferred {
+            let _ = self.punches.send(hole);
+        }
+    }
+}
+
+/// The punching thread: punches the holes it is sent, those of a tick together; ends when the
+/// segments are dropped. A hole that cannot be punched (a file system without holes) costs
+/// space until its segment goes, never bytes: its place is not live.
+fn punch_loop(holes: mpsc::Receiver<(Arc<std::fs::File>, Place)>) {
+    while let Ok(first) = holes.recv() {
+        std::thread::sleep(PUNCH_TICK);
+        for (file, place) in std::iter::once(first).chain(holes.try_iter()) {
             let _ = punch_hole(&file, place.offset, aligned(place.len));
         }
     }
@@ -132,7 +162,18 @@ impl Segments {
             inner.files.insert(segment, Arc::new(file));
             inner.next = inner.next.max(segment + 1);
         }
-        Ok(Self { dir: dir.to_path_buf(), segment_bytes, inner: Mutex::new(inner) })
+        let (punches, holes) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("parasol-punch".into())
+            .spawn(move || punch_loop(holes))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            segment_bytes,
+            inner: Mutex::new(inner),
+            punches,
+            blocking_until: AtomicU64::new(0),
+            started: Instant::now(),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -159,7 +200,8 @@ impl Segments {
         let lease = match inner.leases.get(hash.as_bytes()).and_then(Weak::upgrade) {
             Some(lease) => lease,
             None => {
-                let lease = Arc::new(Lease::default());
+                let deferred = Mutex::new(None);
+                let lease = Arc::new(Lease { deferred, punches: self.punches.clone() });
                 inner.leases.insert(*hash.as_bytes(), Arc::downgrade(&lease));
                 lease
             }
@@ -202,12 +244,36 @@ impl Segments {
             *inner.counts.entry(segment).or_default() += 1;
             (place, inner.files[&segment].clone())
         };
-        let written = blocking(move || file.write_all_at(&bytes, place.offset)).await;
+        let written = self.write(file, bytes, place.offset).await;
         if let Err(e) = written {
             self.forget(hash).await;
             return Err(e);
         }
         Ok(place)
+    }
+
+    /// Writes `bytes` at `offset` of `file`: on this thread (into the page cache, as a cache
+    /// server's event loop writes its files), unless a write lately waited for the disk.
+    async fn write(
+        &self,
+        file: Arc<std::fs::File>,
+        bytes: bytes::Bytes,
+        offset: u64,
+    ) -> io::Result<()> {
+        let now = self.started.elapsed().as_millis() as u64;
+        if now < self.blocking_until.load(Ordering::Relaxed) {
+            return blocking(move || file.write_all_at(&bytes, offset)).await;
+        }
+        let started = Instant::now();
+        let written = file.write_all_at(&bytes, offset);
+        if started.elapsed() > SLOW_WRITE {
+            let until = self.started.elapsed() + BLOCKING_FOR;
+            self.blocking_until.store(until.as_millis() as u64, Ordering::Relaxed);
+            tracing::debug!(
+                "a segment write waited for the disk: writes go to the blocking pool for a while"
+            );
+        }
+        written
     }
 
     /// The bytes at `place` if they hash to `hash`: `Ok(None)` when they do not (torn,
@@ -373,6 +439,15 @@ impl Freed {
             let _ = blocking(move || punch_hole(&file, place.offset, aligned(place.len))).await;
         }
     }
+
+    /// Hands the blob's blocks to the punching thread of `segments`, which frees them within
+    /// about [`PUNCH_TICK`], together with the other holes of that tick: no wait, and no
+    /// hand-off of its own, on the caller's path.
+    pub fn punch_later(self, segments: &Segments) {
+        if let Some(hole) = self.0 {
+            let _ = segments.punches.send(hole);
+        }
+    }
 }
 
 fn checked(buf: Vec<u8>, hash: &blake3::Hash) -> Option<bytes::Bytes> {
@@ -474,7 +549,12 @@ mod tests {
         assert_eq!(read(&again), blobs[0].1, "until every holder is done");
         let place = again.place;
         drop(again);
-        assert!(allocated(dir.path()) <= before - (64 << 10), "then punched");
+        // By the punching thread, within a tick or so.
+        let punched = (0..200).any(|_| {
+            std::thread::sleep(PUNCH_TICK / 2);
+            allocated(dir.path()) <= before - (64 << 10)
+        });
+        assert!(punched, "then punched");
         assert_eq!(segments.read(&blobs[0].0, place).await.unwrap(), None);
         // The last blob of a full segment: the segment is deleted, the lent bytes stay.
         let lent = segments.lend(&blobs[1].0).unwrap();

@@ -520,7 +520,7 @@ impl Store {
             freed.is_some() || std::fs::remove_file(self.disk.path(hash)).is_ok()
         });
         if let Some(freed) = freed {
-            freed.punch().await;
+            freed.punch_later(segments);
         }
         removed
     }

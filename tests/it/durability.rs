@@ -458,8 +458,10 @@ async fn small_files_in_segments_keep_the_budget_survive_a_restart_and_are_check
         let body = png_bytes(OBJECT, 300 + i);
         origin.route(&path, Route::ok(body.clone()));
         assert_eq!(body_of(&p, &origin, &path).await, body);
+        // Evicted blobs' holes are punched by a thread of their own within a tick or so.
+        let within = || segment_blocks(dir.path()) <= BUDGET + 2 * OBJECT as u64;
         let held = segment_blocks(dir.path());
-        assert!(held <= BUDGET + 2 * OBJECT as u64, "{held} bytes in segments after {i}");
+        assert!(eventually(within).await, "{held} bytes in segments after {i}");
         bodies.push((path, body));
     }
     assert_eq!(blob_bytes(dir.path()), 0, "no file per blob");
