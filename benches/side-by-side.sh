@@ -20,6 +20,7 @@ DURATION=${DURATION:-3s}
 CONNS=${CONNS:-64}
 W4_WARM=${W4_WARM:-15s}
 W4_MEASURE=${W4_MEASURE:-15s}
+W4_ROUNDS=${W4_ROUNDS:-3}     # measured phases per server, interleaved; each column's median is reported
 WORKLOADS=${WORKLOADS:-hits miss burst stream zipf}   # a subset for quicker runs, e.g. WORKLOADS=zipf
 want() { [[ " $WORKLOADS " == *" $1 "* ]]; }
 BENCH_STARTED=$(date +%s)
@@ -305,7 +306,7 @@ fi
 
 # ---- W4: Zipf over 20,000 x 64 KiB at 20% ----------------------------------------------------
 if want zipf; then
-echo "W4: Zipf, $W4_WARM warm + $W4_MEASURE measured per server ..." >&2
+echo "W4: Zipf, $W4_WARM warm + $W4_ROUNDS x $W4_MEASURE measured per server ..." >&2
 $TOOLS paths zipf-parasol "$WORK/zipf.parasol-z" 20000 "$KEY" http://127.0.0.1:18081
 $TOOLS paths zipf-plain "$WORK/zipf.plain" 20000
 cp "$WORK/zipf.plain" "$WORK/zipf.nginx"; cp "$WORK/zipf.plain" "$WORK/zipf.varnish-z"
@@ -349,7 +350,22 @@ zipf_phase() { # server duration seed -> "hit_ratio rps cpu_us_per_req peak_byte
 declare -A Z
 for s in "${ZIPF_SERVERS[@]}"; do
   zipf_phase "$s" "$W4_WARM" 1 >/dev/null
-  Z[$s]=$(zipf_phase "$s" "$W4_MEASURE" 2)
+done
+for round in $(seq "$W4_ROUNDS"); do   # seeds 10, 11, ...: other draws than warm-up and W8's
+  for s in "${ZIPF_SERVERS[@]}"; do
+    Z[$s]+="$(zipf_phase "$s" "$W4_MEASURE" $((9 + round)))"$'\n'
+  done
+done
+medians() { # lines of numbers -> the median of each column
+  local rows cols c out=()
+  rows=$(cat); cols=$(head -1 <<< "$rows" | wc -w)
+  for c in $(seq "$cols"); do
+    out+=("$(awk -v c="$c" '{print $c}' <<< "$rows" | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}')")
+  done
+  echo "${out[*]}"
+}
+for s in "${ZIPF_SERVERS[@]}"; do
+  Z[$s]=$(printf '%s' "${Z[$s]}" | medians)
 done
 
 # ---- W8: restart with a warm store -----------------------------------------------------------
@@ -439,7 +455,7 @@ table() { # workload servers...
   if want zipf; then
   echo "## W4: Zipf(0.9) over 20,000 x 64 KiB, each cache limited to 256 MiB (20%)"
   echo
-  echo "$W4_WARM of warm-up, then $W4_MEASURE measured (other random draws); hit ratio = 1 - origin requests /"
+  echo "$W4_WARM of warm-up, then $W4_ROUNDS interleaved rounds of $W4_MEASURE measured (other random draws), the median of each column; hit ratio = 1 - origin requests /"
   echo "requests; bytes held = cached object files (parasol's segment files by the blocks they hold; Varnish's storage), the peak of 1 s samples."
   echo
   echo "| server | hit ratio % | peak bytes held | req/s | CPU µs/req |"
