@@ -11,6 +11,7 @@
 //!
 //!   cargo bench --bench miss_path     # ROUNDS=5 MISSES=4000 CONCURRENCY=8 DISK_MIB=64
 //!   LAYOUTS=segments cargo bench --bench miss_path   # one layout only (files, segments), to profile
+//!   CHUNKED=1 ...                     # the origin sends no length (chunked), as W6's does
 
 // Benches time the wall clock by design.
 #![allow(clippy::disallowed_types)]
@@ -23,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
@@ -67,6 +69,7 @@ fn origin_main() {
         std::io::stdout().flush().unwrap();
         let (body, at) = photo();
         let body = Arc::new(body);
+        let chunked = std::env::var_os("CHUNKED").is_some();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let body = body.clone();
@@ -75,9 +78,24 @@ fn origin_main() {
                         let mut bytes = body.to_vec();
                         let hex = blake3::hash(req.uri().path().as_bytes()).to_hex();
                         bytes[at..at + TAG].copy_from_slice(&hex.as_bytes()[..TAG]);
+                        let bytes = Bytes::from(bytes);
+                        // Without a length: chunked, as nginx's sub_filter sends W6's photos.
+                        let body = if chunked {
+                            let pieces: Vec<_> = (0..bytes.len())
+                                .step_by(16 << 10)
+                                .map(|at| {
+                                    Ok(Frame::data(
+                                        bytes.slice(at..(at + (16 << 10)).min(bytes.len())),
+                                    ))
+                                })
+                                .collect();
+                            StreamBody::new(futures_util::stream::iter(pieces)).boxed()
+                        } else {
+                            Full::new(bytes).map_err(|never| match never {}).boxed()
+                        };
                         let response = Response::builder()
                             .header("content-type", "image/jpeg")
-                            .body(Full::new(Bytes::from(bytes)))
+                            .body(body)
                             .unwrap();
                         async move { Ok::<_, Infallible>(response) }
                     });

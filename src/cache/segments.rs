@@ -124,6 +124,12 @@ fn name(segment: u64) -> String {
     format!("{segment:016x}.seg")
 }
 
+/// The disk a blob of `len` bytes takes in a segment (whole blocks): what the disk budget
+/// charges it.
+pub fn taken(len: u64) -> u64 {
+    aligned(len)
+}
+
 fn aligned(len: u64) -> u64 {
     len.div_ceil(ALIGN) * ALIGN
 }

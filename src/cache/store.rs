@@ -316,7 +316,7 @@ impl Store {
             };
         let (touch, victims) = match self.budget.touch(hash.as_bytes()) {
             Some(touch) => (touch, Vec::new()),
-            None => self.budget.admit_pinned(*hash.as_bytes(), record.len, key, record.pin()),
+            None => self.budget.admit_pinned(*hash.as_bytes(), charge(&record), key, record.pin()),
         };
         self.drop_victims(victims).await;
         Ok(Some(loaded(&record, hash, body, identity, touch)))
@@ -364,7 +364,12 @@ impl Store {
         // A blob the budget does not count has no file (reconciliation at start sees to it).
         let counted = self.budget.counts(hash.as_bytes());
         let pin = keep_until.unwrap_or(0);
-        let (touch, victims) = self.budget.admit_pinned(*hash.as_bytes(), len, key, pin);
+        // Bodies held in memory up to the threshold go into a segment, charged whole blocks.
+        let segmented = len > 0
+            && len <= self.config.segment_max_object_bytes
+            && matches!(body, Held::Memory(..));
+        let charged = if segmented { super::segments::taken(len) } else { len };
+        let (touch, victims) = self.budget.admit_pinned(*hash.as_bytes(), charged, key, pin);
         let record =
             Record::new(&hash, len, content_type, url).with_final_host(final_host.as_deref());
         let mut record = Record {
@@ -377,7 +382,6 @@ impl Store {
         let checked = len <= self.config.memory_max_object_bytes;
         let durable = self.config.fsync && !checked;
         let segments = self.disk.segments();
-        let segmented = len > 0 && len <= self.config.segment_max_object_bytes;
         let (written, in_memory) = match body {
             // The in-flight hold ends here: from now on the bytes count against the memory
             // tier (or are dropped).
@@ -418,7 +422,7 @@ impl Store {
         let mut tries = 0;
         while !self.budget.holds(hash.as_bytes(), &key) {
             tries += 1;
-            let (again, late) = self.budget.admit_pinned(*hash.as_bytes(), len, key, pin);
+            let (again, late) = self.budget.admit_pinned(*hash.as_bytes(), charged, key, pin);
             touch = again;
             self.drop_victims(late).await;
             let present = match record.at {
@@ -598,7 +602,8 @@ impl Store {
         for (key, record) in records {
             if let Some(hash) = record.blake3() {
                 let pin = record.pin();
-                victims.extend(self.budget.admit_pinned(*hash.as_bytes(), record.len, key, pin).1);
+                let charged = charge(&record);
+                victims.extend(self.budget.admit_pinned(*hash.as_bytes(), charged, key, pin).1);
             }
         }
         self.drop_victims(victims).await;
@@ -669,6 +674,15 @@ impl Store {
 }
 
 /// The entry of a blob loaded from disk, its access counted.
+/// What the disk budget charges `record`'s blob: whole blocks in a segment, its length as a
+/// file of its own.
+fn charge(record: &Record) -> u64 {
+    match record.at {
+        Some(_) => super::segments::taken(record.len),
+        None => record.len,
+    }
+}
+
 fn loaded(
     record: &Record,
     hash: blake3::Hash,

@@ -484,6 +484,31 @@ async fn small_files_in_segments_keep_the_budget_survive_a_restart_and_are_check
     p.stop().await;
 }
 
+/// Files far smaller than a block (emoji, avatars) are charged the whole blocks they take in
+/// their segment, so the disk the segments hold stays within the budget (counted by length,
+/// 30 files of 1,000 bytes would take 120 KiB of disk under a 40 KiB budget).
+#[tokio::test]
+async fn tiny_files_in_segments_are_charged_the_blocks_they_take() {
+    const BUDGET: u64 = 40 * 1024;
+    let origin = Origin::start("127.0.0.13").await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(config_with_budget(dir.path(), BUDGET)).await;
+    for i in 0..30u64 {
+        let path = format!("/t{i}.png");
+        let body = png_bytes(1_000, 600 + i);
+        origin.route(&path, Route::ok(body.clone()));
+        assert_eq!(body_of(&p, &origin, &path).await, body);
+    }
+    let within = || segment_blocks(dir.path()) <= BUDGET + 4096;
+    let held = segment_blocks(dir.path());
+    assert!(eventually(within).await, "{held} bytes of disk in segments");
+    assert_eq!(blob_bytes(dir.path()), 0, "all in segments");
+    let charged = p.metric("parasol_cache_bytes{tier=\"disk\"}").await;
+    assert_eq!(charged % 4096, 0, "whole blocks: {charged}");
+    assert!(p.metric("parasol_evictions_total").await >= 20);
+    p.stop().await;
+}
+
 /// `parasol verify` checks files kept in segments by their place: rot there removes the
 /// record, the good one stays and is served without the origin.
 #[tokio::test]

@@ -500,14 +500,15 @@ async fn a_sha256_ban_finds_and_purges_a_file_kept_in_a_segment() {
     }
     assert_eq!(files_under(&dir.path().join("blobs")), 0, "kept in a segment, not a file each");
     assert_eq!(p.blob_count(), 2);
-    assert_eq!(p.metric("parasol_cache_bytes{tier=\"disk\"}").await, 10_000);
+    // Each charged the whole blocks it takes in its segment: 2 × 8 KiB.
+    assert_eq!(p.metric("parasol_cache_bytes{tier=\"disk\"}").await, 2 * 8192);
     use sha2::Digest;
     let sha = hex::encode(sha2::Sha256::digest(&banned));
     let (status, _) = admin(&p, http::Method::POST, "/admin/ban", json!({"sha256": sha})).await;
     assert_eq!(status, 200);
     let mut purged = false;
     for _ in 0..100 {
-        if p.metric("parasol_cache_bytes{tier=\"disk\"}").await == 5_000 {
+        if p.metric("parasol_cache_bytes{tier=\"disk\"}").await == 8192 {
             purged = true;
             break;
         }
