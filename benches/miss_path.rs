@@ -69,7 +69,7 @@ fn origin_main() {
         std::io::stdout().flush().unwrap();
         let (body, at) = photo();
         let body = Arc::new(body);
-        let chunked = std::env::var_os("CHUNKED").is_some();
+        let chunked = std::env::var("CHUNKED").is_ok_and(|v| v == "1");
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let body = body.clone();
