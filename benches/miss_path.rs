@@ -11,7 +11,8 @@
 //!
 //!   cargo bench --bench miss_path     # ROUNDS=5 MISSES=4000 CONCURRENCY=8 DISK_MIB=64
 //!   LAYOUTS=segments cargo bench --bench miss_path   # one layout only (files, segments), to profile
-//!   CHUNKED=1 ...                     # the origin sends no length (chunked), as W6's does
+//!   CHUNKED=1 ...                     # the origin sends no length (chunked), as W6's does,
+//!   CHUNK_KIB=16 ...                  # in frames of this many KiB
 
 // Benches time the wall clock by design.
 #![allow(clippy::disallowed_types)]
@@ -70,6 +71,9 @@ fn origin_main() {
         let (body, at) = photo();
         let body = Arc::new(body);
         let chunked = std::env::var("CHUNKED").is_ok_and(|v| v == "1");
+        // Bytes per chunk frame (CHUNK_KIB, default 16).
+        let piece =
+            std::env::var("CHUNK_KIB").ok().and_then(|v| v.parse().ok()).unwrap_or(16) << 10;
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let body = body.clone();
@@ -82,11 +86,9 @@ fn origin_main() {
                         // Without a length: chunked, as nginx's sub_filter sends W6's photos.
                         let body = if chunked {
                             let pieces: Vec<_> = (0..bytes.len())
-                                .step_by(16 << 10)
+                                .step_by(piece)
                                 .map(|at| {
-                                    Ok(Frame::data(
-                                        bytes.slice(at..(at + (16 << 10)).min(bytes.len())),
-                                    ))
+                                    Ok(Frame::data(bytes.slice(at..(at + piece).min(bytes.len()))))
                                 })
                                 .collect();
                             StreamBody::new(futures_util::stream::iter(pieces)).boxed()
