@@ -484,6 +484,32 @@ async fn small_files_in_segments_keep_the_budget_survive_a_restart_and_are_check
     p.stop().await;
 }
 
+/// A store written with a file per blob (before segments were the default, or with
+/// `segment_max_object_bytes = "0B"`) keeps serving its files after a restart with segments
+/// on, without the origin; new files go into segments beside them; the budget counts both.
+#[tokio::test]
+async fn files_stored_one_each_are_kept_when_segments_come_on() {
+    let origin = Origin::start("127.0.0.13").await;
+    let (old, new) = (png_bytes(30_000, 610), png_bytes(30_000, 611));
+    origin.route("/old.png", Route::ok(old.clone()));
+    origin.route("/new.png", Route::ok(new.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let p = Parasol::start(file_each(config_with_budget(dir.path(), 10 << 20))).await;
+    assert_eq!(body_of(&p, &origin, "/old.png").await, old);
+    p.stop().await;
+    assert!(blob_path(dir.path(), &old).exists(), "a file of its own");
+
+    let p = Parasol::start(config_with_budget(dir.path(), 10 << 20)).await;
+    assert_eq!(body_of(&p, &origin, "/old.png").await, old);
+    assert_eq!(origin.hits("/old.png"), 1, "served from its file after the restart");
+    assert_eq!(body_of(&p, &origin, "/new.png").await, new);
+    assert!(!blob_path(dir.path(), &new).exists(), "the new one is in a segment");
+    assert_eq!(p.blob_count(), 2);
+    let charged = p.metric("parasol_cache_bytes{tier=\"disk\"}").await;
+    assert_eq!(charged, 30_000 + 32_768, "the file by its length, the segment blob by its blocks");
+    p.stop().await;
+}
+
 /// Files far smaller than a block (emoji, avatars) are charged the whole blocks they take in
 /// their segment, so the disk the segments hold stays within the budget (counted by length,
 /// 30 files of 1,000 bytes would take 120 KiB of disk under a 40 KiB budget).
