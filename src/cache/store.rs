@@ -673,7 +673,6 @@ impl Store {
     }
 }
 
-/// The entry of a blob loaded from disk, its access counted.
 /// What the disk budget charges `record`'s blob: whole blocks in a segment, its length as a
 /// file of its own.
 fn charge(record: &Record) -> u64 {
@@ -683,6 +682,7 @@ fn charge(record: &Record) -> u64 {
     }
 }
 
+/// The entry of a blob loaded from disk, its access counted.
 fn loaded(
     record: &Record,
     hash: blake3::Hash,
