@@ -115,7 +115,7 @@ fn punch_loop(holes: mpsc::Receiver<(Arc<std::fs::File>, Place)>) {
     while let Ok(first) = holes.recv() {
         std::thread::sleep(PUNCH_TICK);
         for (file, place) in std::iter::once(first).chain(holes.try_iter()) {
-            let _ = punch_hole(&file, place.offset, aligned(place.len));
+            let _ = punch_hole(&file, place.offset, taken(place.len));
         }
     }
 }
@@ -124,13 +124,9 @@ fn name(segment: u64) -> String {
     format!("{segment:016x}.seg")
 }
 
-/// The disk a blob of `len` bytes takes in a segment (whole blocks): what the disk budget
-/// charges it.
+/// The disk a blob of `len` bytes takes in a segment (whole blocks, so the next starts on a
+/// block boundary): what the disk budget charges it.
 pub fn taken(len: u64) -> u64 {
-    aligned(len)
-}
-
-fn aligned(len: u64) -> u64 {
     len.div_ceil(ALIGN) * ALIGN
 }
 
@@ -245,7 +241,7 @@ impl Segments {
             }
             let (segment, end) = inner.active.expect("a segment is open");
             let place = Place { segment, offset: end, len };
-            inner.active = Some((segment, end + aligned(len)));
+            inner.active = Some((segment, end + taken(len)));
             inner.live.insert(*hash.as_bytes(), place);
             *inner.counts.entry(segment).or_default() += 1;
             (place, inner.files[&segment].clone())
@@ -342,31 +338,29 @@ impl Segments {
     }
 
     /// [`Self::forget`] without the wait: the blob is no longer live when this returns (and
-    /// an emptied segment deleted); its hole is punched by [`Freed::punch`]. `None`: it was
+    /// an emptied segment deleted); its hole is punched by [`Freed::punch`] or [`Freed::punch_later`]. `None`: it was
     /// not live here.
     pub fn release(&self, hash: &blake3::Hash) -> Option<Freed> {
-        {
-            let mut inner = self.lock();
-            let place = inner.live.remove(hash.as_bytes())?;
-            let lease = inner.leases.remove(hash.as_bytes()).and_then(|lease| lease.upgrade());
-            let count = inner.counts.entry(place.segment).or_default();
-            *count = count.saturating_sub(1);
-            let left = *count;
-            let active = inner.active.is_some_and(|(segment, _)| segment == place.segment);
-            if left == 0 && !active {
-                // Lent bytes stay readable through the open file after the unlink.
-                self.delete(&mut inner, place.segment);
-                Some(Freed(None))
-            } else {
-                let freed = inner.files.get(&place.segment).cloned().map(|file| (file, place));
-                match lease {
-                    // Punched when the last holder is done with the bytes.
-                    Some(lease) => {
-                        *lease.deferred.lock().unwrap_or_else(|p| p.into_inner()) = freed;
-                        Some(Freed(None))
-                    }
-                    None => Some(Freed(freed)),
+        let mut inner = self.lock();
+        let place = inner.live.remove(hash.as_bytes())?;
+        let lease = inner.leases.remove(hash.as_bytes()).and_then(|lease| lease.upgrade());
+        let count = inner.counts.entry(place.segment).or_default();
+        *count = count.saturating_sub(1);
+        let left = *count;
+        let active = inner.active.is_some_and(|(segment, _)| segment == place.segment);
+        if left == 0 && !active {
+            // Lent bytes stay readable through the open file after the unlink.
+            self.delete(&mut inner, place.segment);
+            Some(Freed(None))
+        } else {
+            let freed = inner.files.get(&place.segment).cloned().map(|file| (file, place));
+            match lease {
+                // Punched when the last holder is done with the bytes.
+                Some(lease) => {
+                    *lease.deferred.lock().unwrap_or_else(|p| p.into_inner()) = freed;
+                    Some(Freed(None))
                 }
+                None => Some(Freed(freed)),
             }
         }
     }
@@ -420,7 +414,7 @@ impl Segments {
                     if place.offset > free_from {
                         punch_hole(&file, free_from, place.offset - free_from)?;
                     }
-                    free_from = free_from.max(place.offset + aligned(place.len));
+                    free_from = free_from.max(place.offset + taken(place.len));
                 }
                 let end = file.metadata()?.len();
                 if end > free_from {
@@ -442,7 +436,7 @@ impl Freed {
     /// holes) costs space until its segment goes, never bytes: the place is not live.
     pub async fn punch(self) {
         if let Some((file, place)) = self.0 {
-            let _ = blocking(move || punch_hole(&file, place.offset, aligned(place.len))).await;
+            let _ = blocking(move || punch_hole(&file, place.offset, taken(place.len))).await;
         }
     }
 

@@ -407,7 +407,7 @@ impl Store {
         };
         if let Err(e) = stored {
             if self.budget.forget(hash.as_bytes(), &key) {
-                self.remove_if_unheld(&hash).await;
+                self.remove_if_unheld(&hash);
             }
             self.drop_victims(victims).await;
             return Err(e);
@@ -509,14 +509,14 @@ impl Store {
         for victim in victims {
             self.metrics.evictions.inc();
             self.remove_keys(victim.keys).await;
-            self.remove_if_unheld(&blake3::Hash::from_bytes(victim.hash)).await;
+            self.remove_if_unheld(&blake3::Hash::from_bytes(victim.hash));
         }
     }
 
     /// Deletes the blob `hash` unless a key names it again (under the budget's lock, so never
     /// one a fill has just admitted): its place in a segment freed, or its file deleted.
     /// Whether it was deleted.
-    async fn remove_if_unheld(&self, hash: &blake3::Hash) -> bool {
+    fn remove_if_unheld(&self, hash: &blake3::Hash) -> bool {
         let segments = self.disk.segments();
         let mut freed = None;
         let removed = self.budget.remove_if_unheld(hash.as_bytes(), || {
@@ -549,7 +549,7 @@ impl Store {
             let Some(hash) = record.blake3() else { continue };
             // The blob goes only with the last key naming it: identical bytes are shared.
             let last = self.budget.forget(hash.as_bytes(), key);
-            if self.remove_if_unheld(&hash).await || last {
+            if self.remove_if_unheld(&hash) || last {
                 report.blobs += 1;
                 report.bytes += record.len;
             }
